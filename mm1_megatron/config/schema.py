@@ -1,0 +1,174 @@
+"""Typed configuration: one dataclass per component, nested under ``MM1Config``.
+
+Field names are the YAML keys and the dotted override paths, e.g.
+``model.llm.num_layers=4`` or ``optimizer.lr_multipliers.connector=2.0``.
+Cross-field rules live in ``validation.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+
+CONNECTOR_TYPES = ("c_abstractor", "avg_pool", "attn_pool", "mlp")
+VISION_ACTIVATIONS = ("gelu", "quick_gelu")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "current")
+PRECISIONS = ("auto", "bf16", "fp32")
+LR_RULES = ("mm1", "fixed")
+RECOMPUTE_MODES = ("none", "selective", "full")
+LAUNCHERS = ("auto", "torchrun", "mpi", "none")
+DATA_SOURCES = ("synthetic",)
+
+
+@dataclass
+class VisionEncoderConfig:
+    """CLIP-style ViT. Defaults are ViT-H/14 at 378 px (MM1's encoder)."""
+
+    image_size: int = 378
+    patch_size: int = 14
+    num_channels: int = 3
+    hidden_size: int = 1280
+    num_layers: int = 32
+    num_attention_heads: int = 16
+    ffn_hidden_size: int = 5120
+    activation: str = "quick_gelu"
+    use_class_token: bool = True
+    layernorm_epsilon: float = 1e-5
+    image_mean: List[float] = field(default_factory=lambda: list(CLIP_IMAGE_MEAN))
+    image_std: List[float] = field(default_factory=lambda: list(CLIP_IMAGE_STD))
+
+
+@dataclass
+class ConnectorConfig:
+    """Vision-language connector. ``num_output_tokens`` must be a square (64, 144, ...)."""
+
+    type: str = "c_abstractor"
+    num_output_tokens: int = 144
+    hidden_size: int = 1024  # internal width of the C-Abstractor / pooling stages
+    num_blocks_per_stage: int = 3  # C-Abstractor ResNet blocks before and after pooling
+    num_readout_layers: int = 2  # MLP readout depth to the LLM width
+    num_attention_heads: int = 8  # attention pooling only
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts in the decoder FFNs. ``num_experts=0`` means dense."""
+
+    num_experts: int = 0
+    top_k: int = 2
+    layer_frequency: int = 1  # every k-th decoder layer is MoE (layers k-1, 2k-1, ...)
+    expert_ffn_hidden_size: Optional[int] = None  # default: the dense ffn_hidden_size
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.001
+    token_dispatcher: str = "alltoall"
+
+
+@dataclass
+class LanguageModelConfig:
+    """Llama-style decoder: RMSNorm, SwiGLU, RoPE, optional grouped-query attention."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 3072
+    num_layers: int = 28
+    num_attention_heads: int = 24
+    num_query_groups: Optional[int] = None  # None: multi-head attention
+    ffn_hidden_size: int = 8192
+    max_sequence_length: int = 4096
+    rotary_base: int = 10000
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    llm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
+    transformer_impl: str = "local"  # "transformer_engine" needs TE installed
+    fp8: Optional[str] = None  # None, "hybrid" or "e4m3"; needs transformer_engine
+    fp8_recipe: str = "delayed"  # "delayed" or "current" scaling
+    init_method_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    recompute: str = "none"
+    launcher: str = "auto"
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup and cosine decay to ``min_lr_ratio * peak``."""
+
+    lr_rule: str = "mm1"  # "mm1": peak LR from non-embedding params; "fixed": use ``lr``
+    lr: Optional[float] = None
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 2000
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    # Multiplies the peak LR of a top-level module: vision_encoder, connector, language_model.
+    lr_multipliers: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingConfig:
+    train_steps: int = 200000
+    global_batch_size: int = 512
+    micro_batch_size: int = 1
+    seq_length: int = 4096
+    seed: int = 1234
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    # Share of sequences drawn from each source (normalised): MM1's 45/45/10.
+    mixture: Dict[str, float] = field(
+        default_factory=lambda: {"interleaved": 0.45, "caption": 0.45, "text": 0.10}
+    )
+    max_images_per_sequence: int = 16
+    num_workers: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "runs/default"
+    log_interval: int = 10
+    tensorboard: bool = True
+    progress_bar: bool = True
+    # Peak dense bf16 FLOP/s of one device, for MFU. None: H100 SXM on GPU, skip on CPU.
+    peak_flops_per_device: Optional[float] = None
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    save_interval: int = 0
+    load_dir: Optional[str] = None
+
+
+@dataclass
+class MM1Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

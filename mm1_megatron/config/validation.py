@@ -1,0 +1,230 @@
+"""Cross-field checks, run before anything is built.
+
+Every problem is reported at once, each naming the field and what to change, so a user
+fixes a config in one edit instead of one failed launch per mistake.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import List
+
+from mm1_megatron.config import schema
+from mm1_megatron.config.schema import MM1Config
+
+LR_MULTIPLIER_MODULES = ("vision_encoder", "connector", "language_model")
+
+
+class _Errors:
+    def __init__(self):
+        self.messages: List[str] = []
+
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.messages.append(message)
+
+    def choice(self, value, choices, field_path: str) -> None:
+        self.check(value in choices, f"{field_path}={value!r} is not one of {list(choices)}")
+
+    def positive(self, obj, names, prefix: str) -> None:
+        for name in names:
+            value = getattr(obj, name)
+            self.check(value > 0, f"{prefix}.{name}={value} must be > 0")
+
+
+def _check_vision(cfg: MM1Config, err: _Errors) -> None:
+    v = cfg.model.vision
+    p = "model.vision"
+    err.positive(v, ["image_size", "patch_size", "num_channels", "hidden_size", "num_layers",
+                     "num_attention_heads", "ffn_hidden_size"], p)
+    err.choice(v.activation, schema.VISION_ACTIVATIONS, f"{p}.activation")
+    if v.patch_size > 0:
+        err.check(v.image_size % v.patch_size == 0,
+                  f"{p}.image_size={v.image_size} must be a multiple of {p}.patch_size="
+                  f"{v.patch_size} (e.g. 378 with 14)")
+    if v.num_attention_heads > 0:
+        err.check(v.hidden_size % v.num_attention_heads == 0,
+                  f"{p}.hidden_size={v.hidden_size} must be divisible by "
+                  f"{p}.num_attention_heads={v.num_attention_heads}")
+    for name in ("image_mean", "image_std"):
+        err.check(len(getattr(v, name)) == v.num_channels,
+                  f"{p}.{name} needs one value per channel ({v.num_channels})")
+
+
+def _check_connector(cfg: MM1Config, err: _Errors) -> None:
+    c, v = cfg.model.connector, cfg.model.vision
+    p = "model.connector"
+    err.choice(c.type, schema.CONNECTOR_TYPES, f"{p}.type")
+    err.positive(c, ["num_output_tokens", "hidden_size", "num_readout_layers"], p)
+    side = math.isqrt(max(c.num_output_tokens, 0))
+    err.check(side * side == c.num_output_tokens,
+              f"{p}.num_output_tokens={c.num_output_tokens} must be a square number "
+              f"(64, 144, ...) so the tokens form a grid")
+    if v.patch_size > 0 and v.image_size % v.patch_size == 0:
+        num_patches = (v.image_size // v.patch_size) ** 2
+        err.check(c.num_output_tokens <= num_patches,
+                  f"{p}.num_output_tokens={c.num_output_tokens} exceeds the encoder's "
+                  f"{num_patches} patches; lower it or raise model.vision.image_size")
+        if c.type == "mlp":
+            err.check(c.num_output_tokens == num_patches,
+                      f"{p}.type=mlp keeps every patch: set {p}.num_output_tokens={num_patches}")
+    if c.type == "attn_pool" and c.num_attention_heads > 0:
+        err.check(c.hidden_size % c.num_attention_heads == 0,
+                  f"{p}.hidden_size={c.hidden_size} must be divisible by "
+                  f"{p}.num_attention_heads={c.num_attention_heads}")
+    if c.type == "c_abstractor":
+        err.check(c.num_blocks_per_stage >= 0, f"{p}.num_blocks_per_stage must be >= 0")
+
+
+def _check_llm(cfg: MM1Config, err: _Errors) -> None:
+    m = cfg.model.llm
+    p = "model.llm"
+    err.positive(m, ["vocab_size", "hidden_size", "num_layers", "num_attention_heads",
+                     "ffn_hidden_size", "max_sequence_length"], p)
+    if m.num_attention_heads > 0:
+        err.check(m.hidden_size % m.num_attention_heads == 0,
+                  f"{p}.hidden_size={m.hidden_size} must be divisible by "
+                  f"{p}.num_attention_heads={m.num_attention_heads}")
+    if m.num_query_groups is not None:
+        err.check(m.num_query_groups > 0 and m.num_attention_heads % m.num_query_groups == 0,
+                  f"{p}.num_query_groups={m.num_query_groups} must divide "
+                  f"{p}.num_attention_heads={m.num_attention_heads}")
+    err.check(cfg.training.seq_length <= m.max_sequence_length,
+              f"training.seq_length={cfg.training.seq_length} exceeds "
+              f"{p}.max_sequence_length={m.max_sequence_length}")
+    moe = m.moe
+    if moe.num_experts > 0:
+        q = f"{p}.moe"
+        err.check(1 <= moe.top_k <= moe.num_experts,
+                  f"{q}.top_k={moe.top_k} must be between 1 and {q}.num_experts={moe.num_experts}")
+        err.check(1 <= moe.layer_frequency <= max(m.num_layers, 1),
+                  f"{q}.layer_frequency={moe.layer_frequency} must be between 1 and "
+                  f"{p}.num_layers={m.num_layers}")
+        err.choice(moe.token_dispatcher, ("alltoall", "allgather"), f"{q}.token_dispatcher")
+        err.check(moe.aux_loss_coeff >= 0 and moe.z_loss_coeff >= 0,
+                  f"{q}.aux_loss_coeff and {q}.z_loss_coeff must be >= 0")
+    else:
+        err.check(moe.num_experts == 0, f"{p}.moe.num_experts must be >= 0")
+
+
+def _check_parallel(cfg: MM1Config, err: _Errors) -> None:
+    par, m, v = cfg.parallel, cfg.model.llm, cfg.model.vision
+    p = "parallel"
+    err.positive(par, ["tensor_parallel_size", "pipeline_parallel_size",
+                       "expert_parallel_size"], p)
+    tp = par.tensor_parallel_size
+    err.choice(par.recompute, schema.RECOMPUTE_MODES, f"{p}.recompute")
+    err.choice(par.launcher, schema.LAUNCHERS, f"{p}.launcher")
+    if tp > 0:
+        for name, heads in (("model.llm", m.num_attention_heads),
+                            ("model.vision", v.num_attention_heads)):
+            err.check(heads % tp == 0,
+                      f"{name}.num_attention_heads={heads} is not divisible by "
+                      f"{p}.tensor_parallel_size={tp}")
+        groups = m.num_query_groups or m.num_attention_heads
+        err.check(groups % tp == 0,
+                  f"model.llm.num_query_groups={groups} is not divisible by "
+                  f"{p}.tensor_parallel_size={tp}")
+    err.check(not par.sequence_parallel or tp > 1,
+              f"{p}.sequence_parallel=true needs {p}.tensor_parallel_size > 1 "
+              f"(or set sequence_parallel=false)")
+    if par.pipeline_parallel_size > 0:
+        err.check(m.num_layers % par.pipeline_parallel_size == 0,
+                  f"model.llm.num_layers={m.num_layers} is not divisible by "
+                  f"{p}.pipeline_parallel_size={par.pipeline_parallel_size}")
+    ep = par.expert_parallel_size
+    if ep > 1:
+        err.check(m.moe.num_experts > 0,
+                  f"{p}.expert_parallel_size={ep} needs an MoE model (model.llm.moe.num_experts > 0)")
+    if m.moe.num_experts > 0 and ep > 0:
+        err.check(m.moe.num_experts % ep == 0,
+                  f"model.llm.moe.num_experts={m.moe.num_experts} is not divisible by "
+                  f"{p}.expert_parallel_size={ep}")
+
+
+def _check_optimizer_and_training(cfg: MM1Config, err: _Errors) -> None:
+    o, t = cfg.optimizer, cfg.training
+    err.choice(o.lr_rule, schema.LR_RULES, "optimizer.lr_rule")
+    if o.lr_rule == "fixed":
+        err.check(o.lr is not None and o.lr > 0,
+                  "optimizer.lr_rule=fixed needs optimizer.lr > 0 (or use lr_rule=mm1)")
+    err.check(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio must be in [0, 1]")
+    err.check(o.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
+    err.check(0.0 <= o.adam_beta1 < 1.0 and 0.0 <= o.adam_beta2 < 1.0,
+              "optimizer.adam_beta1 and adam_beta2 must be in [0, 1)")
+    err.check(o.weight_decay >= 0 and o.clip_grad >= 0,
+              "optimizer.weight_decay and optimizer.clip_grad must be >= 0")
+    for name, mult in o.lr_multipliers.items():
+        err.check(name in LR_MULTIPLIER_MODULES,
+                  f"optimizer.lr_multipliers.{name}: unknown module; use one of "
+                  f"{list(LR_MULTIPLIER_MODULES)}")
+        err.check(mult > 0, f"optimizer.lr_multipliers.{name}={mult} must be > 0")
+    err.positive(t, ["train_steps", "global_batch_size", "micro_batch_size", "seq_length"],
+                 "training")
+    if t.micro_batch_size > 0:
+        err.check(t.global_batch_size % t.micro_batch_size == 0,
+                  f"training.global_batch_size={t.global_batch_size} must be a multiple of "
+                  f"training.micro_batch_size={t.micro_batch_size}")
+    err.choice(t.precision, schema.PRECISIONS, "training.precision")
+
+
+def _check_data(cfg: MM1Config, err: _Errors) -> None:
+    d = cfg.data
+    err.choice(d.source, schema.DATA_SOURCES, "data.source")
+    for name, weight in d.mixture.items():
+        err.check(name in ("interleaved", "caption", "text"),
+                  f"data.mixture.{name}: unknown source; use interleaved, caption or text")
+        err.check(weight >= 0, f"data.mixture.{name}={weight} must be >= 0")
+    err.check(sum(d.mixture.values()) > 0, "data.mixture needs at least one positive weight")
+    err.check(d.max_images_per_sequence >= 0, "data.max_images_per_sequence must be >= 0")
+    err.check(d.num_workers >= 0, "data.num_workers must be >= 0")
+    image_weight = d.mixture.get("interleaved", 0) + d.mixture.get("caption", 0)
+    if image_weight > 0:
+        err.check(d.max_images_per_sequence >= 1,
+                  "data.max_images_per_sequence must be >= 1 when the mixture has image sources")
+        tokens = cfg.model.connector.num_output_tokens
+        err.check(tokens + 16 <= cfg.training.seq_length,
+                  f"training.seq_length={cfg.training.seq_length} cannot hold one image "
+                  f"({tokens} tokens) plus its caption; raise it or lower "
+                  f"model.connector.num_output_tokens")
+
+
+def _check_model_impl(cfg: MM1Config, err: _Errors) -> None:
+    m = cfg.model
+    err.choice(m.transformer_impl, schema.TRANSFORMER_IMPLS, "model.transformer_impl")
+    if m.fp8 is not None:
+        err.choice(m.fp8, schema.FP8_FORMATS, "model.fp8")
+        err.check(m.transformer_impl == "transformer_engine",
+                  "model.fp8 needs model.transformer_impl=transformer_engine")
+    err.choice(m.fp8_recipe, schema.FP8_RECIPES, "model.fp8_recipe")
+    err.check(m.init_method_std > 0, "model.init_method_std must be > 0")
+
+
+def validate_config(cfg: MM1Config) -> MM1Config:
+    """Raise ``ValueError`` listing every problem in ``cfg``; return it unchanged if none."""
+    err = _Errors()
+    for check in (_check_vision, _check_connector, _check_llm, _check_parallel,
+                  _check_optimizer_and_training, _check_data, _check_model_impl):
+        check(cfg, err)
+    if err.messages:
+        raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(err.messages))
+    return cfg
+
+
+def validate_environment(cfg: MM1Config, *, cuda_available: bool) -> None:
+    """Checks that depend on the machine: accelerators asked for must be present."""
+    messages = []
+    te_installed = importlib.util.find_spec("transformer_engine") is not None
+    if cfg.model.transformer_impl == "transformer_engine" and not te_installed:
+        messages.append("model.transformer_impl=transformer_engine but Transformer Engine is not "
+                        "installed: `pip install -e .[te]` on a CUDA machine, or set "
+                        "model.transformer_impl=local")
+    if cfg.model.fp8 is not None and not cuda_available:
+        messages.append("model.fp8 needs an NVIDIA GPU with FP8 support (Hopper or newer); "
+                        "set model.fp8=null to run on this machine")
+    if cfg.training.precision == "bf16" and not cuda_available:
+        messages.append("training.precision=bf16 is GPU-only here; use training.precision=auto "
+                        "(fp32 on CPU)")
+    if messages:
+        raise ValueError("Configuration does not fit this machine:\n  - " + "\n  - ".join(messages))

@@ -1,0 +1,89 @@
+"""``MM1Model``: image encoder -> connector -> Megatron-Core ``GPTModel``.
+
+On a pipeline-parallel run the image encoder and connector live on the first stage
+(``pre_process=True``), next to the token embedding; later stages hold only decoder
+layers and receive hidden states through ``set_input_tensor``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mm1_megatron.config.schema import ModelConfig
+from mm1_megatron.models.connectors import Connector
+from mm1_megatron.models.inputs import merge_image_embeddings
+from mm1_megatron.models.specs import language_block_spec
+from mm1_megatron.models.vision_encoder import VisionEncoder
+
+
+class MM1Model(MegatronModule):
+    def __init__(self, model: ModelConfig, *, language_config: TransformerConfig,
+                 vision_config: TransformerConfig, image_token_id: int,
+                 pre_process: bool = True, post_process: bool = True):
+        super().__init__(config=language_config)
+        self.image_token_id = image_token_id
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vision_encoder: Optional[VisionEncoder] = None
+        self.connector: Optional[Connector] = None
+        if pre_process:
+            self.vision_encoder = VisionEncoder(vision_config, model.vision,
+                                                transformer_impl=model.transformer_impl)
+            grid = model.vision.image_size // model.vision.patch_size
+            self.connector = Connector(vision_config, model.connector,
+                                       vision_hidden=model.vision.hidden_size,
+                                       llm_hidden=model.llm.hidden_size,
+                                       num_patches=grid * grid)
+        self.language_model = GPTModel(
+            config=language_config,
+            transformer_layer_spec=language_block_spec(language_config, model.transformer_impl),
+            vocab_size=model.llm.vocab_size,
+            max_sequence_length=model.llm.max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=model.llm.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=model.llm.rotary_base,
+        )
+        if pre_process:
+            # Image tokens are merged into the full-length sequence before it is split
+            # for sequence parallelism, so the embedding must return it unsplit.
+            embedding = self.language_model.embedding
+            embedding.reduce_scatter_embeddings = False
+            embedding.word_embeddings.reduce_scatter_embeddings = False
+            embedding.scatter_to_sequence_parallel = False
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[n, c, H, W]`` -> connector tokens ``[n, num_output_tokens, llm_hidden]``."""
+        return self.connector(self.vision_encoder(images))
+
+    def embed(self, tokens: torch.Tensor, images: Optional[torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with image tokens merged in, ``[s, b, h]`` (split if SP)."""
+        embeddings = self.language_model.embedding(input_ids=tokens, position_ids=None)
+        if images is not None and images.shape[0] > 0:
+            image_tokens = self.encode_images(images)
+            embeddings = merge_image_embeddings(embeddings, image_tokens, tokens,
+                                                image_token_id=self.image_token_id)
+        elif bool((tokens == self.image_token_id).any()):
+            raise ValueError("tokens contain image placeholders but no images were given")
+        if self.config.sequence_parallel:
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+        return embeddings
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor, images: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Per-token loss ``[b, s]`` when ``labels`` is given (last stage), else logits
+        (last stage) or hidden states (other stages)."""
+        decoder_input = self.embed(tokens, images) if self.pre_process else None
+        return self.language_model(tokens, position_ids, attention_mask,
+                                   decoder_input=decoder_input, labels=labels)

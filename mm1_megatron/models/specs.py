@@ -1,0 +1,83 @@
+"""Megatron-Core layer specs for the image encoder and the language model.
+
+The implementation (local torch modules or Transformer Engine) is chosen by picking a
+spec, never by editing the model. The ViT spec differs from Megatron-Core's GPT spec in
+two ways: LayerNorm with biases, and a bidirectional (``no_mask``) self-attention.
+Megatron-Core 0.16's own local ViT spec is causal, which is wrong for a ViT.
+"""
+
+from __future__ import annotations
+
+from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
+from megatron.core.models.gpt.gpt_layer_specs import (
+    get_gpt_decoder_block_spec,
+    get_mlp_module_spec_for_backend,
+)
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+
+def backend_provider(transformer_impl: str) -> BackendSpecProvider:
+    """Spec provider for ``model.transformer_impl`` ('local' or 'transformer_engine')."""
+    if transformer_impl == "transformer_engine":
+        try:
+            from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+        except ImportError as exc:  # pragma: no cover - needs TE
+            raise ValueError(
+                "model.transformer_impl=transformer_engine but Transformer Engine cannot be "
+                f"imported ({exc}); install it (`pip install -e .[te]`) or set "
+                "model.transformer_impl=local"
+            ) from exc
+        return TESpecProvider()
+    return LocalSpecProvider()
+
+
+def vision_layer_spec(transformer_impl: str) -> ModuleSpec:
+    """Pre-norm ViT layer: LayerNorm, bidirectional attention, non-gated MLP."""
+    backend = backend_provider(transformer_impl)
+    fused = backend.fuse_layernorm_and_linear()
+    layer_norm = backend.layer_norm(rms_norm=False, for_qk=False)
+    qkv = backend.column_parallel_layer_norm_linear() if fused else backend.column_parallel_linear()
+    mlp = get_mlp_module_spec_for_backend(backend=backend, num_experts=None)
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp if fused else layer_norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=qkv,
+                    core_attention=backend.core_attention(),
+                    linear_proj=backend.row_parallel_linear(),
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp if fused else layer_norm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def language_block_spec(config: TransformerConfig, transformer_impl: str, *, vp_stage=None):
+    """Llama-style decoder block (RMSNorm, SwiGLU, RoPE), dense or MoE per ``moe_layer_freq``.
+
+    Only the layers of the current pipeline stage are built.
+    """
+    return get_gpt_decoder_block_spec(
+        config,
+        use_transformer_engine=transformer_impl == "transformer_engine",
+        normalization="RMSNorm",
+        vp_stage=vp_stage,
+    )

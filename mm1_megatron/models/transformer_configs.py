@@ -1,0 +1,107 @@
+"""Translate our component configs into Megatron-Core ``TransformerConfig`` objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core.activations import quick_gelu
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from mm1_megatron.config.schema import ModelConfig, ParallelConfig
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """What the machine decides rather than the model: dtype and where weights start."""
+
+    params_dtype: torch.dtype = torch.float32
+    use_cpu_initialization: bool = True
+
+
+def _shared_kwargs(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeOptions) -> dict:
+    bf16 = runtime.params_dtype == torch.bfloat16
+    kwargs = dict(
+        tensor_model_parallel_size=parallel.tensor_parallel_size,
+        params_dtype=runtime.params_dtype,
+        bf16=bf16,
+        pipeline_dtype=runtime.params_dtype,
+        use_cpu_initialization=runtime.use_cpu_initialization,
+        init_method_std=model.init_method_std,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        calculate_per_token_loss=True,
+    )
+    if model.fp8 is not None:
+        kwargs.update(fp8=model.fp8,
+                      fp8_recipe="delayed" if model.fp8_recipe == "delayed" else "tensorwise")
+    if parallel.recompute != "none":
+        kwargs.update(recompute_granularity=parallel.recompute)
+        if parallel.recompute == "full":
+            kwargs.update(recompute_method="uniform", recompute_num_layers=1)
+    return kwargs
+
+
+def language_transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                                runtime: RuntimeOptions) -> TransformerConfig:
+    llm = model.llm
+    kwargs = _shared_kwargs(model, parallel, runtime)
+    kwargs.update(
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        num_attention_heads=llm.num_attention_heads,
+        num_query_groups=llm.num_query_groups,
+        ffn_hidden_size=llm.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=llm.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        pipeline_model_parallel_size=parallel.pipeline_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+    )
+    moe = llm.moe
+    if moe.num_experts > 0:
+        kwargs.update(
+            num_moe_experts=moe.num_experts,
+            moe_router_topk=moe.top_k,
+            moe_layer_freq=moe.layer_frequency,
+            moe_ffn_hidden_size=moe.expert_ffn_hidden_size or llm.ffn_hidden_size,
+            moe_aux_loss_coeff=moe.aux_loss_coeff,
+            moe_z_loss_coeff=moe.z_loss_coeff or None,
+            moe_router_load_balancing_type="aux_loss",
+            moe_token_dispatcher_type=moe.token_dispatcher,
+            expert_model_parallel_size=parallel.expert_parallel_size,
+            expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+            moe_router_dtype="fp32",
+        )
+    return TransformerConfig(**kwargs)
+
+
+def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig,
+                              runtime: RuntimeOptions) -> TransformerConfig:
+    """The ViT lives whole on the first pipeline stage and is split only by TP."""
+    vision = model.vision
+    kwargs = _shared_kwargs(model, parallel, runtime)
+    kwargs.update(
+        num_layers=vision.num_layers,
+        hidden_size=vision.hidden_size,
+        num_attention_heads=vision.num_attention_heads,
+        ffn_hidden_size=vision.ffn_hidden_size,
+        normalization="LayerNorm",
+        layernorm_epsilon=vision.layernorm_epsilon,
+        gated_linear_unit=False,
+        activation_func=quick_gelu if vision.activation == "quick_gelu" else F.gelu,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        pipeline_model_parallel_size=1,
+        sequence_parallel=False,
+    )
+    return TransformerConfig(**kwargs)
