@@ -1,0 +1,189 @@
+"""Pack samples of one source into a fixed-length sequence (the contract of ``models/inputs``).
+
+Each image placeholder becomes ``num_image_tokens`` image tokens. The rules:
+
+- ``caption`` / ``text``: whole samples are appended, each as its own document, until the
+  next sample would exceed ``seq_length`` tokens or ``max_images`` images. That sample is
+  dropped, not carried over (each sequence reads its own stream, so sequences stay
+  independent of each other). A sample too long even for an empty sequence is truncated
+  to ``seq_length`` tokens if it has no images (it then has no eos), and skipped if it has
+  images; ``MAX_CONSECUTIVE_SKIPS`` skips in a row raise ``ValueError``.
+- ``interleaved``: one document per sequence. Reading left to right, the document ends just
+  before the first token that does not fit in ``seq_length`` or the first image beyond
+  ``max_images``; so an image's tokens are never split and dropped images take their
+  placeholder and all later text with them. Images left at the very end of a cut document
+  are dropped too (nothing after them would use them).
+- The rest is padding: pad tokens forming one more document, which no real position can
+  attend to and which carries no loss.
+
+Labels and loss mask come from ``labels_and_loss_mask`` (loss only on text targets in the
+same document), positions restart at 0 in each document. Images are normalised per
+channel as ``(x - mean) / std``. Packing is greedy and in order: it cannot reorder samples
+to fill gaps, so some room is left as padding (``num_real_tokens`` measures the fill).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, List, Sequence, Tuple
+
+import torch
+
+from mm1_megatron.data.synthetic import Sample
+from mm1_megatron.data.tokenizer import Tokenizer
+from mm1_megatron.models.inputs import (expand_image_placeholders, labels_and_loss_mask,
+                                        position_ids_from_documents)
+
+MAX_CONSECUTIVE_SKIPS = 100
+
+Document = Tuple[List[int], List[torch.Tensor]]  # expanded token ids, images
+
+
+@dataclass
+class PackedSequence:
+    tokens: torch.Tensor  # [s] long
+    labels: torch.Tensor  # [s] long
+    loss_mask: torch.Tensor  # [s] float
+    position_ids: torch.Tensor  # [s] long
+    document_ids: torch.Tensor  # [s] long
+    images: torch.Tensor  # [num_images, 3, H, W] float32, normalised
+    source: str
+    num_real_tokens: int  # positions that are not padding
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+
+def pack_sequence(samples: Iterable[Sample], *, seq_length: int, num_image_tokens: int,
+                  max_images: int, tokenizer: Tokenizer, image_size: int,
+                  image_mean: Sequence[float], image_std: Sequence[float]) -> PackedSequence:
+    """Pack samples drawn from ``samples`` (all of one source) into one sequence.
+
+    Reads only as many samples as the sequence needs; see the module docstring for rules.
+    """
+    _check_arguments(seq_length, num_image_tokens, max_images, image_mean, image_std)
+    iterator = iter(samples)
+    first = next(iterator)
+    if first.source == "interleaved":
+        documents = [_fit_interleaved(first, seq_length, num_image_tokens, max_images,
+                                      tokenizer.image_token_id)]
+    else:
+        documents = _fill_with_whole_samples(first, iterator, seq_length, num_image_tokens,
+                                             max_images, tokenizer.image_token_id)
+    return _assemble(documents, first.source, seq_length, tokenizer, image_size,
+                     image_mean, image_std)
+
+
+def _check_arguments(seq_length: int, num_image_tokens: int, max_images: int,
+                     image_mean: Sequence[float], image_std: Sequence[float]) -> None:
+    if seq_length < 2:
+        raise ValueError(f"seq_length={seq_length} must be >= 2")
+    if num_image_tokens < 1:
+        raise ValueError(f"num_image_tokens={num_image_tokens} must be >= 1")
+    if max_images < 0:
+        raise ValueError(f"max_images={max_images} must be >= 0")
+    if len(image_mean) != 3 or len(image_std) != 3:
+        raise ValueError(f"image_mean and image_std need 3 values (RGB), got "
+                         f"{list(image_mean)} and {list(image_std)}")
+    if min(image_std) <= 0:
+        raise ValueError(f"image_std={list(image_std)} must be > 0")
+
+
+def _fill_with_whole_samples(first: Sample, rest: Iterator[Sample], seq_length: int,
+                             num_image_tokens: int, max_images: int,
+                             image_token_id: int) -> List[Document]:
+    documents: List[Document] = []
+    num_tokens = num_images = num_skips = 0
+    sample = first
+    while True:
+        _check_same_source(first, sample)
+        tokens = expand_image_placeholders(sample.token_ids, image_token_id=image_token_id,
+                                           num_image_tokens=num_image_tokens)
+        fits = (num_tokens + len(tokens) <= seq_length
+                and num_images + len(sample.images) <= max_images)
+        if fits:
+            documents.append((tokens, list(sample.images)))
+            num_tokens, num_images, num_skips = (num_tokens + len(tokens),
+                                                 num_images + len(sample.images), 0)
+        elif documents:
+            return documents  # the sample that does not fit is dropped
+        elif not sample.images:
+            return [(tokens[:seq_length], [])]
+        else:
+            num_skips += 1
+            if num_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise ValueError(
+                    f"{num_skips} {sample.source} samples in a row did not fit in an empty "
+                    f"sequence (seq_length={seq_length}, max_images={max_images}, "
+                    f"num_image_tokens={num_image_tokens}); raise seq_length or "
+                    f"max_images_per_sequence")
+        if num_tokens == seq_length:
+            return documents
+        sample = next(rest)
+
+
+def _check_same_source(first: Sample, sample: Sample) -> None:
+    if sample.source != first.source:
+        raise ValueError(f"a sequence packs one source, but got {sample.source!r} samples "
+                         f"after {first.source!r} ones")
+
+
+def _fit_interleaved(sample: Sample, seq_length: int, num_image_tokens: int,
+                     max_images: int, image_token_id: int) -> Document:
+    kept: List[int] = []
+    num_tokens = num_images = 0
+    for token in sample.token_ids:
+        is_image = token == image_token_id
+        cost = num_image_tokens if is_image else 1
+        if num_tokens + cost > seq_length or (is_image and num_images == max_images):
+            while kept and kept[-1] == image_token_id:  # a cut right after an image
+                kept.pop()
+                num_images -= 1
+            break
+        kept.append(token)
+        num_tokens += cost
+        num_images += int(is_image)
+    tokens = expand_image_placeholders(kept, image_token_id=image_token_id,
+                                       num_image_tokens=num_image_tokens)
+    return tokens, list(sample.images[:num_images])
+
+
+def _assemble(documents: List[Document], source: str, seq_length: int, tokenizer: Tokenizer,
+              image_size: int, image_mean: Sequence[float],
+              image_std: Sequence[float]) -> PackedSequence:
+    token_list: List[int] = []
+    document_list: List[int] = []
+    for document_id, (tokens, _) in enumerate(documents):
+        token_list += tokens
+        document_list += [document_id] * len(tokens)
+    num_real_tokens = len(token_list)
+    num_padding = seq_length - num_real_tokens
+    token_list += [tokenizer.pad_token_id] * num_padding
+    document_list += [len(documents)] * num_padding
+    tokens = torch.tensor(token_list, dtype=torch.long)
+    document_ids = torch.tensor(document_list, dtype=torch.long)
+    labels, loss_mask = labels_and_loss_mask(tokens, document_ids,
+                                             image_token_id=tokenizer.image_token_id,
+                                             pad_token_id=tokenizer.pad_token_id)
+    images = [image for _, document_images in documents for image in document_images]
+    return PackedSequence(
+        tokens=tokens, labels=labels, loss_mask=loss_mask,
+        position_ids=position_ids_from_documents(document_ids), document_ids=document_ids,
+        images=normalise_images(images, image_size, image_mean, image_std),
+        source=source, num_real_tokens=num_real_tokens)
+
+
+def normalise_images(images: Sequence[torch.Tensor], image_size: int,
+                     image_mean: Sequence[float], image_std: Sequence[float]) -> torch.Tensor:
+    """Stack ``[3, H, W]`` images in [0, 1] into ``[n, 3, H, W]`` and apply ``(x-mean)/std``."""
+    expected = (3, image_size, image_size)
+    for image in images:
+        if tuple(image.shape) != expected:
+            raise ValueError(f"image of shape {tuple(image.shape)} does not match "
+                             f"image_size={image_size}: expected {expected}")
+    if not images:
+        return torch.zeros((0, *expected), dtype=torch.float32)
+    mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
+    return (torch.stack(images).float() - mean) / std

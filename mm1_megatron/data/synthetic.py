@@ -1,0 +1,250 @@
+"""Synthetic image-text samples whose text is predictable from their images.
+
+An image is a plain background (black, white or gray) with 1-3 flat-coloured shapes
+(circle, square, triangle), each inside its own cell of a 3x3 grid ("top left", ...,
+"center", ..., "bottom right"), slightly jittered in size and position. Three sources:
+
+- ``caption``: ``<bos> <image> there are two shapes on a gray background : a red circle
+  at the top left and a blue square at the center . <eos>``.
+- ``interleaved``: 2-4 images, each introduced before or described after its placeholder,
+  ending with the total shape count over all images (so text depends on every image).
+- ``text``: 1-4 templated sentences (counting, weekdays, small sums, colour facts).
+
+All randomness comes from the ``numpy.random.Generator`` passed in, so a sample is a pure
+function of the generator's state. What it cannot do: shapes never overlap or touch the
+image border, colours are exact (no noise, lighting or anti-aliasing), and below about
+24 px a shape is only a few pixels (each covers at least its centre pixel).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mm1_megatron.data import tokenizer as vocab
+from mm1_megatron.data.tokenizer import Tokenizer
+
+SOURCES = ("caption", "interleaved", "text")
+MIN_IMAGE_SIZE = 12
+
+COLOUR_RGB: Dict[str, Tuple[float, float, float]] = {
+    "red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0), "purple": (0.6, 0.0, 0.8), "orange": (1.0, 0.55, 0.0),
+    "cyan": (0.0, 1.0, 1.0),
+}
+BACKGROUND_RGB: Dict[str, Tuple[float, float, float]] = {
+    "black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "gray": (0.5, 0.5, 0.5),
+}
+# Cell index (row-major over the 3x3 grid) -> the words naming it.
+CELL_NAMES: Tuple[Tuple[str, ...], ...] = (
+    ("top", "left"), ("top", "center"), ("top", "right"),
+    ("middle", "left"), ("center",), ("middle", "right"),
+    ("bottom", "left"), ("bottom", "center"), ("bottom", "right"),
+)
+assert tuple(COLOUR_RGB) == vocab.SHAPE_COLOUR_WORDS
+assert tuple(BACKGROUND_RGB) == vocab.BACKGROUND_WORDS
+
+ImageSlot = None  # marks an image placeholder in a list of words
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    """One shape; offsets and radius are in units of a grid cell's side."""
+
+    colour: str
+    shape: str
+    cell: int
+    offset_x: float = 0.0
+    offset_y: float = 0.0
+    radius: float = 0.33
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    shapes: Tuple[ShapeSpec, ...]  # sorted by cell: the order captions mention them
+
+
+@dataclass
+class Sample:
+    """One document: ``token_ids`` holds one ``image_token_id`` per entry of ``images``."""
+
+    source: str
+    token_ids: List[int]
+    images: List[torch.Tensor]  # each [3, H, W] float32 in [0, 1]
+
+
+def random_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
+    """1..``max_shapes`` shapes in distinct grid cells on a random background."""
+    num_shapes = int(rng.integers(1, max_shapes + 1))
+    cells = sorted(int(c) for c in rng.choice(len(CELL_NAMES), num_shapes, replace=False))
+    shapes = tuple(
+        ShapeSpec(colour=vocab.SHAPE_COLOUR_WORDS[rng.integers(len(vocab.SHAPE_COLOUR_WORDS))],
+                  shape=vocab.SHAPE_WORDS[rng.integers(len(vocab.SHAPE_WORDS))], cell=cell,
+                  offset_x=float(rng.uniform(-0.1, 0.1)),
+                  offset_y=float(rng.uniform(-0.1, 0.1)),
+                  radius=float(rng.uniform(0.28, 0.38)))
+        for cell in cells)
+    background = vocab.BACKGROUND_WORDS[rng.integers(len(vocab.BACKGROUND_WORDS))]
+    return Scene(background=background, shapes=shapes)
+
+
+def shape_mask(spec: ShapeSpec, image_size: int) -> np.ndarray:
+    """Boolean ``[H, W]`` mask of the shape; always contains the pixel at its centre."""
+    coords = (np.arange(image_size, dtype=np.float32) + 0.5) * 3.0 / image_size
+    ys, xs = coords[:, None], coords[None, :]
+    row, col = divmod(spec.cell, 3)
+    cx, cy, r = col + 0.5 + spec.offset_x, row + 0.5 + spec.offset_y, spec.radius
+    if spec.shape == "circle":
+        mask = (xs - cx) ** 2 + (ys - cy) ** 2 <= r ** 2
+    elif spec.shape == "square":
+        half = 0.85 * r
+        mask = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
+    elif spec.shape == "triangle":  # apex up, base 2r wide, height 2r
+        depth = ys - (cy - r)
+        mask = (depth >= 0) & (depth <= 2 * r) & (np.abs(xs - cx) <= depth / 2)
+    else:
+        raise ValueError(f"unknown shape {spec.shape!r}; expected one of {vocab.SHAPE_WORDS}")
+    mask = np.broadcast_to(mask, (image_size, image_size)).copy()
+    mask[int(cy * image_size / 3), int(cx * image_size / 3)] = True
+    return mask
+
+
+def draw_scene(scene: Scene, image_size: int) -> torch.Tensor:
+    """Render ``scene`` as a ``[3, image_size, image_size]`` float32 tensor in [0, 1]."""
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size={image_size} is too small; the 3x3 grid of shapes "
+                         f"needs at least {MIN_IMAGE_SIZE} px")
+    image = np.empty((image_size, image_size, 3), dtype=np.float32)
+    image[:] = BACKGROUND_RGB[scene.background]
+    for spec in scene.shapes:
+        image[shape_mask(spec, image_size)] = COLOUR_RGB[spec.colour]
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous()
+
+
+def describe_shapes(scene: Scene) -> List[str]:
+    """E.g. ``a red circle at the top left , a blue square ... and an orange triangle``."""
+    phrases = []
+    for spec in scene.shapes:
+        article = "an" if spec.colour[0] in "aeiou" else "a"
+        phrases.append([article, spec.colour, spec.shape, "at", "the", *CELL_NAMES[spec.cell]])
+    words: List[str] = []
+    for i, phrase in enumerate(phrases):
+        if i > 0:
+            words.append("and" if i == len(phrases) - 1 else ",")
+        words.extend(phrase)
+    return words
+
+
+def count_words(count: int, noun: str = "shape") -> List[str]:
+    """``there is one shape`` / ``there are three shapes``."""
+    if count == 1:
+        return ["there", "is", "one", noun]
+    return ["there", "are", vocab.NUMBER_WORDS[count - 1], noun + "s"]
+
+
+def caption_words(scene: Scene) -> List[str]:
+    return [*count_words(len(scene.shapes)), "on", "a", scene.background, "background", ":",
+            *describe_shapes(scene), "."]
+
+
+class SyntheticGenerator:
+    """Draws ``Sample``s of the three sources; see the module docstring for the formats."""
+
+    def __init__(self, tokenizer: Tokenizer, image_size: int, *, max_shapes: int = 3,
+                 min_interleaved_images: int = 2, max_interleaved_images: int = 4):
+        if not 1 <= max_shapes <= len(CELL_NAMES):
+            raise ValueError(f"max_shapes={max_shapes} must be in [1, {len(CELL_NAMES)}]")
+        if not 1 <= min_interleaved_images <= max_interleaved_images <= len(vocab.ORDINAL_WORDS):
+            raise ValueError(f"need 1 <= min_interleaved_images <= max_interleaved_images <= "
+                             f"{len(vocab.ORDINAL_WORDS)}, got {min_interleaved_images} "
+                             f"and {max_interleaved_images}")
+        if image_size < MIN_IMAGE_SIZE:
+            raise ValueError(f"image_size={image_size} must be >= {MIN_IMAGE_SIZE}")
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.max_shapes = max_shapes
+        self.min_interleaved_images = min_interleaved_images
+        self.max_interleaved_images = max_interleaved_images
+
+    def sample(self, source: str, rng: np.random.Generator) -> Sample:
+        if source == "caption":
+            return self.caption(rng)
+        if source == "interleaved":
+            return self.interleaved(rng)
+        if source == "text":
+            return self.text(rng)
+        raise ValueError(f"unknown source {source!r}; expected one of {SOURCES}")
+
+    def stream(self, source: str, rng: np.random.Generator) -> Iterator[Sample]:
+        """Endless samples of one source, all drawn from ``rng``."""
+        while True:
+            yield self.sample(source, rng)
+
+    def caption(self, rng: np.random.Generator) -> Sample:
+        scene = random_scene(rng, self.max_shapes)
+        return self._sample("caption", [ImageSlot, *caption_words(scene)], [scene])
+
+    def interleaved(self, rng: np.random.Generator) -> Sample:
+        num_images = int(rng.integers(self.min_interleaved_images,
+                                      self.max_interleaved_images + 1))
+        scenes = [random_scene(rng, self.max_shapes) for _ in range(num_images)]
+        words: List[Optional[str]] = []
+        for i, scene in enumerate(scenes):
+            if rng.random() < 0.5:  # introduce, then describe after the image
+                intro = ["here", "is", "a"] if i == 0 else ["next", ",", "another"]
+                words += [*intro, "picture", ":", ImageSlot, "it", "shows",
+                          *describe_shapes(scene), "."]
+            else:  # describe first, the image follows
+                words += ["the", vocab.ORDINAL_WORDS[i], "picture", "shows",
+                          *describe_shapes(scene), ":", ImageSlot]
+        total = sum(len(scene.shapes) for scene in scenes)
+        words += ["in", "total", *count_words(total), "."]
+        return self._sample("interleaved", words, scenes)
+
+    def text(self, rng: np.random.Generator) -> Sample:
+        words: List[str] = []
+        for _ in range(int(rng.integers(1, 5))):
+            words += text_sentence(rng)
+        return self._sample("text", words, [])
+
+    def _sample(self, source: str, words: Sequence[Optional[str]],
+                scenes: Sequence[Scene]) -> Sample:
+        tok = self.tokenizer
+        ids, chunk = [tok.bos_token_id], []
+        for word in [*words, ImageSlot]:
+            if word is ImageSlot:
+                ids += tok.encode(" ".join(chunk)) if chunk else []
+                ids.append(tok.image_token_id)
+                chunk = []
+            else:
+                chunk.append(word)
+        ids[-1] = tok.eos_token_id  # the sentinel slot appended above
+        images = [draw_scene(scene, self.image_size) for scene in scenes]
+        return Sample(source=source, token_ids=ids, images=images)
+
+
+def text_sentence(rng: np.random.Generator) -> List[str]:
+    """One templated sentence: counting, weekdays, a small sum, or a colour fact."""
+    numbers, days = vocab.NUMBER_WORDS, vocab.WEEKDAY_WORDS
+    kind = int(rng.integers(4))
+    if kind == 0:
+        length = int(rng.integers(3, 9))
+        start = int(rng.integers(len(numbers) - length + 1))
+        return ["let", "us", "count", ":", *numbers[start:start + length], "."]
+    if kind == 1:
+        length, start = int(rng.integers(3, 8)), int(rng.integers(len(days)))
+        run = [days[(start + i) % len(days)] for i in range(length)]
+        return ["the", "days", "of", "the", "week", ":", *run, "."]
+    if kind == 2:
+        a = int(rng.integers(1, len(numbers)))
+        b = int(rng.integers(1, len(numbers) - a + 1))
+        return [numbers[a - 1], "plus", numbers[b - 1], "is", numbers[a + b - 1], "."]
+    colour = vocab.SHAPE_COLOUR_WORDS[rng.integers(len(vocab.SHAPE_COLOUR_WORDS))]
+    shape = vocab.SHAPE_WORDS[rng.integers(len(vocab.SHAPE_WORDS))]
+    if rng.random() < 0.5:
+        return ["the", colour, shape, "is", colour, "."]
+    return ["the", colour, shape, "is", "a", shape, "."]

@@ -1,0 +1,131 @@
+"""Exact parameter counts from a ``ModelConfig``, without building the model.
+
+The formulas mirror the modules layer by layer; tests check them against
+``sum(p.numel())`` of built models. Used for the configs' documented sizes, the MM1
+learning-rate rule (non-embedding count) and MFU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mm1_megatron.config.schema import (
+    ConnectorConfig,
+    LanguageModelConfig,
+    ModelConfig,
+    VisionEncoderConfig,
+)
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    vision_encoder: int
+    connector: int
+    language_model: int
+    llm_embedding: int  # input embedding plus the untied output layer
+    llm_active: int  # language-model parameters used per token (top-k experts only)
+
+    @property
+    def total(self) -> int:
+        return self.vision_encoder + self.connector + self.language_model
+
+    @property
+    def llm_non_embedding(self) -> int:
+        return self.language_model - self.llm_embedding
+
+    @property
+    def llm_active_non_embedding(self) -> int:
+        return self.llm_active - self.llm_embedding
+
+
+def vision_encoder_params(v: VisionEncoderConfig) -> int:
+    h, f = v.hidden_size, v.ffn_hidden_size
+    num_positions = (v.image_size // v.patch_size) ** 2 + (1 if v.use_class_token else 0)
+    per_layer = (2 * h                      # input LayerNorm
+                 + h * 3 * h + 3 * h        # QKV with bias
+                 + h * h + h                # output projection
+                 + 2 * h                    # pre-MLP LayerNorm
+                 + h * f + f + f * h + h)   # MLP with biases
+    return (v.num_channels * v.patch_size ** 2 * h   # patch conv, no bias
+            + (h if v.use_class_token else 0)
+            + num_positions * h
+            + 2 * h                                   # pre-LayerNorm
+            + v.num_layers * per_layer)
+
+
+def _readout_params(in_dim: int, out_dim: int, num_layers: int) -> int:
+    return in_dim * out_dim + out_dim + (num_layers - 1) * (out_dim * out_dim + out_dim)
+
+
+def _bottleneck_params(in_ch: int, out_ch: int) -> int:
+    reduced = max(1, in_ch // 4)
+    params = (in_ch * out_ch + 2 * out_ch          # conv1 + norm1
+              + 9 * out_ch * out_ch + 2 * out_ch   # conv2 (3x3) + norm2
+              + out_ch * reduced + reduced + reduced * out_ch + out_ch  # squeeze-excite
+              + out_ch * out_ch + 2 * out_ch)      # conv3 + norm3
+    if in_ch != out_ch:
+        params += in_ch * out_ch + 2 * out_ch      # projection shortcut
+    return params
+
+
+def connector_params(c: ConnectorConfig, *, vision_hidden: int, llm_hidden: int,
+                     num_patches: int) -> int:
+    if c.type == "c_abstractor":
+        n = c.num_blocks_per_stage
+        width = c.hidden_size if n > 0 else vision_hidden
+        stage1 = sum(_bottleneck_params(vision_hidden if i == 0 else width, width)
+                     for i in range(n))
+        stage2 = n * _bottleneck_params(width, width)
+        return (num_patches * vision_hidden + stage1 + stage2
+                + _readout_params(width, llm_hidden, c.num_readout_layers))
+    if c.type == "attn_pool":
+        d = c.hidden_size
+        attention = d * d + 2 * d * vision_hidden + 3 * d + d * d + d
+        return (c.num_output_tokens * d + 2 * vision_hidden + attention
+                + _readout_params(d, llm_hidden, c.num_readout_layers))
+    # avg_pool and mlp: the readout MLP only
+    return _readout_params(vision_hidden, llm_hidden, c.num_readout_layers)
+
+
+def _moe_layer_flags(m: LanguageModelConfig):
+    freq = m.moe.layer_frequency
+    return [m.moe.num_experts > 0 and i % freq == 0 for i in range(m.num_layers)]
+
+
+def language_model_params(m: LanguageModelConfig) -> tuple:
+    """(total, embedding, active) parameter counts of the decoder."""
+    h = m.hidden_size
+    head_dim = h // m.num_attention_heads
+    groups = m.num_query_groups or m.num_attention_heads
+    attention = (h                                                       # input RMSNorm
+                 + h * (m.num_attention_heads + 2 * groups) * head_dim   # fused QKV
+                 + m.num_attention_heads * head_dim * h)                 # output projection
+    dense_mlp = h + 3 * h * m.ffn_hidden_size  # pre-MLP RMSNorm + SwiGLU (fc1 is 2f wide)
+    expert_ffn = m.moe.expert_ffn_hidden_size or m.ffn_hidden_size
+    total = active = 0
+    for is_moe in _moe_layer_flags(m):
+        if is_moe:
+            per_expert = 3 * h * expert_ffn
+            router = h * m.moe.num_experts
+            total += attention + h + router + m.moe.num_experts * per_expert
+            active += attention + h + router + m.moe.top_k * per_expert
+        else:
+            total += attention + dense_mlp
+            active += attention + dense_mlp
+    embedding = m.vocab_size * h * (1 if m.tie_embeddings else 2)
+    final_norm = h
+    return total + embedding + final_norm, embedding, active + embedding + final_norm
+
+
+def count_parameters(model: ModelConfig) -> ParameterCounts:
+    v = model.vision
+    num_patches = (v.image_size // v.patch_size) ** 2
+    llm_total, llm_embedding, llm_active = language_model_params(model.llm)
+    return ParameterCounts(
+        vision_encoder=vision_encoder_params(v),
+        connector=connector_params(model.connector, vision_hidden=v.hidden_size,
+                                   llm_hidden=model.llm.hidden_size, num_patches=num_patches),
+        language_model=llm_total,
+        llm_embedding=llm_embedding,
+        llm_active=llm_active,
+    )

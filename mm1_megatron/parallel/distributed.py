@@ -1,0 +1,138 @@
+"""Process-group setup: one entry point for torchrun, MPI launchers and plain ``python``.
+
+The launcher only decides how rank, world size and the rendezvous address are found;
+after that every run is the same: ``torch.distributed`` (NCCL on GPU, gloo on CPU) and
+Megatron-Core's ``parallel_state`` with TP x PP x (EP inside) DP.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mm1_megatron.config.schema import ParallelConfig
+from mm1_megatron.parallel.cpu_compat import enable_cpu_execution
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launcher_env(launcher: str) -> tuple:
+    """(rank, world_size, local_rank) from the environment the launcher left."""
+    env = os.environ
+    if launcher in ("auto", "torchrun") and "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if launcher == "torchrun":
+        raise ValueError("parallel.launcher=torchrun but RANK/WORLD_SIZE are not set; "
+                         "start with `torchrun --nproc-per-node N ...`")
+    if launcher in ("auto", "mpi") and "OMPI_COMM_WORLD_RANK" in env:
+        return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
+    if launcher in ("auto", "mpi") and "PMI_RANK" in env:
+        return int(env["PMI_RANK"]), int(env["PMI_SIZE"]), int(env.get("MPI_LOCALRANKID", 0))
+    if launcher == "mpi":
+        raise ValueError("parallel.launcher=mpi but no MPI rank variables were found; "
+                         "start with `mpiexec -n N ...`")
+    return 0, 1, 0
+
+
+def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
+    """Return the data-parallel size, or explain why ``world_size`` does not factor."""
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    model_parallel = tp * pp
+    if world_size % model_parallel:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel_size x "
+            f"pipeline_parallel_size = {tp} x {pp} = {model_parallel}; launch a multiple of "
+            f"{model_parallel} processes")
+    data_parallel = world_size // model_parallel
+    ep = parallel.expert_parallel_size
+    etp = parallel.expert_tensor_parallel_size or tp
+    if (data_parallel * tp) % (ep * etp):
+        raise ValueError(
+            f"expert_parallel_size x expert_tensor_parallel_size = {ep} x {etp} must divide "
+            f"data_parallel x tensor_parallel = {data_parallel} x {tp} "
+            f"(world {world_size} = TP {tp} x PP {pp} x DP {data_parallel})")
+    return data_parallel
+
+
+def init_distributed(parallel: ParallelConfig, *, timeout_minutes: int = 10) -> DistributedContext:
+    """Initialise torch.distributed and Megatron-Core's model-parallel groups."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        enable_cpu_execution()
+    rank, world_size, local_rank = _launcher_env(parallel.launcher)
+    check_world_size(parallel, world_size)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world_size > 1:
+            raise ValueError("MASTER_PORT is not set for a multi-process run")
+        os.environ["MASTER_PORT"] = str(_free_port())
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_parallel_size,
+            expert_model_parallel_size=parallel.expert_parallel_size,
+            expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+        )
+    return DistributedContext(rank, world_size, local_rank, device, backend)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch identically on every rank, then Megatron's TP RNG.
+
+    Parameters drawn on the CPU (``use_cpu_initialization``) come from the default CPU
+    generator; seeding it the same everywhere keeps replicated parameters identical
+    across tensor-parallel ranks and equal to a single-process run.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    torch.default_generator.manual_seed(seed)
+
+
+def shutdown_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
