@@ -62,7 +62,7 @@ def pack_sequence(samples: Iterable[Sample], *, seq_length: int, num_image_token
 
     Reads only as many samples as the sequence needs; see the module docstring for rules.
     """
-    _check_arguments(seq_length, num_image_tokens, max_images, image_mean, image_std)
+    check_packing_arguments(seq_length, num_image_tokens, max_images, image_mean, image_std)
     iterator = iter(samples)
     first = next(iterator)
     if first.source == "interleaved":
@@ -75,8 +75,9 @@ def pack_sequence(samples: Iterable[Sample], *, seq_length: int, num_image_token
                      image_mean, image_std)
 
 
-def _check_arguments(seq_length: int, num_image_tokens: int, max_images: int,
-                     image_mean: Sequence[float], image_std: Sequence[float]) -> None:
+def check_packing_arguments(seq_length: int, num_image_tokens: int, max_images: int,
+                            image_mean: Sequence[float], image_std: Sequence[float]) -> None:
+    """Raise ``ValueError`` for settings no sequence could be packed with."""
     if seq_length < 2:
         raise ValueError(f"seq_length={seq_length} must be >= 2")
     if num_image_tokens < 1:

@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -28,6 +29,7 @@ class MM1Model(MegatronModule):
                  pre_process: bool = True, post_process: bool = True):
         super().__init__(config=language_config)
         self.image_token_id = image_token_id
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
         self.pre_process = pre_process
         self.post_process = post_process
         self.vision_encoder: Optional[VisionEncoder] = None

@@ -53,11 +53,11 @@ def vision_encoder_params(v: VisionEncoderConfig) -> int:
             + v.num_layers * per_layer)
 
 
-def _readout_params(in_dim: int, out_dim: int, num_layers: int) -> int:
+def readout_params(in_dim: int, out_dim: int, num_layers: int) -> int:
     return in_dim * out_dim + out_dim + (num_layers - 1) * (out_dim * out_dim + out_dim)
 
 
-def _bottleneck_params(in_ch: int, out_ch: int) -> int:
+def bottleneck_params(in_ch: int, out_ch: int) -> int:
     reduced = max(1, in_ch // 4)
     params = (in_ch * out_ch + 2 * out_ch          # conv1 + norm1
               + 9 * out_ch * out_ch + 2 * out_ch   # conv2 (3x3) + norm2
@@ -73,18 +73,18 @@ def connector_params(c: ConnectorConfig, *, vision_hidden: int, llm_hidden: int,
     if c.type == "c_abstractor":
         n = c.num_blocks_per_stage
         width = c.hidden_size if n > 0 else vision_hidden
-        stage1 = sum(_bottleneck_params(vision_hidden if i == 0 else width, width)
+        stage1 = sum(bottleneck_params(vision_hidden if i == 0 else width, width)
                      for i in range(n))
-        stage2 = n * _bottleneck_params(width, width)
+        stage2 = n * bottleneck_params(width, width)
         return (num_patches * vision_hidden + stage1 + stage2
-                + _readout_params(width, llm_hidden, c.num_readout_layers))
+                + readout_params(width, llm_hidden, c.num_readout_layers))
     if c.type == "attn_pool":
         d = c.hidden_size
         attention = d * d + 2 * d * vision_hidden + 3 * d + d * d + d
         return (c.num_output_tokens * d + 2 * vision_hidden + attention
-                + _readout_params(d, llm_hidden, c.num_readout_layers))
+                + readout_params(d, llm_hidden, c.num_readout_layers))
     # avg_pool and mlp: the readout MLP only
-    return _readout_params(vision_hidden, llm_hidden, c.num_readout_layers)
+    return readout_params(vision_hidden, llm_hidden, c.num_readout_layers)
 
 
 def _moe_layer_flags(m: LanguageModelConfig):

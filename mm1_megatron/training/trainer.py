@@ -1,0 +1,241 @@
+"""The training loop: Megatron-Core schedules, DDP, (distributed) AdamW, cosine schedule.
+
+``Trainer`` owns the pieces and their order; each step is
+``_next_microbatches -> forward_backward -> optimizer.step -> scheduler.step -> log``.
+Loss is averaged per text token across micro-batches and data-parallel ranks
+(``calculate_per_token_loss``), so gradient accumulation and DP give the same update as
+one large batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.moe import moe_utils
+
+from mm1_megatron.config import MM1Config, save_config, validate_config, validate_environment
+from mm1_megatron.data import SOURCE_IDS, SyntheticDataLoader, SyntheticTokenizer
+from mm1_megatron.models import RuntimeOptions, build_mm1_model
+from mm1_megatron.models.inputs import document_causal_mask
+from mm1_megatron.models.param_count import count_parameters
+from mm1_megatron.parallel import init_distributed, seed_everything
+from mm1_megatron.training.flops import model_flops_utilization, training_flops_per_step
+from mm1_megatron.training.lr import resolve_peak_lr
+from mm1_megatron.training.metrics import MetricsLogger
+from mm1_megatron.training.optimizer import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+H100_BF16_DENSE_FLOPS = 989e12
+
+
+class Trainer:
+    def __init__(self, cfg: MM1Config):
+        self.cfg = validate_config(cfg)
+        self.ctx = init_distributed(cfg.parallel)
+        validate_environment(cfg, cuda_available=self.ctx.device.type == "cuda")
+        self.bf16 = self.ctx.device.type == "cuda" and cfg.training.precision in ("auto", "bf16")
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.num_microbatches = self._num_microbatches()
+        seed_everything(cfg.training.seed)
+        self.output_dir = Path(cfg.logging.output_dir)
+        if self.ctx.is_main:
+            save_config(cfg, self.output_dir / "config.yaml")
+        self.tokenizer = SyntheticTokenizer()
+        if cfg.model.llm.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model.llm.vocab_size={cfg.model.llm.vocab_size} is smaller than "
+                             f"the tokenizer's {self.tokenizer.vocab_size} tokens")
+        self.model_chunks = [self._build_model()]
+        self.param_counts = count_parameters(cfg.model)
+        self.peak_lr = resolve_peak_lr(cfg.optimizer, self.param_counts.llm_active_non_embedding)
+        self.optimizer = build_optimizer(cfg, self.model_chunks, peak_lr=self.peak_lr,
+                                         bf16=self.bf16)
+        self.scheduler = build_scheduler(cfg, self.optimizer, peak_lr=self.peak_lr)
+        self._wire_model_config()
+        self.data = self._build_data()
+        self.step = 0
+        self.is_logging_rank = (parallel_state.is_pipeline_last_stage()
+                                and parallel_state.get_tensor_model_parallel_rank() == 0
+                                and parallel_state.get_data_parallel_rank() == 0)
+
+    # ---- construction -------------------------------------------------------------------
+    def _num_microbatches(self) -> int:
+        t = self.cfg.training
+        per_step = t.micro_batch_size * self.dp_size
+        if t.global_batch_size % per_step:
+            raise ValueError(f"training.global_batch_size={t.global_batch_size} must be a multiple "
+                             f"of micro_batch_size x data_parallel = {t.micro_batch_size} x "
+                             f"{self.dp_size} = {per_step}")
+        return t.global_batch_size // per_step
+
+    def _build_model(self):
+        cfg = self.cfg
+        runtime = RuntimeOptions(params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                                 use_cpu_initialization=True)
+        model = build_mm1_model(cfg.model, cfg.parallel,
+                                image_token_id=self.tokenizer.image_token_id, runtime=runtime,
+                                pre_process=parallel_state.is_pipeline_first_stage(),
+                                post_process=parallel_state.is_pipeline_last_stage())
+        model = model.to(self.ctx.device)
+        if self.bf16:
+            model = Float16Module(model.config, model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+    def _wire_model_config(self) -> None:
+        """What the Megatron-Core schedule reads from the model's config."""
+        config = self.model_chunks[0].config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.no_sync_func = self.model_chunks[0].no_sync
+
+    def _build_data(self) -> SyntheticDataLoader:
+        cfg = self.cfg
+        v = cfg.model.vision
+        return SyntheticDataLoader(
+            cfg.data,
+            seq_length=cfg.training.seq_length,
+            micro_batch_size=cfg.training.micro_batch_size,
+            num_image_tokens=cfg.model.connector.num_output_tokens,
+            image_size=v.image_size,
+            image_mean=v.image_mean,
+            image_std=v.image_std,
+            seed=cfg.training.seed,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=self.dp_size,
+            tokenizer=self.tokenizer,
+        )
+
+    # ---- one step -----------------------------------------------------------------------
+    def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+        batch["attention_mask"] = document_causal_mask(batch["document_ids"])
+        return batch
+
+    def _loss(self, batch: Dict[str, torch.Tensor], per_token_loss: torch.Tensor):
+        mask = batch["loss_mask"].float()
+        token_losses = per_token_loss.float() * mask
+        loss_sum, num_tokens = token_losses.sum(), mask.sum()
+        report = {"loss": torch.stack([loss_sum.detach(), num_tokens])}
+        for name, source_id in SOURCE_IDS.items():
+            rows = batch["source_ids"] == source_id
+            report[f"loss/{name}"] = torch.stack([token_losses[rows].sum().detach(),
+                                                  mask[rows].sum()])
+        return loss_sum, num_tokens.int(), report
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                       images=batch["images"], labels=batch["labels"])
+        return output, partial(self._loss, batch)
+
+    def train_step(self) -> Dict[str, float]:
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        batches = [self._to_device(next(self.data)) for _ in range(self.num_microbatches)]
+        reports = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iter(batches),
+            model=self.model_chunks,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.training.seq_length,
+            micro_batch_size=self.cfg.training.micro_batch_size,
+            forward_only=False,
+        )
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:
+            self.scheduler.step(increment=1)
+        self.step += 1
+        metrics = self._reduce_reports(reports)
+        metrics.update(self._moe_losses())
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["num_images"] = self._global_sum(sum(int(b["images"].shape[0]) for b in batches))
+        metrics["num_text_tokens"] = self._global_sum(sum(int(b["loss_mask"].sum())
+                                                         for b in batches))
+        return metrics
+
+    def _global_sum(self, value: float) -> float:
+        """Sum a per-rank count over the data-parallel group (replicas repeat TP/PP)."""
+        tensor = torch.tensor([float(value)], device=self.ctx.device)
+        dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
+        return float(tensor)
+
+    def _reduce_reports(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Token-weighted mean loss per source over micro-batches and DP ranks."""
+        if not parallel_state.is_pipeline_last_stage():
+            return {}
+        names = ["loss"] + [f"loss/{name}" for name in SOURCE_IDS]
+        totals = torch.zeros(len(names), 2, device=self.ctx.device)
+        for report in reports:
+            totals += torch.stack([report[name] for name in names])
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        return {name: (float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan"))
+                for i, name in enumerate(names)}
+
+    def _moe_losses(self) -> Dict[str, float]:
+        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
+        if not tracker:
+            return {}
+        moe_utils.reduce_aux_losses_tracker_across_ranks()
+        num_moe_layers = max(1, sum(1 for i in range(self.cfg.model.llm.num_layers)
+                                    if i % self.cfg.model.llm.moe.layer_frequency == 0))
+        losses = {f"moe/{name}": float(entry["values"].sum()) / num_moe_layers
+                  / self.num_microbatches for name, entry in tracker.items()}
+        moe_utils.clear_aux_losses_tracker()
+        return losses
+
+    # ---- the loop -----------------------------------------------------------------------
+    def _throughput(self, metrics: Dict[str, float], seconds: float) -> Dict[str, float]:
+        t = self.cfg.training
+        flops = training_flops_per_step(self.cfg.model, num_sequences=t.global_batch_size,
+                                        seq_length=t.seq_length,
+                                        num_images=int(metrics["num_images"]))
+        peak = self.cfg.logging.peak_flops_per_device
+        if peak is None and self.ctx.device.type == "cuda":
+            peak = H100_BF16_DENSE_FLOPS
+        return {
+            "step_time_s": seconds,
+            "tokens_per_s": t.global_batch_size * t.seq_length / seconds,
+            "images_per_s": metrics["num_images"] / seconds,
+            "tflops_per_s_per_device": flops / seconds / self.ctx.world_size / 1e12,
+            "mfu": model_flops_utilization(flops, seconds, self.ctx.world_size, peak or 0.0),
+        }
+
+    def train(self) -> List[Dict[str, float]]:
+        """Run ``training.train_steps`` steps; returns the per-step metrics (logging rank)."""
+        cfg = self.cfg
+        history: List[Dict[str, float]] = []
+        logger.info("parameters: %s total (vision %s, connector %s, LLM %s); peak LR %.3g; "
+                    "%d micro-batches per step; DP=%d",
+                    f"{self.param_counts.total:,}", f"{self.param_counts.vision_encoder:,}",
+                    f"{self.param_counts.connector:,}", f"{self.param_counts.language_model:,}",
+                    self.peak_lr, self.num_microbatches, self.dp_size)
+        with MetricsLogger(self.output_dir, enabled=self.is_logging_rank,
+                           total_steps=cfg.training.train_steps,
+                           log_interval=cfg.logging.log_interval,
+                           tensorboard=cfg.logging.tensorboard,
+                           progress_bar=cfg.logging.progress_bar) as metrics_logger:
+            while self.step < cfg.training.train_steps:
+                start = time.perf_counter()
+                metrics = self.train_step()
+                metrics.update(self._throughput(metrics, time.perf_counter() - start))
+                metrics_logger.log(self.step, metrics)
+                history.append(metrics)
+        return history
