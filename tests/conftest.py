@@ -1,0 +1,83 @@
+"""Shared fixtures: one single-process Megatron world per session, seeding, tiny configs.
+
+Megatron-Core modules read its parallel state when they are built, so every test that
+builds a model asks for ``megatron_single_process`` (directly or through ``seeded`` /
+``build_tiny_model``). The world is a single gloo process on a free port; on a machine
+without CUDA ``init_distributed`` also installs the CPU stand-ins of ``cpu_compat``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+DEBUG_CONFIG = CONFIG_DIR / "debug.yaml"
+IMAGE_TOKEN_ID = 3
+
+# Shrinks configs/debug.yaml further so that building and running a model takes
+# milliseconds: 56 px images -> a 4x4 patch grid, 1 ViT layer, a 2-layer GQA decoder.
+TINY_OVERRIDES = (
+    "model.vision.hidden_size=32",
+    "model.vision.num_layers=1",
+    "model.vision.num_attention_heads=2",
+    "model.vision.ffn_hidden_size=64",
+    "model.connector.hidden_size=32",
+    "model.llm.hidden_size=32",
+    "model.llm.num_layers=2",
+    "model.llm.num_attention_heads=4",
+    "model.llm.num_query_groups=2",
+    "model.llm.ffn_hidden_size=64",
+    "model.llm.max_sequence_length=64",
+    "training.seq_length=64",
+)
+
+
+def make_tiny_config(*overrides: str):
+    """``configs/debug.yaml`` shrunk by ``TINY_OVERRIDES``, then ``overrides``; validated."""
+    from mm1_megatron.config import load_config, validate_config
+
+    return validate_config(load_config(DEBUG_CONFIG, list(TINY_OVERRIDES) + list(overrides)))
+
+
+@pytest.fixture(scope="session")
+def megatron_single_process():
+    """torch.distributed (gloo, world size 1) plus Megatron's model-parallel groups."""
+    from mm1_megatron.config import ParallelConfig
+    from mm1_megatron.parallel import init_distributed, shutdown_distributed
+
+    ctx = init_distributed(ParallelConfig())
+    yield ctx
+    shutdown_distributed()
+
+
+@pytest.fixture
+def seeded(megatron_single_process):
+    """Seeds Python, NumPy, torch and Megatron's RNG tracker (1234 now; call to reseed)."""
+    from mm1_megatron.parallel import seed_everything
+
+    def _seed(seed: int = 1234) -> None:
+        seed_everything(seed)
+
+    _seed()
+    return _seed
+
+
+@pytest.fixture
+def tiny_config():
+    """Factory: ``tiny_config("model.llm.tie_embeddings=true", ...)`` -> ``MM1Config``."""
+    return make_tiny_config
+
+
+@pytest.fixture
+def build_tiny_model(seeded):
+    """Factory: seed, then ``build_mm1_model(cfg.model, cfg.parallel, image_token_id=3)``."""
+    from mm1_megatron.models import build_mm1_model
+
+    def _build(cfg, seed: int = 1234):
+        seeded(seed)
+        return build_mm1_model(cfg.model, cfg.parallel, image_token_id=IMAGE_TOKEN_ID)
+
+    return _build

@@ -1,0 +1,83 @@
+"""End-to-end: the README's main command trains the debug config on CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+NUM_STEPS = 60
+
+
+def _train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    command = [sys.executable, "-m", "mm1_megatron.train", "--config", "configs/debug.yaml",
+               f"logging.output_dir={output_dir}", *overrides]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _scalars(output_dir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("debug_run")
+    result = _train(output_dir, f"training.train_steps={NUM_STEPS}", "logging.log_interval=20",
+                    "logging.peak_flops_per_device=1e11")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return output_dir, result
+
+
+def test_loss_falls_clearly(debug_run):
+    output_dir, _ = debug_run
+    losses = _scalars(output_dir)["loss"]
+    assert len(losses) == NUM_STEPS
+    start, end = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert end < 0.5 * start, f"loss went from {start:.3f} to {end:.3f}"
+
+
+def test_tensorboard_has_every_scalar(debug_run):
+    output_dir, _ = debug_run
+    scalars = _scalars(output_dir)
+    for tag in ("loss", "loss/caption", "loss/interleaved", "loss/text", "lr", "grad_norm",
+                "tokens_per_s", "images_per_s", "mfu", "tflops_per_s_per_device"):
+        assert tag in scalars and len(scalars[tag]) > 0, f"missing scalar {tag}"
+    assert all(0 < value < 1 for value in scalars["mfu"])
+    assert max(scalars["images_per_s"]) > 0
+
+
+def test_resolved_config_is_saved(debug_run):
+    from mm1_megatron.config import load_config
+
+    output_dir, _ = debug_run
+    saved = yaml.safe_load((output_dir / "config.yaml").read_text())
+    assert saved["training"]["train_steps"] == NUM_STEPS
+    resolved = load_config(output_dir / "config.yaml")
+    assert resolved.logging.output_dir == str(output_dir)
+    assert resolved.model.llm.num_layers == load_config(REPO / "configs/debug.yaml").model.llm.num_layers
+
+
+def test_progress_is_shown(debug_run):
+    _, result = debug_run
+    assert f"{NUM_STEPS}/{NUM_STEPS}" in result.stderr
+    assert "eta" in result.stderr
+
+
+def test_bad_config_fails_fast_with_the_field_named(tmp_path):
+    result = _train(tmp_path, "parallel.sequence_parallel=true", "model.llm.num_layer=3")
+    assert result.returncode == 2
+    assert "model.llm.num_layer" in result.stderr and "num_layers" in result.stderr
+    assert not (tmp_path / "config.yaml").exists()
