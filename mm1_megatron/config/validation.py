@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from typing import List
+from typing import List, Optional, Tuple
 
 from mm1_megatron.config import schema
 from mm1_megatron.config.schema import MM1Config
@@ -212,9 +212,14 @@ def validate_config(cfg: MM1Config) -> MM1Config:
     return cfg
 
 
-def validate_environment(cfg: MM1Config, *, cuda_available: bool) -> None:
+def validate_environment(cfg: MM1Config, *, cuda_available: bool,
+                         cuda_capability: Optional[Tuple[int, int]] = None) -> None:
     """Checks that depend on the machine: accelerators asked for must be present."""
     messages = []
+    if cfg.model.fp8 is not None and cuda_capability is not None and cuda_capability < (8, 9):
+        messages.append(f"model.fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, "
+                        f"Hopper); this GPU is {cuda_capability[0]}.{cuda_capability[1]}. "
+                        f"Set model.fp8=null")
     te_installed = importlib.util.find_spec("transformer_engine") is not None
     if cfg.model.transformer_impl == "transformer_engine" and not te_installed:
         messages.append("model.transformer_impl=transformer_engine but Transformer Engine is not "

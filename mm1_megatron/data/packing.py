@@ -24,6 +24,7 @@ to fill gaps, so some room is left as padding (``num_real_tokens`` measures the 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Sequence, Tuple
 
@@ -33,6 +34,8 @@ from mm1_megatron.data.synthetic import Sample
 from mm1_megatron.data.tokenizer import Tokenizer
 from mm1_megatron.models.inputs import (expand_image_placeholders, labels_and_loss_mask,
                                         position_ids_from_documents)
+
+logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_SKIPS = 100
 
@@ -110,8 +113,12 @@ def _fill_with_whole_samples(first: Sample, rest: Iterator[Sample], seq_length: 
         elif documents:
             return documents  # the sample that does not fit is dropped
         elif not sample.images:
+            logger.debug("truncating a %d-token %s sample to %d", len(tokens), sample.source,
+                         seq_length)
             return [(tokens[:seq_length], [])]
         else:
+            logger.debug("skipping a %s sample: %d tokens, %d images", sample.source,
+                         len(tokens), len(sample.images))
             num_skips += 1
             if num_skips >= MAX_CONSECUTIVE_SKIPS:
                 raise ValueError(

@@ -215,14 +215,15 @@ class SyntheticGenerator:
                 scenes: Sequence[Scene]) -> Sample:
         tok = self.tokenizer
         ids, chunk = [tok.bos_token_id], []
-        for word in [*words, ImageSlot]:
+        for word in words:
             if word is ImageSlot:
                 ids += tok.encode(" ".join(chunk)) if chunk else []
                 ids.append(tok.image_token_id)
                 chunk = []
             else:
                 chunk.append(word)
-        ids[-1] = tok.eos_token_id  # the sentinel slot appended above
+        ids += tok.encode(" ".join(chunk)) if chunk else []
+        ids.append(tok.eos_token_id)
         images = [draw_scene(scene, self.image_size) for scene in scenes]
         return Sample(source=source, token_ids=ids, images=images)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -33,6 +34,11 @@ class MetricsLogger:
         self.show_progress = progress_bar
         self.start_time = time.monotonic()
         self.writer = None
+        self.jsonl = None
+        if enabled:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            # One JSON object per step: easy to diff and plot across runs of a study.
+            self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8")
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -41,6 +47,8 @@ class MetricsLogger:
     def log(self, step: int, scalars: Dict[str, float]) -> None:
         if not self.enabled:
             return
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
         if self.writer is not None:
             for name, value in scalars.items():
                 if value is not None and not math.isnan(value):
@@ -58,6 +66,8 @@ class MetricsLogger:
         return f"{head} | " + " | ".join(parts) + f" | eta {_format_seconds(eta)}"
 
     def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

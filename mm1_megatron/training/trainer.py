@@ -44,7 +44,9 @@ class Trainer:
     def __init__(self, cfg: MM1Config):
         self.cfg = validate_config(cfg)
         self.ctx = init_distributed(cfg.parallel)
-        validate_environment(cfg, cuda_available=self.ctx.device.type == "cuda")
+        cuda = self.ctx.device.type == "cuda"
+        validate_environment(cfg, cuda_available=cuda,
+                             cuda_capability=torch.cuda.get_device_capability() if cuda else None)
         self.bf16 = self.ctx.device.type == "cuda" and cfg.training.precision in ("auto", "bf16")
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = self._num_microbatches()
