@@ -73,11 +73,16 @@ def vision_layer_spec(transformer_impl: str) -> ModuleSpec:
 def language_block_spec(config: TransformerConfig, transformer_impl: str, *, vp_stage=None):
     """Llama-style decoder block (RMSNorm, SwiGLU, RoPE), dense or MoE per ``moe_layer_freq``.
 
-    Only the layers of the current pipeline stage are built.
+    Only the layers of the current pipeline stage are built. Packed documents need the
+    explicit per-document mask: the local attention applies any mask it is given, but
+    Transformer Engine ignores the mask under its ``causal`` type, so TE layers are
+    switched to ``arbitrary`` (which honours it).
     """
-    return get_gpt_decoder_block_spec(
-        config,
-        use_transformer_engine=transformer_impl == "transformer_engine",
-        normalization="RMSNorm",
-        vp_stage=vp_stage,
-    )
+    use_te = transformer_impl == "transformer_engine"
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
+                                       normalization="RMSNorm", vp_stage=vp_stage)
+    if use_te:
+        for layer in block.layer_specs:
+            attention = layer.submodules.self_attention
+            attention.params = {**attention.params, "attn_mask_type": AttnMaskType.arbitrary}
+    return block
