@@ -21,6 +21,14 @@ def _describe(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+def _parse_float(text: str, path: str) -> float:
+    # YAML 1.1 (PyYAML) reads exponents without a dot, like ``3e-4``, as strings.
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{path}: expected a number, got {text!r}") from None
+
+
 def _coerce(value: Any, tp, path: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert where lossless."""
     origin = typing.get_origin(tp)
@@ -55,6 +63,8 @@ def _coerce(value: Any, tp, path: str) -> Any:
             raise ValueError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = _parse_float(value, path)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -104,16 +114,42 @@ def apply_overrides(tree: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
     return tree
 
 
+def _deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def read_yaml_tree(path: Union[str, Path], _seen: tuple = ()) -> Dict[str, Any]:
+    """Load a YAML config, first merging the files its ``include:`` list names.
+
+    Included paths are relative to the including file; later files and the file's own
+    keys win. This lets the MM1 configs share one encoder definition.
+    """
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ValueError(f"Config include cycle: {' -> '.join(str(p) for p in _seen + (path,))}")
+    if not path.is_file():
+        raise ValueError(f"Config file not found: {path}")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    includes = tree.pop("include", []) or []
+    if isinstance(includes, str):
+        includes = [includes]
+    merged: Dict[str, Any] = {}
+    for include in includes:
+        merged = _deep_merge(merged, read_yaml_tree(path.parent / include, _seen + (path,)))
+    return _deep_merge(merged, tree)
+
+
 def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> MM1Config:
     """Read a YAML file (or start from defaults), apply overrides, and type-check it all."""
-    tree: Dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"Config file not found: {path}")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ValueError(f"{path}: the top level must be a mapping of sections")
+    tree: Dict[str, Any] = read_yaml_tree(path) if path is not None else {}
     return config_from_dict(apply_overrides(tree, overrides))
 
 

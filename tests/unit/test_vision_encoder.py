@@ -147,17 +147,19 @@ def test_table_linear_in_column_stays_monotone_in_column(old_grid, new_grid):
     grid = _patch_grid(out)
     # Varies along columns only (row-major layout kept, not transposed) ...
     torch.testing.assert_close(grid, grid[0].expand(new_grid, -1), rtol=0, atol=1e-5)
-    # ... strictly increasing, inside the original range, symmetric about the centre.
+    # ... strictly increasing, symmetric about the centre, and within the original range
+    # up to bicubic's small overshoot at the border (a quarter of one old step, 2.0).
     assert (grid[0, 1:] > grid[0, :-1]).all()
-    assert grid.min() >= 1.0 - 1e-5 and grid.max() <= 2.0 * (old_grid - 1) + 1.0 + 1e-5
+    assert grid.min() >= 1.0 - 0.5 and grid.max() <= 2.0 * (old_grid - 1) + 1.0 + 0.5
     torch.testing.assert_close(grid[0] + grid[0].flip(0),
                                torch.full((new_grid,), 2.0 * (old_grid - 1) + 2.0))
     # Every channel scales the same way (channel k holds k+1 times channel 0).
     torch.testing.assert_close(_patch_grid(out, channel=2), 3.0 * grid)
 
 
-def test_linear_table_is_reproduced_away_from_the_border():
-    # Bicubic resampling reproduces a linear ramp wherever its 4 taps avoid the border.
+def test_linear_table_stays_close_to_linear_away_from_the_border():
+    # torch's bicubic kernel (a = -0.75) reproduces constants exactly but a linear ramp
+    # only approximately: inside the border the error stays below 0.1 of one old step.
     old, new = 16, 32
     cols = torch.arange(old, dtype=torch.float32)
     out = interpolate_position_embedding(_grid_table(cols.expand(old, -1)),
@@ -167,7 +169,12 @@ def test_linear_table_is_reproduced_away_from_the_border():
     coord = (torch.arange(new) + 0.5) * old / new - 0.5
     interior = (coord >= 1.0) & (coord <= old - 3.0)
     assert interior.sum() > new // 2
-    torch.testing.assert_close(row[interior], coord[interior], rtol=0, atol=1e-4)
+    torch.testing.assert_close(row[interior], coord[interior], rtol=0, atol=0.1)
+    # A least-squares line through the interior has slope old/new per new column.
+    j = torch.arange(new, dtype=torch.float32)[interior]
+    slope = torch.linalg.lstsq(torch.stack([j, torch.ones_like(j)], 1),
+                               row[interior][:, None]).solution[0, 0]
+    assert slope == pytest.approx(old / new, rel=0.02)
 
 
 def test_table_linear_in_row_varies_along_rows_only():
