@@ -201,11 +201,19 @@ def _check_model_impl(cfg: MM1Config, err: _Errors) -> None:
     err.check(m.init_method_std > 0, "model.init_method_std must be > 0")
 
 
+def _check_checkpoint(cfg: MM1Config, err: _Errors) -> None:
+    c = cfg.checkpoint
+    err.check(c.save_dir is None and c.load_dir is None and c.save_interval == 0,
+              "checkpoint.save_dir / load_dir / save_interval: checkpointing is not "
+              "implemented in this version; leave them unset")
+
+
 def validate_config(cfg: MM1Config) -> MM1Config:
     """Raise ``ValueError`` listing every problem in ``cfg``; return it unchanged if none."""
     err = _Errors()
     for check in (_check_vision, _check_connector, _check_llm, _check_parallel,
-                  _check_optimizer_and_training, _check_data, _check_model_impl):
+                  _check_optimizer_and_training, _check_data, _check_model_impl,
+                  _check_checkpoint):
         check(cfg, err)
     if err.messages:
         raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(err.messages))

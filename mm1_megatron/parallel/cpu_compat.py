@@ -94,6 +94,9 @@ class _NoOpStream:
     def __getattr__(self, name):
         return lambda *args, **kwargs: None
 
+    def record_event(self, *args, **kwargs):
+        return _NoOpStream()
+
     def query(self):
         return True
 
@@ -153,9 +156,9 @@ def _patch_megatron() -> None:
     def all_to_all_with_list_splits(output, input, output_split_sizes=None,
                                     input_split_sizes=None, group=None, async_op=False):
         # gloo accepts only Python lists for uneven split sizes.
-        if isinstance(output_split_sizes, torch.Tensor):
+        if hasattr(output_split_sizes, "tolist"):  # tensor or numpy array
             output_split_sizes = output_split_sizes.tolist()
-        if isinstance(input_split_sizes, torch.Tensor):
+        if hasattr(input_split_sizes, "tolist"):
             input_split_sizes = input_split_sizes.tolist()
         return original_all_to_all(output, input, output_split_sizes, input_split_sizes,
                                    group=group, async_op=async_op)

@@ -47,7 +47,9 @@ class MetricsLogger:
     def log(self, step: int, scalars: Dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        record = {name: None if isinstance(value, float) and math.isnan(value) else value
+                  for name, value in scalars.items()}
+        self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
             for name, value in scalars.items():
