@@ -23,6 +23,9 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+from mm1_megatron.models.norms import TorchNorm
 
 
 def backend_provider(transformer_impl: str) -> BackendSpecProvider:
@@ -70,6 +73,16 @@ def vision_layer_spec(transformer_impl: str) -> ModuleSpec:
     )
 
 
+def _use_torch_norms(block) -> None:
+    """Swap Megatron's torch-norm wrapper (which rejects SP) for ``TorchNorm``."""
+    for layer in block.layer_specs:
+        for name in ("input_layernorm", "pre_mlp_layernorm"):
+            if getattr(layer.submodules, name) is WrappedTorchNorm:
+                setattr(layer.submodules, name, TorchNorm)
+    if block.layer_norm is WrappedTorchNorm:
+        block.layer_norm = TorchNorm
+
+
 def language_block_spec(config: TransformerConfig, transformer_impl: str, *, vp_stage=None):
     """Llama-style decoder block (RMSNorm, SwiGLU, RoPE), dense or MoE per ``moe_layer_freq``.
 
@@ -81,7 +94,9 @@ def language_block_spec(config: TransformerConfig, transformer_impl: str, *, vp_
     use_te = transformer_impl == "transformer_engine"
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                        normalization="RMSNorm", vp_stage=vp_stage)
-    if use_te:
+    if not use_te:
+        _use_torch_norms(block)
+    else:
         for layer in block.layer_specs:
             attention = layer.submodules.self_attention
             attention.params = {**attention.params, "attn_mask_type": AttnMaskType.arbitrary}

@@ -5,7 +5,7 @@ Megatron-Core assumes CUDA in three ways, and this module answers each one:
 1. It calls ``torch.cuda`` functions (``current_device``, RNG state, streams, events,
    ``synchronize``). On a CPU-only build these raise or silently do nothing. We replace
    them with CPU equivalents: the "CUDA" RNG *is* the CPU generator, streams and events
-   are no-ops, and ``current_device()`` returns 0.
+   are no-ops, and ``current_device()`` returns the CPU device.
 2. It creates tensors on ``device='cuda'`` / ``torch.cuda.current_device()`` and calls
    ``Tensor.cuda()``. A ``TorchFunctionMode`` rewrites every CUDA device argument to
    ``cpu`` and turns ``.cuda()`` into a no-op. The mode also makes ``Tensor.type()``
@@ -114,7 +114,9 @@ def _cpu_set_rng_state(new_state, device=None, graph_safe=False):
 
 def _patch_torch_cuda() -> None:
     cuda = torch.cuda
-    cuda.current_device = lambda: 0
+    # A device object rather than an ordinal: Megatron mostly passes it as ``device=``,
+    # and backward passes run outside the function mode, so it must already be the CPU.
+    cuda.current_device = lambda: torch.device("cpu")
     cuda.device_count = lambda: 0
     cuda.synchronize = lambda *args, **kwargs: None
     cuda.empty_cache = lambda: None
