@@ -61,6 +61,15 @@ class MM1Model(MegatronModule):
             embedding.word_embeddings.reduce_scatter_embeddings = False
             embedding.scatter_to_sequence_parallel = False
 
+    # Megatron's finalize_model_grads looks these up on the module that has pre_process,
+    # to all-reduce tied embedding gradients between the first and last stage.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
