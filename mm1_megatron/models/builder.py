@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from mm1_megatron.config.schema import ModelConfig, ParallelConfig
 from mm1_megatron.models.mm1_model import MM1Model
 from mm1_megatron.models.transformer_configs import (
@@ -13,8 +15,11 @@ from mm1_megatron.models.transformer_configs import (
 
 def build_mm1_model(model: ModelConfig, parallel: ParallelConfig, *, image_token_id: int,
                     runtime: RuntimeOptions = RuntimeOptions(), pre_process: bool = True,
-                    post_process: bool = True) -> MM1Model:
-    """Construct the model (parameters on CPU when ``runtime.use_cpu_initialization``)."""
+                    post_process: bool = True, init_seed: Optional[int] = None) -> MM1Model:
+    """Construct the model (parameters on CPU when ``runtime.use_cpu_initialization``).
+
+    With ``init_seed`` the weights are the same for every TP/PP layout (models/seeding.py).
+    """
     return MM1Model(
         model,
         language_config=language_transformer_config(model, parallel, runtime),
@@ -22,4 +27,5 @@ def build_mm1_model(model: ModelConfig, parallel: ParallelConfig, *, image_token
         image_token_id=image_token_id,
         pre_process=pre_process,
         post_process=post_process,
+        init_seed=init_seed,
     )

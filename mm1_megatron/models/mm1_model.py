@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.models.connectors import Connector
 from mm1_megatron.models.inputs import merge_image_embeddings
+from mm1_megatron.models.seeding import seeded
 from mm1_megatron.models.specs import language_block_spec
 from mm1_megatron.models.vision_encoder import VisionEncoder
 
@@ -26,7 +27,8 @@ from mm1_megatron.models.vision_encoder import VisionEncoder
 class MM1Model(MegatronModule):
     def __init__(self, model: ModelConfig, *, language_config: TransformerConfig,
                  vision_config: TransformerConfig, image_token_id: int,
-                 pre_process: bool = True, post_process: bool = True):
+                 pre_process: bool = True, post_process: bool = True,
+                 init_seed: Optional[int] = None):
         super().__init__(config=language_config)
         self.image_token_id = image_token_id
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
@@ -34,25 +36,20 @@ class MM1Model(MegatronModule):
         self.post_process = post_process
         self.vision_encoder: Optional[VisionEncoder] = None
         self.connector: Optional[Connector] = None
+        # With init_seed, each part draws its weights from its own seeded stream, so the
+        # weights do not depend on the pipeline split (see models/seeding.py).
         if pre_process:
-            self.vision_encoder = VisionEncoder(vision_config, model.vision,
-                                                transformer_impl=model.transformer_impl)
+            with seeded(init_seed, "vision_encoder"):
+                self.vision_encoder = VisionEncoder(vision_config, model.vision,
+                                                    transformer_impl=model.transformer_impl)
             grid = model.vision.image_size // model.vision.patch_size
-            self.connector = Connector(vision_config, model.connector,
-                                       vision_hidden=model.vision.hidden_size,
-                                       llm_hidden=model.llm.hidden_size,
-                                       num_patches=grid * grid)
-        self.language_model = GPTModel(
-            config=language_config,
-            transformer_layer_spec=language_block_spec(language_config, model.transformer_impl),
-            vocab_size=model.llm.vocab_size,
-            max_sequence_length=model.llm.max_sequence_length,
-            pre_process=pre_process,
-            post_process=post_process,
-            share_embeddings_and_output_weights=model.llm.tie_embeddings,
-            position_embedding_type="rope",
-            rotary_base=model.llm.rotary_base,
-        )
+            with seeded(init_seed, "connector"):
+                self.connector = Connector(vision_config, model.connector,
+                                           vision_hidden=model.vision.hidden_size,
+                                           llm_hidden=model.llm.hidden_size,
+                                           num_patches=grid * grid)
+        with seeded(init_seed, "language_model"):
+            self.language_model = self._build_language_model(model, language_config, init_seed)
         if pre_process:
             # Image tokens are merged into the full-length sequence before it is split
             # for sequence parallelism, so the embedding must return it unsplit.
@@ -60,6 +57,21 @@ class MM1Model(MegatronModule):
             embedding.reduce_scatter_embeddings = False
             embedding.word_embeddings.reduce_scatter_embeddings = False
             embedding.scatter_to_sequence_parallel = False
+
+    def _build_language_model(self, model: ModelConfig, config: TransformerConfig,
+                              init_seed: Optional[int]) -> GPTModel:
+        return GPTModel(
+            config=config,
+            transformer_layer_spec=language_block_spec(config, model.transformer_impl,
+                                                       init_seed=init_seed),
+            vocab_size=model.llm.vocab_size,
+            max_sequence_length=model.llm.max_sequence_length,
+            pre_process=self.pre_process,
+            post_process=self.post_process,
+            share_embeddings_and_output_weights=model.llm.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=model.llm.rotary_base,
+        )
 
     # Megatron's finalize_model_grads looks these up on the module that has pre_process,
     # to all-reduce tied embedding gradients between the first and last stage.

@@ -8,6 +8,8 @@ Megatron-Core 0.16's own local ViT spec is causal, which is wrong for a ViT.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
@@ -26,6 +28,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from mm1_megatron.models.norms import TorchNorm
+from mm1_megatron.models.seeding import seeded_layer_class
 
 
 def backend_provider(transformer_impl: str) -> BackendSpecProvider:
@@ -83,7 +86,8 @@ def _use_torch_norms(block) -> None:
         block.layer_norm = TorchNorm
 
 
-def language_block_spec(config: TransformerConfig, transformer_impl: str, *, vp_stage=None):
+def language_block_spec(config: TransformerConfig, transformer_impl: str, *, vp_stage=None,
+                        init_seed: Optional[int] = None):
     """Llama-style decoder block (RMSNorm, SwiGLU, RoPE), dense or MoE per ``moe_layer_freq``.
 
     Only the layers of the current pipeline stage are built. Packed documents need the
@@ -94,6 +98,9 @@ def language_block_spec(config: TransformerConfig, transformer_impl: str, *, vp_
     use_te = transformer_impl == "transformer_engine"
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                        normalization="RMSNorm", vp_stage=vp_stage)
+    if init_seed is not None:
+        for layer in block.layer_specs:
+            layer.module = seeded_layer_class(init_seed, base=layer.module)
     if not use_te:
         _use_torch_norms(block)
     else:

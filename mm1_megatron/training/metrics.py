@@ -38,7 +38,7 @@ class MetricsLogger:
         if enabled:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             # One JSON object per step: easy to diff and plot across runs of a study.
-            self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a", encoding="utf-8")
+            self.jsonl = open(Path(output_dir) / "metrics.jsonl", "w", encoding="utf-8")
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

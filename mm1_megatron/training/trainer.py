@@ -88,7 +88,8 @@ class Trainer:
         model = build_mm1_model(cfg.model, cfg.parallel,
                                 image_token_id=self.tokenizer.image_token_id, runtime=runtime,
                                 pre_process=parallel_state.is_pipeline_first_stage(),
-                                post_process=parallel_state.is_pipeline_last_stage())
+                                post_process=parallel_state.is_pipeline_last_stage(),
+                                init_seed=cfg.training.seed)
         model = model.to(self.ctx.device)
         if self.bf16:
             model = Float16Module(model.config, model)

@@ -1,0 +1,51 @@
+"""Initialisation that does not depend on the parallel layout.
+
+Megatron-Core's CPU initialisation draws each weight in full and keeps this rank's
+slice, so tensor parallelism already yields the single-process weights. Pipeline
+parallelism does not: a stage that builds only decoder layers 3-4 would draw them from
+a generator that never advanced through layers 1-2. Reseeding the CPU generator from
+(seed, component) before each component and from (seed, global layer number) before
+each decoder layer makes every parameter a function of the seed and its own identity,
+so any TP/PP split starts from the weights of a single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    get_transformer_layer_offset,
+)
+
+
+def component_seed(seed: int, *keys) -> int:
+    digest = hashlib.sha256(repr((seed, *keys)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@contextlib.contextmanager
+def seeded(seed: Optional[int], *keys):
+    """Reseed the default CPU generator for a component; a no-op when ``seed`` is None."""
+    if seed is not None:
+        torch.default_generator.manual_seed(component_seed(seed, *keys))
+    yield
+
+
+def seeded_layer_class(seed: int, base=TransformerLayer):
+    """A ``TransformerLayer`` subclass that reseeds from its global layer number first."""
+
+    class SeededTransformerLayer(base):
+        def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs):
+            vp_stage = kwargs.get("vp_stage")
+            offset = get_transformer_layer_offset(
+                config, vp_stage, parallel_state.get_pipeline_model_parallel_rank())
+            torch.default_generator.manual_seed(
+                component_seed(seed, "decoder_layer", layer_number + offset))
+            super().__init__(config, submodules, layer_number, *args, **kwargs)
+
+    return SeededTransformerLayer
