@@ -69,6 +69,8 @@ def _check_connector(cfg: MM1Config, err: _Errors) -> None:
         if c.type == "mlp":
             err.check(c.num_output_tokens == num_patches,
                       f"{p}.type=mlp keeps every patch: set {p}.num_output_tokens={num_patches}")
+    if c.type == "attn_pool":
+        err.check(c.num_attention_heads > 0, f"{p}.num_attention_heads must be > 0")
     if c.type == "attn_pool" and c.num_attention_heads > 0:
         err.check(c.hidden_size % c.num_attention_heads == 0,
                   f"{p}.hidden_size={c.hidden_size} must be divisible by "

@@ -81,6 +81,8 @@ def language_transformer_config(model: ModelConfig, parallel: ParallelConfig,
             expert_model_parallel_size=parallel.expert_parallel_size,
             expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
             moe_router_dtype="fp32",
+            # With one expert per token, softmax after top-k would always give weight 1.
+            moe_router_pre_softmax=moe.top_k == 1,
         )
     return TransformerConfig(**kwargs)
 

@@ -65,11 +65,6 @@ def test_counts_equal_built_model(overrides, tiny_config, build_tiny_model):
     assert counts.llm_non_embedding == counts.language_model - embedding
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "BUG transformer_configs.language_transformer_config: model.llm.moe.top_k=1 passes "
-    "validate_config (validation._check_llm allows 1 <= top_k) but building the model "
-    "fails in Megatron's TransformerConfig with 'Please use --moe-router-pre-softmax when "
-    "topk is 1.'; moe_router_pre_softmax is never set for top_k=1 (nor rejected)"))
 def test_moe_top1_builds(tiny_config, build_tiny_model):
     cfg = tiny_config("model.llm.moe.num_experts=4", "model.llm.moe.top_k=1")
     model = build_tiny_model(cfg)
