@@ -17,6 +17,7 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     get_transformer_layer_offset,
@@ -49,3 +50,26 @@ def seeded_layer_class(seed: int, base=TransformerLayer):
             super().__init__(config, submodules, layer_number, *args, **kwargs)
 
     return SeededTransformerLayer
+
+
+def seeded_sequential_mlp_class(base):
+    """Megatron's ``SequentialMLP`` with each expert drawn from a stream keyed by its global
+    index, so expert parallelism (which builds only this rank's experts) starts from the
+    same experts as a single-process run."""
+
+    class SeededSequentialMLP(base):
+        def __init__(self, num_local_experts, config, submodules, pg_collection=None):
+            # The layer's generator is in the same state on every EP rank here (the layer
+            # was reseeded and the router drawn identically), so one draw keys the layer.
+            layer_key = int(torch.randint(2**62, (1,)).item())
+            super().__init__(0, config, submodules, pg_collection=pg_collection)
+            self.num_local_experts = num_local_experts
+            first_expert = self.ep_group.rank() * num_local_experts
+            for local_index in range(num_local_experts):
+                torch.default_generator.manual_seed(
+                    component_seed(layer_key, "expert", first_expert + local_index))
+                self.local_experts.append(MLP(
+                    self.config, submodules, ffn_hidden_size=self.config.moe_ffn_hidden_size,
+                    is_expert=True, tp_group=self.tp_group))
+
+    return SeededSequentialMLP

@@ -18,6 +18,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
@@ -28,7 +29,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from mm1_megatron.models.norms import TorchNorm
-from mm1_megatron.models.seeding import seeded_layer_class
+from mm1_megatron.models.seeding import seeded_layer_class, seeded_sequential_mlp_class
 
 
 def backend_provider(transformer_impl: str) -> BackendSpecProvider:
@@ -101,6 +102,9 @@ def language_block_spec(config: TransformerConfig, transformer_impl: str, *, vp_
     if init_seed is not None:
         for layer in block.layer_specs:
             layer.module = seeded_layer_class(init_seed, base=layer.module)
+            experts = getattr(layer.submodules.mlp.submodules, "experts", None)
+            if experts is not None and experts.module is SequentialMLP:
+                experts.module = seeded_sequential_mlp_class(SequentialMLP)
     if not use_te:
         _use_torch_norms(block)
     else:
