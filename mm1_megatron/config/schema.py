@@ -102,6 +102,9 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
     expert_tensor_parallel_size: Optional[int] = None
+    # Decoder layers on the first pipeline stage, which also runs the image encoder and
+    # connector (None: an even split). The other stages share the rest evenly.
+    num_decoder_layers_on_vision_stage: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     recompute: str = "none"

@@ -131,10 +131,7 @@ def _check_parallel(cfg: MM1Config, err: _Errors) -> None:
     err.check(not par.sequence_parallel or tp > 1,
               f"{p}.sequence_parallel=true needs {p}.tensor_parallel_size > 1 "
               f"(or set sequence_parallel=false)")
-    if par.pipeline_parallel_size > 0:
-        err.check(m.num_layers % par.pipeline_parallel_size == 0,
-                  f"model.llm.num_layers={m.num_layers} is not divisible by "
-                  f"{p}.pipeline_parallel_size={par.pipeline_parallel_size}")
+    _check_pipeline_split(cfg, err)
     ep = par.expert_parallel_size
     if ep > 1:
         err.check(m.moe.num_experts > 0,
@@ -143,6 +140,31 @@ def _check_parallel(cfg: MM1Config, err: _Errors) -> None:
         err.check(m.moe.num_experts % ep == 0,
                   f"model.llm.moe.num_experts={m.moe.num_experts} is not divisible by "
                   f"{p}.expert_parallel_size={ep}")
+
+
+def _check_pipeline_split(cfg: MM1Config, err: _Errors) -> None:
+    par, num_layers = cfg.parallel, cfg.model.llm.num_layers
+    pp, first = par.pipeline_parallel_size, par.num_decoder_layers_on_vision_stage
+    if pp <= 0:
+        return
+    if first is None:
+        err.check(num_layers % pp == 0,
+                  f"model.llm.num_layers={num_layers} is not divisible by "
+                  f"parallel.pipeline_parallel_size={pp}; change one, or set "
+                  f"parallel.num_decoder_layers_on_vision_stage for an uneven split")
+        return
+    if pp == 1:
+        err.check(first == num_layers, "parallel.num_decoder_layers_on_vision_stage needs "
+                  "parallel.pipeline_parallel_size > 1 (or leave it unset)")
+        return
+    rest = num_layers - first
+    # Megatron-Core's TransformerConfig requires at least one layer on an uneven first stage.
+    err.check(first >= 1, "parallel.num_decoder_layers_on_vision_stage must be >= 1: "
+              "megatron-core needs at least one decoder layer on the first stage")
+    err.check(first <= num_layers and rest % (pp - 1) == 0,
+              f"parallel.num_decoder_layers_on_vision_stage={first}: the other {pp - 1} "
+              f"stages must share the remaining {rest} of model.llm.num_layers={num_layers} "
+              f"evenly")
 
 
 def _check_optimizer_and_training(cfg: MM1Config, err: _Errors) -> None:
