@@ -136,6 +136,10 @@ def _check_parallel(cfg: MM1Config, err: _Errors) -> None:
     if ep > 1:
         err.check(m.moe.num_experts > 0,
                   f"{p}.expert_parallel_size={ep} needs an MoE model (model.llm.moe.num_experts > 0)")
+    if m.moe.num_experts > 0 and tp > 1:
+        err.check(par.sequence_parallel,
+                  f"an MoE model with {p}.tensor_parallel_size={tp} needs "
+                  f"{p}.sequence_parallel=true (Megatron-Core's MoE layers require it)")
     if m.moe.num_experts > 0 and ep > 0:
         err.check(m.moe.num_experts % ep == 0,
                   f"model.llm.moe.num_experts={m.moe.num_experts} is not divisible by "

@@ -166,6 +166,42 @@ def _patch_megatron() -> None:
                                    group=group, async_op=async_op)
 
     mappings.torch.distributed.all_to_all_single = all_to_all_with_list_splits
+    _patch_uneven_collectives()
+
+
+def _pad_rows(tensor: torch.Tensor, num_rows: int) -> torch.Tensor:
+    padding = tensor.new_zeros((num_rows - tensor.shape[0], *tensor.shape[1:]))
+    return torch.cat([tensor, padding]) if padding.shape[0] else tensor.contiguous()
+
+
+def _patch_uneven_collectives() -> None:
+    """gloo needs equal sizes in list all-gather / reduce-scatter; MoE with TP sends uneven
+    token counts. Pad every part to the largest, run the even collective, trim."""
+    dist = torch.distributed
+    even_all_gather, even_reduce_scatter = dist.all_gather, dist.reduce_scatter_tensor
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        rows = [t.shape[0] if t.dim() else 1 for t in tensor_list]
+        if tensor.dim() == 0 or len(set(rows)) == 1 and rows[0] == tensor.shape[0]:
+            return even_all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        max_rows = max(rows)
+        padded = [torch.empty((max_rows, *tensor.shape[1:]), dtype=tensor.dtype)
+                  for _ in tensor_list]
+        even_all_gather(padded, _pad_rows(tensor, max_rows), group=group)
+        for out, part in zip(tensor_list, padded):
+            out.copy_(part[:out.shape[0]])
+        return None
+
+    def reduce_scatter(output, input_list, op=dist.ReduceOp.SUM, group=None, async_op=False):
+        max_rows = max(t.shape[0] for t in input_list)
+        stacked = torch.cat([_pad_rows(t, max_rows) for t in input_list])
+        reduced = torch.empty((max_rows, *output.shape[1:]), dtype=output.dtype)
+        even_reduce_scatter(reduced, stacked, op=op, group=group)
+        output.copy_(reduced[:output.shape[0]])
+        return None
+
+    dist.all_gather = all_gather
+    dist.reduce_scatter = reduce_scatter
 
 
 def enable_cpu_execution() -> bool:

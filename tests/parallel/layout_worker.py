@@ -1,0 +1,52 @@
+"""Train several parallel layouts in one set of processes and record their metrics.
+
+Run under torchrun (or plain python for the single-process references):
+
+    python tests/parallel/layout_worker.py SPEC.json OUT_DIR
+
+SPEC.json: {"steps": N, "layouts": {"name": ["dotted.override=value", ...], ...}}.
+Each layout starts from configs/debug.yaml; the logging rank of each layout writes
+OUT_DIR/<name>.json with the per-step loss and gradient norm. Paying the interpreter and
+Megatron-Core start-up once per world size keeps the whole matrix within CI's budget.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from mm1_megatron.utils.logging_setup import setup_logging  # noqa: E402
+
+
+def main(spec_path: str, out_dir: str) -> None:
+    setup_logging()
+    from megatron.core import parallel_state
+
+    from mm1_megatron.config import load_config, validate_config
+    from mm1_megatron.parallel import shutdown_distributed
+    from mm1_megatron.training.trainer import Trainer
+
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(out_dir)
+    for name, overrides in spec["layouts"].items():
+        cfg = validate_config(load_config(
+            REPO / "configs/debug.yaml",
+            [f"training.train_steps={spec['steps']}", f"logging.output_dir={out / name}",
+             "logging.tensorboard=false", *overrides]))
+        trainer = Trainer(cfg)
+        history = trainer.train()
+        if trainer.is_logging_rank:
+            record = [{"loss": h["loss"], "grad_norm": h["grad_norm"],
+                       "num_images": h["num_images"]} for h in history]
+            (out / f"{name}.json").write_text(json.dumps(record))
+        del trainer
+        parallel_state.destroy_model_parallel()
+    shutdown_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
