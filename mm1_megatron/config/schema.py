@@ -105,6 +105,8 @@ class ParallelConfig:
     # Decoder layers on the first pipeline stage, which also runs the image encoder and
     # connector (None: an even split). The other stages share the rest evenly.
     num_decoder_layers_on_vision_stage: Optional[int] = None
+    # Decoder layers on the last stage, which also runs the output layer and loss.
+    num_decoder_layers_on_last_stage: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     recompute: str = "none"

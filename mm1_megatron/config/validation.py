@@ -148,27 +148,32 @@ def _check_parallel(cfg: MM1Config, err: _Errors) -> None:
 
 def _check_pipeline_split(cfg: MM1Config, err: _Errors) -> None:
     par, num_layers = cfg.parallel, cfg.model.llm.num_layers
-    pp, first = par.pipeline_parallel_size, par.num_decoder_layers_on_vision_stage
+    pp = par.pipeline_parallel_size
+    pinned = {"num_decoder_layers_on_vision_stage": par.num_decoder_layers_on_vision_stage,
+              "num_decoder_layers_on_last_stage": par.num_decoder_layers_on_last_stage}
+    pinned = {name: value for name, value in pinned.items() if value is not None}
     if pp <= 0:
         return
-    if first is None:
-        err.check(num_layers % pp == 0,
-                  f"model.llm.num_layers={num_layers} is not divisible by "
-                  f"parallel.pipeline_parallel_size={pp}; change one, or set "
-                  f"parallel.num_decoder_layers_on_vision_stage for an uneven split")
+    if pp == 1 and pinned:
+        err.check(False, f"parallel.{next(iter(pinned))} needs parallel.pipeline_parallel_size "
+                         f"> 1 (or leave it unset)")
         return
-    if pp == 1:
-        err.check(first == num_layers, "parallel.num_decoder_layers_on_vision_stage needs "
-                  "parallel.pipeline_parallel_size > 1 (or leave it unset)")
+    for name, value in pinned.items():
+        # Megatron-Core's TransformerConfig requires at least one layer on a pinned stage.
+        err.check(value >= 1, f"parallel.{name}={value} must be >= 1: megatron-core needs at "
+                              f"least one decoder layer on that stage")
+    rest = num_layers - sum(pinned.values())
+    free_stages = pp - len(pinned)
+    if free_stages == 0:
+        err.check(rest == 0, f"parallel.pipeline_parallel_size={pp} stages are all pinned but "
+                             f"hold {num_layers - rest} of model.llm.num_layers={num_layers}")
         return
-    rest = num_layers - first
-    # Megatron-Core's TransformerConfig requires at least one layer on an uneven first stage.
-    err.check(first >= 1, "parallel.num_decoder_layers_on_vision_stage must be >= 1: "
-              "megatron-core needs at least one decoder layer on the first stage")
-    err.check(first <= num_layers and rest % (pp - 1) == 0,
-              f"parallel.num_decoder_layers_on_vision_stage={first}: the other {pp - 1} "
-              f"stages must share the remaining {rest} of model.llm.num_layers={num_layers} "
-              f"evenly")
+    hint = ("; change one, or set parallel.num_decoder_layers_on_vision_stage / "
+            "num_decoder_layers_on_last_stage for an uneven split") if not pinned else ""
+    err.check(rest >= 0 and rest % free_stages == 0,
+              f"model.llm.num_layers={num_layers} minus the pinned stages' "
+              f"{num_layers - rest} leaves {rest} layers, which the other {free_stages} of "
+              f"parallel.pipeline_parallel_size={pp} stages cannot share evenly{hint}")
 
 
 def _check_optimizer_and_training(cfg: MM1Config, err: _Errors) -> None:

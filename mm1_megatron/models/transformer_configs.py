@@ -67,8 +67,9 @@ def language_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
     )
-    if parallel.pipeline_parallel_size > 1 and parallel.num_decoder_layers_on_vision_stage is not None:
-        kwargs.update(num_layers_in_first_pipeline_stage=parallel.num_decoder_layers_on_vision_stage)
+    if parallel.pipeline_parallel_size > 1:
+        kwargs.update(num_layers_in_first_pipeline_stage=parallel.num_decoder_layers_on_vision_stage,
+                      num_layers_in_last_pipeline_stage=parallel.num_decoder_layers_on_last_stage)
     moe = llm.moe
     if moe.num_experts > 0:
         kwargs.update(

@@ -48,6 +48,9 @@ LAYOUTS = {
     "pp2_vision_stage": (2, "dense", PP2),
     "pp2_one_layer_on_vision_stage": (
         2, "dense", PP2 + ["parallel.num_decoder_layers_on_vision_stage=1"]),
+    "pp2_pinned_first_and_last_stage": (
+        2, "dense", PP2 + ["parallel.num_decoder_layers_on_vision_stage=1",
+                           "parallel.num_decoder_layers_on_last_stage=3"]),
     "ep2": (2, "moe", MOE + ["parallel.expert_parallel_size=2"]),
     "dp2_distopt_accumulation": (2, "dense", ["training.micro_batch_size=2"]),
     "tp2_recompute_full": (2, "dense", TP2 + ["parallel.recompute=full"]),

@@ -290,6 +290,21 @@ INVALID = [
     ("zero_train_steps", ["training.train_steps=0"], ["training.train_steps=0"]),
     ("unknown_precision", ["training.precision=fp16"], ["training.precision"]),
     ("unknown_recompute", ["parallel.recompute=partial"], ["parallel.recompute"]),
+    ("zero_layers_on_vision_stage",
+     ["parallel.pipeline_parallel_size=2", "parallel.num_decoder_layers_on_vision_stage=0"],
+     ["parallel.num_decoder_layers_on_vision_stage=0"]),
+    ("uneven_rest_of_pipeline",
+     ["parallel.pipeline_parallel_size=3", "parallel.num_decoder_layers_on_vision_stage=1"],
+     ["model.llm.num_layers=4", "parallel.pipeline_parallel_size=3"]),
+    ("pinned_stages_do_not_add_up",
+     ["parallel.pipeline_parallel_size=2", "parallel.num_decoder_layers_on_vision_stage=1",
+      "parallel.num_decoder_layers_on_last_stage=2"],
+     ["parallel.pipeline_parallel_size=2", "model.llm.num_layers=4"]),
+    ("vision_stage_layers_without_pipeline", ["parallel.num_decoder_layers_on_vision_stage=2"],
+     ["parallel.num_decoder_layers_on_vision_stage", "parallel.pipeline_parallel_size"]),
+    ("moe_with_tp_without_sp",
+     ["model.llm.moe.num_experts=4", "parallel.tensor_parallel_size=2"],
+     ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel"]),
     ("checkpointing_not_implemented", ["checkpoint.save_dir=/tmp/ckpt"],
      ["checkpoint.save_dir"]),
 ]
@@ -367,3 +382,12 @@ def test_world_size_expert_parallel_must_fit():
         check_world_size(par, 8)
     assert "3 x 1" in str(info.value)
     assert check_world_size(ParallelConfig(expert_parallel_size=4), 8) == 8
+
+
+def test_mm1_30b_worked_example_fits_eight_nodes_of_eight_gpus():
+    from mm1_megatron.config import load_config
+
+    cfg = validate_config(load_config(Path(__file__).resolve().parents[2] / "configs/mm1_30b.yaml"))
+    assert check_world_size(cfg.parallel, 64) == 4  # TP 4 x PP 4 x DP 4
+    assert (cfg.parallel.num_decoder_layers_on_vision_stage + 2 * 15
+            + cfg.parallel.num_decoder_layers_on_last_stage) == cfg.model.llm.num_layers
