@@ -37,14 +37,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.error("%s", exc)
         return 2
     from mm1_megatron.parallel import shutdown_distributed
+    from mm1_megatron.training.preemption import (EXIT_CONFIG_ERROR, EXIT_DIVERGED,
+                                                  EXIT_PREEMPTED, Preempted, TrainingDiverged)
     from mm1_megatron.training.trainer import Trainer
 
     try:
         trainer = Trainer(cfg)
         trainer.train()
+    except Preempted as exc:
+        logger.warning("%s; checkpoint written, exiting with %d (requeue)", exc, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
+    except TrainingDiverged as exc:
+        logger.error("%s", exc)
+        return EXIT_DIVERGED
     except ValueError as exc:
         logger.error("%s", exc)
-        return 2
+        return EXIT_CONFIG_ERROR
     finally:
         shutdown_distributed()
     logger.info("done; outputs in %s", cfg.logging.output_dir)

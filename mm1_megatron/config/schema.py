@@ -94,6 +94,8 @@ class ModelConfig:
     fp8: Optional[str] = None  # None, "hybrid" or "e4m3"; needs transformer_engine
     fp8_recipe: str = "delayed"  # "delayed" or "current" scaling
     init_method_std: float = 0.02
+    # Modules whose parameters are not trained: vision_encoder, connector, language_model.
+    freeze: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -111,6 +113,8 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True
     recompute: str = "none"
     launcher: str = "auto"
+    # Collectives that wait longer than this fail, so a dead rank ends the job promptly.
+    collective_timeout_minutes: float = 5.0
 
 
 @dataclass
@@ -138,6 +142,10 @@ class TrainingConfig:
     seq_length: int = 4096
     seed: int = 1234
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # A step whose loss is NaN/Inf is skipped (weights untouched); stop after this many.
+    max_nonfinite_steps: int = 3
+    # Log a warning when a step's loss exceeds this multiple of the recent average.
+    loss_spike_ratio: float = 1.5
 
 
 @dataclass
@@ -163,9 +171,23 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Sharded checkpoints (Megatron-Core dist_checkpointing); see docs/checkpoints.md."""
+
     save_dir: Optional[str] = None
-    save_interval: int = 0
+    save_interval: int = 0  # steps between saves; 0: only at the end and on preemption
+    # A save folder (newest intact checkpoint, falling back past damaged ones) or one
+    # step folder (must be intact). None: resume from save_dir when it has a checkpoint.
     load_dir: Optional[str] = None
+    auto_resume: bool = True
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every step that is a multiple of this (0: none)
+    async_save: bool = False
+    # "fully_reshardable" loads at any TP/PP/EP/DP layout; "dp_reshardable" writes faster
+    # but only reshards across DP.
+    optimizer_sharding: str = "fully_reshardable"
+    # Start from pretrained parts (the connector stays freshly initialised).
+    pretrained_vision_encoder: Optional[str] = None
+    pretrained_language_model: Optional[str] = None
 
 
 @dataclass

@@ -236,9 +236,20 @@ def _check_model_impl(cfg: MM1Config, err: _Errors) -> None:
 
 def _check_checkpoint(cfg: MM1Config, err: _Errors) -> None:
     c = cfg.checkpoint
-    err.check(c.save_dir is None and c.load_dir is None and c.save_interval == 0,
-              "checkpoint.save_dir / load_dir / save_interval: checkpointing is not "
-              "implemented in this version; leave them unset")
+    err.check(c.save_interval >= 0, "checkpoint.save_interval must be >= 0")
+    err.check(c.save_interval == 0 or c.save_dir is not None,
+              "checkpoint.save_interval needs checkpoint.save_dir")
+    err.check(c.keep_last >= 1, "checkpoint.keep_last must be >= 1")
+    err.check(c.keep_every >= 0, "checkpoint.keep_every must be >= 0")
+    err.choice(c.optimizer_sharding, ("fully_reshardable", "dp_reshardable"),
+               "checkpoint.optimizer_sharding")
+    for name in cfg.model.freeze:
+        err.check(name in LR_MULTIPLIER_MODULES,
+                  f"model.freeze: unknown module {name!r}; use {list(LR_MULTIPLIER_MODULES)}")
+    err.check(cfg.training.max_nonfinite_steps >= 1, "training.max_nonfinite_steps must be >= 1")
+    err.check(cfg.training.loss_spike_ratio > 1, "training.loss_spike_ratio must be > 1")
+    err.check(cfg.parallel.collective_timeout_minutes > 0,
+              "parallel.collective_timeout_minutes must be > 0")
 
 
 def validate_config(cfg: MM1Config) -> MM1Config:

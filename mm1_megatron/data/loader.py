@@ -141,14 +141,17 @@ class SyntheticDataLoader:
 
 
 def collate(sequences: List[PackedSequence]) -> Dict[str, torch.Tensor]:
-    """Stack packed sequences; images concatenate in order of appearance (row-major)."""
+    """Stack packed sequences; images concatenate in order of appearance (row-major).
+
+    Images keep the sequences' dtype (float32, or bfloat16 from a bf16 image pipeline).
+    """
     def stack(name: str) -> torch.Tensor:
         return torch.stack([getattr(seq, name) for seq in sequences])
 
     return {
         "tokens": stack("tokens"), "labels": stack("labels"), "loss_mask": stack("loss_mask"),
         "position_ids": stack("position_ids"), "document_ids": stack("document_ids"),
-        "images": torch.cat([seq.images for seq in sequences]).float(),
+        "images": torch.cat([seq.images for seq in sequences]),
         "num_images": torch.tensor([seq.num_images for seq in sequences], dtype=torch.long),
         "source_ids": torch.tensor([SOURCE_IDS[seq.source] for seq in sequences],
                                    dtype=torch.long),

@@ -49,7 +49,7 @@ class PackedSequence:
     loss_mask: torch.Tensor  # [s] float
     position_ids: torch.Tensor  # [s] long
     document_ids: torch.Tensor  # [s] long
-    images: torch.Tensor  # [num_images, 3, H, W] float32, normalised
+    images: torch.Tensor  # [num_images, 3, H, W] float32 (or bf16), normalised
     source: str
     num_real_tokens: int  # positions that are not padding
 
@@ -139,9 +139,23 @@ def _check_same_source(first: Sample, sample: Sample) -> None:
 
 def _fit_interleaved(sample: Sample, seq_length: int, num_image_tokens: int,
                      max_images: int, image_token_id: int) -> Document:
+    kept, num_images = cut_interleaved(sample.token_ids, seq_length=seq_length,
+                                       num_image_tokens=num_image_tokens,
+                                       max_images=max_images, image_token_id=image_token_id)
+    tokens = expand_image_placeholders(kept, image_token_id=image_token_id,
+                                       num_image_tokens=num_image_tokens)
+    return tokens, list(sample.images[:num_images])
+
+
+def cut_interleaved(token_ids: Sequence[int], *, seq_length: int, num_image_tokens: int,
+                    max_images: int, image_token_id: int) -> Tuple[List[int], int]:
+    """The interleaved cut rule (module docstring): kept placeholder ids and image count.
+
+    ``token_ids`` holds one ``image_token_id`` per image; the kept prefix keeps that form.
+    """
     kept: List[int] = []
     num_tokens = num_images = 0
-    for token in sample.token_ids:
+    for token in token_ids:
         is_image = token == image_token_id
         cost = num_image_tokens if is_image else 1
         if num_tokens + cost > seq_length or (is_image and num_images == max_images):
@@ -152,20 +166,32 @@ def _fit_interleaved(sample: Sample, seq_length: int, num_image_tokens: int,
         kept.append(token)
         num_tokens += cost
         num_images += int(is_image)
-    tokens = expand_image_placeholders(kept, image_token_id=image_token_id,
-                                       num_image_tokens=num_image_tokens)
-    return tokens, list(sample.images[:num_images])
+    return kept, num_images
 
 
 def _assemble(documents: List[Document], source: str, seq_length: int, tokenizer: Tokenizer,
               image_size: int, image_mean: Sequence[float],
               image_std: Sequence[float]) -> PackedSequence:
+    images = [image for _, document_images in documents for image in document_images]
+    return assemble([tokens for tokens, _ in documents], source=source,
+                    seq_length=seq_length, tokenizer=tokenizer,
+                    images=normalise_images(images, image_size, image_mean, image_std))
+
+
+def assemble(documents: Sequence[Sequence[int]], *, source: str, seq_length: int,
+             tokenizer: Tokenizer, images: torch.Tensor) -> PackedSequence:
+    """One sequence from documents of expanded token ids and their ``[n, 3, H, W]`` images.
+
+    ``images`` are already normalised, in order of appearance. Padding fills the rest.
+    """
     token_list: List[int] = []
     document_list: List[int] = []
-    for document_id, (tokens, _) in enumerate(documents):
+    for document_id, tokens in enumerate(documents):
         token_list += tokens
         document_list += [document_id] * len(tokens)
     num_real_tokens = len(token_list)
+    if num_real_tokens > seq_length:
+        raise AssertionError(f"{num_real_tokens} tokens packed into a {seq_length}-token sequence")
     num_padding = seq_length - num_real_tokens
     token_list += [tokenizer.pad_token_id] * num_padding
     document_list += [len(documents)] * num_padding
@@ -174,12 +200,10 @@ def _assemble(documents: List[Document], source: str, seq_length: int, tokenizer
     labels, loss_mask = labels_and_loss_mask(tokens, document_ids,
                                              image_token_id=tokenizer.image_token_id,
                                              pad_token_id=tokenizer.pad_token_id)
-    images = [image for _, document_images in documents for image in document_images]
     return PackedSequence(
         tokens=tokens, labels=labels, loss_mask=loss_mask,
         position_ids=position_ids_from_documents(document_ids), document_ids=document_ids,
-        images=normalise_images(images, image_size, image_mean, image_std),
-        source=source, num_real_tokens=num_real_tokens)
+        images=images, source=source, num_real_tokens=num_real_tokens)
 
 
 def normalise_images(images: Sequence[torch.Tensor], image_size: int,

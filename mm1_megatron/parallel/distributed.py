@@ -117,7 +117,7 @@ def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
     return data_parallel
 
 
-def init_distributed(parallel: ParallelConfig, *, timeout_minutes: int = 10) -> DistributedContext:
+def init_distributed(parallel: ParallelConfig, *, timeout_minutes: float = 10.0) -> DistributedContext:
     """Initialise torch.distributed and Megatron-Core's model-parallel groups."""
     cuda = torch.cuda.is_available()
     if not cuda:

@@ -27,7 +27,8 @@ class MetricsLogger:
     """Logs every ``log_interval`` steps; a no-op on ranks other than the logging rank."""
 
     def __init__(self, output_dir: Path, *, enabled: bool, total_steps: int,
-                 log_interval: int, tensorboard: bool, progress_bar: bool):
+                 log_interval: int, tensorboard: bool, progress_bar: bool,
+                 append: bool = False):
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_interval = max(1, log_interval)
@@ -38,7 +39,9 @@ class MetricsLogger:
         if enabled:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             # One JSON object per step: easy to diff and plot across runs of a study.
-            self.jsonl = open(Path(output_dir) / "metrics.jsonl", "w", encoding="utf-8")
+            # A resumed run appends to the curve it continues.
+            self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a" if append else "w",
+                              encoding="utf-8")
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -10,6 +10,7 @@ one large batch.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe import moe_utils
 
+from mm1_megatron.checkpoint import CheckpointManager, TrainingState
 from mm1_megatron.config import MM1Config, save_config, validate_config, validate_environment
 from mm1_megatron.data import SOURCE_IDS, SyntheticDataLoader, SyntheticTokenizer
 from mm1_megatron.models import RuntimeOptions, build_mm1_model
@@ -31,9 +33,11 @@ from mm1_megatron.models.inputs import document_causal_mask
 from mm1_megatron.models.param_count import count_parameters
 from mm1_megatron.parallel import init_distributed, seed_everything
 from mm1_megatron.training.flops import model_flops_utilization, training_flops_per_step
+from mm1_megatron.training.health import LossMonitor
 from mm1_megatron.training.lr import resolve_peak_lr
 from mm1_megatron.training.metrics import MetricsLogger
 from mm1_megatron.training.optimizer import build_optimizer, build_scheduler
+from mm1_megatron.training.preemption import Preempted, PreemptionHandler
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,8 @@ H100_BF16_DENSE_FLOPS = 989e12
 class Trainer:
     def __init__(self, cfg: MM1Config):
         self.cfg = validate_config(cfg)
-        self.ctx = init_distributed(cfg.parallel)
+        self.ctx = init_distributed(cfg.parallel,
+                                    timeout_minutes=cfg.parallel.collective_timeout_minutes)
         cuda = self.ctx.device.type == "cuda"
         validate_environment(cfg, cuda_available=cuda,
                              cuda_capability=torch.cuda.get_device_capability() if cuda else None)
@@ -59,6 +64,8 @@ class Trainer:
             raise ValueError(f"model.llm.vocab_size={cfg.model.llm.vocab_size} is smaller than "
                              f"the tokenizer's {self.tokenizer.vocab_size} tokens")
         self.model_chunks = [self._build_model()]
+        self.checkpoints = CheckpointManager(cfg.checkpoint)
+        self._load_pretrained_parts()
         self.param_counts = count_parameters(cfg.model)
         self.peak_lr = resolve_peak_lr(cfg.optimizer, self.param_counts.llm_active_non_embedding)
         self.optimizer = build_optimizer(cfg, self.model_chunks, peak_lr=self.peak_lr,
@@ -67,6 +74,10 @@ class Trainer:
         self._wire_model_config()
         self.data = self._build_data()
         self.step = 0
+        self.consumed_sequences = 0
+        self.loss_monitor = LossMonitor(max_nonfinite_steps=cfg.training.max_nonfinite_steps,
+                                        spike_ratio=cfg.training.loss_spike_ratio)
+        self._resume()
         self.is_logging_rank = (parallel_state.is_pipeline_last_stage()
                                 and parallel_state.get_tensor_model_parallel_rank() == 0
                                 and parallel_state.get_data_parallel_rank() == 0)
@@ -91,6 +102,10 @@ class Trainer:
                                 post_process=parallel_state.is_pipeline_last_stage(),
                                 init_seed=cfg.training.seed)
         model = model.to(self.ctx.device)
+        for name in cfg.model.freeze:
+            module = getattr(model, name, None)
+            for param in module.parameters() if module is not None else ():
+                param.requires_grad_(False)
         if self.bf16:
             model = Float16Module(model.config, model)
         ddp_config = DistributedDataParallelConfig(
@@ -99,6 +114,35 @@ class Trainer:
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         )
         return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+    def _load_pretrained_parts(self) -> None:
+        parts = {"vision_encoder.": self.cfg.checkpoint.pretrained_vision_encoder,
+                 "language_model.": self.cfg.checkpoint.pretrained_language_model}
+        for prefix, path in parts.items():
+            if path is not None:
+                self.checkpoints.load_pretrained_part(self.model_chunks[0], prefix, Path(path))
+
+    def _training_state(self) -> TrainingState:
+        return TrainingState(self.model_chunks, self.optimizer, self.scheduler, self.data,
+                             self.step, self.consumed_sequences, self.cfg)
+
+    def _resume(self) -> None:
+        path = self.checkpoints.resolve_resume_path()
+        if path is None:
+            return
+        trainer_state = self.checkpoints.load(self._training_state(), path)
+        self.step = trainer_state["step"]
+        self.consumed_sequences = trainer_state["consumed_sequences"]
+        data_state = dict(trainer_state["data"])
+        if trainer_state["data_parallel_size"] != self.dp_size:
+            # Rank r of D reads global sequences r, r + D, ...: after G sequences in all,
+            # each of the new D' ranks has consumed G / D'.
+            data_state.update(dp_size=self.dp_size,
+                              num_sequences_consumed=self.consumed_sequences // self.dp_size)
+        self.data.load_state_dict(data_state)
+
+    def save_checkpoint(self, *, blocking: bool = False) -> None:
+        self.checkpoints.save(self._training_state(), blocking=blocking)
 
     def _wire_model_config(self) -> None:
         """What the Megatron-Core schedule reads from the model's config."""
@@ -161,11 +205,17 @@ class Trainer:
             micro_batch_size=self.cfg.training.micro_batch_size,
             forward_only=False,
         )
-        update_successful, grad_norm, _ = self.optimizer.step()
-        if update_successful:
-            self.scheduler.step(increment=1)
-        self.step += 1
         metrics = self._reduce_reports(reports)
+        self.step += 1
+        self.consumed_sequences += self.cfg.training.global_batch_size
+        grad_norm = float("nan")
+        if self._loss_is_finite(metrics):
+            update_successful, grad_norm, _ = self.optimizer.step()
+            if update_successful:
+                self.scheduler.step(increment=1)
+        else:
+            metrics["skipped_nonfinite"] = 1.0
+            self.loss_monitor.record_nonfinite(self.step)
         metrics.update(self._moe_losses())
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -173,6 +223,15 @@ class Trainer:
         metrics["num_text_tokens"] = self._global_sum(sum(int(b["loss_mask"].sum())
                                                          for b in batches))
         return metrics
+
+    def _loss_is_finite(self, metrics: Dict[str, float]) -> bool:
+        """Agreed by every rank: only the last pipeline stage sees the loss."""
+        bad = 0.0
+        if parallel_state.is_pipeline_last_stage():
+            bad = 0.0 if math.isfinite(metrics["loss"]) else 1.0
+        flag = torch.tensor([bad], device=self.ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return float(flag) == 0.0
 
     def _global_sum(self, value: float) -> float:
         """Sum a per-rank count over the data-parallel group (replicas repeat TP/PP)."""
@@ -222,23 +281,44 @@ class Trainer:
         }
 
     def train(self) -> List[Dict[str, float]]:
-        """Run ``training.train_steps`` steps; returns the per-step metrics (logging rank)."""
+        """Run until ``training.train_steps``; returns the per-step metrics (logging rank).
+
+        Raises ``Preempted`` after writing a checkpoint when a stop signal arrives, and
+        ``TrainingDiverged`` after too many non-finite losses.
+        """
         cfg = self.cfg
         history: List[Dict[str, float]] = []
         logger.info("parameters: %s total (vision %s, connector %s, LLM %s); peak LR %.3g; "
-                    "%d micro-batches per step; DP=%d",
+                    "%d micro-batches per step; DP=%d; starting at step %d",
                     f"{self.param_counts.total:,}", f"{self.param_counts.vision_encoder:,}",
                     f"{self.param_counts.connector:,}", f"{self.param_counts.language_model:,}",
-                    self.peak_lr, self.num_microbatches, self.dp_size)
-        with MetricsLogger(self.output_dir, enabled=self.is_logging_rank,
-                           total_steps=cfg.training.train_steps,
-                           log_interval=cfg.logging.log_interval,
-                           tensorboard=cfg.logging.tensorboard,
-                           progress_bar=cfg.logging.progress_bar) as metrics_logger:
-            while self.step < cfg.training.train_steps:
-                start = time.perf_counter()
-                metrics = self.train_step()
-                metrics.update(self._throughput(metrics, time.perf_counter() - start))
-                metrics_logger.log(self.step, metrics)
-                history.append(metrics)
+                    self.peak_lr, self.num_microbatches, self.dp_size, self.step)
+        preemption = PreemptionHandler()
+        interval = cfg.checkpoint.save_interval
+        try:
+            with MetricsLogger(self.output_dir, enabled=self.is_logging_rank,
+                               total_steps=cfg.training.train_steps,
+                               log_interval=cfg.logging.log_interval,
+                               tensorboard=cfg.logging.tensorboard,
+                               progress_bar=cfg.logging.progress_bar,
+                               append=self.step > 0) as metrics_logger:
+                while self.step < cfg.training.train_steps:
+                    start = time.perf_counter()
+                    metrics = self.train_step()
+                    metrics.update(self._throughput(metrics, time.perf_counter() - start))
+                    if "loss" in metrics and self.loss_monitor.is_spike(self.step, metrics["loss"]):
+                        metrics["loss_spike"] = 1.0
+                    metrics_logger.log(self.step, metrics)
+                    history.append(metrics)
+                    self.checkpoints.finalize_pending(blocking=False)
+                    if preemption.stop_requested(self.ctx.device):
+                        self.save_checkpoint(blocking=True)
+                        raise Preempted(f"stopped by a signal after step {self.step}")
+                    if interval and self.step % interval == 0:
+                        self.save_checkpoint()
+            if self.cfg.checkpoint.save_dir and not (interval and self.step % interval == 0):
+                self.save_checkpoint(blocking=True)
+        finally:
+            preemption.restore()
+            self.checkpoints.close()
         return history

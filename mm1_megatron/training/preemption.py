@@ -1,0 +1,59 @@
+"""Graceful stop on SIGTERM / SIGUSR1 (SLURM preemption and time limits).
+
+The handler only records the request; the training loop checks it between steps, agrees
+on it across ranks (any rank's signal stops all), writes a checkpoint synchronously and
+exits with ``EXIT_PREEMPTED`` so a scheduler can requeue the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; requeue on this code
+EXIT_DIVERGED = 3  # stopped after too many non-finite losses
+EXIT_CONFIG_ERROR = 2
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """Raised after the preemption checkpoint is written."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the loss was non-finite on too many steps."""
+
+
+class PreemptionHandler:
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            logger.warning("received %s: will checkpoint after this step and exit with %d",
+                           signal.Signals(signum).name, EXIT_PREEMPTED)
+        self.received = signum
+
+    def stop_requested(self, device: torch.device) -> bool:
+        """True on every rank if any rank received a stop signal (collective)."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
