@@ -22,7 +22,11 @@ PRECISIONS = ("auto", "bf16", "fp32")
 LR_RULES = ("mm1", "fixed")
 RECOMPUTE_MODES = ("none", "selective", "full")
 LAUNCHERS = ("auto", "torchrun", "mpi", "none")
-DATA_SOURCES = ("synthetic",)
+DATA_SOURCES = ("synthetic", "webdataset")
+TOKENIZER_KINDS = ("synthetic", "sentencepiece", "huggingface")
+IMAGE_DECODERS = ("pil", "dali")
+IMAGE_RESIZE_MODES = ("squash", "crop", "pad")
+IMAGE_DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -156,7 +160,18 @@ class DataConfig:
         default_factory=lambda: {"interleaved": 0.45, "caption": 0.45, "text": 0.10}
     )
     max_images_per_sequence: int = 16
-    num_workers: int = 0
+    num_workers: int = 0  # background processes building micro-batches (0: the caller)
+    prefetch_factor: int = 2  # micro-batches each worker builds ahead
+    # source=webdataset: shard manifests (a manifest.json or its folder) per image source,
+    # Megatron-Core indexed-dataset prefixes (<prefix>.bin/.idx) for text. See docs/data.md.
+    caption_shards: List[str] = field(default_factory=list)
+    interleaved_shards: List[str] = field(default_factory=list)
+    text_prefixes: List[str] = field(default_factory=list)
+    tokenizer: str = "synthetic"  # synthetic, sentencepiece (a .model) or huggingface (a folder)
+    tokenizer_path: Optional[str] = None
+    image_decoder: str = "pil"  # "dali": nvJPEG on GPU, DALI's CPU operators otherwise
+    image_resize: str = "crop"  # squash, crop (shorter side + centre crop) or pad
+    image_dtype: str = "fp32"  # fp32 or bf16 images out of the pipeline
 
 
 @dataclass

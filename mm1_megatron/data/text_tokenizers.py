@@ -75,6 +75,12 @@ class SentencePieceTokenizer:
         self.pad_token_id = pad if pad >= 0 and pad not in taken else self._added.add("<pad>")
         self.vocab_size = size + len(self._added.pieces)
 
+    def __getstate__(self):  # reload from the file in worker processes
+        return {"model_path": self.model_path}
+
+    def __setstate__(self, state) -> None:
+        self.__init__(state["model_path"])
+
     def _existing_or_added(self, token_id: int, piece: str) -> int:
         return token_id if token_id >= 0 else self._added.add(piece)
 
@@ -167,4 +173,4 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: Union[str, Path], *,
         pad_id=TRAINED_SPECIAL_IDS["pad"], unk_id=TRAINED_SPECIAL_IDS["unk"],
         bos_id=TRAINED_SPECIAL_IDS["bos"], eos_id=TRAINED_SPECIAL_IDS["eos"],
         user_defined_symbols=[IMAGE_TOKEN], minloglevel=2)
-    return prefix.with_suffix(".model")
+    return Path(f"{prefix}.model")

@@ -50,6 +50,7 @@ class MM1Model(MegatronModule):
                                            num_patches=grid * grid)
         with seeded(init_seed, "language_model"):
             self.language_model = self._build_language_model(model, language_config, init_seed)
+        self._mark_experts_as_expert_parallel()
         if pre_process:
             # Image tokens are merged into the full-length sequence before it is split
             # for sequence parallelism, so the embedding must return it unsplit.
@@ -57,6 +58,17 @@ class MM1Model(MegatronModule):
             embedding.reduce_scatter_embeddings = False
             embedding.word_embeddings.reduce_scatter_embeddings = False
             embedding.scatter_to_sequence_parallel = False
+
+    def _mark_experts_as_expert_parallel(self) -> None:
+        """Treat experts as expert-parallel even at EP=1 (Megatron-Core only does for EP>1).
+
+        The optimizer then always has the same two parts (dense and expert), so an MoE
+        checkpoint written at EP=2 loads at EP=1 and back. Numerically nothing changes:
+        at EP=1 the expert data-parallel group is the data-parallel group.
+        """
+        for name, param in self.language_model.named_parameters():
+            if ".experts." in name:
+                param.allreduce = False
 
     def _build_language_model(self, model: ModelConfig, config: TransformerConfig,
                               init_seed: Optional[int]) -> GPTModel:

@@ -59,7 +59,7 @@ class Trainer:
         self.output_dir = Path(cfg.logging.output_dir)
         if self.ctx.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
-        self.tokenizer = SyntheticTokenizer()
+        self.tokenizer = self._build_data().tokenizer  # needed before the model is built
         if cfg.model.llm.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.llm.vocab_size={cfg.model.llm.vocab_size} is smaller than "
                              f"the tokenizer's {self.tokenizer.vocab_size} tokens")
@@ -152,21 +152,25 @@ class Trainer:
         config.no_sync_func = self.model_chunks[0].no_sync
 
     def _build_data(self) -> SyntheticDataLoader:
-        cfg = self.cfg
-        v = cfg.model.vision
-        return SyntheticDataLoader(
-            cfg.data,
-            seq_length=cfg.training.seq_length,
-            micro_batch_size=cfg.training.micro_batch_size,
-            num_image_tokens=cfg.model.connector.num_output_tokens,
-            image_size=v.image_size,
-            image_mean=v.image_mean,
-            image_std=v.image_std,
-            seed=cfg.training.seed,
-            dp_rank=parallel_state.get_data_parallel_rank(),
-            dp_size=self.dp_size,
-            tokenizer=self.tokenizer,
-        )
+        """The loader from ``data.*`` (built on the first call, which also makes the tokenizer)."""
+        from mm1_megatron.data.factory import build_data
+
+        if getattr(self, "_data_loader", None) is None:
+            cfg = self.cfg
+            v = cfg.model.vision
+            self._data_loader, _ = build_data(
+                cfg.data,
+                seq_length=cfg.training.seq_length,
+                micro_batch_size=cfg.training.micro_batch_size,
+                num_image_tokens=cfg.model.connector.num_output_tokens,
+                image_size=v.image_size,
+                image_mean=v.image_mean,
+                image_std=v.image_std,
+                seed=cfg.training.seed,
+                dp_rank=parallel_state.get_data_parallel_rank(),
+                dp_size=self.dp_size,
+            )
+        return self._data_loader
 
     # ---- one step -----------------------------------------------------------------------
     def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,21 +59,17 @@ LAYOUTS = {
 }
 
 
-def _free_port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
-
-
-def _run_worker(world_size: int, layouts: dict, out_dir: Path) -> None:
-    spec = out_dir / f"spec_{world_size}.json"
-    spec.write_text(json.dumps({"steps": NUM_STEPS, "layouts": layouts}))
+def _run_worker(world_size: int, layouts: dict, out_dir: Path, *,
+                steps: int = NUM_STEPS) -> None:
+    spec = out_dir / f"spec_{world_size}_{'_'.join(sorted(layouts))[:80]}.json"
+    spec.write_text(json.dumps({"steps": steps, "layouts": layouts}))
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")}
     launcher = [sys.executable]
     if world_size > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(world_size),
-                     "--master-port", _free_port()]
+        # --standalone lets torchrun pick a free port itself (no race with other jobs).
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                     str(world_size)]
     result = subprocess.run([*launcher, str(WORKER), str(spec), str(out_dir)], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]

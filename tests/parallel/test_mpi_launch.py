@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,12 +35,9 @@ def _losses(output_dir: Path) -> list:
 
 
 def test_mpiexec_matches_torchrun(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     torchrun = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", port, *ARGS, f"logging.output_dir={tmp_path / 'torchrun'}"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         *ARGS, f"logging.output_dir={tmp_path / 'torchrun'}"],
         cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600)
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     mpi = subprocess.run(

@@ -1,0 +1,182 @@
+"""Micro-batches from any sequence builder: DP sharding, background workers, resumable state.
+
+A *builder* has ``sequence(g) -> (PackedSequence, DataStats)``, a pure function of the
+global sequence index ``g`` (``sources.MixtureBuilder`` for shards and text,
+``sources.SyntheticBuilder`` for the synthetic generator). Data-parallel rank ``r`` of
+``D`` takes ``g = base + n D + r`` for its ``n``-th sequence, so ranks never share a
+sequence and micro-batch ``k`` of rank ``r`` is a pure function of ``(seed, k, r)``.
+Tensor- and pipeline-parallel ranks of one data-parallel rank build the same batches.
+
+With ``num_workers > 0`` a ``torch.utils.data.DataLoader`` builds micro-batches in
+worker processes, ``prefetch_factor`` each ahead of the trainer, and returns them in
+order. Bad samples never change how many sequences a rank produces, so no rank waits on
+another; their counts travel with each micro-batch and add up in ``stats()``.
+
+State (``state_dict``): plain ints and strings, the same on every rank. Restoring it
+continues with exactly the next micro-batch. Restoring it with another data-parallel size
+continues the global sequence stream where it stopped (``base`` moves past everything
+consumed), so no sequence is repeated or skipped, though which rank gets which sequence
+differs from an uninterrupted run at the new size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from mm1_megatron.data.loader import collate
+from mm1_megatron.data.skips import SKIP_REASONS, STAT_NAMES, DataStats
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "mm1_megatron.data"
+STATE_VERSION = 1
+_STATS_KEY = "data_stats"
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    """Item ``i``: this rank's ``i``-th micro-batch counted from ``first_sequence``."""
+
+    def __init__(self, builder, *, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 base: int, first_sequence: int):
+        self.builder, self.micro_batch_size = builder, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.base, self.first_sequence = base, first_sequence
+
+    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+        stats = DataStats()
+        sequences = []
+        for j in range(self.micro_batch_size):
+            local = self.first_sequence + index * self.micro_batch_size + j
+            sequence, sequence_stats = self.builder.sequence(self.global_index(local))
+            sequences.append(sequence)
+            stats.merge(sequence_stats.as_list())
+        batch = collate(sequences)
+        batch[_STATS_KEY] = torch.tensor(stats.as_list(), dtype=torch.long)
+        return batch
+
+    def global_index(self, local_index: int) -> int:
+        return self.base + local_index * self.dp_size + self.dp_rank
+
+
+class _Count(torch.utils.data.Sampler):
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count()
+
+
+def _no_collate(batch):
+    return batch
+
+
+class MicroBatchLoader:
+    """Endless iterator of micro-batch dicts (``loader.collate``'s keys)."""
+
+    def __init__(self, builder, *, tokenizer, micro_batch_size: int, seed: int,
+                 dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0,
+                 prefetch_factor: int = 2, fingerprint: str = "",
+                 multiprocessing_context: Optional[str] = None):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"need 0 <= dp_rank < dp_size, got {dp_rank} and {dp_size}")
+        if num_workers < 0 or prefetch_factor < 1:
+            raise ValueError(f"need num_workers >= 0 and prefetch_factor >= 1, got "
+                             f"{num_workers} and {prefetch_factor}")
+        self.builder, self.tokenizer = builder, tokenizer
+        self.micro_batch_size, self.seed = micro_batch_size, seed
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.fingerprint = fingerprint
+        self.multiprocessing_context = multiprocessing_context
+        self.base = 0
+        self.num_sequences_consumed = 0
+        self._stats = DataStats()
+        self._iterator: Optional[Iterator] = None
+
+    # ---- iteration ----------------------------------------------------------------------
+    def __iter__(self) -> "MicroBatchLoader":
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        if self._iterator is None:
+            self._iterator = self._start()
+        batch = next(self._iterator)
+        self._stats.merge(batch.pop(_STATS_KEY).tolist())
+        self.num_sequences_consumed += self.micro_batch_size
+        return batch
+
+    def _dataset(self) -> _MicroBatches:
+        return _MicroBatches(self.builder, micro_batch_size=self.micro_batch_size,
+                             dp_rank=self.dp_rank, dp_size=self.dp_size, base=self.base,
+                             first_sequence=self.num_sequences_consumed)
+
+    def _start(self) -> Iterator:
+        dataset = self._dataset()
+        if self.num_workers == 0:
+            return (dataset[i] for i in itertools.count())
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, sampler=_Count(), num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor, collate_fn=_no_collate,
+            multiprocessing_context=self.multiprocessing_context)
+        return iter(loader)
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop when the loader is garbage-collected)."""
+        self._iterator = None
+
+    def global_index(self, local_index: int) -> int:
+        """Global index of this rank's ``local_index``-th sequence since ``base``."""
+        return self.base + local_index * self.dp_size + self.dp_rank
+
+    # ---- bad-sample counts --------------------------------------------------------------
+    def stats(self) -> Dict[str, int]:
+        """Counts over the micro-batches this loader returned (``skips.STAT_NAMES``)."""
+        return dict(self._stats.counts)
+
+    def skip_counts(self) -> Dict[str, int]:
+        """Skipped samples per reason (``skips.SKIP_REASONS``) in the batches returned."""
+        return {name: self._stats.counts[name] for name in SKIP_REASONS}
+
+    # ---- resumable state ----------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        return {"format": STATE_FORMAT, "version": STATE_VERSION, "seed": self.seed,
+                "dp_size": self.dp_size, "base": self.base,
+                "num_sequences_consumed": self.num_sequences_consumed,
+                "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Continue after the last micro-batch the state was saved after (module docstring)."""
+        if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a {STATE_FORMAT} v{STATE_VERSION} data loader state: "
+                             f"format={state.get('format')!r}, version={state.get('version')!r}")
+        if state["seed"] != self.seed:
+            raise ValueError(f"data loader state was saved with seed={state['seed']} but this "
+                             f"run has training.seed={self.seed}; the data order would not "
+                             f"continue: resume with the same seed")
+        consumed, base = int(state["num_sequences_consumed"]), int(state["base"])
+        if consumed < 0 or base < 0:
+            raise ValueError(f"bad data loader state: base={base}, "
+                             f"num_sequences_consumed={consumed}")
+        if state.get("fingerprint") != self.fingerprint:
+            logger.warning("the data configuration changed since this state was saved "
+                           "(shards, mixture, tokenizer or packing settings): batches will "
+                           "not match an uninterrupted run")
+        saved_dp = int(state["dp_size"])
+        if saved_dp == self.dp_size:
+            self.base, self.num_sequences_consumed = base, consumed
+        else:
+            self.base, self.num_sequences_consumed = base + consumed * saved_dp, 0
+            logger.warning("data-parallel size changed from %d to %d: continuing the data at "
+                           "global sequence %d (nothing repeated or skipped; the split over "
+                           "ranks differs from an uninterrupted run)", saved_dp, self.dp_size,
+                           self.base)
+        self._iterator = None
+
+
+def stats_vector(loader) -> List[int]:
+    """``STAT_NAMES``-ordered counts of ``loader`` (zeros for loaders without stats)."""
+    counts = loader.stats() if hasattr(loader, "stats") else {}
+    return [int(counts.get(name, 0)) for name in STAT_NAMES]

@@ -1,0 +1,318 @@
+"""Sources of packed sequences: caption and interleaved shards, indexed text.
+
+Every source builds its ``k``-th sequence as a pure function of ``(seed, k)`` and the
+data, so sequences can be built in any order, on any worker.
+
+Sample order: ``ShardCorpus`` numbers the samples of a kind ``0, 1, 2, ...`` over all
+epochs. Epoch ``e`` visits the shards in a permuted order and each shard's samples in a
+permuted order (both drawn from ``(seed, stream, e[, shard])``), so consecutive samples
+come from the same shard, as WebDataset reads them.
+
+Packing (the shared rules are in ``packing.py``):
+
+- caption: sequence ``k`` reads its *window*, samples ``k W .. k W + W - 1`` with ``W =
+  max_images_per_sequence``, and packs them first-fit in order, each whole and as its
+  own document. A sample that does not fit next to the earlier ones is dropped
+  (``unused_samples``); one too long for an empty sequence is skipped as ``too_long``.
+- interleaved: sequence ``k`` is document ``k``, cut by ``packing.cut_interleaved``
+  (never inside an image's tokens; an image past the cap ends the document).
+- text: chunk ``k`` of ``TextCorpus``; a document cut at a chunk boundary continues in
+  the next chunk as a document of its own.
+
+A bad sample (``skips.BadSample``) is counted and replaced by a sample drawn at random
+from the same epoch, at most ``MAX_REPLACEMENTS`` times per sequence; a sequence that
+runs out keeps what it has (possibly nothing: all padding, no loss).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from mm1_megatron.data.images import ImageDecoder
+from mm1_megatron.data.loader import SOURCE_IDS
+from mm1_megatron.data.mixture import MixtureSchedule
+from mm1_megatron.data.packing import PackedSequence, assemble, cut_interleaved
+from mm1_megatron.data.records import parse_segments, tokenize_segments
+from mm1_megatron.data.skips import BadSample, DataStats
+from mm1_megatron.data.tar_shards import Manifest, MemberRange, ShardReader, check_plain_tar
+from mm1_megatron.data.text_index import TextCorpus
+from mm1_megatron.data.tokenizer import Tokenizer
+from mm1_megatron.models.inputs import expand_image_placeholders
+
+MAX_REPLACEMENTS = 16
+REPLACEMENT_STREAM = 11
+
+
+@dataclass
+class LoadedSample:
+    shard: str
+    key: str
+    token_ids: List[int]  # one image placeholder per image
+    images: List[MemberRange]
+
+
+@dataclass
+class _Document:
+    tokens: List[int]  # expanded
+    sample: LoadedSample
+    pixels: List[torch.Tensor] = field(default_factory=list)
+
+
+class ShardCorpus:
+    """All samples of one kind, in the epoch-shuffled order of the module docstring."""
+
+    def __init__(self, manifests: Sequence[Manifest], *, seed: int, stream: int):
+        self.shard_paths = [p for m in manifests for p in m.shard_paths]
+        self.shard_sizes = np.array([n for m in manifests for n in m.shard_sizes], dtype=np.int64)
+        self.num_samples = int(self.shard_sizes.sum())
+        names = [m.path for m in manifests]
+        if self.num_samples == 0:
+            raise ValueError(f"shard manifests {names} list no samples")
+        missing = [p for p in self.shard_paths if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f"{len(missing)} shards listed in {names} do not exist, e.g. "
+                             f"{missing[:3]}")
+        check_plain_tar(self.shard_paths[0])
+        self.seed, self.stream = seed, stream
+        self.reader = ShardReader()
+        self._epoch_cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
+        self._shard_orders: Dict[Tuple[int, int], np.ndarray] = {}
+
+    def locate(self, position: int) -> Tuple[str, int]:
+        """Shard path and sample number inside it of sample ``position``."""
+        epoch, offset = divmod(position, self.num_samples)
+        order, ends = self._epoch(epoch)
+        slot = int(np.searchsorted(ends, offset, side="right"))
+        shard = int(order[slot])
+        inner = offset - int(ends[slot] - self.shard_sizes[shard])
+        return self.shard_paths[shard], int(self._shard_order(epoch, shard)[inner])
+
+    def load(self, position: int, tokenizer: Tokenizer) -> LoadedSample:
+        """Parse and tokenize a sample (images are not read yet); raises ``BadSample``."""
+        shard, number = self.locate(position)
+        sample = self.reader.sample(shard, number)
+        if sample.truncated:
+            raise BadSample("truncated_tar", "a member's data is cut off by the end of the tar")
+        members = sample.members
+        segments = parse_segments({ext: size for ext, (_, size) in members.items()},
+                                  lambda ext: self.reader.read(shard, members[ext]))
+        tokenized = tokenize_segments(segments, tokenizer)
+        return LoadedSample(shard=shard, key=sample.key, token_ids=tokenized.token_ids,
+                            images=[members[ext] for ext in tokenized.image_members])
+
+    def describe(self, position: int) -> Tuple[str, str]:
+        """(shard, key) of a sample for messages; never raises."""
+        shard, number = self.locate(position)
+        try:
+            return shard, self.reader.sample(shard, number).key
+        except BadSample:
+            return shard, f"#{number}"
+
+    def replacement(self, rng: np.random.Generator, near_position: int) -> int:
+        """A random sample of the same epoch as ``near_position``."""
+        epoch = near_position // self.num_samples
+        return epoch * self.num_samples + int(rng.integers(self.num_samples))
+
+    def _epoch(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
+        if epoch not in self._epoch_cache:
+            rng = np.random.default_rng([self.seed, self.stream, epoch])
+            order = rng.permutation(len(self.shard_paths))
+            self._epoch_cache = {epoch: (order, np.cumsum(self.shard_sizes[order]))}
+        return self._epoch_cache[epoch]
+
+    def _shard_order(self, epoch: int, shard: int) -> np.ndarray:
+        key = (epoch, shard)
+        if key not in self._shard_orders:
+            if len(self._shard_orders) > 256:
+                self._shard_orders.clear()
+            rng = np.random.default_rng([self.seed, self.stream, epoch, shard])
+            self._shard_orders[key] = rng.permutation(int(self.shard_sizes[shard]))
+        return self._shard_orders[key]
+
+
+class _ShardSource:
+    def __init__(self, name: str, corpus: ShardCorpus, *, tokenizer: Tokenizer,
+                 decoder: ImageDecoder, seq_length: int, num_image_tokens: int,
+                 max_images: int, seed: int):
+        self.name, self.corpus, self.tokenizer, self.decoder = name, corpus, tokenizer, decoder
+        self.seq_length, self.num_image_tokens = seq_length, num_image_tokens
+        self.max_images, self.seed = max_images, seed
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, REPLACEMENT_STREAM, SOURCE_IDS[self.name], index])
+
+    def _skip(self, stats: DataStats, error: BadSample, position: int) -> None:
+        shard, key = self.corpus.describe(position)
+        stats.skip(error, shard=shard, key=key)
+
+    def _decode(self, documents: List[Tuple[int, _Document]], stats: DataStats,
+                ) -> Tuple[List[_Document], List[_Document]]:
+        """Read and decode the images of ``(position, document)`` pairs in one batch.
+
+        Returns the documents whose images all decoded, and those that failed (counted).
+        """
+        blobs, owners, failed = [], [], {}
+        for number, (position, document) in enumerate(documents):
+            try:
+                for member in document.sample.images:
+                    blobs.append(self.corpus.reader.read(document.sample.shard, member))
+                    owners.append(number)
+            except BadSample as error:
+                failed[number] = error
+        for owner, decoded in zip(owners, self.decoder.decode(blobs)):
+            if owner in failed:
+                continue
+            if isinstance(decoded, BadSample):
+                failed[owner] = decoded
+            else:
+                documents[owner][1].pixels.append(decoded)
+        for number, error in failed.items():
+            self._skip(stats, error, documents[number][0])
+        good = [doc for number, (_, doc) in enumerate(documents) if number not in failed]
+        return good, [documents[number][1] for number in failed]
+
+    def _assemble(self, documents: List[_Document]) -> PackedSequence:
+        pixels = [p for doc in documents for p in doc.pixels]
+        images = torch.stack(pixels) if pixels else self.decoder.empty()
+        return assemble([doc.tokens for doc in documents], source=self.name,
+                        seq_length=self.seq_length, tokenizer=self.tokenizer, images=images)
+
+    def _expand(self, token_ids: List[int]) -> List[int]:
+        return expand_image_placeholders(token_ids, image_token_id=self.tokenizer.image_token_id,
+                                         num_image_tokens=self.num_image_tokens)
+
+
+class CaptionSource(_ShardSource):
+    """Caption pairs packed several to a sequence (module docstring)."""
+
+    def sequence(self, index: int) -> Tuple[PackedSequence, DataStats]:
+        stats, rng = DataStats(), self._rng(index)
+        window = self.max_images
+        queue = deque(range(index * window, (index + 1) * window))
+        num_replacements, kept = 0, []
+        num_tokens = num_images = 0
+        while queue:
+            accepted: List[Tuple[int, _Document]] = []
+            while queue:
+                position = queue.popleft()
+                try:
+                    document = self._load(position)
+                except BadSample as error:
+                    self._skip(stats, error, position)
+                    if num_replacements < MAX_REPLACEMENTS:
+                        num_replacements += 1
+                        queue.append(self.corpus.replacement(rng, index * window))
+                    continue
+                cost, count = len(document.tokens), len(document.sample.images)
+                if num_tokens + cost <= self.seq_length and num_images + count <= self.max_images:
+                    accepted.append((position, document))
+                    num_tokens, num_images = num_tokens + cost, num_images + count
+                else:
+                    stats.add("unused_samples")
+            good, failed = self._decode(accepted, stats)
+            kept += good
+            for document in failed:
+                num_tokens -= len(document.tokens)
+                num_images -= len(document.sample.images)
+                if num_replacements < MAX_REPLACEMENTS:
+                    num_replacements += 1
+                    queue.append(self.corpus.replacement(rng, index * window))
+        return self._assemble(kept), stats
+
+    def _load(self, position: int) -> _Document:
+        sample = self.corpus.load(position, self.tokenizer)
+        tokens = self._expand(sample.token_ids)
+        if len(tokens) > self.seq_length or len(sample.images) > self.max_images:
+            raise BadSample("too_long", f"{len(tokens)} tokens and {len(sample.images)} images "
+                                        f"exceed seq_length={self.seq_length} / "
+                                        f"max_images={self.max_images}")
+        return _Document(tokens=tokens, sample=sample)
+
+
+class InterleavedSource(_ShardSource):
+    """One interleaved document per sequence, cut to fit (module docstring)."""
+
+    def sequence(self, index: int) -> Tuple[PackedSequence, DataStats]:
+        stats, rng = DataStats(), self._rng(index)
+        position = index
+        for _ in range(MAX_REPLACEMENTS + 1):
+            try:
+                document = self._load(position)
+            except BadSample as error:
+                self._skip(stats, error, position)
+            else:
+                good, _ = self._decode([(position, document)], stats)
+                if good:
+                    return self._assemble(good), stats
+            position = self.corpus.replacement(rng, index)
+        return self._assemble([]), stats
+
+    def _load(self, position: int) -> _Document:
+        sample = self.corpus.load(position, self.tokenizer)
+        kept, num_images = cut_interleaved(
+            sample.token_ids, seq_length=self.seq_length, num_image_tokens=self.num_image_tokens,
+            max_images=self.max_images, image_token_id=self.tokenizer.image_token_id)
+        sample.images = sample.images[:num_images]  # later images are never read
+        return _Document(tokens=self._expand(kept), sample=sample)
+
+
+class TextSource:
+    """Chunks of indexed text; token ids outside the vocabulary drop their piece."""
+
+    name = "text"
+
+    def __init__(self, corpus: TextCorpus, *, tokenizer: Tokenizer, seq_length: int,
+                 empty_images: torch.Tensor):
+        self.corpus, self.tokenizer, self.seq_length = corpus, tokenizer, seq_length
+        self.empty_images = empty_images
+        self._dropped = np.array([tokenizer.image_token_id, tokenizer.pad_token_id])
+
+    def sequence(self, index: int) -> Tuple[PackedSequence, DataStats]:
+        stats, documents = DataStats(), []
+        for doc, tokens in self.corpus.chunk(index):
+            if tokens.size and (tokens.min() < 0 or tokens.max() >= self.tokenizer.vocab_size):
+                stats.skip(BadSample("bad_text", f"token id {int(tokens.max())} outside the "
+                                                 f"vocabulary of {self.tokenizer.vocab_size}"),
+                           shard="text corpus", key=f"document {doc}")
+                continue
+            documents.append(tokens[~np.isin(tokens, self._dropped)].tolist())
+        return assemble(documents, source="text", seq_length=self.seq_length,
+                        tokenizer=self.tokenizer, images=self.empty_images), stats
+
+
+class MixtureBuilder:
+    """Global sequence ``g`` -> the source the schedule picks, and that source's index."""
+
+    def __init__(self, schedule: MixtureSchedule, sources: Dict[str, object]):
+        missing = [name for name, p in schedule.probabilities.items() if p > 0 and name not in sources]
+        if missing:
+            raise ValueError(f"the mixture gives weight to {missing} but no data is configured "
+                             f"for them")
+        self.schedule, self.sources = schedule, sources
+
+    def sequence(self, global_index: int) -> Tuple[PackedSequence, DataStats]:
+        name, index = self.schedule.locate(global_index)
+        return self.sources[name].sequence(index)
+
+    def source_of(self, global_index: int) -> str:
+        return self.schedule.source_of(global_index)
+
+
+class SyntheticBuilder:
+    """The synthetic generator as one more source: ``SyntheticDataLoader.sequence``."""
+
+    def __init__(self, synthetic_loader):
+        self.synthetic = synthetic_loader
+
+    def sequence(self, global_index: int) -> Tuple[PackedSequence, DataStats]:
+        return self.synthetic.sequence(global_index), DataStats()
+
+    def source_of(self, global_index: int) -> str:
+        return self.synthetic.source_of(global_index)
+
