@@ -1,0 +1,140 @@
+"""Faults: damaged checkpoints, preemption signals, dead ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from mm1_megatron.checkpoint import layout
+from mm1_megatron.training.preemption import EXIT_PREEMPTED
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN = [sys.executable, "-m", "mm1_megatron.train", "--config", "configs/debug.yaml",
+         "logging.tensorboard=false"]
+
+
+def _env() -> dict:
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def _run(*overrides: str, launcher=(), timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([*launcher, *TRAIN, *overrides], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(output_dir: Path) -> dict:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return {json.loads(line)["step"]: json.loads(line)["loss"] for line in lines}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 6-step run that saves every 2 steps."""
+    out = tmp_path_factory.mktemp("reference")
+    result = _run("training.train_steps=6", f"logging.output_dir={out / 'run'}",
+                  f"checkpoint.save_dir={out / 'ckpt'}", "checkpoint.save_interval=2",
+                  "checkpoint.keep_last=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(reference, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    # Copy the reference checkpoints so the module fixture stays intact.
+    subprocess.run(["cp", "-r", str(reference / "ckpt"), str(ckpt)], check=True)
+    newest = layout.read_latest(ckpt)
+    assert newest.name == "step_00000006"
+    victim = sorted((newest / "model_optim").glob("*.distcp"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    result = _run("training.train_steps=6", f"logging.output_dir={tmp_path / 'run'}",
+                  f"checkpoint.load_dir={ckpt}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping damaged checkpoint step_00000006" in result.stderr
+    assert victim.name in result.stderr
+    resumed = _losses(tmp_path / "run")
+    expected = _losses(reference / "run")
+    assert sorted(resumed) == [5, 6]  # resumed from step 4
+    assert all(resumed[step] == expected[step] for step in resumed)
+
+
+def test_explicitly_loading_a_damaged_checkpoint_fails_clearly(reference, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    subprocess.run(["cp", "-r", str(reference / "ckpt"), str(ckpt)], check=True)
+    (ckpt / "step_00000004" / "trainer_state.json").write_text("{")
+    result = _run("training.train_steps=6", f"logging.output_dir={tmp_path / 'run'}",
+                  f"checkpoint.load_dir={ckpt / 'step_00000004'}")
+    assert result.returncode == 2
+    assert "step_00000004" in result.stderr and "cannot be loaded" in result.stderr
+
+
+def test_sigterm_saves_exits_75_and_resume_continues_exactly(reference, tmp_path):
+    ckpt, run = tmp_path / "ckpt", tmp_path / "run"
+    log = open(tmp_path / "log.txt", "w")  # a file, not a pipe: a full pipe would block it
+    process = subprocess.Popen(
+        [*TRAIN, "training.train_steps=6", f"logging.output_dir={run}",
+         f"checkpoint.save_dir={ckpt}"], cwd=REPO, env=_env(), stdout=log, stderr=log)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (
+            metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=300)
+    log.close()
+    assert process.returncode == EXIT_PREEMPTED, (tmp_path / "log.txt").read_text()[-3000:]
+    stopped_at = layout.step_of(layout.read_latest(ckpt))
+    assert 2 <= stopped_at < 6
+    layout.verify_manifest(layout.read_latest(ckpt))
+    result = _run("training.train_steps=6", f"logging.output_dir={run}",
+                  f"checkpoint.save_dir={ckpt}")  # auto-resume from save_dir
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = _losses(reference / "run")
+    assert _losses(run) == expected  # steps 1..6, before and after the preemption
+
+
+@pytest.mark.parametrize("moment", ["step", "checkpoint_write"])
+def test_killed_rank_ends_the_job_promptly_and_latest_stays_valid(tmp_path, moment):
+    ckpt = tmp_path / "ckpt"
+    interval = "1" if moment == "checkpoint_write" else "3"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         *TRAIN[1:], "training.train_steps=200", "parallel.tensor_parallel_size=2",
+         f"logging.output_dir={tmp_path / 'run'}", f"checkpoint.save_dir={ckpt}",
+         f"checkpoint.save_interval={interval}", "checkpoint.keep_last=2",
+         "parallel.collective_timeout_minutes=0.5"],
+        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(layout.complete_checkpoints(ckpt)) < 1:
+        time.sleep(0.1)
+    if moment == "checkpoint_write":
+        while time.monotonic() < deadline and not list(ckpt.glob(".tmp-step_*")):
+            time.sleep(0.01)
+    workers = [p for p in psutil.Process(job.pid).children(recursive=True)
+               if "mm1_megatron.train" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    # The checkpoint writer's helper processes outlive a SIGKILLed parent; reap them after.
+    helpers = workers[1].children(recursive=True)
+    killed_at = time.monotonic()
+    workers[1].send_signal(signal.SIGKILL)
+    job.wait(timeout=120)
+    for helper in helpers:
+        helper.kill()
+    assert job.returncode != 0
+    assert time.monotonic() - killed_at < 60
+    latest = layout.read_latest(ckpt)
+    layout.verify_manifest(latest)
+    resume_steps = layout.step_of(latest) + 1
+    result = _run(f"training.train_steps={resume_steps}", f"logging.output_dir={tmp_path / 'r'}",
+                  f"checkpoint.save_dir={ckpt}", "checkpoint.keep_last=2")
+    # A single process resumes the TP=2 checkpoint (resharding) for one more step.
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(_losses(tmp_path / "r")) == [resume_steps]
