@@ -252,6 +252,8 @@ class CheckpointManager:
     def load_pretrained_part(self, model_chunk, prefix: str, path: Path) -> None:
         """Load only the parameters under ``prefix`` (e.g. ``vision_encoder.``) from another
         checkpoint; the rest of the model keeps its fresh initialisation."""
+        if layout.read_latest(path) is not None:  # a save folder: take its newest checkpoint
+            path = layout.read_latest(path)
         model = unwrap(model_chunk)
         wanted = {key: value for key, value in model.sharded_state_dict().items()
                   if key.startswith(prefix)}

@@ -1,9 +1,11 @@
-"""Synthetic image-text data: tokenizer, sample generator, sequence packing, loader.
+"""Image-text data: tokenizers, synthetic generator, shards and indexed text, packing, loaders.
 
-Flow: ``SyntheticGenerator`` draws ``Sample``s of one source, ``pack_sequence`` turns
-them into one fixed-length ``PackedSequence``, ``SyntheticDataLoader`` mixes sources and
-stacks sequences into micro-batches. Only synthetic data exists so far; real datasets
-would plug in as other ``Sample`` streams.
+Flow: a source builds packed sequences (``PackedSequence``) of one kind: the synthetic
+generator, caption or interleaved tar shards, or an indexed text corpus (``sources``);
+``MixtureSchedule`` picks the source of each sequence; ``MicroBatchLoader`` shards them
+over data-parallel ranks, builds micro-batches in worker processes and saves its
+position. ``factory.build_data`` assembles all of it from ``DataConfig``; see
+``docs/data.md``.
 """
 
 from mm1_megatron.data.loader import SOURCE_IDS, SyntheticDataLoader, collate

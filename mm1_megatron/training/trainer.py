@@ -310,7 +310,7 @@ class Trainer:
                     start = time.perf_counter()
                     metrics = self.train_step()
                     metrics.update(self._throughput(metrics, time.perf_counter() - start))
-                    if "loss" in metrics and self.loss_monitor.is_spike(self.step, metrics["loss"]):
+                    if self.is_logging_rank and self.loss_monitor.is_spike(self.step, metrics["loss"]):
                         metrics["loss_spike"] = 1.0
                     metrics_logger.log(self.step, metrics)
                     history.append(metrics)
