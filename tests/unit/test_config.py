@@ -305,8 +305,11 @@ INVALID = [
     ("moe_with_tp_without_sp",
      ["model.llm.moe.num_experts=4", "parallel.tensor_parallel_size=2"],
      ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel"]),
-    ("checkpointing_not_implemented", ["checkpoint.save_dir=/tmp/ckpt"],
-     ["checkpoint.save_dir"]),
+    ("save_interval_without_save_dir", ["checkpoint.save_interval=10"],
+     ["checkpoint.save_interval", "checkpoint.save_dir"]),
+    ("unknown_optimizer_sharding", ["checkpoint.optimizer_sharding=zero3"],
+     ["checkpoint.optimizer_sharding"]),
+    ("freeze_unknown_module", ["model.freeze=[vit]"], ["model.freeze"]),
 ]
 
 
