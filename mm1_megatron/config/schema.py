@@ -86,6 +86,7 @@ class LanguageModelConfig:
     rotary_base: int = 10000
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the query/key/value projection (Qwen2 has them)
     moe: MoEConfig = field(default_factory=MoEConfig)
 
 

@@ -97,8 +97,9 @@ def language_model_params(m: LanguageModelConfig) -> tuple:
     h = m.hidden_size
     head_dim = h // m.num_attention_heads
     groups = m.num_query_groups or m.num_attention_heads
+    qkv_rows = (m.num_attention_heads + 2 * groups) * head_dim
     attention = (h                                                       # input RMSNorm
-                 + h * (m.num_attention_heads + 2 * groups) * head_dim   # fused QKV
+                 + h * qkv_rows + (qkv_rows if m.qkv_bias else 0)        # fused QKV (+ bias)
                  + m.num_attention_heads * head_dim * h)                 # output projection
     dense_mlp = h + 3 * h * m.ffn_hidden_size  # pre-MLP RMSNorm + SwiGLU (fc1 is 2f wide)
     expert_ffn = m.moe.expert_ffn_hidden_size or m.ffn_hidden_size

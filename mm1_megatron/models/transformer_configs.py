@@ -63,7 +63,7 @@ def language_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=llm.qkv_bias,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
     )

@@ -27,7 +27,9 @@ from megatron.core.transformer.moe import moe_utils
 
 from mm1_megatron.checkpoint import CheckpointManager, TrainingState
 from mm1_megatron.config import MM1Config, save_config, validate_config, validate_environment
-from mm1_megatron.data import SOURCE_IDS, SyntheticDataLoader, SyntheticTokenizer
+from mm1_megatron.data import SOURCE_IDS
+from mm1_megatron.data.factory import build_data
+from mm1_megatron.data.reporting import data_metrics
 from mm1_megatron.models import RuntimeOptions, build_mm1_model
 from mm1_megatron.models.inputs import document_causal_mask
 from mm1_megatron.models.param_count import count_parameters
@@ -59,7 +61,7 @@ class Trainer:
         self.output_dir = Path(cfg.logging.output_dir)
         if self.ctx.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
-        self.tokenizer = self._build_data().tokenizer  # needed before the model is built
+        self.data, self.tokenizer = self._build_data()  # the tokenizer sizes the model
         if cfg.model.llm.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.llm.vocab_size={cfg.model.llm.vocab_size} is smaller than "
                              f"the tokenizer's {self.tokenizer.vocab_size} tokens")
@@ -72,7 +74,6 @@ class Trainer:
                                          bf16=self.bf16)
         self.scheduler = build_scheduler(cfg, self.optimizer, peak_lr=self.peak_lr)
         self._wire_model_config()
-        self.data = self._build_data()
         self.step = 0
         self.consumed_sequences = 0
         self.loss_monitor = LossMonitor(max_nonfinite_steps=cfg.training.max_nonfinite_steps,
@@ -133,13 +134,9 @@ class Trainer:
         trainer_state = self.checkpoints.load(self._training_state(), path)
         self.step = trainer_state["step"]
         self.consumed_sequences = trainer_state["consumed_sequences"]
-        data_state = dict(trainer_state["data"])
-        if trainer_state["data_parallel_size"] != self.dp_size:
-            # Rank r of D reads global sequences r, r + D, ...: after G sequences in all,
-            # each of the new D' ranks has consumed G / D'.
-            data_state.update(dp_size=self.dp_size,
-                              num_sequences_consumed=self.consumed_sequences // self.dp_size)
-        self.data.load_state_dict(data_state)
+        # The loader state is global (the same on every rank); a changed DP size
+        # continues at the first sequence no rank has consumed.
+        self.data.load_state_dict(trainer_state["data"])
 
     def save_checkpoint(self, *, blocking: bool = False) -> None:
         self.checkpoints.save(self._training_state(), blocking=blocking)
@@ -151,26 +148,21 @@ class Trainer:
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = self.model_chunks[0].no_sync
 
-    def _build_data(self) -> SyntheticDataLoader:
-        """The loader from ``data.*`` (built on the first call, which also makes the tokenizer)."""
-        from mm1_megatron.data.factory import build_data
-
-        if getattr(self, "_data_loader", None) is None:
-            cfg = self.cfg
-            v = cfg.model.vision
-            self._data_loader, _ = build_data(
-                cfg.data,
-                seq_length=cfg.training.seq_length,
-                micro_batch_size=cfg.training.micro_batch_size,
-                num_image_tokens=cfg.model.connector.num_output_tokens,
-                image_size=v.image_size,
-                image_mean=v.image_mean,
-                image_std=v.image_std,
-                seed=cfg.training.seed,
-                dp_rank=parallel_state.get_data_parallel_rank(),
-                dp_size=self.dp_size,
-            )
-        return self._data_loader
+    def _build_data(self):
+        """The micro-batch loader and tokenizer from ``data.*`` (this DP rank's share)."""
+        cfg, v = self.cfg, self.cfg.model.vision
+        return build_data(
+            cfg.data,
+            seq_length=cfg.training.seq_length,
+            micro_batch_size=cfg.training.micro_batch_size,
+            num_image_tokens=cfg.model.connector.num_output_tokens,
+            image_size=v.image_size,
+            image_mean=v.image_mean,
+            image_std=v.image_std,
+            seed=cfg.training.seed,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=self.dp_size,
+        )
 
     # ---- one step -----------------------------------------------------------------------
     def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -223,6 +215,9 @@ class Trainer:
         metrics.update(self._moe_losses())
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics.update(data_metrics(self.data, batches,
+                                    group=parallel_state.get_data_parallel_group(),
+                                    device=self.ctx.device))
         metrics["num_images"] = self._global_sum(sum(int(b["images"].shape[0]) for b in batches))
         metrics["num_text_tokens"] = self._global_sum(sum(int(b["loss_mask"].sum())
                                                          for b in batches))
@@ -310,7 +305,8 @@ class Trainer:
                     start = time.perf_counter()
                     metrics = self.train_step()
                     metrics.update(self._throughput(metrics, time.perf_counter() - start))
-                    if self.is_logging_rank and self.loss_monitor.is_spike(self.step, metrics["loss"]):
+                    if self.is_logging_rank and self.loss_monitor.is_spike(self.step,
+                                                                           metrics["loss"]):
                         metrics["loss_spike"] = 1.0
                     metrics_logger.log(self.step, metrics)
                     history.append(metrics)
@@ -325,4 +321,5 @@ class Trainer:
         finally:
             preemption.restore()
             self.checkpoints.close()
+            self.data.close()  # stops prefetching workers
         return history

@@ -76,29 +76,33 @@ def test_explicitly_loading_a_damaged_checkpoint_fails_clearly(reference, tmp_pa
     assert "step_00000004" in result.stderr and "cannot be loaded" in result.stderr
 
 
-def test_sigterm_saves_exits_75_and_resume_continues_exactly(reference, tmp_path):
+def test_sigterm_saves_exits_75_and_resume_continues_exactly(tmp_path):
+    steps = "training.train_steps=10"
+    reference = _run(steps, f"logging.output_dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr[-3000:]
     ckpt, run = tmp_path / "ckpt", tmp_path / "run"
     log = open(tmp_path / "log.txt", "w")  # a file, not a pipe: a full pipe would block it
     process = subprocess.Popen(
-        [*TRAIN, "training.train_steps=6", f"logging.output_dir={run}",
-         f"checkpoint.save_dir={ckpt}"], cwd=REPO, env=_env(), stdout=log, stderr=log)
+        [*TRAIN, steps, f"logging.output_dir={run}", f"checkpoint.save_dir={ckpt}"],
+        cwd=REPO, env=_env(), stdout=log, stderr=log)
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (
             metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.2)
+        time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=300)
     log.close()
-    assert process.returncode == EXIT_PREEMPTED, (tmp_path / "log.txt").read_text()[-3000:]
+    output = (tmp_path / "log.txt").read_text()
+    assert process.returncode == EXIT_PREEMPTED, output[-3000:]
     stopped_at = layout.step_of(layout.read_latest(ckpt))
-    assert 2 <= stopped_at < 6
+    assert 2 <= stopped_at < 10
     layout.verify_manifest(layout.read_latest(ckpt))
-    result = _run("training.train_steps=6", f"logging.output_dir={run}",
+    result = _run(steps, f"logging.output_dir={run}",
                   f"checkpoint.save_dir={ckpt}")  # auto-resume from save_dir
     assert result.returncode == 0, result.stderr[-3000:]
-    expected = _losses(reference / "run")
-    assert _losses(run) == expected  # steps 1..6, before and after the preemption
+    # Steps 1..10, before and after the preemption, equal the uninterrupted run's.
+    assert _losses(run) == _losses(tmp_path / "reference")
 
 
 @pytest.mark.parametrize("moment", ["step", "checkpoint_write"])

@@ -30,6 +30,7 @@ VARIANTS = {
     "mha": ["model.llm.num_query_groups=null"],
     "mqa": ["model.llm.num_query_groups=1"],
     "tied_embeddings": ["model.llm.tie_embeddings=true"],
+    "qkv_bias": ["model.llm.qkv_bias=true"],
     "no_class_token": ["model.vision.use_class_token=false"],
     "small_patches": ["model.vision.patch_size=7", "model.connector.num_output_tokens=16"],
     "moe_every_2nd": ["model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=2"],

@@ -1,0 +1,164 @@
+"""The Hugging Face names and configs of each export format.
+
+Each ``*_tensors`` function yields ``(name, tensor)`` pairs unit by unit from our TP=1
+model's state, so the writer can stream them into shards.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+
+from mm1_megatron.config import MM1Config
+from mm1_megatron.config.schema import LanguageModelConfig, VisionEncoderConfig
+from mm1_megatron.conversion.errors import ConversionError
+from mm1_megatron.conversion.mapping import (
+    language_attention_shape,
+    language_units,
+    moe_layer_flags,
+    vision_attention_shape,
+    vision_post_layernorm_names,
+    vision_units,
+)
+from mm1_megatron.conversion.target_configs import (
+    TARGET_CLASSES,
+    TARGET_STYLES,
+    hf_language_config,
+    hf_vision_config,
+    language_target,
+)
+from mm1_megatron.conversion.tensor_copy import hf_tensors
+
+Tensors = Iterator[Tuple[str, torch.Tensor]]
+CONNECTOR_PREFIX = "connector.net."
+
+
+def language_model_tensors(state, llm: LanguageModelConfig, *, dtype: torch.dtype,
+                           prefix: str = "") -> Tensors:
+    target = language_target(llm)
+    units = language_units(llm, TARGET_STYLES[target])
+    yield from hf_tensors(state, units, language_attention_shape(llm), dtype=dtype,
+                          rename=lambda name: prefix + name, label="language model")
+    if target == "qwen2_moe":  # the zero-width shared expert: adds exactly zero
+        h = llm.hidden_size
+        for index, is_moe in enumerate(moe_layer_flags(llm)):
+            if is_moe:
+                block = f"{prefix}model.layers.{index}.mlp"
+                yield f"{block}.shared_expert.gate_proj.weight", torch.zeros(0, h, dtype=dtype)
+                yield f"{block}.shared_expert.up_proj.weight", torch.zeros(0, h, dtype=dtype)
+                yield f"{block}.shared_expert.down_proj.weight", torch.zeros(h, 0, dtype=dtype)
+                yield f"{block}.shared_expert_gate.weight", torch.zeros(1, h, dtype=dtype)
+
+
+def vision_tensors(state, vision: VisionEncoderConfig, *, dtype: torch.dtype, prefix: str,
+                   extras: Dict[str, torch.Tensor]) -> Tensors:
+    """``CLIPVisionModel`` tensors under ``prefix``; CLIP's post-LayerNorm (which only the
+    pooled output uses) comes from the import when there was one, else is the identity."""
+    yield from hf_tensors(state, vision_units(vision, prefix), vision_attention_shape(vision),
+                          dtype=dtype, label="vision encoder")
+    weight_name, bias_name = vision_post_layernorm_names()
+    h = vision.hidden_size
+    weight = extras.get(weight_name, torch.ones(h))
+    bias = extras.get(bias_name, torch.zeros(h))
+    for name, tensor in zip(vision_post_layernorm_names(prefix), (weight, bias)):
+        yield name, tensor.to(dtype)
+
+
+def connector_tensors(state, *, dtype: torch.dtype, rename) -> Tensors:
+    for name, tensor in state.items():
+        if name.startswith(CONNECTOR_PREFIX):
+            yield rename(name[len(CONNECTOR_PREFIX):]), tensor.detach().to(dtype)
+
+
+# ---- configs -------------------------------------------------------------------------
+def language_model_config(llm: LanguageModelConfig, special: Dict[str, int], dtype: str):
+    config = hf_language_config(llm, special=special, dtype=dtype)
+    config.architectures = [TARGET_CLASSES[language_target(llm)]]
+    return config
+
+
+def vision_encoder_config(vision: VisionEncoderConfig, dtype: str):
+    config = hf_vision_config(vision, dtype=dtype)
+    config.architectures = ["CLIPVisionModel"]
+    return config
+
+
+def mm1_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
+    from dataclasses import asdict
+
+    from mm1_megatron.conversion.hf_model import MM1HFConfig
+
+    config = MM1HFConfig(
+        vision_config=hf_vision_config(cfg.model.vision, dtype=dtype).to_dict(),
+        text_config=hf_language_config(cfg.model.llm, special=special, dtype=dtype).to_dict(),
+        connector_config=asdict(cfg.model.connector), image_token_id=special["image"],
+        num_image_tokens=cfg.model.connector.num_output_tokens, dtype=dtype,
+        bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
+        pad_token_id=special.get("pad"))
+    config.architectures = ["MM1ForConditionalGeneration"]
+    return config
+
+
+def check_llava_compatible(cfg: MM1Config) -> None:
+    connector = cfg.model.connector
+    if connector.type != "mlp" or connector.num_readout_layers != 2:
+        raise ConversionError(
+            f"--format llava needs model.connector.type=mlp with num_readout_layers=2 (LLaVA's "
+            f"Linear-GELU-Linear projector); this model has type={connector.type}, "
+            f"num_readout_layers={connector.num_readout_layers}. Use --format mm1")
+
+
+def llava_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
+    from transformers import LlavaConfig
+
+    check_llava_compatible(cfg)
+    vision = cfg.model.vision
+    config = LlavaConfig(
+        vision_config=hf_vision_config(vision, dtype=dtype).to_dict(),
+        text_config=hf_language_config(cfg.model.llm, special=special, dtype=dtype).to_dict(),
+        image_token_index=special["image"],
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        projector_hidden_act="gelu", vision_feature_select_strategy="default",
+        vision_feature_layer=-1, multimodal_projector_bias=True,
+        tie_word_embeddings=cfg.model.llm.tie_embeddings, dtype=dtype)
+    config.architectures = ["LlavaForConditionalGeneration"]
+    return config
+
+
+def llava_projector_name(name: str) -> str:
+    """Our MLP connector's ``readout.0`` / ``readout.2`` -> LLaVA's ``linear_1`` / ``linear_2``."""
+    layer, param = name.split(".")[1:]
+    return f"multi_modal_projector.linear_{1 if layer == '0' else 2}.{param}"
+
+
+def format_tensors(fmt: str, state, cfg: MM1Config, *, dtype: torch.dtype,
+                   extras: Dict[str, torch.Tensor]) -> Tensors:
+    model = cfg.model
+    if fmt == "language-model":
+        yield from language_model_tensors(state, model.llm, dtype=dtype)
+    elif fmt == "vision-encoder":
+        yield from vision_tensors(state, model.vision, dtype=dtype, prefix="vision_model.",
+                                  extras=extras)
+    elif fmt == "mm1":
+        yield from vision_tensors(state, model.vision, dtype=dtype, prefix="vision_tower.",
+                                  extras=extras)
+        yield from connector_tensors(state, dtype=dtype, rename=lambda n: f"connector.{n}")
+        yield from language_model_tensors(state, model.llm, dtype=dtype, prefix="language_model.")
+    elif fmt == "llava":
+        yield from vision_tensors(state, model.vision, dtype=dtype,
+                                  prefix="vision_tower.vision_model.", extras=extras)
+        yield from connector_tensors(state, dtype=dtype, rename=llava_projector_name)
+        yield from language_model_tensors(state, model.llm, dtype=dtype, prefix="language_model.")
+    else:
+        raise ConversionError(f"unknown export format {fmt!r}")
+
+
+def format_config(fmt: str, cfg: MM1Config, special: Optional[Dict[str, int]], dtype: str):
+    if fmt == "language-model":
+        return language_model_config(cfg.model.llm, special, dtype)
+    if fmt == "vision-encoder":
+        return vision_encoder_config(cfg.model.vision, dtype)
+    if fmt == "mm1":
+        return mm1_config(cfg, special, dtype)
+    return llava_config(cfg, special, dtype)

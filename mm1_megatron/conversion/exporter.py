@@ -1,0 +1,179 @@
+"""Export an mm1_megatron checkpoint (any TP/PP/EP layout) to a Hugging Face folder.
+
+    export_checkpoint(ExportRequest(checkpoint="runs/x/ckpt", output="exports/x"))
+
+Formats: ``mm1`` (the whole model, ``MM1ForConditionalGeneration``), ``llava``
+(``LlavaForConditionalGeneration``, MLP connector only, loads without this package),
+``language-model`` (``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MixtralForCausalLM`` /
+``Qwen2MoeForCausalLM``) and ``vision-encoder`` (``CLIPVisionModel``). The checkpoint is
+loaded into a TP=1 model in this process, then written as safetensors shards unit by unit
+with an index, next to ``config.json``, tokenizer files, the image-processor and
+generation configs and a model card with the training config.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from mm1_megatron.config import load_config
+from mm1_megatron.conversion import megatron_io
+from mm1_megatron.conversion.errors import ConversionError
+from mm1_megatron.conversion.export_layouts import (
+    check_llava_compatible,
+    format_config,
+    format_tensors,
+)
+from mm1_megatron.conversion.hf_files import (
+    write_generation_config,
+    write_image_processor_config,
+    write_model_card,
+)
+from mm1_megatron.conversion.safetensors_io import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ShardedSafetensorsWriter,
+    check_output_folder,
+    staged_output,
+    tensor_dtype,
+)
+from mm1_megatron.conversion.target_configs import TARGET_CLASSES, language_target
+from mm1_megatron.conversion.tokenizer_files import resolve_tokenizer, write_tokenizer
+
+logger = logging.getLogger(__name__)
+
+FORMAT_PARTS = {
+    "mm1": ("vision_encoder", "connector", "language_model"),
+    "llava": ("vision_encoder", "connector", "language_model"),
+    "language-model": ("language_model",),
+    "vision-encoder": ("vision_encoder",),
+}
+FORMATS = ("auto",) + tuple(FORMAT_PARTS)
+
+
+@dataclass
+class ExportRequest:
+    checkpoint: Path
+    output: Path
+    format: str = "auto"
+    dtype: str = "auto"              # auto: the imported source's dtype, else float32
+    tokenizer: Optional[Path] = None  # a HF tokenizer folder replacing the checkpoint's
+    overwrite: bool = False
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+
+
+def _choose_format(requested: str, parts) -> str:
+    if requested not in FORMATS:
+        raise ConversionError(f"--format {requested!r} is not one of {list(FORMATS)}")
+    if requested == "auto":
+        if set(FORMAT_PARTS["mm1"]) <= set(parts):
+            return "mm1"
+        if parts == ("language_model",):
+            return "language-model"
+        if parts == ("vision_encoder",):
+            return "vision-encoder"
+        raise ConversionError(f"the checkpoint holds {list(parts)}; choose --format "
+                              f"language-model or vision-encoder")
+    missing = [p for p in FORMAT_PARTS[requested] if p not in parts]
+    if missing:
+        raise ConversionError(f"--format {requested} needs {missing}, which the checkpoint "
+                              f"does not hold (it has {list(parts)})")
+    return requested
+
+
+def _choose_dtype(requested: str, info: Dict) -> str:
+    if requested != "auto":
+        return str(tensor_dtype(requested)).replace("torch.", "")
+    dtypes = {source.get("dtype") for source in info.get("sources", {}).values()}
+    return dtypes.pop() if len(dtypes) == 1 and None not in dtypes else "float32"
+
+
+def _architecture(fmt: str, cfg) -> str:
+    return {"mm1": "MM1ForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
+            "vision-encoder": "CLIPVisionModel"}.get(fmt) or \
+        TARGET_CLASSES[language_target(cfg.model.llm)]
+
+
+def _model_card_notes(fmt: str, cfg) -> str:
+    if fmt == "vision-encoder" or language_target(cfg.model.llm) != "qwen2_moe":
+        return ""
+    return ("The decoder has MoE layers on every k-th layer (0, k, 2k, ...), so it is exported "
+            "as `Qwen2MoeForCausalLM`: the standard class whose layers can each be dense "
+            "(`mlp_only_layers`, own `intermediate_size`) or MoE, with plain RoPE attention and "
+            "renormalised top-k routing. Its shared expert has width 0 and adds exactly zero.")
+
+
+def _load_extras(step: Path) -> Dict[str, torch.Tensor]:
+    path = megatron_io.extras_path(step)
+    if path is None:
+        return {}
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _write_side_files(folder: Path, fmt: str, cfg, tokenizer, special, step: Path,
+                      dtype: str) -> None:
+    if tokenizer is not None:
+        write_tokenizer(tokenizer, folder)
+    if special is not None:
+        write_generation_config(folder, special)
+    if fmt != "language-model":
+        write_image_processor_config(folder, cfg.model.vision)
+    if fmt == "llava":
+        from mm1_megatron.conversion.llava_processor import write_llava_processor
+
+        write_llava_processor(folder, cfg)
+    write_model_card(folder, fmt=fmt, cfg=cfg, step_folder=step,
+                     architecture=_architecture(fmt, cfg), dtype=dtype,
+                     notes=_model_card_notes(fmt, cfg), special=special)
+
+
+def _tokenizer_and_special_ids(request: ExportRequest, cfg, step: Path, needed):
+    """The tokenizer to ship and the special ids for the configs. A language model imported
+    without a tokenizer is exported without one, with the source's own special ids."""
+    if "language_model" not in needed:
+        return None, None
+    info = megatron_io.read_conversion_info(step)
+    source = info.get("sources", {}).get("language_model")
+    if request.tokenizer is None and source and not info["vocabulary"]["special_ids"]:
+        logger.warning("%s was imported without a tokenizer: no tokenizer files are written "
+                       "(pass --tokenizer to add one)", step)
+        return None, {"bos": source["bos_token_id"], "eos": source["eos_token_id"],
+                      "pad": source["pad_token_id"]}
+    tokenizer = resolve_tokenizer(cfg, request.tokenizer)
+    return tokenizer, tokenizer.special_ids()
+
+
+def export_checkpoint(request: ExportRequest) -> Path:
+    """Write the Hugging Face folder; returns its path."""
+    check_output_folder(request.output, overwrite=request.overwrite)
+    step = megatron_io.resolve_step_folder(request.checkpoint)
+    cfg = load_config(step / "config.yaml")
+    with megatron_io.single_process_world():
+        parts = megatron_io.parts_in_checkpoint(step)
+        fmt = _choose_format(request.format, parts)
+        if fmt == "llava":
+            check_llava_compatible(cfg)
+        dtype = _choose_dtype(request.dtype, megatron_io.read_conversion_info(step))
+        needed = FORMAT_PARTS[fmt]
+        tokenizer, special = _tokenizer_and_special_ids(request, cfg, step, needed)
+        model = megatron_io.build_tp1_model(
+            megatron_io.placeholder_model_config(cfg.model, needed),
+            image_token_id=(special or {}).get("image") or 0)
+        megatron_io.load_parts(model, step, needed)
+        state = megatron_io.state_of(model)
+        logger.info("exporting %s of %s as %s (%s)", " + ".join(needed), step, fmt, dtype)
+        with staged_output(request.output, overwrite=request.overwrite) as staging:
+            format_config(fmt, cfg, special, dtype).save_pretrained(str(staging))
+            writer = ShardedSafetensorsWriter(staging, max_shard_bytes=request.max_shard_bytes)
+            for name, tensor in format_tensors(fmt, state, cfg, dtype=tensor_dtype(dtype),
+                                               extras=_load_extras(step)):
+                writer.add(name, tensor)
+            writer.close()
+            _write_side_files(staging, fmt, cfg, tokenizer, special, step, dtype)
+    logger.info("exported %s to %s", fmt, request.output)
+    return Path(request.output)

@@ -1,0 +1,34 @@
+"""``MM1Config`` for ``transformers``: a CLIP vision tower, our connector, a causal LM."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+class MM1HFConfig(PreTrainedConfig):
+    """Hugging Face config of an exported MM1 model (``model_type: mm1``).
+
+    ``vision_config`` is a ``CLIPVisionConfig``, ``text_config`` the config of the exported
+    decoder (Llama, Qwen2, Mixtral or Qwen2-MoE), ``connector_config`` the fields of our
+    ``model.connector`` section. Each image is ``num_image_tokens`` copies of
+    ``image_token_id`` in ``input_ids``.
+    """
+
+    model_type = "mm1"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    connector_config: dict | None = None
+    image_token_id: int = 0
+    num_image_tokens: int = 144
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.connector_config is None:
+            self.connector_config = {"type": "mlp", "num_readout_layers": 2}
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))

@@ -1,0 +1,118 @@
+"""``MM1ForConditionalGeneration``: the whole MM1 model as a ``transformers`` model.
+
+The vision tower is a ``CLIPVisionModel`` (its ``last_hidden_state`` without the class
+token is what our ViT returns), the connector is the very module our training uses
+(``mm1_megatron.models.connectors``), and the language model is the standard causal LM
+the decoder exports to. ``generate()`` takes ``input_ids`` in which each image is a run of
+``num_image_tokens`` image tokens, plus ``pixel_values``; the images are encoded once, in
+the prefill step, and the KV cache does the rest.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from mm1_megatron.config.schema import ConnectorConfig
+from mm1_megatron.conversion.hf_model.configuration_mm1 import MM1HFConfig
+from mm1_megatron.models.connectors import (
+    AttnPoolConnector,
+    AvgPoolConnector,
+    CAbstractor,
+    MLPConnector,
+)
+
+
+def build_connector_net(cfg: ConnectorConfig, *, vision_hidden: int, llm_hidden: int,
+                        num_patches: int, init_std: float) -> nn.Module:
+    """The module our Megatron ``Connector`` holds as ``.net``, chosen by ``cfg.type``."""
+    if cfg.type == "c_abstractor":
+        return CAbstractor(cfg, vision_hidden, llm_hidden, num_patches, init_std)
+    if cfg.type == "avg_pool":
+        return AvgPoolConnector(cfg, vision_hidden, llm_hidden)
+    if cfg.type == "attn_pool":
+        return AttnPoolConnector(cfg, vision_hidden, llm_hidden, init_std)
+    if cfg.type == "mlp":
+        return MLPConnector(cfg, vision_hidden, llm_hidden)
+    raise ValueError(f"connector type {cfg.type!r} is not a known connector")
+
+
+class MM1PreTrainedModel(PreTrainedModel):
+    config: MM1HFConfig
+    config_class = MM1HFConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.get_text_config().initializer_range
+        for name in ("position_embedding", "queries"):  # the connectors' raw parameters
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter) and isinstance(module, (CAbstractor,
+                                                                       AttnPoolConnector)):
+                nn.init.normal_(param, std=std)
+
+
+class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
+    def __init__(self, config: MM1HFConfig):
+        super().__init__(config)
+        vision, text = config.vision_config, config.text_config
+        self.vision_tower = AutoModel.from_config(vision)
+        num_patches = (vision.image_size // vision.patch_size) ** 2
+        self.connector = build_connector_net(
+            ConnectorConfig(**config.connector_config), vision_hidden=vision.hidden_size,
+            llm_hidden=text.hidden_size, num_patches=num_patches,
+            init_std=text.initializer_range)
+        self.language_model = AutoModelForCausalLM.from_config(text)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[n, c, H, W]`` -> ``[n, num_image_tokens, text_hidden]``."""
+        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        hidden = self.vision_tower(pixel_values=pixel_values.to(dtype)).last_hidden_state
+        return self.connector(hidden[:, 1:])  # CLIP's class token is not an image token
+
+    def _merge_images(self, input_ids, inputs_embeds, pixel_values, past_key_values):
+        image_mask = input_ids == self.config.image_token_id
+        num_slots = int(image_mask.sum())
+        if num_slots == 0 and past_key_values is not None and past_key_values.get_seq_length() > 0:
+            return inputs_embeds  # a decoding step: the images went in with the prompt
+        features = self.get_image_features(pixel_values)
+        if num_slots != features.shape[0] * features.shape[1]:
+            raise ValueError(f"input_ids have {num_slots} image tokens but {features.shape[0]} "
+                             f"images give {features.shape[0] * features.shape[1]}; each image "
+                             f"needs {self.config.num_image_tokens} image tokens")
+        features = features.to(inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
+                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
+                logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if pixel_values is not None:
+                inputs_embeds = self._merge_images(input_ids, inputs_embeds, pixel_values,
+                                                   past_key_values)
+        elif pixel_values is not None:
+            raise ValueError("pixel_values need input_ids (to find the image tokens)")
+        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   position_ids=position_ids, past_key_values=past_key_values,
+                                   labels=labels, use_cache=use_cache,
+                                   logits_to_keep=logits_to_keep, **kwargs)

@@ -1,0 +1,186 @@
+"""Import Hugging Face weights into an mm1_megatron checkpoint.
+
+    import_checkpoint(ImportRequest(output="ckpts/llama", language_model="hf/llama"))
+
+writes ``output/step_00000000/`` (``model_optim/`` dist checkpoint of the imported parts,
+``config.yaml``, ``conversion.json``, ``manifest.json``) and ``output/latest``. Training
+runs read it with ``checkpoint.pretrained_language_model`` /
+``checkpoint.pretrained_vision_encoder`` at any TP/PP/EP layout. The connector is never
+imported: it starts fresh in the training run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from mm1_megatron.checkpoint import layout
+from mm1_megatron.config import MM1Config, load_config, save_config
+from mm1_megatron.conversion import megatron_io
+from mm1_megatron.conversion.errors import ConversionError, unsupported
+from mm1_megatron.conversion.mapping import (
+    LANGUAGE_PREFIX,
+    QWEN2_MOE_STYLE,
+    language_attention_shape,
+    language_units,
+    moe_layer_flags,
+    vision_attention_shape,
+    vision_post_layernorm_names,
+    vision_units,
+)
+from mm1_megatron.conversion.safetensors_io import (
+    SafetensorsFolder,
+    check_output_folder,
+    dtype_name,
+    staged_output,
+)
+from mm1_megatron.conversion.source_configs import language_source, vision_source
+from mm1_megatron.conversion.tensor_copy import check_all_consumed, fill_from_hf
+from mm1_megatron.conversion.vocab import VocabularyPlan, has_tokenizer_files, plan_vocabulary
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ImportRequest:
+    output: Path
+    language_model: Optional[Path] = None   # a LlamaForCausalLM / Qwen2 / Mistral / Mixtral folder
+    vision_encoder: Optional[Path] = None   # a CLIPVisionModel or CLIPModel folder
+    base_config: Optional[Path] = None      # YAML for the parts not imported (e.g. the connector)
+    overrides: Sequence[str] = ()
+    tokenizer: Optional[Path] = None        # default: the language model folder, if it has one
+    vocab_size: Optional[int] = None
+    vocab_multiple: int = 1
+    overwrite: bool = False
+    seed: int = 1234
+
+
+def _shared_expert_names(index: int) -> List[str]:
+    block = f"model.layers.{index}.mlp"
+    return [f"{block}.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")] + \
+        [f"{block}.shared_expert_gate.weight"]
+
+
+def _check_no_shared_experts(reader: SafetensorsFolder, cfg: MM1Config) -> List[str]:
+    """Qwen2-MoE shared experts are accepted only when they contribute exactly zero."""
+    names = []
+    for index, is_moe in enumerate(moe_layer_flags(cfg.model.llm)):
+        if not is_moe:
+            continue
+        layer_names = [n for n in _shared_expert_names(index) if n in reader]
+        down = f"model.layers.{index}.mlp.shared_expert.down_proj.weight"
+        if down in reader and reader.get(down).count_nonzero() > 0:
+            raise unsupported("shared expert", down, "Our MoE layers have routed experts only; "
+                              "a Qwen2-MoE shared expert must be zero (as in our exports).")
+        names += layer_names
+    return names
+
+
+def _import_language_model(state, request: ImportRequest, cfg: MM1Config, style: str,
+                           plan: VocabularyPlan) -> None:
+    reader = SafetensorsFolder(request.language_model)
+    llm = cfg.model.llm
+    grown = {f"{LANGUAGE_PREFIX}embedding.word_embeddings.weight": plan.source_size}
+    if not llm.tie_embeddings:
+        grown[f"{LANGUAGE_PREFIX}output_layer.weight"] = plan.source_size
+    consumed = fill_from_hf(state, language_units(llm, style), reader,
+                            language_attention_shape(llm), label="language model", grown=grown)
+    if style == QWEN2_MOE_STYLE:
+        consumed.update(_check_no_shared_experts(reader, cfg))
+    if llm.tie_embeddings:
+        consumed.add("lm_head.weight")  # some tied checkpoints store the shared matrix twice
+    check_all_consumed(reader, consumed)
+
+
+def _import_vision_encoder(state, request: ImportRequest, cfg: MM1Config) -> Dict[str, torch.Tensor]:
+    """Copies the ViT; returns CLIP's post-LayerNorm (kept for export) by exported name."""
+    reader = SafetensorsFolder(request.vision_encoder)
+    prefix = reader.find_prefix("embeddings.class_embedding")
+    if prefix is None:
+        raise ConversionError(f"{request.vision_encoder} has no embeddings.class_embedding; "
+                              f"is it a CLIP vision tower?")
+    vision = cfg.model.vision
+    consumed = fill_from_hf(state, vision_units(vision, prefix), reader,
+                            vision_attention_shape(vision), label="vision encoder")
+    extras = {}
+    for ours, theirs in zip(vision_post_layernorm_names(), vision_post_layernorm_names(prefix)):
+        if theirs in reader:
+            extras[ours] = reader.get(theirs)
+            consumed.add(theirs)
+    check_all_consumed(reader, consumed, scope=prefix)
+    return extras
+
+
+def _resolve_config(request: ImportRequest):
+    cfg = load_config(request.base_config, list(request.overrides))
+    parts, info = [], {"format_version": 1, "parts": [], "sources": {}, "warnings": []}
+    style, plan = None, None
+    if request.language_model is not None:
+        source = language_source(request.language_model)
+        tokenizer = request.tokenizer
+        if tokenizer is None and has_tokenizer_files(request.language_model):
+            tokenizer = request.language_model
+        plan = plan_vocabulary(source.llm.vocab_size, tokenizer_path=tokenizer,
+                               vocab_size=request.vocab_size, multiple=request.vocab_multiple)
+        cfg.model.llm = replace(source.llm, vocab_size=plan.target_size)
+        if plan.tokenizer_path is not None:
+            cfg.data.tokenizer, cfg.data.tokenizer_path = "huggingface", plan.tokenizer_path
+        style = source.style
+        parts.append("language_model")
+        info["sources"]["language_model"] = {
+            "path": str(Path(request.language_model).resolve()), "model_type": source.model_type,
+            "dtype": dtype_name(SafetensorsFolder(request.language_model).dtype()),
+            "bos_token_id": source.bos_token_id, "eos_token_id": source.eos_token_id,
+            "pad_token_id": source.pad_token_id}
+        info["vocabulary"] = {"source_size": plan.source_size, "size": plan.target_size,
+                              "new_rows_init": "mean of the source rows",
+                              "added_tokens": plan.added_tokens,
+                              "special_ids": plan.special_ids}
+        info["warnings"] += source.warnings
+    if request.vision_encoder is not None:
+        cfg.model.vision = vision_source(request.vision_encoder)
+        parts.insert(0, "vision_encoder")
+        info["sources"]["vision_encoder"] = {
+            "path": str(Path(request.vision_encoder).resolve()),
+            "dtype": dtype_name(SafetensorsFolder(request.vision_encoder).dtype())}
+    if not parts:
+        raise ConversionError("nothing to import: give a language model and/or a vision encoder")
+    info["parts"] = parts
+    for warning in info["warnings"]:
+        logger.warning("%s", warning)
+    return cfg, parts, info, style, plan
+
+
+def import_checkpoint(request: ImportRequest) -> Path:
+    """Convert the requested Hugging Face parts; returns the output save folder."""
+    check_output_folder(request.output, overwrite=request.overwrite)
+    cfg, parts, info, style, plan = _resolve_config(request)
+    image_token_id = (plan.special_ids.get("image", 0) if plan is not None else 0)
+    build_cfg = megatron_io.placeholder_model_config(cfg.model, parts)
+    with megatron_io.single_process_world():
+        model = megatron_io.build_tp1_model(build_cfg, image_token_id=image_token_id,
+                                            seed=request.seed)
+        state = megatron_io.state_of(model)
+        extras = {}
+        if "language_model" in parts:
+            _import_language_model(state, request, cfg, style, plan)
+        if "vision_encoder" in parts:
+            extras = _import_vision_encoder(state, request, cfg)
+        with staged_output(request.output, overwrite=request.overwrite) as staging:
+            step = staging / layout.checkpoint_name(0)
+            megatron_io.save_parts(model, step, parts)
+            save_config(cfg, step / "config.yaml")
+            if extras:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in extras.items()},
+                          str(step / megatron_io.EXTRAS_FILE))
+            (step / megatron_io.CONVERSION_FILE).write_text(json.dumps(info, indent=1) + "\n")
+            megatron_io.write_published_checkpoint(staging, step.name)
+    logger.info("imported %s into %s", " and ".join(parts), request.output)
+    return Path(request.output)

@@ -1,0 +1,194 @@
+"""Hugging Face ``config.json`` -> our ``LanguageModelConfig`` / ``VisionEncoderConfig``.
+
+Only what our decoder and ViT compute exactly is accepted; anything else (another RoPE
+scaling, biases our layers do not have, a head size other than hidden / heads, SigLIP's
+encoder layout, ...) is a ``ConversionError`` that names the field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from mm1_megatron.config.schema import (
+    CLIP_IMAGE_MEAN,
+    CLIP_IMAGE_STD,
+    LanguageModelConfig,
+    MoEConfig,
+    VisionEncoderConfig,
+)
+from mm1_megatron.conversion.errors import ConversionError, unsupported
+from mm1_megatron.conversion.mapping import (
+    DENSE_STYLE,
+    MIXTRAL_STYLE,
+    QWEN2_MOE_STYLE,
+)
+
+logger = logging.getLogger(__name__)
+
+LANGUAGE_MODEL_TYPES = {"llama": DENSE_STYLE, "mistral": DENSE_STYLE, "qwen2": DENSE_STYLE,
+                        "mixtral": MIXTRAL_STYLE, "qwen2_moe": QWEN2_MOE_STYLE}
+VISION_MODEL_TYPES = ("clip_vision_model", "clip")
+VISION_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+
+
+@dataclass
+class LanguageSource:
+    """What an import needs to know about a Hugging Face causal LM folder."""
+
+    model_type: str
+    style: str
+    llm: LanguageModelConfig
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    pad_token_id: Optional[int] = None
+    warnings: List[str] = field(default_factory=list)
+
+
+def read_hf_config(folder):
+    """``AutoConfig`` of a local folder (JSON only; never remote code)."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ConversionError(f"{folder} has no config.json; pass a Hugging Face model folder "
+                              f"(the output of save_pretrained)")
+    try:
+        return AutoConfig.from_pretrained(str(folder), local_files_only=True,
+                                          trust_remote_code=False)
+    except (ValueError, KeyError) as exc:
+        raise ConversionError(f"cannot read {folder / 'config.json'}: {exc}") from None
+
+
+def _rope_base(cfg) -> int:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    scaling = getattr(cfg, "rope_scaling", None) or {}  # transformers 4
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type not in (None, "default"):
+        raise unsupported("RoPE scaling", rope_type, "Our decoder applies plain RoPE "
+                          "(rope_type=default); a scaled RoPE would change every logit.")
+    theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+    if float(theta) != int(theta):
+        raise unsupported("rope_theta", theta, "model.llm.rotary_base is an integer.")
+    return int(theta)
+
+
+def _check_common(cfg) -> None:
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise unsupported("hidden_act", cfg.hidden_act, "Our decoder's MLP is SwiGLU (silu).")
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim is not None and head_dim != cfg.hidden_size // cfg.num_attention_heads:
+        raise unsupported("head_dim", head_dim, f"Our decoder uses hidden_size / "
+                          f"num_attention_heads = {cfg.hidden_size // cfg.num_attention_heads}.")
+    for name in ("attention_bias", "mlp_bias"):
+        if getattr(cfg, name, False):
+            raise unsupported(name, True, "Our decoder has no biases besides q/k/v "
+                              "(model.llm.qkv_bias).")
+
+
+def _sliding_window_warning(cfg) -> List[str]:
+    window = getattr(cfg, "sliding_window", None)
+    uses_window = getattr(cfg, "use_sliding_window", window is not None)
+    if uses_window and window and window < cfg.max_position_embeddings:
+        return [f"the source uses sliding-window attention ({window} tokens); our decoder "
+                f"attends to the whole sequence, which is identical for sequences of up to "
+                f"{window} tokens"]
+    return []
+
+
+def _moe_config(cfg, model_type: str) -> MoEConfig:
+    if model_type == "mixtral":
+        num_experts, ffn = cfg.num_local_experts, cfg.intermediate_size
+        normalised, frequency = True, 1
+    else:
+        num_experts, ffn = cfg.num_experts, cfg.moe_intermediate_size
+        normalised = bool(cfg.norm_topk_prob)
+        frequency = _qwen2_moe_frequency(cfg)
+    top_k = cfg.num_experts_per_tok
+    # Megatron-Core (as we configure it) renormalises the top-k weights for top_k > 1 and
+    # keeps the raw softmax probability for top_k = 1.
+    if normalised != (top_k > 1):
+        raise unsupported("router normalisation", f"top_k={top_k}, normalised={normalised}",
+                          "Our router renormalises the top-k probabilities exactly when "
+                          "top_k > 1 (Mixtral's rule).")
+    return MoEConfig(num_experts=num_experts, top_k=top_k, layer_frequency=frequency,
+                     expert_ffn_hidden_size=ffn)
+
+
+def _qwen2_moe_frequency(cfg) -> int:
+    """The k with MoE exactly on layers 0, k, 2k, ... (our layout), or an error."""
+    only_mlp = set(cfg.mlp_only_layers or [])
+    flags = [i not in only_mlp and (i + 1) % cfg.decoder_sparse_step == 0
+             for i in range(cfg.num_hidden_layers)]
+    for frequency in range(1, cfg.num_hidden_layers + 1):
+        if flags == [i % frequency == 0 for i in range(cfg.num_hidden_layers)]:
+            return frequency
+    moe_layers = [i for i, flag in enumerate(flags) if flag]
+    raise unsupported("MoE layer placement", moe_layers, "Our decoder puts experts on "
+                      "layers 0, k, 2k, ... (model.llm.moe.layer_frequency=k).")
+
+
+def language_source(folder) -> LanguageSource:
+    """Translate a causal LM's config; raises ``ConversionError`` for what we cannot run."""
+    cfg = read_hf_config(folder)
+    model_type = cfg.model_type
+    if model_type not in LANGUAGE_MODEL_TYPES:
+        raise unsupported("language model type", model_type,
+                          f"Supported: {sorted(LANGUAGE_MODEL_TYPES)}.")
+    _check_common(cfg)
+    moe = _moe_config(cfg, model_type) if model_type in ("mixtral", "qwen2_moe") else MoEConfig()
+    dense_ffn = cfg.intermediate_size
+    llm = LanguageModelConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        ffn_hidden_size=dense_ffn, max_sequence_length=cfg.max_position_embeddings,
+        rotary_base=_rope_base(cfg), norm_epsilon=cfg.rms_norm_eps,
+        tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        qkv_bias=model_type == "qwen2" or bool(getattr(cfg, "qkv_bias", False)),
+        moe=moe)
+    if llm.num_query_groups == llm.num_attention_heads:
+        llm.num_query_groups = None
+    return LanguageSource(model_type=model_type, style=LANGUAGE_MODEL_TYPES[model_type],
+                          llm=llm, bos_token_id=getattr(cfg, "bos_token_id", None),
+                          eos_token_id=getattr(cfg, "eos_token_id", None),
+                          pad_token_id=getattr(cfg, "pad_token_id", None),
+                          warnings=_sliding_window_warning(cfg))
+
+
+def _image_normalisation(folder: Path):
+    path = folder / "preprocessor_config.json"
+    if path.is_file():
+        values = json.loads(path.read_text())
+        if "image_mean" in values and "image_std" in values:
+            return list(values["image_mean"]), list(values["image_std"])
+    return list(CLIP_IMAGE_MEAN), list(CLIP_IMAGE_STD)
+
+
+def vision_source(folder) -> VisionEncoderConfig:
+    """A ``CLIPVisionModel`` or the vision half of a ``CLIPModel`` -> our ViT config."""
+    folder = Path(folder)
+    cfg = read_hf_config(folder)
+    if cfg.model_type not in VISION_MODEL_TYPES:
+        hint = ("SigLIP's encoder has a patch-embedding bias, no pre-LayerNorm, a "
+                "post-LayerNorm on every token and tanh-GELU, which our CLIP-style ViT does "
+                "not have. " if "siglip" in cfg.model_type else "")
+        raise unsupported("vision model type", cfg.model_type,
+                          f"{hint}Supported: {list(VISION_MODEL_TYPES)} (CLIPVisionModel or "
+                          f"the vision tower of a CLIPModel).")
+    vision_cfg = cfg.vision_config if cfg.model_type == "clip" else cfg
+    if vision_cfg.hidden_act not in VISION_ACTIVATIONS:
+        raise unsupported("vision hidden_act", vision_cfg.hidden_act,
+                          f"Supported: {sorted(VISION_ACTIVATIONS)}.")
+    mean, std = _image_normalisation(folder)
+    return VisionEncoderConfig(
+        image_size=vision_cfg.image_size, patch_size=vision_cfg.patch_size,
+        num_channels=vision_cfg.num_channels, hidden_size=vision_cfg.hidden_size,
+        num_layers=vision_cfg.num_hidden_layers,
+        num_attention_heads=vision_cfg.num_attention_heads,
+        ffn_hidden_size=vision_cfg.intermediate_size,
+        activation=VISION_ACTIVATIONS[vision_cfg.hidden_act], use_class_token=True,
+        layernorm_epsilon=vision_cfg.layer_norm_eps, image_mean=mean, image_std=std)

@@ -1,0 +1,114 @@
+"""Our ``LanguageModelConfig`` / ``VisionEncoderConfig`` -> Hugging Face configs for export.
+
+Which ``transformers`` class a decoder becomes (each computes exactly what ours does):
+
+| our decoder | class |
+|---|---|
+| dense, no q/k/v bias | ``LlamaForCausalLM`` |
+| dense, q/k/v bias | ``Qwen2ForCausalLM`` |
+| MoE on every layer, top-k >= 2, no q/k/v bias | ``MixtralForCausalLM`` |
+| any other MoE (every k-th layer, top-1, q/k/v bias) | ``Qwen2MoeForCausalLM`` |
+
+MoE on every k-th layer: ``Qwen2MoeForCausalLM`` is the one standard class whose layers
+can be dense or MoE individually (``mlp_only_layers``) with a dense FFN width of its own
+(``intermediate_size``) next to the experts' (``moe_intermediate_size``), plain RoPE
+attention with optional q/k/v biases, and softmax top-k routing that can renormalise
+(``norm_topk_prob``). Its shared expert is given width 0 (``shared_expert_intermediate_size:
+0``), so it adds exactly zero. Mixtral requires every layer to be MoE; Qwen3-MoE adds
+q/k norms, Llama 4 a shared expert and chunked attention, DeepSeek latent attention.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from mm1_megatron.config.schema import LanguageModelConfig, VisionEncoderConfig
+from mm1_megatron.conversion.errors import ConversionError
+from mm1_megatron.conversion.mapping import (
+    DENSE_STYLE,
+    MIXTRAL_STYLE,
+    QWEN2_MOE_STYLE,
+    moe_layer_flags,
+)
+
+TARGET_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+TARGET_STYLES = {"llama": DENSE_STYLE, "qwen2": DENSE_STYLE, "mixtral": MIXTRAL_STYLE,
+                 "qwen2_moe": QWEN2_MOE_STYLE}
+
+
+def language_target(llm: LanguageModelConfig) -> str:
+    """The ``model_type`` our decoder is exported as (see the module docstring)."""
+    if llm.moe.num_experts == 0:
+        return "qwen2" if llm.qkv_bias else "llama"
+    if llm.moe.layer_frequency == 1 and llm.moe.top_k > 1 and not llm.qkv_bias:
+        return "mixtral"
+    return "qwen2_moe"
+
+
+def _common(llm: LanguageModelConfig, special: Dict[str, Optional[int]], dtype: str) -> dict:
+    return dict(
+        vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
+        num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_attention_heads,
+        num_key_value_heads=llm.num_query_groups or llm.num_attention_heads,
+        head_dim=llm.hidden_size // llm.num_attention_heads, hidden_act="silu",
+        max_position_embeddings=llm.max_sequence_length, rms_norm_eps=llm.norm_epsilon,
+        rope_parameters={"rope_type": "default", "rope_theta": float(llm.rotary_base)},
+        tie_word_embeddings=llm.tie_embeddings, attention_dropout=0.0,
+        bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
+        pad_token_id=special.get("pad"), dtype=dtype)
+
+
+def hf_language_config(llm: LanguageModelConfig, *, special: Dict[str, Optional[int]],
+                       dtype: str = "float32"):
+    """A ``transformers`` config of the class ``language_target`` picks."""
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig
+
+    target = language_target(llm)
+    common = _common(llm, special, dtype)
+    if target == "llama":
+        return LlamaConfig(intermediate_size=llm.ffn_hidden_size, attention_bias=False,
+                           mlp_bias=False, **common)
+    if target == "qwen2":
+        return Qwen2Config(intermediate_size=llm.ffn_hidden_size, use_sliding_window=False,
+                           sliding_window=None, **common)
+    moe = llm.moe
+    expert_ffn = moe.expert_ffn_hidden_size or llm.ffn_hidden_size
+    if target == "mixtral":
+        return MixtralConfig(intermediate_size=expert_ffn, num_local_experts=moe.num_experts,
+                             num_experts_per_tok=moe.top_k, sliding_window=None,
+                             router_aux_loss_coef=moe.aux_loss_coeff, **common)
+    dense_layers = [i for i, is_moe in enumerate(moe_layer_flags(llm)) if not is_moe]
+    return Qwen2MoeConfig(intermediate_size=llm.ffn_hidden_size, moe_intermediate_size=expert_ffn,
+                          num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                          norm_topk_prob=moe.top_k > 1, decoder_sparse_step=1,
+                          mlp_only_layers=dense_layers, shared_expert_intermediate_size=0,
+                          qkv_bias=llm.qkv_bias, use_sliding_window=False,
+                          router_aux_loss_coef=moe.aux_loss_coeff, **common)
+
+
+def hf_vision_config(vision: VisionEncoderConfig, *, dtype: str = "float32"):
+    """``CLIPVisionConfig`` of our ViT (which must have CLIP's class token)."""
+    from transformers import CLIPVisionConfig
+
+    if not vision.use_class_token:
+        raise ConversionError("model.vision.use_class_token=false has no exact transformers "
+                              "class (CLIPVisionModel always has a class token)")
+    return CLIPVisionConfig(
+        hidden_size=vision.hidden_size, intermediate_size=vision.ffn_hidden_size,
+        num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_attention_heads,
+        num_channels=vision.num_channels, image_size=vision.image_size,
+        patch_size=vision.patch_size, hidden_act=vision.activation,
+        layer_norm_eps=vision.layernorm_epsilon, dtype=dtype)
+
+
+def image_processor_config(vision: VisionEncoderConfig) -> dict:
+    """``preprocessor_config.json`` for ``CLIPImageProcessor``: shorter side to the image
+    size, centre crop, rescale to [0, 1], normalise (our ``data.image_resize=crop``)."""
+    size = vision.image_size
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+            "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True,
+            "crop_size": {"height": size, "width": size}, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(vision.image_mean), "image_std": list(vision.image_std),
+            "do_convert_rgb": True}
