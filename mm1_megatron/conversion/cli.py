@@ -105,8 +105,8 @@ def _run_export(args) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    setup_logging()  # before parsing: the parser imports Megatron-Core, which warns
     args = parse_args(argv)
-    setup_logging()
     try:
         (_run_import if args.command == "import" else _run_export)(args)
     except ValueError as exc:  # ConversionError and config errors: the user's input

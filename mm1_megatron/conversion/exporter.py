@@ -37,6 +37,7 @@ from mm1_megatron.conversion.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardedSafetensorsWriter,
     check_output_folder,
+    dtype_name,
     staged_output,
     tensor_dtype,
 )
@@ -86,7 +87,7 @@ def _choose_format(requested: str, parts) -> str:
 
 def _choose_dtype(requested: str, info: Dict) -> str:
     if requested != "auto":
-        return str(tensor_dtype(requested)).replace("torch.", "")
+        return dtype_name(tensor_dtype(requested))
     dtypes = {source.get("dtype") for source in info.get("sources", {}).values()}
     return dtypes.pop() if len(dtypes) == 1 and None not in dtypes else "float32"
 

@@ -97,7 +97,8 @@ def _import_language_model(state, request: ImportRequest, cfg: MM1Config, style:
     check_all_consumed(reader, consumed)
 
 
-def _import_vision_encoder(state, request: ImportRequest, cfg: MM1Config) -> Dict[str, torch.Tensor]:
+def _import_vision_encoder(state, request: ImportRequest,
+                           cfg: MM1Config) -> Dict[str, torch.Tensor]:
     """Copies the ViT; returns CLIP's post-LayerNorm (kept for export) by exported name."""
     reader = SafetensorsFolder(request.vision_encoder)
     prefix = reader.find_prefix("embeddings.class_embedding")
@@ -116,38 +117,44 @@ def _import_vision_encoder(state, request: ImportRequest, cfg: MM1Config) -> Dic
     return extras
 
 
+def _language_part(request: ImportRequest, cfg: MM1Config, info: Dict):
+    """Puts the source's decoder (vocabulary grown) into ``cfg``; returns (style, plan)."""
+    source = language_source(request.language_model)
+    tokenizer = request.tokenizer
+    if tokenizer is None and has_tokenizer_files(request.language_model):
+        tokenizer = request.language_model
+    plan = plan_vocabulary(source.llm.vocab_size, tokenizer_path=tokenizer,
+                           vocab_size=request.vocab_size, multiple=request.vocab_multiple)
+    cfg.model.llm = replace(source.llm, vocab_size=plan.target_size)
+    if plan.tokenizer_path is not None:
+        cfg.data.tokenizer, cfg.data.tokenizer_path = "huggingface", plan.tokenizer_path
+    info["sources"]["language_model"] = {
+        "path": str(Path(request.language_model).resolve()), "model_type": source.model_type,
+        "dtype": dtype_name(SafetensorsFolder(request.language_model).dtype()),
+        "bos_token_id": source.bos_token_id, "eos_token_id": source.eos_token_id,
+        "pad_token_id": source.pad_token_id}
+    info["vocabulary"] = {"source_size": plan.source_size, "size": plan.target_size,
+                          "new_rows_init": "mean of the source rows",
+                          "added_tokens": plan.added_tokens, "special_ids": plan.special_ids}
+    info["warnings"] += source.warnings
+    return source.style, plan
+
+
 def _resolve_config(request: ImportRequest):
+    """The checkpoint's config (``--config`` with the imported parts' shapes), the parts,
+    ``conversion.json``'s content, the decoder's naming style and the vocabulary plan."""
     cfg = load_config(request.base_config, list(request.overrides))
     parts, info = [], {"format_version": 1, "parts": [], "sources": {}, "warnings": []}
-    style, plan = None, None
-    if request.language_model is not None:
-        source = language_source(request.language_model)
-        tokenizer = request.tokenizer
-        if tokenizer is None and has_tokenizer_files(request.language_model):
-            tokenizer = request.language_model
-        plan = plan_vocabulary(source.llm.vocab_size, tokenizer_path=tokenizer,
-                               vocab_size=request.vocab_size, multiple=request.vocab_multiple)
-        cfg.model.llm = replace(source.llm, vocab_size=plan.target_size)
-        if plan.tokenizer_path is not None:
-            cfg.data.tokenizer, cfg.data.tokenizer_path = "huggingface", plan.tokenizer_path
-        style = source.style
-        parts.append("language_model")
-        info["sources"]["language_model"] = {
-            "path": str(Path(request.language_model).resolve()), "model_type": source.model_type,
-            "dtype": dtype_name(SafetensorsFolder(request.language_model).dtype()),
-            "bos_token_id": source.bos_token_id, "eos_token_id": source.eos_token_id,
-            "pad_token_id": source.pad_token_id}
-        info["vocabulary"] = {"source_size": plan.source_size, "size": plan.target_size,
-                              "new_rows_init": "mean of the source rows",
-                              "added_tokens": plan.added_tokens,
-                              "special_ids": plan.special_ids}
-        info["warnings"] += source.warnings
+    style = plan = None
     if request.vision_encoder is not None:
         cfg.model.vision = vision_source(request.vision_encoder)
-        parts.insert(0, "vision_encoder")
+        parts.append("vision_encoder")
         info["sources"]["vision_encoder"] = {
             "path": str(Path(request.vision_encoder).resolve()),
             "dtype": dtype_name(SafetensorsFolder(request.vision_encoder).dtype())}
+    if request.language_model is not None:
+        style, plan = _language_part(request, cfg, info)
+        parts.append("language_model")
     if not parts:
         raise ConversionError("nothing to import: give a language model and/or a vision encoder")
     info["parts"] = parts

@@ -175,14 +175,13 @@ def vision_units(vision: VisionEncoderConfig, hf_prefix: str = "") -> List[Unit]
     """Rules for the ViT with ``CLIPVisionModel`` names under ``hf_prefix``
     (``vision_model.`` in ``CLIPModel`` and in checkpoints saved by transformers 4)."""
     ours_root, p = VISION_PREFIX, hf_prefix
-    stem = [
-        TensorRule(f"{ours_root}patch_embedding.weight", (f"{p}embeddings.patch_embedding.weight",)),
-        TensorRule(f"{ours_root}position_embedding", (f"{p}embeddings.position_embedding.weight",)),
-        TensorRule(f"{ours_root}pre_layernorm.weight", (f"{p}pre_layrnorm.weight",)),
-        TensorRule(f"{ours_root}pre_layernorm.bias", (f"{p}pre_layrnorm.bias",)),
-    ]
+    names = [("patch_embedding.weight", "embeddings.patch_embedding.weight"),
+             ("position_embedding", "embeddings.position_embedding.weight"),
+             ("pre_layernorm.weight", "pre_layrnorm.weight"),  # CLIP's spelling
+             ("pre_layernorm.bias", "pre_layrnorm.bias")]
     if vision.use_class_token:
-        stem.insert(0, TensorRule(f"{ours_root}class_embedding", (f"{p}embeddings.class_embedding",)))
+        names.insert(0, ("class_embedding", "embeddings.class_embedding"))
+    stem = [TensorRule(f"{ours_root}{ours}", (f"{p}{theirs}",)) for ours, theirs in names]
     units: List[Unit] = [("patch and position embeddings", stem)]
     for index in range(vision.num_layers):
         ours, theirs = f"{ours_root}transformer.layers.{index}", f"{p}encoder.layers.{index}"

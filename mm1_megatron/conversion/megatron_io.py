@@ -38,28 +38,31 @@ PARTS = ("vision_encoder", "connector", "language_model")
 
 @contextlib.contextmanager
 def single_process_world() -> Iterator[None]:
-    """A one-process gloo world at TP=PP=EP=1 (made here unless one already exists)."""
+    """A one-process gloo world at TP=PP=EP=1, made here unless one already exists (and
+    then torn down again)."""
+    import os
+
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from mm1_megatron.parallel import init_distributed, shutdown_distributed
 
-    import os
-
-    created = not dist.is_initialized()
-    if created:
+    created_world = not dist.is_initialized()
+    if not created_world and dist.get_world_size() != 1:
+        raise ConversionError("conversion runs in one process; start it with plain python, "
+                              "not torchrun")
+    created_groups = not parallel_state.model_parallel_is_initialized()
+    if created_world:
         os.environ.pop("MASTER_PORT", None)  # a fresh free port, not one a past world used
+    if created_world or created_groups:
         init_distributed(ParallelConfig(launcher="none"))
-    elif dist.get_world_size() != 1 or parallel_state.get_tensor_model_parallel_world_size() != 1 \
-            or parallel_state.get_pipeline_model_parallel_world_size() != 1 \
-            or parallel_state.get_expert_model_parallel_world_size() != 1:
-        raise ConversionError("conversion runs in one process (world size 1, TP=PP=EP=1); "
-                              "start it with plain python, not torchrun")
     try:
         yield
     finally:
-        if created:
+        if created_world:
             shutdown_distributed()
+        elif created_groups:
+            parallel_state.destroy_model_parallel()
 
 
 def placeholder_model_config(model: ModelConfig, keep: Iterable[str]) -> ModelConfig:

@@ -13,7 +13,7 @@ import logging
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -142,8 +142,8 @@ class ShardedSafetensorsWriter:
                  "weight_map": dict(sorted(weight_map.items()))}
         path = self.folder / SAFETENSORS_INDEX
         path.write_text(json.dumps(index, indent=2) + "\n")
-        logger.info("wrote %d tensors (%.1f MB) in %d shard(s) to %s", len(weight_map),
-                    self.total_bytes / 1e6, num_shards, self.folder)
+        logger.info("wrote %d tensors (%.1f MB) in %d shard(s)", len(weight_map),
+                    self.total_bytes / 1e6, num_shards)
         return path
 
 
@@ -188,13 +188,3 @@ def tensor_dtype(name: str) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
-
-
-def copy_files(names: Sequence[str], source: Path, target: Path) -> List[str]:
-    """Copy the files of ``names`` that exist in ``source``; returns those copied."""
-    copied = []
-    for name in names:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, Path(target) / name)
-            copied.append(name)
-    return copied

@@ -52,11 +52,10 @@ class MM1PreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         std = self.config.get_text_config().initializer_range
-        for name in ("position_embedding", "queries"):  # the connectors' raw parameters
-            param = getattr(module, name, None)
-            if isinstance(param, nn.Parameter) and isinstance(module, (CAbstractor,
-                                                                       AttnPoolConnector)):
-                nn.init.normal_(param, std=std)
+        if isinstance(module, CAbstractor):  # raw parameters the generic init does not know
+            nn.init.normal_(module.position_embedding, std=std)
+        elif isinstance(module, AttnPoolConnector):
+            nn.init.normal_(module.queries, std=std)
 
 
 class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):

@@ -1,0 +1,103 @@
+"""Session fixtures of the conversion tests: tiny Hugging Face sources, their imports, and
+one torchrun run (2 processes) that loads the imports at TP=2 / EP=2 and trains the debug
+model at TP=2 (dense) and EP=2 (MoE)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conversion.hf_sources import IMAGE_SIZE, VOCAB, build_source
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("conversion_worker.py")
+LANGUAGE_SOURCES = ("llama", "qwen2", "mistral", "mixtral")
+VISION_SOURCES = ("clip_vision", "clip")
+TOLERANCE = 1e-4
+
+# name -> (source, part, parallel layout)
+LAYOUT_LOADS = {
+    "llama_tp2": ("llama", "language_model", {"tensor_parallel_size": 2}),
+    "llama_pp2": ("llama", "language_model", {"pipeline_parallel_size": 2}),
+    "qwen2_tp2": ("qwen2", "language_model", {"tensor_parallel_size": 2}),
+    "mixtral_tp2_sp": ("mixtral", "language_model",
+                       {"tensor_parallel_size": 2, "sequence_parallel": True}),
+    "mixtral_ep2": ("mixtral", "language_model", {"expert_parallel_size": 2}),
+    "clip_vision_tp2": ("clip_vision", "vision_encoder", {"tensor_parallel_size": 2}),
+}
+TRAIN_BASE = ["training.train_steps=6", "optimizer.warmup_steps=2", "training.seq_length=64",
+              "training.global_batch_size=4", "training.micro_batch_size=2",
+              "logging.progress_bar=false"]
+TRAINS = {
+    "dense_tp2": TRAIN_BASE + ["parallel.tensor_parallel_size=2"],
+    "moe_ep2": TRAIN_BASE + ["model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=2",
+                             "parallel.expert_parallel_size=2"],
+}
+
+
+@pytest.fixture(scope="session")
+def conversion_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("conversion")
+
+
+@pytest.fixture(scope="session")
+def sources(conversion_dir):
+    """name -> (eval-mode transformers model, its saved folder)."""
+    built = {}
+    for seed, name in enumerate(LANGUAGE_SOURCES + VISION_SOURCES):
+        folder = conversion_dir / "hf" / name
+        built[name] = (build_source(name, folder, seed=seed), folder)
+    return built
+
+
+@pytest.fixture(scope="session")
+def imported(sources, conversion_dir, megatron_single_process):
+    """name -> save folder written by ``import_checkpoint`` (in this process, TP=1)."""
+    from mm1_megatron.conversion import ImportRequest, import_checkpoint
+
+    folders = {}
+    for name, (_, source) in sources.items():
+        key = "language_model" if name in LANGUAGE_SOURCES else "vision_encoder"
+        output = conversion_dir / "imported" / name
+        import_checkpoint(ImportRequest(output=output, **{key: source}))
+        folders[name] = output
+    return folders
+
+
+@pytest.fixture(scope="session")
+def inputs(conversion_dir):
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(123)
+    tensors = {"tokens": torch.randint(0, VOCAB, (2, 16), generator=generator),
+               "images": torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)}
+    path = conversion_dir / "inputs.safetensors"
+    save_file(tensors, str(path))
+    return tensors, path
+
+
+@pytest.fixture(scope="session")
+def worker_outputs(imported, inputs, conversion_dir) -> Path:
+    """Runs ``conversion_worker.py`` once under torchrun (2 processes)."""
+    out = conversion_dir / "worker"
+    out.mkdir()
+    loads = [{"name": name, "checkpoint": str(imported[source]), "part": part,
+              "parallel": parallel, "inputs": str(inputs[1])}
+             for name, (source, part, parallel) in LAYOUT_LOADS.items()]
+    trains = [{"name": name, "overrides": overrides} for name, overrides in TRAINS.items()]
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"loads": loads, "trains": trains}))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(WORKER), str(spec), str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return out

@@ -1,0 +1,84 @@
+"""Tiny random ``transformers`` models (built locally from configs, nothing downloaded).
+
+Weights are redrawn larger than the ``transformers`` initialisation (matrices N(0, 0.1),
+norm scales U(0.5, 1.5), biases N(0, 0.1)) so that a wrong layout moves the outputs by
+far more than the 1e-4 parity tolerance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+VOCAB = 128
+HIDDEN = 64
+TEXT = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+VISION = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, image_size=56, patch_size=14)
+IMAGE_SIZE = VISION["image_size"]
+
+
+def _configs():
+    from transformers import (CLIPConfig, CLIPVisionConfig, LlamaConfig, MistralConfig,
+                              MixtralConfig, Qwen2Config)
+
+    return {
+        "llama": LlamaConfig(**TEXT, rope_theta=500000.0, rms_norm_eps=1e-5),
+        "qwen2": Qwen2Config(**TEXT, tie_word_embeddings=True, rope_theta=1000000.0),
+        "mistral": MistralConfig(**TEXT, sliding_window=4096),
+        "mixtral": MixtralConfig(**{**TEXT, "intermediate_size": 96}, num_local_experts=4,
+                                 num_experts_per_tok=2),
+        "clip_vision": CLIPVisionConfig(**VISION, hidden_act="quick_gelu"),
+        "clip": CLIPConfig(vision_config={**VISION, "hidden_act": "gelu"},
+                           text_config=dict(hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2,
+                                            vocab_size=100, bos_token_id=0, eos_token_id=1)),
+    }
+
+
+def randomize(model, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+            elif name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+            else:
+                param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
+
+
+def build_source(name: str, folder: Path, seed: int = 0):
+    """Build the named model, save it to ``folder`` (safetensors), return it in eval mode."""
+    from transformers import AutoModel, AutoModelForCausalLM, CLIPVisionModel
+
+    config = _configs()[name]
+    if name == "clip_vision":
+        model = CLIPVisionModel(config)
+    elif name == "clip":
+        model = AutoModel.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config)
+    randomize(model, seed)
+    model.save_pretrained(str(folder))
+    return model.eval()
+
+
+def vision_features(model, images: torch.Tensor) -> torch.Tensor:
+    """What our ViT returns: ``last_hidden_state`` without the class token."""
+    tower = getattr(model, "vision_model", model)
+    return tower(pixel_values=images).last_hidden_state[:, 1:]
+
+
+def make_word_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
+    """A word-level HF tokenizer with bos/eos but no ``<image>`` or pad token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w2"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                            unk_token="w2").save_pretrained(str(folder))

@@ -1,0 +1,156 @@
+"""``mm1-convert``: clear errors (exit code 2) and no silent overwrites."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import pytest
+
+from mm1_megatron.conversion.cli import main, parse_size
+
+
+@pytest.fixture(autouse=True)
+def _keep_pytest_logging(monkeypatch, caplog):
+    """``main`` reconfigures the root logger for a terminal; keep pytest's capture instead."""
+    monkeypatch.setattr("mm1_megatron.conversion.cli.setup_logging", lambda: None)
+    caplog.set_level(logging.INFO, logger="mm1_megatron")
+
+
+def _run(capsys, *argv) -> tuple:
+    """Exit code and everything the user would see: log messages and progress lines."""
+    handler = _CollectingHandler()
+    logging.getLogger("mm1_megatron").addHandler(handler)
+    try:
+        code = main(list(argv))
+    finally:
+        logging.getLogger("mm1_megatron").removeHandler(handler)
+    return code, "\n".join(handler.messages) + "\n" + capsys.readouterr().err
+
+
+class _CollectingHandler(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_import_and_export_through_the_cli(sources, conversion_dir, capsys,
+                                           megatron_single_process):
+    output = conversion_dir / "cli_import"
+    code, _ = _run(capsys, "import", "--language-model", str(sources["llama"][1]),
+                   "--output", str(output), "training.seq_length=256")
+    assert code == 0 and (output / "latest").read_text().strip() == "step_00000000"
+    manifest = json.loads((output / "step_00000000" / "manifest.json").read_text())
+    assert "config.yaml" in manifest["files"]
+    exported = conversion_dir / "cli_export"
+    code, err = _run(capsys, "export", "--checkpoint", str(output), "--output", str(exported),
+                     "--dtype", "bfloat16", "--max-shard-size", "100KB")
+    assert code == 0, err
+    assert len(list(exported.glob("model-*.safetensors"))) > 1
+    assert json.loads((exported / "config.json").read_text())["dtype"] == "bfloat16"
+    assert "export language model" in err  # the progress line
+
+
+def test_refuses_a_non_empty_output_unless_asked(sources, conversion_dir, capsys,
+                                                 megatron_single_process):
+    output = conversion_dir / "occupied"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    args = ["import", "--vision-encoder", str(sources["clip_vision"][1]), "--output", str(output)]
+    code, err = _run(capsys, *args)
+    assert code == 2 and "is not empty" in err and "--overwrite" in err
+    assert (output / "keep.txt").read_text() == "mine"
+    code, err = _run(capsys, *args, "--overwrite")
+    assert code == 0, err
+    assert not (output / "keep.txt").exists() and (output / "latest").is_file()
+
+
+def test_shape_mismatch_names_the_tensor_and_both_shapes(sources, conversion_dir, capsys,
+                                                         megatron_single_process):
+    source = conversion_dir / "mismatched"
+    shutil.copytree(sources["llama"][1], source)
+    config = json.loads((source / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (source / "config.json").write_text(json.dumps(config))
+    code, err = _run(capsys, "import", "--language-model", str(source),
+                     "--output", str(conversion_dir / "mismatched_out"))
+    assert code == 2
+    assert "model.layers.0.mlp.gate_proj.weight" in err
+    assert "(128, 64)" in err and "(96, 64)" in err
+    assert not (conversion_dir / "mismatched_out").exists()
+
+
+def _edited_source(sources, conversion_dir, name, target, edit):
+    source = conversion_dir / target
+    shutil.copytree(sources[name][1], source)
+    config = json.loads((source / "config.json").read_text())
+    edit(config)
+    (source / "config.json").write_text(json.dumps(config))
+    return source
+
+
+@pytest.mark.parametrize("case, edit, message", [
+    ("gpt2", lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
+     "unsupported language model type: 'gpt2'"),
+    ("rope_scaled", lambda c: c.update(rope_parameters={
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "RoPE scaling"),
+    ("gelu_mlp", lambda c: c.update(hidden_act="gelu"), "hidden_act"),
+])
+def test_unsupported_language_models_are_refused(case, edit, message, sources, conversion_dir,
+                                                 capsys):
+    source = _edited_source(sources, conversion_dir, "llama", f"bad_{case}", edit)
+    code, err = _run(capsys, "import", "--language-model", str(source),
+                     "--output", str(conversion_dir / f"bad_{case}_out"))
+    assert code == 2 and message in err
+
+
+def test_siglip_is_refused_with_the_reason(conversion_dir, capsys):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    folder = conversion_dir / "siglip"
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, image_size=28, patch_size=14)
+                      ).save_pretrained(str(folder))
+    code, err = _run(capsys, "import", "--vision-encoder", str(folder),
+                     "--output", str(conversion_dir / "siglip_out"))
+    assert code == 2 and "siglip_vision_model" in err and "pre-LayerNorm" in err
+
+
+def test_pickle_weights_are_refused_unread(sources, conversion_dir, capsys):
+    source = conversion_dir / "pickled"
+    shutil.copytree(sources["llama"][1], source)
+    (source / "model.safetensors").unlink()
+    (source / "pytorch_model.bin").write_bytes(b"not even read")
+    code, err = _run(capsys, "import", "--language-model", str(source),
+                     "--output", str(conversion_dir / "pickled_out"))
+    assert code == 2 and "pytorch_model.bin" in err and "never" in err
+
+
+def test_unmapped_source_tensors_are_refused(sources, conversion_dir, capsys,
+                                             megatron_single_process):
+    from safetensors.torch import load_file, save_file
+
+    source = conversion_dir / "extra_tensor"
+    shutil.copytree(sources["llama"][1], source)
+    tensors = load_file(str(source / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_norm.weight"] = tensors["model.norm.weight"][:16].clone()
+    save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+    code, err = _run(capsys, "import", "--language-model", str(source),
+                     "--output", str(conversion_dir / "extra_tensor_out"))
+    assert code == 2 and "model.layers.0.self_attn.q_norm.weight" in err
+
+
+def test_llava_needs_the_mlp_connector(worker_outputs, conversion_dir, capsys,
+                                       megatron_single_process):
+    code, err = _run(capsys, "export", "--checkpoint", str(worker_outputs / "dense_tp2" / "ckpt"),
+                     "--format", "llava", "--output", str(conversion_dir / "no_llava"))
+    assert code == 2 and "model.connector.type=mlp" in err
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10 ** 9 and parse_size("100KB") == 100_000
+    assert parse_size("123") == 123
