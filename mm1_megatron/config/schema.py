@@ -14,7 +14,7 @@ CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
 CONNECTOR_TYPES = ("c_abstractor", "avg_pool", "attn_pool", "mlp")
-VISION_ACTIVATIONS = ("gelu", "quick_gelu")
+VISION_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "current")
@@ -31,7 +31,11 @@ IMAGE_DTYPES = ("fp32", "bf16")
 
 @dataclass
 class VisionEncoderConfig:
-    """CLIP-style ViT. Defaults are ViT-H/14 at 378 px (MM1's encoder)."""
+    """CLIP-style ViT. Defaults are ViT-H/14 at 378 px (MM1's encoder).
+
+    A SigLIP vision tower is ``use_class_token=false, patch_embedding_bias=true,
+    pre_layernorm=false, post_layernorm=true, activation=gelu_tanh``.
+    """
 
     image_size: int = 378
     patch_size: int = 14
@@ -42,6 +46,9 @@ class VisionEncoderConfig:
     ffn_hidden_size: int = 5120
     activation: str = "quick_gelu"
     use_class_token: bool = True
+    patch_embedding_bias: bool = False  # SigLIP's patch convolution has a bias
+    pre_layernorm: bool = True  # LayerNorm on the embeddings before the first layer (CLIP)
+    post_layernorm: bool = False  # LayerNorm on every output token (SigLIP)
     layernorm_epsilon: float = 1e-5
     image_mean: List[float] = field(default_factory=lambda: list(CLIP_IMAGE_MEAN))
     image_std: List[float] = field(default_factory=lambda: list(CLIP_IMAGE_STD))
@@ -84,6 +91,9 @@ class LanguageModelConfig:
     ffn_hidden_size: int = 8192
     max_sequence_length: int = 4096
     rotary_base: int = 10000
+    # Llama-3.x RoPE scaling ("llama3": low_freq_factor 1, high_freq_factor 4, original
+    # context 8192, as Megatron-Core implements it) with this factor; None: plain RoPE.
+    rope_scaling_factor: Optional[float] = None
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # biases on the query/key/value projection (Qwen2 has them)

@@ -92,6 +92,9 @@ def _check_llm(cfg: MM1Config, err: _Errors) -> None:
         err.check(m.num_query_groups > 0 and m.num_attention_heads % m.num_query_groups == 0,
                   f"{p}.num_query_groups={m.num_query_groups} must divide "
                   f"{p}.num_attention_heads={m.num_attention_heads}")
+    if m.rope_scaling_factor is not None:
+        err.check(m.rope_scaling_factor > 0,
+                  f"{p}.rope_scaling_factor={m.rope_scaling_factor} must be > 0 (or null)")
     err.check(cfg.training.seq_length <= m.max_sequence_length,
               f"training.seq_length={cfg.training.seq_length} exceeds "
               f"{p}.max_sequence_length={m.max_sequence_length}")

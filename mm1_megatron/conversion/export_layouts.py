@@ -24,9 +24,11 @@ from mm1_megatron.conversion.mapping import (
 from mm1_megatron.conversion.target_configs import (
     TARGET_CLASSES,
     TARGET_STYLES,
+    VISION_CLASSES,
     hf_language_config,
     hf_vision_config,
     language_target,
+    vision_target,
 )
 from mm1_megatron.conversion.tensor_copy import hf_tensors
 
@@ -53,10 +55,13 @@ def language_model_tensors(state, llm: LanguageModelConfig, *, dtype: torch.dtyp
 
 def vision_tensors(state, vision: VisionEncoderConfig, *, dtype: torch.dtype, prefix: str,
                    extras: Dict[str, torch.Tensor]) -> Tensors:
-    """``CLIPVisionModel`` tensors under ``prefix``; CLIP's post-LayerNorm (which only the
-    pooled output uses) comes from the import when there was one, else is the identity."""
+    """``CLIPVisionModel`` / ``SiglipVisionModel`` tensors under ``prefix``. CLIP's
+    post-LayerNorm (which only the pooled output uses) comes from the import when there was
+    one, else is the identity; SigLIP's is part of our ViT (``model.vision.post_layernorm``)."""
     yield from hf_tensors(state, vision_units(vision, prefix), vision_attention_shape(vision),
                           dtype=dtype, label="vision encoder")
+    if vision_target(vision) != "clip":
+        return
     weight_name, bias_name = vision_post_layernorm_names()
     h = vision.hidden_size
     weight = extras.get(weight_name, torch.ones(h))
@@ -80,7 +85,7 @@ def language_model_config(llm: LanguageModelConfig, special: Dict[str, int], dty
 
 def vision_encoder_config(vision: VisionEncoderConfig, dtype: str):
     config = hf_vision_config(vision, dtype=dtype)
-    config.architectures = ["CLIPVisionModel"]
+    config.architectures = [VISION_CLASSES[vision_target(vision)]]
     return config
 
 
@@ -107,6 +112,11 @@ def check_llava_compatible(cfg: MM1Config) -> None:
             f"--format llava needs model.connector.type=mlp with num_readout_layers=2 (LLaVA's "
             f"Linear-GELU-Linear projector); this model has type={connector.type}, "
             f"num_readout_layers={connector.num_readout_layers}. Use --format mm1")
+    if vision_target(cfg.model.vision) != "clip":
+        raise ConversionError(
+            "--format llava needs a CLIP vision tower: LLaVA takes the features before "
+            "SigLIP's post-LayerNorm (vision_feature_layer=-1), which our ViT applies. "
+            "Use --format mm1")
 
 
 def llava_config(cfg: MM1Config, special: Dict[str, int], dtype: str):

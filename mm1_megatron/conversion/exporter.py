@@ -5,7 +5,8 @@
 Formats: ``mm1`` (the whole model, ``MM1ForConditionalGeneration``), ``llava``
 (``LlavaForConditionalGeneration``, MLP connector only, loads without this package),
 ``language-model`` (``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MixtralForCausalLM`` /
-``Qwen2MoeForCausalLM``) and ``vision-encoder`` (``CLIPVisionModel``). The checkpoint is
+``Qwen2MoeForCausalLM``) and ``vision-encoder`` (``CLIPVisionModel`` or, for a SigLIP
+tower, ``SiglipVisionModel`` without the pooling head). The checkpoint is
 loaded into a TP=1 model in this process, then written as safetensors shards unit by unit
 with an index, next to ``config.json``, tokenizer files, the image-processor and
 generation configs and a model card with the training config.
@@ -41,7 +42,12 @@ from mm1_megatron.conversion.safetensors_io import (
     staged_output,
     tensor_dtype,
 )
-from mm1_megatron.conversion.target_configs import TARGET_CLASSES, language_target
+from mm1_megatron.conversion.target_configs import (
+    TARGET_CLASSES,
+    VISION_CLASSES,
+    language_target,
+    vision_target,
+)
 from mm1_megatron.conversion.tokenizer_files import resolve_tokenizer, write_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -93,8 +99,10 @@ def _choose_dtype(requested: str, info: Dict) -> str:
 
 
 def _architecture(fmt: str, cfg) -> str:
-    return {"mm1": "MM1ForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
-            "vision-encoder": "CLIPVisionModel"}.get(fmt) or \
+    if fmt == "vision-encoder":
+        return VISION_CLASSES[vision_target(cfg.model.vision)]
+    return {"mm1": "MM1ForConditionalGeneration",
+            "llava": "LlavaForConditionalGeneration"}.get(fmt) or \
         TARGET_CLASSES[language_target(cfg.model.llm)]
 
 

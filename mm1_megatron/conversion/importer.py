@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 class ImportRequest:
     output: Path
     language_model: Optional[Path] = None   # a LlamaForCausalLM / Qwen2 / Mistral / Mixtral folder
-    vision_encoder: Optional[Path] = None   # a CLIPVisionModel or CLIPModel folder
+    vision_encoder: Optional[Path] = None   # a CLIPVisionModel / CLIPModel / SigLIP folder
     base_config: Optional[Path] = None      # YAML for the parts not imported (e.g. the connector)
     overrides: Sequence[str] = ()
     tokenizer: Optional[Path] = None        # default: the language model folder, if it has one
@@ -97,22 +97,36 @@ def _import_language_model(state, request: ImportRequest, cfg: MM1Config, style:
     check_all_consumed(reader, consumed)
 
 
-def _import_vision_encoder(state, request: ImportRequest,
-                           cfg: MM1Config) -> Dict[str, torch.Tensor]:
-    """Copies the ViT; returns CLIP's post-LayerNorm (kept for export) by exported name."""
+def _import_vision_encoder(state, request: ImportRequest, cfg: MM1Config,
+                           info: Dict) -> Dict[str, torch.Tensor]:
+    """Copies the ViT; returns CLIP's post-LayerNorm (kept for export) by exported name.
+    SigLIP's attention-pooling head (``head.*``) is not part of our ViT and is dropped."""
     reader = SafetensorsFolder(request.vision_encoder)
-    prefix = reader.find_prefix("embeddings.class_embedding")
-    if prefix is None:
-        raise ConversionError(f"{request.vision_encoder} has no embeddings.class_embedding; "
-                              f"is it a CLIP vision tower?")
     vision = cfg.model.vision
+    anchor = ("embeddings.class_embedding" if vision.use_class_token
+              else "embeddings.patch_embedding.weight")
+    prefix = reader.find_prefix(anchor)
+    if prefix is None:
+        kind = "a CLIP" if vision.use_class_token else "a SigLIP"
+        raise ConversionError(f"{request.vision_encoder} has no {anchor}; is it {kind} "
+                              f"vision tower?")
     consumed = fill_from_hf(state, vision_units(vision, prefix), reader,
                             vision_attention_shape(vision), label="vision encoder")
     extras = {}
-    for ours, theirs in zip(vision_post_layernorm_names(), vision_post_layernorm_names(prefix)):
-        if theirs in reader:
-            extras[ours] = reader.get(theirs)
-            consumed.add(theirs)
+    if vision.post_layernorm:
+        head = [name for name in reader.keys() if name.startswith(f"{prefix}head.")]
+        if head:
+            consumed.update(head)
+            warning = ("the SigLIP attention-pooling head (head.*) is not imported: MM1 uses "
+                       "the per-token features; an export writes SiglipVisionModel without it")
+            logger.warning("%s", warning)
+            info["warnings"].append(warning)
+    else:
+        for ours, theirs in zip(vision_post_layernorm_names(),
+                                vision_post_layernorm_names(prefix)):
+            if theirs in reader:
+                extras[ours] = reader.get(theirs)
+                consumed.add(theirs)
     check_all_consumed(reader, consumed, scope=prefix)
     return extras
 
@@ -177,7 +191,7 @@ def import_checkpoint(request: ImportRequest) -> Path:
         if "language_model" in parts:
             _import_language_model(state, request, cfg, style, plan)
         if "vision_encoder" in parts:
-            extras = _import_vision_encoder(state, request, cfg)
+            extras = _import_vision_encoder(state, request, cfg, info)
         with staged_output(request.output, overwrite=request.overwrite) as staging:
             step = staging / layout.checkpoint_name(0)
             megatron_io.save_parts(model, step, parts)

@@ -172,15 +172,23 @@ def vision_attention_shape(vision: VisionEncoderConfig) -> AttentionShape:
 
 
 def vision_units(vision: VisionEncoderConfig, hf_prefix: str = "") -> List[Unit]:
-    """Rules for the ViT with ``CLIPVisionModel`` names under ``hf_prefix``
-    (``vision_model.`` in ``CLIPModel`` and in checkpoints saved by transformers 4)."""
+    """Rules for the ViT with ``CLIPVisionModel`` / ``SiglipVisionModel`` names under
+    ``hf_prefix`` (``vision_model.`` in ``CLIPModel`` / ``SiglipModel`` and in CLIP
+    checkpoints saved by transformers 4). Both share the encoder layers' names; the stem
+    follows ``model.vision`` (class token, patch bias, pre- or post-LayerNorm)."""
     ours_root, p = VISION_PREFIX, hf_prefix
     names = [("patch_embedding.weight", "embeddings.patch_embedding.weight"),
-             ("position_embedding", "embeddings.position_embedding.weight"),
-             ("pre_layernorm.weight", "pre_layrnorm.weight"),  # CLIP's spelling
-             ("pre_layernorm.bias", "pre_layrnorm.bias")]
+             ("position_embedding", "embeddings.position_embedding.weight")]
     if vision.use_class_token:
         names.insert(0, ("class_embedding", "embeddings.class_embedding"))
+    if vision.patch_embedding_bias:
+        names.append(("patch_embedding.bias", "embeddings.patch_embedding.bias"))
+    if vision.pre_layernorm:
+        names += [("pre_layernorm.weight", "pre_layrnorm.weight"),  # CLIP's spelling
+                  ("pre_layernorm.bias", "pre_layrnorm.bias")]
+    if vision.post_layernorm:  # SigLIP's, on every token
+        names += [("post_layernorm.weight", "post_layernorm.weight"),
+                  ("post_layernorm.bias", "post_layernorm.bias")]
     stem = [TensorRule(f"{ours_root}{ours}", (f"{p}{theirs}",)) for ours, theirs in names]
     units: List[Unit] = [("patch and position embeddings", stem)]
     for index in range(vision.num_layers):
@@ -199,6 +207,22 @@ def vision_units(vision: VisionEncoderConfig, hf_prefix: str = "") -> List[Unit]
             ]
         units.append((f"vision layer {index}", rules))
     return units
+
+
+def vision_family(vision: VisionEncoderConfig) -> str:
+    """``clip`` or ``siglip``: the transformers vision tower that computes what our ViT
+    does, or ``ValueError`` for a combination neither has."""
+    stem = (vision.use_class_token, vision.patch_embedding_bias, vision.pre_layernorm,
+            vision.post_layernorm)
+    if stem == (True, False, True, False):
+        return "clip"
+    if stem == (False, True, False, True):
+        return "siglip"
+    raise ValueError(
+        f"model.vision with use_class_token={vision.use_class_token}, patch_embedding_bias="
+        f"{vision.patch_embedding_bias}, pre_layernorm={vision.pre_layernorm}, post_layernorm="
+        f"{vision.post_layernorm} has no exact transformers class (CLIPVisionModel: class "
+        f"token and pre-LayerNorm only; SiglipVisionModel: patch bias and post-LayerNorm only)")
 
 
 def vision_post_layernorm_names(hf_prefix: str = "") -> Tuple[str, str]:

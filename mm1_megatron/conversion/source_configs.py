@@ -1,8 +1,9 @@
 """Hugging Face ``config.json`` -> our ``LanguageModelConfig`` / ``VisionEncoderConfig``.
 
-Only what our decoder and ViT compute exactly is accepted; anything else (another RoPE
-scaling, biases our layers do not have, a head size other than hidden / heads, SigLIP's
-encoder layout, ...) is a ``ConversionError`` that names the field.
+Only what our decoder and ViT compute exactly is accepted; anything else (a RoPE scaling
+other than Megatron-Core's Llama-3 rule, biases our layers do not have, a head size
+other than hidden / heads, a vision model other than CLIP / SigLIP, ...) is a
+``ConversionError`` that names the field.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from mm1_megatron.config.schema import (
     CLIP_IMAGE_MEAN,
@@ -31,8 +32,12 @@ logger = logging.getLogger(__name__)
 
 LANGUAGE_MODEL_TYPES = {"llama": DENSE_STYLE, "mistral": DENSE_STYLE, "qwen2": DENSE_STYLE,
                         "mixtral": MIXTRAL_STYLE, "qwen2_moe": QWEN2_MOE_STYLE}
-VISION_MODEL_TYPES = ("clip_vision_model", "clip")
-VISION_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu"}
+CLIP_MODEL_TYPES = ("clip_vision_model", "clip")
+SIGLIP_MODEL_TYPES = ("siglip_vision_model", "siglip")
+VISION_MODEL_TYPES = CLIP_MODEL_TYPES + SIGLIP_MODEL_TYPES
+# transformers hidden_act -> model.vision.activation
+VISION_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu",
+                      "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 @dataclass
@@ -63,17 +68,40 @@ def read_hf_config(folder):
         raise ConversionError(f"cannot read {folder / 'config.json'}: {exc}") from None
 
 
-def _rope_base(cfg) -> int:
+# The Llama-3 RoPE scaling parameters Megatron-Core's RotaryEmbedding hard-codes (only the
+# factor is configurable there).
+LLAMA3_FIXED_ROPE_PARAMETERS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192}
+
+
+def _llama3_factor(params: dict) -> float:
+    for name, expected in LLAMA3_FIXED_ROPE_PARAMETERS.items():
+        value = params.get(name)
+        if value is None or float(value) != expected:
+            raise unsupported(f"llama3 RoPE scaling {name}", value,
+                              f"Megatron-Core's Llama-3 RoPE scaling uses {name}={expected} "
+                              f"(and {LLAMA3_FIXED_ROPE_PARAMETERS}); other values would change "
+                              f"every logit.")
+    factor = params.get("factor")
+    if factor is None or float(factor) <= 0:
+        raise unsupported("llama3 RoPE scaling factor", factor, "It must be a positive number.")
+    return float(factor)
+
+
+def _rope(cfg) -> Tuple[int, Optional[float]]:
+    """``(rotary_base, rope_scaling_factor)`` of the source."""
     params = getattr(cfg, "rope_parameters", None) or {}
     scaling = getattr(cfg, "rope_scaling", None) or {}  # transformers 4
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
+    if rope_type not in (None, "default", "llama3"):
         raise unsupported("RoPE scaling", rope_type, "Our decoder applies plain RoPE "
-                          "(rope_type=default); a scaled RoPE would change every logit.")
+                          "(rope_type=default) or Llama-3 scaling (llama3); another scaled "
+                          "RoPE would change every logit.")
+    factor = _llama3_factor({**scaling, **params}) if rope_type == "llama3" else None
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     if float(theta) != int(theta):
         raise unsupported("rope_theta", theta, "model.llm.rotary_base is an integer.")
-    return int(theta)
+    return int(theta), factor
 
 
 def _check_common(cfg) -> None:
@@ -141,12 +169,14 @@ def language_source(folder) -> LanguageSource:
     _check_common(cfg)
     moe = _moe_config(cfg, model_type) if model_type in ("mixtral", "qwen2_moe") else MoEConfig()
     dense_ffn = cfg.intermediate_size
+    rotary_base, rope_scaling_factor = _rope(cfg)
     llm = LanguageModelConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
         num_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
         num_query_groups=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
         ffn_hidden_size=dense_ffn, max_sequence_length=cfg.max_position_embeddings,
-        rotary_base=_rope_base(cfg), norm_epsilon=cfg.rms_norm_eps,
+        rotary_base=rotary_base, rope_scaling_factor=rope_scaling_factor,
+        norm_epsilon=cfg.rms_norm_eps,
         tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(getattr(cfg, "qkv_bias", False)),
         moe=moe)
@@ -169,17 +199,16 @@ def _image_normalisation(folder: Path):
 
 
 def vision_source(folder) -> VisionEncoderConfig:
-    """A ``CLIPVisionModel`` or the vision half of a ``CLIPModel`` -> our ViT config."""
+    """A ``CLIPVisionModel`` / ``SiglipVisionModel`` or the vision half of a ``CLIPModel`` /
+    ``SiglipModel`` -> our ViT config."""
     folder = Path(folder)
     cfg = read_hf_config(folder)
     if cfg.model_type not in VISION_MODEL_TYPES:
-        hint = ("SigLIP's encoder has a patch-embedding bias, no pre-LayerNorm, a "
-                "post-LayerNorm on every token and tanh-GELU, which our CLIP-style ViT does "
-                "not have. " if "siglip" in cfg.model_type else "")
         raise unsupported("vision model type", cfg.model_type,
-                          f"{hint}Supported: {list(VISION_MODEL_TYPES)} (CLIPVisionModel or "
-                          f"the vision tower of a CLIPModel).")
-    vision_cfg = cfg.vision_config if cfg.model_type == "clip" else cfg
+                          f"Supported: {list(VISION_MODEL_TYPES)} (CLIPVisionModel, "
+                          f"SiglipVisionModel, or the vision tower of a CLIPModel / SiglipModel).")
+    siglip = cfg.model_type in SIGLIP_MODEL_TYPES
+    vision_cfg = cfg.vision_config if cfg.model_type in ("clip", "siglip") else cfg
     if vision_cfg.hidden_act not in VISION_ACTIVATIONS:
         raise unsupported("vision hidden_act", vision_cfg.hidden_act,
                           f"Supported: {sorted(VISION_ACTIVATIONS)}.")
@@ -190,5 +219,6 @@ def vision_source(folder) -> VisionEncoderConfig:
         num_layers=vision_cfg.num_hidden_layers,
         num_attention_heads=vision_cfg.num_attention_heads,
         ffn_hidden_size=vision_cfg.intermediate_size,
-        activation=VISION_ACTIVATIONS[vision_cfg.hidden_act], use_class_token=True,
+        activation=VISION_ACTIVATIONS[vision_cfg.hidden_act], use_class_token=not siglip,
+        patch_embedding_bias=siglip, pre_layernorm=not siglip, post_layernorm=siglip,
         layernorm_epsilon=vision_cfg.layer_norm_eps, image_mean=mean, image_std=std)

@@ -29,6 +29,7 @@ from mm1_megatron.conversion.mapping import (
     MIXTRAL_STYLE,
     QWEN2_MOE_STYLE,
     moe_layer_flags,
+    vision_family,
 )
 
 TARGET_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -46,6 +47,16 @@ def language_target(llm: LanguageModelConfig) -> str:
     return "qwen2_moe"
 
 
+def _rope_parameters(llm: LanguageModelConfig) -> dict:
+    theta = float(llm.rotary_base)
+    if llm.rope_scaling_factor is None:
+        return {"rope_type": "default", "rope_theta": theta}
+    from mm1_megatron.conversion.source_configs import LLAMA3_FIXED_ROPE_PARAMETERS
+
+    return {"rope_type": "llama3", "rope_theta": theta,
+            "factor": float(llm.rope_scaling_factor), **LLAMA3_FIXED_ROPE_PARAMETERS}
+
+
 def _common(llm: LanguageModelConfig, special: Dict[str, Optional[int]], dtype: str) -> dict:
     return dict(
         vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
@@ -53,7 +64,7 @@ def _common(llm: LanguageModelConfig, special: Dict[str, Optional[int]], dtype: 
         num_key_value_heads=llm.num_query_groups or llm.num_attention_heads,
         head_dim=llm.hidden_size // llm.num_attention_heads, hidden_act="silu",
         max_position_embeddings=llm.max_sequence_length, rms_norm_eps=llm.norm_epsilon,
-        rope_parameters={"rope_type": "default", "rope_theta": float(llm.rotary_base)},
+        rope_parameters=_rope_parameters(llm),
         tie_word_embeddings=llm.tie_embeddings, attention_dropout=0.0,
         bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
         pad_token_id=special.get("pad"), dtype=dtype)
@@ -87,19 +98,33 @@ def hf_language_config(llm: LanguageModelConfig, *, special: Dict[str, Optional[
                           router_aux_loss_coef=moe.aux_loss_coeff, **common)
 
 
-def hf_vision_config(vision: VisionEncoderConfig, *, dtype: str = "float32"):
-    """``CLIPVisionConfig`` of our ViT (which must have CLIP's class token)."""
-    from transformers import CLIPVisionConfig
+HF_VISION_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu",
+                         "gelu_tanh": "gelu_pytorch_tanh"}
+VISION_CLASSES = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
 
-    if not vision.use_class_token:
-        raise ConversionError("model.vision.use_class_token=false has no exact transformers "
-                              "class (CLIPVisionModel always has a class token)")
-    return CLIPVisionConfig(
+
+def vision_target(vision: VisionEncoderConfig) -> str:
+    """``clip`` or ``siglip`` (see ``mapping.vision_family``), as a ``ConversionError``."""
+    try:
+        return vision_family(vision)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from None
+
+
+def hf_vision_config(vision: VisionEncoderConfig, *, dtype: str = "float32"):
+    """``CLIPVisionConfig`` or ``SiglipVisionConfig`` (without the attention-pooling head,
+    which our ViT does not have) of our ViT."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    common = dict(
         hidden_size=vision.hidden_size, intermediate_size=vision.ffn_hidden_size,
         num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_attention_heads,
         num_channels=vision.num_channels, image_size=vision.image_size,
-        patch_size=vision.patch_size, hidden_act=vision.activation,
+        patch_size=vision.patch_size, hidden_act=HF_VISION_ACTIVATIONS[vision.activation],
         layer_norm_eps=vision.layernorm_epsilon, dtype=dtype)
+    if vision_target(vision) == "siglip":
+        return SiglipVisionConfig(vision_use_head=False, **common)
+    return CLIPVisionConfig(**common)
 
 
 def image_processor_config(vision: VisionEncoderConfig) -> dict:

@@ -83,6 +83,8 @@ class MM1Model(MegatronModule):
             share_embeddings_and_output_weights=model.llm.tie_embeddings,
             position_embedding_type="rope",
             rotary_base=model.llm.rotary_base,
+            rope_scaling=model.llm.rope_scaling_factor is not None,
+            rope_scaling_factor=model.llm.rope_scaling_factor or 8.0,
         )
 
     # Megatron's finalize_model_grads looks these up on the module that has pre_process,

@@ -46,10 +46,12 @@ def vision_encoder_params(v: VisionEncoderConfig) -> int:
                  + h * h + h                # output projection
                  + 2 * h                    # pre-MLP LayerNorm
                  + h * f + f + f * h + h)   # MLP with biases
-    return (v.num_channels * v.patch_size ** 2 * h   # patch conv, no bias
+    return (v.num_channels * v.patch_size ** 2 * h   # patch conv
+            + (h if v.patch_embedding_bias else 0)
             + (h if v.use_class_token else 0)
             + num_positions * h
-            + 2 * h                                   # pre-LayerNorm
+            + (2 * h if v.pre_layernorm else 0)
+            + (2 * h if v.post_layernorm else 0)
             + v.num_layers * per_layer)
 
 

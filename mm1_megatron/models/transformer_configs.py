@@ -12,6 +12,13 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from mm1_megatron.config.schema import ModelConfig, ParallelConfig
 
 
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+VISION_ACTIVATION_FUNCS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_tanh": _gelu_tanh}
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     """What the machine decides rather than the model: dtype and where weights start."""
@@ -103,7 +110,7 @@ def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         normalization="LayerNorm",
         layernorm_epsilon=vision.layernorm_epsilon,
         gated_linear_unit=False,
-        activation_func=quick_gelu if vision.activation == "quick_gelu" else F.gelu,
+        activation_func=VISION_ACTIVATION_FUNCS[vision.activation],
         add_bias_linear=True,
         add_qkv_bias=True,
         pipeline_model_parallel_size=1,

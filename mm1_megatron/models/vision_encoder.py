@@ -4,6 +4,10 @@ Layout follows CLIP: patch convolution (no bias), optional class token, learned 
 position embeddings, a pre-LayerNorm, then pre-norm transformer layers with
 bidirectional attention. The output is the last layer's hidden states (CLIP's
 ``last_hidden_state``, without the post-LayerNorm that CLIP applies to the pooled token).
+
+SigLIP's tower is the same with a patch-convolution bias, no class token, no
+pre-LayerNorm and a post-LayerNorm on every output token (``patch_embedding_bias``,
+``use_class_token``, ``pre_layernorm``, ``post_layernorm`` in ``model.vision``).
 """
 
 from __future__ import annotations
@@ -54,17 +58,21 @@ class VisionEncoder(MegatronModule):
         hidden = vision.hidden_size
         self.patch_embedding = torch.nn.Conv2d(vision.num_channels, hidden,
                                                kernel_size=vision.patch_size,
-                                               stride=vision.patch_size, bias=False)
+                                               stride=vision.patch_size,
+                                               bias=vision.patch_embedding_bias)
         std = config.init_method_std
         self.class_embedding = (torch.nn.Parameter(torch.randn(hidden) * std)
                                 if vision.use_class_token else None)
         num_positions = self.num_prefix_tokens + self.grid_size ** 2
         self.position_embedding = torch.nn.Parameter(torch.randn(num_positions, hidden) * std)
-        self.pre_layernorm = torch.nn.LayerNorm(hidden, eps=vision.layernorm_epsilon)
+        self.pre_layernorm = (torch.nn.LayerNorm(hidden, eps=vision.layernorm_epsilon)
+                              if vision.pre_layernorm else None)
         self.transformer = TransformerBlock(
             config=config, spec=vision_layer_spec(transformer_impl),
             post_layer_norm=False, pre_process=True, post_process=False,
         )
+        self.post_layernorm = (torch.nn.LayerNorm(hidden, eps=vision.layernorm_epsilon)
+                               if vision.post_layernorm else None)
 
     def position_table(self, grid_size: int) -> torch.Tensor:
         return interpolate_position_embedding(self.position_embedding,
@@ -82,10 +90,15 @@ class VisionEncoder(MegatronModule):
         if self.class_embedding is not None:
             cls = self.class_embedding.expand(patches.shape[0], 1, -1)
             patches = torch.cat([cls, patches], dim=1)
-        hidden = self.pre_layernorm(patches + self.position_table(grid_size))
+        hidden = patches + self.position_table(grid_size)
+        if self.pre_layernorm is not None:
+            hidden = self.pre_layernorm(hidden)
         hidden = hidden.transpose(0, 1).contiguous()  # Megatron layout: [s, n, h]
         hidden = self.transformer(hidden_states=hidden, attention_mask=None)
-        return hidden.transpose(0, 1)[:, self.num_prefix_tokens:]  # drop the class token
+        hidden = hidden.transpose(0, 1)[:, self.num_prefix_tokens:]  # drop the class token
+        if self.post_layernorm is not None:
+            hidden = self.post_layernorm(hidden)
+        return hidden
 
     def set_input_tensor(self, input_tensor) -> None:
         self.transformer.set_input_tensor(input_tensor)

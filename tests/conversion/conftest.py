@@ -18,7 +18,7 @@ from tests.conversion.hf_sources import IMAGE_SIZE, VOCAB, build_source
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("conversion_worker.py")
 LANGUAGE_SOURCES = ("llama", "qwen2", "mistral", "mixtral")
-VISION_SOURCES = ("clip_vision", "clip")
+VISION_SOURCES = ("clip_vision", "clip", "siglip_vision")
 TOLERANCE = 1e-4
 
 # name -> (source, part, parallel layout)
@@ -30,6 +30,7 @@ LAYOUT_LOADS = {
                        {"tensor_parallel_size": 2, "sequence_parallel": True}),
     "mixtral_ep2": ("mixtral", "language_model", {"expert_parallel_size": 2}),
     "clip_vision_tp2": ("clip_vision", "vision_encoder", {"tensor_parallel_size": 2}),
+    "siglip_vision_tp2": ("siglip_vision", "vision_encoder", {"tensor_parallel_size": 2}),
 }
 TRAIN_BASE = ["training.train_steps=6", "optimizer.warmup_steps=2", "training.seq_length=64",
               "training.global_batch_size=4", "training.micro_batch_size=2",

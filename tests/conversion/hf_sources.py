@@ -22,7 +22,7 @@ IMAGE_SIZE = VISION["image_size"]
 
 def _configs():
     from transformers import (CLIPConfig, CLIPVisionConfig, LlamaConfig, MistralConfig,
-                              MixtralConfig, Qwen2Config)
+                              MixtralConfig, Qwen2Config, SiglipVisionConfig)
 
     return {
         "llama": LlamaConfig(**TEXT, rope_theta=500000.0, rms_norm_eps=1e-5),
@@ -31,6 +31,8 @@ def _configs():
         "mixtral": MixtralConfig(**{**TEXT, "intermediate_size": 96}, num_local_experts=4,
                                  num_experts_per_tok=2),
         "clip_vision": CLIPVisionConfig(**VISION, hidden_act="quick_gelu"),
+        # SigLIP's defaults: gelu_pytorch_tanh, layer_norm_eps 1e-6, the pooling head.
+        "siglip_vision": SiglipVisionConfig(**VISION),
         "clip": CLIPConfig(vision_config={**VISION, "hidden_act": "gelu"},
                            text_config=dict(hidden_size=32, intermediate_size=64,
                                             num_hidden_layers=1, num_attention_heads=2,
@@ -52,11 +54,13 @@ def randomize(model, seed: int) -> None:
 
 def build_source(name: str, folder: Path, seed: int = 0):
     """Build the named model, save it to ``folder`` (safetensors), return it in eval mode."""
-    from transformers import AutoModel, AutoModelForCausalLM, CLIPVisionModel
+    from transformers import AutoModel, AutoModelForCausalLM, CLIPVisionModel, SiglipVisionModel
 
     config = _configs()[name]
     if name == "clip_vision":
         model = CLIPVisionModel(config)
+    elif name == "siglip_vision":
+        model = SiglipVisionModel(config)
     elif name == "clip":
         model = AutoModel.from_config(config)
     else:
@@ -67,9 +71,11 @@ def build_source(name: str, folder: Path, seed: int = 0):
 
 
 def vision_features(model, images: torch.Tensor) -> torch.Tensor:
-    """What our ViT returns: ``last_hidden_state`` without the class token."""
+    """What our ViT returns: ``last_hidden_state`` without CLIP's class token (SigLIP has
+    none; its ``last_hidden_state`` is after the post-LayerNorm)."""
     tower = getattr(model, "vision_model", model)
-    return tower(pixel_values=images).last_hidden_state[:, 1:]
+    skip = 0 if "siglip" in tower.config.model_type else 1
+    return tower(pixel_values=images).last_hidden_state[:, skip:]
 
 
 def make_word_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:

@@ -108,16 +108,38 @@ def test_unsupported_language_models_are_refused(case, edit, message, sources, c
     assert code == 2 and message in err
 
 
-def test_siglip_is_refused_with_the_reason(conversion_dir, capsys):
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+def test_siglip_model_vision_half_imports_without_its_head(conversion_dir, capsys,
+                                                           megatron_single_process):
+    from transformers import SiglipConfig, SiglipModel
 
-    folder = conversion_dir / "siglip"
-    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, image_size=28, patch_size=14)
-                      ).save_pretrained(str(folder))
+    from mm1_megatron.config import load_config
+
+    folder = conversion_dir / "siglip_full"
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=28, patch_size=14)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, vocab_size=100)
+    SiglipModel(SiglipConfig(vision_config=vision, text_config=text)).save_pretrained(str(folder))
+    output = conversion_dir / "siglip_full_out"
+    code, err = _run(capsys, "import", "--vision-encoder", str(folder), "--output", str(output))
+    assert code == 0, err
+    assert "attention-pooling head" in err
+    v = load_config(output / "step_00000000" / "config.yaml").model.vision
+    assert (v.use_class_token, v.patch_embedding_bias, v.pre_layernorm, v.post_layernorm,
+            v.activation, v.layernorm_epsilon) == (False, True, False, True, "gelu_tanh", 1e-6)
+
+
+def test_other_vision_models_are_refused_with_the_reason(conversion_dir, capsys):
+    from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+    folder = conversion_dir / "siglip2"
+    Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=64,
+                                           num_hidden_layers=1, num_attention_heads=2,
+                                           num_patches=4, patch_size=14)
+                       ).save_pretrained(str(folder))
     code, err = _run(capsys, "import", "--vision-encoder", str(folder),
-                     "--output", str(conversion_dir / "siglip_out"))
-    assert code == 2 and "siglip_vision_model" in err and "pre-LayerNorm" in err
+                     "--output", str(conversion_dir / "siglip2_out"))
+    assert code == 2 and "siglip2_vision_model" in err and "SiglipVisionModel" in err
 
 
 def test_pickle_weights_are_refused_unread(sources, conversion_dir, capsys):

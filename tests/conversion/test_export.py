@@ -20,7 +20,7 @@ import torch
 from tests.conversion.conftest import TOLERANCE, TRAINS
 
 logger = logging.getLogger(__name__)
-ROUND_TRIPS = ("llama", "qwen2", "mixtral", "clip_vision", "clip")
+ROUND_TRIPS = ("llama", "qwen2", "mixtral", "clip_vision", "clip", "siglip_vision")
 
 
 def _export(checkpoint, output, **kwargs):
@@ -40,10 +40,13 @@ def test_import_export_round_trip_is_bit_exact(name, sources, round_trips):
     from mm1_megatron.conversion.safetensors_io import SafetensorsFolder
 
     source, exported = SafetensorsFolder(sources[name][1]), SafetensorsFolder(round_trips[name])
-    anchor = "embeddings.class_embedding"
-    source_prefix = source.find_prefix(anchor) if "clip" in name else ""
-    exported_prefix = exported.find_prefix(anchor) if "clip" in name else ""
+    anchor = "embeddings.patch_embedding.weight"
+    vision = "clip" in name or "siglip" in name
+    source_prefix = source.find_prefix(anchor) if vision else ""
+    exported_prefix = exported.find_prefix(anchor) if vision else ""
     source_names = {k[len(source_prefix):] for k in source.keys() if k.startswith(source_prefix)}
+    if "siglip" in name:  # the attention-pooling head is not imported, nor exported
+        source_names = {k for k in source_names if not k.startswith("head.")}
     assert source_names == {k[len(exported_prefix):] for k in exported.keys()}
     for key in sorted(source_names):
         exported_tensor = exported.get(exported_prefix + key)
@@ -219,3 +222,20 @@ def test_mixtral_style_mm1_export_matches(tiny_config, conversion_dir, megatron_
                      images=images)
         theirs = exported(input_ids=tokens, pixel_values=images).logits
     assert (ours - theirs).abs().max() <= TOLERANCE
+
+
+def test_exported_siglip_reloads_without_head_with_the_source_features(sources, round_trips,
+                                                                       inputs):
+    from transformers import SiglipVisionModel
+
+    from tests.conversion.hf_sources import vision_features
+
+    model, info = SiglipVisionModel.from_pretrained(round_trips["siglip_vision"],
+                                                    output_loading_info=True)
+    assert not any(info.values()), info
+    assert not model.config.vision_use_head
+    images = inputs[0]["images"]
+    with torch.no_grad():
+        diff = (vision_features(model.eval(), images)
+                - vision_features(sources["siglip_vision"][0], images))
+    assert diff.abs().max() <= 1e-6

@@ -91,6 +91,11 @@ def test_config_fields_map_from_hugging_face(imported):
             mixtral.moe.expert_ffn_hidden_size) == (4, 2, 1, 96)
     clip = load_config(imported["clip"] / "step_00000000" / "config.yaml").model.vision
     assert clip.activation == "gelu" and clip.num_layers == 2 and clip.use_class_token
+    assert clip.pre_layernorm and not (clip.post_layernorm or clip.patch_embedding_bias)
+    siglip = load_config(imported["siglip_vision"] / "step_00000000" / "config.yaml").model.vision
+    assert (siglip.use_class_token, siglip.patch_embedding_bias, siglip.pre_layernorm,
+            siglip.post_layernorm, siglip.activation, siglip.layernorm_epsilon) == \
+        (False, True, False, True, "gelu_tanh", 1e-6)
 
 
 def test_import_keeps_only_the_imported_part(imported):

@@ -32,6 +32,9 @@ VARIANTS = {
     "tied_embeddings": ["model.llm.tie_embeddings=true"],
     "qkv_bias": ["model.llm.qkv_bias=true"],
     "no_class_token": ["model.vision.use_class_token=false"],
+    "siglip_stem": ["model.vision.use_class_token=false", "model.vision.patch_embedding_bias=true",
+                    "model.vision.pre_layernorm=false", "model.vision.post_layernorm=true",
+                    "model.vision.activation=gelu_tanh"],
     "small_patches": ["model.vision.patch_size=7", "model.connector.num_output_tokens=16"],
     "moe_every_2nd": ["model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=2"],
     "moe_every_layer_top3_small_experts": [

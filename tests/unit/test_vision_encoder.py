@@ -196,3 +196,28 @@ def test_resizing_keeps_dtype_and_is_differentiable():
     assert out.dtype == torch.float64
     out.sum().backward()
     assert table.grad is not None and table.grad[1:].abs().sum() > 0
+
+
+# ---- SigLIP stem -----------------------------------------------------------------------
+
+def test_default_stem_is_clip(make_encoder):
+    encoder = make_encoder()
+    assert encoder.patch_embedding.bias is None
+    assert encoder.pre_layernorm is not None and encoder.post_layernorm is None
+
+
+def test_siglip_stem_has_patch_bias_and_normalises_every_output_token(make_encoder):
+    encoder = make_encoder("model.vision.use_class_token=false",
+                           "model.vision.patch_embedding_bias=true",
+                           "model.vision.pre_layernorm=false", "model.vision.post_layernorm=true",
+                           "model.vision.activation=gelu_tanh")
+    assert encoder.patch_embedding.bias is not None and encoder.pre_layernorm is None
+    with torch.no_grad():
+        encoder.post_layernorm.weight.fill_(1.0)
+        encoder.post_layernorm.bias.zero_()
+        out = encoder(torch.randn(2, 3, IMAGE, IMAGE))
+    assert out.shape == (2, GRID * GRID, HIDDEN)
+    # Each token is LayerNorm-ed: zero mean and unit variance over the hidden size.
+    torch.testing.assert_close(out.mean(-1), torch.zeros(2, GRID * GRID), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2, GRID * GRID),
+                               atol=1e-3, rtol=0)

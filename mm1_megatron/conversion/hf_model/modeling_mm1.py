@@ -1,11 +1,12 @@
 """``MM1ForConditionalGeneration``: the whole MM1 model as a ``transformers`` model.
 
-The vision tower is a ``CLIPVisionModel`` (its ``last_hidden_state`` without the class
-token is what our ViT returns), the connector is the very module our training uses
-(``mm1_megatron.models.connectors``), and the language model is the standard causal LM
-the decoder exports to. ``generate()`` takes ``input_ids`` in which each image is a run of
-``num_image_tokens`` image tokens, plus ``pixel_values``; the images are encoded once, in
-the prefill step, and the KV cache does the rest.
+The vision tower is a ``CLIPVisionModel`` or a ``SiglipVisionModel`` (its
+``last_hidden_state``, without CLIP's class token, is what our ViT returns), the
+connector is the very module our training uses (``mm1_megatron.models.connectors``), and
+the language model is the standard causal LM the decoder exports to. ``generate()``
+takes ``input_ids`` in which each image is a run of ``num_image_tokens`` image tokens,
+plus ``pixel_values``; the images are encoded once, in the prefill step, and the KV
+cache does the rest.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         """``[n, c, H, W]`` -> ``[n, num_image_tokens, text_hidden]``."""
         dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
         hidden = self.vision_tower(pixel_values=pixel_values.to(dtype)).last_hidden_state
-        return self.connector(hidden[:, 1:])  # CLIP's class token is not an image token
+        # CLIP's class token is not an image token; SigLIP has none.
+        skip = 1 if self.config.vision_config.model_type == "clip_vision_model" else 0
+        return self.connector(hidden[:, skip:])
 
     def _merge_images(self, input_ids, inputs_embeds, pixel_values, past_key_values):
         image_mask = input_ids == self.config.image_token_id
