@@ -10,7 +10,7 @@ Exports resolve lazily, so importing this package does not load Megatron-Core or
 ``transformers``.
 """
 
-import importlib
+from mm1_megatron.utils.lazy import lazy_getattr
 
 _EXPORTS = {
     "ImportRequest": "mm1_megatron.conversion.importer",
@@ -22,8 +22,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

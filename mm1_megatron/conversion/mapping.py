@@ -23,6 +23,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from mm1_megatron.config.schema import LanguageModelConfig, VisionEncoderConfig
+from mm1_megatron.models.param_count import moe_layer_flags
 
 LANGUAGE_PREFIX = "language_model."
 VISION_PREFIX = "vision_encoder."
@@ -100,12 +101,6 @@ def language_attention_shape(llm: LanguageModelConfig) -> AttentionShape:
     return AttentionShape(llm.num_attention_heads,
                           llm.num_query_groups or llm.num_attention_heads,
                           llm.hidden_size // llm.num_attention_heads)
-
-
-def moe_layer_flags(llm: LanguageModelConfig) -> List[bool]:
-    """Megatron-Core's ``moe_layer_freq=k``: layers 0, k, 2k, ... are MoE."""
-    freq = llm.moe.layer_frequency
-    return [llm.moe.num_experts > 0 and i % freq == 0 for i in range(llm.num_layers)]
 
 
 def _attention_rules(llm: LanguageModelConfig, ours: str, theirs: str) -> List[TensorRule]:

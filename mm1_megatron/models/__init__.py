@@ -4,7 +4,7 @@ Exports are resolved lazily so that the pure-tensor helpers (``inputs``,
 ``param_count``) can be imported without loading Megatron-Core.
 """
 
-import importlib
+from mm1_megatron.utils.lazy import lazy_getattr
 
 _EXPORTS = {
     "build_mm1_model": "mm1_megatron.models.builder",
@@ -14,8 +14,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -8,6 +8,7 @@ learning-rate rule (non-embedding count) and MFU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List
 
 from mm1_megatron.config.schema import (
     ConnectorConfig,
@@ -89,7 +90,8 @@ def connector_params(c: ConnectorConfig, *, vision_hidden: int, llm_hidden: int,
     return readout_params(vision_hidden, llm_hidden, c.num_readout_layers)
 
 
-def _moe_layer_flags(m: LanguageModelConfig):
+def moe_layer_flags(m: LanguageModelConfig) -> List[bool]:
+    """Megatron-Core's ``moe_layer_freq=k``: layers 0, k, 2k, ... are MoE."""
     freq = m.moe.layer_frequency
     return [m.moe.num_experts > 0 and i % freq == 0 for i in range(m.num_layers)]
 
@@ -106,7 +108,7 @@ def language_model_params(m: LanguageModelConfig) -> tuple:
     dense_mlp = h + 3 * h * m.ffn_hidden_size  # pre-MLP RMSNorm + SwiGLU (fc1 is 2f wide)
     expert_ffn = m.moe.expert_ffn_hidden_size or m.ffn_hidden_size
     total = active = 0
-    for is_moe in _moe_layer_flags(m):
+    for is_moe in moe_layer_flags(m):
         if is_moe:
             per_expert = 3 * h * expert_ffn
             router = h * m.moe.num_experts

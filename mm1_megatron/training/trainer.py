@@ -32,7 +32,7 @@ from mm1_megatron.data.factory import build_data
 from mm1_megatron.data.reporting import data_metrics
 from mm1_megatron.models import RuntimeOptions, build_mm1_model
 from mm1_megatron.models.inputs import document_causal_mask
-from mm1_megatron.models.param_count import count_parameters
+from mm1_megatron.models.param_count import count_parameters, moe_layer_flags
 from mm1_megatron.parallel import init_distributed, seed_everything
 from mm1_megatron.training.flops import model_flops_utilization, training_flops_per_step
 from mm1_megatron.training.health import LossMonitor
@@ -255,8 +255,7 @@ class Trainer:
         if not tracker:
             return {}
         moe_utils.reduce_aux_losses_tracker_across_ranks()
-        num_moe_layers = max(1, sum(1 for i in range(self.cfg.model.llm.num_layers)
-                                    if i % self.cfg.model.llm.moe.layer_frequency == 0))
+        num_moe_layers = max(1, sum(moe_layer_flags(self.cfg.model.llm)))
         losses = {f"moe/{name}": float(entry["values"].sum()) / num_moe_layers
                   / self.num_microbatches for name, entry in tracker.items()}
         moe_utils.clear_aux_losses_tracker()
