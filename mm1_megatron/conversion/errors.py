@@ -14,7 +14,7 @@ def shape_mismatch(name: str, expected: Sequence[int], got: Sequence[int], *,
     """The error for a tensor whose shape differs from what the config implies."""
     return ConversionError(
         f"tensor {name}: {got_from} has shape {tuple(got)} but {expected_from} expects "
-        f"{tuple(expected)}; the checkpoint and its config.json disagree")
+        f"{tuple(expected)}; the weights and their config disagree")
 
 
 def unsupported(what: str, value, hint: str) -> ConversionError:

@@ -1,7 +1,8 @@
 """The Hugging Face names and configs of each export format.
 
-Each ``*_tensors`` function yields ``(name, tensor)`` pairs unit by unit from our TP=1
-model's state, so the writer can stream them into shards.
+Each ``*_tensors`` function yields ``(name, tensor)`` pairs unit by unit, reading our
+TP=1 tensors from a ``CheckpointTensors`` one unit at a time, so the writer streams them
+into shards and memory never holds the whole model.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ Tensors = Iterator[Tuple[str, torch.Tensor]]
 CONNECTOR_PREFIX = "connector.net."
 
 
-def language_model_tensors(state, llm: LanguageModelConfig, *, dtype: torch.dtype,
+def language_model_tensors(source, llm: LanguageModelConfig, *, dtype: torch.dtype,
                            prefix: str = "") -> Tensors:
     target = language_target(llm)
     units = language_units(llm, TARGET_STYLES[target])
-    yield from hf_tensors(state, units, language_attention_shape(llm), dtype=dtype,
+    yield from hf_tensors(source, units, language_attention_shape(llm), dtype=dtype,
                           rename=lambda name: prefix + name, label="language model")
     if target == "qwen2_moe":  # the zero-width shared expert: adds exactly zero
         h = llm.hidden_size
@@ -53,12 +54,12 @@ def language_model_tensors(state, llm: LanguageModelConfig, *, dtype: torch.dtyp
                 yield f"{block}.shared_expert_gate.weight", torch.zeros(1, h, dtype=dtype)
 
 
-def vision_tensors(state, vision: VisionEncoderConfig, *, dtype: torch.dtype, prefix: str,
+def vision_tensors(source, vision: VisionEncoderConfig, *, dtype: torch.dtype, prefix: str,
                    extras: Dict[str, torch.Tensor]) -> Tensors:
     """``CLIPVisionModel`` / ``SiglipVisionModel`` tensors under ``prefix``. CLIP's
     post-LayerNorm (which only the pooled output uses) comes from the import when there was
     one, else is the identity; SigLIP's is part of our ViT (``model.vision.post_layernorm``)."""
-    yield from hf_tensors(state, vision_units(vision, prefix), vision_attention_shape(vision),
+    yield from hf_tensors(source, vision_units(vision, prefix), vision_attention_shape(vision),
                           dtype=dtype, label="vision encoder")
     if vision_target(vision) != "clip":
         return
@@ -70,10 +71,9 @@ def vision_tensors(state, vision: VisionEncoderConfig, *, dtype: torch.dtype, pr
         yield name, tensor.to(dtype)
 
 
-def connector_tensors(state, *, dtype: torch.dtype, rename) -> Tensors:
-    for name, tensor in state.items():
-        if name.startswith(CONNECTOR_PREFIX):
-            yield rename(name[len(CONNECTOR_PREFIX):]), tensor.detach().to(dtype)
+def connector_tensors(source, *, dtype: torch.dtype, rename) -> Tensors:
+    for name, tensor in source.fetch(source.names(CONNECTOR_PREFIX)).items():
+        yield rename(name[len(CONNECTOR_PREFIX):]), tensor.to(dtype)
 
 
 # ---- configs -------------------------------------------------------------------------
@@ -142,24 +142,24 @@ def llava_projector_name(name: str) -> str:
     return f"multi_modal_projector.linear_{1 if layer == '0' else 2}.{param}"
 
 
-def format_tensors(fmt: str, state, cfg: MM1Config, *, dtype: torch.dtype,
+def format_tensors(fmt: str, source, cfg: MM1Config, *, dtype: torch.dtype,
                    extras: Dict[str, torch.Tensor]) -> Tensors:
     model = cfg.model
     if fmt == "language-model":
-        yield from language_model_tensors(state, model.llm, dtype=dtype)
+        yield from language_model_tensors(source, model.llm, dtype=dtype)
     elif fmt == "vision-encoder":
-        yield from vision_tensors(state, model.vision, dtype=dtype, prefix="vision_model.",
+        yield from vision_tensors(source, model.vision, dtype=dtype, prefix="vision_model.",
                                   extras=extras)
     elif fmt == "mm1":
-        yield from vision_tensors(state, model.vision, dtype=dtype, prefix="vision_tower.",
+        yield from vision_tensors(source, model.vision, dtype=dtype, prefix="vision_tower.",
                                   extras=extras)
-        yield from connector_tensors(state, dtype=dtype, rename=lambda n: f"connector.{n}")
-        yield from language_model_tensors(state, model.llm, dtype=dtype, prefix="language_model.")
+        yield from connector_tensors(source, dtype=dtype, rename=lambda n: f"connector.{n}")
+        yield from language_model_tensors(source, model.llm, dtype=dtype, prefix="language_model.")
     elif fmt == "llava":
-        yield from vision_tensors(state, model.vision, dtype=dtype,
+        yield from vision_tensors(source, model.vision, dtype=dtype,
                                   prefix="vision_tower.vision_model.", extras=extras)
-        yield from connector_tensors(state, dtype=dtype, rename=llava_projector_name)
-        yield from language_model_tensors(state, model.llm, dtype=dtype, prefix="language_model.")
+        yield from connector_tensors(source, dtype=dtype, rename=llava_projector_name)
+        yield from language_model_tensors(source, model.llm, dtype=dtype, prefix="language_model.")
     else:
         raise ConversionError(f"unknown export format {fmt!r}")
 

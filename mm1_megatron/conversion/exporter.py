@@ -6,10 +6,11 @@ Formats: ``mm1`` (the whole model, ``MM1ForConditionalGeneration``), ``llava``
 (``LlavaForConditionalGeneration``, MLP connector only, loads without this package),
 ``language-model`` (``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MixtralForCausalLM`` /
 ``Qwen2MoeForCausalLM``) and ``vision-encoder`` (``CLIPVisionModel`` or, for a SigLIP
-tower, ``SiglipVisionModel`` without the pooling head). The checkpoint is
-loaded into a TP=1 model in this process, then written as safetensors shards unit by unit
-with an index, next to ``config.json``, tokenizer files, the image-processor and
-generation configs and a model card with the training config.
+tower, ``SiglipVisionModel`` without the pooling head). The checkpoint is read one unit
+(embedding, decoder layer, ...) at a time (``CheckpointTensors``) and written as
+safetensors shards with an index, so memory holds one unit plus one shard, never the
+whole model. Next to the shards: ``config.json``, tokenizer files, the image-processor
+and generation configs and a model card with the training config.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 
 from mm1_megatron.config import load_config
 from mm1_megatron.conversion import megatron_io
+from mm1_megatron.conversion.checkpoint_stream import CheckpointTensors
 from mm1_megatron.conversion.errors import ConversionError
 from mm1_megatron.conversion.export_layouts import (
     check_llava_compatible,
@@ -170,19 +172,18 @@ def export_checkpoint(request: ExportRequest) -> Path:
         dtype = _choose_dtype(request.dtype, megatron_io.read_conversion_info(step))
         needed = FORMAT_PARTS[fmt]
         tokenizer, special = _tokenizer_and_special_ids(request, cfg, step, needed)
-        model = megatron_io.build_tp1_model(
-            megatron_io.placeholder_model_config(cfg.model, needed),
-            image_token_id=(special or {}).get("image") or 0)
-        megatron_io.load_parts(model, step, needed)
-        state = megatron_io.state_of(model)
+        source = CheckpointTensors(step, cfg.model, needed,
+                                   image_token_id=(special or {}).get("image") or 0)
         logger.info("exporting %s of %s as %s (%s)", " + ".join(needed), step, fmt, dtype)
         with staged_output(request.output, overwrite=request.overwrite) as staging:
             format_config(fmt, cfg, special, dtype).save_pretrained(str(staging))
             writer = ShardedSafetensorsWriter(staging, max_shard_bytes=request.max_shard_bytes)
-            for name, tensor in format_tensors(fmt, state, cfg, dtype=tensor_dtype(dtype),
+            for name, tensor in format_tensors(fmt, source, cfg, dtype=tensor_dtype(dtype),
                                                extras=_load_extras(step)):
                 writer.add(name, tensor)
             writer.close()
+            logger.info("wrote %.2f GB; the largest unit read at once was %.2f GB",
+                        writer.total_bytes / 1e9, source.largest_fetch_bytes / 1e9)
             _write_side_files(staging, fmt, cfg, tokenizer, special, step, dtype)
     logger.info("exported %s to %s", fmt, request.output)
     return Path(request.output)

@@ -60,14 +60,16 @@ def fill_from_hf(state: Dict[str, torch.Tensor], units: List[Unit], reader: Safe
     return consumed
 
 
-def hf_tensors(state: Dict[str, torch.Tensor], units: List[Unit], shape: AttentionShape, *,
+def hf_tensors(source, units: List[Unit], shape: AttentionShape, *,
                rename: Callable[[str], str] = lambda name: name, dtype: torch.dtype,
                label: str) -> Iterator[Tuple[str, torch.Tensor]]:
-    """Our tensors as Hugging Face ``(name, tensor)`` pairs, unit by unit."""
+    """Our tensors as Hugging Face ``(name, tensor)`` pairs, unit by unit: ``source``
+    (a ``CheckpointTensors``) is read one unit at a time, so memory holds one unit."""
     progress = ProgressLine(f"export {label}", total=len(units), unit="units")
     for unit_name, rules in units:
+        ours = source.fetch(rule.megatron for rule in rules)
         for rule in rules:
-            for name, tensor in separate(rule, state[rule.megatron].detach(), shape).items():
+            for name, tensor in separate(rule, ours.pop(rule.megatron), shape).items():
                 yield rename(name), tensor.to(dtype)
         progress.update(1, note=unit_name)
     progress.close()

@@ -61,7 +61,7 @@ def seeded_sequential_mlp_class(base):
         def __init__(self, num_local_experts, config, submodules, pg_collection=None):
             # The layer's generator is in the same state on every EP rank here (the layer
             # was reseeded and the router drawn identically), so one draw keys the layer.
-            layer_key = int(torch.randint(2**62, (1,)).item())
+            layer_key = int(torch.randint(2**62, (1,), device="cpu").item())
             super().__init__(0, config, submodules, pg_collection=pg_collection)
             self.num_local_experts = num_local_experts
             first_expert = self.ep_group.rank() * num_local_experts
