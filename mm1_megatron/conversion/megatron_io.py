@@ -78,7 +78,10 @@ def placeholder_model_config(model: ModelConfig, keep: Iterable[str]) -> ModelCo
     connector = model.connector if keep_connector else ConnectorConfig(
         type="mlp", num_output_tokens=(vision.image_size // vision.patch_size) ** 2,
         hidden_size=8, num_readout_layers=1)
-    return replace(model, vision=vision, connector=connector, llm=llm, freeze=[])
+    # Conversion runs on CPU with local layers: checkpoint keys are the same for both
+    # implementations (see ``specs``), so a Transformer Engine / FP8 run converts too.
+    return replace(model, vision=vision, connector=connector, llm=llm, freeze=[],
+                   transformer_impl="local", fp8=None)
 
 
 def build_tp1_model(model: ModelConfig, *, image_token_id: int, seed: int = 1234,

@@ -4,12 +4,15 @@
   wrapper appended (``<image>``, a pad token, ...) as added tokens at the same ids.
 - ``data.tokenizer=synthetic``: the word-level vocabulary as a ``tokenizers`` WordLevel
   model (``PreTrainedTokenizerFast``), splitting exactly like ``SyntheticTokenizer``.
-- ``data.tokenizer=sentencepiece``: the ``.model`` file is copied as ``tokenizer.model``.
+- ``data.tokenizer=sentencepiece``: the ``.model`` file as ``tokenizer.model`` behind
+  ``BertGenerationTokenizer``, the plain sentencepiece tokenizer of ``transformers`` 5 (it
+  encodes exactly as ``SentencePieceProcessor.encode``; ``LlamaTokenizer`` would convert
+  the model to a ``tokenizers`` BPE, which drops unknown characters and keeps repeated
+  spaces), plus the special tokens our wrapper appended, at the same ids.
 """
 
 from __future__ import annotations
 
-import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,6 @@ from typing import Dict, Optional
 from mm1_megatron.config import MM1Config
 from mm1_megatron.conversion.errors import ConversionError
 
-logger = logging.getLogger(__name__)
 
 # The synthetic tokenizer's pieces (mm1_megatron/data/tokenizer.py): a special token, a
 # run of word characters, or one punctuation character.
@@ -65,12 +67,13 @@ def _synthetic_tokenizer_fast(tokenizer):
         extra_special_tokens={"image_token": "<image>"}, model_max_length=1 << 30)
 
 
-def _huggingface_tokenizer(source: TokenizerSource):
+def _with_training_specials(hf, source: TokenizerSource):
+    """``hf`` plus the special tokens our wrapper appended (in its order, so at its ids),
+    with bos / eos / pad pointing where training put them."""
     from transformers import AddedToken
 
-    hf = source.tokenizer.hf
     added = list(source.tokenizer._added.pieces)
-    if added:  # appended in the wrapper's order, so they get the wrapper's ids
+    if added:
         hf.add_tokens([AddedToken(piece, special=True, normalized=False) for piece in added],
                       special_tokens=True)
     special = source.special_ids()
@@ -84,12 +87,30 @@ def _huggingface_tokenizer(source: TokenizerSource):
     return hf
 
 
+def _sentencepiece_tokenizer(source: TokenizerSource, folder: Path):
+    from transformers import BertGenerationTokenizer
+
+    processor = source.tokenizer.processor
+    size = processor.get_piece_size()
+
+    def own_piece(token_id: int):  # a special the model itself has, else None
+        return processor.id_to_piece(token_id) if 0 <= token_id < size else None
+
+    special = source.special_ids()
+    shutil.copy2(source.path, Path(folder) / "tokenizer.model")
+    hf = BertGenerationTokenizer(
+        vocab_file=str(Path(folder) / "tokenizer.model"),
+        unk_token=processor.id_to_piece(processor.unk_id()),
+        bos_token=own_piece(special["bos"]), eos_token=own_piece(special["eos"]),
+        pad_token=own_piece(special["pad"]), sep_token=None)
+    return _with_training_specials(hf, source)
+
+
 def write_tokenizer(source: TokenizerSource, folder: Path) -> None:
     if source.kind == "synthetic":
-        _synthetic_tokenizer_fast(source.tokenizer).save_pretrained(str(folder))
+        hf = _synthetic_tokenizer_fast(source.tokenizer)
     elif source.kind == "huggingface":
-        _huggingface_tokenizer(source).save_pretrained(str(folder))
+        hf = _with_training_specials(source.tokenizer.hf, source)
     else:
-        shutil.copy2(source.path, Path(folder) / "tokenizer.model")
-        logger.warning("sentencepiece tokenizer copied as tokenizer.model; its special tokens "
-                       "<image>/<pad> (ids %s) are not in it", source.special_ids())
+        hf = _sentencepiece_tokenizer(source, folder)
+    hf.save_pretrained(str(folder))

@@ -73,6 +73,13 @@ def vision_layer_spec(transformer_impl: str) -> ModuleSpec:
             pre_mlp_layernorm=IdentityOp if fused else layer_norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
+            # Checkpoint keys as Transformer Engine's fused norm+linear names them, so a
+            # checkpoint saved with either implementation loads into the other (as
+            # Megatron-Core's local GPT spec does for the decoder).
+            sharded_state_dict_keys_map={} if fused else {
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
         ),
     )
 
