@@ -124,18 +124,23 @@ def _swiglu_rules(ours: str, gate: str, up: str, down: str) -> List[TensorRule]:
             TensorRule(f"{ours}.linear_fc2.weight", (down,))]
 
 
-def _moe_rules(llm: LanguageModelConfig, ours: str, theirs: str, style: str) -> List[TensorRule]:
+def _moe_units(llm: LanguageModelConfig, ours: str, theirs: str, style: str,
+               label: str) -> List[Unit]:
+    """The router goes with the layer's attention; each expert is a unit of its own, so
+    a layer with many experts never has to be in memory whole."""
     if style == MIXTRAL_STYLE:
         block, names = f"{theirs}.block_sparse_moe", ("w1", "w3", "w2")
     elif style == QWEN2_MOE_STYLE:
         block, names = f"{theirs}.mlp", ("gate_proj", "up_proj", "down_proj")
     else:
         raise ValueError(f"MLP style {style!r} has no experts")
-    rules = [TensorRule(f"{ours}.mlp.router.weight", (f"{block}.gate.weight",))]
+    router = TensorRule(f"{ours}.mlp.router.weight", (f"{block}.gate.weight",))
+    units: List[Unit] = [(label, _attention_rules(llm, ours, theirs) + [router])]
     for expert in range(llm.moe.num_experts):
         gate, up, down = (f"{block}.experts.{expert}.{n}.weight" for n in names)
-        rules += _swiglu_rules(f"{ours}.mlp.experts.local_experts.{expert}", gate, up, down)
-    return rules
+        units.append((f"{label} expert {expert}",
+                      _swiglu_rules(f"{ours}.mlp.experts.local_experts.{expert}", gate, up, down)))
+    return units
 
 
 def language_units(llm: LanguageModelConfig, style: str) -> List[Unit]:
@@ -145,14 +150,14 @@ def language_units(llm: LanguageModelConfig, style: str) -> List[Unit]:
                                                    ("model.embed_tokens.weight",))])]
     for index, is_moe in enumerate(moe_layer_flags(llm)):
         ours, theirs = f"{ours_root}decoder.layers.{index}", f"model.layers.{index}"
-        rules = _attention_rules(llm, ours, theirs)
+        label = f"decoder layer {index}"
         if is_moe:
-            rules += _moe_rules(llm, ours, theirs, style)
-        else:
-            mlp = f"{theirs}.mlp"
-            rules += _swiglu_rules(f"{ours}.mlp", f"{mlp}.gate_proj.weight",
-                                   f"{mlp}.up_proj.weight", f"{mlp}.down_proj.weight")
-        units.append((f"decoder layer {index}", rules))
+            units += _moe_units(llm, ours, theirs, style, label)
+            continue
+        mlp = f"{theirs}.mlp"
+        units.append((label, _attention_rules(llm, ours, theirs) + _swiglu_rules(
+            f"{ours}.mlp", f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight",
+            f"{mlp}.down_proj.weight")))
     head = [TensorRule(f"{ours_root}decoder.final_layernorm.weight", ("model.norm.weight",))]
     if not llm.tie_embeddings:
         head.append(TensorRule(f"{ours_root}output_layer.weight", ("lm_head.weight",)))

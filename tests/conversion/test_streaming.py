@@ -48,8 +48,9 @@ def test_export_reads_one_unit_at_a_time(checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoint_stream, "dcp_load", recording_load)
     _export(step, tmp_path / "out")
 
-    # vision stem + its layers, the connector, embedding + decoder layers + final norm/head
-    expected_reads = 1 + 3 + 1 + 1 + 6 + 1
+    # vision stem + its layers, the connector, embedding + decoder layers (+ each expert
+    # of the 3 MoE layers on its own) + final norm/head
+    expected_reads = 1 + 3 + 1 + 1 + 6 + 3 * 4 + 1
     assert len(reads) == expected_reads
     total_bytes = 4 * count_parameters(cfg.model).total  # fp32, closed-form count
     assert sum(reads) == total_bytes  # every parameter read once, nothing twice
