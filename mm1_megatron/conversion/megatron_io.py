@@ -2,7 +2,8 @@
 
 Megatron-Core ``dist_checkpointing`` reshards on load, so converting needs only one
 layout: an import fills a TP=1 / EP=1 model and saves it (it then loads at any TP/PP/EP),
-and an export loads a checkpoint of any layout into a TP=1 model. Parts a conversion does
+and an export reads a checkpoint of any layout by our TP=1 names, one unit at a time
+(``checkpoint_stream``, from a meta-device model built here). Parts a conversion does
 not touch (e.g. the ViT when importing only a language model) are built as tiny
 placeholders and neither saved nor loaded.
 """
