@@ -17,7 +17,6 @@ public planner interface instead; tensors are deserialised with ``weights_only=T
 from __future__ import annotations
 
 import io
-import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, Iterable, List, Sequence, Tuple
@@ -31,8 +30,6 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.conversion.errors import ConversionError, shape_mismatch
-
-logger = logging.getLogger(__name__)
 
 Region = Tuple[Tuple[int, ...], torch.Tensor]  # (global offset, destination tensor)
 
@@ -73,15 +70,20 @@ class _RegionPlanner(LoadPlanner):
         pass
 
 
-def _leaves(entry) -> List:
-    """The ``ShardedTensor``s an entry stands for: itself, or what a factory (SwiGLU's
-    ``linear_fc1`` is ``[gate; up]``, stored as two halves) builds."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
+def _stored_pieces(entry):
+    """What an entry is stored as: itself (a ``ShardedTensor``), or the nested
+    ``ShardedTensor``s a factory builds (SwiGLU's ``linear_fc1`` is ``[gate; up]``, stored
+    as two halves)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
-    if isinstance(entry, ShardedTensorFactory):
-        return list(nested_values(entry.build()))
-    return [entry]
+    return entry.build() if isinstance(entry, ShardedTensorFactory) else entry
+
+
+def _leaves(pieces) -> List:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    return [pieces] if isinstance(pieces, ShardedTensor) else list(nested_values(pieces))
 
 
 def _stored_box(leaf) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
@@ -135,6 +137,7 @@ class CheckpointTensors:
         prefixes = tuple(f"{part}." for part in parts)
         self._entries = {name: entry for name, entry in skeleton.sharded_state_dict().items()
                          if name.startswith(prefixes) and not isinstance(entry, ShardedObject)}
+        self._pieces = {name: _stored_pieces(entry) for name, entry in self._entries.items()}
         self._reader = FileSystemReader(str(self.folder))
         self._stored = self._reader.read_metadata().state_dict_metadata
         self.largest_fetch_bytes = 0
@@ -144,8 +147,8 @@ class CheckpointTensors:
         """Every tensor we will ask for exists with the shape the config implies; fail now,
         naming the tensor and both shapes, rather than midway through the export."""
         missing = []
-        for name, entry in self._entries.items():
-            for leaf in _leaves(entry):
+        for name, pieces in self._pieces.items():
+            for leaf in _leaves(pieces):
                 if leaf.key not in self._stored:
                     missing.append(leaf.key)
                     continue
@@ -171,18 +174,18 @@ class CheckpointTensors:
         unknown = [name for name in names if name not in self._entries]
         if unknown:
             raise ConversionError(f"the checkpoint's model has no tensor {unknown[0]}")
-        leaves = {name: _leaves(self._entries[name]) for name in names}
-        regions = _bounding_regions([l for ls in leaves.values() for l in ls], self.dtype)
+        regions = _bounding_regions(
+            [leaf for name in names for leaf in _leaves(self._pieces[name])], self.dtype)
         dcp_load({key: destination for key, (_, destination) in regions.items()},
                  storage_reader=self._reader, planner=_RegionPlanner(regions), no_dist=True)
         self.largest_fetch_bytes = max(self.largest_fetch_bytes, sum(
             d.numel() * d.element_size() for _, d in regions.values()))
         loaded = {}
         for name in names:
-            entry = self._entries[name]
+            entry, pieces = self._entries[name], self._pieces[name]
             if isinstance(entry, ShardedTensorFactory):
                 loaded[name] = entry.merge_fn(
-                    dict_list_map_outplace(lambda leaf: _cut(leaf, regions), entry.build()))
+                    dict_list_map_outplace(lambda leaf: _cut(leaf, regions), pieces))
             else:
-                loaded[name] = _cut(entry, regions)
+                loaded[name] = _cut(pieces, regions)
         return loaded
