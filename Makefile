@@ -13,7 +13,7 @@ setup:
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -c "import torch, megatron.core, mm1_megatron; print('torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
+	$(PY) -c "import sys, torch, megatron.core, mm1_megatron; print('python', sys.version.split()[0], '| torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
 
 # pytest exits 5 when it collects no tests; make treats any non-zero exit as failure.
 test:

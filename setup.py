@@ -15,7 +15,9 @@ setup(
         # torch is not pinned to a build: CPU machines install the CPU wheel first
         # (see README), CUDA machines their CUDA wheel. >=2.10 for safe checkpoint loading.
         "torch>=2.10",
-        "megatron-core>=0.16.1,<0.20",
+        # Exactly the releases CI tests: 0.16.1 (Python 3.11) and 0.19.x (Python 3.12).
+        # Keep equal to mm1_megatron/compat/versions.py MCORE_REQUIREMENT.
+        "megatron-core>=0.16.1,<0.20,!=0.17.*,!=0.18.*,!=0.19.0",
         "numpy",
         "pyyaml",
         "sentencepiece",

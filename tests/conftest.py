@@ -3,7 +3,7 @@
 Megatron-Core modules read its parallel state when they are built, so every test that
 builds a model asks for ``megatron_single_process`` (directly or through ``seeded`` /
 ``build_tiny_model``). The world is a single gloo process on a free port; on a machine
-without CUDA ``init_distributed`` also installs the CPU stand-ins of ``cpu_compat``.
+without CUDA ``init_distributed`` also installs the CPU stand-ins of ``mm1_megatron.compat``.
 """
 
 from __future__ import annotations

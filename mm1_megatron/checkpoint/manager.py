@@ -22,11 +22,9 @@ from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from mm1_megatron.checkpoint import layout
-from mm1_megatron.checkpoint.mcore_compat import (
-    apply_distributed_optimizer_step_fix,
-    untie_adam_steps,
-)
 from mm1_megatron.checkpoint.rng import load_rng_state, save_rng_state
+from mm1_megatron.compat import optimizer as optimizer_compat
+from mm1_megatron.compat.checkpointing import save_sharded
 from mm1_megatron.config import MM1Config, save_config
 from mm1_megatron.config.schema import CheckpointConfig
 
@@ -72,28 +70,8 @@ def _broadcast_int(value: int) -> int:
     return int(tensor)
 
 
-def _materialize_adam_state(optimizer) -> None:
-    """Give a fresh AdamW the state tensors a checkpoint is loaded into.
-
-    Megatron-Core reads them to build the loading state dict; without apex or TE its
-    initialiser leaves out ``step``, so a fresh optimizer could not be loaded into.
-    """
-    for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = sub.optimizer
-        if inner is None:
-            continue
-        for group in inner.param_groups:
-            for param in group["params"]:
-                state = inner.state[param]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(param.data)
-                    state["exp_avg_sq"] = torch.zeros_like(param.data)
-
-
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig):
-        apply_distributed_optimizer_step_fix()
         self.cfg = cfg
         self.save_dir = Path(cfg.save_dir) if cfg.save_dir else None
         self.async_queue = AsyncCallsQueue() if cfg.async_save else None
@@ -126,9 +104,9 @@ class CheckpointManager:
             self._write_trainer_files(state, tmp)
         _barrier()
         save_rng_state(tmp / "rng" / f"rank_{_rank():05d}.pt")
-        request = dist_checkpointing.save(
+        request = save_sharded(
             self._sharded_state_dict(state, is_loading=False), str(tmp / MODEL_OPTIM_DIR),
-            async_sharded_save=self.async_queue is not None and not blocking)
+            async_save=self.async_queue is not None and not blocking)
         finalize = self._finalizer(state.step)
         if request is None:
             _barrier()
@@ -228,13 +206,13 @@ class CheckpointManager:
 
     def load(self, state: TrainingState, path: Path) -> Dict[str, Any]:
         """Restore model, optimizer, scheduler, RNG and returns the trainer state dict."""
-        _materialize_adam_state(state.optimizer)
+        optimizer_compat.prepare_for_load(state.optimizer)
         loaded = dist_checkpointing.load(self._sharded_state_dict(state, is_loading=True),
                                          str(path / MODEL_OPTIM_DIR))
         (chunk,) = state.model_chunks
         unwrap(chunk).load_state_dict(loaded["model"])
         state.optimizer.load_state_dict(loaded["optimizer"])
-        untie_adam_steps(state.optimizer)
+        optimizer_compat.after_load(state.optimizer)
         trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
         state.scheduler.load_state_dict(trainer_state["scheduler"])
         rng_file = path / "rng" / f"rank_{_rank():05d}.pt"

@@ -51,13 +51,6 @@ class MM1Model(MegatronModule):
         with seeded(init_seed, "language_model"):
             self.language_model = self._build_language_model(model, language_config, init_seed)
         self._mark_experts_as_expert_parallel()
-        if pre_process:
-            # Image tokens are merged into the full-length sequence before it is split
-            # for sequence parallelism, so the embedding must return it unsplit.
-            embedding = self.language_model.embedding
-            embedding.reduce_scatter_embeddings = False
-            embedding.word_embeddings.reduce_scatter_embeddings = False
-            embedding.scatter_to_sequence_parallel = False
 
     def _mark_experts_as_expert_parallel(self) -> None:
         """Treat experts as expert-parallel even at EP=1 (Megatron-Core only does for EP>1).
@@ -85,6 +78,9 @@ class MM1Model(MegatronModule):
             rotary_base=model.llm.rotary_base,
             rope_scaling=model.llm.rope_scaling_factor is not None,
             rope_scaling_factor=model.llm.rope_scaling_factor or 8.0,
+            # Image tokens are merged into the full-length sequence before it is split
+            # for sequence parallelism (``embed``), so the embedding returns it unsplit.
+            scatter_embedding_sequence_parallel=False,
         )
 
     # Megatron's finalize_model_grads looks these up on the module that has pre_process,

@@ -17,11 +17,12 @@ from typing import Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     get_transformer_layer_offset,
 )
+
+from mm1_megatron.compat.experts import sequential_mlp_with_expert_hook
 
 
 def component_seed(seed: int, *keys) -> int:
@@ -52,24 +53,19 @@ def seeded_layer_class(seed: int, base=TransformerLayer):
     return SeededTransformerLayer
 
 
-def seeded_sequential_mlp_class(base):
+def seeded_experts_class() -> type:
     """Megatron's ``SequentialMLP`` with each expert drawn from a stream keyed by its global
     index, so expert parallelism (which builds only this rank's experts) starts from the
     same experts as a single-process run."""
 
-    class SeededSequentialMLP(base):
-        def __init__(self, num_local_experts, config, submodules, pg_collection=None):
-            # The layer's generator is in the same state on every EP rank here (the layer
-            # was reseeded and the router drawn identically), so one draw keys the layer.
-            layer_key = int(torch.randint(2**62, (1,), device="cpu").item())
-            super().__init__(0, config, submodules, pg_collection=pg_collection)
-            self.num_local_experts = num_local_experts
-            first_expert = self.ep_group.rank() * num_local_experts
-            for local_index in range(num_local_experts):
-                torch.default_generator.manual_seed(
-                    component_seed(layer_key, "expert", first_expert + local_index))
-                self.local_experts.append(MLP(
-                    self.config, submodules, ffn_hidden_size=self.config.moe_ffn_hidden_size,
-                    is_expert=True, tp_group=self.tp_group))
+    def make_hook():
+        # The layer's generator is in the same state on every EP rank here (the layer
+        # was reseeded and the router drawn identically), so one draw keys the layer.
+        layer_key = int(torch.randint(2**62, (1,), device="cpu").item())
 
-    return SeededSequentialMLP
+        def before_expert(global_index: int) -> None:
+            torch.default_generator.manual_seed(
+                component_seed(layer_key, "expert", global_index))
+        return before_expert
+
+    return sequential_mlp_with_expert_hook(make_hook)

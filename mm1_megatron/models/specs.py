@@ -28,8 +28,9 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+from mm1_megatron.compat import specs as compat_specs
 from mm1_megatron.models.norms import TorchNorm
-from mm1_megatron.models.seeding import seeded_layer_class, seeded_sequential_mlp_class
+from mm1_megatron.models.seeding import seeded_experts_class, seeded_layer_class
 
 
 def backend_provider(transformer_impl: str) -> BackendSpecProvider:
@@ -84,14 +85,34 @@ def vision_layer_spec(transformer_impl: str) -> ModuleSpec:
     )
 
 
-def _use_torch_norms(block) -> None:
+def _with_torch_norms(layer: ModuleSpec) -> ModuleSpec:
     """Swap Megatron's torch-norm wrapper (which rejects SP) for ``TorchNorm``."""
-    for layer in block.layer_specs:
-        for name in ("input_layernorm", "pre_mlp_layernorm"):
-            if getattr(layer.submodules, name) is WrappedTorchNorm:
-                setattr(layer.submodules, name, TorchNorm)
-    if block.layer_norm is WrappedTorchNorm:
-        block.layer_norm = TorchNorm
+    fields = {name: TorchNorm for name in ("input_layernorm", "pre_mlp_layernorm")
+              if getattr(layer.submodules, name) is WrappedTorchNorm}
+    return compat_specs.with_submodules(
+        layer, compat_specs.replace_fields(layer.submodules, **fields))
+
+
+def _with_arbitrary_mask(layer: ModuleSpec) -> ModuleSpec:
+    attention = compat_specs.with_params(layer.submodules.self_attention,
+                                         attn_mask_type=AttnMaskType.arbitrary)
+    return compat_specs.with_submodules(
+        layer, compat_specs.replace_fields(layer.submodules, self_attention=attention))
+
+
+def _seeded(layer: ModuleSpec, init_seed: int) -> ModuleSpec:
+    """Layer and experts drawn from streams keyed by their global index."""
+    layer = compat_specs.with_module(layer, seeded_layer_class(
+        init_seed, base=compat_specs.spec_module(layer)))
+
+    def seed_experts(experts):
+        if compat_specs.spec_module(experts) is not SequentialMLP:
+            return experts
+        return compat_specs.with_module(experts, seeded_experts_class())
+
+    mlp = compat_specs.map_experts(layer.submodules.mlp, seed_experts)
+    return compat_specs.with_submodules(
+        layer, compat_specs.replace_fields(layer.submodules, mlp=mlp))
 
 
 def language_block_spec(config: TransformerConfig, transformer_impl: str, *, vp_stage=None,
@@ -106,16 +127,13 @@ def language_block_spec(config: TransformerConfig, transformer_impl: str, *, vp_
     use_te = transformer_impl == "transformer_engine"
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
                                        normalization="RMSNorm", vp_stage=vp_stage)
-    if init_seed is not None:
-        for layer in block.layer_specs:
-            layer.module = seeded_layer_class(init_seed, base=layer.module)
-            experts = getattr(layer.submodules.mlp.submodules, "experts", None)
-            if experts is not None and experts.module is SequentialMLP:
-                experts.module = seeded_sequential_mlp_class(SequentialMLP)
-    if not use_te:
-        _use_torch_norms(block)
-    else:
-        for layer in block.layer_specs:
-            attention = layer.submodules.self_attention
-            attention.params = {**attention.params, "attn_mask_type": AttnMaskType.arbitrary}
-    return block
+
+    def transform(layer: ModuleSpec) -> ModuleSpec:
+        if init_seed is not None:
+            layer = _seeded(layer, init_seed)
+        return _with_arbitrary_mask(layer) if use_te else _with_torch_norms(layer)
+
+    final_norm = block.layer_norm
+    if not use_te and final_norm is WrappedTorchNorm:
+        final_norm = TorchNorm
+    return compat_specs.map_layers(block, transform, layer_norm=final_norm)

@@ -1,6 +1,6 @@
 """Distributed setup and CPU execution for Megatron-Core."""
 
-from mm1_megatron.parallel.cpu_compat import cpu_execution_enabled, enable_cpu_execution
+from mm1_megatron.compat import cpu_execution_enabled, enable_cpu_execution
 from mm1_megatron.parallel.distributed import (
     DistributedContext,
     check_world_size,

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mm1_megatron.compat.install import install_patches
 from mm1_megatron.config.schema import ParallelConfig
-from mm1_megatron.parallel.cpu_compat import enable_cpu_execution
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +120,7 @@ def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
 def init_distributed(parallel: ParallelConfig, *, timeout_minutes: float = 10.0) -> DistributedContext:
     """Initialise torch.distributed and Megatron-Core's model-parallel groups."""
     cuda = torch.cuda.is_available()
-    if not cuda:
-        enable_cpu_execution()
+    install_patches(cuda_available=cuda)
     rank, world_size, local_rank, found_by = _launcher_env(parallel.launcher)
     check_world_size(parallel, world_size)
     _set_rendezvous(world_size, found_by)

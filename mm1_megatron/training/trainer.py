@@ -23,9 +23,9 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.moe import moe_utils
 
 from mm1_megatron.checkpoint import CheckpointManager, TrainingState
+from mm1_megatron.compat.moe import collect_moe_aux_losses
 from mm1_megatron.config import MM1Config, save_config, validate_config, validate_environment
 from mm1_megatron.data import SOURCE_IDS
 from mm1_megatron.data.factory import build_data
@@ -251,15 +251,9 @@ class Trainer:
                 for i, name in enumerate(names)}
 
     def _moe_losses(self) -> Dict[str, float]:
-        tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-        if not tracker:
-            return {}
-        moe_utils.reduce_aux_losses_tracker_across_ranks()
         num_moe_layers = max(1, sum(moe_layer_flags(self.cfg.model.llm)))
-        losses = {f"moe/{name}": float(entry["values"].sum()) / num_moe_layers
-                  / self.num_microbatches for name, entry in tracker.items()}
-        moe_utils.clear_aux_losses_tracker()
-        return losses
+        return {f"moe/{name}": float(values.sum()) / num_moe_layers / self.num_microbatches
+                for name, values in collect_moe_aux_losses().items()}
 
     # ---- the loop -----------------------------------------------------------------------
     def _throughput(self, metrics: Dict[str, float], seconds: float) -> Dict[str, float]:

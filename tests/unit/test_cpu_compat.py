@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm1_megatron.parallel import cpu_execution_enabled, enable_cpu_execution
+from mm1_megatron.compat import cpu_execution_enabled, enable_cpu_execution
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
                                 reason="the CPU stand-ins are installed only without CUDA")
