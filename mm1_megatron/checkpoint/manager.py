@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -27,6 +26,7 @@ from mm1_megatron.compat import optimizer as optimizer_compat
 from mm1_megatron.compat.checkpointing import save_sharded
 from mm1_megatron.config import MM1Config, save_config
 from mm1_megatron.config.schema import CheckpointConfig
+from mm1_megatron.parallel.collectives import barrier, broadcast_int
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +58,6 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast_int(value: int) -> int:
-    tensor = torch.tensor([value], dtype=torch.long)
-    if dist.is_initialized():
-        dist.broadcast(tensor, src=0)
-    return int(tensor)
-
-
 class CheckpointManager:
     def __init__(self, cfg: CheckpointConfig):
         self.cfg = cfg
@@ -78,7 +66,7 @@ class CheckpointManager:
         if self.save_dir is not None and _rank() == 0:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             layout.remove_stale_temporaries(self.save_dir)
-        _barrier()
+        barrier()
 
     # ---- sharded state ----------------------------------------------------------------
     def _sharded_state_dict(self, state: TrainingState, *, is_loading: bool) -> Dict[str, Any]:
@@ -102,14 +90,14 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / MODEL_OPTIM_DIR).mkdir(parents=True)
             self._write_trainer_files(state, tmp)
-        _barrier()
+        barrier()
         save_rng_state(tmp / "rng" / f"rank_{_rank():05d}.pt")
         request = save_sharded(
             self._sharded_state_dict(state, is_loading=False), str(tmp / MODEL_OPTIM_DIR),
             async_save=self.async_queue is not None and not blocking)
         finalize = self._finalizer(state.step)
         if request is None:
-            _barrier()
+            barrier()
             finalize()
         else:
             request.add_finalize_fn(finalize)
@@ -138,7 +126,7 @@ class CheckpointManager:
                                                  keep_every=self.cfg.keep_every)
                 logger.info("saved checkpoint %s%s", final, f" (removed {len(removed)} old)"
                             if removed else "")
-            _barrier()
+            barrier()
         return finalize
 
     def finalize_pending(self, *, blocking: bool) -> None:
@@ -164,7 +152,7 @@ class CheckpointManager:
             chosen = self._choose_checkpoint()
             chosen_step = layout.step_of(chosen) if chosen is not None else -1
             self._chosen = chosen
-        chosen_step = _broadcast_int(chosen_step)
+        chosen_step = broadcast_int(chosen_step)
         if chosen_step < 0:
             return None
         base = Path(self.cfg.load_dir) if self.cfg.load_dir else self.save_dir

@@ -10,7 +10,7 @@ holds its own layers' rows), then over each entry's reduce group, then averaged.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Sequence
 
 import torch
 
@@ -23,25 +23,36 @@ except ImportError:
     _HAS_METRICS_TRACKER = False
 
 
-def collect_moe_aux_losses() -> Dict[str, torch.Tensor]:
-    """Reduce the recorded auxiliary losses across ranks and return them per layer
+def collect_moe_aux_losses(names: Sequence[str], *, num_layers: int,
+                           device: torch.device) -> Dict[str, torch.Tensor]:
+    """Reduce the auxiliary losses ``names`` across ranks and return them per layer
     (``{name: [num_layers]}``, summed over the micro-batches since the last call), then
-    reset the tracker. Collective over the pipeline group when anything was recorded."""
+    reset the tracker.
+
+    Collective over the pipeline group for every name, on every stage: a stage without
+    MoE layers records nothing, so its entries are created as zeros first (as
+    Megatron-LM's ``force_initialize`` does); otherwise it would skip the all-reduce the
+    other stages wait in. ``names`` must be the same on every rank (derive it from the
+    config), and ``num_layers`` the decoder's total layer count (the tracker's size).
+    """
+    names = list(names)
     if _HAS_METRICS_TRACKER:
         tracker = moe_logging.get_moe_metrics_tracker()
-        names = list(tracker.metrics)
-        if not names:
-            return {}
-        tracker._sync_metrics(names)  # what tracker.report() runs, without its logging
+        for name in names:
+            tracker.ensure_initialized(name, num_layers, device=device)
+        if names:
+            tracker._sync_metrics(names)  # what tracker.report() runs, without logging
         values = {name: tracker.metrics[name].values.clone() for name in names}
         tracker.clear()
         return values
     from megatron.core.transformer.moe import moe_utils
 
     tracker = moe_utils.get_moe_layer_wise_logging_tracker()
-    if not tracker:
-        return {}
-    moe_utils.reduce_aux_losses_tracker_across_ranks()
-    values = {name: entry["values"].clone() for name, entry in tracker.items()}
+    for name in names:
+        if name not in tracker:
+            tracker[name] = {"values": torch.zeros(num_layers, device=device)}
+    if names:
+        moe_utils.reduce_aux_losses_tracker_across_ranks(track_names=names)
+    values = {name: tracker[name]["values"].clone() for name in names}
     moe_utils.clear_aux_losses_tracker()
     return values

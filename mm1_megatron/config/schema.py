@@ -129,7 +129,7 @@ class ParallelConfig:
     recompute: str = "none"
     launcher: str = "auto"
     # Collectives that wait longer than this fail, so a dead rank ends the job promptly.
-    collective_timeout_minutes: float = 5.0
+    collective_timeout_minutes: float = 30.0
 
 
 @dataclass

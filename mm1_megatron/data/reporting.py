@@ -10,27 +10,24 @@ from __future__ import annotations
 from typing import Dict, Sequence
 
 import torch
-import torch.distributed as dist
 
 from mm1_megatron.data.batches import stats_vector
 from mm1_megatron.data.skips import SKIP_REASONS, STAT_NAMES
+from mm1_megatron.parallel.collectives import all_reduce_values
 
 
-def data_metrics(loader, batches: Sequence[Dict[str, torch.Tensor]], *, group=None,
-                 device=None) -> Dict[str, float]:
+def data_metrics(loader, batches: Sequence[Dict[str, torch.Tensor]], *,
+                 group=None) -> Dict[str, float]:
     """``data/skipped/<reason>`` and ``data/skipped`` (cumulative since the loader was
     built), ``data/unused_samples`` (cumulative) and ``data/packing_efficiency`` (real
     tokens / token slots over ``batches``, this step's micro-batches)."""
     real = sum(int(batch["num_real_tokens"].sum()) for batch in batches)
     slots = sum(int(batch["tokens"].numel()) for batch in batches)
-    values = torch.tensor(stats_vector(loader) + [real, slots], dtype=torch.float64,
-                          device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, group=group)
-    counts = dict(zip(STAT_NAMES, values[:len(STAT_NAMES)].tolist()))
+    values = all_reduce_values(stats_vector(loader) + [real, slots], group=group)
+    counts = dict(zip(STAT_NAMES, values[:len(STAT_NAMES)]))
     metrics = {f"data/skipped/{reason}": counts[reason] for reason in SKIP_REASONS}
     metrics["data/skipped"] = sum(counts[reason] for reason in SKIP_REASONS)
     metrics["data/unused_samples"] = counts["unused_samples"]
-    total_real, total_slots = values[-2].item(), values[-1].item()
+    total_real, total_slots = values[-2], values[-1]
     metrics["data/packing_efficiency"] = total_real / total_slots if total_slots else float("nan")
     return metrics

@@ -45,9 +45,6 @@ def _shared_kwargs(model: ModelConfig, parallel: ParallelConfig, runtime: Runtim
         persist_layer_norm=False,
         calculate_per_token_loss=True,
     )
-    if model.fp8 is not None:
-        kwargs.update(fp8=model.fp8,
-                      fp8_recipe="delayed" if model.fp8_recipe == "delayed" else "tensorwise")
     if parallel.recompute != "none":
         kwargs.update(recompute_granularity=parallel.recompute)
         if parallel.recompute == "full":
@@ -74,6 +71,13 @@ def language_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
     )
+    if model.fp8 is not None:
+        # The decoder only: FP8 GEMMs need the token count divisible by 8 (16 for the
+        # hidden size), which a packed decoder sequence is and a ViT batch is not (730
+        # tokens per ViT-H/14-378 image times a varying image count). The ViT and the
+        # connector run in bf16.
+        kwargs.update(fp8=model.fp8,
+                      fp8_recipe="delayed" if model.fp8_recipe == "delayed" else "tensorwise")
     if parallel.pipeline_parallel_size > 1:
         kwargs.update(num_layers_in_first_pipeline_stage=parallel.num_decoder_layers_on_vision_stage,
                       num_layers_in_last_pipeline_stage=parallel.num_decoder_layers_on_last_stage)

@@ -97,6 +97,19 @@ def _set_rendezvous(world_size: int, found_by: str) -> None:
         os.environ["MASTER_PORT"] = str(_free_port())
 
 
+def local_cuda_device_index(local_rank: int) -> int:
+    """The CUDA device of this process: its local rank, or 0 when the launcher gives each
+    task a single visible GPU (SLURM ``--gpus-per-task=1``, cgroup-bound devices)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local_rank >= count:
+        raise ValueError(f"local rank {local_rank} has no GPU: {count} are visible to this "
+                         f"process; start at most {count} processes per node, or bind one "
+                         "GPU per task (e.g. srun --gpus-per-task=1)")
+    return local_rank
+
+
 def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
     """Return the data-parallel size, or explain why ``world_size`` does not factor."""
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
@@ -117,7 +130,8 @@ def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
     return data_parallel
 
 
-def init_distributed(parallel: ParallelConfig, *, timeout_minutes: float = 10.0) -> DistributedContext:
+def init_distributed(parallel: ParallelConfig, *,
+                     timeout_minutes: float = 30.0) -> DistributedContext:
     """Initialise torch.distributed and Megatron-Core's model-parallel groups."""
     cuda = torch.cuda.is_available()
     install_patches(cuda_available=cuda)
@@ -125,9 +139,10 @@ def init_distributed(parallel: ParallelConfig, *, timeout_minutes: float = 10.0)
     check_world_size(parallel, world_size)
     _set_rendezvous(world_size, found_by)
     backend = "nccl" if cuda else "gloo"
+    device = torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        device = torch.device("cuda", local_cuda_device_index(local_rank))
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
@@ -139,6 +154,8 @@ def init_distributed(parallel: ParallelConfig, *, timeout_minutes: float = 10.0)
             pipeline_model_parallel_size=parallel.pipeline_parallel_size,
             expert_model_parallel_size=parallel.expert_parallel_size,
             expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
+            # The same limit for Megatron-Core's TP/PP/DP/EP groups as for the world group.
+            distributed_timeout_minutes=timeout_minutes,
         )
     return DistributedContext(rank, world_size, local_rank, device, backend)
 

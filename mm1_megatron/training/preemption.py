@@ -12,8 +12,7 @@ import signal
 import threading
 from typing import Optional
 
-import torch
-import torch.distributed as dist
+from mm1_megatron.parallel.collectives import all_reduce_values
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +45,10 @@ class PreemptionHandler:
                            signal.Signals(signum).name, EXIT_PREEMPTED)
         self.received = signum
 
-    def stop_requested(self, device: torch.device) -> bool:
+    def stop_requested(self) -> bool:
         """True on every rank if any rank received a stop signal (collective)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        (flag,) = all_reduce_values([1.0 if self.received is not None else 0.0], op="max")
+        return flag > 0
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():

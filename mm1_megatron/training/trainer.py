@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
@@ -34,12 +33,14 @@ from mm1_megatron.models import RuntimeOptions, build_mm1_model
 from mm1_megatron.models.inputs import document_causal_mask
 from mm1_megatron.models.param_count import count_parameters, moe_layer_flags
 from mm1_megatron.parallel import init_distributed, seed_everything
+from mm1_megatron.parallel.collectives import all_reduce_, all_reduce_values
 from mm1_megatron.training.flops import model_flops_utilization, training_flops_per_step
 from mm1_megatron.training.health import LossMonitor
 from mm1_megatron.training.lr import resolve_peak_lr
 from mm1_megatron.training.metrics import MetricsLogger
 from mm1_megatron.training.optimizer import build_optimizer, build_scheduler
 from mm1_megatron.training.preemption import Preempted, PreemptionHandler
+from mm1_megatron.utils.logging_setup import log_info_on_this_rank
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class Trainer:
         self.is_logging_rank = (parallel_state.is_pipeline_last_stage()
                                 and parallel_state.get_tensor_model_parallel_rank() == 0
                                 and parallel_state.get_data_parallel_rank() == 0)
+        if self.is_logging_rank:
+            log_info_on_this_rank()
 
     # ---- construction -------------------------------------------------------------------
     def _num_microbatches(self) -> int:
@@ -216,8 +219,7 @@ class Trainer:
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics.update(data_metrics(self.data, batches,
-                                    group=parallel_state.get_data_parallel_group(),
-                                    device=self.ctx.device))
+                                    group=parallel_state.get_data_parallel_group()))
         metrics["num_images"] = self._global_sum(sum(int(b["images"].shape[0]) for b in batches))
         metrics["num_text_tokens"] = self._global_sum(sum(int(b["loss_mask"].sum())
                                                          for b in batches))
@@ -228,15 +230,13 @@ class Trainer:
         bad = 0.0
         if parallel_state.is_pipeline_last_stage():
             bad = 0.0 if math.isfinite(metrics["loss"]) else 1.0
-        flag = torch.tensor([bad], device=self.ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return float(flag) == 0.0
+        (flag,) = all_reduce_values([bad], op="max")
+        return flag == 0.0
 
     def _global_sum(self, value: float) -> float:
         """Sum a per-rank count over the data-parallel group (replicas repeat TP/PP)."""
-        tensor = torch.tensor([float(value)], device=self.ctx.device)
-        dist.all_reduce(tensor, group=parallel_state.get_data_parallel_group())
-        return float(tensor)
+        (total,) = all_reduce_values([value], group=parallel_state.get_data_parallel_group())
+        return total
 
     def _reduce_reports(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Token-weighted mean loss per source over micro-batches and DP ranks."""
@@ -246,14 +246,22 @@ class Trainer:
         totals = torch.zeros(len(names), 2, device=self.ctx.device)
         for report in reports:
             totals += torch.stack([report[name] for name in names])
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        all_reduce_(totals, group=parallel_state.get_data_parallel_group())
         return {name: (float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan"))
                 for i, name in enumerate(names)}
 
     def _moe_losses(self) -> Dict[str, float]:
-        num_moe_layers = max(1, sum(moe_layer_flags(self.cfg.model.llm)))
-        return {f"moe/{name}": float(values.sum()) / num_moe_layers / self.num_microbatches
-                for name, values in collect_moe_aux_losses().items()}
+        """Router losses averaged over MoE layers and micro-batches (collective over PP)."""
+        llm = self.cfg.model.llm
+        if llm.moe.num_experts == 0:
+            return {}
+        names = [name for name, coeff in (("load_balancing_loss", llm.moe.aux_loss_coeff),
+                                          ("z_loss", llm.moe.z_loss_coeff)) if coeff > 0]
+        values = collect_moe_aux_losses(names, num_layers=llm.num_layers,
+                                        device=self.ctx.device)
+        num_moe_layers = max(1, sum(moe_layer_flags(llm)))
+        return {f"moe/{name}": float(layer_values.sum()) / num_moe_layers / self.num_microbatches
+                for name, layer_values in values.items()}
 
     # ---- the loop -----------------------------------------------------------------------
     def _throughput(self, metrics: Dict[str, float], seconds: float) -> Dict[str, float]:
@@ -304,7 +312,7 @@ class Trainer:
                     metrics_logger.log(self.step, metrics)
                     history.append(metrics)
                     self.checkpoints.finalize_pending(blocking=False)
-                    if preemption.stop_requested(self.ctx.device):
+                    if preemption.stop_requested():
                         self.save_checkpoint(blocking=True)
                         raise Preempted(f"stopped by a signal after step {self.step}")
                     if interval and self.step % interval == 0:

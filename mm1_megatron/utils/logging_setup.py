@@ -1,4 +1,5 @@
-"""Logging for entry points: INFO on rank 0, warnings and errors elsewhere."""
+"""Logging for entry points: INFO on rank 0 (and on the rank that logs the training
+metrics, ``log_info_on_this_rank``), warnings and errors elsewhere."""
 
 from __future__ import annotations
 
@@ -28,3 +29,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     for pattern in _FALLBACK_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+def log_info_on_this_rank() -> None:
+    """Show INFO from this rank too: the per-step lines come from the last pipeline
+    stage, which is not global rank 0 when pipeline parallelism is on."""
+    root = logging.getLogger()
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)

@@ -239,3 +239,33 @@ def test_exported_siglip_reloads_without_head_with_the_source_features(sources, 
         diff = (vision_features(model.eval(), images)
                 - vision_features(sources["siglip_vision"][0], images))
     assert diff.abs().max() <= 1e-6
+
+
+def test_exported_model_merges_images_across_devices(trained_exports, monkeypatch):
+    """device_map="auto" may put the vision tower and the embeddings on different GPUs:
+    the image features must be moved to the embeddings' device (two real devices are not
+    available here, so the move is observed on a stand-in for the features)."""
+    import mm1_megatron.conversion.hf_model  # noqa: F401  registers model_type "mm1"
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(trained_exports["dense_tp2"])
+    no_split = model._no_split_modules  # post_init gathers the submodels' lists
+    assert "CAbstractor" in no_split and any("DecoderLayer" in name for name in no_split)
+
+    num_tokens, hidden = model.config.num_image_tokens, model.config.text_config.hidden_size
+    requested = {}
+
+    class FeaturesOnAnotherDevice:
+        shape = (1, num_tokens, hidden)
+
+        def to(self, *args, **kwargs):
+            requested.update(kwargs, args=args)
+            return torch.ones(1, num_tokens, hidden)
+
+    monkeypatch.setattr(model, "get_image_features", lambda pixel_values: FeaturesOnAnotherDevice())
+    input_ids = torch.full((1, num_tokens + 2), model.config.image_token_id)
+    input_ids[0, -2:] = 5
+    embeds = model.get_input_embeddings()(input_ids)
+    merged = model._merge_images(input_ids, embeds, torch.zeros(1), past_key_values=None)
+    assert requested["device"] == embeds.device and requested["dtype"] == embeds.dtype
+    assert torch.equal(merged[0, :num_tokens], torch.ones(num_tokens, hidden))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from mm1_megatron.config import (
     MM1Config,
@@ -394,3 +395,19 @@ def test_mm1_30b_worked_example_fits_eight_nodes_of_eight_gpus():
     assert check_world_size(cfg.parallel, 64) == 4  # TP 4 x PP 4 x DP 4
     assert (cfg.parallel.num_decoder_layers_on_vision_stage + 2 * 15
             + cfg.parallel.num_decoder_layers_on_last_stage) == cfg.model.llm.num_layers
+
+
+def test_fp8_reaches_the_decoder_only(tiny_config):
+    """FP8 GEMMs need token counts divisible by 8; a ViT batch (730 tokens per ViT-H/14-378
+    image times the image count) is not, so the ViT and connector stay in bf16."""
+    from mm1_megatron.models.transformer_configs import (
+        RuntimeOptions,
+        language_transformer_config,
+        vision_transformer_config,
+    )
+
+    cfg = tiny_config()
+    cfg.model.fp8, cfg.model.fp8_recipe = "hybrid", "delayed"
+    runtime = RuntimeOptions(params_dtype=torch.bfloat16)
+    assert language_transformer_config(cfg.model, cfg.parallel, runtime).fp8 == "hybrid"
+    assert vision_transformer_config(cfg.model, cfg.parallel, runtime).fp8 is None

@@ -66,3 +66,38 @@ def test_expert_layout_must_fit_data_and_tensor_parallel():
     with pytest.raises(ValueError, match="expert_parallel_size"):
         check_world_size(parallel, 2)
     assert check_world_size(parallel, 8) == 8
+
+
+def test_megatron_groups_get_the_configured_timeout(megatron_single_process, monkeypatch):
+    """Megatron-Core's TP/PP/DP/EP groups default to 30 minutes whatever the world group
+    uses; the configured limit must reach them too."""
+    from megatron.core import parallel_state
+
+    from mm1_megatron.parallel.distributed import init_distributed
+
+    seen = {}
+    monkeypatch.setattr(parallel_state, "model_parallel_is_initialized", lambda: False)
+    monkeypatch.setattr(parallel_state, "initialize_model_parallel",
+                        lambda **kwargs: seen.update(kwargs))
+    init_distributed(ParallelConfig(), timeout_minutes=7.5)
+    assert seen["distributed_timeout_minutes"] == 7.5
+
+
+@pytest.mark.parametrize("visible, local_rank, expected", [(8, 5, 5), (1, 5, 0), (2, 0, 0)])
+def test_each_process_gets_a_visible_gpu(monkeypatch, visible, local_rank, expected):
+    import torch
+
+    from mm1_megatron.parallel.distributed import local_cuda_device_index
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    assert local_cuda_device_index(local_rank) == expected
+
+
+def test_more_local_ranks_than_gpus_fails_clearly(monkeypatch):
+    import torch
+
+    from mm1_megatron.parallel.distributed import local_cuda_device_index
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ValueError, match="local rank 5 has no GPU: 4 are visible"):
+        local_cuda_device_index(5)

@@ -49,6 +49,10 @@ class MM1PreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values"]
+    # device_map="auto" keeps each of these whole on one device; the vision tower's and the
+    # language model's own layer classes are added by transformers from their models.
+    _no_split_modules = ["CAbstractor", "AvgPoolConnector", "AttnPoolConnector",
+                         "MLPConnector"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -83,8 +87,10 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[n, c, H, W]`` -> ``[n, num_image_tokens, text_hidden]``."""
-        dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
-        hidden = self.vision_tower(pixel_values=pixel_values.to(dtype)).last_hidden_state
+        weight = self.vision_tower.embeddings.patch_embedding.weight
+        hidden = self.vision_tower(
+            pixel_values=pixel_values.to(device=weight.device, dtype=weight.dtype)
+        ).last_hidden_state
         # CLIP's class token is not an image token; SigLIP has none.
         skip = 1 if self.config.vision_config.model_type == "clip_vision_model" else 0
         return self.connector(hidden[:, skip:])
@@ -99,7 +105,10 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
             raise ValueError(f"input_ids have {num_slots} image tokens but {features.shape[0]} "
                              f"images give {features.shape[0] * features.shape[1]}; each image "
                              f"needs {self.config.num_image_tokens} image tokens")
-        features = features.to(inputs_embeds.dtype).reshape(-1, inputs_embeds.shape[-1])
+        # With device_map="auto" the vision tower and the embeddings may sit on different
+        # devices: the features move to the embeddings'.
+        features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+        features = features.reshape(-1, inputs_embeds.shape[-1])
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
