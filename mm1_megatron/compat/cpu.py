@@ -168,11 +168,13 @@ def _patch_megatron_rng() -> None:
                       reason=reason, written_for=_MCORE, scope="cpu")
 
 
-def enable_cpu_execution() -> bool:
-    """Install the CPU stand-ins if CUDA is absent. Returns True when they are active."""
+def enable_cpu_execution(*, force: bool = False) -> bool:
+    """Install the CPU stand-ins if CUDA is absent, or with ``force`` for CPU-only work on
+    a GPU host (checkpoint conversion), so that nothing opens a CUDA context. Returns True
+    when they are active."""
     if _state["enabled"]:
         return True
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not force:
         return False
     _patch_torch_cuda()
     _patch_megatron_rng()

@@ -23,10 +23,11 @@ def _define_missing_te_gemm() -> None:
 
 
 def install_patches(*, cuda_available: bool) -> List[Patch]:
-    """Idempotent; call before building any Megatron-Core object."""
+    """Idempotent; call before building any Megatron-Core object. ``cuda_available=False``
+    on a GPU host keeps the process on the CPU (the CUDA stand-ins are installed)."""
     check_supported_mcore()
     if not cuda_available:
-        enable_cpu_execution()
+        enable_cpu_execution(force=True)
     _define_missing_te_gemm()
     if optimizer.megatron_uses_torch_adam():
         optimizer.install_step_fix()

@@ -39,8 +39,9 @@ PARTS = ("vision_encoder", "connector", "language_model")
 
 @contextlib.contextmanager
 def single_process_world() -> Iterator[None]:
-    """A one-process gloo world at TP=PP=EP=1, made here unless one already exists (and
-    then torn down again)."""
+    """A one-process gloo world at TP=PP=EP=1 on the CPU, made here unless one already
+    exists (and then torn down again). Conversion is CPU work: on a GPU host it opens no
+    CUDA context (GPU 0 may be busy or in exclusive mode)."""
     import os
 
     import torch.distributed as dist
@@ -56,7 +57,7 @@ def single_process_world() -> Iterator[None]:
     if created_world:
         os.environ.pop("MASTER_PORT", None)  # a fresh free port, not one a past world used
     if created_world or created_groups:
-        init_distributed(ParallelConfig(launcher="none"))
+        init_distributed(ParallelConfig(launcher="none"), force_cpu=True)
     try:
         yield
     finally:

@@ -106,7 +106,9 @@ class MM1Model(MegatronModule):
             image_tokens = self.encode_images(images)
             embeddings = merge_image_embeddings(embeddings, image_tokens, tokens,
                                                 image_token_id=self.image_token_id)
-        elif bool((tokens == self.image_token_id).any()):
+        elif not tokens.is_cuda and bool((tokens == self.image_token_id).any()):
+            # Not on GPU, where reading the result would stall every micro-batch; the
+            # trainer checks its batches on the host instead.
             raise ValueError("tokens contain image placeholders but no images were given")
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)

@@ -130,10 +130,14 @@ def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
     return data_parallel
 
 
-def init_distributed(parallel: ParallelConfig, *,
-                     timeout_minutes: float = 30.0) -> DistributedContext:
-    """Initialise torch.distributed and Megatron-Core's model-parallel groups."""
-    cuda = torch.cuda.is_available()
+def init_distributed(parallel: ParallelConfig, *, timeout_minutes: float = 30.0,
+                     force_cpu: bool = False) -> DistributedContext:
+    """Initialise torch.distributed and Megatron-Core's model-parallel groups.
+
+    ``force_cpu`` keeps CPU-only work (checkpoint conversion) off the GPU on a GPU host:
+    gloo, CPU tensors and no CUDA context, exactly as on a machine without CUDA.
+    """
+    cuda = torch.cuda.is_available() and not force_cpu
     install_patches(cuda_available=cuda)
     rank, world_size, local_rank, found_by = _launcher_env(parallel.launcher)
     check_world_size(parallel, world_size)

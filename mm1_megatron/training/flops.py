@@ -10,6 +10,7 @@ shapes a ViT-H over 16 images per sequence is a large share of the work.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.models import param_count
@@ -77,3 +78,25 @@ def model_flops_utilization(flops: float, seconds: float, num_devices: int,
     if seconds <= 0 or peak_flops_per_device <= 0 or num_devices <= 0:
         return math.nan
     return flops / (seconds * num_devices * peak_flops_per_device)
+
+
+# Dense (non-sparse) BF16 tensor-core peaks from NVIDIA's datasheets, by a substring of
+# torch.cuda.get_device_name(); the first match wins, so variants come before the family.
+# MFU is always measured against the BF16 peak, also for FP8 runs (like for like).
+DENSE_BF16_PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),   # SXM (HBM3)
+    ("H200", 989e12),   # SXM; GH200 too
+    ("H800", 989e12),
+    ("A100", 312e12),
+)
+
+
+def dense_bf16_peak_flops(device_name: str) -> Optional[float]:
+    """The GPU's dense BF16 peak in FLOP/s, or None when the model is not in the table."""
+    for key, peak in DENSE_BF16_PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None

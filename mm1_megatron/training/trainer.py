@@ -14,7 +14,7 @@ import math
 import time
 from functools import partial
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -34,7 +34,11 @@ from mm1_megatron.models.inputs import document_causal_mask
 from mm1_megatron.models.param_count import count_parameters, moe_layer_flags
 from mm1_megatron.parallel import init_distributed, seed_everything
 from mm1_megatron.parallel.collectives import all_reduce_, all_reduce_values
-from mm1_megatron.training.flops import model_flops_utilization, training_flops_per_step
+from mm1_megatron.training.flops import (
+    dense_bf16_peak_flops,
+    model_flops_utilization,
+    training_flops_per_step,
+)
 from mm1_megatron.training.health import LossMonitor
 from mm1_megatron.training.lr import resolve_peak_lr
 from mm1_megatron.training.metrics import MetricsLogger
@@ -43,9 +47,6 @@ from mm1_megatron.training.preemption import Preempted, PreemptionHandler
 from mm1_megatron.utils.logging_setup import log_info_on_this_rank
 
 logger = logging.getLogger(__name__)
-
-H100_BF16_DENSE_FLOPS = 989e12
-
 
 class Trainer:
     def __init__(self, cfg: MM1Config):
@@ -69,6 +70,7 @@ class Trainer:
         self.model_chunks = [self._build_model()]
         self.checkpoints = CheckpointManager(cfg.checkpoint)
         self._load_pretrained_parts()
+        self.peak_flops = self._peak_flops_per_device()
         self.param_counts = count_parameters(cfg.model)
         self.peak_lr = resolve_peak_lr(cfg.optimizer, self.param_counts.llm_active_non_embedding)
         self.optimizer = build_optimizer(cfg, self.model_chunks, peak_lr=self.peak_lr,
@@ -119,6 +121,19 @@ class Trainer:
         )
         return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
 
+    def _peak_flops_per_device(self) -> Optional[float]:
+        """``logging.peak_flops_per_device``, else the GPU's dense BF16 peak (for MFU)."""
+        if self.cfg.logging.peak_flops_per_device is not None:
+            return self.cfg.logging.peak_flops_per_device
+        if self.ctx.device.type != "cuda":
+            return None
+        name = torch.cuda.get_device_name(self.ctx.device)
+        peak = dense_bf16_peak_flops(name)
+        if peak is None:
+            logger.warning("no known BF16 peak for %s: MFU is not reported; set "
+                           "logging.peak_flops_per_device", name)
+        return peak
+
     def _load_pretrained_parts(self) -> None:
         parts = {"vision_encoder.": self.cfg.checkpoint.pretrained_vision_encoder,
                  "language_model.": self.cfg.checkpoint.pretrained_language_model}
@@ -168,6 +183,14 @@ class Trainer:
         )
 
     # ---- one step -----------------------------------------------------------------------
+    def _checked(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Reject image placeholders without images here, on the host copy: the model's own
+        check would cost a device sync per micro-batch on GPU."""
+        if batch["images"].shape[0] == 0 and bool(
+                (batch["tokens"] == self.tokenizer.image_token_id).any()):
+            raise ValueError("a batch has image placeholders but no images")
+        return batch
+
     def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
         batch["attention_mask"] = document_causal_mask(batch["document_ids"])
@@ -194,7 +217,9 @@ class Trainer:
         for chunk in self.model_chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        batches = [self._to_device(next(self.data)) for _ in range(self.num_microbatches)]
+        # Counts are read from the host copies, so reading them costs no device sync.
+        host_batches = [self._checked(next(self.data)) for _ in range(self.num_microbatches)]
+        batches = [self._to_device(batch) for batch in host_batches]
         reports = get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iter(batches),
@@ -218,11 +243,12 @@ class Trainer:
         metrics.update(self._moe_losses())
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics.update(data_metrics(self.data, batches,
+        metrics.update(data_metrics(self.data, host_batches,
                                     group=parallel_state.get_data_parallel_group()))
-        metrics["num_images"] = self._global_sum(sum(int(b["images"].shape[0]) for b in batches))
-        metrics["num_text_tokens"] = self._global_sum(sum(int(b["loss_mask"].sum())
-                                                         for b in batches))
+        metrics["num_images"] = self._global_sum(
+            sum(int(b["images"].shape[0]) for b in host_batches))
+        metrics["num_text_tokens"] = self._global_sum(
+            sum(int(b["loss_mask"].sum()) for b in host_batches))
         return metrics
 
     def _loss_is_finite(self, metrics: Dict[str, float]) -> bool:
@@ -269,9 +295,7 @@ class Trainer:
         flops = training_flops_per_step(self.cfg.model, num_sequences=t.global_batch_size,
                                         seq_length=t.seq_length,
                                         num_images=int(metrics["num_images"]))
-        peak = self.cfg.logging.peak_flops_per_device
-        if peak is None and self.ctx.device.type == "cuda":
-            peak = H100_BF16_DENSE_FLOPS
+        peak = self.peak_flops
         return {
             "step_time_s": seconds,
             "tokens_per_s": t.global_batch_size * t.seq_length / seconds,

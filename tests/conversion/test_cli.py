@@ -55,6 +55,56 @@ def test_import_and_export_through_the_cli(sources, conversion_dir, capsys,
     assert "export language model" in err  # the progress line
 
 
+PRETEND_CUDA = """
+import sys
+import torch
+
+# A GPU host as far as the code can tell, where any real use of CUDA fails loudly.
+torch.cuda.is_available = lambda: True
+def _forbidden(name):
+    def call(*args, **kwargs):
+        raise RuntimeError(f"conversion touched CUDA: torch.cuda.{name}")
+    return call
+# (manual_seed_all stays: torch.manual_seed calls it, and it only queues the seed until
+# CUDA is initialised, which is never.)
+for _name in ("init", "set_device", "current_device", "device_count", "synchronize",
+              "get_rng_state", "set_rng_state", "manual_seed", "get_device_capability",
+              "Stream", "Event", "current_stream"):
+    setattr(torch.cuda, _name, _forbidden(_name))
+torch.Tensor.cuda = _forbidden("Tensor.cuda")
+
+from mm1_megatron.conversion.cli import main
+code = main(sys.argv[1:4] + sys.argv[5:])  # import ... --output OUT [overrides]
+assert code == 0, code
+code = main(["export", "--checkpoint", sys.argv[4], "--output", sys.argv[4] + "_hf"])
+assert code == 0, code
+print("converted without CUDA")
+"""
+
+
+def test_conversion_on_a_gpu_host_never_touches_cuda(sources, tmp_path):
+    """Conversion is CPU work: with CUDA reported available it must still use gloo and
+    CPU tensors, because GPU 0 may be busy or in exclusive-process mode on a cluster."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    output = tmp_path / "imported"
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    result = subprocess.run(
+        [sys.executable, "-c", PRETEND_CUDA, "import", "--language-model",
+         str(sources["llama"][1]), str(output), "--output", str(output),
+         "training.seq_length=256"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "converted without CUDA" in result.stdout
+    assert (output.parent / "imported_hf" / "config.json").is_file()
+
+
 def test_refuses_a_non_empty_output_unless_asked(sources, conversion_dir, capsys,
                                                  megatron_single_process):
     output = conversion_dir / "occupied"

@@ -195,3 +195,18 @@ def test_merge_with_no_images_returns_copy():
     text = torch.randn(2, 1, 4)
     merged = merge_image_embeddings(text, torch.zeros(0, 2, 4), tokens, image_token_id=IMG)
     assert torch.equal(merged, text)
+
+
+def test_trainer_rejects_placeholders_without_images_on_the_host():
+    """The model skips this check on GPU (it would stall each micro-batch); the trainer
+    makes it on the host copy of every micro-batch instead."""
+    from types import SimpleNamespace
+
+    from mm1_megatron.training.trainer import Trainer
+
+    trainer = SimpleNamespace(tokenizer=SimpleNamespace(image_token_id=3))
+    text_only = {"tokens": torch.tensor([[5, 6, 7]]), "images": torch.zeros(0, 3, 8, 8)}
+    assert Trainer._checked(trainer, text_only) is text_only
+    broken = {"tokens": torch.tensor([[5, 3, 7]]), "images": torch.zeros(0, 3, 8, 8)}
+    with pytest.raises(ValueError, match="image placeholders but no images"):
+        Trainer._checked(trainer, broken)

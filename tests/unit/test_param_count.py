@@ -192,3 +192,14 @@ def test_vit_h_encoder_size():
     per_layer = 4 * h + 4 * h * h + 4 * h + 2 * h * f + f + h
     assert counts.vision_encoder == 3 * 14 * 14 * h + h + (patches + 1) * h + 2 * h + \
         layers * per_layer
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("Tesla T4", None)])
+def test_peak_flops_follow_the_gpu_model(name, peak):
+    from mm1_megatron.training.flops import dense_bf16_peak_flops
+
+    assert dense_bf16_peak_flops(name) == peak
