@@ -157,7 +157,8 @@ class DALIImageDecoder(ImageDecoder):
 
     The pipeline is built on first use in each process (DALI pipelines do not survive a
     fork). A failed batch invalidates a DALI pipeline, so it is rebuilt and the batch's
-    images are decoded one by one to find the bad ones.
+    images are decoded one by one to find the bad ones. A pipeline that cannot be built
+    is a setup error, not bad data: it raises instead of turning every image into a skip.
     """
 
     name = "dali"
@@ -173,6 +174,7 @@ class DALIImageDecoder(ImageDecoder):
         results: List[Decoded] = []
         for start in range(0, len(blobs), DALI_MAX_BATCH):
             chunk = blobs[start:start + DALI_MAX_BATCH]
+            self._get_pipeline()  # outside the try: a build failure is not a bad image
             try:
                 results += self._run(chunk)
             except RuntimeError:
@@ -181,6 +183,7 @@ class DALIImageDecoder(ImageDecoder):
         return results
 
     def _decode_alone(self, blob: bytes) -> Decoded:
+        self._get_pipeline()
         try:
             return self._run([blob])[0]
         except RuntimeError as exc:
@@ -199,43 +202,62 @@ class DALIImageDecoder(ImageDecoder):
 
     def _get_pipeline(self):
         if self._pipeline is None or self._pid != os.getpid():
-            self._pipeline = self._build_pipeline()
+            try:
+                self._pipeline = self._build_pipeline()
+            except RuntimeError as exc:
+                raise RuntimeError(
+                    f"the DALI image pipeline ({'GPU' if self.device_id is not None else 'CPU'}"
+                    f", resize {self.resize_mode}) cannot be built: {exc}; set "
+                    "data.image_decoder=pil to decode with PIL instead") from exc
             self._pid = os.getpid()
         return self._pipeline
 
     def _build_pipeline(self):
-        from nvidia.dali import fn, pipeline_def, types
-
-        size = self.image_size
-        mean = [m * 255.0 for m in self.mean]
-        std = [s * 255.0 for s in self.std]
-        decoder_device = "cpu" if self.device_id is None else "mixed"
-        resize_mode = self.resize_mode
-
-        @pipeline_def(batch_size=DALI_MAX_BATCH, num_threads=self.num_threads,
-                      device_id=self.device_id, exec_async=False, exec_pipelined=False,
-                      prefetch_queue_depth=1)
-        def pipeline():
-            encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-            image = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
-                                      adjust_orientation=True)
-            image, crop = _dali_resize(fn, types, image, size, resize_mode)
-            return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
-                                            mean=mean, std=std, **crop)
-
-        built = pipeline()
+        built = define_dali_pipeline(
+            image_size=self.image_size, mean=self.mean, std=self.std,
+            resize_mode=self.resize_mode, device_id=self.device_id,
+            num_threads=self.num_threads)
         built.build()
         return built
 
 
-def _dali_resize(fn, types, image, size: int, mode: str):
+def define_dali_pipeline(*, image_size: int, mean: Sequence[float], std: Sequence[float],
+                         resize_mode: str, device_id: Optional[int], num_threads: int = 1):
+    """The DALI pipeline (defined, not built: definition needs no GPU).
+
+    ``device_id`` None decodes on the CPU, otherwise nvJPEG ("mixed") on that GPU. The
+    geometry of ``crop`` and ``pad`` comes from the encoded bytes on the CPU
+    (``peek_image_shape``), never from the decoded GPU image: taking a GPU node's shape
+    back to the CPU needs DALI's dynamic executor, which this synchronous pipeline is not.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    mean = [m * 255.0 for m in mean]
+    std = [s * 255.0 for s in std]
+    decoder_device = "cpu" if device_id is None else "mixed"
+
+    @pipeline_def(batch_size=DALI_MAX_BATCH, num_threads=num_threads, device_id=device_id,
+                  exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+    def pipeline():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        image = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
+                                  adjust_orientation=True)
+        shape = fn.peek_image_shape(encoded, adjust_orientation=True)  # HWC, on the CPU
+        image, crop = _dali_resize(fn, types, image, shape, image_size, resize_mode)
+        return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
+                                        mean=mean, std=std, **crop)
+
+    return pipeline()
+
+
+def _dali_resize(fn, types, image, encoded_shape, size: int, mode: str):
     """The DALI graph of one resize mode (see the module docstring for the geometry)."""
     import nvidia.dali.math as dmath
 
     linear = {"interp_type": types.INTERP_LINEAR, "antialias": True}
     if mode == "squash":
         return fn.resize(image, size=(size, size), **linear), {}
-    shape = fn.cast(image.shape(device="cpu"), dtype=types.FLOAT)
+    shape = fn.cast(encoded_shape, dtype=types.FLOAT)
     height, width = shape[0], shape[1]
     if mode == "crop":
         side = dmath.min(height, width)

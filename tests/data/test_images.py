@@ -134,3 +134,27 @@ def test_missing_dali_is_a_clear_error(monkeypatch):
 def test_bad_options(kwargs):
     with pytest.raises(ValueError):
         _decoder("pil", **kwargs)
+
+
+@needs_dali
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_gpu_pipeline_graph_is_valid_in_every_resize_mode(mode):
+    """The GPU (nvJPEG, ``mixed``) graph is checked when it is defined, which needs no
+    GPU: taking the decoded GPU image's shape back to the CPU is refused there unless the
+    dynamic executor runs it (it used to turn every image into a 'corrupt' skip)."""
+    from mm1_megatron.data.images import define_dali_pipeline
+
+    define_dali_pipeline(image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, resize_mode=mode,
+                         device_id=0)
+
+
+@needs_dali
+def test_a_pipeline_that_cannot_be_built_raises_instead_of_skipping(monkeypatch):
+    decoder = _decoder("dali", "crop")
+
+    def broken():
+        raise RuntimeError("no such operator")
+
+    monkeypatch.setattr(decoder, "_build_pipeline", broken)
+    with pytest.raises(RuntimeError, match="cannot be built: no such operator.*image_decoder=pil"):
+        decoder.decode(BLOBS)
