@@ -4,7 +4,17 @@
 #   NNODES=8 GPUS_PER_NODE=8 MASTER_ADDR=node0 MASTER_PORT=29500 \
 #     cluster/torchrun_multinode.sh --config configs/mm1_30b.yaml
 set -euo pipefail
-: "${NNODES:=1}" "${GPUS_PER_NODE:=8}" "${MASTER_ADDR:=127.0.0.1}" "${MASTER_PORT:=29500}"
+: "${NNODES:=1}" "${GPUS_PER_NODE:=8}" "${MASTER_PORT:=29500}"
+if [ -z "${MASTER_ADDR:-}" ]; then
+  if [ "$NNODES" -gt 1 ]; then
+    # Each node would wait for the others at its own loopback address until the
+    # rendezvous times out.
+    echo "torchrun_multinode.sh: NNODES=$NNODES needs MASTER_ADDR, the host name of the" \
+         "first node (the same on every node)" >&2
+    exit 2
+  fi
+  MASTER_ADDR=127.0.0.1
+fi
 exec torchrun \
   --nnodes "${NNODES}" \
   --nproc-per-node "${GPUS_PER_NODE}" \

@@ -7,9 +7,12 @@ exits with ``EXIT_PREEMPTED`` so a scheduler can requeue the job.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import threading
+from pathlib import Path
 from typing import Optional
 
 from mm1_megatron.parallel.collectives import all_reduce_values
@@ -21,6 +24,24 @@ EXIT_DIVERGED = 3  # stopped after too many non-finite losses
 EXIT_CONFIG_ERROR = 2
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+# A launcher that cannot see the workers' exit codes (torchrun reports any worker failure
+# as 1) names a file here; rank 0 writes it after the preemption checkpoint.
+PREEMPTION_MARKER_ENV = "MM1_PREEMPTION_MARKER"
+
+
+def write_preemption_marker(step: int, checkpoint_dir: Optional[str]) -> Optional[Path]:
+    """Write ``$MM1_PREEMPTION_MARKER`` (JSON: step, checkpoint folder), atomically."""
+    target = os.environ.get(PREEMPTION_MARKER_ENV)
+    if not target:
+        return None
+    path = Path(target)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"step": step, "checkpoint_dir": checkpoint_dir}))
+    partial.replace(path)
+    logger.info("preemption marker written: %s", path)
+    return path
 
 
 class Preempted(Exception):

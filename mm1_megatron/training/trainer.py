@@ -33,7 +33,7 @@ from mm1_megatron.models import RuntimeOptions, build_mm1_model
 from mm1_megatron.models.inputs import document_causal_mask
 from mm1_megatron.models.param_count import count_parameters, moe_layer_flags
 from mm1_megatron.parallel import init_distributed, seed_everything
-from mm1_megatron.parallel.collectives import all_reduce_, all_reduce_values
+from mm1_megatron.parallel.collectives import all_reduce_, all_reduce_values, barrier
 from mm1_megatron.training.flops import (
     dense_bf16_peak_flops,
     model_flops_utilization,
@@ -43,7 +43,11 @@ from mm1_megatron.training.health import LossMonitor
 from mm1_megatron.training.lr import resolve_peak_lr
 from mm1_megatron.training.metrics import MetricsLogger
 from mm1_megatron.training.optimizer import build_optimizer, build_scheduler
-from mm1_megatron.training.preemption import Preempted, PreemptionHandler
+from mm1_megatron.training.preemption import (
+    Preempted,
+    PreemptionHandler,
+    write_preemption_marker,
+)
 from mm1_megatron.utils.logging_setup import log_info_on_this_rank
 
 logger = logging.getLogger(__name__)
@@ -338,6 +342,11 @@ class Trainer:
                     self.checkpoints.finalize_pending(blocking=False)
                     if preemption.stop_requested():
                         self.save_checkpoint(blocking=True)
+                        if self.ctx.is_main:
+                            write_preemption_marker(self.step, cfg.checkpoint.save_dir)
+                        # No rank exits before the marker exists: a launcher that kills
+                        # the job on the first exit would otherwise race rank 0's write.
+                        barrier()
                         raise Preempted(f"stopped by a signal after step {self.step}")
                     if interval and self.step % interval == 0:
                         self.save_checkpoint()

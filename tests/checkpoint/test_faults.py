@@ -82,9 +82,11 @@ def test_sigterm_saves_exits_75_and_resume_continues_exactly(tmp_path):
     assert reference.returncode == 0, reference.stderr[-3000:]
     ckpt, run = tmp_path / "ckpt", tmp_path / "run"
     log = open(tmp_path / "log.txt", "w")  # a file, not a pipe: a full pipe would block it
+    marker = tmp_path / "preempted.json"
     process = subprocess.Popen(
         [*TRAIN, steps, f"logging.output_dir={run}", f"checkpoint.save_dir={ckpt}"],
-        cwd=REPO, env=_env(), stdout=log, stderr=log)
+        cwd=REPO, env=dict(_env(), MM1_PREEMPTION_MARKER=str(marker)), stdout=log,
+        stderr=log)
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (
@@ -97,6 +99,8 @@ def test_sigterm_saves_exits_75_and_resume_continues_exactly(tmp_path):
     assert process.returncode == EXIT_PREEMPTED, output[-3000:]
     stopped_at = layout.step_of(layout.read_latest(ckpt))
     assert 2 <= stopped_at < 10
+    # The marker a batch script requeues on (torchrun hides the exit code 75).
+    assert json.loads(marker.read_text()) == {"step": stopped_at, "checkpoint_dir": str(ckpt)}
     layout.verify_manifest(layout.read_latest(ckpt))
     result = _run(steps, f"logging.output_dir={run}",
                   f"checkpoint.save_dir={ckpt}")  # auto-resume from save_dir
