@@ -1,6 +1,7 @@
 """``mm1-train``: train an MM1 model from a YAML config plus dotted overrides.
 
     mm1-train --config configs/debug.yaml training.train_steps=50 model.llm.num_layers=2
+    mm1-train --config configs/mm1_3b.yaml --config my_cluster.yaml   # overlays stack
     torchrun --nproc-per-node 2 -m mm1_megatron.train --config configs/debug.yaml \
         parallel.tensor_parallel_size=2
 """
@@ -20,7 +21,9 @@ logger = logging.getLogger("mm1_megatron.train")
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="mm1-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config file (e.g. configs/debug.yaml)")
+    parser.add_argument("--config", action="append", default=[],
+                        help="YAML config file (e.g. configs/debug.yaml); give it several "
+                             "times to stack overlays, merged left to right")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
                         help="dotted overrides applied after the file")
     return parser.parse_args(argv)
@@ -38,7 +41,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     from mm1_megatron.parallel import shutdown_distributed
     from mm1_megatron.training.preemption import (EXIT_CONFIG_ERROR, EXIT_DIVERGED,
-                                                  EXIT_PREEMPTED, Preempted, TrainingDiverged)
+                                                  EXIT_PREEMPTED, EXIT_STOPPED_UNSAVED,
+                                                  Preempted, StoppedWithoutCheckpoint,
+                                                  TrainingDiverged)
     from mm1_megatron.training.trainer import Trainer
 
     try:
@@ -47,6 +52,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Preempted as exc:
         logger.warning("%s; checkpoint written, exiting with %d (requeue)", exc, EXIT_PREEMPTED)
         return EXIT_PREEMPTED
+    except StoppedWithoutCheckpoint as exc:
+        logger.error("%s; exiting with %d (not a requeue code)", exc, EXIT_STOPPED_UNSAVED)
+        return EXIT_STOPPED_UNSAVED
     except TrainingDiverged as exc:
         logger.error("%s", exc)
         return EXIT_DIVERGED

@@ -147,9 +147,20 @@ def read_yaml_tree(path: Union[str, Path], _seen: tuple = ()) -> Dict[str, Any]:
     return _deep_merge(merged, tree)
 
 
-def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> MM1Config:
-    """Read a YAML file (or start from defaults), apply overrides, and type-check it all."""
-    tree: Dict[str, Any] = read_yaml_tree(path) if path is not None else {}
+ConfigPaths = Union[str, Path, Sequence[Union[str, Path]], None]
+
+
+def load_config(path: ConfigPaths = None, overrides: Sequence[str] = ()) -> MM1Config:
+    """Read YAML files (or start from defaults), apply overrides, and type-check it all.
+
+    Several files merge left to right (a cluster or experiment overlay on a model
+    config): mappings merge key by key, anything else in a later file replaces the
+    earlier value. Dotted overrides apply last.
+    """
+    paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
+    tree: Dict[str, Any] = {}
+    for one in paths:
+        tree = _deep_merge(tree, read_yaml_tree(one))
     return config_from_dict(apply_overrides(tree, overrides))
 
 

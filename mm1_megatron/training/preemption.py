@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later"; requeue on this code
 EXIT_DIVERGED = 3  # stopped after too many non-finite losses
 EXIT_CONFIG_ERROR = 2
+EXIT_STOPPED_UNSAVED = 4  # stopped by a signal without checkpoint.save_dir: do not requeue
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -46,6 +47,10 @@ def write_preemption_marker(step: int, checkpoint_dir: Optional[str]) -> Optiona
 
 class Preempted(Exception):
     """Raised after the preemption checkpoint is written."""
+
+
+class StoppedWithoutCheckpoint(Exception):
+    """A stop signal arrived but there is nowhere to save: the run cannot resume."""
 
 
 class TrainingDiverged(RuntimeError):

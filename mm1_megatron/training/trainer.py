@@ -46,6 +46,7 @@ from mm1_megatron.training.optimizer import build_optimizer, build_scheduler
 from mm1_megatron.training.preemption import (
     Preempted,
     PreemptionHandler,
+    StoppedWithoutCheckpoint,
     write_preemption_marker,
 )
 from mm1_megatron.utils.logging_setup import log_info_on_this_rank
@@ -341,6 +342,12 @@ class Trainer:
                     history.append(metrics)
                     self.checkpoints.finalize_pending(blocking=False)
                     if preemption.stop_requested():
+                        if not cfg.checkpoint.save_dir:
+                            raise StoppedWithoutCheckpoint(
+                                f"stopped by a signal after step {self.step} without "
+                                "checkpoint.save_dir: no checkpoint was written, so a relaunch "
+                                "would start again from step 0; set checkpoint.save_dir to "
+                                "make preemption resumable")
                         self.save_checkpoint(blocking=True)
                         if self.ctx.is_main:
                             write_preemption_marker(self.step, cfg.checkpoint.save_dir)

@@ -146,3 +146,27 @@ def test_killed_rank_ends_the_job_promptly_and_latest_stays_valid(tmp_path, mome
     # A single process resumes the TP=2 checkpoint (resharding) for one more step.
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(_losses(tmp_path / "r")) == [resume_steps]
+
+
+def test_sigterm_without_a_save_dir_stops_without_claiming_a_checkpoint(tmp_path):
+    from mm1_megatron.training.preemption import EXIT_STOPPED_UNSAVED
+
+    run, marker = tmp_path / "run", tmp_path / "preempted.json"
+    log = open(tmp_path / "log.txt", "w")
+    process = subprocess.Popen(
+        [*TRAIN, "training.train_steps=200", f"logging.output_dir={run}"],
+        cwd=REPO, env=dict(_env(), MM1_PREEMPTION_MARKER=str(marker)), stdout=log,
+        stderr=log)
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (
+            metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=300)
+    log.close()
+    output = (tmp_path / "log.txt").read_text()
+    assert process.returncode == EXIT_STOPPED_UNSAVED != EXIT_PREEMPTED, output[-3000:]
+    assert "no checkpoint was written" in output
+    assert "checkpoint written" not in output
+    assert not marker.exists()

@@ -94,3 +94,22 @@ def test_bad_config_fails_fast_with_the_field_named(tmp_path):
     assert result.returncode == 2
     assert "model.llm.num_layer" in result.stderr and "num_layers" in result.stderr
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_stacked_configs_and_overrides_reach_the_run(tmp_path):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("training:\n  train_steps: 2\n  global_batch_size: 4\n"
+                       "logging:\n  log_interval: 1\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        env.pop(key, None)
+    result = subprocess.run(
+        [sys.executable, "-m", "mm1_megatron.train", "--config", "configs/debug.yaml",
+         "--config", str(overlay), f"logging.output_dir={tmp_path / 'run'}",
+         "training.micro_batch_size=2", "logging.tensorboard=false"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["training"]["train_steps"] == 2 and saved["training"]["global_batch_size"] == 4
+    assert saved["training"]["micro_batch_size"] == 2
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2

@@ -411,3 +411,36 @@ def test_fp8_reaches_the_decoder_only(tiny_config):
     runtime = RuntimeOptions(params_dtype=torch.bfloat16)
     assert language_transformer_config(cfg.model, cfg.parallel, runtime).fp8 == "hybrid"
     assert vision_transformer_config(cfg.model, cfg.parallel, runtime).fp8 is None
+
+
+def test_config_files_stack_left_to_right(tmp_path):
+    from mm1_megatron.config import load_config
+
+    overlay = tmp_path / "cluster.yaml"
+    overlay.write_text("training:\n  train_steps: 7\n  micro_batch_size: 2\n"
+                       "parallel:\n  collective_timeout_minutes: 45\n")
+    second = tmp_path / "experiment.yaml"
+    second.write_text("training:\n  train_steps: 9\n")
+    base = load_config(DEBUG)
+    cfg = load_config([DEBUG, overlay, second], ["training.micro_batch_size=4"])
+    assert cfg.training.train_steps == 9                     # the last file wins
+    assert cfg.training.micro_batch_size == 4                # overrides come last
+    assert cfg.parallel.collective_timeout_minutes == 45.0   # merged, not replaced
+    assert cfg.training.seq_length == base.training.seq_length
+    assert cfg.model == base.model
+
+
+@pytest.mark.parametrize("name", [p.name for p in sorted(CONFIG_DIR.glob("*.yaml"))])
+def test_resolved_config_matches_its_snapshot(name):
+    """A changed default or include changes a shipped config: regenerate the snapshots
+    on purpose with ``python -m tests.golden.config_snapshots`` and review the diff."""
+    import difflib
+
+    from tests.golden.config_snapshots import SNAPSHOT_DIR, resolved_text
+
+    snapshot = SNAPSHOT_DIR / name
+    assert snapshot.is_file(), f"no snapshot for configs/{name}"
+    expected, actual = snapshot.read_text(), resolved_text(CONFIG_DIR / name)
+    diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True),
+                                        f"snapshot/{name}", f"resolved/{name}"))
+    assert not diff, diff
