@@ -47,7 +47,7 @@ def main() -> None:
     from mm1_megatron.config import ParallelConfig, load_config, validate_config
     from mm1_megatron.data import SyntheticDataLoader, SyntheticTokenizer
     from mm1_megatron.models import RuntimeOptions, build_mm1_model
-    from mm1_megatron.models.inputs import document_causal_mask
+    from mm1_megatron.batch import model_inputs, run_model
     from mm1_megatron.models.specs import language_block_spec
     from mm1_megatron.models.transformer_configs import language_transformer_config
     from mm1_megatron.parallel import init_distributed, seed_everything, shutdown_distributed
@@ -73,12 +73,10 @@ def main() -> None:
                                image_size=v.image_size, image_mean=v.image_mean,
                                image_std=v.image_std, seed=cfg.training.seed,
                                tokenizer=tokenizer)
-    batch = next(data)
-    batch["attention_mask"] = document_causal_mask(batch["document_ids"])
+    batch = model_inputs(next(data), torch.device("cpu"))
 
     def run_mm1(model, b):
-        return model(b["tokens"], b["position_ids"], b["attention_mask"], images=b["images"],
-                     labels=b["labels"])
+        return run_model(model, b)
 
     def run_gpt(model, b):
         return model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"])

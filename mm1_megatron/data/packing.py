@@ -1,4 +1,4 @@
-"""Pack samples of one source into a fixed-length sequence (the contract of ``models/inputs``).
+"""Pack samples of one source into a fixed-length sequence (the contract of ``batch/contract``).
 
 Each image placeholder becomes ``num_image_tokens`` image tokens. The rules:
 
@@ -32,7 +32,7 @@ import torch
 
 from mm1_megatron.data.synthetic import Sample
 from mm1_megatron.data.tokenizer import Tokenizer
-from mm1_megatron.models.inputs import (expand_image_placeholders, labels_and_loss_mask,
+from mm1_megatron.batch.contract import (expand_image_placeholders, labels_and_loss_mask,
                                         position_ids_from_documents)
 
 logger = logging.getLogger(__name__)

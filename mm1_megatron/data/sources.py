@@ -43,7 +43,7 @@ from mm1_megatron.data.skips import BadSample, DataStats
 from mm1_megatron.data.tar_shards import Manifest, MemberRange, ShardReader, check_plain_tar
 from mm1_megatron.data.text_index import TextCorpus
 from mm1_megatron.data.tokenizer import Tokenizer
-from mm1_megatron.models.inputs import expand_image_placeholders
+from mm1_megatron.batch.contract import expand_image_placeholders
 
 MAX_REPLACEMENTS = 16
 REPLACEMENT_STREAM = 11

@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.models.connectors import Connector
-from mm1_megatron.models.inputs import merge_image_embeddings
+from mm1_megatron.batch.contract import merge_image_embeddings
 from mm1_megatron.models.seeding import seeded
 from mm1_megatron.models.specs import language_block_spec
 from mm1_megatron.models.vision_encoder import VisionEncoder

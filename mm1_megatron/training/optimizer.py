@@ -12,7 +12,7 @@ from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from mm1_megatron.config.schema import MM1Config
+from mm1_megatron.config.schema import OptimizerConfig
 
 
 def _lr_multiplier_overrides(multipliers: Dict[str, float], peak_lr: float,
@@ -28,8 +28,8 @@ def _lr_multiplier_overrides(multipliers: Dict[str, float], peak_lr: float,
     return overrides
 
 
-def build_optimizer(cfg: MM1Config, model_chunks: List, *, peak_lr: float, bf16: bool):
-    o = cfg.optimizer
+def build_optimizer(o: OptimizerConfig, model_chunks: List, *, peak_lr: float, bf16: bool,
+                    use_distributed_optimizer: bool):
     min_lr = peak_lr * o.min_lr_ratio
     mcore_config = McoreOptimizerConfig(
         optimizer="adam",  # Megatron's "adam" is AdamW: decoupled weight decay
@@ -42,16 +42,17 @@ def build_optimizer(cfg: MM1Config, model_chunks: List, *, peak_lr: float, bf16:
         clip_grad=o.clip_grad,
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        use_distributed_optimizer=use_distributed_optimizer,
     )
     overrides = get_standard_config_overrides(mcore_config)  # no decay on norms and biases
     overrides.update(_lr_multiplier_overrides(o.lr_multipliers, peak_lr, min_lr))
     return get_megatron_optimizer(mcore_config, model_chunks, config_overrides=overrides)
 
 
-def build_scheduler(cfg: MM1Config, optimizer, *, peak_lr: float) -> OptimizerParamScheduler:
+def build_scheduler(o: OptimizerConfig, optimizer, *, peak_lr: float,
+                    train_steps: int) -> OptimizerParamScheduler:
     """Linear warmup from 0, cosine decay to ``min_lr_ratio * peak`` at the last step."""
-    o, steps = cfg.optimizer, cfg.training.train_steps
+    steps = train_steps
     warmup = min(o.warmup_steps, steps)
     return OptimizerParamScheduler(
         optimizer,

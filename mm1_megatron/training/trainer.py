@@ -12,17 +12,15 @@ from __future__ import annotations
 import logging
 import math
 import time
-from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed import finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 
+from mm1_megatron.batch import model_inputs
 from mm1_megatron.checkpoint import CheckpointManager, TrainingState
 from mm1_megatron.compat.moe import collect_moe_aux_losses
 from mm1_megatron.config import MM1Config, save_config, validate_config, validate_environment
@@ -30,10 +28,10 @@ from mm1_megatron.data import SOURCE_IDS
 from mm1_megatron.data.factory import build_data
 from mm1_megatron.data.reporting import data_metrics
 from mm1_megatron.models import RuntimeOptions, build_mm1_model
-from mm1_megatron.models.inputs import document_causal_mask
 from mm1_megatron.models.param_count import count_parameters, moe_layer_flags
 from mm1_megatron.parallel import init_distributed, seed_everything
 from mm1_megatron.parallel.collectives import all_reduce_, all_reduce_values, barrier
+from mm1_megatron.parallel.wrapping import wrap_for_training
 from mm1_megatron.training.flops import (
     dense_bf16_peak_flops,
     model_flops_utilization,
@@ -49,6 +47,7 @@ from mm1_megatron.training.preemption import (
     StoppedWithoutCheckpoint,
     write_preemption_marker,
 )
+from mm1_megatron.training.step import forward_step, loss_and_report
 from mm1_megatron.utils.logging_setup import log_info_on_this_rank
 
 logger = logging.getLogger(__name__)
@@ -78,10 +77,13 @@ class Trainer:
         self.peak_flops = self._peak_flops_per_device()
         self.param_counts = count_parameters(cfg.model)
         self.peak_lr = resolve_peak_lr(cfg.optimizer, self.param_counts.llm_active_non_embedding)
-        self.optimizer = build_optimizer(cfg, self.model_chunks, peak_lr=self.peak_lr,
-                                         bf16=self.bf16)
-        self.scheduler = build_scheduler(cfg, self.optimizer, peak_lr=self.peak_lr)
+        self.optimizer = build_optimizer(
+            cfg.optimizer, self.model_chunks, peak_lr=self.peak_lr, bf16=self.bf16,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        self.scheduler = build_scheduler(cfg.optimizer, self.optimizer, peak_lr=self.peak_lr,
+                                         train_steps=cfg.training.train_steps)
         self._wire_model_config()
+        self.loss_func = loss_and_report  # replaceable (tests inject non-finite losses)
         self.step = 0
         self.consumed_sequences = 0
         self.loss_monitor = LossMonitor(max_nonfinite_steps=cfg.training.max_nonfinite_steps,
@@ -112,19 +114,9 @@ class Trainer:
                                 pre_process=parallel_state.is_pipeline_first_stage(),
                                 post_process=parallel_state.is_pipeline_last_stage(),
                                 init_seed=cfg.training.seed)
-        model = model.to(self.ctx.device)
-        for name in cfg.model.freeze:
-            module = getattr(model, name, None)
-            for param in module.parameters() if module is not None else ():
-                param.requires_grad_(False)
-        if self.bf16:
-            model = Float16Module(model.config, model)
-        ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        )
-        return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+        return wrap_for_training(model, device=self.ctx.device, freeze=cfg.model.freeze,
+                                 bf16=self.bf16,
+                                 use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
 
     def _peak_flops_per_device(self) -> Optional[float]:
         """``logging.peak_flops_per_device``, else the GPU's dense BF16 peak (for MFU)."""
@@ -196,27 +188,8 @@ class Trainer:
             raise ValueError("a batch has image placeholders but no images")
         return batch
 
-    def _to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        batch = {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
-        batch["attention_mask"] = document_causal_mask(batch["document_ids"])
-        return batch
-
-    def _loss(self, batch: Dict[str, torch.Tensor], per_token_loss: torch.Tensor):
-        mask = batch["loss_mask"].float()
-        token_losses = per_token_loss.float() * mask
-        loss_sum, num_tokens = token_losses.sum(), mask.sum()
-        report = {"loss": torch.stack([loss_sum.detach(), num_tokens])}
-        for name, source_id in SOURCE_IDS.items():
-            rows = batch["source_ids"] == source_id
-            report[f"loss/{name}"] = torch.stack([token_losses[rows].sum().detach(),
-                                                  mask[rows].sum()])
-        return loss_sum, num_tokens.int(), report
-
     def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                       images=batch["images"], labels=batch["labels"])
-        return output, partial(self._loss, batch)
+        return forward_step(data_iterator, model, loss_func=self.loss_func)
 
     def train_step(self) -> Dict[str, float]:
         for chunk in self.model_chunks:
@@ -224,7 +197,7 @@ class Trainer:
         self.optimizer.zero_grad()
         # Counts are read from the host copies, so reading them costs no device sync.
         host_batches = [self._checked(next(self.data)) for _ in range(self.num_microbatches)]
-        batches = [self._to_device(batch) for batch in host_batches]
+        batches = [model_inputs(batch, self.ctx.device) for batch in host_batches]
         reports = get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=iter(batches),

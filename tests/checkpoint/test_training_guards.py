@@ -28,7 +28,7 @@ def _inner(trainer):
 
 
 def _inject_nan_at(trainer, step: int) -> None:
-    original = trainer._loss
+    original = trainer.loss_func
 
     def loss_with_nan(batch, per_token_loss):
         loss, num_tokens, report = original(batch, per_token_loss)
@@ -37,7 +37,7 @@ def _inject_nan_at(trainer, step: int) -> None:
             report["loss"] = report["loss"] * float("nan")
         return loss, num_tokens, report
 
-    trainer._loss = loss_with_nan
+    trainer.loss_func = loss_with_nan
 
 
 def test_nan_loss_step_is_not_applied_and_is_reported(megatron_single_process, tmp_path):

@@ -57,7 +57,7 @@ def _run_load(spec: dict, out: Path) -> None:
     from mm1_megatron.checkpoint import CheckpointManager
     from mm1_megatron.config import CheckpointConfig, ParallelConfig, load_config
     from mm1_megatron.models import build_mm1_model
-    from mm1_megatron.models.inputs import document_causal_mask
+    from mm1_megatron.batch.contract import document_causal_mask
     from mm1_megatron.parallel import init_distributed, seed_everything
 
     parallel = ParallelConfig(**spec["parallel"])
@@ -94,7 +94,7 @@ def _pipelined_logits(model, tokens):
     import torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from mm1_megatron.models.inputs import document_causal_mask
+    from mm1_megatron.batch.contract import document_causal_mask
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
@@ -123,7 +123,7 @@ def _greedy(model, tokens, images, eos_id: int):
     """``NUM_GENERATED`` greedy tokens, recomputing the whole sequence each step."""
     import torch
 
-    from mm1_megatron.models.inputs import document_causal_mask
+    from mm1_megatron.batch.contract import document_causal_mask
 
     first_logits = None
     for _ in range(NUM_GENERATED):

@@ -177,7 +177,7 @@ def test_llava_export_loads_without_our_package(tiny_config, conversion_dir,
     tokens = torch.tensor([[1] + [3] * 16 + list(range(10, 20))])
     images = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
-        from mm1_megatron.models.inputs import document_causal_mask
+        from mm1_megatron.batch.contract import document_causal_mask
 
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
         logits = model(tokens, positions, document_causal_mask(torch.zeros_like(tokens)),
@@ -200,7 +200,7 @@ def test_mixtral_style_mm1_export_matches(tiny_config, conversion_dir, megatron_
 
     from mm1_megatron.config import save_config
     from mm1_megatron.conversion import megatron_io
-    from mm1_megatron.models.inputs import document_causal_mask
+    from mm1_megatron.batch.contract import document_causal_mask
     from tests.conversion.hf_sources import randomize
 
     cfg = tiny_config("model.llm.moe.num_experts=4")

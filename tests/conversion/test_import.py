@@ -34,7 +34,7 @@ def _load_tp1(folder, part):
 
 
 def our_logits(model, tokens):
-    from mm1_megatron.models.inputs import document_causal_mask
+    from mm1_megatron.batch.contract import document_causal_mask
 
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():

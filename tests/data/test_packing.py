@@ -7,7 +7,7 @@ import torch
 from mm1_megatron.data.packing import pack_sequence
 from mm1_megatron.data.synthetic import SOURCES, Sample, SyntheticGenerator
 from mm1_megatron.data.tokenizer import SyntheticTokenizer
-from mm1_megatron.models.inputs import document_causal_mask, expand_image_placeholders
+from mm1_megatron.batch.contract import document_causal_mask, expand_image_placeholders
 
 TOK = SyntheticTokenizer()
 IMG, PAD, BOS, EOS = TOK.image_token_id, TOK.pad_token_id, TOK.bos_token_id, TOK.eos_token_id

@@ -14,7 +14,7 @@ from mm1_megatron.data.loader import BATCH_KEYS, SOURCE_IDS, SyntheticDataLoader
 from mm1_megatron.data.shard_writer import build_shards
 from mm1_megatron.data.text_index import build_text_index
 from mm1_megatron.data.tokenizer import SyntheticTokenizer
-from mm1_megatron.models.inputs import document_causal_mask
+from mm1_megatron.batch.contract import document_causal_mask
 from tests.data.corpus_fixtures import make_coco, make_interleaved, make_text_jsonl
 
 TOK = SyntheticTokenizer()

@@ -98,7 +98,7 @@ def test_mm1_sized_sequences_from_tool_built_corpora(built):
     """MM1's limits (4096 tokens, 16 images of 144 tokens) on the same corpora."""
     from mm1_megatron.config.schema import DataConfig
     from mm1_megatron.data.factory import build_data
-    from mm1_megatron.models.inputs import document_causal_mask
+    from mm1_megatron.batch.contract import document_causal_mask
 
     cfg = DataConfig(source="webdataset", caption_shards=[str(built / "coco"), str(built / "llava")],
                      interleaved_shards=[str(built / "docs")],

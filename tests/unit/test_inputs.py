@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm1_megatron.models.inputs import (
+from mm1_megatron.batch.contract import (
     document_causal_mask,
     expand_image_placeholders,
     labels_and_loss_mask,

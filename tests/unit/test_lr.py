@@ -10,7 +10,7 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
 from mm1_megatron.config import OptimizerConfig, load_config
-from mm1_megatron.models.inputs import document_causal_mask
+from mm1_megatron.batch.contract import document_causal_mask
 from mm1_megatron.models.param_count import count_parameters
 from mm1_megatron.training.lr import mm1_peak_lr, resolve_peak_lr
 from mm1_megatron.training.optimizer import build_optimizer, build_scheduler
@@ -95,8 +95,10 @@ def optimizer_for(build_tiny_model, tiny_config):
                 grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                 use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
             module=model)
-        optimizer = build_optimizer(cfg, [ddp], peak_lr=peak_lr, bf16=False)
-        scheduler = build_scheduler(cfg, optimizer, peak_lr=peak_lr)
+        optimizer = build_optimizer(cfg.optimizer, [ddp], peak_lr=peak_lr, bf16=False,
+                                    use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        scheduler = build_scheduler(cfg.optimizer, optimizer, peak_lr=peak_lr,
+                                    train_steps=cfg.training.train_steps)
         return model, ddp, optimizer, scheduler
 
     return _make

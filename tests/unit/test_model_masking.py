@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm1_megatron.models.inputs import document_causal_mask, position_ids_from_documents
+from mm1_megatron.batch.contract import document_causal_mask, position_ids_from_documents
 
 LEN_A, LEN_B, VOCAB = 6, 10, 256
 

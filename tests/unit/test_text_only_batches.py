@@ -7,7 +7,7 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
 from mm1_megatron.data import SyntheticDataLoader
-from mm1_megatron.models.inputs import document_causal_mask
+from mm1_megatron.batch.contract import document_causal_mask
 
 
 def _batch(cfg, mixture):

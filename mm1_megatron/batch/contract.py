@@ -11,7 +11,8 @@ A packed sequence is described by per-position tensors of shape ``[b, s]``:
 - ``labels`` / ``loss_mask``: next-token targets; the loss covers only positions whose
   target is a text token of the same document (never an image position or padding).
 
-These functions are pure tensor code, shared by the data pipeline and the model.
+These functions are pure tensor code, shared by the data pipeline (which builds batches)
+and the model (which merges image embeddings); this package imports neither.
 """
 
 from __future__ import annotations

@@ -1,0 +1,32 @@
+"""From a micro-batch to the model's inputs, in one place.
+
+Every loop that runs the model (training, benchmarks, and later validation and
+evaluation) calls ``model_inputs`` and ``run_model`` instead of building masks or
+argument lists itself, so a change of the attention interface (packed sequences) is made
+here once.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from mm1_megatron.batch.contract import document_causal_mask
+
+Batch = Dict[str, torch.Tensor]
+
+
+def model_inputs(batch: Batch, device: torch.device) -> Batch:
+    """The micro-batch on ``device`` plus what the model needs beyond the data:
+    ``attention_mask`` (per-document causal, built from ``document_ids``)."""
+    inputs = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    inputs["attention_mask"] = document_causal_mask(inputs["document_ids"])
+    return inputs
+
+
+def run_model(model, inputs: Batch, *, with_labels: bool = True) -> torch.Tensor:
+    """``MM1Model.forward`` on ``model_inputs(...)``: per-token loss ``[b, s]`` with labels
+    (last pipeline stage), else logits (last stage) or hidden states (other stages)."""
+    return model(inputs["tokens"], inputs["position_ids"], inputs["attention_mask"],
+                 images=inputs.get("images"), labels=inputs["labels"] if with_labels else None)

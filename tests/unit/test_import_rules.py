@@ -1,0 +1,57 @@
+"""The library's import rules, checked on every import statement (also those inside
+functions): data and models stay independent of training; the batch contract sits
+below both; nothing imports the tests."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "mm1_megatron"
+
+FORBIDDEN = {
+    "data": ("models", "training", "checkpoint", "conversion"),
+    "models": ("data", "training", "checkpoint", "conversion"),
+    "batch": ("data", "models", "training", "checkpoint", "conversion"),
+    "compat": ("data", "models", "training", "checkpoint", "conversion", "parallel"),
+}
+
+
+def imported_modules(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield node.lineno, alias.name
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            yield node.lineno, node.module
+
+
+def violations(package: str, forbidden, root: Path = PACKAGE) -> list:
+    found = []
+    for path in sorted((root / package).rglob("*.py")):
+        for line, module in imported_modules(path):
+            parts = module.split(".")
+            if parts[0] == "mm1_megatron" and len(parts) > 1 and parts[1] in forbidden:
+                found.append(f"{path.relative_to(root.parent)}:{line} imports {module}")
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_package_does_not_import_upwards(package):
+    assert violations(package, FORBIDDEN[package]) == []
+
+
+def test_the_library_never_imports_tests():
+    found = [f"{path}:{line}" for path in PACKAGE.rglob("*.py")
+             for line, module in imported_modules(path) if module.split(".")[0] == "tests"]
+    assert found == []
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    fake = tmp_path / "mm1_megatron" / "data"
+    fake.mkdir(parents=True)
+    (fake / "bad.py").write_text("def f():\n    from mm1_megatron.models.mm1_model import X\n")
+    assert violations("data", FORBIDDEN["data"], root=tmp_path / "mm1_megatron") == [
+        "mm1_megatron/data/bad.py:2 imports mm1_megatron.models.mm1_model"]
