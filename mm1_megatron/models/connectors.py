@@ -11,7 +11,8 @@ token already removed) and return ``[n, num_output_tokens, llm_hidden]``.
 - ``AttnPoolConnector``: learned queries cross-attend to the patches.
 - ``MLPConnector``: LLaVA-1.5 style, one token per patch.
 
-Connectors are small and replicated on every tensor-parallel rank (see issue 3 docs).
+Connectors are small and replicated on every tensor-parallel rank (see docs/parallelism.md,
+"What is split and what is replicated").
 """
 
 from __future__ import annotations
