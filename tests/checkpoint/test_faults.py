@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import pytest
 
 from mm1_megatron.checkpoint import layout
 from mm1_megatron.training.preemption import EXIT_PREEMPTED
+from tests.launch import clean_env, run_train
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = [sys.executable, "-m", "mm1_megatron.train", "--config", "configs/debug.yaml",
@@ -22,13 +22,11 @@ TRAIN = [sys.executable, "-m", "mm1_megatron.train", "--config", "configs/debug.
 
 
 def _env() -> dict:
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")
-    return {k: v for k, v in os.environ.items() if k not in drop}
+    return clean_env()
 
 
-def _run(*overrides: str, launcher=(), timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([*launcher, *TRAIN, *overrides], cwd=REPO, env=_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def _run(*overrides: str, nproc: int = 1, timeout=600) -> subprocess.CompletedProcess:
+    return run_train("logging.tensorboard=false", *overrides, nproc=nproc, timeout=timeout)
 
 
 def _losses(output_dir: Path) -> dict:

@@ -5,15 +5,13 @@ model at TP=2 (dense) and EP=2 (MoE)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conversion.hf_sources import IMAGE_SIZE, VOCAB, build_source
+from tests.launch import launcher, run
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("conversion_worker.py")
@@ -94,11 +92,6 @@ def worker_outputs(imported, inputs, conversion_dir) -> Path:
     trains = [{"name": name, "overrides": overrides} for name, overrides in TRAINS.items()]
     spec = out / "spec.json"
     spec.write_text(json.dumps({"loads": loads, "trains": trains}))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(WORKER), str(spec), str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    result = run([*launcher(2), str(WORKER), str(spec), str(out)], timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]
     return out

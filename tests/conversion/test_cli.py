@@ -85,21 +85,12 @@ print("converted without CUDA")
 def test_conversion_on_a_gpu_host_never_touches_cuda(sources, tmp_path):
     """Conversion is CPU work: with CUDA reported available it must still use gloo and
     CPU tensors, because GPU 0 may be busy or in exclusive-process mode on a cluster."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO_ROOT
+    from tests.launch import launcher, run
 
     output = tmp_path / "imported"
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
-    result = subprocess.run(
-        [sys.executable, "-c", PRETEND_CUDA, "import", "--language-model",
-         str(sources["llama"][1]), str(output), "--output", str(output),
-         "training.seq_length=256"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run([*launcher(), "-c", PRETEND_CUDA, "import", "--language-model",
+                  str(sources["llama"][1]), str(output), "--output", str(output),
+                  "training.seq_length=256"])
     assert result.returncode == 0, result.stderr[-4000:]
     assert "converted without CUDA" in result.stdout
     assert (output.parent / "imported_hf" / "config.json").is_file()

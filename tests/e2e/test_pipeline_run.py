@@ -5,28 +5,17 @@ the pipeline group used to be skipped there, hanging the other stage)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.launch import run_train
 
 
 def test_pp2_moe_run_with_a_stage_without_moe_layers(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
     # 4 decoder layers, MoE on every 4th (layer 4 only): with PP=2 the first stage holds
     # layers 1-2 and records no router loss.
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", "-m", "mm1_megatron.train",
-               "--config", "configs/debug.yaml", "parallel.pipeline_parallel_size=2",
-               "model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=4",
-               "training.train_steps=3", "logging.log_interval=1",
-               "logging.tensorboard=false", f"logging.output_dir={tmp_path}"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = run_train("parallel.pipeline_parallel_size=2", "model.llm.moe.num_experts=4",
+                       "model.llm.moe.layer_frequency=4", "training.train_steps=3",
+                       "logging.log_interval=1", "logging.tensorboard=false",
+                       f"logging.output_dir={tmp_path}", nproc=2)
     assert result.returncode == 0, result.stderr[-4000:]
     step_lines = [line for line in result.stderr.splitlines()
                   if "mm1_megatron.train" in line and "| loss" in line]

@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.launch import run_train
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_STEPS = 30  # also the golden single-process run (tests/golden/debug_30_steps.json)
 
 
 def _train(output_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
-    command = [sys.executable, "-m", "mm1_megatron.train", "--config", "configs/debug.yaml",
-               f"logging.output_dir={output_dir}", *overrides]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return run_train(f"logging.output_dir={output_dir}", *overrides)
 
 
 def _scalars(output_dir: Path) -> dict:
@@ -101,14 +95,8 @@ def test_stacked_configs_and_overrides_reach_the_run(tmp_path):
     overlay = tmp_path / "overlay.yaml"
     overlay.write_text("training:\n  train_steps: 2\n  global_batch_size: 4\n"
                        "logging:\n  log_interval: 1\n")
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(key, None)
-    result = subprocess.run(
-        [sys.executable, "-m", "mm1_megatron.train", "--config", "configs/debug.yaml",
-         "--config", str(overlay), f"logging.output_dir={tmp_path / 'run'}",
-         "training.micro_batch_size=2", "logging.tensorboard=false"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    result = run_train("--config", str(overlay), f"logging.output_dir={tmp_path / 'run'}",
+                       "training.micro_batch_size=2", "logging.tensorboard=false")
     assert result.returncode == 0, result.stderr[-3000:]
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["training"]["train_steps"] == 2 and saved["training"]["global_batch_size"] == 4

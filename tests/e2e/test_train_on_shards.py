@@ -8,7 +8,6 @@ runs on them (single process), and on a shard full of bad samples with two DP ra
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +17,14 @@ import torch
 
 from tests.data.corpus_fixtures import (make_coco, make_interleaved, make_llava,
                                         make_text_jsonl, write_bad_caption_corpus)
+from tests.launch import clean_env, run_train
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_STEPS = 3
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(key, None)
-    return env
+    return clean_env()
 
 
 def _tool(*args) -> subprocess.Popen:
@@ -71,15 +68,8 @@ def _data_overrides(out: Path):
 
 
 def _train(output_dir: Path, *overrides, nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                     str(nproc)]
-    command = [*launcher, "-m", "mm1_megatron.train", "--config", "configs/debug.yaml",
-               f"logging.output_dir={output_dir}", f"training.train_steps={NUM_STEPS}",
-               "logging.log_interval=1", *overrides]
-    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    return run_train(f"logging.output_dir={output_dir}", f"training.train_steps={NUM_STEPS}",
+                     "logging.log_interval=1", *overrides, nproc=nproc)
 
 
 def _metrics(output_dir: Path):

@@ -5,14 +5,12 @@ variant at EP=2 (launched as users launch them: ``mm1-train`` and torchrun)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.launch import run_train
+
 GOLDEN_FILE = Path(__file__).with_name("debug_30_steps.json")
 NUM_STEPS = 30
 MOE = ["model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=2"]
@@ -27,19 +25,10 @@ RUNS: Dict[str, tuple] = {
 
 def run_config(name: str) -> List[dict]:
     processes, overrides = RUNS[name]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(key, None)
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                     str(processes)]
     with tempfile.TemporaryDirectory(prefix=f"golden_{name}_") as output:
-        command = [*launcher, "-m", "mm1_megatron.train", "--config", "configs/debug.yaml",
-                   f"training.train_steps={NUM_STEPS}", "training.precision=fp32",
-                   "logging.tensorboard=false", f"logging.output_dir={output}", *overrides]
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=900)
+        result = run_train(f"training.train_steps={NUM_STEPS}", "training.precision=fp32",
+                           "logging.tensorboard=false", f"logging.output_dir={output}",
+                           *overrides, nproc=processes, timeout=900)
         if result.returncode != 0:
             raise RuntimeError(f"{name} run failed: {result.stderr[-3000:]}")
         lines = (Path(output) / "metrics.jsonl").read_text().splitlines()

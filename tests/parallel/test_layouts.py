@@ -19,12 +19,11 @@ than per token (measured: 1e-4 relative on the gradient norm at EP=2 x TP=2 with
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch import launcher, run
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("layout_worker.py")
@@ -63,15 +62,7 @@ def _run_worker(world_size: int, layouts: dict, out_dir: Path, *,
                 steps: int = NUM_STEPS) -> None:
     spec = out_dir / f"spec_{world_size}_{'_'.join(sorted(layouts))[:80]}.json"
     spec.write_text(json.dumps({"steps": steps, "layouts": layouts}))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")}
-    launcher = [sys.executable]
-    if world_size > 1:
-        # --standalone lets torchrun pick a free port itself (no race with other jobs).
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-                     str(world_size)]
-    result = subprocess.run([*launcher, str(WORKER), str(spec), str(out_dir)], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=900)
+    result = run([*launcher(world_size), str(WORKER), str(spec), str(out_dir)], timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]
 
 

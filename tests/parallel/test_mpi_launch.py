@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch import clean_env, launcher, run
+
 REPO = Path(__file__).resolve().parents[2]
 ARGS = ["-m", "mm1_megatron.train", "--config", "configs/debug.yaml", "training.train_steps=3",
         "parallel.tensor_parallel_size=2", "logging.tensorboard=false"]
 
 
 def _clean_env() -> dict:
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")
-    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("OMPI_")}
+    return {k: v for k, v in clean_env().items() if not k.startswith("OMPI_")}
 
 
 def _mpiexec() -> str:
@@ -35,10 +35,8 @@ def _losses(output_dir: Path) -> list:
 
 
 def test_mpiexec_matches_torchrun(tmp_path):
-    torchrun = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         *ARGS, f"logging.output_dir={tmp_path / 'torchrun'}"],
-        cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600)
+    torchrun = run([*launcher(2), *ARGS, f"logging.output_dir={tmp_path / 'torchrun'}"],
+                   env=_clean_env())
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     mpi = subprocess.run(
         [_mpiexec(), "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable,
