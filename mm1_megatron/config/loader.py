@@ -29,9 +29,21 @@ def _parse_float(text: str, path: str) -> float:
         raise ValueError(f"{path}: expected a number, got {text!r}") from None
 
 
+def choice_error(path: str, value: Any, choices: Sequence[Any]) -> str:
+    """The one message for a value outside a field's ``Literal`` choices."""
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{path}={value!r} is not one of {list(choices)}{hint}"
+
+
 def _coerce(value: Any, tp, path: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert where lossless."""
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(choice_error(path, value, choices))
+        return value
     if origin is Union:
         args = typing.get_args(tp)
         if value is None and type(None) in args:

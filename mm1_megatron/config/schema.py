@@ -8,25 +8,45 @@ Cross-field rules live in ``validation.py``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional, get_args
 
 CLIP_IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
-CONNECTOR_TYPES = ("c_abstractor", "avg_pool", "attn_pool", "mlp")
-VISION_ACTIVATIONS = ("gelu", "quick_gelu", "gelu_tanh")
-TRANSFORMER_IMPLS = ("local", "transformer_engine")
-FP8_FORMATS = ("hybrid", "e4m3")
-FP8_RECIPES = ("delayed", "current")
-PRECISIONS = ("auto", "bf16", "fp32")
-LR_RULES = ("mm1", "fixed")
-RECOMPUTE_MODES = ("none", "selective", "full")
-LAUNCHERS = ("auto", "torchrun", "mpi", "none")
-DATA_SOURCES = ("synthetic", "webdataset")
-TOKENIZER_KINDS = ("synthetic", "sentencepiece", "huggingface")
-IMAGE_DECODERS = ("pil", "dali")
-IMAGE_RESIZE_MODES = ("squash", "crop", "pad")
-IMAGE_DTYPES = ("fp32", "bf16")
+# Every choice is declared once, as a Literal: the config loader and validate_config check
+# values against it (one list, one message), and code that needs the list reads it with
+# typing.get_args (the tuples below).
+ConnectorType = Literal["c_abstractor", "avg_pool", "attn_pool", "mlp"]
+VisionActivation = Literal["gelu", "quick_gelu", "gelu_tanh"]
+TransformerImpl = Literal["local", "transformer_engine"]
+FP8Format = Literal["hybrid", "e4m3"]
+FP8Recipe = Literal["delayed", "current"]
+Precision = Literal["auto", "bf16", "fp32"]
+LRRule = Literal["mm1", "fixed"]
+RecomputeMode = Literal["none", "selective", "full"]
+Launcher = Literal["auto", "torchrun", "mpi", "none"]
+TokenDispatcher = Literal["alltoall", "allgather"]
+DataSource = Literal["synthetic", "webdataset"]
+TokenizerKind = Literal["synthetic", "sentencepiece", "huggingface"]
+ImageDecoder = Literal["pil", "dali"]
+ImageResizeMode = Literal["squash", "crop", "pad"]
+ImageDtype = Literal["fp32", "bf16"]
+OptimizerSharding = Literal["fully_reshardable", "dp_reshardable"]
+
+CONNECTOR_TYPES = get_args(ConnectorType)
+VISION_ACTIVATIONS = get_args(VisionActivation)
+TRANSFORMER_IMPLS = get_args(TransformerImpl)
+FP8_FORMATS = get_args(FP8Format)
+FP8_RECIPES = get_args(FP8Recipe)
+PRECISIONS = get_args(Precision)
+LR_RULES = get_args(LRRule)
+RECOMPUTE_MODES = get_args(RecomputeMode)
+LAUNCHERS = get_args(Launcher)
+DATA_SOURCES = get_args(DataSource)
+TOKENIZER_KINDS = get_args(TokenizerKind)
+IMAGE_DECODERS = get_args(ImageDecoder)
+IMAGE_RESIZE_MODES = get_args(ImageResizeMode)
+IMAGE_DTYPES = get_args(ImageDtype)
 
 
 @dataclass
@@ -44,7 +64,7 @@ class VisionEncoderConfig:
     num_layers: int = 32
     num_attention_heads: int = 16
     ffn_hidden_size: int = 5120
-    activation: str = "quick_gelu"
+    activation: VisionActivation = "quick_gelu"
     use_class_token: bool = True
     patch_embedding_bias: bool = False  # SigLIP's patch convolution has a bias
     pre_layernorm: bool = True  # LayerNorm on the embeddings before the first layer (CLIP)
@@ -58,7 +78,7 @@ class VisionEncoderConfig:
 class ConnectorConfig:
     """Vision-language connector. ``num_output_tokens`` must be a square (64, 144, ...)."""
 
-    type: str = "c_abstractor"
+    type: ConnectorType = "c_abstractor"
     num_output_tokens: int = 144
     hidden_size: int = 1024  # internal width of the C-Abstractor / pooling stages
     num_blocks_per_stage: int = 3  # C-Abstractor ResNet blocks before and after pooling
@@ -76,7 +96,7 @@ class MoEConfig:
     expert_ffn_hidden_size: Optional[int] = None  # default: the dense ffn_hidden_size
     aux_loss_coeff: float = 0.01
     z_loss_coeff: float = 0.001
-    token_dispatcher: str = "alltoall"
+    token_dispatcher: TokenDispatcher = "alltoall"
 
 
 @dataclass
@@ -105,9 +125,9 @@ class ModelConfig:
     vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
-    transformer_impl: str = "local"  # "transformer_engine" needs TE installed
-    fp8: Optional[str] = None  # None, "hybrid" or "e4m3"; needs transformer_engine
-    fp8_recipe: str = "delayed"  # "delayed" or "current" scaling
+    transformer_impl: TransformerImpl = "local"  # "transformer_engine" needs TE installed
+    fp8: Optional[FP8Format] = None  # None, "hybrid" or "e4m3"; needs transformer_engine
+    fp8_recipe: FP8Recipe = "delayed"  # "delayed" or "current" scaling
     init_method_std: float = 0.02
     # Modules whose parameters are not trained: vision_encoder, connector, language_model.
     freeze: List[str] = field(default_factory=list)
@@ -126,8 +146,8 @@ class ParallelConfig:
     num_decoder_layers_on_last_stage: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
-    recompute: str = "none"
-    launcher: str = "auto"
+    recompute: RecomputeMode = "none"
+    launcher: Launcher = "auto"
     # Collectives that wait longer than this fail, so a dead rank ends the job promptly.
     collective_timeout_minutes: float = 30.0
 
@@ -136,7 +156,7 @@ class ParallelConfig:
 class OptimizerConfig:
     """AdamW with linear warmup and cosine decay to ``min_lr_ratio * peak``."""
 
-    lr_rule: str = "mm1"  # "mm1": peak LR from non-embedding params; "fixed": use ``lr``
+    lr_rule: LRRule = "mm1"  # "mm1": peak LR from non-embedding params; "fixed": use ``lr``
     lr: Optional[float] = None
     min_lr_ratio: float = 0.1
     warmup_steps: int = 2000
@@ -156,7 +176,7 @@ class TrainingConfig:
     micro_batch_size: int = 1
     seq_length: int = 4096
     seed: int = 1234
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Precision = "auto"  # auto: bf16 on GPU, fp32 on CPU
     # A step whose loss is NaN/Inf is skipped (weights untouched); stop after this many.
     max_nonfinite_steps: int = 3
     # Log a warning when a step's loss exceeds this multiple of the recent average.
@@ -165,7 +185,7 @@ class TrainingConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
+    source: DataSource = "synthetic"
     # Share of sequences drawn from each source (normalised): MM1's 45/45/10.
     mixture: Dict[str, float] = field(
         default_factory=lambda: {"interleaved": 0.45, "caption": 0.45, "text": 0.10}
@@ -178,11 +198,11 @@ class DataConfig:
     caption_shards: List[str] = field(default_factory=list)
     interleaved_shards: List[str] = field(default_factory=list)
     text_prefixes: List[str] = field(default_factory=list)
-    tokenizer: str = "synthetic"  # synthetic, sentencepiece (a .model) or huggingface (a folder)
+    tokenizer: TokenizerKind = "synthetic"  # synthetic, sentencepiece (a .model) or huggingface (a folder)
     tokenizer_path: Optional[str] = None
-    image_decoder: str = "pil"  # "dali": nvJPEG on GPU, DALI's CPU operators otherwise
-    image_resize: str = "crop"  # squash, crop (shorter side + centre crop) or pad
-    image_dtype: str = "fp32"  # fp32 or bf16 images out of the pipeline
+    image_decoder: ImageDecoder = "pil"  # "dali": nvJPEG on GPU, DALI's CPU operators otherwise
+    image_resize: ImageResizeMode = "crop"  # squash, crop (shorter side + centre crop) or pad
+    image_dtype: ImageDtype = "fp32"  # fp32 or bf16 images out of the pipeline
 
 
 @dataclass
@@ -210,7 +230,7 @@ class CheckpointConfig:
     async_save: bool = False
     # "fully_reshardable" loads at any TP/PP/EP/DP layout; "dp_reshardable" writes faster
     # but only reshards across DP.
-    optimizer_sharding: str = "fully_reshardable"
+    optimizer_sharding: OptimizerSharding = "fully_reshardable"
     # Start from pretrained parts (the connector stays freshly initialised).
     pretrained_vision_encoder: Optional[str] = None
     pretrained_language_model: Optional[str] = None

@@ -6,11 +6,13 @@ fixes a config in one edit instead of one failed launch per mistake.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
-from typing import List, Optional, Tuple
+import typing
+from typing import Iterator, List, Optional, Tuple
 
-from mm1_megatron.config import schema
+from mm1_megatron.config.loader import choice_error
 from mm1_megatron.config.schema import MM1Config
 
 LR_MULTIPLIER_MODULES = ("vision_encoder", "connector", "language_model")
@@ -24,9 +26,6 @@ class _Errors:
         if not ok:
             self.messages.append(message)
 
-    def choice(self, value, choices, field_path: str) -> None:
-        self.check(value in choices, f"{field_path}={value!r} is not one of {list(choices)}")
-
     def positive(self, obj, names, prefix: str) -> None:
         for name in names:
             value = getattr(obj, name)
@@ -38,7 +37,6 @@ def _check_vision(cfg: MM1Config, err: _Errors) -> None:
     p = "model.vision"
     err.positive(v, ["image_size", "patch_size", "num_channels", "hidden_size", "num_layers",
                      "num_attention_heads", "ffn_hidden_size"], p)
-    err.choice(v.activation, schema.VISION_ACTIVATIONS, f"{p}.activation")
     if v.patch_size > 0:
         err.check(v.image_size % v.patch_size == 0,
                   f"{p}.image_size={v.image_size} must be a multiple of {p}.patch_size="
@@ -55,7 +53,6 @@ def _check_vision(cfg: MM1Config, err: _Errors) -> None:
 def _check_connector(cfg: MM1Config, err: _Errors) -> None:
     c, v = cfg.model.connector, cfg.model.vision
     p = "model.connector"
-    err.choice(c.type, schema.CONNECTOR_TYPES, f"{p}.type")
     err.positive(c, ["num_output_tokens", "hidden_size", "num_readout_layers"], p)
     side = math.isqrt(max(c.num_output_tokens, 0))
     err.check(side * side == c.num_output_tokens,
@@ -106,7 +103,6 @@ def _check_llm(cfg: MM1Config, err: _Errors) -> None:
         err.check(1 <= moe.layer_frequency <= max(m.num_layers, 1),
                   f"{q}.layer_frequency={moe.layer_frequency} must be between 1 and "
                   f"{p}.num_layers={m.num_layers}")
-        err.choice(moe.token_dispatcher, ("alltoall", "allgather"), f"{q}.token_dispatcher")
         err.check(moe.aux_loss_coeff >= 0 and moe.z_loss_coeff >= 0,
                   f"{q}.aux_loss_coeff and {q}.z_loss_coeff must be >= 0")
     else:
@@ -119,8 +115,6 @@ def _check_parallel(cfg: MM1Config, err: _Errors) -> None:
     err.positive(par, ["tensor_parallel_size", "pipeline_parallel_size",
                        "expert_parallel_size"], p)
     tp = par.tensor_parallel_size
-    err.choice(par.recompute, schema.RECOMPUTE_MODES, f"{p}.recompute")
-    err.choice(par.launcher, schema.LAUNCHERS, f"{p}.launcher")
     if tp > 0:
         for name, heads in (("model.llm", m.num_attention_heads),
                             ("model.vision", v.num_attention_heads)):
@@ -181,7 +175,6 @@ def _check_pipeline_split(cfg: MM1Config, err: _Errors) -> None:
 
 def _check_optimizer_and_training(cfg: MM1Config, err: _Errors) -> None:
     o, t = cfg.optimizer, cfg.training
-    err.choice(o.lr_rule, schema.LR_RULES, "optimizer.lr_rule")
     if o.lr_rule == "fixed":
         err.check(o.lr is not None and o.lr > 0,
                   "optimizer.lr_rule=fixed needs optimizer.lr > 0 (or use lr_rule=mm1)")
@@ -202,12 +195,10 @@ def _check_optimizer_and_training(cfg: MM1Config, err: _Errors) -> None:
         err.check(t.global_batch_size % t.micro_batch_size == 0,
                   f"training.global_batch_size={t.global_batch_size} must be a multiple of "
                   f"training.micro_batch_size={t.micro_batch_size}")
-    err.choice(t.precision, schema.PRECISIONS, "training.precision")
 
 
 def _check_data(cfg: MM1Config, err: _Errors) -> None:
     d = cfg.data
-    err.choice(d.source, schema.DATA_SOURCES, "data.source")
     for name, weight in d.mixture.items():
         err.check(name in ("interleaved", "caption", "text"),
                   f"data.mixture.{name}: unknown source; use interleaved, caption or text")
@@ -216,10 +207,6 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
     err.check(d.max_images_per_sequence >= 0, "data.max_images_per_sequence must be >= 0")
     err.check(d.num_workers >= 0, "data.num_workers must be >= 0")
     err.check(d.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
-    err.choice(d.tokenizer, schema.TOKENIZER_KINDS, "data.tokenizer")
-    err.choice(d.image_decoder, schema.IMAGE_DECODERS, "data.image_decoder")
-    err.choice(d.image_resize, schema.IMAGE_RESIZE_MODES, "data.image_resize")
-    err.choice(d.image_dtype, schema.IMAGE_DTYPES, "data.image_dtype")
     if d.tokenizer == "synthetic":
         err.check(d.tokenizer_path is None, "data.tokenizer_path is only read with "
                                             "data.tokenizer=sentencepiece or huggingface; unset it")
@@ -252,12 +239,9 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
 
 def _check_model_impl(cfg: MM1Config, err: _Errors) -> None:
     m = cfg.model
-    err.choice(m.transformer_impl, schema.TRANSFORMER_IMPLS, "model.transformer_impl")
     if m.fp8 is not None:
-        err.choice(m.fp8, schema.FP8_FORMATS, "model.fp8")
         err.check(m.transformer_impl == "transformer_engine",
                   "model.fp8 needs model.transformer_impl=transformer_engine")
-    err.choice(m.fp8_recipe, schema.FP8_RECIPES, "model.fp8_recipe")
     err.check(m.init_method_std > 0, "model.init_method_std must be > 0")
 
 
@@ -268,8 +252,6 @@ def _check_checkpoint(cfg: MM1Config, err: _Errors) -> None:
               "checkpoint.save_interval needs checkpoint.save_dir")
     err.check(c.keep_last >= 1, "checkpoint.keep_last must be >= 1")
     err.check(c.keep_every >= 0, "checkpoint.keep_every must be >= 0")
-    err.choice(c.optimizer_sharding, ("fully_reshardable", "dp_reshardable"),
-               "checkpoint.optimizer_sharding")
     for name in cfg.model.freeze:
         err.check(name in LR_MULTIPLIER_MODULES,
                   f"model.freeze: unknown module {name!r}; use {list(LR_MULTIPLIER_MODULES)}")
@@ -279,10 +261,33 @@ def _check_checkpoint(cfg: MM1Config, err: _Errors) -> None:
               "parallel.collective_timeout_minutes must be > 0")
 
 
+def _literal_fields(obj, prefix: str = "") -> Iterator[Tuple[str, object, tuple]]:
+    """``(dotted path, value, choices)`` of every ``Literal`` field under ``obj``."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, tp = getattr(obj, f.name), hints[f.name]
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _literal_fields(value, f"{path}.")
+            continue
+        if typing.get_origin(tp) is typing.Union and value is None:
+            continue  # an Optional choice left unset
+        if typing.get_origin(tp) is typing.Union:
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if typing.get_origin(tp) is typing.Literal:
+            yield path, value, typing.get_args(tp)
+
+
+def _check_choices(cfg: MM1Config, err: _Errors) -> None:
+    """The schema's Literal choices, for configs built in code (the loader checks YAML)."""
+    for path, value, choices in _literal_fields(cfg):
+        err.check(value in choices, choice_error(path, value, choices))
+
+
 def validate_config(cfg: MM1Config) -> MM1Config:
     """Raise ``ValueError`` listing every problem in ``cfg``; return it unchanged if none."""
     err = _Errors()
-    for check in (_check_vision, _check_connector, _check_llm, _check_parallel,
+    for check in (_check_choices, _check_vision, _check_connector, _check_llm, _check_parallel,
                   _check_optimizer_and_training, _check_data, _check_model_impl,
                   _check_checkpoint):
         check(cfg, err)
