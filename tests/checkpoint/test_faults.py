@@ -74,27 +74,31 @@ def test_explicitly_loading_a_damaged_checkpoint_fails_clearly(reference, tmp_pa
     assert "step_00000004" in result.stderr and "cannot be loaded" in result.stderr
 
 
+def _sigterm_after_two_steps(tmp_path: Path, marker: Path, *overrides: str) -> tuple:
+    """Start a run, send SIGTERM once two steps are logged; its exit code and output."""
+    run = next(Path(o.split("=", 1)[1]) for o in overrides if o.startswith("logging.output_dir="))
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would block it
+        process = subprocess.Popen([*TRAIN, *overrides], cwd=REPO, stdout=log, stderr=log,
+                                   env=dict(_env(), MM1_PREEMPTION_MARKER=str(marker)))
+        metrics = run / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (
+                metrics.exists() and metrics.read_text().count("\n") >= 2):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=300)
+    return process.returncode, log_path.read_text()
+
+
 def test_sigterm_saves_exits_75_and_resume_continues_exactly(tmp_path):
     steps = "training.train_steps=10"
     reference = _run(steps, f"logging.output_dir={tmp_path / 'reference'}")
     assert reference.returncode == 0, reference.stderr[-3000:]
-    ckpt, run = tmp_path / "ckpt", tmp_path / "run"
-    log = open(tmp_path / "log.txt", "w")  # a file, not a pipe: a full pipe would block it
-    marker = tmp_path / "preempted.json"
-    process = subprocess.Popen(
-        [*TRAIN, steps, f"logging.output_dir={run}", f"checkpoint.save_dir={ckpt}"],
-        cwd=REPO, env=dict(_env(), MM1_PREEMPTION_MARKER=str(marker)), stdout=log,
-        stderr=log)
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (
-            metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=300)
-    log.close()
-    output = (tmp_path / "log.txt").read_text()
-    assert process.returncode == EXIT_PREEMPTED, output[-3000:]
+    ckpt, run, marker = tmp_path / "ckpt", tmp_path / "run", tmp_path / "preempted.json"
+    returncode, output = _sigterm_after_two_steps(
+        tmp_path, marker, steps, f"logging.output_dir={run}", f"checkpoint.save_dir={ckpt}")
+    assert returncode == EXIT_PREEMPTED, output[-3000:]
     stopped_at = layout.step_of(layout.read_latest(ckpt))
     assert 2 <= stopped_at < 10
     # The marker a batch script requeues on (torchrun hides the exit code 75).
@@ -149,22 +153,10 @@ def test_killed_rank_ends_the_job_promptly_and_latest_stays_valid(tmp_path, mome
 def test_sigterm_without_a_save_dir_stops_without_claiming_a_checkpoint(tmp_path):
     from mm1_megatron.training.preemption import EXIT_STOPPED_UNSAVED
 
-    run, marker = tmp_path / "run", tmp_path / "preempted.json"
-    log = open(tmp_path / "log.txt", "w")
-    process = subprocess.Popen(
-        [*TRAIN, "training.train_steps=200", f"logging.output_dir={run}"],
-        cwd=REPO, env=dict(_env(), MM1_PREEMPTION_MARKER=str(marker)), stdout=log,
-        stderr=log)
-    metrics = run / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not (
-            metrics.exists() and metrics.read_text().count("\n") >= 2):
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=300)
-    log.close()
-    output = (tmp_path / "log.txt").read_text()
-    assert process.returncode == EXIT_STOPPED_UNSAVED != EXIT_PREEMPTED, output[-3000:]
+    marker = tmp_path / "preempted.json"
+    returncode, output = _sigterm_after_two_steps(
+        tmp_path, marker, "training.train_steps=200", f"logging.output_dir={tmp_path / 'run'}")
+    assert returncode == EXIT_STOPPED_UNSAVED != EXIT_PREEMPTED, output[-3000:]
     assert "no checkpoint was written" in output
     assert "checkpoint written" not in output
     assert not marker.exists()
