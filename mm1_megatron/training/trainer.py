@@ -282,6 +282,23 @@ class Trainer:
             "mfu": model_flops_utilization(flops, seconds, self.ctx.world_size, peak or 0.0),
         }
 
+    def _checkpoint_and_stop(self) -> None:
+        """After a stop signal: save, leave the requeue marker, raise ``Preempted``; or,
+        with nowhere to save, raise ``StoppedWithoutCheckpoint`` (never a requeue)."""
+        save_dir = self.cfg.checkpoint.save_dir
+        if not save_dir:
+            raise StoppedWithoutCheckpoint(
+                f"stopped by a signal after step {self.step} without checkpoint.save_dir: "
+                "no checkpoint was written, so a relaunch would start again from step 0; set "
+                "checkpoint.save_dir to make preemption resumable")
+        self.save_checkpoint(blocking=True)
+        if self.ctx.is_main:
+            write_preemption_marker(self.step, save_dir)
+        # No rank exits before the marker exists: a launcher that kills the job on the
+        # first exit would otherwise race rank 0's write.
+        barrier()
+        raise Preempted(f"stopped by a signal after step {self.step}")
+
     def train(self) -> List[Dict[str, float]]:
         """Run until ``training.train_steps``; returns the per-step metrics (logging rank).
 
@@ -315,19 +332,7 @@ class Trainer:
                     history.append(metrics)
                     self.checkpoints.finalize_pending(blocking=False)
                     if preemption.stop_requested():
-                        if not cfg.checkpoint.save_dir:
-                            raise StoppedWithoutCheckpoint(
-                                f"stopped by a signal after step {self.step} without "
-                                "checkpoint.save_dir: no checkpoint was written, so a relaunch "
-                                "would start again from step 0; set checkpoint.save_dir to "
-                                "make preemption resumable")
-                        self.save_checkpoint(blocking=True)
-                        if self.ctx.is_main:
-                            write_preemption_marker(self.step, cfg.checkpoint.save_dir)
-                        # No rank exits before the marker exists: a launcher that kills
-                        # the job on the first exit would otherwise race rank 0's write.
-                        barrier()
-                        raise Preempted(f"stopped by a signal after step {self.step}")
+                        self._checkpoint_and_stop()
                     if interval and self.step % interval == 0:
                         self.save_checkpoint()
             if self.cfg.checkpoint.save_dir and not (interval and self.step % interval == 0):
