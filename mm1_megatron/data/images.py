@@ -32,13 +32,16 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from mm1_megatron.config import schema
 from mm1_megatron.data.skips import BadSample
 
 logger = logging.getLogger(__name__)
 
-RESIZE_MODES = ("squash", "crop", "pad")
-IMAGE_DECODERS = ("pil", "dali")
+# The choices are declared once, in the config schema.
+RESIZE_MODES = schema.IMAGE_RESIZE_MODES
+IMAGE_DECODERS = schema.IMAGE_DECODERS
 IMAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+assert tuple(IMAGE_DTYPES) == schema.IMAGE_DTYPES
 DALI_MAX_BATCH = 64
 
 Decoded = Union[torch.Tensor, BadSample]

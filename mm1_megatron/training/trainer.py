@@ -223,10 +223,12 @@ class Trainer:
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         metrics.update(data_metrics(self.data, host_batches,
                                     group=parallel_state.get_data_parallel_group()))
-        metrics["num_images"] = self._global_sum(
-            sum(int(b["images"].shape[0]) for b in host_batches))
-        metrics["num_text_tokens"] = self._global_sum(
-            sum(int(b["loss_mask"].sum()) for b in host_batches))
+        # One all-reduce for both counts, summed over the data-parallel group (TP/PP
+        # replicas hold the same batches and would count them twice).
+        metrics["num_images"], metrics["num_text_tokens"] = all_reduce_values(
+            [sum(int(b["images"].shape[0]) for b in host_batches),
+             sum(int(b["loss_mask"].sum()) for b in host_batches)],
+            group=parallel_state.get_data_parallel_group())
         return metrics
 
     def _loss_is_finite(self, metrics: Dict[str, float]) -> bool:
@@ -236,11 +238,6 @@ class Trainer:
             bad = 0.0 if math.isfinite(metrics["loss"]) else 1.0
         (flag,) = all_reduce_values([bad], op="max")
         return flag == 0.0
-
-    def _global_sum(self, value: float) -> float:
-        """Sum a per-rank count over the data-parallel group (replicas repeat TP/PP)."""
-        (total,) = all_reduce_values([value], group=parallel_state.get_data_parallel_group())
-        return total
 
     def _reduce_reports(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Token-weighted mean loss per source over micro-batches and DP ranks."""
