@@ -29,11 +29,11 @@ from typing import List
 
 import numpy as np
 
-from mm1_megatron.config.schema import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, DataConfig
-from mm1_megatron.data.factory import build_data
-from mm1_megatron.data.images import build_image_decoder
-from mm1_megatron.data.records import record_members
-from mm1_megatron.data.tar_shards import write_manifest
+from mm1_megatron.config.schema import CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, DataConfig, ShardsConfig
+from mm1_megatron.data.build import build_data
+from mm1_megatron.data.pipeline.images import build_image_decoder
+from mm1_megatron.data.shards.records import record_members
+from mm1_megatron.data.shards.reader import write_manifest
 from mm1_megatron.utils.logging_setup import setup_logging
 
 logger = logging.getLogger("bench_data")
@@ -94,8 +94,9 @@ def write_caption_shard(folder: Path, lengths: np.ndarray, image: bytes) -> Path
 
 def packing_efficiency(manifest: Path, lengths: np.ndarray, *, seq_length: int,
                        num_image_tokens: int, max_images: int, num_sequences: int) -> dict:
-    cfg = DataConfig(source="webdataset", caption_shards=[str(manifest)],
-                     mixture={"caption": 1.0}, max_images_per_sequence=max_images)
+    cfg = DataConfig(source="webdataset", shards=ShardsConfig(caption=[str(manifest)]),
+                     mixture={"caption": 1.0}, max_images_per_sequence=max_images,
+                     caption_window=max_images)
     loader, _ = build_data(cfg, seq_length=seq_length, micro_batch_size=1,
                            num_image_tokens=num_image_tokens, image_size=14,
                            image_mean=CLIP_IMAGE_MEAN, image_std=CLIP_IMAGE_STD, seed=0,

@@ -19,9 +19,9 @@ import argparse
 import logging
 import sys
 
-from mm1_megatron.data.converters import coco_items, interleaved_items, llava_items, load_url_map
-from mm1_megatron.data.shard_writer import build_shards, inputs_id
-from mm1_megatron.data.tar_shards import SHARD_KINDS, index_existing_shards
+from mm1_megatron.data.shards.ingest import coco_items, interleaved_items, llava_items, load_url_map
+from mm1_megatron.data.shards.writer import build_shards, inputs_id
+from mm1_megatron.data.shards.reader import SHARD_KINDS, index_existing_shards
 from mm1_megatron.utils.logging_setup import setup_logging
 
 logger = logging.getLogger("build_shards")

@@ -16,9 +16,9 @@ import logging
 import sys
 from collections import Counter
 
-from mm1_megatron.data.converters import jsonl_texts
-from mm1_megatron.data.text_index import build_text_index
-from mm1_megatron.data.text_tokenizers import TOKENIZER_KINDS, build_tokenizer
+from mm1_megatron.data.shards.ingest import jsonl_texts
+from mm1_megatron.data.shards.text_index import build_text_index
+from mm1_megatron.data.tokenizers.text import TOKENIZER_KINDS, build_tokenizer
 from mm1_megatron.utils.logging_setup import setup_logging
 
 logger = logging.getLogger("build_text_index")

@@ -98,7 +98,7 @@ def _jpegs() -> List[bytes]:
 def check_dali_vs_pil(work: Path) -> Dict:
     import torch
 
-    from mm1_megatron.data.images import RESIZE_MODES, build_image_decoder
+    from mm1_megatron.data.pipeline.images import RESIZE_MODES, build_image_decoder
 
     mean, std, blobs = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28), _jpegs()
     figures = {}

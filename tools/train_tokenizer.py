@@ -6,8 +6,8 @@
 
 Inputs: ``.jsonl`` (the ``--text-key`` field of each line, or the text segments of an
 interleaved document) and plain-text files (one sentence per line). Special ids: pad 0,
-unk 1, bos 2, eos 3, ``<image>`` 4. Use it with ``data.tokenizer=sentencepiece
-data.tokenizer_path=tok/mm1.model``.
+unk 1, bos 2, eos 3, ``<image>`` 4. Use it with ``data.tokenizer.kind=sentencepiece
+data.tokenizer.path=tok/mm1.model``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from mm1_megatron.data.converters import jsonl_texts
-from mm1_megatron.data.text_tokenizers import SentencePieceTokenizer, train_sentencepiece
+from mm1_megatron.data.shards.ingest import jsonl_texts
+from mm1_megatron.data.tokenizers.text import SentencePieceTokenizer, train_sentencepiece
 from mm1_megatron.utils.logging_setup import setup_logging
 
 logger = logging.getLogger("train_tokenizer")

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Sequence, Union
 
 import yaml
 
-from mm1_megatron.config.schema import MM1Config
+from mm1_megatron.config.schema import MOVED_KEYS, MM1Config
 
 
 def _describe(tp) -> str:
@@ -51,6 +51,8 @@ def _coerce(value: Any, tp, path: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], path)
     if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict) and path in MOVED_KEYS:
+            raise ValueError(_moved_message(path, value))
         if not isinstance(value, dict):
             raise ValueError(f"{path}: expected a mapping of {tp.__name__} fields, got {value!r}")
         return _build_dataclass(tp, value, path)
@@ -87,11 +89,23 @@ def _coerce(value: Any, tp, path: str) -> Any:
     raise AssertionError(f"unsupported annotation {_describe(tp)} at {path}")
 
 
+def _dotted(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _moved_message(old: str, value: Any) -> str:
+    new = MOVED_KEYS[old]
+    return (f"config key '{old}' has moved to '{new}': write {new}: {value!r} in YAML "
+            f"(or {new}={value} on the command line)")
+
+
 def _build_dataclass(cls, values: Dict[str, Any], path: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
+        if key not in hints and _dotted(path, key) in MOVED_KEYS:
+            raise ValueError(_moved_message(_dotted(path, key), value))
         if key not in hints:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""

@@ -184,6 +184,30 @@ class TrainingConfig:
 
 
 @dataclass
+class TokenizerConfig:
+    kind: TokenizerKind = "synthetic"  # synthetic, sentencepiece (a .model) or huggingface (a folder)
+    path: Optional[str] = None  # the .model file or tokenizer folder; unset for synthetic
+
+
+@dataclass
+class ImagePipelineConfig:
+    """How shard images become pixels (the synthetic world draws its own)."""
+
+    decoder: ImageDecoder = "pil"  # "dali": nvJPEG on GPU, DALI's CPU operators otherwise
+    resize: ImageResizeMode = "crop"  # squash, crop (shorter side + centre crop) or pad
+    dtype: ImageDtype = "fp32"  # fp32 or bf16 images out of the pipeline
+
+
+@dataclass
+class ShardsConfig:
+    """``data.source=webdataset``: what each source reads. See docs/data.md."""
+
+    caption: List[str] = field(default_factory=list)  # shard manifests (manifest.json or folder)
+    interleaved: List[str] = field(default_factory=list)  # shard manifests
+    text: List[str] = field(default_factory=list)  # indexed-dataset prefixes (<prefix>.bin/.idx)
+
+
+@dataclass
 class DataConfig:
     source: DataSource = "synthetic"
     # Share of sequences drawn from each source (normalised): MM1's 45/45/10.
@@ -191,18 +215,27 @@ class DataConfig:
         default_factory=lambda: {"interleaved": 0.45, "caption": 0.45, "text": 0.10}
     )
     max_images_per_sequence: int = 16
+    # Caption shards: sequence k reads samples k*W .. k*W+W-1 and packs those that fit (MM1
+    # packs up to 16 image-caption pairs). The synthetic world fills each caption sequence.
+    caption_window: int = 16
     num_workers: int = 0  # background processes building micro-batches (0: the caller)
     prefetch_factor: int = 2  # micro-batches each worker builds ahead
-    # source=webdataset: shard manifests (a manifest.json or its folder) per image source,
-    # Megatron-Core indexed-dataset prefixes (<prefix>.bin/.idx) for text. See docs/data.md.
-    caption_shards: List[str] = field(default_factory=list)
-    interleaved_shards: List[str] = field(default_factory=list)
-    text_prefixes: List[str] = field(default_factory=list)
-    tokenizer: TokenizerKind = "synthetic"  # synthetic, sentencepiece (a .model) or huggingface (a folder)
-    tokenizer_path: Optional[str] = None
-    image_decoder: ImageDecoder = "pil"  # "dali": nvJPEG on GPU, DALI's CPU operators otherwise
-    image_resize: ImageResizeMode = "crop"  # squash, crop (shorter side + centre crop) or pad
-    image_dtype: ImageDtype = "fp32"  # fp32 or bf16 images out of the pipeline
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    images: ImagePipelineConfig = field(default_factory=ImagePipelineConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+
+
+# Keys that moved: a config using the old name is refused with the new one in the message.
+MOVED_KEYS: Dict[str, str] = {
+    "data.tokenizer": "data.tokenizer.kind",  # when given a value instead of a section
+    "data.tokenizer_path": "data.tokenizer.path",
+    "data.image_decoder": "data.images.decoder",
+    "data.image_resize": "data.images.resize",
+    "data.image_dtype": "data.images.dtype",
+    "data.caption_shards": "data.shards.caption",
+    "data.interleaved_shards": "data.shards.interleaved",
+    "data.text_prefixes": "data.shards.text",
+}
 
 
 @dataclass

@@ -205,26 +205,27 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
         err.check(weight >= 0, f"data.mixture.{name}={weight} must be >= 0")
     err.check(sum(d.mixture.values()) > 0, "data.mixture needs at least one positive weight")
     err.check(d.max_images_per_sequence >= 0, "data.max_images_per_sequence must be >= 0")
+    err.check(d.caption_window >= 1, f"data.caption_window={d.caption_window} must be >= 1 "
+                                      f"(caption samples read per caption sequence)")
     err.check(d.num_workers >= 0, "data.num_workers must be >= 0")
     err.check(d.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
-    if d.tokenizer == "synthetic":
-        err.check(d.tokenizer_path is None, "data.tokenizer_path is only read with "
-                                            "data.tokenizer=sentencepiece or huggingface; unset it")
+    if d.tokenizer.kind == "synthetic":
+        err.check(d.tokenizer.path is None, "data.tokenizer.path is only read with "
+                                            "data.tokenizer.kind=sentencepiece or huggingface; "
+                                            "unset it")
     else:
-        err.check(bool(d.tokenizer_path), f"data.tokenizer={d.tokenizer} needs data.tokenizer_path "
-                                          f"(a .model file or a tokenizer folder)")
-    paths = {"caption": d.caption_shards, "interleaved": d.interleaved_shards,
-             "text": d.text_prefixes}
-    fields = {"caption": "data.caption_shards", "interleaved": "data.interleaved_shards",
-              "text": "data.text_prefixes"}
-    for name, listed in paths.items():
+        err.check(bool(d.tokenizer.path), f"data.tokenizer.kind={d.tokenizer.kind} needs "
+                                          f"data.tokenizer.path (a .model file or a tokenizer "
+                                          f"folder)")
+    for name in ("caption", "interleaved", "text"):
+        listed, field_name = getattr(d.shards, name), f"data.shards.{name}"
         if d.source == "webdataset":
             err.check(not d.mixture.get(name, 0) > 0 or bool(listed),
-                      f"data.mixture.{name}={d.mixture.get(name)} but {fields[name]} is empty: "
+                      f"data.mixture.{name}={d.mixture.get(name)} but {field_name} is empty: "
                       f"list its {'prefixes' if name == 'text' else 'shard manifests'} or set "
                       f"the weight to 0")
         else:
-            err.check(not listed, f"{fields[name]} is only read with data.source=webdataset; "
+            err.check(not listed, f"{field_name} is only read with data.source=webdataset; "
                                   f"unset it or set data.source=webdataset")
     image_weight = d.mixture.get("interleaved", 0) + d.mixture.get("caption", 0)
     if image_weight > 0:

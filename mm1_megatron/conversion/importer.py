@@ -141,7 +141,7 @@ def _language_part(request: ImportRequest, cfg: MM1Config, info: Dict):
                            vocab_size=request.vocab_size, multiple=request.vocab_multiple)
     cfg.model.llm = replace(source.llm, vocab_size=plan.target_size)
     if plan.tokenizer_path is not None:
-        cfg.data.tokenizer, cfg.data.tokenizer_path = "huggingface", plan.tokenizer_path
+        cfg.data.tokenizer.kind, cfg.data.tokenizer.path = "huggingface", plan.tokenizer_path
     info["sources"]["language_model"] = {
         "path": str(Path(request.language_model).resolve()), "model_type": source.model_type,
         "dtype": dtype_name(SafetensorsFolder(request.language_model).dtype()),

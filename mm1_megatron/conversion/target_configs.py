@@ -129,7 +129,7 @@ def hf_vision_config(vision: VisionEncoderConfig, *, dtype: str = "float32"):
 
 def image_processor_config(vision: VisionEncoderConfig) -> dict:
     """``preprocessor_config.json`` for ``CLIPImageProcessor``: shorter side to the image
-    size, centre crop, rescale to [0, 1], normalise (our ``data.image_resize=crop``)."""
+    size, centre crop, rescale to [0, 1], normalise (our ``data.images.resize=crop``)."""
     size = vision.image_size
     return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
             "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True,

@@ -1,10 +1,10 @@
 """Tokenizer files for an exported folder, with the special tokens training used.
 
-- ``data.tokenizer=huggingface``: the training tokenizer, plus the special tokens our
+- ``data.tokenizer.kind=huggingface``: the training tokenizer, plus the special tokens our
   wrapper appended (``<image>``, a pad token, ...) as added tokens at the same ids.
-- ``data.tokenizer=synthetic``: the word-level vocabulary as a ``tokenizers`` WordLevel
+- ``data.tokenizer.kind=synthetic``: the word-level vocabulary as a ``tokenizers`` WordLevel
   model (``PreTrainedTokenizerFast``), splitting exactly like ``SyntheticTokenizer``.
-- ``data.tokenizer=sentencepiece``: the ``.model`` file as ``tokenizer.model`` behind
+- ``data.tokenizer.kind=sentencepiece``: the ``.model`` file as ``tokenizer.model`` behind
   ``BertGenerationTokenizer``, the plain sentencepiece tokenizer of ``transformers`` 5 (it
   encodes exactly as ``SentencePieceProcessor.encode``; ``LlamaTokenizer`` would convert
   the model to a ``tokenizers`` BPE, which drops unknown characters and keeps repeated
@@ -22,7 +22,7 @@ from mm1_megatron.config import MM1Config
 from mm1_megatron.conversion.errors import ConversionError
 
 
-# The synthetic tokenizer's pieces (mm1_megatron/data/tokenizer.py): a special token, a
+# The synthetic tokenizer's pieces (mm1_megatron/data/tokenizers/base.py): a special token, a
 # run of word characters, or one punctuation character.
 _SYNTHETIC_PIECE = r"<[^<>\s]+>|\w+|[^\w\s]"
 
@@ -41,13 +41,13 @@ class TokenizerSource:
 
 def resolve_tokenizer(cfg: MM1Config, override: Optional[Path] = None) -> TokenizerSource:
     """The tokenizer the checkpoint was trained with (or ``override``, a HF folder)."""
-    from mm1_megatron.data.text_tokenizers import build_tokenizer
+    from mm1_megatron.data.tokenizers.text import build_tokenizer
 
-    kind, path = cfg.data.tokenizer, cfg.data.tokenizer_path
+    kind, path = cfg.data.tokenizer.kind, cfg.data.tokenizer.path
     if override is not None:
         kind, path = "huggingface", str(override)
     if kind != "synthetic" and (not path or not Path(path).exists()):
-        raise ConversionError(f"the checkpoint's tokenizer {path!r} (data.tokenizer={kind}) does "
+        raise ConversionError(f"the checkpoint's tokenizer {path!r} (data.tokenizer.kind={kind}) does "
                               f"not exist here; pass --tokenizer with its folder")
     return TokenizerSource(kind, path, build_tokenizer(kind, path if kind != "synthetic" else None))
 

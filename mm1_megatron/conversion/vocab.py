@@ -1,6 +1,6 @@
 """Vocabulary growth for the special tokens MM1 training adds (``<image>``, a pad token).
 
-Our tokenizer wrappers (``mm1_megatron.data.text_tokenizers``) give each special token a
+Our tokenizer wrappers (``mm1_megatron.data.tokenizers.text``) give each special token a
 model lacks the next id after the model's vocabulary. An import therefore sizes the
 embedding and output layer to fit the tokenizer (optionally rounded up to a multiple, so
 that the vocabulary divides by the tensor-parallel size), and initialises every new row
@@ -58,7 +58,7 @@ def plan_vocabulary(source_size: int, *, tokenizer_path=None, vocab_size: Option
         raise ConversionError(f"--vocab-multiple must be >= 1, got {multiple}")
     plan = VocabularyPlan(source_size=source_size, target_size=source_size)
     if tokenizer_path is not None:
-        from mm1_megatron.data.text_tokenizers import HuggingFaceTokenizer
+        from mm1_megatron.data.tokenizers.text import HuggingFaceTokenizer
 
         tokenizer = HuggingFaceTokenizer(tokenizer_path)
         plan.tokenizer_path = str(Path(tokenizer_path).resolve())

@@ -25,8 +25,8 @@ from mm1_megatron.checkpoint import CheckpointManager, TrainingState
 from mm1_megatron.compat.moe import collect_moe_aux_losses
 from mm1_megatron.config import MM1Config, save_config, validate_config, validate_environment
 from mm1_megatron.data import SOURCE_IDS
-from mm1_megatron.data.factory import build_data
-from mm1_megatron.data.reporting import data_metrics
+from mm1_megatron.data.build import build_data
+from mm1_megatron.data.pipeline.reporting import data_metrics
 from mm1_megatron.models import RuntimeOptions, build_mm1_model
 from mm1_megatron.models.param_count import count_parameters, moe_layer_flags
 from mm1_megatron.parallel import init_distributed, seed_everything

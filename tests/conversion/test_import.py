@@ -123,8 +123,8 @@ def test_vocabulary_grows_for_image_and_pad_tokens(sources, conversion_dir, inpu
     cfg = load_config(output / "step_00000000" / "config.yaml")
     # <image> and <pad> are appended (130 tokens), rounded up to a multiple of 4.
     assert cfg.model.llm.vocab_size == 132
-    assert cfg.data.tokenizer == "huggingface"
-    assert cfg.data.tokenizer_path == str(tokenizer.resolve())
+    assert cfg.data.tokenizer.kind == "huggingface"
+    assert cfg.data.tokenizer.path == str(tokenizer.resolve())
     model, _ = _load_tp1(output, "language_model")
     embedding = model.language_model.embedding.word_embeddings.weight
     source = load_file(str(sources["llama"][1] / "model.safetensors"))["model.embed_tokens.weight"]

@@ -12,7 +12,7 @@ TEXTS = ["a red circle", " two  blue squares<image> x", "Hello world!", "the <im
 
 
 def _trained(folder):
-    from mm1_megatron.data.text_tokenizers import train_sentencepiece
+    from mm1_megatron.data.tokenizers.text import train_sentencepiece
 
     return train_sentencepiece(CORPUS, folder / "tok", vocab_size=80)
 
@@ -32,7 +32,7 @@ def test_sentencepiece_export_encodes_like_training(make_model, tmp_path):
     from transformers import AutoTokenizer
 
     from mm1_megatron.conversion.tokenizer_files import TokenizerSource, write_tokenizer
-    from mm1_megatron.data.text_tokenizers import SentencePieceTokenizer
+    from mm1_megatron.data.tokenizers.text import SentencePieceTokenizer
 
     model_path = make_model(tmp_path)
     ours = SentencePieceTokenizer(model_path)

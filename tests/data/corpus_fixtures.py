@@ -15,8 +15,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image
 
-from mm1_megatron.data.synthetic import caption_words, describe_shapes, draw_scene, random_scene
-from mm1_megatron.data.synthetic import text_sentence
+from mm1_megatron.data.synthetic.world import caption_words, describe_shapes, draw_scene, random_scene
+from mm1_megatron.data.synthetic.world import text_sentence
 
 
 def image_bytes(rng: np.random.Generator, fmt: str = "JPEG") -> Tuple[bytes, str]:
@@ -163,7 +163,7 @@ def write_bad_caption_corpus(root: Path, seed: int = 5) -> Tuple[Path, Dict[str,
     Shard 0 holds 8 good samples (one whose member names try to climb out of any folder)
     and one of each bad kind. Shard 1 is cut inside its third sample's image.
     """
-    from mm1_megatron.data.tar_shards import write_manifest
+    from mm1_megatron.data.shards.reader import write_manifest
 
     rng = np.random.default_rng(seed)
     samples = [(f"good{i:03d}", good_caption_sample(rng)) for i in range(7)]
@@ -184,7 +184,7 @@ def write_bad_caption_corpus(root: Path, seed: int = 5) -> Tuple[Path, Dict[str,
 
 
 def cut_inside_third_image(path: Path) -> None:
-    from mm1_megatron.data.tar_shards import scan_shard
+    from mm1_megatron.data.shards.reader import scan_shard
 
     offset, size = scan_shard(path).samples[2].members["jpg"]
     with open(path, "r+b") as file:

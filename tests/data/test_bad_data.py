@@ -5,10 +5,10 @@ import logging
 import pytest
 import torch
 
-from mm1_megatron.config.schema import DataConfig
-from mm1_megatron.data import sources
-from mm1_megatron.data.factory import build_data
-from mm1_megatron.data.skips import SKIP_REASONS
+from mm1_megatron.config.schema import DataConfig, ImagePipelineConfig, ShardsConfig
+from mm1_megatron.data.pipeline import sources
+from mm1_megatron.data.build import build_data
+from mm1_megatron.data.shards.skips import SKIP_REASONS
 from tests.data.corpus_fixtures import write_bad_caption_corpus
 
 SEQ, WINDOW, NUM_SAMPLES = 256, 5, 20
@@ -16,8 +16,10 @@ MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 
 
 def _loader(manifest, decoder="pil", dp_rank=0, dp_size=1, **kwargs):
-    cfg = DataConfig(source="webdataset", caption_shards=[str(manifest)], mixture={"caption": 1},
-                     max_images_per_sequence=WINDOW, image_decoder=decoder, **kwargs)
+    cfg = DataConfig(source="webdataset", shards=ShardsConfig(caption=[str(manifest)]),
+                     mixture={"caption": 1}, max_images_per_sequence=WINDOW,
+                     caption_window=WINDOW, images=ImagePipelineConfig(decoder=decoder),
+                     **kwargs)
     loader, _ = build_data(cfg, seq_length=SEQ, micro_batch_size=1, num_image_tokens=4,
                            image_size=28, image_mean=MEAN, image_std=STD, seed=0,
                            dp_rank=dp_rank, dp_size=dp_size)
@@ -34,7 +36,7 @@ def test_one_epoch_counts_every_bad_sample_once(bad_corpus, decoder, monkeypatch
     manifest, expected = bad_corpus
     monkeypatch.setattr(sources, "MAX_REPLACEMENTS", 0)  # visit each sample exactly once
     loader = _loader(manifest, decoder)
-    with caplog.at_level(logging.WARNING, logger="mm1_megatron.data.skips"):
+    with caplog.at_level(logging.WARNING, logger="mm1_megatron.data.shards.skips"):
         batches = [next(loader) for _ in range(NUM_SAMPLES // WINDOW)]
     counts = loader.skip_counts()
     assert counts == {reason: expected.get(reason, 0) for reason in SKIP_REASONS}
@@ -42,7 +44,7 @@ def test_one_epoch_counts_every_bad_sample_once(bad_corpus, decoder, monkeypatch
     num_documents = sum(int(b["document_ids"].max()) for b in batches)  # padding is +1
     assert num_documents == 10
     assert sum(int(b["num_images"].sum()) for b in batches) == 10
-    logged = [r.getMessage() for r in caplog.records if r.name == "mm1_megatron.data.skips"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "mm1_megatron.data.shards.skips"]
     assert len(logged) == sum(expected.values())
     for key in ("bad_corrupt", "bad_truncated_jpeg", "bad_empty_image", "bad_missing_image",
                 "bad_utf8", "bad_json", "bad_schema", "bad_too_long"):
@@ -71,8 +73,8 @@ def test_replacements_keep_sequences_full_and_ranks_in_step(bad_corpus):
 
 
 def test_interleaved_document_with_a_bad_image_is_replaced(tmp_path):
-    from mm1_megatron.data.records import record_members
-    from mm1_megatron.data.tar_shards import write_manifest
+    from mm1_megatron.data.shards.records import record_members
+    from mm1_megatron.data.shards.reader import write_manifest
     from tests.data.corpus_fixtures import image_bytes, write_tar
     import numpy as np
 
@@ -83,7 +85,7 @@ def test_interleaved_document_with_a_bad_image_is_replaced(tmp_path):
     write_tar(tmp_path / "d.tar", [("doc0", bad), ("doc1", fine)])
     write_manifest(tmp_path / "manifest.json", "interleaved",
                    [{"path": "d.tar", "num_samples": 2}])
-    cfg = DataConfig(source="webdataset", interleaved_shards=[str(tmp_path)],
+    cfg = DataConfig(source="webdataset", shards=ShardsConfig(interleaved=[str(tmp_path)]),
                      mixture={"interleaved": 1}, max_images_per_sequence=4)
     loader, _ = build_data(cfg, seq_length=64, micro_batch_size=1, num_image_tokens=4,
                            image_size=28, image_mean=MEAN, image_std=STD, seed=0, dp_rank=0,
@@ -95,7 +97,7 @@ def test_interleaved_document_with_a_bad_image_is_replaced(tmp_path):
 
 
 def test_data_metrics_sum_counts_and_packing_efficiency(bad_corpus, megatron_single_process):
-    from mm1_megatron.data.reporting import data_metrics
+    from mm1_megatron.data.pipeline.reporting import data_metrics
 
     manifest, expected = bad_corpus
     loader = _loader(manifest)

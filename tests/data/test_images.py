@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mm1_megatron.data import images as image_module
-from mm1_megatron.data.images import RESIZE_MODES, build_image_decoder, dali_installed
-from mm1_megatron.data.skips import BadSample
+from mm1_megatron.data.pipeline import images as image_module
+from mm1_megatron.data.pipeline.images import RESIZE_MODES, build_image_decoder, dali_installed
+from mm1_megatron.data.shards.skips import BadSample
 
 S = 56
 MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
@@ -126,7 +126,7 @@ def test_bf16_output(decoder):
 
 def test_missing_dali_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(image_module, "dali_installed", lambda: False)
-    with pytest.raises(ValueError, match="pip install -e .\\[dali\\].*image_decoder=pil"):
+    with pytest.raises(ValueError, match="pip install -e .\\[dali\\].*images\\.decoder=pil"):
         _decoder("dali")
 
 
@@ -142,7 +142,7 @@ def test_gpu_pipeline_graph_is_valid_in_every_resize_mode(mode):
     """The GPU (nvJPEG, ``mixed``) graph is checked when it is defined, which needs no
     GPU: taking the decoded GPU image's shape back to the CPU is refused there unless the
     dynamic executor runs it (it used to turn every image into a 'corrupt' skip)."""
-    from mm1_megatron.data.images import define_dali_pipeline
+    from mm1_megatron.data.pipeline.images import define_dali_pipeline
 
     define_dali_pipeline(image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, resize_mode=mode,
                          device_id=0)
@@ -156,5 +156,5 @@ def test_a_pipeline_that_cannot_be_built_raises_instead_of_skipping(monkeypatch)
         raise RuntimeError("no such operator")
 
     monkeypatch.setattr(decoder, "_build_pipeline", broken)
-    with pytest.raises(RuntimeError, match="cannot be built: no such operator.*image_decoder=pil"):
+    with pytest.raises(RuntimeError, match="cannot be built: no such operator.*images\\.decoder=pil"):
         decoder.decode(BLOBS)

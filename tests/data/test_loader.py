@@ -1,11 +1,12 @@
-"""Loader: batch layout, mixture proportions, determinism per (seed, step, rank), resume."""
+"""The loader over the synthetic world: batch layout, mixture proportions, determinism per
+(seed, step, rank), resume. The same ``MicroBatchLoader`` serves shards (test_shard_pipeline)."""
 
 import pytest
 import torch
 
 from mm1_megatron.config.schema import DataConfig
-from mm1_megatron.data.loader import BATCH_KEYS, SOURCE_IDS, SyntheticDataLoader
-from mm1_megatron.data.tokenizer import SyntheticTokenizer
+from mm1_megatron.data import BATCH_KEYS, SOURCE_IDS, build_data
+from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
 
 TOK = SyntheticTokenizer()
 SEQ_LENGTH, NUM_IMAGE_TOKENS, SIZE, BATCH = 256, 4, 28, 3
@@ -13,10 +14,16 @@ MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 
 
 def _loader(seed=0, dp_rank=0, dp_size=1, micro_batch_size=BATCH, **data_kwargs):
-    return SyntheticDataLoader(
+    loader, _ = build_data(
         DataConfig(**data_kwargs), seq_length=SEQ_LENGTH, micro_batch_size=micro_batch_size,
         num_image_tokens=NUM_IMAGE_TOKENS, image_size=SIZE, image_mean=MEAN, image_std=STD,
-        seed=seed, dp_rank=dp_rank, dp_size=dp_size, tokenizer=TOK)
+        seed=seed, dp_rank=dp_rank, dp_size=dp_size)
+    return loader
+
+
+def _sequence(loader, global_index):
+    sequence, _ = loader.builder.sequence(global_index)
+    return sequence
 
 
 def _batches(loader, num_steps):
@@ -41,7 +48,7 @@ def test_batch_layout():
         assert ((batch["tokens"] == TOK.image_token_id).sum(dim=1)
                 == num_images * NUM_IMAGE_TOKENS).all()
         assert (batch["num_real_tokens"] == (batch["tokens"] != TOK.pad_token_id).sum(1)).all()
-        expected_sources = [SOURCE_IDS[loader.source_of(step * BATCH + i)]
+        expected_sources = [SOURCE_IDS[loader.builder.source_of(step * BATCH + i)]
                             for i in range(BATCH)]
         assert batch["source_ids"].tolist() == expected_sources
 
@@ -49,7 +56,7 @@ def test_batch_layout():
 def test_images_concatenate_in_order_of_appearance():
     loader = _loader(seed=4)
     batch = next(loader)
-    per_sequence = [loader.sequence(i).images for i in range(BATCH)]
+    per_sequence = [_sequence(loader, i).images for i in range(BATCH)]
     assert torch.equal(batch["images"], torch.cat(per_sequence))
     # De-normalised images are the generator's [0, 1] pixels.
     pixels = batch["images"] * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
@@ -69,7 +76,7 @@ def test_text_only_batch_has_empty_images():
 def test_mixture_proportions(mixture, expected):
     loader = _loader(seed=123) if mixture is None else _loader(seed=123, mixture=mixture)
     num_sequences = 2000
-    sources = [loader.source_of(g) for g in range(num_sequences)]
+    sources = [loader.builder.source_of(g) for g in range(num_sequences)]
     # Binomial std of a share p over n=2000 draws: sqrt(p(1-p)/n) <= 1.1pp (p=0.45), so
     # +-4pp is > 3.5 std: a correct sampler essentially never fails, while a mixture
     # ignoring the weights (e.g. uniform 33/33/33) is off by >= 12pp.
@@ -87,7 +94,7 @@ def test_same_seed_step_rank_gives_same_batches():
     assert not any(torch.equal(x["tokens"], y["tokens"]) for x, y in zip(a, c))
     # Step k of a fresh loader positioned at k equals step k of a loader iterated to k.
     jumped = _loader(seed=1)
-    jumped.load_state_dict({"num_sequences_consumed": 2 * BATCH})
+    jumped.load_state_dict(dict(jumped.state_dict(), num_sequences_consumed=2 * BATCH))
     assert _equal(next(jumped), a[2])
 
 
@@ -99,7 +106,7 @@ def test_dp_ranks_take_interleaved_global_indices():
     single = _loader(seed=3)
     for step, batch in enumerate(rank1):
         for i in range(BATCH):
-            seq = single.sequence((step * BATCH + i) * 2 + 1)
+            seq = _sequence(single, (step * BATCH + i) * 2 + 1)
             assert torch.equal(batch["tokens"][i], seq.tokens)
 
 
@@ -114,12 +121,21 @@ def test_resume_from_state_dict_continues_exactly():
     assert all(_equal(x, y) for x, y in zip(_batches(resumed, 3), uninterrupted[2:]))
 
 
-def test_resume_with_other_seed_or_dp_size_raises():
+def test_resume_with_other_seed_raises():
     state = _loader(seed=9, dp_size=2).state_dict()
     with pytest.raises(ValueError, match="seed"):
         _loader(seed=8, dp_size=2).load_state_dict(state)
-    with pytest.raises(ValueError, match="dp_size"):
-        _loader(seed=9, dp_size=4).load_state_dict(state)
+
+
+def test_resume_at_another_dp_size_continues_the_global_stream():
+    first = _loader(seed=9, dp_rank=0, dp_size=2)
+    _batches(first, 2)  # global sequences 0 .. 4 * BATCH - 1 consumed over both ranks
+    resumed = _loader(seed=9, dp_rank=1, dp_size=4)
+    resumed.load_state_dict(first.state_dict())
+    batch = next(resumed)
+    for i in range(BATCH):
+        expected = _sequence(resumed, 4 * BATCH + i * 4 + 1)
+        assert torch.equal(batch["tokens"][i], expected.tokens)
 
 
 @pytest.mark.parametrize("kwargs", [
@@ -135,6 +151,6 @@ def test_bad_settings_raise(kwargs):
 def test_rng_is_per_sequence():
     """Sequence content depends only on (seed, global index), not on what came before."""
     loader = _loader(seed=5)
-    later = loader.sequence(7)
+    later = _sequence(loader, 7)
     _batches(loader, 2)
-    assert torch.equal(loader.sequence(7).tokens, later.tokens)
+    assert torch.equal(_sequence(loader, 7).tokens, later.tokens)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mm1_megatron.data.mixture import MixtureSchedule, block_counts
+from mm1_megatron.data.pipeline.mixture import MixtureSchedule, block_counts
 
 
 @pytest.mark.parametrize("weights, expected", [

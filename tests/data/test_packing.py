@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from mm1_megatron.data.packing import pack_sequence
-from mm1_megatron.data.synthetic import SOURCES, Sample, SyntheticGenerator
-from mm1_megatron.data.tokenizer import SyntheticTokenizer
+from mm1_megatron.data.pipeline.packing import pack_sequence
+from mm1_megatron.data.synthetic.world import SOURCES, Sample, SyntheticGenerator
+from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
 from mm1_megatron.batch.contract import document_causal_mask, expand_image_placeholders
 
 TOK = SyntheticTokenizer()

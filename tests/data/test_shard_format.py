@@ -7,13 +7,13 @@ import tarfile
 
 import pytest
 
-from mm1_megatron.data.records import (ImageRef, parse_segments, record_members,
+from mm1_megatron.data.shards.records import (ImageRef, parse_segments, record_members,
                                        tokenize_segments)
-from mm1_megatron.data.skips import BadSample
-from mm1_megatron.data.tar_shards import (ShardReader, check_plain_tar, index_existing_shards,
+from mm1_megatron.data.shards.skips import BadSample
+from mm1_megatron.data.shards.reader import (ShardReader, check_plain_tar, index_existing_shards,
                                           load_manifest, scan_shard, split_member_name,
                                           write_manifest)
-from mm1_megatron.data.tokenizer import SyntheticTokenizer
+from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
 from tests.data.corpus_fixtures import write_tar
 
 TOK = SyntheticTokenizer()

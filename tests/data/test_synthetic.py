@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from mm1_megatron.data import synthetic
-from mm1_megatron.data.synthetic import (BACKGROUND_RGB, CELL_NAMES, COLOUR_RGB, Scene,
+from mm1_megatron.data.synthetic import world as synthetic
+from mm1_megatron.data.synthetic.world import (BACKGROUND_RGB, CELL_NAMES, COLOUR_RGB, Scene,
                                          ShapeSpec, SyntheticGenerator, draw_scene)
-from mm1_megatron.data.tokenizer import SyntheticTokenizer, Tokenizer, build_vocabulary
+from mm1_megatron.data.tokenizers.base import SyntheticTokenizer, Tokenizer, build_vocabulary
 
 TOK = SyntheticTokenizer()
 CELL_OF_WORDS = {words: cell for cell, words in enumerate(CELL_NAMES)}

@@ -4,10 +4,10 @@ import pickle
 
 import pytest
 
-from mm1_megatron.data.text_tokenizers import (SentencePieceTokenizer,
+from mm1_megatron.data.tokenizers.text import (SentencePieceTokenizer,
                                                TRAINED_SPECIAL_IDS, build_tokenizer,
                                                train_sentencepiece)
-from mm1_megatron.data.tokenizer import Tokenizer
+from mm1_megatron.data.tokenizers.base import Tokenizer
 
 CORPUS = ["a red circle at the top left", "two blue squares on a white background",
           "the quick brown fox jumps over the lazy dog", "here is a picture of a cat"] * 20
@@ -72,8 +72,8 @@ def test_hugging_face_tokenizer_from_a_local_folder(tmp_path):
 
 
 @pytest.mark.parametrize("kind, path, match", [
-    ("wordpiece", None, "not one of"), ("sentencepiece", None, "tokenizer_path"),
-    ("sentencepiece", "/no/such.model", "tokenizer_path"), ("synthetic", "x", "no path"),
+    ("wordpiece", None, "not one of"), ("sentencepiece", None, "tokenizer.path"),
+    ("sentencepiece", "/no/such.model", "tokenizer.path"), ("synthetic", "x", "no path"),
 ])
 def test_bad_tokenizer_settings(kind, path, match):
     with pytest.raises(ValueError, match=match):

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from mm1_megatron.data.converters import (coco_items, interleaved_items, jsonl_texts,
+from mm1_megatron.data.shards.ingest import (coco_items, interleaved_items, jsonl_texts,
                                           llava_items, load_url_map)
-from mm1_megatron.data.records import ImageRef, parse_segments
-from mm1_megatron.data.shard_writer import build_shards
-from mm1_megatron.data.tar_shards import ShardReader, load_manifest
-from mm1_megatron.data.text_index import build_text_index
-from mm1_megatron.data.tokenizer import SyntheticTokenizer
+from mm1_megatron.data.shards.records import ImageRef, parse_segments
+from mm1_megatron.data.shards.writer import build_shards
+from mm1_megatron.data.shards.reader import ShardReader, load_manifest
+from mm1_megatron.data.shards.text_index import build_text_index
+from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
 from tests.data.corpus_fixtures import make_coco, make_interleaved, make_llava, make_text_jsonl
 
 TOK = SyntheticTokenizer()

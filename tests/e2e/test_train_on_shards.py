@@ -61,10 +61,10 @@ def built(tmp_path_factory):
 
 
 def _data_overrides(out: Path):
-    return ["data.source=webdataset", f"data.caption_shards=[{out / 'coco'}, {out / 'llava'}]",
-            f"data.interleaved_shards=[{out / 'docs'}]",
-            f"data.text_prefixes=[{out / 'text' / 'corpus'}]", "data.tokenizer=sentencepiece",
-            f"data.tokenizer_path={out / 'tok' / 'sp.model'}"]
+    return ["data.source=webdataset", f"data.shards.caption=[{out / 'coco'}, {out / 'llava'}]",
+            f"data.shards.interleaved=[{out / 'docs'}]",
+            f"data.shards.text=[{out / 'text' / 'corpus'}]", "data.tokenizer.kind=sentencepiece",
+            f"data.tokenizer.path={out / 'tok' / 'sp.model'}"]
 
 
 def _train(output_dir: Path, *overrides, nproc: int = 1) -> subprocess.CompletedProcess:
@@ -86,14 +86,14 @@ def test_debug_model_trains_on_tool_built_corpora(built, tmp_path):
 
 def test_mm1_sized_sequences_from_tool_built_corpora(built):
     """MM1's limits (4096 tokens, 16 images of 144 tokens) on the same corpora."""
-    from mm1_megatron.config.schema import DataConfig
-    from mm1_megatron.data.factory import build_data
+    from mm1_megatron.config.schema import DataConfig, ShardsConfig, TokenizerConfig
+    from mm1_megatron.data.build import build_data
     from mm1_megatron.batch.contract import document_causal_mask
 
-    cfg = DataConfig(source="webdataset", caption_shards=[str(built / "coco"), str(built / "llava")],
-                     interleaved_shards=[str(built / "docs")],
-                     text_prefixes=[str(built / "text" / "corpus")], tokenizer="sentencepiece",
-                     tokenizer_path=str(built / "tok" / "sp.model"))
+    shards = ShardsConfig(caption=[str(built / "coco"), str(built / "llava")],
+                          interleaved=[str(built / "docs")], text=[str(built / "text" / "corpus")])
+    tokenizer = TokenizerConfig(kind="sentencepiece", path=str(built / "tok" / "sp.model"))
+    cfg = DataConfig(source="webdataset", shards=shards, tokenizer=tokenizer)
     loader, tok = build_data(cfg, seq_length=4096, micro_batch_size=1, num_image_tokens=144,
                              image_size=28, image_mean=[0.5] * 3, image_std=[0.25] * 3, seed=0,
                              dp_rank=0, dp_size=1)
@@ -120,7 +120,7 @@ def test_mm1_sized_sequences_from_tool_built_corpora(built):
 def test_bad_samples_are_skipped_and_two_dp_ranks_keep_training(tmp_path):
     manifest, expected = write_bad_caption_corpus(tmp_path / "bad")
     result = _train(tmp_path / "run", "data.source=webdataset", "data.mixture={caption: 1.0}",
-                    f"data.caption_shards=[{manifest}]", nproc=2)
+                    f"data.shards.caption=[{manifest}]", nproc=2)
     assert result.returncode == 0, result.stderr[-4000:]
     assert len(_metrics(tmp_path / "run")) == NUM_STEPS
     skipped = [line for line in result.stderr.splitlines() if "skipping sample" in line]

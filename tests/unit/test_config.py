@@ -446,7 +446,7 @@ def test_resolved_config_matches_its_snapshot(name):
     ("training.precision=fp16", "training.precision='fp16' is not one of"),
     ("parallel.recompute=partial", "parallel.recompute='partial' is not one of"),
     ("checkpoint.optimizer_sharding=zero3", "checkpoint.optimizer_sharding='zero3'"),
-    ("data.image_resize=cropp", "did you mean 'crop'?"),
+    ("data.images.resize=cropp", "did you mean 'crop'?"),
 ])
 def test_unknown_choice_is_refused_when_loaded(override, message):
     """Each choice is a Literal in the schema: one list, checked by the loader."""

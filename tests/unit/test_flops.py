@@ -19,7 +19,7 @@ from tests.conftest import IMAGE_TOKEN_ID
 @pytest.fixture
 def one_step(tiny_config, build_tiny_model):
     from mm1_megatron.batch import model_inputs
-    from mm1_megatron.data.factory import build_data
+    from mm1_megatron.data.build import build_data
 
     cfg = tiny_config()
     model = build_tiny_model(cfg)

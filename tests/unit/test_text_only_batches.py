@@ -6,18 +6,17 @@ from __future__ import annotations
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from mm1_megatron.data import SyntheticDataLoader
+from mm1_megatron.data import build_data
 from mm1_megatron.batch.contract import document_causal_mask
 
 
 def _batch(cfg, mixture):
     cfg.data.mixture = mixture
     v = cfg.model.vision
-    loader = SyntheticDataLoader(cfg.data, seq_length=cfg.training.seq_length,
-                                 micro_batch_size=2,
-                                 num_image_tokens=cfg.model.connector.num_output_tokens,
-                                 image_size=v.image_size, image_mean=v.image_mean,
-                                 image_std=v.image_std, seed=7)
+    loader, _ = build_data(cfg.data, seq_length=cfg.training.seq_length, micro_batch_size=2,
+                           num_image_tokens=cfg.model.connector.num_output_tokens,
+                           image_size=v.image_size, image_mean=v.image_mean,
+                           image_std=v.image_std, seed=7, dp_rank=0, dp_size=1)
     batch = next(loader)
     batch["attention_mask"] = document_causal_mask(batch["document_ids"])
     return batch

@@ -11,8 +11,8 @@ from typing import Dict, Sequence
 
 import torch
 
-from mm1_megatron.data.batches import stats_vector
-from mm1_megatron.data.skips import SKIP_REASONS, STAT_NAMES
+from mm1_megatron.data.pipeline.loader import stats_vector
+from mm1_megatron.data.shards.skips import SKIP_REASONS, STAT_NAMES
 from mm1_megatron.parallel.collectives import all_reduce_values
 
 

@@ -4,15 +4,17 @@
                                    num_image_tokens=..., image_size=..., image_mean=...,
                                    image_std=..., seed=..., dp_rank=..., dp_size=...)
 
-Both sources return a ``batches.MicroBatchLoader``: an endless iterator of micro-batch
-dicts (``loader.collate``'s keys) with ``state_dict``/``load_state_dict``, ``stats`` and
-``skip_counts``. ``data.source=synthetic`` serves the embedded generator (the same
-sequences as ``SyntheticDataLoader``); ``data.source=webdataset`` serves caption and
-interleaved shards and indexed text, mixed per sequence by ``mixture.MixtureSchedule``.
+Every source is a *builder* (``sequence(g)`` is a pure function of the global sequence
+index) served by one ``pipeline.loader.MicroBatchLoader``, which owns data-parallel
+sharding, prefetch workers and the saved position. ``data.source=synthetic`` builds from
+the embedded synthetic world (``synthetic.sequences``); ``data.source=webdataset`` from
+caption and interleaved shards and indexed text, mixed per sequence by
+``pipeline.mixture.MixtureSchedule``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -21,17 +23,17 @@ from typing import Dict, Sequence, Tuple
 import torch
 
 from mm1_megatron.config.schema import DataConfig
-from mm1_megatron.data.batches import MicroBatchLoader
-from mm1_megatron.data.images import build_image_decoder, check_image_options
-from mm1_megatron.data.loader import SOURCE_IDS, SyntheticDataLoader
-from mm1_megatron.data.mixture import MixtureSchedule
-from mm1_megatron.data.packing import check_packing_arguments
-from mm1_megatron.data.sources import (CaptionSource, InterleavedSource, MixtureBuilder,
-                                       ShardCorpus, SyntheticBuilder, TextSource)
-from mm1_megatron.data.tar_shards import load_manifest
-from mm1_megatron.data.text_index import TextCorpus, check_text_meta
-from mm1_megatron.data.text_tokenizers import build_tokenizer, tokenizer_fingerprint
-from mm1_megatron.data.tokenizer import Tokenizer
+from mm1_megatron.data.pipeline.images import build_image_decoder, check_image_options
+from mm1_megatron.data.pipeline.loader import MicroBatchLoader
+from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
+from mm1_megatron.data.pipeline.packing import check_packing_arguments
+from mm1_megatron.data.pipeline.sources import (CaptionSource, InterleavedSource,
+                                                MixtureBuilder, ShardCorpus, TextSource)
+from mm1_megatron.data.shards.reader import load_manifest
+from mm1_megatron.data.shards.text_index import TextCorpus, check_text_meta
+from mm1_megatron.data.synthetic.sequences import SyntheticSequences
+from mm1_megatron.data.tokenizers.base import Tokenizer
+from mm1_megatron.data.tokenizers.text import build_tokenizer, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -45,57 +47,57 @@ def build_data(data_cfg: DataConfig, *, seq_length: int, micro_batch_size: int,
         raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's SeedSequence)")
     check_packing_arguments(seq_length, num_image_tokens, data_cfg.max_images_per_sequence,
                             image_mean, image_std)
-    tokenizer = build_tokenizer(data_cfg.tokenizer, data_cfg.tokenizer_path)
+    tokenizer = build_tokenizer(data_cfg.tokenizer.kind, data_cfg.tokenizer.path)
     packing = dict(seq_length=seq_length, num_image_tokens=num_image_tokens,
                    image_size=image_size, image_mean=list(image_mean),
                    image_std=list(image_std))
+    context = None
     if data_cfg.source == "synthetic":
-        synthetic = SyntheticDataLoader(data_cfg, micro_batch_size=micro_batch_size, seed=seed,
-                                        dp_rank=dp_rank, dp_size=dp_size, tokenizer=tokenizer,
-                                        **packing)
-        builder, context = SyntheticBuilder(synthetic), None
+        builder = SyntheticSequences(data_cfg.mixture, seed=seed, tokenizer=tokenizer,
+                                     max_images=data_cfg.max_images_per_sequence, **packing)
     elif data_cfg.source == "webdataset":
         builder = _webdataset_builder(data_cfg, tokenizer, seed=seed, **packing)
-        gpu_dali = data_cfg.image_decoder == "dali" and torch.cuda.is_available()
+        gpu_dali = data_cfg.images.decoder == "dali" and torch.cuda.is_available()
         context = "spawn" if gpu_dali else None  # CUDA does not survive a fork
     else:
         raise ValueError(f"data.source={data_cfg.source!r} is not one of synthetic, webdataset")
-    fingerprint = _fingerprint(data_cfg, tokenizer, packing)
     loader = MicroBatchLoader(builder, tokenizer=tokenizer, micro_batch_size=micro_batch_size,
                               seed=seed, dp_rank=dp_rank, dp_size=dp_size,
                               num_workers=data_cfg.num_workers,
-                              prefetch_factor=data_cfg.prefetch_factor, fingerprint=fingerprint,
+                              prefetch_factor=data_cfg.prefetch_factor,
+                              fingerprint=_fingerprint(data_cfg, tokenizer, packing),
                               multiprocessing_context=context)
     logger.info("data: %s, tokenizer %s (%d tokens), dp rank %d/%d, %d workers",
-                data_cfg.source, data_cfg.tokenizer, tokenizer.vocab_size, dp_rank, dp_size,
-                data_cfg.num_workers)
+                data_cfg.source, data_cfg.tokenizer.kind, tokenizer.vocab_size, dp_rank,
+                dp_size, data_cfg.num_workers)
     return loader, tokenizer
 
 
 def _webdataset_builder(data_cfg: DataConfig, tokenizer: Tokenizer, *, seed: int,
                         seq_length: int, num_image_tokens: int, image_size: int,
                         image_mean: Sequence[float], image_std: Sequence[float]) -> MixtureBuilder:
-    check_image_options(data_cfg.image_decoder, data_cfg.image_resize, data_cfg.image_dtype)
-    decoder = build_image_decoder(data_cfg.image_decoder, image_size=image_size, mean=image_mean,
-                                  std=image_std, resize_mode=data_cfg.image_resize,
-                                  dtype=data_cfg.image_dtype)
+    images = data_cfg.images
+    check_image_options(images.decoder, images.resize, images.dtype)
+    decoder = build_image_decoder(images.decoder, image_size=image_size, mean=image_mean,
+                                  std=image_std, resize_mode=images.resize, dtype=images.dtype)
     schedule = MixtureSchedule(data_cfg.mixture, seed)
     shard_options = dict(tokenizer=tokenizer, decoder=decoder, seq_length=seq_length,
                          num_image_tokens=num_image_tokens,
                          max_images=data_cfg.max_images_per_sequence, seed=seed)
     sources: Dict[str, object] = {}
-    for name, cls, listed in (("caption", CaptionSource, data_cfg.caption_shards),
-                              ("interleaved", InterleavedSource, data_cfg.interleaved_shards)):
+    for name, cls in (("caption", CaptionSource), ("interleaved", InterleavedSource)):
         if schedule.probabilities[name] > 0:
-            manifests = [load_manifest(path, kind=name) for path in listed]
+            manifests = [load_manifest(path, kind=name) for path in getattr(data_cfg.shards, name)]
             corpus = ShardCorpus(manifests, seed=seed, stream=SOURCE_IDS[name])
-            sources[name] = cls(name, corpus, **shard_options)
+            options = dict(shard_options, window=data_cfg.caption_window) if name == "caption" \
+                else shard_options
+            sources[name] = cls(name, corpus, **options)
             logger.info("%s: %d samples in %d shards", name, corpus.num_samples,
                         len(corpus.shard_paths))
     if schedule.probabilities["text"] > 0:
-        for prefix in data_cfg.text_prefixes:
+        for prefix in data_cfg.shards.text:
             check_text_meta(prefix, tokenizer)
-        corpus = TextCorpus(data_cfg.text_prefixes, seq_length=seq_length, seed=seed)
+        corpus = TextCorpus(data_cfg.shards.text, seq_length=seq_length, seed=seed)
         sources["text"] = TextSource(corpus, tokenizer=tokenizer, seq_length=seq_length,
                                      empty_images=decoder.empty())
         logger.info("text: %d documents, %d tokens per epoch", corpus.num_documents,
@@ -105,7 +107,7 @@ def _webdataset_builder(data_cfg: DataConfig, tokenizer: Tokenizer, *, seed: int
 
 def _fingerprint(data_cfg: DataConfig, tokenizer: Tokenizer, packing: Dict) -> str:
     """Changes when anything that decides the batches changes (not num_workers)."""
-    relevant = {key: value for key, value in vars(data_cfg).items()
+    relevant = {key: value for key, value in dataclasses.asdict(data_cfg).items()
                 if key not in ("num_workers", "prefetch_factor")}
     payload = json.dumps({"data": relevant, "packing": packing,
                           "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True,

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mm1_megatron.config import schema
-from mm1_megatron.data.skips import BadSample
+from mm1_megatron.data.shards.skips import BadSample
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ def check_image_options(decoder: str, resize_mode: str, dtype: str) -> None:
     if dtype not in IMAGE_DTYPES:
         raise ValueError(f"image dtype {dtype!r} is not one of {list(IMAGE_DTYPES)}")
     if decoder == "dali" and not dali_installed():
-        raise ValueError("data.image_decoder=dali but NVIDIA DALI is not installed: "
+        raise ValueError("data.images.decoder=dali but NVIDIA DALI is not installed: "
                          "`pip install -e .[dali]` (nvidia-dali-cuda120), or set "
-                         "data.image_decoder=pil")
+                         "data.images.decoder=pil")
 
 
 def pad_geometry(width: int, height: int, size: int) -> Tuple[int, int, int, int]:
@@ -211,7 +211,7 @@ class DALIImageDecoder(ImageDecoder):
                 raise RuntimeError(
                     f"the DALI image pipeline ({'GPU' if self.device_id is not None else 'CPU'}"
                     f", resize {self.resize_mode}) cannot be built: {exc}; set "
-                    "data.image_decoder=pil to decode with PIL instead") from exc
+                    "data.images.decoder=pil to decode with PIL instead") from exc
             self._pid = os.getpid()
         return self._pipeline
 

@@ -24,8 +24,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from mm1_megatron.data.text_tokenizers import tokenizer_fingerprint
-from mm1_megatron.data.tokenizer import Tokenizer
+from mm1_megatron.data.tokenizers.text import tokenizer_fingerprint
+from mm1_megatron.data.tokenizers.base import Tokenizer
 from mm1_megatron.utils.progress import ProgressLine
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def check_text_meta(prefix: str, tokenizer: Tokenizer) -> None:
         if key in saved and key in current and saved[key] != current[key]:
             raise ValueError(f"text corpus {prefix} was tokenized with another tokenizer "
                              f"({key} {saved[key]} vs {current[key]}); rebuild it with "
-                             f"tools/build_text_index.py and this data.tokenizer_path")
+                             f"tools/build_text_index.py and this data.tokenizer.path")
 
 
 class TextCorpus:

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
-from mm1_megatron.data.records import image_extension_of, record_members
-from mm1_megatron.data.tar_shards import (MANIFEST_NAME, SHARD_KINDS, load_manifest, manifest_file,
+from mm1_megatron.data.shards.records import image_extension_of, record_members
+from mm1_megatron.data.shards.reader import (MANIFEST_NAME, SHARD_KINDS, load_manifest, manifest_file,
                                           write_manifest)
 from mm1_megatron.utils.progress import ProgressLine
 

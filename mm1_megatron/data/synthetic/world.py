@@ -24,8 +24,9 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mm1_megatron.data import tokenizer as vocab
-from mm1_megatron.data.tokenizer import Tokenizer
+from mm1_megatron.data.tokenizers import base as vocab
+from mm1_megatron.data.pipeline.packing import Sample
+from mm1_megatron.data.tokenizers.base import Tokenizer
 
 SOURCES = ("caption", "interleaved", "text")
 MIN_IMAGE_SIZE = 12
@@ -66,15 +67,6 @@ class ShapeSpec:
 class Scene:
     background: str
     shapes: Tuple[ShapeSpec, ...]  # sorted by cell: the order captions mention them
-
-
-@dataclass
-class Sample:
-    """One document: ``token_ids`` holds one ``image_token_id`` per entry of ``images``."""
-
-    source: str
-    token_ids: List[int]
-    images: List[torch.Tensor]  # each [3, H, W] float32 in [0, 1]
 
 
 def random_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:

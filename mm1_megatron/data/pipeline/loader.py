@@ -2,7 +2,7 @@
 
 A *builder* has ``sequence(g) -> (PackedSequence, DataStats)``, a pure function of the
 global sequence index ``g`` (``sources.MixtureBuilder`` for shards and text,
-``sources.SyntheticBuilder`` for the synthetic generator). Data-parallel rank ``r`` of
+``synthetic.sequences.SyntheticSequences`` for the synthetic world). Data-parallel rank ``r`` of
 ``D`` takes ``g = base + n D + r`` for its ``n``-th sequence, so ranks never share a
 sequence and micro-batch ``k`` of rank ``r`` is a pure function of ``(seed, k, r)``.
 Tensor- and pipeline-parallel ranks of one data-parallel rank build the same batches.
@@ -27,11 +27,14 @@ from typing import Dict, Iterator, List, Optional
 
 import torch
 
-from mm1_megatron.data.loader import collate
-from mm1_megatron.data.skips import SKIP_REASONS, STAT_NAMES, DataStats
+from mm1_megatron.data.pipeline.mixture import SOURCE_IDS
+from mm1_megatron.data.pipeline.packing import PackedSequence
+from mm1_megatron.data.shards.skips import SKIP_REASONS, STAT_NAMES, DataStats
 
 logger = logging.getLogger(__name__)
 
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids", "images",
+              "num_images", "source_ids", "num_real_tokens")
 STATE_FORMAT = "mm1_megatron.data"
 STATE_VERSION = 1
 _STATS_KEY = "data_stats"
@@ -72,7 +75,7 @@ def _no_collate(batch):
 
 
 class MicroBatchLoader:
-    """Endless iterator of micro-batch dicts (``loader.collate``'s keys)."""
+    """Endless iterator of micro-batch dicts (``BATCH_KEYS``, see ``collate``)."""
 
     def __init__(self, builder, *, tokenizer, micro_batch_size: int, seed: int,
                  dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0,
@@ -180,3 +183,23 @@ def stats_vector(loader) -> List[int]:
     """``STAT_NAMES``-ordered counts of ``loader`` (zeros for loaders without stats)."""
     counts = loader.stats() if hasattr(loader, "stats") else {}
     return [int(counts.get(name, 0)) for name in STAT_NAMES]
+
+
+def collate(sequences: List[PackedSequence]) -> Dict[str, torch.Tensor]:
+    """Stack packed sequences; images concatenate in order of appearance (row-major).
+
+    Images keep the sequences' dtype (float32, or bfloat16 from a bf16 image pipeline).
+    """
+    def stack(name: str) -> torch.Tensor:
+        return torch.stack([getattr(seq, name) for seq in sequences])
+
+    return {
+        "tokens": stack("tokens"), "labels": stack("labels"), "loss_mask": stack("loss_mask"),
+        "position_ids": stack("position_ids"), "document_ids": stack("document_ids"),
+        "images": torch.cat([seq.images for seq in sequences]),
+        "num_images": torch.tensor([seq.num_images for seq in sequences], dtype=torch.long),
+        "source_ids": torch.tensor([SOURCE_IDS[seq.source] for seq in sequences],
+                                   dtype=torch.long),
+        "num_real_tokens": torch.tensor([seq.num_real_tokens for seq in sequences],
+                                        dtype=torch.long),
+    }

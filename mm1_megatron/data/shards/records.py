@@ -23,8 +23,8 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from mm1_megatron.data.skips import BadSample
-from mm1_megatron.data.tokenizer import Tokenizer
+from mm1_megatron.data.shards.skips import BadSample
+from mm1_megatron.data.tokenizers.base import Tokenizer
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 IMAGE_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"),

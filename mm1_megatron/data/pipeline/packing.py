@@ -30,8 +30,7 @@ from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
-from mm1_megatron.data.synthetic import Sample
-from mm1_megatron.data.tokenizer import Tokenizer
+from mm1_megatron.data.tokenizers.base import Tokenizer
 from mm1_megatron.batch.contract import (expand_image_placeholders, labels_and_loss_mask,
                                         position_ids_from_documents)
 
@@ -40,6 +39,15 @@ logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_SKIPS = 100
 
 Document = Tuple[List[int], List[torch.Tensor]]  # expanded token ids, images
+
+
+@dataclass
+class Sample:
+    """One document: ``token_ids`` holds one ``image_token_id`` per entry of ``images``."""
+
+    source: str
+    token_ids: List[int]
+    images: List[torch.Tensor]  # each [3, H, W] float32 in [0, 1]
 
 
 @dataclass

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
-from mm1_megatron.data.tokenizer import SyntheticTokenizer, Tokenizer
+from mm1_megatron.data.tokenizers.base import SyntheticTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -128,10 +128,10 @@ def build_tokenizer(kind: str, path: Optional[str] = None) -> Tokenizer:
         raise ValueError(f"tokenizer kind {kind!r} is not one of {TOKENIZER_KINDS}")
     if kind == "synthetic":
         if path:
-            raise ValueError("the synthetic tokenizer takes no path; set data.tokenizer_path=null")
+            raise ValueError("the synthetic tokenizer takes no path; set data.tokenizer.path=null")
         return SyntheticTokenizer()
     if not path or not Path(path).exists():
-        raise ValueError(f"data.tokenizer={kind} needs data.tokenizer_path to name an existing "
+        raise ValueError(f"data.tokenizer.kind={kind} needs data.tokenizer.path to name an existing "
                          f"{'.model file' if kind == 'sentencepiece' else 'folder'}, got {path!r}")
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path)

@@ -11,7 +11,7 @@ come from the same shard, as WebDataset reads them.
 Packing (the shared rules are in ``packing.py``):
 
 - caption: sequence ``k`` reads its *window*, samples ``k W .. k W + W - 1`` with ``W =
-  max_images_per_sequence``, and packs them first-fit in order, each whole and as its
+  data.caption_window``, and packs them first-fit in order, each whole and as its
   own document. A sample that does not fit next to the earlier ones is dropped
   (``unused_samples``); one too long for an empty sequence is skipped as ``too_long``.
 - interleaved: sequence ``k`` is document ``k``, cut by ``packing.cut_interleaved``
@@ -34,15 +34,14 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from mm1_megatron.data.images import ImageDecoder
-from mm1_megatron.data.loader import SOURCE_IDS
-from mm1_megatron.data.mixture import MixtureSchedule
-from mm1_megatron.data.packing import PackedSequence, assemble, cut_interleaved
-from mm1_megatron.data.records import parse_segments, tokenize_segments
-from mm1_megatron.data.skips import BadSample, DataStats
-from mm1_megatron.data.tar_shards import Manifest, MemberRange, ShardReader, check_plain_tar
-from mm1_megatron.data.text_index import TextCorpus
-from mm1_megatron.data.tokenizer import Tokenizer
+from mm1_megatron.data.pipeline.images import ImageDecoder
+from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
+from mm1_megatron.data.pipeline.packing import PackedSequence, assemble, cut_interleaved
+from mm1_megatron.data.shards.records import parse_segments, tokenize_segments
+from mm1_megatron.data.shards.skips import BadSample, DataStats
+from mm1_megatron.data.shards.reader import Manifest, MemberRange, ShardReader, check_plain_tar
+from mm1_megatron.data.shards.text_index import TextCorpus
+from mm1_megatron.data.tokenizers.base import Tokenizer
 from mm1_megatron.batch.contract import expand_image_placeholders
 
 MAX_REPLACEMENTS = 16
@@ -189,11 +188,18 @@ class _ShardSource:
 
 
 class CaptionSource(_ShardSource):
-    """Caption pairs packed several to a sequence (module docstring)."""
+    """Caption pairs packed several to a sequence, ``window`` read per sequence (module
+    docstring)."""
+
+    def __init__(self, name: str, corpus: ShardCorpus, *, window: int, **options):
+        if window < 1:
+            raise ValueError(f"data.caption_window={window} must be >= 1")
+        super().__init__(name, corpus, **options)
+        self.window = window
 
     def sequence(self, index: int) -> Tuple[PackedSequence, DataStats]:
         stats, rng = DataStats(), self._rng(index)
-        window = self.max_images
+        window = self.window
         queue = deque(range(index * window, (index + 1) * window))
         num_replacements, kept = 0, []
         num_tokens = num_images = 0
@@ -302,17 +308,4 @@ class MixtureBuilder:
 
     def source_of(self, global_index: int) -> str:
         return self.schedule.source_of(global_index)
-
-
-class SyntheticBuilder:
-    """The synthetic generator as one more source: ``SyntheticDataLoader.sequence``."""
-
-    def __init__(self, synthetic_loader):
-        self.synthetic = synthetic_loader
-
-    def sequence(self, global_index: int) -> Tuple[PackedSequence, DataStats]:
-        return self.synthetic.sequence(global_index), DataStats()
-
-    def source_of(self, global_index: int) -> str:
-        return self.synthetic.source_of(global_index)
 

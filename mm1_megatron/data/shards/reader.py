@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
-from mm1_megatron.data.skips import BadSample
+from mm1_megatron.data.shards.skips import BadSample
 
 logger = logging.getLogger(__name__)
 

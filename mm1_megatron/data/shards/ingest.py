@@ -25,7 +25,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
-from mm1_megatron.data.shard_writer import ImageFile, InputSegment
+from mm1_megatron.data.shards.writer import ImageFile, InputSegment
 
 logger = logging.getLogger(__name__)
 

@@ -18,10 +18,24 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from mm1_megatron.data.loader import SOURCE_IDS, mixture_probabilities
-
+SOURCE_IDS: Dict[str, int] = {"caption": 0, "interleaved": 1, "text": 2}
 MIXTURE_BLOCK = 1000
 MIXTURE_STREAM = 7  # keeps these draws apart from the sources' own streams
+
+
+def mixture_probabilities(mixture: Dict[str, float]) -> Dict[str, float]:
+    """Normalise mixture weights, in ``SOURCE_IDS`` order; unknown or bad weights raise."""
+    unknown = sorted(set(mixture) - set(SOURCE_IDS))
+    if unknown:
+        raise ValueError(f"data.mixture has unknown sources {unknown}; "
+                         f"known: {list(SOURCE_IDS)}")
+    weights = {name: float(mixture.get(name, 0.0)) for name in SOURCE_IDS}
+    if any(w < 0 or not np.isfinite(w) for w in weights.values()):
+        raise ValueError(f"data.mixture weights must be finite and >= 0, got {mixture}")
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError(f"data.mixture weights sum to {total}; at least one must be > 0")
+    return {name: w / total for name, w in weights.items()}
 
 
 def block_counts(probabilities: Dict[str, float], block: int) -> Dict[str, int]:

@@ -1,0 +1,1 @@
+"""Samples to micro-batches: packing, mixture, sources, image decoding, the loader."""

@@ -1,0 +1,1 @@
+"""On-disk data: tar shards and manifests, records, the writer, ingest of public layouts, indexed text."""

@@ -1,0 +1,1 @@
+"""The embedded synthetic world (``world``) and its sequence builder (``sequences``)."""

@@ -1,0 +1,70 @@
+"""The embedded synthetic world as a sequence builder, like the shard and text sources.
+
+Sequence ``g`` (its *global index*) is a pure function of ``(seed, g)``: a fresh
+``numpy.random.default_rng([seed, g])`` first draws the sequence's source from the
+mixture, then every sample packed into it. Data-parallel sharding, prefetch workers and
+the saved position belong to ``pipeline.loader.MicroBatchLoader``, which serves this
+builder exactly as it serves shards.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from mm1_megatron.data.pipeline.mixture import mixture_probabilities
+from mm1_megatron.data.pipeline.packing import (PackedSequence, check_packing_arguments,
+                                                pack_sequence)
+from mm1_megatron.data.shards.skips import DataStats
+from mm1_megatron.data.synthetic.world import SyntheticGenerator
+from mm1_megatron.data.tokenizers.base import SyntheticTokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class SyntheticSequences:
+    """``sequence(g) -> (PackedSequence, DataStats)`` drawn from the synthetic world."""
+
+    def __init__(self, mixture: dict, *, seq_length: int, num_image_tokens: int,
+                 max_images: int, image_size: int, image_mean: Sequence[float],
+                 image_std: Sequence[float], seed: int, tokenizer: Optional[Tokenizer] = None):
+        if seed < 0:
+            raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's SeedSequence)")
+        check_packing_arguments(seq_length, num_image_tokens, max_images, image_mean, image_std)
+        self.probabilities = mixture_probabilities(mixture)
+        self.tokenizer = tokenizer if tokenizer is not None else SyntheticTokenizer()
+        self.generator = SyntheticGenerator(self.tokenizer, image_size)
+        self.packing = dict(seq_length=seq_length, num_image_tokens=num_image_tokens,
+                            max_images=max_images, image_size=image_size,
+                            image_mean=list(image_mean), image_std=list(image_std))
+        self.seed = seed
+        logger.info("synthetic data: mixture %s, seed %d",
+                    {k: round(v, 4) for k, v in self.probabilities.items()}, seed)
+
+    def source_of(self, global_index: int) -> str:
+        """The source of sequence ``global_index`` (cheap: draws no content)."""
+        return self._draw_source(self._rng(global_index))
+
+    def sequence(self, global_index: int) -> Tuple[PackedSequence, DataStats]:
+        """Sequence ``global_index``; the synthetic world has no bad samples to count."""
+        rng = self._rng(global_index)
+        source = self._draw_source(rng)
+        packed = pack_sequence(self.generator.stream(source, rng), tokenizer=self.tokenizer,
+                               **self.packing)
+        return packed, DataStats()
+
+    def _rng(self, global_index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, global_index])
+
+    def _draw_source(self, rng: np.random.Generator) -> str:
+        """First draw of a sequence's RNG: inverse CDF over ``SOURCE_IDS`` order."""
+        u = rng.random()
+        cumulative = 0.0
+        last_possible = [name for name, p in self.probabilities.items() if p > 0][-1]
+        for name, probability in self.probabilities.items():
+            cumulative += probability
+            if probability > 0 and u < cumulative:
+                return name
+        return last_possible  # u within rounding of 1.0

@@ -1,0 +1,1 @@
+"""Tokenizers: the interface and synthetic vocabulary (``base``), SentencePiece and Hugging Face (``text``)."""
