@@ -55,3 +55,26 @@ def test_the_checker_sees_a_violation(tmp_path):
     (fake / "bad.py").write_text("def f():\n    from mm1_megatron.models.mm1_model import X\n")
     assert violations("data", FORBIDDEN["data"], root=tmp_path / "mm1_megatron") == [
         "mm1_megatron/data/bad.py:2 imports mm1_megatron.models.mm1_model"]
+
+
+# Inside data/: tokenizers <- shards <- pipeline <- synthetic <- build (an arrow: "is
+# imported by"). The synthetic world uses the pipeline's packing; the pipeline never needs
+# the synthetic world, so the world could move out without touching the pipeline.
+DATA_LAYERS = {
+    "tokenizers": ("shards", "pipeline", "synthetic", "build"),
+    "shards": ("pipeline", "synthetic", "build"),
+    "pipeline": ("synthetic", "build"),
+    "synthetic": ("build",),
+}
+
+
+@pytest.mark.parametrize("layer", sorted(DATA_LAYERS))
+def test_data_subpackages_import_downwards_only(layer):
+    found = []
+    for path in sorted((PACKAGE / "data" / layer).rglob("*.py")):
+        for line, module in imported_modules(path):
+            parts = module.split(".")
+            if parts[:2] == ["mm1_megatron", "data"] and len(parts) > 2 \
+                    and parts[2] in DATA_LAYERS[layer]:
+                found.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}")
+    assert found == []
