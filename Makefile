@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # On CUDA machines run `make setup TORCH_SPEC=torch` (or pre-install your CUDA torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast train-debug bench
+.PHONY: setup check lint format test test-fast train-debug bench
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,20 @@ setup:
 test:
 	$(PY) -m pytest -q tests
 
-test-fast:
+# The first tier (under 3 minutes on 2 cores): lint, format check, the fast tests.
+check: lint
 	$(PY) -m pytest -q tests/unit tests/data
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Rewrites files: run before committing.
+format:
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test-fast: check
 
 train-debug:
 	$(VENV)/bin/mm1-train --config configs/debug.yaml

