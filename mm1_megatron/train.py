@@ -19,13 +19,22 @@ logger = logging.getLogger("mm1_megatron.train")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mm1-train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", action="append", default=[],
-                        help="YAML config file (e.g. configs/debug.yaml); give it several "
-                             "times to stack overlays, merged left to right")
-    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="dotted overrides applied after the file")
+    parser = argparse.ArgumentParser(
+        prog="mm1-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="YAML config file (e.g. configs/debug.yaml); give it several "
+        "times to stack overlays, merged left to right",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.field=value",
+        help="dotted overrides applied after the file",
+    )
     return parser.parse_args(argv)
 
 
@@ -40,10 +49,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.error("%s", exc)
         return 2
     from mm1_megatron.parallel import shutdown_distributed
-    from mm1_megatron.training.preemption import (EXIT_CONFIG_ERROR, EXIT_DIVERGED,
-                                                  EXIT_PREEMPTED, EXIT_STOPPED_UNSAVED,
-                                                  Preempted, StoppedWithoutCheckpoint,
-                                                  TrainingDiverged)
+    from mm1_megatron.training.preemption import (
+        EXIT_CONFIG_ERROR,
+        EXIT_DIVERGED,
+        EXIT_PREEMPTED,
+        EXIT_STOPPED_UNSAVED,
+        Preempted,
+        StoppedWithoutCheckpoint,
+        TrainingDiverged,
+    )
     from mm1_megatron.training.trainer import Trainer
 
     try:

@@ -26,23 +26,36 @@ def launcher(nproc: int = 1) -> List[str]:
     """``python``, or ``python -m torch.distributed.run --standalone`` for ``nproc > 1``."""
     if nproc == 1:
         return [sys.executable]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-            str(nproc)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+    ]
 
 
-def train_command(*overrides: str, config: str = "configs/debug.yaml",
-                  nproc: int = 1) -> List[str]:
+def train_command(*overrides: str, config: str = "configs/debug.yaml", nproc: int = 1) -> List[str]:
     return [*launcher(nproc), "-m", "mm1_megatron.train", "--config", config, *overrides]
 
 
-def run(command: Sequence[str], *, env: Optional[dict] = None,
-        timeout: float = 600) -> subprocess.CompletedProcess:
+def run(
+    command: Sequence[str], *, env: Optional[dict] = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run from the repository root, capturing text output."""
-    return subprocess.run(list(command), cwd=REPO, env=env or clean_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        list(command),
+        cwd=REPO,
+        env=env or clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def run_train(*overrides: str, nproc: int = 1, env: Optional[dict] = None,
-              timeout: float = 600) -> subprocess.CompletedProcess:
+def run_train(
+    *overrides: str, nproc: int = 1, env: Optional[dict] = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``mm1-train --config configs/debug.yaml <overrides>`` on ``nproc`` processes."""
     return run(train_command(*overrides, nproc=nproc), env=env, timeout=timeout)

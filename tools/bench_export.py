@@ -26,10 +26,16 @@ from pathlib import Path
 
 logger = logging.getLogger("bench_export")
 
-SHAPE = ["model.llm.vocab_size=32000", "model.llm.hidden_size=2048",
-         "model.llm.num_layers=12", "model.llm.num_attention_heads=16",
-         "model.llm.num_query_groups=4", "model.llm.ffn_hidden_size=5632",
-         "model.llm.max_sequence_length=2048", "training.seq_length=2048"]
+SHAPE = [
+    "model.llm.vocab_size=32000",
+    "model.llm.hidden_size=2048",
+    "model.llm.num_layers=12",
+    "model.llm.num_attention_heads=16",
+    "model.llm.num_query_groups=4",
+    "model.llm.ffn_hidden_size=5632",
+    "model.llm.max_sequence_length=2048",
+    "training.seq_length=2048",
+]
 
 
 def _make_checkpoint(folder: Path, overrides) -> None:
@@ -40,7 +46,8 @@ def _make_checkpoint(folder: Path, overrides) -> None:
     step = folder / "step_00000000"
     with megatron_io.single_process_world():
         model = megatron_io.build_tp1_model(
-            megatron_io.placeholder_model_config(cfg.model, ["language_model"]), image_token_id=3)
+            megatron_io.placeholder_model_config(cfg.model, ["language_model"]), image_token_id=3
+        )
         megatron_io.save_parts(model, step, ["language_model"])
     save_config(cfg, step / "config.yaml")
 
@@ -71,7 +78,8 @@ def _export_whole_model(folder: Path, output: Path, max_shard_bytes: int) -> Non
     cfg = load_config(step / "config.yaml")
     with megatron_io.single_process_world():
         model = megatron_io.build_tp1_model(
-            megatron_io.placeholder_model_config(cfg.model, ["language_model"]), image_token_id=3)
+            megatron_io.placeholder_model_config(cfg.model, ["language_model"]), image_token_id=3
+        )
         megatron_io.load_parts(model, step, ["language_model"])
         output.mkdir(parents=True)
         writer = ShardedSafetensorsWriter(output, max_shard_bytes=max_shard_bytes)
@@ -84,8 +92,15 @@ def _export_whole_model(folder: Path, output: Path, max_shard_bytes: int) -> Non
 def _export_streamed(folder: Path, output: Path, max_shard_bytes: int) -> None:
     from mm1_megatron.conversion import ExportRequest, export_checkpoint
 
-    export_checkpoint(ExportRequest(checkpoint=folder, output=output, format="language-model",
-                                    dtype="float32", max_shard_bytes=max_shard_bytes))
+    export_checkpoint(
+        ExportRequest(
+            checkpoint=folder,
+            output=output,
+            format="language-model",
+            dtype="float32",
+            max_shard_bytes=max_shard_bytes,
+        )
+    )
 
 
 def _peak_rss_gb() -> float:
@@ -99,11 +114,27 @@ def _child(mode: str, folder: Path, output: Path, max_shard_bytes: int) -> dict:
     """Run one export in a fresh process; its wall time and peak RSS."""
     start = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, __file__, "--child", mode, "--folder", str(folder), "--output",
-         str(output), "--max-shard-bytes", str(max_shard_bytes)],
-        stdout=subprocess.PIPE, text=True, check=True)
-    return {"mode": mode, "seconds": round(time.perf_counter() - start, 1),
-            "peak_rss_gb": json.loads(completed.stdout.strip().splitlines()[-1])["peak_rss_gb"]}
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--folder",
+            str(folder),
+            "--output",
+            str(output),
+            "--max-shard-bytes",
+            str(max_shard_bytes),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    return {
+        "mode": mode,
+        "seconds": round(time.perf_counter() - start, 1),
+        "peak_rss_gb": json.loads(completed.stdout.strip().splitlines()[-1])["peak_rss_gb"],
+    }
 
 
 def _size_gb(folder: Path, pattern: str) -> float:
@@ -111,8 +142,9 @@ def _size_gb(folder: Path, pattern: str) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--max-shard-size", default="500MB")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--child", choices=["streamed", "whole-model"])
@@ -136,10 +168,15 @@ def main() -> None:
         work = Path(work)
         start = time.perf_counter()
         _make_checkpoint(work / "ckpt", args.overrides)
-        logger.info("checkpoint: %.2f GB in %.0f s", _size_gb(work / "ckpt", "*.distcp"),
-                    time.perf_counter() - start)
-        results = [_child(mode, work / "ckpt" / "step_00000000", work / mode, max_shard_bytes)
-                   for mode in ("streamed", "whole-model")]
+        logger.info(
+            "checkpoint: %.2f GB in %.0f s",
+            _size_gb(work / "ckpt", "*.distcp"),
+            time.perf_counter() - start,
+        )
+        results = [
+            _child(mode, work / "ckpt" / "step_00000000", work / mode, max_shard_bytes)
+            for mode in ("streamed", "whole-model")
+        ]
         for result in results:
             result["exported_gb"] = _size_gb(work / result["mode"], "*.safetensors")
             logger.info("%s", json.dumps(result))

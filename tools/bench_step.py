@@ -33,8 +33,9 @@ def _step(model, optimizer, batch, forward) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", default="configs/debug.yaml")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -44,10 +45,10 @@ def main() -> None:
 
     from megatron.core.models.gpt import GPTModel
 
+    from mm1_megatron.batch import model_inputs, run_model
     from mm1_megatron.config import ParallelConfig, load_config, validate_config
     from mm1_megatron.data import SyntheticTokenizer, build_data
     from mm1_megatron.models import RuntimeOptions, build_mm1_model
-    from mm1_megatron.batch import model_inputs, run_model
     from mm1_megatron.models.specs import language_block_spec
     from mm1_megatron.models.transformer_configs import language_transformer_config
     from mm1_megatron.parallel import init_distributed, seed_everything, shutdown_distributed
@@ -60,18 +61,29 @@ def main() -> None:
     mm1 = build_mm1_model(cfg.model, cfg.parallel, image_token_id=tokenizer.image_token_id)
     seed_everything(cfg.training.seed)
     lm_config = language_transformer_config(cfg.model, cfg.parallel, RuntimeOptions())
-    gpt = GPTModel(lm_config, language_block_spec(lm_config, cfg.model.transformer_impl),
-                   vocab_size=cfg.model.llm.vocab_size,
-                   max_sequence_length=cfg.model.llm.max_sequence_length,
-                   share_embeddings_and_output_weights=cfg.model.llm.tie_embeddings,
-                   position_embedding_type="rope", rotary_base=cfg.model.llm.rotary_base)
+    gpt = GPTModel(
+        lm_config,
+        language_block_spec(lm_config, cfg.model.transformer_impl),
+        vocab_size=cfg.model.llm.vocab_size,
+        max_sequence_length=cfg.model.llm.max_sequence_length,
+        share_embeddings_and_output_weights=cfg.model.llm.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.model.llm.rotary_base,
+    )
 
     v = cfg.model.vision
-    data, _ = build_data(cfg.data, seq_length=cfg.training.seq_length,
-                         micro_batch_size=cfg.training.micro_batch_size,
-                         num_image_tokens=cfg.model.connector.num_output_tokens,
-                         image_size=v.image_size, image_mean=v.image_mean,
-                         image_std=v.image_std, seed=cfg.training.seed, dp_rank=0, dp_size=1)
+    data, _ = build_data(
+        cfg.data,
+        seq_length=cfg.training.seq_length,
+        micro_batch_size=cfg.training.micro_batch_size,
+        num_image_tokens=cfg.model.connector.num_output_tokens,
+        image_size=v.image_size,
+        image_mean=v.image_mean,
+        image_std=v.image_std,
+        seed=cfg.training.seed,
+        dp_rank=0,
+        dp_size=1,
+    )
     batch = model_inputs(next(data), torch.device("cpu"))
 
     def run_mm1(model, b):
@@ -92,14 +104,18 @@ def main() -> None:
                 times[name].append(seconds)
     base = statistics.median(times["GPTModel (Megatron-Core)"])
     tokens = cfg.training.micro_batch_size * cfg.training.seq_length
-    logger.info("config %s: micro-batch %d x %d tokens, %d timed steps, torch threads %d",
-                args.config, cfg.training.micro_batch_size, cfg.training.seq_length,
-                args.steps, torch.get_num_threads())
+    logger.info(
+        "config %s: micro-batch %d x %d tokens, %d timed steps, torch threads %d",
+        args.config,
+        cfg.training.micro_batch_size,
+        cfg.training.seq_length,
+        args.steps,
+        torch.get_num_threads(),
+    )
     logger.info("%-26s %12s %12s %8s", "model", "median ms", "tokens/s", "ratio")
     for name, samples in times.items():
         median = statistics.median(samples)
-        logger.info("%-26s %12.1f %12.0f %8.3f", name, median * 1e3, tokens / median,
-                    median / base)
+        logger.info("%-26s %12.1f %12.0f %8.3f", name, median * 1e3, tokens / median, median / base)
     shutdown_distributed()
 
 

@@ -20,8 +20,8 @@ import logging
 import sys
 
 from mm1_megatron.data.shards.ingest import coco_items, interleaved_items, llava_items, load_url_map
-from mm1_megatron.data.shards.writer import build_shards, inputs_id
 from mm1_megatron.data.shards.reader import SHARD_KINDS, index_existing_shards
+from mm1_megatron.data.shards.writer import build_shards, inputs_id
 from mm1_megatron.utils.logging_setup import setup_logging
 
 logger = logging.getLogger("build_shards")
@@ -30,20 +30,25 @@ logger = logging.getLogger("build_shards")
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder (shards + manifest.json)")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--verify-images", action="store_true",
-                        help="decode every image once and skip corrupt ones")
+    parser.add_argument(
+        "--verify-images", action="store_true", help="decode every image once and skip corrupt ones"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     coco = sub.add_parser("coco", help="COCO captions JSON + image folder")
     coco.add_argument("--captions", required=True)
     coco.add_argument("--images", required=True)
-    coco.add_argument("--all-captions", action="store_true",
-                      help="one sample per caption (default: per image, its first caption)")
+    coco.add_argument(
+        "--all-captions",
+        action="store_true",
+        help="one sample per caption (default: per image, its first caption)",
+    )
     _common(coco)
     llava = sub.add_parser("llava", help="LLaVA-pretrain JSON + image folder")
     llava.add_argument("--json", required=True)
@@ -78,10 +83,15 @@ def main(argv=None) -> int:
         else:
             items = interleaved_items(args.jsonl, args.images, url_map=load_url_map(args.url_map))
             kind, source = "interleaved", ("interleaved", args.jsonl, args.images, args.url_map)
-        counts = build_shards(items, args.out, kind=kind, samples_per_shard=args.samples_per_shard,
-                              input_id=inputs_id(*source, args.samples_per_shard,
-                                                 args.verify_images),
-                              verify_images=args.verify_images, progress=not args.no_progress)
+        counts = build_shards(
+            items,
+            args.out,
+            kind=kind,
+            samples_per_shard=args.samples_per_shard,
+            input_id=inputs_id(*source, args.samples_per_shard, args.verify_images),
+            verify_images=args.verify_images,
+            progress=not args.no_progress,
+        )
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

@@ -25,8 +25,9 @@ logger = logging.getLogger("build_text_index")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", nargs="+", required=True, help="JSONL files")
     parser.add_argument("--text-key", default="text")
     parser.add_argument("--tokenizer", choices=TOKENIZER_KINDS, default="sentencepiece")
@@ -43,14 +44,23 @@ def main(argv=None) -> int:
     try:
         tokenizer = build_tokenizer(args.tokenizer, args.tokenizer_path)
         skipped: Counter = Counter()
-        counts = build_text_index(jsonl_texts(args.input, args.text_key, skipped), args.out,
-                                  tokenizer, docs_per_part=args.docs_per_part,
-                                  progress=not args.no_progress)
+        counts = build_text_index(
+            jsonl_texts(args.input, args.text_key, skipped),
+            args.out,
+            tokenizer,
+            docs_per_part=args.docs_per_part,
+            progress=not args.no_progress,
+        )
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
-    logger.info("wrote %s.bin/.idx: %d documents, %d tokens; skipped lines: %s", args.out,
-                counts["documents"], counts["tokens"], dict(skipped) or "none")
+    logger.info(
+        "wrote %s.bin/.idx: %d documents, %d tokens; skipped lines: %s",
+        args.out,
+        counts["documents"],
+        counts["tokens"],
+        dict(skipped) or "none",
+    )
     return 0
 
 

@@ -26,7 +26,7 @@ def read_losses(path: Path, key: str) -> Dict[int, float]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise SystemExit(f"{path}:{line_number}: not JSON ({exc})")
+            raise SystemExit(f"{path}:{line_number}: not JSON ({exc})") from None
         if key in record:
             losses[int(record["step"])] = float(record[key])
     return losses
@@ -58,8 +58,10 @@ def main(argv=None) -> int:
         bad = not diff <= args.rtol or not math.isfinite(first[step])
         failures += bad
         worst = max(worst, diff)
-        print(f"{step:>4}  {first[step]:14.8f}  {second[step]:14.8f}  {diff:.2e}"
-              f"{'  > rtol' if bad else ''}")
+        print(
+            f"{step:>4}  {first[step]:14.8f}  {second[step]:14.8f}  {diff:.2e}"
+            f"{'  > rtol' if bad else ''}"
+        )
     print(f"max relative difference over {args.steps} steps: {worst:.2e} (rtol {args.rtol:g})")
     return 1 if failures else 0
 

@@ -42,10 +42,17 @@ def _train(output_dir: Path, *overrides: str) -> List[dict]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(key, None)
-    command = [sys.executable, "-m", "mm1_megatron.train", "--config", "configs/debug.yaml",
-               f"logging.output_dir={output_dir}", "logging.tensorboard=false", *overrides]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=900)
+    command = [
+        sys.executable,
+        "-m",
+        "mm1_megatron.train",
+        "--config",
+        "configs/debug.yaml",
+        f"logging.output_dir={output_dir}",
+        "logging.tensorboard=false",
+        *overrides,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     if result.returncode != 0:
         raise RuntimeError(f"mm1-train exited {result.returncode}: {result.stderr[-2000:]}")
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
@@ -59,24 +66,39 @@ def check_startup(work: Path, steps: int) -> Dict:
     start, end = statistics.mean(losses[:3]), statistics.mean(losses[-3:])
     if not end < start:
         raise RuntimeError(f"loss did not fall: {start:.3f} -> {end:.3f}")
-    return {"steps": len(rows), "loss_first3": start, "loss_last3": end,
-            "median_step_s": statistics.median(times), "mfu": rows[-1].get("mfu")}
+    return {
+        "steps": len(rows),
+        "loss_first3": start,
+        "loss_last3": end,
+        "median_step_s": statistics.median(times),
+        "mfu": rows[-1].get("mfu"),
+    }
 
 
 def check_save_resume(work: Path) -> Dict:
     ckpt = work / "ckpt"
-    reference = _train(work / "full", "training.train_steps=4", f"checkpoint.save_dir={ckpt}",
-                       "checkpoint.save_interval=2")
-    resumed = _train(work / "resumed", "training.train_steps=4",
-                     f"checkpoint.load_dir={ckpt / 'step_00000002'}")
+    reference = _train(
+        work / "full",
+        "training.train_steps=4",
+        f"checkpoint.save_dir={ckpt}",
+        "checkpoint.save_interval=2",
+    )
+    resumed = _train(
+        work / "resumed", "training.train_steps=4", f"checkpoint.load_dir={ckpt / 'step_00000002'}"
+    )
     expected = [row["loss"] for row in reference[2:]]
     got = [row["loss"] for row in resumed]
     if got != expected:
         raise RuntimeError(f"resumed losses {got} differ from the uninterrupted {expected}")
     from megatron.core.optimizer import distrib_optimizer
 
-    optimizer = ("TE FusedAdam" if distrib_optimizer.USING_TE_OPTIMIZER else
-                 "apex FusedAdam" if distrib_optimizer.USING_APEX_OPTIMIZER else "torch AdamW")
+    optimizer = (
+        "TE FusedAdam"
+        if distrib_optimizer.USING_TE_OPTIMIZER
+        else "apex FusedAdam"
+        if distrib_optimizer.USING_APEX_OPTIMIZER
+        else "torch AdamW"
+    )
     return {"resumed_losses": got, "optimizer": optimizer}
 
 
@@ -112,8 +134,10 @@ def check_dali_vs_pil(work: Path) -> Dict:
                 raise RuntimeError(f"DALI ({mode}) returned {a} for a valid JPEG")
             steps = (a.float() - b.float()).abs() * torch.tensor(std).view(3, 1, 1) * 255
             worst = max(worst, float(steps.max()))
-        figures[mode] = {"max_8bit_steps": worst,
-                         "device": "gpu" if dali.device_id is not None else "cpu"}
+        figures[mode] = {
+            "max_8bit_steps": worst,
+            "device": "gpu" if dali.device_id is not None else "cpu",
+        }
     return figures
 
 
@@ -130,8 +154,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--allow-cpu", action="store_true",
-                        help="run the steps that work without a GPU (tests this script)")
+    parser.add_argument(
+        "--allow-cpu",
+        action="store_true",
+        help="run the steps that work without a GPU (tests this script)",
+    )
     parser.add_argument("--only", default="", help="comma-separated step names to run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -166,8 +193,13 @@ def main(argv=None) -> int:
                 logger.debug("%s", traceback.format_exc())
             seconds = time.perf_counter() - start
             results[name] = {"status": status, "seconds": round(seconds, 1), **figures}
-            logger.info("%-12s %-6s %6.1f s  %s", name, status, seconds,
-                        json.dumps(figures, default=str)[:300])
+            logger.info(
+                "%-12s %-6s %6.1f s  %s",
+                name,
+                status,
+                seconds,
+                json.dumps(figures, default=str)[:300],
+            )
     args.output.write_text(json.dumps(results, indent=1, default=str))
     logger.info("figures written to %s", args.output)
     return 1 if failed else 0

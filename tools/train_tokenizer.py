@@ -26,15 +26,17 @@ logger = logging.getLogger("train_tokenizer")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--input", nargs="+", required=True)
     parser.add_argument("--text-key", default="text")
     parser.add_argument("--out", required=True, help="model prefix")
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    parser.add_argument("--max-sentences", type=int, default=10_000_000,
-                        help="train on at most this many lines")
+    parser.add_argument(
+        "--max-sentences", type=int, default=10_000_000, help="train on at most this many lines"
+    )
     return parser.parse_args(argv)
 
 
@@ -52,15 +54,22 @@ def main(argv=None) -> int:
     setup_logging()
     try:
         texts = itertools.islice(_texts(args.input, args.text_key), args.max_sentences)
-        model = train_sentencepiece(texts, args.out, vocab_size=args.vocab_size,
-                                    model_type=args.model_type)
+        model = train_sentencepiece(
+            texts, args.out, vocab_size=args.vocab_size, model_type=args.model_type
+        )
     except (ValueError, RuntimeError) as exc:
         logger.error("%s", exc)
         return 2
     tokenizer = SentencePieceTokenizer(model)
-    logger.info("wrote %s: %d tokens (pad %d, bos %d, eos %d, image %d)", Path(model),
-                tokenizer.vocab_size, tokenizer.pad_token_id, tokenizer.bos_token_id,
-                tokenizer.eos_token_id, tokenizer.image_token_id)
+    logger.info(
+        "wrote %s: %d tokens (pad %d, bos %d, eos %d, image %d)",
+        Path(model),
+        tokenizer.vocab_size,
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.image_token_id,
+    )
     return 0
 
 

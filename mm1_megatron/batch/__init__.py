@@ -10,6 +10,12 @@ from mm1_megatron.batch.contract import (
 )
 from mm1_megatron.batch.model_inputs import model_inputs, run_model
 
-__all__ = ["document_causal_mask", "expand_image_placeholders", "labels_and_loss_mask",
-           "merge_image_embeddings", "model_inputs", "position_ids_from_documents",
-           "run_model"]
+__all__ = [
+    "document_causal_mask",
+    "expand_image_placeholders",
+    "labels_and_loss_mask",
+    "merge_image_embeddings",
+    "model_inputs",
+    "position_ids_from_documents",
+    "run_model",
+]

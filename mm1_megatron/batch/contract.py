@@ -22,8 +22,9 @@ from typing import List, Sequence, Tuple
 import torch
 
 
-def expand_image_placeholders(token_ids: Sequence[int], *, image_token_id: int,
-                              num_image_tokens: int) -> List[int]:
+def expand_image_placeholders(
+    token_ids: Sequence[int], *, image_token_id: int, num_image_tokens: int
+) -> List[int]:
     """Replace each single ``image_token_id`` by ``num_image_tokens`` copies of it."""
     expanded: List[int] = []
     for token in token_ids:
@@ -31,9 +32,13 @@ def expand_image_placeholders(token_ids: Sequence[int], *, image_token_id: int,
     return expanded
 
 
-def labels_and_loss_mask(tokens: torch.Tensor, document_ids: torch.Tensor, *,
-                         image_token_id: int, pad_token_id: int,
-                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+def labels_and_loss_mask(
+    tokens: torch.Tensor,
+    document_ids: torch.Tensor,
+    *,
+    image_token_id: int,
+    pad_token_id: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Next-token labels and a loss mask that is 1 only for text targets in the same doc."""
     labels = torch.full_like(tokens, pad_token_id)
     labels[..., :-1] = tokens[..., 1:]
@@ -64,8 +69,13 @@ def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
     return ~(same_document & causal).unsqueeze(1)
 
 
-def merge_image_embeddings(text_embeddings: torch.Tensor, image_embeddings: torch.Tensor,
-                           tokens: torch.Tensor, *, image_token_id: int) -> torch.Tensor:
+def merge_image_embeddings(
+    text_embeddings: torch.Tensor,
+    image_embeddings: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    image_token_id: int,
+) -> torch.Tensor:
     """Place image tokens into the ``[s, b, h]`` text embeddings at the image positions.
 
     ``image_embeddings`` is ``[num_images, tokens_per_image, h]`` in order of appearance.
@@ -75,9 +85,11 @@ def merge_image_embeddings(text_embeddings: torch.Tensor, image_embeddings: torc
     num_slots = batch_major.shape[0]
     flat_images = image_embeddings.reshape(-1, image_embeddings.shape[-1])
     if num_slots != flat_images.shape[0]:
-        raise ValueError(f"batch has {num_slots} image-token positions but the connector "
-                         f"produced {flat_images.shape[0]} image tokens; each image needs "
-                         f"exactly num_output_tokens placeholders")
+        raise ValueError(
+            f"batch has {num_slots} image-token positions but the connector "
+            f"produced {flat_images.shape[0]} image tokens; each image needs "
+            f"exactly num_output_tokens placeholders"
+        )
     merged = text_embeddings.clone()
     merged[batch_major[:, 1], batch_major[:, 0]] = flat_images.to(merged.dtype)
     return merged

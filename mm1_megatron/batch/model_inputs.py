@@ -28,5 +28,10 @@ def model_inputs(batch: Batch, device: torch.device) -> Batch:
 def run_model(model, inputs: Batch, *, with_labels: bool = True) -> torch.Tensor:
     """``MM1Model.forward`` on ``model_inputs(...)``: per-token loss ``[b, s]`` with labels
     (last pipeline stage), else logits (last stage) or hidden states (other stages)."""
-    return model(inputs["tokens"], inputs["position_ids"], inputs["attention_mask"],
-                 images=inputs.get("images"), labels=inputs["labels"] if with_labels else None)
+    return model(
+        inputs["tokens"],
+        inputs["position_ids"],
+        inputs["attention_mask"],
+        images=inputs.get("images"),
+        labels=inputs["labels"] if with_labels else None,
+    )

@@ -56,8 +56,11 @@ def temporary_path(save_dir: Path, step: int) -> Path:
 def write_manifest(folder: Path) -> None:
     """Record the size of every file, so truncation or loss is detected on load."""
     folder = Path(folder)
-    files = {str(p.relative_to(folder)): p.stat().st_size
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+    files = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_FILE
+    }
     _write_atomically(folder / MANIFEST_FILE, json.dumps({"files": files}, indent=1))
 
 
@@ -130,7 +133,7 @@ def apply_retention(save_dir: Path, *, keep_last: int, keep_every: int) -> List[
     checkpoints = complete_checkpoints(save_dir)
     latest = read_latest(save_dir)
     removed = []
-    for path in checkpoints[max(keep_last, 1):]:
+    for path in checkpoints[max(keep_last, 1) :]:
         step = step_of(path)
         if path == latest or (keep_every > 0 and step % keep_every == 0):
             continue

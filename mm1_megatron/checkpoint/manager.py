@@ -75,8 +75,9 @@ class CheckpointManager:
         metadata = {"distrib_optim_sharding_type": self.cfg.optimizer_sharding}
         return {
             "model": model_state,
-            "optimizer": state.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
-                                                            metadata=metadata),
+            "optimizer": state.optimizer.sharded_state_dict(
+                model_state, is_loading=is_loading, metadata=metadata
+            ),
         }
 
     # ---- save -------------------------------------------------------------------------
@@ -93,8 +94,10 @@ class CheckpointManager:
         barrier()
         save_rng_state(tmp / "rng" / f"rank_{_rank():05d}.pt")
         request = save_sharded(
-            self._sharded_state_dict(state, is_loading=False), str(tmp / MODEL_OPTIM_DIR),
-            async_save=self.async_queue is not None and not blocking)
+            self._sharded_state_dict(state, is_loading=False),
+            str(tmp / MODEL_OPTIM_DIR),
+            async_save=self.async_queue is not None and not blocking,
+        )
         finalize = self._finalizer(state.step)
         if request is None:
             barrier()
@@ -122,11 +125,16 @@ class CheckpointManager:
                 tmp = layout.temporary_path(self.save_dir, step)
                 layout.write_manifest(tmp)
                 final = layout.publish(self.save_dir, step)
-                removed = layout.apply_retention(self.save_dir, keep_last=self.cfg.keep_last,
-                                                 keep_every=self.cfg.keep_every)
-                logger.info("saved checkpoint %s%s", final, f" (removed {len(removed)} old)"
-                            if removed else "")
+                removed = layout.apply_retention(
+                    self.save_dir, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every
+                )
+                logger.info(
+                    "saved checkpoint %s%s",
+                    final,
+                    f" (removed {len(removed)} old)" if removed else "",
+                )
             barrier()
+
         return finalize
 
     def finalize_pending(self, *, blocking: bool) -> None:
@@ -167,8 +175,9 @@ class CheckpointManager:
                 try:
                     layout.verify_manifest(target)
                 except layout.CorruptCheckpointError as exc:
-                    raise ValueError(f"checkpoint.load_dir={target} cannot be loaded: {exc}") \
-                        from None
+                    raise ValueError(
+                        f"checkpoint.load_dir={target} cannot be loaded: {exc}"
+                    ) from None
                 return target
             if not target.is_dir():
                 raise ValueError(f"checkpoint.load_dir={target} does not exist")
@@ -185,18 +194,24 @@ class CheckpointManager:
                 layout.verify_manifest(candidate)
                 return candidate
             except layout.CorruptCheckpointError as exc:
-                logger.warning("skipping damaged checkpoint %s: %s; trying the previous one",
-                               candidate.name, exc)
+                logger.warning(
+                    "skipping damaged checkpoint %s: %s; trying the previous one",
+                    candidate.name,
+                    exc,
+                )
         if required:
-            raise ValueError(f"no intact checkpoint in {folder} "
-                             f"({len(candidates)} found, all damaged or incomplete)")
+            raise ValueError(
+                f"no intact checkpoint in {folder} "
+                f"({len(candidates)} found, all damaged or incomplete)"
+            )
         return None
 
     def load(self, state: TrainingState, path: Path) -> Dict[str, Any]:
         """Restore model, optimizer, scheduler, RNG and returns the trainer state dict."""
         optimizer_compat.prepare_for_load(state.optimizer)
-        loaded = dist_checkpointing.load(self._sharded_state_dict(state, is_loading=True),
-                                         str(path / MODEL_OPTIM_DIR))
+        loaded = dist_checkpointing.load(
+            self._sharded_state_dict(state, is_loading=True), str(path / MODEL_OPTIM_DIR)
+        )
         (chunk,) = state.model_chunks
         unwrap(chunk).load_state_dict(loaded["model"])
         state.optimizer.load_state_dict(loaded["optimizer"])
@@ -204,14 +219,17 @@ class CheckpointManager:
         trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
         state.scheduler.load_state_dict(trainer_state["scheduler"])
         rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
-        same_world = trainer_state["world_size"] == (dist.get_world_size()
-                                                     if dist.is_initialized() else 1)
+        same_world = trainer_state["world_size"] == (
+            dist.get_world_size() if dist.is_initialized() else 1
+        )
         if same_world and rng_file.is_file():
             load_rng_state(rng_file)
         else:
-            logger.warning("checkpoint was written by %d ranks: RNG states not restored "
-                           "(weights, optimizer, schedule and data position are)",
-                           trainer_state["world_size"])
+            logger.warning(
+                "checkpoint was written by %d ranks: RNG states not restored "
+                "(weights, optimizer, schedule and data position are)",
+                trainer_state["world_size"],
+            )
         logger.info("resumed from %s (step %d)", path, trainer_state["step"])
         return trainer_state
 
@@ -221,13 +239,17 @@ class CheckpointManager:
         if layout.read_latest(path) is not None:  # a save folder: take its newest checkpoint
             path = layout.read_latest(path)
         model = unwrap(model_chunk)
-        wanted = {key: value for key, value in model.sharded_state_dict().items()
-                  if key.startswith(prefix)}
+        wanted = {
+            key: value
+            for key, value in model.sharded_state_dict().items()
+            if key.startswith(prefix)
+        }
         folder = path / MODEL_OPTIM_DIR if (path / MODEL_OPTIM_DIR).is_dir() else path
         loaded = dist_checkpointing.load({"model": wanted}, str(folder))["model"]
         result = model.load_state_dict(loaded, strict=False)
         missing = [key for key in result.missing_keys if key.startswith(prefix)]
         if missing:
-            raise ValueError(f"{path} lacks {len(missing)} tensors of {prefix.rstrip('.')}, "
-                             f"e.g. {missing[0]}")
+            raise ValueError(
+                f"{path} lacks {len(missing)} tensors of {prefix.rstrip('.')}, e.g. {missing[0]}"
+            )
         logger.info("loaded %d tensors of %s from %s", len(loaded), prefix.rstrip("."), path)

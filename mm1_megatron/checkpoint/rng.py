@@ -32,9 +32,15 @@ def capture_rng_state() -> Dict[str, Any]:
 def restore_rng_state(state: Dict[str, Any]) -> None:
     keys, gauss_next = state["python"]
     random.setstate((state["python_version"], tuple(keys), gauss_next))
-    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32),
-                         state["numpy_position"], state["numpy_has_gauss"],
-                         state["numpy_cached_gauss"]))
+    np.random.set_state(
+        (
+            "MT19937",
+            state["numpy_keys"].numpy().astype(np.uint32),
+            state["numpy_position"],
+            state["numpy_has_gauss"],
+            state["numpy_cached_gauss"],
+        )
+    )
     torch.set_rng_state(state["torch_cpu"])
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["torch_cuda"])

@@ -15,6 +15,14 @@ from mm1_megatron.compat.patching import (
 )
 from mm1_megatron.compat.versions import MCORE_VERSION, check_supported_mcore
 
-__all__ = ["CompatibilityError", "MCORE_VERSION", "Patch", "active_patches",
-           "check_supported_mcore", "cpu_execution_enabled", "enable_cpu_execution",
-           "log_active_patches", "replace_attribute"]
+__all__ = [
+    "CompatibilityError",
+    "MCORE_VERSION",
+    "Patch",
+    "active_patches",
+    "check_supported_mcore",
+    "cpu_execution_enabled",
+    "enable_cpu_execution",
+    "log_active_patches",
+    "replace_attribute",
+]

@@ -13,8 +13,9 @@ import inspect
 
 from megatron.core import dist_checkpointing
 
-_SAVE_TAKES_ASYNC_STRATEGY = "async_strategy" in inspect.signature(
-    dist_checkpointing.save).parameters
+_SAVE_TAKES_ASYNC_STRATEGY = (
+    "async_strategy" in inspect.signature(dist_checkpointing.save).parameters
+)
 
 
 def save_sharded(sharded_state_dict, checkpoint_dir: str, *, async_save: bool):

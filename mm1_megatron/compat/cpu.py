@@ -148,12 +148,16 @@ def _torch_cuda_stand_ins() -> dict:
 def _patch_torch_cuda() -> None:
     reason = "Megatron-Core calls torch.cuda without a GPU"
     for name, stand_in in _torch_cuda_stand_ins().items():
-        replace_attribute(torch.cuda, name, stand_in, reason=reason, written_for=_TORCH,
-                          scope="cpu")
-    for name, stand_in in (("get_rng_state", _cpu_get_rng_state),
-                           ("set_rng_state", _cpu_set_rng_state)):
-        replace_attribute(torch.cuda.random, name, stand_in, reason=reason,
-                          written_for=_TORCH, scope="cpu")
+        replace_attribute(
+            torch.cuda, name, stand_in, reason=reason, written_for=_TORCH, scope="cpu"
+        )
+    for name, stand_in in (
+        ("get_rng_state", _cpu_get_rng_state),
+        ("set_rng_state", _cpu_set_rng_state),
+    ):
+        replace_attribute(
+            torch.cuda.random, name, stand_in, reason=reason, written_for=_TORCH, scope="cpu"
+        )
 
 
 def _patch_megatron_rng() -> None:
@@ -162,10 +166,22 @@ def _patch_megatron_rng() -> None:
     # The TP RNG tracker forks "CUDA" RNG states; on CPU the CPU generator is the one
     # dropout draws from, so that is the state it must fork.
     reason = "the TP RNG tracker must fork the CPU generator on CPU"
-    replace_attribute(mcore_random, "_get_cuda_rng_state", _cpu_get_rng_state,
-                      reason=reason, written_for=_MCORE, scope="cpu")
-    replace_attribute(mcore_random, "_set_cuda_rng_state", _cpu_set_rng_state,
-                      reason=reason, written_for=_MCORE, scope="cpu")
+    replace_attribute(
+        mcore_random,
+        "_get_cuda_rng_state",
+        _cpu_get_rng_state,
+        reason=reason,
+        written_for=_MCORE,
+        scope="cpu",
+    )
+    replace_attribute(
+        mcore_random,
+        "_set_cuda_rng_state",
+        _cpu_set_rng_state,
+        reason=reason,
+        written_for=_MCORE,
+        scope="cpu",
+    )
 
 
 def enable_cpu_execution(*, force: bool = False) -> bool:
@@ -181,9 +197,12 @@ def enable_cpu_execution(*, force: bool = False) -> bool:
     gloo.patch_collectives_for_gloo()
     mode = _CudaToCpuMode()
     mode.__enter__()  # stays active for the life of the process (this thread)
-    register_patch("torch.overrides.TorchFunctionMode (cuda devices -> cpu)",
-                   reason="Megatron-Core creates tensors on 'cuda'", written_for=_MCORE,
-                   scope="cpu")
+    register_patch(
+        "torch.overrides.TorchFunctionMode (cuda devices -> cpu)",
+        reason="Megatron-Core creates tensors on 'cuda'",
+        written_for=_MCORE,
+        scope="cpu",
+    )
     _state.update(enabled=True, mode=mode)
     logger.info("CUDA not available: running Megatron-Core on CPU (gloo backend).")
     return True

@@ -27,15 +27,16 @@ ExpertHookFactory = Callable[[], Callable[[int], None]]
 
 
 # Registered on import (models import this module), so the start-up log lists it.
-register_patch("megatron.core.transformer.moe.experts.SequentialMLP.__init__ (subclass)",
-               reason="build each MoE expert from its own seed (layout-invariant init)",
-               written_for=_WRITTEN_FOR)
+register_patch(
+    "megatron.core.transformer.moe.experts.SequentialMLP.__init__ (subclass)",
+    reason="build each MoE expert from its own seed (layout-invariant init)",
+    written_for=_WRITTEN_FOR,
+)
 
 
 def sequential_mlp_with_expert_hook(make_hook: ExpertHookFactory) -> type:
     class HookedSequentialMLP(SequentialMLP):
-        def __init__(self, num_local_experts, config, submodules, pg_collection=None,
-                     **kwargs):
+        def __init__(self, num_local_experts, config, submodules, pg_collection=None, **kwargs):
             before_expert = make_hook()
             super().__init__(0, config, submodules, pg_collection=pg_collection, **kwargs)
             self.num_local_experts = num_local_experts
@@ -45,10 +46,18 @@ def sequential_mlp_with_expert_hook(make_hook: ExpertHookFactory) -> type:
                 before_expert(first_expert + local_index)
                 extra = {}
                 if _MLP_TAKES_NAME:
-                    extra["name"] = (f"{name}.local_experts.{local_index}"
-                                     if name is not None else None)
-                self.local_experts.append(MLP(
-                    self.config, submodules, ffn_hidden_size=self.config.moe_ffn_hidden_size,
-                    is_expert=True, tp_group=self.tp_group, **extra))
+                    extra["name"] = (
+                        f"{name}.local_experts.{local_index}" if name is not None else None
+                    )
+                self.local_experts.append(
+                    MLP(
+                        self.config,
+                        submodules,
+                        ffn_hidden_size=self.config.moe_ffn_hidden_size,
+                        is_expert=True,
+                        tp_group=self.tp_group,
+                        **extra,
+                    )
+                )
 
     return HookedSequentialMLP

@@ -34,14 +34,23 @@ def _refuse_async(name: str, async_op: bool) -> None:
     if async_op:
         raise NotImplementedError(
             f"the gloo stand-in for uneven {name} is synchronous; async_op=True is not "
-            "supported on CPU (mm1_megatron/compat/gloo.py)")
+            "supported on CPU (mm1_megatron/compat/gloo.py)"
+        )
 
 
 def _all_to_all_with_list_splits(original):
-    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None,
-                          group=None, async_op=False):
-        return original(output, input, _as_list(output_split_sizes),
-                        _as_list(input_split_sizes), group=group, async_op=async_op)
+    def all_to_all_single(
+        output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False
+    ):
+        return original(
+            output,
+            input,
+            _as_list(output_split_sizes),
+            _as_list(input_split_sizes),
+            group=group,
+            async_op=async_op,
+        )
+
     return all_to_all_single
 
 
@@ -52,12 +61,14 @@ def _uneven_all_gather(even_all_gather):
             return even_all_gather(tensor_list, tensor, group=group, async_op=async_op)
         _refuse_async("all_gather", async_op)
         max_rows = max(rows)
-        padded = [torch.empty((max_rows, *tensor.shape[1:]), dtype=tensor.dtype)
-                  for _ in tensor_list]
+        padded = [
+            torch.empty((max_rows, *tensor.shape[1:]), dtype=tensor.dtype) for _ in tensor_list
+        ]
         even_all_gather(padded, _pad_rows(tensor, max_rows), group=group)
         for out, part in zip(tensor_list, padded):
-            out.copy_(part[:out.shape[0]])
+            out.copy_(part[: out.shape[0]])
         return None
+
     return all_gather
 
 
@@ -68,20 +79,35 @@ def _uneven_reduce_scatter(even_reduce_scatter_tensor):
         stacked = torch.cat([_pad_rows(t, max_rows) for t in input_list])
         reduced = torch.empty((max_rows, *output.shape[1:]), dtype=output.dtype)
         even_reduce_scatter_tensor(reduced, stacked, op=op, group=group)
-        output.copy_(reduced[:output.shape[0]])
+        output.copy_(reduced[: output.shape[0]])
         return None
+
     return reduce_scatter
 
 
 def patch_collectives_for_gloo() -> None:
     original = dist.all_to_all_single
-    replace_attribute(dist, "all_to_all_single", _all_to_all_with_list_splits(original),
-                      reason="gloo takes all_to_all split sizes only as lists",
-                      written_for=_WRITTEN_FOR, scope="cpu")
-    replace_attribute(dist, "all_gather", _uneven_all_gather(dist.all_gather),
-                      reason="gloo all_gather needs equal sizes (MoE with TP)",
-                      written_for=_WRITTEN_FOR, scope="cpu")
-    replace_attribute(dist, "reduce_scatter",
-                      _uneven_reduce_scatter(dist.reduce_scatter_tensor),
-                      reason="gloo has no list reduce_scatter of uneven sizes (MoE with TP)",
-                      written_for=_WRITTEN_FOR, scope="cpu")
+    replace_attribute(
+        dist,
+        "all_to_all_single",
+        _all_to_all_with_list_splits(original),
+        reason="gloo takes all_to_all split sizes only as lists",
+        written_for=_WRITTEN_FOR,
+        scope="cpu",
+    )
+    replace_attribute(
+        dist,
+        "all_gather",
+        _uneven_all_gather(dist.all_gather),
+        reason="gloo all_gather needs equal sizes (MoE with TP)",
+        written_for=_WRITTEN_FOR,
+        scope="cpu",
+    )
+    replace_attribute(
+        dist,
+        "reduce_scatter",
+        _uneven_reduce_scatter(dist.reduce_scatter_tensor),
+        reason="gloo has no list reduce_scatter of uneven sizes (MoE with TP)",
+        written_for=_WRITTEN_FOR,
+        scope="cpu",
+    )

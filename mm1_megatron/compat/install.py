@@ -6,8 +6,7 @@ from typing import List
 
 from mm1_megatron.compat import optimizer
 from mm1_megatron.compat.cpu import enable_cpu_execution
-from mm1_megatron.compat.patching import Patch, active_patches, define_missing, \
-    log_active_patches
+from mm1_megatron.compat.patching import Patch, active_patches, define_missing, log_active_patches
 from mm1_megatron.compat.versions import check_supported_mcore
 
 
@@ -17,9 +16,13 @@ def _define_missing_te_gemm() -> None:
     # as None itself, so nothing is added there.
     from megatron.core.transformer.moe import moe_utils
 
-    define_missing(moe_utils, "te_general_gemm", None,
-                   reason="the MoE router references it without Transformer Engine",
-                   written_for="megatron-core 0.16.x without Transformer Engine")
+    define_missing(
+        moe_utils,
+        "te_general_gemm",
+        None,
+        reason="the MoE router references it without Transformer Engine",
+        written_for="megatron-core 0.16.x without Transformer Engine",
+    )
 
 
 def install_patches(*, cuda_available: bool) -> List[Patch]:

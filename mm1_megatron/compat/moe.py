@@ -17,14 +17,16 @@ import torch
 _HAS_METRICS_TRACKER: bool
 try:  # feature detection by module: 0.19 has moe_logging, 0.16 does not
     from megatron.core.transformer.moe import moe_logging
+
     _HAS_METRICS_TRACKER = hasattr(moe_logging, "get_moe_metrics_tracker")
 except ImportError:
     moe_logging = None
     _HAS_METRICS_TRACKER = False
 
 
-def collect_moe_aux_losses(names: Sequence[str], *, num_layers: int,
-                           device: torch.device) -> Dict[str, torch.Tensor]:
+def collect_moe_aux_losses(
+    names: Sequence[str], *, num_layers: int, device: torch.device
+) -> Dict[str, torch.Tensor]:
     """Reduce the auxiliary losses ``names`` across ranks and return them per layer
     (``{name: [num_layers]}``, summed over the micro-batches since the last call), then
     reset the tracker.

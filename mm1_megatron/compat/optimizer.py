@@ -43,9 +43,12 @@ def megatron_uses_torch_adam() -> bool:
     """True when megatron-core found neither Transformer Engine nor apex (feature test)."""
     from megatron.core.optimizer import distrib_optimizer
 
-    return not require_attribute(distrib_optimizer, "HAVE_APEX_OR_TE",
-                                 reason="choosing the optimizer-state fixes",
-                                 written_for=_WRITTEN_FOR)
+    return not require_attribute(
+        distrib_optimizer,
+        "HAVE_APEX_OR_TE",
+        reason="choosing the optimizer-state fixes",
+        written_for=_WRITTEN_FOR,
+    )
 
 
 def install_step_fix() -> None:
@@ -68,9 +71,12 @@ def install_step_fix() -> None:
                 optimizer_state["step"] = step
 
     original = replace_attribute(
-        DistributedOptimizer, "_set_main_param_and_optimizer_states", set_states_keeping_step,
+        DistributedOptimizer,
+        "_set_main_param_and_optimizer_states",
+        set_states_keeping_step,
         reason="torch AdamW keeps a per-parameter step the checkpoint stores per group",
-        written_for=_WRITTEN_FOR)
+        written_for=_WRITTEN_FOR,
+    )
     _state["step_fix"] = True
 
 
@@ -80,8 +86,9 @@ def prepare_for_load(optimizer) -> None:
     for sub, inner in _inner_optimizers(optimizer):
         if not _is_torch_adam(inner):
             continue
-        assert _state["step_fix"] or not hasattr(sub, "model_param_group_index_map"), \
+        assert _state["step_fix"] or not hasattr(sub, "model_param_group_index_map"), (
             "install_patches() must run before a distributed torch AdamW is loaded"
+        )
         for group in inner.param_groups:
             for param in group["params"]:
                 state = inner.state[param]

@@ -25,10 +25,10 @@ class CompatibilityError(RuntimeError):
 
 @dataclass(frozen=True)
 class Patch:
-    target: str          # dotted name of the replaced attribute
-    reason: str          # one line: why the project needs it
-    written_for: str     # the versions the replacement was written against
-    scope: str           # "cpu" (only without CUDA) or "all"
+    target: str  # dotted name of the replaced attribute
+    reason: str  # one line: why the project needs it
+    written_for: str  # the versions the replacement was written against
+    scope: str  # "cpu" (only without CUDA) or "all"
 
 
 _applied: Dict[str, Patch] = {}
@@ -50,8 +50,11 @@ def installed_versions() -> str:
 
 
 def _owner_name(owner: Any) -> str:
-    return getattr(owner, "__qualname__", None) if isinstance(owner, type) else \
-        getattr(owner, "__name__", type(owner).__name__)
+    return (
+        getattr(owner, "__qualname__", None)
+        if isinstance(owner, type)
+        else getattr(owner, "__name__", type(owner).__name__)
+    )
 
 
 def _full_name(owner: Any, attribute: str) -> str:
@@ -60,8 +63,15 @@ def _full_name(owner: Any, attribute: str) -> str:
     return f"{prefix}{_owner_name(owner)}.{attribute}"
 
 
-def replace_attribute(owner: Any, attribute: str, replacement: Any, *, reason: str,
-                      written_for: str, scope: str = "all") -> Any:
+def replace_attribute(
+    owner: Any,
+    attribute: str,
+    replacement: Any,
+    *,
+    reason: str,
+    written_for: str,
+    scope: str = "all",
+) -> Any:
     """Set ``owner.attribute = replacement`` and return the original.
 
     Raises ``CompatibilityError`` when ``owner`` has no ``attribute``: the replacement
@@ -74,7 +84,8 @@ def replace_attribute(owner: Any, attribute: str, replacement: Any, *, reason: s
         raise CompatibilityError(
             f"cannot patch {name}: it does not exist in the installed {installed_versions()}. "
             f"The patch ({reason}) was written for {written_for}; update "
-            "mm1_megatron/compat for this release")
+            "mm1_megatron/compat for this release"
+        )
     if name in _applied:
         raise CompatibilityError(f"{name} is already patched ({_applied[name].reason})")
     original = getattr(owner, attribute)
@@ -90,12 +101,14 @@ def require_attribute(owner: Any, attribute: str, *, reason: str, written_for: s
     if not hasattr(owner, attribute):
         raise CompatibilityError(
             f"{_full_name(owner, attribute)} does not exist in the installed "
-            f"{installed_versions()}; it is needed for {reason} (written for {written_for})")
+            f"{installed_versions()}; it is needed for {reason} (written for {written_for})"
+        )
     return getattr(owner, attribute)
 
 
-def define_missing(owner: Any, attribute: str, value: Any, *, reason: str,
-                   written_for: str) -> bool:
+def define_missing(
+    owner: Any, attribute: str, value: Any, *, reason: str, written_for: str
+) -> bool:
     """Define ``owner.attribute`` where a release references it without defining it.
 
     Feature detection: nothing happens when the attribute exists (the bug is fixed).
@@ -132,5 +145,9 @@ def log_active_patches(log: Callable[..., None] = logger.info) -> None:
     if not patches:
         log("compat: no torch/megatron-core patches active (%s)", installed_versions())
         return
-    log("compat: %d torch/megatron-core patches active (%s): %s", len(patches),
-        installed_versions(), ", ".join(p.target for p in patches))
+    log(
+        "compat: %d torch/megatron-core patches active (%s): %s",
+        len(patches),
+        installed_versions(),
+        ", ".join(p.target for p in patches),
+    )

@@ -48,8 +48,9 @@ def with_submodules(builder: Any, submodules: Any) -> Any:
     if isinstance(builder, ModuleSpec):
         return dataclasses.replace(builder, submodules=submodules)
     if isinstance(builder, functools.partial):
-        return functools.partial(builder.func, *builder.args,
-                                 **{**builder.keywords, "submodules": submodules})
+        return functools.partial(
+            builder.func, *builder.args, **{**builder.keywords, "submodules": submodules}
+        )
     raise TypeError(f"{builder!r} has no submodules to replace")
 
 
@@ -73,8 +74,10 @@ def map_experts(mlp_builder: Any, transform: Callable[[Any], Any]) -> Any:
     return with_submodules(mlp_builder, replace_fields(submodules, experts=transform(experts)))
 
 
-def map_layers(block: Any, transform: Callable[[ModuleSpec], ModuleSpec],
-               **block_fields: Dict[str, Any]) -> Any:
+def map_layers(
+    block: Any, transform: Callable[[ModuleSpec], ModuleSpec], **block_fields: Dict[str, Any]
+) -> Any:
     """A copy of a ``TransformerBlockSubmodules`` with every layer spec transformed."""
-    return dataclasses.replace(block, layer_specs=[transform(layer) for layer in
-                                                   block.layer_specs], **block_fields)
+    return dataclasses.replace(
+        block, layer_specs=[transform(layer) for layer in block.layer_specs], **block_fields
+    )

@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 # Python 3.12; 0.17, 0.18 and 0.19.0 are untested and excluded. setup.py repeats this
 # string (a test keeps them equal).
 MCORE_REQUIREMENT = "megatron-core>=0.16.1,<0.20,!=0.17.*,!=0.18.*,!=0.19.0"
-MCORE_SPECIFIER = SpecifierSet(MCORE_REQUIREMENT[len("megatron-core"):])
+MCORE_SPECIFIER = SpecifierSet(MCORE_REQUIREMENT[len("megatron-core") :])
 
 MCORE_VERSION = Version(megatron.core.__version__)
 TORCH_VERSION = Version(torch.__version__.split("+")[0])
@@ -33,7 +33,11 @@ def check_supported_mcore() -> bool:
     """Warn when the installed megatron-core is outside the tested range."""
     if MCORE_VERSION in MCORE_SPECIFIER:
         return True
-    logger.warning("megatron-core %s is installed, which mm1_megatron does not test "
-                   "(supported: %s); pin a supported release with pip install '%s'",
-                   MCORE_VERSION, MCORE_REQUIREMENT, MCORE_REQUIREMENT)
+    logger.warning(
+        "megatron-core %s is installed, which mm1_megatron does not test "
+        "(supported: %s); pin a supported release with pip install '%s'",
+        MCORE_VERSION,
+        MCORE_REQUIREMENT,
+        MCORE_REQUIREMENT,
+    )
     return False

@@ -95,8 +95,10 @@ def _dotted(path: str, key: str) -> str:
 
 def _moved_message(old: str, value: Any) -> str:
     new = MOVED_KEYS[old]
-    return (f"config key '{old}' has moved to '{new}': write {new}: {value!r} in YAML "
-            f"(or {new}={value} on the command line)")
+    return (
+        f"config key '{old}' has moved to '{new}': write {new}: {value!r} in YAML "
+        f"(or {new}={value} on the command line)"
+    )
 
 
 def _build_dataclass(cls, values: Dict[str, Any], path: str):

@@ -185,7 +185,9 @@ class TrainingConfig:
 
 @dataclass
 class TokenizerConfig:
-    kind: TokenizerKind = "synthetic"  # synthetic, sentencepiece (a .model) or huggingface (a folder)
+    kind: TokenizerKind = (
+        "synthetic"  # synthetic, sentencepiece (a .model) or huggingface (a folder)
+    )
     path: Optional[str] = None  # the .model file or tokenizer folder; unset for synthetic
 
 

@@ -35,19 +35,36 @@ class _Errors:
 def _check_vision(cfg: MM1Config, err: _Errors) -> None:
     v = cfg.model.vision
     p = "model.vision"
-    err.positive(v, ["image_size", "patch_size", "num_channels", "hidden_size", "num_layers",
-                     "num_attention_heads", "ffn_hidden_size"], p)
+    err.positive(
+        v,
+        [
+            "image_size",
+            "patch_size",
+            "num_channels",
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "ffn_hidden_size",
+        ],
+        p,
+    )
     if v.patch_size > 0:
-        err.check(v.image_size % v.patch_size == 0,
-                  f"{p}.image_size={v.image_size} must be a multiple of {p}.patch_size="
-                  f"{v.patch_size} (e.g. 378 with 14)")
+        err.check(
+            v.image_size % v.patch_size == 0,
+            f"{p}.image_size={v.image_size} must be a multiple of {p}.patch_size="
+            f"{v.patch_size} (e.g. 378 with 14)",
+        )
     if v.num_attention_heads > 0:
-        err.check(v.hidden_size % v.num_attention_heads == 0,
-                  f"{p}.hidden_size={v.hidden_size} must be divisible by "
-                  f"{p}.num_attention_heads={v.num_attention_heads}")
+        err.check(
+            v.hidden_size % v.num_attention_heads == 0,
+            f"{p}.hidden_size={v.hidden_size} must be divisible by "
+            f"{p}.num_attention_heads={v.num_attention_heads}",
+        )
     for name in ("image_mean", "image_std"):
-        err.check(len(getattr(v, name)) == v.num_channels,
-                  f"{p}.{name} needs one value per channel ({v.num_channels})")
+        err.check(
+            len(getattr(v, name)) == v.num_channels,
+            f"{p}.{name} needs one value per channel ({v.num_channels})",
+        )
 
 
 def _check_connector(cfg: MM1Config, err: _Errors) -> None:
@@ -55,23 +72,31 @@ def _check_connector(cfg: MM1Config, err: _Errors) -> None:
     p = "model.connector"
     err.positive(c, ["num_output_tokens", "hidden_size", "num_readout_layers"], p)
     side = math.isqrt(max(c.num_output_tokens, 0))
-    err.check(side * side == c.num_output_tokens,
-              f"{p}.num_output_tokens={c.num_output_tokens} must be a square number "
-              f"(64, 144, ...) so the tokens form a grid")
+    err.check(
+        side * side == c.num_output_tokens,
+        f"{p}.num_output_tokens={c.num_output_tokens} must be a square number "
+        f"(64, 144, ...) so the tokens form a grid",
+    )
     if v.patch_size > 0 and v.image_size % v.patch_size == 0:
         num_patches = (v.image_size // v.patch_size) ** 2
-        err.check(c.num_output_tokens <= num_patches,
-                  f"{p}.num_output_tokens={c.num_output_tokens} exceeds the encoder's "
-                  f"{num_patches} patches; lower it or raise model.vision.image_size")
+        err.check(
+            c.num_output_tokens <= num_patches,
+            f"{p}.num_output_tokens={c.num_output_tokens} exceeds the encoder's "
+            f"{num_patches} patches; lower it or raise model.vision.image_size",
+        )
         if c.type == "mlp":
-            err.check(c.num_output_tokens == num_patches,
-                      f"{p}.type=mlp keeps every patch: set {p}.num_output_tokens={num_patches}")
+            err.check(
+                c.num_output_tokens == num_patches,
+                f"{p}.type=mlp keeps every patch: set {p}.num_output_tokens={num_patches}",
+            )
     if c.type == "attn_pool":
         err.check(c.num_attention_heads > 0, f"{p}.num_attention_heads must be > 0")
     if c.type == "attn_pool" and c.num_attention_heads > 0:
-        err.check(c.hidden_size % c.num_attention_heads == 0,
-                  f"{p}.hidden_size={c.hidden_size} must be divisible by "
-                  f"{p}.num_attention_heads={c.num_attention_heads}")
+        err.check(
+            c.hidden_size % c.num_attention_heads == 0,
+            f"{p}.hidden_size={c.hidden_size} must be divisible by "
+            f"{p}.num_attention_heads={c.num_attention_heads}",
+        )
     if c.type == "c_abstractor":
         err.check(c.num_blocks_per_stage >= 0, f"{p}.num_blocks_per_stage must be >= 0")
 
@@ -79,32 +104,56 @@ def _check_connector(cfg: MM1Config, err: _Errors) -> None:
 def _check_llm(cfg: MM1Config, err: _Errors) -> None:
     m = cfg.model.llm
     p = "model.llm"
-    err.positive(m, ["vocab_size", "hidden_size", "num_layers", "num_attention_heads",
-                     "ffn_hidden_size", "max_sequence_length"], p)
+    err.positive(
+        m,
+        [
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "max_sequence_length",
+        ],
+        p,
+    )
     if m.num_attention_heads > 0:
-        err.check(m.hidden_size % m.num_attention_heads == 0,
-                  f"{p}.hidden_size={m.hidden_size} must be divisible by "
-                  f"{p}.num_attention_heads={m.num_attention_heads}")
+        err.check(
+            m.hidden_size % m.num_attention_heads == 0,
+            f"{p}.hidden_size={m.hidden_size} must be divisible by "
+            f"{p}.num_attention_heads={m.num_attention_heads}",
+        )
     if m.num_query_groups is not None:
-        err.check(m.num_query_groups > 0 and m.num_attention_heads % m.num_query_groups == 0,
-                  f"{p}.num_query_groups={m.num_query_groups} must divide "
-                  f"{p}.num_attention_heads={m.num_attention_heads}")
+        err.check(
+            m.num_query_groups > 0 and m.num_attention_heads % m.num_query_groups == 0,
+            f"{p}.num_query_groups={m.num_query_groups} must divide "
+            f"{p}.num_attention_heads={m.num_attention_heads}",
+        )
     if m.rope_scaling_factor is not None:
-        err.check(m.rope_scaling_factor > 0,
-                  f"{p}.rope_scaling_factor={m.rope_scaling_factor} must be > 0 (or null)")
-    err.check(cfg.training.seq_length <= m.max_sequence_length,
-              f"training.seq_length={cfg.training.seq_length} exceeds "
-              f"{p}.max_sequence_length={m.max_sequence_length}")
+        err.check(
+            m.rope_scaling_factor > 0,
+            f"{p}.rope_scaling_factor={m.rope_scaling_factor} must be > 0 (or null)",
+        )
+    err.check(
+        cfg.training.seq_length <= m.max_sequence_length,
+        f"training.seq_length={cfg.training.seq_length} exceeds "
+        f"{p}.max_sequence_length={m.max_sequence_length}",
+    )
     moe = m.moe
     if moe.num_experts > 0:
         q = f"{p}.moe"
-        err.check(1 <= moe.top_k <= moe.num_experts,
-                  f"{q}.top_k={moe.top_k} must be between 1 and {q}.num_experts={moe.num_experts}")
-        err.check(1 <= moe.layer_frequency <= max(m.num_layers, 1),
-                  f"{q}.layer_frequency={moe.layer_frequency} must be between 1 and "
-                  f"{p}.num_layers={m.num_layers}")
-        err.check(moe.aux_loss_coeff >= 0 and moe.z_loss_coeff >= 0,
-                  f"{q}.aux_loss_coeff and {q}.z_loss_coeff must be >= 0")
+        err.check(
+            1 <= moe.top_k <= moe.num_experts,
+            f"{q}.top_k={moe.top_k} must be between 1 and {q}.num_experts={moe.num_experts}",
+        )
+        err.check(
+            1 <= moe.layer_frequency <= max(m.num_layers, 1),
+            f"{q}.layer_frequency={moe.layer_frequency} must be between 1 and "
+            f"{p}.num_layers={m.num_layers}",
+        )
+        err.check(
+            moe.aux_loss_coeff >= 0 and moe.z_loss_coeff >= 0,
+            f"{q}.aux_loss_coeff and {q}.z_loss_coeff must be >= 0",
+        )
     else:
         err.check(moe.num_experts == 0, f"{p}.moe.num_experts must be >= 0")
 
@@ -112,154 +161,225 @@ def _check_llm(cfg: MM1Config, err: _Errors) -> None:
 def _check_parallel(cfg: MM1Config, err: _Errors) -> None:
     par, m, v = cfg.parallel, cfg.model.llm, cfg.model.vision
     p = "parallel"
-    err.positive(par, ["tensor_parallel_size", "pipeline_parallel_size",
-                       "expert_parallel_size"], p)
+    err.positive(par, ["tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"], p)
     tp = par.tensor_parallel_size
     if tp > 0:
-        for name, heads in (("model.llm", m.num_attention_heads),
-                            ("model.vision", v.num_attention_heads)):
-            err.check(heads % tp == 0,
-                      f"{name}.num_attention_heads={heads} is not divisible by "
-                      f"{p}.tensor_parallel_size={tp}")
+        for name, heads in (
+            ("model.llm", m.num_attention_heads),
+            ("model.vision", v.num_attention_heads),
+        ):
+            err.check(
+                heads % tp == 0,
+                f"{name}.num_attention_heads={heads} is not divisible by "
+                f"{p}.tensor_parallel_size={tp}",
+            )
         groups = m.num_query_groups or m.num_attention_heads
-        err.check(groups % tp == 0,
-                  f"model.llm.num_query_groups={groups} is not divisible by "
-                  f"{p}.tensor_parallel_size={tp}")
-    err.check(not par.sequence_parallel or tp > 1,
-              f"{p}.sequence_parallel=true needs {p}.tensor_parallel_size > 1 "
-              f"(or set sequence_parallel=false)")
+        err.check(
+            groups % tp == 0,
+            f"model.llm.num_query_groups={groups} is not divisible by "
+            f"{p}.tensor_parallel_size={tp}",
+        )
+    err.check(
+        not par.sequence_parallel or tp > 1,
+        f"{p}.sequence_parallel=true needs {p}.tensor_parallel_size > 1 "
+        f"(or set sequence_parallel=false)",
+    )
     _check_pipeline_split(cfg, err)
     ep = par.expert_parallel_size
     if ep > 1:
-        err.check(m.moe.num_experts > 0,
-                  f"{p}.expert_parallel_size={ep} needs an MoE model (model.llm.moe.num_experts > 0)")
+        err.check(
+            m.moe.num_experts > 0,
+            f"{p}.expert_parallel_size={ep} needs an MoE model (model.llm.moe.num_experts > 0)",
+        )
     if m.moe.num_experts > 0 and tp > 1:
-        err.check(par.sequence_parallel,
-                  f"an MoE model with {p}.tensor_parallel_size={tp} needs "
-                  f"{p}.sequence_parallel=true (Megatron-Core's MoE layers require it)")
+        err.check(
+            par.sequence_parallel,
+            f"an MoE model with {p}.tensor_parallel_size={tp} needs "
+            f"{p}.sequence_parallel=true (Megatron-Core's MoE layers require it)",
+        )
     if m.moe.num_experts > 0 and ep > 0:
-        err.check(m.moe.num_experts % ep == 0,
-                  f"model.llm.moe.num_experts={m.moe.num_experts} is not divisible by "
-                  f"{p}.expert_parallel_size={ep}")
+        err.check(
+            m.moe.num_experts % ep == 0,
+            f"model.llm.moe.num_experts={m.moe.num_experts} is not divisible by "
+            f"{p}.expert_parallel_size={ep}",
+        )
 
 
 def _check_pipeline_split(cfg: MM1Config, err: _Errors) -> None:
     par, num_layers = cfg.parallel, cfg.model.llm.num_layers
     pp = par.pipeline_parallel_size
-    pinned = {"num_decoder_layers_on_vision_stage": par.num_decoder_layers_on_vision_stage,
-              "num_decoder_layers_on_last_stage": par.num_decoder_layers_on_last_stage}
+    pinned = {
+        "num_decoder_layers_on_vision_stage": par.num_decoder_layers_on_vision_stage,
+        "num_decoder_layers_on_last_stage": par.num_decoder_layers_on_last_stage,
+    }
     pinned = {name: value for name, value in pinned.items() if value is not None}
     if pp <= 0:
         return
     if pp == 1 and pinned:
-        err.check(False, f"parallel.{next(iter(pinned))} needs parallel.pipeline_parallel_size "
-                         f"> 1 (or leave it unset)")
+        err.check(
+            False,
+            f"parallel.{next(iter(pinned))} needs parallel.pipeline_parallel_size "
+            f"> 1 (or leave it unset)",
+        )
         return
     for name, value in pinned.items():
         # Megatron-Core's TransformerConfig requires at least one layer on a pinned stage.
-        err.check(value >= 1, f"parallel.{name}={value} must be >= 1: megatron-core needs at "
-                              f"least one decoder layer on that stage")
+        err.check(
+            value >= 1,
+            f"parallel.{name}={value} must be >= 1: megatron-core needs at "
+            f"least one decoder layer on that stage",
+        )
     rest = num_layers - sum(pinned.values())
     free_stages = pp - len(pinned)
     if free_stages == 0:
-        err.check(rest == 0, f"parallel.pipeline_parallel_size={pp} stages are all pinned but "
-                             f"hold {num_layers - rest} of model.llm.num_layers={num_layers}")
+        err.check(
+            rest == 0,
+            f"parallel.pipeline_parallel_size={pp} stages are all pinned but "
+            f"hold {num_layers - rest} of model.llm.num_layers={num_layers}",
+        )
         return
-    hint = ("; change one, or set parallel.num_decoder_layers_on_vision_stage / "
-            "num_decoder_layers_on_last_stage for an uneven split") if not pinned else ""
-    err.check(rest >= 0 and rest % free_stages == 0,
-              f"model.llm.num_layers={num_layers} minus the pinned stages' "
-              f"{num_layers - rest} leaves {rest} layers, which the other {free_stages} of "
-              f"parallel.pipeline_parallel_size={pp} stages cannot share evenly{hint}")
+    hint = (
+        (
+            "; change one, or set parallel.num_decoder_layers_on_vision_stage / "
+            "num_decoder_layers_on_last_stage for an uneven split"
+        )
+        if not pinned
+        else ""
+    )
+    err.check(
+        rest >= 0 and rest % free_stages == 0,
+        f"model.llm.num_layers={num_layers} minus the pinned stages' "
+        f"{num_layers - rest} leaves {rest} layers, which the other {free_stages} of "
+        f"parallel.pipeline_parallel_size={pp} stages cannot share evenly{hint}",
+    )
 
 
 def _check_optimizer_and_training(cfg: MM1Config, err: _Errors) -> None:
     o, t = cfg.optimizer, cfg.training
     if o.lr_rule == "fixed":
-        err.check(o.lr is not None and o.lr > 0,
-                  "optimizer.lr_rule=fixed needs optimizer.lr > 0 (or use lr_rule=mm1)")
+        err.check(
+            o.lr is not None and o.lr > 0,
+            "optimizer.lr_rule=fixed needs optimizer.lr > 0 (or use lr_rule=mm1)",
+        )
     err.check(0.0 <= o.min_lr_ratio <= 1.0, "optimizer.min_lr_ratio must be in [0, 1]")
     err.check(o.warmup_steps >= 0, "optimizer.warmup_steps must be >= 0")
-    err.check(0.0 <= o.adam_beta1 < 1.0 and 0.0 <= o.adam_beta2 < 1.0,
-              "optimizer.adam_beta1 and adam_beta2 must be in [0, 1)")
-    err.check(o.weight_decay >= 0 and o.clip_grad >= 0,
-              "optimizer.weight_decay and optimizer.clip_grad must be >= 0")
+    err.check(
+        0.0 <= o.adam_beta1 < 1.0 and 0.0 <= o.adam_beta2 < 1.0,
+        "optimizer.adam_beta1 and adam_beta2 must be in [0, 1)",
+    )
+    err.check(
+        o.weight_decay >= 0 and o.clip_grad >= 0,
+        "optimizer.weight_decay and optimizer.clip_grad must be >= 0",
+    )
     for name, mult in o.lr_multipliers.items():
-        err.check(name in LR_MULTIPLIER_MODULES,
-                  f"optimizer.lr_multipliers.{name}: unknown module; use one of "
-                  f"{list(LR_MULTIPLIER_MODULES)}")
+        err.check(
+            name in LR_MULTIPLIER_MODULES,
+            f"optimizer.lr_multipliers.{name}: unknown module; use one of "
+            f"{list(LR_MULTIPLIER_MODULES)}",
+        )
         err.check(mult > 0, f"optimizer.lr_multipliers.{name}={mult} must be > 0")
-    err.positive(t, ["train_steps", "global_batch_size", "micro_batch_size", "seq_length"],
-                 "training")
+    err.positive(
+        t, ["train_steps", "global_batch_size", "micro_batch_size", "seq_length"], "training"
+    )
     if t.micro_batch_size > 0:
-        err.check(t.global_batch_size % t.micro_batch_size == 0,
-                  f"training.global_batch_size={t.global_batch_size} must be a multiple of "
-                  f"training.micro_batch_size={t.micro_batch_size}")
+        err.check(
+            t.global_batch_size % t.micro_batch_size == 0,
+            f"training.global_batch_size={t.global_batch_size} must be a multiple of "
+            f"training.micro_batch_size={t.micro_batch_size}",
+        )
 
 
 def _check_data(cfg: MM1Config, err: _Errors) -> None:
     d = cfg.data
     for name, weight in d.mixture.items():
-        err.check(name in ("interleaved", "caption", "text"),
-                  f"data.mixture.{name}: unknown source; use interleaved, caption or text")
+        err.check(
+            name in ("interleaved", "caption", "text"),
+            f"data.mixture.{name}: unknown source; use interleaved, caption or text",
+        )
         err.check(weight >= 0, f"data.mixture.{name}={weight} must be >= 0")
     err.check(sum(d.mixture.values()) > 0, "data.mixture needs at least one positive weight")
     err.check(d.max_images_per_sequence >= 0, "data.max_images_per_sequence must be >= 0")
-    err.check(d.caption_window >= 1, f"data.caption_window={d.caption_window} must be >= 1 "
-                                      f"(caption samples read per caption sequence)")
+    err.check(
+        d.caption_window >= 1,
+        f"data.caption_window={d.caption_window} must be >= 1 "
+        f"(caption samples read per caption sequence)",
+    )
     err.check(d.num_workers >= 0, "data.num_workers must be >= 0")
     err.check(d.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
     if d.tokenizer.kind == "synthetic":
-        err.check(d.tokenizer.path is None, "data.tokenizer.path is only read with "
-                                            "data.tokenizer.kind=sentencepiece or huggingface; "
-                                            "unset it")
+        err.check(
+            d.tokenizer.path is None,
+            "data.tokenizer.path is only read with "
+            "data.tokenizer.kind=sentencepiece or huggingface; "
+            "unset it",
+        )
     else:
-        err.check(bool(d.tokenizer.path), f"data.tokenizer.kind={d.tokenizer.kind} needs "
-                                          f"data.tokenizer.path (a .model file or a tokenizer "
-                                          f"folder)")
+        err.check(
+            bool(d.tokenizer.path),
+            f"data.tokenizer.kind={d.tokenizer.kind} needs "
+            f"data.tokenizer.path (a .model file or a tokenizer "
+            f"folder)",
+        )
     for name in ("caption", "interleaved", "text"):
         listed, field_name = getattr(d.shards, name), f"data.shards.{name}"
         if d.source == "webdataset":
-            err.check(not d.mixture.get(name, 0) > 0 or bool(listed),
-                      f"data.mixture.{name}={d.mixture.get(name)} but {field_name} is empty: "
-                      f"list its {'prefixes' if name == 'text' else 'shard manifests'} or set "
-                      f"the weight to 0")
+            err.check(
+                not d.mixture.get(name, 0) > 0 or bool(listed),
+                f"data.mixture.{name}={d.mixture.get(name)} but {field_name} is empty: "
+                f"list its {'prefixes' if name == 'text' else 'shard manifests'} or set "
+                f"the weight to 0",
+            )
         else:
-            err.check(not listed, f"{field_name} is only read with data.source=webdataset; "
-                                  f"unset it or set data.source=webdataset")
+            err.check(
+                not listed,
+                f"{field_name} is only read with data.source=webdataset; "
+                f"unset it or set data.source=webdataset",
+            )
     image_weight = d.mixture.get("interleaved", 0) + d.mixture.get("caption", 0)
     if image_weight > 0:
-        err.check(d.max_images_per_sequence >= 1,
-                  "data.max_images_per_sequence must be >= 1 when the mixture has image sources")
+        err.check(
+            d.max_images_per_sequence >= 1,
+            "data.max_images_per_sequence must be >= 1 when the mixture has image sources",
+        )
         tokens = cfg.model.connector.num_output_tokens
-        err.check(tokens + 16 <= cfg.training.seq_length,
-                  f"training.seq_length={cfg.training.seq_length} cannot hold one image "
-                  f"({tokens} tokens) plus its caption; raise it or lower "
-                  f"model.connector.num_output_tokens")
+        err.check(
+            tokens + 16 <= cfg.training.seq_length,
+            f"training.seq_length={cfg.training.seq_length} cannot hold one image "
+            f"({tokens} tokens) plus its caption; raise it or lower "
+            f"model.connector.num_output_tokens",
+        )
 
 
 def _check_model_impl(cfg: MM1Config, err: _Errors) -> None:
     m = cfg.model
     if m.fp8 is not None:
-        err.check(m.transformer_impl == "transformer_engine",
-                  "model.fp8 needs model.transformer_impl=transformer_engine")
+        err.check(
+            m.transformer_impl == "transformer_engine",
+            "model.fp8 needs model.transformer_impl=transformer_engine",
+        )
     err.check(m.init_method_std > 0, "model.init_method_std must be > 0")
 
 
 def _check_checkpoint(cfg: MM1Config, err: _Errors) -> None:
     c = cfg.checkpoint
     err.check(c.save_interval >= 0, "checkpoint.save_interval must be >= 0")
-    err.check(c.save_interval == 0 or c.save_dir is not None,
-              "checkpoint.save_interval needs checkpoint.save_dir")
+    err.check(
+        c.save_interval == 0 or c.save_dir is not None,
+        "checkpoint.save_interval needs checkpoint.save_dir",
+    )
     err.check(c.keep_last >= 1, "checkpoint.keep_last must be >= 1")
     err.check(c.keep_every >= 0, "checkpoint.keep_every must be >= 0")
     for name in cfg.model.freeze:
-        err.check(name in LR_MULTIPLIER_MODULES,
-                  f"model.freeze: unknown module {name!r}; use {list(LR_MULTIPLIER_MODULES)}")
+        err.check(
+            name in LR_MULTIPLIER_MODULES,
+            f"model.freeze: unknown module {name!r}; use {list(LR_MULTIPLIER_MODULES)}",
+        )
     err.check(cfg.training.max_nonfinite_steps >= 1, "training.max_nonfinite_steps must be >= 1")
     err.check(cfg.training.loss_spike_ratio > 1, "training.loss_spike_ratio must be > 1")
-    err.check(cfg.parallel.collective_timeout_minutes > 0,
-              "parallel.collective_timeout_minutes must be > 0")
+    err.check(
+        cfg.parallel.collective_timeout_minutes > 0,
+        "parallel.collective_timeout_minutes must be > 0",
+    )
 
 
 def _literal_fields(obj, prefix: str = "") -> Iterator[Tuple[str, object, tuple]]:
@@ -288,33 +408,49 @@ def _check_choices(cfg: MM1Config, err: _Errors) -> None:
 def validate_config(cfg: MM1Config) -> MM1Config:
     """Raise ``ValueError`` listing every problem in ``cfg``; return it unchanged if none."""
     err = _Errors()
-    for check in (_check_choices, _check_vision, _check_connector, _check_llm, _check_parallel,
-                  _check_optimizer_and_training, _check_data, _check_model_impl,
-                  _check_checkpoint):
+    for check in (
+        _check_choices,
+        _check_vision,
+        _check_connector,
+        _check_llm,
+        _check_parallel,
+        _check_optimizer_and_training,
+        _check_data,
+        _check_model_impl,
+        _check_checkpoint,
+    ):
         check(cfg, err)
     if err.messages:
         raise ValueError("Invalid configuration:\n  - " + "\n  - ".join(err.messages))
     return cfg
 
 
-def validate_environment(cfg: MM1Config, *, cuda_available: bool,
-                         cuda_capability: Optional[Tuple[int, int]] = None) -> None:
+def validate_environment(
+    cfg: MM1Config, *, cuda_available: bool, cuda_capability: Optional[Tuple[int, int]] = None
+) -> None:
     """Checks that depend on the machine: accelerators asked for must be present."""
     messages = []
     if cfg.model.fp8 is not None and cuda_capability is not None and cuda_capability < (8, 9):
-        messages.append(f"model.fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, "
-                        f"Hopper); this GPU is {cuda_capability[0]}.{cuda_capability[1]}. "
-                        f"Set model.fp8=null")
+        messages.append(
+            f"model.fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, "
+            f"Hopper); this GPU is {cuda_capability[0]}.{cuda_capability[1]}. "
+            f"Set model.fp8=null"
+        )
     te_installed = importlib.util.find_spec("transformer_engine") is not None
     if cfg.model.transformer_impl == "transformer_engine" and not te_installed:
-        messages.append("model.transformer_impl=transformer_engine but Transformer Engine is not "
-                        "installed: `pip install -e .[te]` on a CUDA machine, or set "
-                        "model.transformer_impl=local")
+        messages.append(
+            "model.transformer_impl=transformer_engine but Transformer Engine is not "
+            "installed: `pip install -e .[te]` on a CUDA machine, or set "
+            "model.transformer_impl=local"
+        )
     if cfg.model.fp8 is not None and not cuda_available:
-        messages.append("model.fp8 needs an NVIDIA GPU with FP8 support (Hopper or newer); "
-                        "set model.fp8=null to run on this machine")
+        messages.append(
+            "model.fp8 needs an NVIDIA GPU with FP8 support (Hopper or newer); "
+            "set model.fp8=null to run on this machine"
+        )
     if cfg.training.precision == "bf16" and not cuda_available:
-        messages.append("training.precision=bf16 is GPU-only here; use training.precision=auto "
-                        "(fp32 on CPU)")
+        messages.append(
+            "training.precision=bf16 is GPU-only here; use training.precision=auto (fp32 on CPU)"
+        )
     if messages:
         raise ValueError("Configuration does not fit this machine:\n  - " + "\n  - ".join(messages))

@@ -48,7 +48,8 @@ class _RegionPlanner(LoadPlanner):
         for key, (offset, destination) in self.regions.items():
             chunk = ChunkStorageMetadata(offsets=torch.Size(offset), sizes=destination.shape)
             requests += create_read_items_for_chunk_list(
-                key, self.metadata.state_dict_metadata[key], [chunk])
+                key, self.metadata.state_dict_metadata[key], [chunk]
+            )
         return LoadPlan(requests)
 
     def create_global_plan(self, global_plan: List[LoadPlan]) -> List[LoadPlan]:
@@ -101,11 +102,11 @@ def _bounding_regions(leaves, dtype: torch.dtype) -> Dict[str, Region]:
     regions = {}
     for key, key_boxes in boxes.items():
         low = [min(offset[d] for offset, _ in key_boxes) for d in range(len(key_boxes[0][0]))]
-        high = [max(offset[d] + shape[d] for offset, shape in key_boxes)
-                for d in range(len(low))]
-        shape = [h - l for h, l in zip(high, low)]
-        assert torch.Size(shape).numel() == sum(torch.Size(s).numel() for _, s in key_boxes), \
+        high = [max(offset[d] + shape[d] for offset, shape in key_boxes) for d in range(len(low))]
+        shape = [hi - lo for hi, lo in zip(high, low)]
+        assert torch.Size(shape).numel() == sum(torch.Size(s).numel() for _, s in key_boxes), (
             f"{key}: the requested pieces do not tile one box"
+        )
         regions[key] = (tuple(low), torch.empty(shape, dtype=dtype))
     return regions
 
@@ -123,8 +124,15 @@ class CheckpointTensors:
     """The tensors of ``parts`` in a checkpoint written at any layout, by our TP=1 names
     (those of ``MM1Model.state_dict()``), read one unit at a time."""
 
-    def __init__(self, step_folder: Path, model: ModelConfig, parts: Sequence[str], *,
-                 image_token_id: int, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        step_folder: Path,
+        model: ModelConfig,
+        parts: Sequence[str],
+        *,
+        image_token_id: int,
+        dtype: torch.dtype = torch.float32,
+    ):
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
         from mm1_megatron.conversion import megatron_io
@@ -133,10 +141,14 @@ class CheckpointTensors:
         self.dtype = dtype
         with torch.device("meta"):
             skeleton = megatron_io.build_tp1_model(
-                megatron_io.placeholder_model_config(model, parts), image_token_id=image_token_id)
+                megatron_io.placeholder_model_config(model, parts), image_token_id=image_token_id
+            )
         prefixes = tuple(f"{part}." for part in parts)
-        self._entries = {name: entry for name, entry in skeleton.sharded_state_dict().items()
-                         if name.startswith(prefixes) and not isinstance(entry, ShardedObject)}
+        self._entries = {
+            name: entry
+            for name, entry in skeleton.sharded_state_dict().items()
+            if name.startswith(prefixes) and not isinstance(entry, ShardedObject)
+        }
         self._pieces = {name: _stored_pieces(entry) for name, entry in self._entries.items()}
         self._reader = FileSystemReader(str(self.folder))
         self._stored = self._reader.read_metadata().state_dict_metadata
@@ -155,12 +167,17 @@ class CheckpointTensors:
                 got = tuple(self._stored[leaf.key].size)
                 if got != tuple(leaf.global_shape):
                     raise shape_mismatch(
-                        leaf.key, tuple(leaf.global_shape), got,
+                        leaf.key,
+                        tuple(leaf.global_shape),
+                        got,
                         expected_from=f"config.yaml (our {name}, layers/experts stacked)",
-                        got_from=str(self.folder))
+                        got_from=str(self.folder),
+                    )
         if missing:
-            raise ConversionError(f"{self.folder} lacks {len(missing)} tensors its config.yaml "
-                                  f"implies, e.g. {sorted(missing)[0]}")
+            raise ConversionError(
+                f"{self.folder} lacks {len(missing)} tensors its config.yaml "
+                f"implies, e.g. {sorted(missing)[0]}"
+            )
 
     def names(self, prefix: str = "") -> List[str]:
         return [name for name in self._entries if name.startswith(prefix)]
@@ -175,17 +192,24 @@ class CheckpointTensors:
         if unknown:
             raise ConversionError(f"the checkpoint's model has no tensor {unknown[0]}")
         regions = _bounding_regions(
-            [leaf for name in names for leaf in _leaves(self._pieces[name])], self.dtype)
-        dcp_load({key: destination for key, (_, destination) in regions.items()},
-                 storage_reader=self._reader, planner=_RegionPlanner(regions), no_dist=True)
-        self.largest_fetch_bytes = max(self.largest_fetch_bytes, sum(
-            d.numel() * d.element_size() for _, d in regions.values()))
+            [leaf for name in names for leaf in _leaves(self._pieces[name])], self.dtype
+        )
+        dcp_load(
+            {key: destination for key, (_, destination) in regions.items()},
+            storage_reader=self._reader,
+            planner=_RegionPlanner(regions),
+            no_dist=True,
+        )
+        self.largest_fetch_bytes = max(
+            self.largest_fetch_bytes, sum(d.numel() * d.element_size() for _, d in regions.values())
+        )
         loaded = {}
         for name in names:
             entry, pieces = self._entries[name], self._pieces[name]
             if isinstance(entry, ShardedTensorFactory):
                 loaded[name] = entry.merge_fn(
-                    dict_list_map_outplace(lambda leaf: _cut(leaf, regions), pieces))
+                    dict_list_map_outplace(lambda leaf: _cut(leaf, regions), pieces)
+                )
             else:
                 loaded[name] = _cut(pieces, regions)
         return loaded

@@ -23,7 +23,7 @@ logger = logging.getLogger("mm1_megatron.convert")
 
 EXIT_BAD_INPUT = 2
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*$", re.IGNORECASE)
-_UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3}
+_UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
 
 
 def parse_size(text: str) -> int:
@@ -37,48 +37,81 @@ def parse_size(text: str) -> int:
 
 def _add_import_parser(commands) -> None:
     p = commands.add_parser("import", help="Hugging Face weights -> an mm1_megatron checkpoint")
-    p.add_argument("--language-model", type=Path,
-                   help="LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / "
-                        "MixtralForCausalLM folder (safetensors)")
-    p.add_argument("--vision-encoder", type=Path,
-                   help="CLIPVisionModel or CLIPModel folder (safetensors)")
+    p.add_argument(
+        "--language-model",
+        type=Path,
+        help="LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / "
+        "MixtralForCausalLM folder (safetensors)",
+    )
+    p.add_argument(
+        "--vision-encoder", type=Path, help="CLIPVisionModel or CLIPModel folder (safetensors)"
+    )
     p.add_argument("--output", type=Path, required=True, help="save folder to create")
-    p.add_argument("--config", type=Path,
-                   help="YAML for everything not imported (connector, training); default: "
-                        "the schema defaults")
-    p.add_argument("--tokenizer", type=Path,
-                   help="Hugging Face tokenizer folder (default: the language model folder "
-                        "when it has tokenizer files)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="YAML for everything not imported (connector, training); default: the schema defaults",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        help="Hugging Face tokenizer folder (default: the language model folder "
+        "when it has tokenizer files)",
+    )
     p.add_argument("--vocab-size", type=int, help="grow the vocabulary to this many rows")
-    p.add_argument("--vocab-multiple", type=int, default=1,
-                   help="round the vocabulary up to a multiple (e.g. 128 x TP)")
+    p.add_argument(
+        "--vocab-multiple",
+        type=int,
+        default=1,
+        help="round the vocabulary up to a multiple (e.g. 128 x TP)",
+    )
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    p.add_argument("overrides", nargs="*", metavar="section.field=value",
-                   help="dotted overrides of --config")
+    p.add_argument(
+        "overrides", nargs="*", metavar="section.field=value", help="dotted overrides of --config"
+    )
 
 
 def _add_export_parser(commands) -> None:
     from mm1_megatron.conversion.exporter import FORMATS
 
     p = commands.add_parser("export", help="an mm1_megatron checkpoint -> a Hugging Face folder")
-    p.add_argument("--checkpoint", type=Path, required=True,
-                   help="save folder (its latest checkpoint) or one step folder, any layout")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="save folder (its latest checkpoint) or one step folder, any layout",
+    )
     p.add_argument("--output", type=Path, required=True, help="folder to create")
-    p.add_argument("--format", choices=FORMATS, default="auto",
-                   help="auto: mm1 for a full model, else the part the checkpoint holds")
-    p.add_argument("--dtype", default="auto",
-                   help="float32, bfloat16 or float16 (auto: the imported source's, else float32)")
-    p.add_argument("--tokenizer", type=Path,
-                   help="Hugging Face tokenizer folder replacing the checkpoint's")
-    p.add_argument("--max-shard-size", type=parse_size, default="5GB",
-                   help="largest safetensors shard (default 5GB)")
+    p.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="auto",
+        help="auto: mm1 for a full model, else the part the checkpoint holds",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="float32, bfloat16 or float16 (auto: the imported source's, else float32)",
+    )
+    p.add_argument(
+        "--tokenizer", type=Path, help="Hugging Face tokenizer folder replacing the checkpoint's"
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=parse_size,
+        default="5GB",
+        help="largest safetensors shard (default 5GB)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mm1-convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mm1-convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_import_parser(commands)
     _add_export_parser(commands)
@@ -88,20 +121,36 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def _run_import(args) -> None:
     from mm1_megatron.conversion.importer import ImportRequest, import_checkpoint
 
-    import_checkpoint(ImportRequest(
-        output=args.output, language_model=args.language_model,
-        vision_encoder=args.vision_encoder, base_config=args.config, overrides=args.overrides,
-        tokenizer=args.tokenizer, vocab_size=args.vocab_size,
-        vocab_multiple=args.vocab_multiple, overwrite=args.overwrite, seed=args.seed))
+    import_checkpoint(
+        ImportRequest(
+            output=args.output,
+            language_model=args.language_model,
+            vision_encoder=args.vision_encoder,
+            base_config=args.config,
+            overrides=args.overrides,
+            tokenizer=args.tokenizer,
+            vocab_size=args.vocab_size,
+            vocab_multiple=args.vocab_multiple,
+            overwrite=args.overwrite,
+            seed=args.seed,
+        )
+    )
 
 
 def _run_export(args) -> None:
     from mm1_megatron.conversion.exporter import ExportRequest, export_checkpoint
 
-    export_checkpoint(ExportRequest(
-        checkpoint=args.checkpoint, output=args.output, format=args.format, dtype=args.dtype,
-        tokenizer=args.tokenizer, overwrite=args.overwrite,
-        max_shard_bytes=args.max_shard_size))
+    export_checkpoint(
+        ExportRequest(
+            checkpoint=args.checkpoint,
+            output=args.output,
+            format=args.format,
+            dtype=args.dtype,
+            tokenizer=args.tokenizer,
+            overwrite=args.overwrite,
+            max_shard_bytes=args.max_shard_size,
+        )
+    )
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -37,12 +37,19 @@ Tensors = Iterator[Tuple[str, torch.Tensor]]
 CONNECTOR_PREFIX = "connector.net."
 
 
-def language_model_tensors(source, llm: LanguageModelConfig, *, dtype: torch.dtype,
-                           prefix: str = "") -> Tensors:
+def language_model_tensors(
+    source, llm: LanguageModelConfig, *, dtype: torch.dtype, prefix: str = ""
+) -> Tensors:
     target = language_target(llm)
     units = language_units(llm, TARGET_STYLES[target])
-    yield from hf_tensors(source, units, language_attention_shape(llm), dtype=dtype,
-                          rename=lambda name: prefix + name, label="language model")
+    yield from hf_tensors(
+        source,
+        units,
+        language_attention_shape(llm),
+        dtype=dtype,
+        rename=lambda name: prefix + name,
+        label="language model",
+    )
     if target == "qwen2_moe":  # the zero-width shared expert: adds exactly zero
         h = llm.hidden_size
         for index, is_moe in enumerate(moe_layer_flags(llm)):
@@ -54,13 +61,24 @@ def language_model_tensors(source, llm: LanguageModelConfig, *, dtype: torch.dty
                 yield f"{block}.shared_expert_gate.weight", torch.zeros(1, h, dtype=dtype)
 
 
-def vision_tensors(source, vision: VisionEncoderConfig, *, dtype: torch.dtype, prefix: str,
-                   extras: Dict[str, torch.Tensor]) -> Tensors:
+def vision_tensors(
+    source,
+    vision: VisionEncoderConfig,
+    *,
+    dtype: torch.dtype,
+    prefix: str,
+    extras: Dict[str, torch.Tensor],
+) -> Tensors:
     """``CLIPVisionModel`` / ``SiglipVisionModel`` tensors under ``prefix``. CLIP's
     post-LayerNorm (which only the pooled output uses) comes from the import when there was
     one, else is the identity; SigLIP's is part of our ViT (``model.vision.post_layernorm``)."""
-    yield from hf_tensors(source, vision_units(vision, prefix), vision_attention_shape(vision),
-                          dtype=dtype, label="vision encoder")
+    yield from hf_tensors(
+        source,
+        vision_units(vision, prefix),
+        vision_attention_shape(vision),
+        dtype=dtype,
+        label="vision encoder",
+    )
     if vision_target(vision) != "clip":
         return
     weight_name, bias_name = vision_post_layernorm_names()
@@ -73,7 +91,7 @@ def vision_tensors(source, vision: VisionEncoderConfig, *, dtype: torch.dtype, p
 
 def connector_tensors(source, *, dtype: torch.dtype, rename) -> Tensors:
     for name, tensor in source.fetch(source.names(CONNECTOR_PREFIX)).items():
-        yield rename(name[len(CONNECTOR_PREFIX):]), tensor.to(dtype)
+        yield rename(name[len(CONNECTOR_PREFIX) :]), tensor.to(dtype)
 
 
 # ---- configs -------------------------------------------------------------------------
@@ -97,10 +115,14 @@ def mm1_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
     config = MM1HFConfig(
         vision_config=hf_vision_config(cfg.model.vision, dtype=dtype).to_dict(),
         text_config=hf_language_config(cfg.model.llm, special=special, dtype=dtype).to_dict(),
-        connector_config=asdict(cfg.model.connector), image_token_id=special["image"],
-        num_image_tokens=cfg.model.connector.num_output_tokens, dtype=dtype,
-        bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
-        pad_token_id=special.get("pad"))
+        connector_config=asdict(cfg.model.connector),
+        image_token_id=special["image"],
+        num_image_tokens=cfg.model.connector.num_output_tokens,
+        dtype=dtype,
+        bos_token_id=special.get("bos"),
+        eos_token_id=special.get("eos"),
+        pad_token_id=special.get("pad"),
+    )
     config.architectures = ["MM1ForConditionalGeneration"]
     return config
 
@@ -111,12 +133,14 @@ def check_llava_compatible(cfg: MM1Config) -> None:
         raise ConversionError(
             f"--format llava needs model.connector.type=mlp with num_readout_layers=2 (LLaVA's "
             f"Linear-GELU-Linear projector); this model has type={connector.type}, "
-            f"num_readout_layers={connector.num_readout_layers}. Use --format mm1")
+            f"num_readout_layers={connector.num_readout_layers}. Use --format mm1"
+        )
     if vision_target(cfg.model.vision) != "clip":
         raise ConversionError(
             "--format llava needs a CLIP vision tower: LLaVA takes the features before "
             "SigLIP's post-LayerNorm (vision_feature_layer=-1), which our ViT applies. "
-            "Use --format mm1")
+            "Use --format mm1"
+        )
 
 
 def llava_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
@@ -129,9 +153,13 @@ def llava_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
         text_config=hf_language_config(cfg.model.llm, special=special, dtype=dtype).to_dict(),
         image_token_index=special["image"],
         image_seq_length=(vision.image_size // vision.patch_size) ** 2,
-        projector_hidden_act="gelu", vision_feature_select_strategy="default",
-        vision_feature_layer=-1, multimodal_projector_bias=True,
-        tie_word_embeddings=cfg.model.llm.tie_embeddings, dtype=dtype)
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=cfg.model.llm.tie_embeddings,
+        dtype=dtype,
+    )
     config.architectures = ["LlavaForConditionalGeneration"]
     return config
 
@@ -142,22 +170,26 @@ def llava_projector_name(name: str) -> str:
     return f"multi_modal_projector.linear_{1 if layer == '0' else 2}.{param}"
 
 
-def format_tensors(fmt: str, source, cfg: MM1Config, *, dtype: torch.dtype,
-                   extras: Dict[str, torch.Tensor]) -> Tensors:
+def format_tensors(
+    fmt: str, source, cfg: MM1Config, *, dtype: torch.dtype, extras: Dict[str, torch.Tensor]
+) -> Tensors:
     model = cfg.model
     if fmt == "language-model":
         yield from language_model_tensors(source, model.llm, dtype=dtype)
     elif fmt == "vision-encoder":
-        yield from vision_tensors(source, model.vision, dtype=dtype, prefix="vision_model.",
-                                  extras=extras)
+        yield from vision_tensors(
+            source, model.vision, dtype=dtype, prefix="vision_model.", extras=extras
+        )
     elif fmt == "mm1":
-        yield from vision_tensors(source, model.vision, dtype=dtype, prefix="vision_tower.",
-                                  extras=extras)
+        yield from vision_tensors(
+            source, model.vision, dtype=dtype, prefix="vision_tower.", extras=extras
+        )
         yield from connector_tensors(source, dtype=dtype, rename=lambda n: f"connector.{n}")
         yield from language_model_tensors(source, model.llm, dtype=dtype, prefix="language_model.")
     elif fmt == "llava":
-        yield from vision_tensors(source, model.vision, dtype=dtype,
-                                  prefix="vision_tower.vision_model.", extras=extras)
+        yield from vision_tensors(
+            source, model.vision, dtype=dtype, prefix="vision_tower.vision_model.", extras=extras
+        )
         yield from connector_tensors(source, dtype=dtype, rename=llava_projector_name)
         yield from language_model_tensors(source, model.llm, dtype=dtype, prefix="language_model.")
     else:

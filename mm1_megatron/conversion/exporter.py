@@ -68,7 +68,7 @@ class ExportRequest:
     checkpoint: Path
     output: Path
     format: str = "auto"
-    dtype: str = "auto"              # auto: the imported source's dtype, else float32
+    dtype: str = "auto"  # auto: the imported source's dtype, else float32
     tokenizer: Optional[Path] = None  # a HF tokenizer folder replacing the checkpoint's
     overwrite: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
@@ -84,12 +84,15 @@ def _choose_format(requested: str, parts) -> str:
             return "language-model"
         if parts == ("vision_encoder",):
             return "vision-encoder"
-        raise ConversionError(f"the checkpoint holds {list(parts)}; choose --format "
-                              f"language-model or vision-encoder")
+        raise ConversionError(
+            f"the checkpoint holds {list(parts)}; choose --format language-model or vision-encoder"
+        )
     missing = [p for p in FORMAT_PARTS[requested] if p not in parts]
     if missing:
-        raise ConversionError(f"--format {requested} needs {missing}, which the checkpoint "
-                              f"does not hold (it has {list(parts)})")
+        raise ConversionError(
+            f"--format {requested} needs {missing}, which the checkpoint "
+            f"does not hold (it has {list(parts)})"
+        )
     return requested
 
 
@@ -103,18 +106,20 @@ def _choose_dtype(requested: str, info: Dict) -> str:
 def _architecture(fmt: str, cfg) -> str:
     if fmt == "vision-encoder":
         return VISION_CLASSES[vision_target(cfg.model.vision)]
-    return {"mm1": "MM1ForConditionalGeneration",
-            "llava": "LlavaForConditionalGeneration"}.get(fmt) or \
-        TARGET_CLASSES[language_target(cfg.model.llm)]
+    return {"mm1": "MM1ForConditionalGeneration", "llava": "LlavaForConditionalGeneration"}.get(
+        fmt
+    ) or TARGET_CLASSES[language_target(cfg.model.llm)]
 
 
 def _model_card_notes(fmt: str, cfg) -> str:
     if fmt == "vision-encoder" or language_target(cfg.model.llm) != "qwen2_moe":
         return ""
-    return ("The decoder has MoE layers on every k-th layer (0, k, 2k, ...), so it is exported "
-            "as `Qwen2MoeForCausalLM`: the standard class whose layers can each be dense "
-            "(`mlp_only_layers`, own `intermediate_size`) or MoE, with plain RoPE attention and "
-            "renormalised top-k routing. Its shared expert has width 0 and adds exactly zero.")
+    return (
+        "The decoder has MoE layers on every k-th layer (0, k, 2k, ...), so it is exported "
+        "as `Qwen2MoeForCausalLM`: the standard class whose layers can each be dense "
+        "(`mlp_only_layers`, own `intermediate_size`) or MoE, with plain RoPE attention and "
+        "renormalised top-k routing. Its shared expert has width 0 and adds exactly zero."
+    )
 
 
 def _load_extras(step: Path) -> Dict[str, torch.Tensor]:
@@ -126,8 +131,9 @@ def _load_extras(step: Path) -> Dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def _write_side_files(folder: Path, fmt: str, cfg, tokenizer, special, step: Path,
-                      dtype: str) -> None:
+def _write_side_files(
+    folder: Path, fmt: str, cfg, tokenizer, special, step: Path, dtype: str
+) -> None:
     if tokenizer is not None:
         write_tokenizer(tokenizer, folder)
     if special is not None:
@@ -138,9 +144,16 @@ def _write_side_files(folder: Path, fmt: str, cfg, tokenizer, special, step: Pat
         from mm1_megatron.conversion.llava_processor import write_llava_processor
 
         write_llava_processor(folder, cfg)
-    write_model_card(folder, fmt=fmt, cfg=cfg, step_folder=step,
-                     architecture=_architecture(fmt, cfg), dtype=dtype,
-                     notes=_model_card_notes(fmt, cfg), special=special)
+    write_model_card(
+        folder,
+        fmt=fmt,
+        cfg=cfg,
+        step_folder=step,
+        architecture=_architecture(fmt, cfg),
+        dtype=dtype,
+        notes=_model_card_notes(fmt, cfg),
+        special=special,
+    )
 
 
 def _tokenizer_and_special_ids(request: ExportRequest, cfg, step: Path, needed):
@@ -151,10 +164,16 @@ def _tokenizer_and_special_ids(request: ExportRequest, cfg, step: Path, needed):
     info = megatron_io.read_conversion_info(step)
     source = info.get("sources", {}).get("language_model")
     if request.tokenizer is None and source and not info["vocabulary"]["special_ids"]:
-        logger.warning("%s was imported without a tokenizer: no tokenizer files are written "
-                       "(pass --tokenizer to add one)", step)
-        return None, {"bos": source["bos_token_id"], "eos": source["eos_token_id"],
-                      "pad": source["pad_token_id"]}
+        logger.warning(
+            "%s was imported without a tokenizer: no tokenizer files are written "
+            "(pass --tokenizer to add one)",
+            step,
+        )
+        return None, {
+            "bos": source["bos_token_id"],
+            "eos": source["eos_token_id"],
+            "pad": source["pad_token_id"],
+        }
     tokenizer = resolve_tokenizer(cfg, request.tokenizer)
     return tokenizer, tokenizer.special_ids()
 
@@ -172,18 +191,23 @@ def export_checkpoint(request: ExportRequest) -> Path:
         dtype = _choose_dtype(request.dtype, megatron_io.read_conversion_info(step))
         needed = FORMAT_PARTS[fmt]
         tokenizer, special = _tokenizer_and_special_ids(request, cfg, step, needed)
-        source = CheckpointTensors(step, cfg.model, needed,
-                                   image_token_id=(special or {}).get("image") or 0)
+        source = CheckpointTensors(
+            step, cfg.model, needed, image_token_id=(special or {}).get("image") or 0
+        )
         logger.info("exporting %s of %s as %s (%s)", " + ".join(needed), step, fmt, dtype)
         with staged_output(request.output, overwrite=request.overwrite) as staging:
             format_config(fmt, cfg, special, dtype).save_pretrained(str(staging))
             writer = ShardedSafetensorsWriter(staging, max_shard_bytes=request.max_shard_bytes)
-            for name, tensor in format_tensors(fmt, source, cfg, dtype=tensor_dtype(dtype),
-                                               extras=_load_extras(step)):
+            for name, tensor in format_tensors(
+                fmt, source, cfg, dtype=tensor_dtype(dtype), extras=_load_extras(step)
+            ):
                 writer.add(name, tensor)
             writer.close()
-            logger.info("wrote %.2f GB; the largest unit read at once was %.2f GB",
-                        writer.total_bytes / 1e9, source.largest_fetch_bytes / 1e9)
+            logger.info(
+                "wrote %.2f GB; the largest unit read at once was %.2f GB",
+                writer.total_bytes / 1e9,
+                source.largest_fetch_bytes / 1e9,
+            )
             _write_side_files(staging, fmt, cfg, tokenizer, special, step, dtype)
     logger.info("exported %s to %s", fmt, request.output)
     return Path(request.output)

@@ -32,15 +32,23 @@ from transformers import CLIPVisionModel
 model = CLIPVisionModel.from_pretrained("{path}")  # last_hidden_state[:, 1:] = our features
 ```""",
 }
-PIPELINE_TAGS = {"mm1": "image-text-to-text", "llava": "image-text-to-text",
-                 "language-model": "text-generation", "vision-encoder": "image-feature-extraction"}
+PIPELINE_TAGS = {
+    "mm1": "image-text-to-text",
+    "llava": "image-text-to-text",
+    "language-model": "text-generation",
+    "vision-encoder": "image-feature-extraction",
+}
 
 
 def write_generation_config(folder: Path, special: Dict[str, int]) -> None:
     from transformers import GenerationConfig
 
-    GenerationConfig(bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
-                     pad_token_id=special.get("pad"), do_sample=False).save_pretrained(str(folder))
+    GenerationConfig(
+        bos_token_id=special.get("bos"),
+        eos_token_id=special.get("eos"),
+        pad_token_id=special.get("pad"),
+        do_sample=False,
+    ).save_pretrained(str(folder))
 
 
 def write_image_processor_config(folder: Path, vision: VisionEncoderConfig) -> None:
@@ -53,24 +61,44 @@ def _trainer_step(step_folder: Path) -> Optional[int]:
     return json.loads(path.read_text()).get("step") if path.is_file() else None
 
 
-def write_model_card(folder: Path, *, fmt: str, cfg: MM1Config, step_folder: Path,
-                     architecture: str, dtype: str, notes: str = "",
-                     special: Optional[Dict[str, int]] = None) -> None:
+def write_model_card(
+    folder: Path,
+    *,
+    fmt: str,
+    cfg: MM1Config,
+    step_folder: Path,
+    architecture: str,
+    dtype: str,
+    notes: str = "",
+    special: Optional[Dict[str, int]] = None,
+) -> None:
     from mm1_megatron.models.param_count import count_parameters
 
     counts = count_parameters(cfg.model)
     step = _trainer_step(step_folder)
     special = special or {}
-    usage = USAGE[fmt].format(path=Path(folder).name, image_token_id=special.get("image"),
-                              num_image_tokens=cfg.model.connector.num_output_tokens)
+    usage = USAGE[fmt].format(
+        path=Path(folder).name,
+        image_token_id=special.get("image"),
+        num_image_tokens=cfg.model.connector.num_output_tokens,
+    )
     config_text = (step_folder / "config.yaml").read_text()
     lines = [
-        "---", "library_name: transformers", f"pipeline_tag: {PIPELINE_TAGS[fmt]}",
-        "tags:", "- mm1_megatron", "- mm1", "---", "",
-        f"# {architecture} exported from mm1_megatron", "",
+        "---",
+        "library_name: transformers",
+        f"pipeline_tag: {PIPELINE_TAGS[fmt]}",
+        "tags:",
+        "- mm1_megatron",
+        "- mm1",
+        "---",
+        "",
+        f"# {architecture} exported from mm1_megatron",
+        "",
         f"Exported by `mm1-convert export --format {fmt}` from `{step_folder}`"
-        + (f" (training step {step})." if step is not None else "."), "",
-        f"- class: `{architecture}`", f"- dtype: {dtype}",
+        + (f" (training step {step})." if step is not None else "."),
+        "",
+        f"- class: `{architecture}`",
+        f"- dtype: {dtype}",
         f"- parameters in the training config: vision encoder {counts.vision_encoder:,}, "
         f"connector {counts.connector:,}, language model {counts.language_model:,}",
     ]
@@ -78,7 +106,19 @@ def write_model_card(folder: Path, *, fmt: str, cfg: MM1Config, step_folder: Pat
         lines.append("- special token ids: " + ", ".join(f"{k} {v}" for k, v in special.items()))
     if notes:
         lines += ["", notes]
-    lines += ["", "## Usage", "", usage, "", "## Training configuration", "",
-              "The resolved `config.yaml` of the run:", "", "```yaml", config_text.rstrip(),
-              "```", ""]
+    lines += [
+        "",
+        "## Usage",
+        "",
+        usage,
+        "",
+        "## Training configuration",
+        "",
+        "The resolved `config.yaml` of the run:",
+        "",
+        "```yaml",
+        config_text.rstrip(),
+        "```",
+        "",
+    ]
     (Path(folder) / "README.md").write_text("\n".join(lines))

@@ -49,11 +49,11 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ImportRequest:
     output: Path
-    language_model: Optional[Path] = None   # a LlamaForCausalLM / Qwen2 / Mistral / Mixtral folder
-    vision_encoder: Optional[Path] = None   # a CLIPVisionModel / CLIPModel / SigLIP folder
-    base_config: Optional[Path] = None      # YAML for the parts not imported (e.g. the connector)
+    language_model: Optional[Path] = None  # a LlamaForCausalLM / Qwen2 / Mistral / Mixtral folder
+    vision_encoder: Optional[Path] = None  # a CLIPVisionModel / CLIPModel / SigLIP folder
+    base_config: Optional[Path] = None  # YAML for the parts not imported (e.g. the connector)
     overrides: Sequence[str] = ()
-    tokenizer: Optional[Path] = None        # default: the language model folder, if it has one
+    tokenizer: Optional[Path] = None  # default: the language model folder, if it has one
     vocab_size: Optional[int] = None
     vocab_multiple: int = 1
     overwrite: bool = False
@@ -62,8 +62,9 @@ class ImportRequest:
 
 def _shared_expert_names(index: int) -> List[str]:
     block = f"model.layers.{index}.mlp"
-    return [f"{block}.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")] + \
-        [f"{block}.shared_expert_gate.weight"]
+    return [f"{block}.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")] + [
+        f"{block}.shared_expert_gate.weight"
+    ]
 
 
 def _check_no_shared_experts(reader: SafetensorsFolder, cfg: MM1Config) -> List[str]:
@@ -75,21 +76,32 @@ def _check_no_shared_experts(reader: SafetensorsFolder, cfg: MM1Config) -> List[
         layer_names = [n for n in _shared_expert_names(index) if n in reader]
         down = f"model.layers.{index}.mlp.shared_expert.down_proj.weight"
         if down in reader and reader.get(down).count_nonzero() > 0:
-            raise unsupported("shared expert", down, "Our MoE layers have routed experts only; "
-                              "a Qwen2-MoE shared expert must be zero (as in our exports).")
+            raise unsupported(
+                "shared expert",
+                down,
+                "Our MoE layers have routed experts only; "
+                "a Qwen2-MoE shared expert must be zero (as in our exports).",
+            )
         names += layer_names
     return names
 
 
-def _import_language_model(state, request: ImportRequest, cfg: MM1Config, style: str,
-                           plan: VocabularyPlan) -> None:
+def _import_language_model(
+    state, request: ImportRequest, cfg: MM1Config, style: str, plan: VocabularyPlan
+) -> None:
     reader = SafetensorsFolder(request.language_model)
     llm = cfg.model.llm
     grown = {f"{LANGUAGE_PREFIX}embedding.word_embeddings.weight": plan.source_size}
     if not llm.tie_embeddings:
         grown[f"{LANGUAGE_PREFIX}output_layer.weight"] = plan.source_size
-    consumed = fill_from_hf(state, language_units(llm, style), reader,
-                            language_attention_shape(llm), label="language model", grown=grown)
+    consumed = fill_from_hf(
+        state,
+        language_units(llm, style),
+        reader,
+        language_attention_shape(llm),
+        label="language model",
+        grown=grown,
+    )
     if style == QWEN2_MOE_STYLE:
         consumed.update(_check_no_shared_experts(reader, cfg))
     if llm.tie_embeddings:
@@ -97,33 +109,44 @@ def _import_language_model(state, request: ImportRequest, cfg: MM1Config, style:
     check_all_consumed(reader, consumed)
 
 
-def _import_vision_encoder(state, request: ImportRequest, cfg: MM1Config,
-                           info: Dict) -> Dict[str, torch.Tensor]:
+def _import_vision_encoder(
+    state, request: ImportRequest, cfg: MM1Config, info: Dict
+) -> Dict[str, torch.Tensor]:
     """Copies the ViT; returns CLIP's post-LayerNorm (kept for export) by exported name.
     SigLIP's attention-pooling head (``head.*``) is not part of our ViT and is dropped."""
     reader = SafetensorsFolder(request.vision_encoder)
     vision = cfg.model.vision
-    anchor = ("embeddings.class_embedding" if vision.use_class_token
-              else "embeddings.patch_embedding.weight")
+    anchor = (
+        "embeddings.class_embedding"
+        if vision.use_class_token
+        else "embeddings.patch_embedding.weight"
+    )
     prefix = reader.find_prefix(anchor)
     if prefix is None:
         kind = "a CLIP" if vision.use_class_token else "a SigLIP"
-        raise ConversionError(f"{request.vision_encoder} has no {anchor}; is it {kind} "
-                              f"vision tower?")
-    consumed = fill_from_hf(state, vision_units(vision, prefix), reader,
-                            vision_attention_shape(vision), label="vision encoder")
+        raise ConversionError(
+            f"{request.vision_encoder} has no {anchor}; is it {kind} vision tower?"
+        )
+    consumed = fill_from_hf(
+        state,
+        vision_units(vision, prefix),
+        reader,
+        vision_attention_shape(vision),
+        label="vision encoder",
+    )
     extras = {}
     if vision.post_layernorm:
         head = [name for name in reader.keys() if name.startswith(f"{prefix}head.")]
         if head:
             consumed.update(head)
-            warning = ("the SigLIP attention-pooling head (head.*) is not imported: MM1 uses "
-                       "the per-token features; an export writes SiglipVisionModel without it")
+            warning = (
+                "the SigLIP attention-pooling head (head.*) is not imported: MM1 uses "
+                "the per-token features; an export writes SiglipVisionModel without it"
+            )
             logger.warning("%s", warning)
             info["warnings"].append(warning)
     else:
-        for ours, theirs in zip(vision_post_layernorm_names(),
-                                vision_post_layernorm_names(prefix)):
+        for ours, theirs in zip(vision_post_layernorm_names(), vision_post_layernorm_names(prefix)):
             if theirs in reader:
                 extras[ours] = reader.get(theirs)
                 consumed.add(theirs)
@@ -137,19 +160,30 @@ def _language_part(request: ImportRequest, cfg: MM1Config, info: Dict):
     tokenizer = request.tokenizer
     if tokenizer is None and has_tokenizer_files(request.language_model):
         tokenizer = request.language_model
-    plan = plan_vocabulary(source.llm.vocab_size, tokenizer_path=tokenizer,
-                           vocab_size=request.vocab_size, multiple=request.vocab_multiple)
+    plan = plan_vocabulary(
+        source.llm.vocab_size,
+        tokenizer_path=tokenizer,
+        vocab_size=request.vocab_size,
+        multiple=request.vocab_multiple,
+    )
     cfg.model.llm = replace(source.llm, vocab_size=plan.target_size)
     if plan.tokenizer_path is not None:
         cfg.data.tokenizer.kind, cfg.data.tokenizer.path = "huggingface", plan.tokenizer_path
     info["sources"]["language_model"] = {
-        "path": str(Path(request.language_model).resolve()), "model_type": source.model_type,
+        "path": str(Path(request.language_model).resolve()),
+        "model_type": source.model_type,
         "dtype": dtype_name(SafetensorsFolder(request.language_model).dtype()),
-        "bos_token_id": source.bos_token_id, "eos_token_id": source.eos_token_id,
-        "pad_token_id": source.pad_token_id}
-    info["vocabulary"] = {"source_size": plan.source_size, "size": plan.target_size,
-                          "new_rows_init": "mean of the source rows",
-                          "added_tokens": plan.added_tokens, "special_ids": plan.special_ids}
+        "bos_token_id": source.bos_token_id,
+        "eos_token_id": source.eos_token_id,
+        "pad_token_id": source.pad_token_id,
+    }
+    info["vocabulary"] = {
+        "source_size": plan.source_size,
+        "size": plan.target_size,
+        "new_rows_init": "mean of the source rows",
+        "added_tokens": plan.added_tokens,
+        "special_ids": plan.special_ids,
+    }
     info["warnings"] += source.warnings
     return source.style, plan
 
@@ -165,7 +199,8 @@ def _resolve_config(request: ImportRequest):
         parts.append("vision_encoder")
         info["sources"]["vision_encoder"] = {
             "path": str(Path(request.vision_encoder).resolve()),
-            "dtype": dtype_name(SafetensorsFolder(request.vision_encoder).dtype())}
+            "dtype": dtype_name(SafetensorsFolder(request.vision_encoder).dtype()),
+        }
     if request.language_model is not None:
         style, plan = _language_part(request, cfg, info)
         parts.append("language_model")
@@ -181,11 +216,12 @@ def import_checkpoint(request: ImportRequest) -> Path:
     """Convert the requested Hugging Face parts; returns the output save folder."""
     check_output_folder(request.output, overwrite=request.overwrite)
     cfg, parts, info, style, plan = _resolve_config(request)
-    image_token_id = (plan.special_ids.get("image", 0) if plan is not None else 0)
+    image_token_id = plan.special_ids.get("image", 0) if plan is not None else 0
     build_cfg = megatron_io.placeholder_model_config(cfg.model, parts)
     with megatron_io.single_process_world():
-        model = megatron_io.build_tp1_model(build_cfg, image_token_id=image_token_id,
-                                            seed=request.seed)
+        model = megatron_io.build_tp1_model(
+            build_cfg, image_token_id=image_token_id, seed=request.seed
+        )
         state = megatron_io.state_of(model)
         extras = {}
         if "language_model" in parts:
@@ -199,8 +235,10 @@ def import_checkpoint(request: ImportRequest) -> Path:
             if extras:
                 from safetensors.torch import save_file
 
-                save_file({k: v.contiguous() for k, v in extras.items()},
-                          str(step / megatron_io.EXTRAS_FILE))
+                save_file(
+                    {k: v.contiguous() for k, v in extras.items()},
+                    str(step / megatron_io.EXTRAS_FILE),
+                )
             (step / megatron_io.CONVERSION_FILE).write_text(json.dumps(info, indent=1) + "\n")
             megatron_io.write_published_checkpoint(staging, step.name)
     logger.info("imported %s into %s", " and ".join(parts), request.output)

@@ -16,11 +16,18 @@ def write_llava_processor(folder: Path, cfg: MM1Config) -> None:
 
     from mm1_megatron.conversion.target_configs import image_processor_config
 
-    settings = {k: v for k, v in image_processor_config(cfg.model.vision).items()
-                if k != "image_processor_type"}
+    settings = {
+        k: v
+        for k, v in image_processor_config(cfg.model.vision).items()
+        if k != "image_processor_type"
+    }
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(**settings), tokenizer=tokenizer,
-                               patch_size=cfg.model.vision.patch_size,
-                               vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, image_token="<image>")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(**settings),
+        tokenizer=tokenizer,
+        patch_size=cfg.model.vision.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
     processor.save_pretrained(str(folder))

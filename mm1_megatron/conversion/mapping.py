@@ -29,7 +29,7 @@ LANGUAGE_PREFIX = "language_model."
 VISION_PREFIX = "vision_encoder."
 
 # Hugging Face naming of the decoder MLP, per target/source family.
-DENSE_STYLE = "llama"      # LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+DENSE_STYLE = "llama"  # LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 MIXTRAL_STYLE = "mixtral"  # MixtralForCausalLM: block_sparse_moe.{gate, experts.E.w1/w2/w3}
 QWEN2_MOE_STYLE = "qwen2_moe"  # Qwen2MoeForCausalLM: mlp.{gate, experts.E.*_proj}
 MLP_STYLES = (DENSE_STYLE, MIXTRAL_STYLE, QWEN2_MOE_STYLE)
@@ -48,21 +48,25 @@ class AttentionShape:
 
 @dataclass(frozen=True)
 class TensorRule:
-    megatron: str              # full name in MM1Model.state_dict()
-    hf: Tuple[str, ...]        # the Hugging Face tensor(s), in fusion order
-    kind: str = "copy"         # copy | qkv | glu
+    megatron: str  # full name in MM1Model.state_dict()
+    hf: Tuple[str, ...]  # the Hugging Face tensor(s), in fusion order
+    kind: str = "copy"  # copy | qkv | glu
 
 
 Unit = Tuple[str, List[TensorRule]]  # (label for progress and errors, rules)
 
 
 # ---- tensor layouts ------------------------------------------------------------------
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             shape: AttentionShape) -> torch.Tensor:
+def fuse_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, shape: AttentionShape
+) -> torch.Tensor:
     """Separate q/k/v projections (weights ``[rows, in]`` or biases ``[rows]``) -> fused."""
     groups, d, rest = shape.num_groups, shape.head_dim, q.shape[1:]
-    parts = [q.reshape(groups, shape.heads_per_group * d, *rest),
-             k.reshape(groups, d, *rest), v.reshape(groups, d, *rest)]
+    parts = [
+        q.reshape(groups, shape.heads_per_group * d, *rest),
+        k.reshape(groups, d, *rest),
+        v.reshape(groups, d, *rest),
+    ]
     return torch.cat(parts, dim=1).reshape(-1, *rest)
 
 
@@ -73,8 +77,9 @@ def split_qkv(qkv: torch.Tensor, shape: AttentionShape) -> Tuple[torch.Tensor, .
     return tuple(t.reshape(-1, *rest) for t in (q, k, v))
 
 
-def combine(rule: TensorRule, tensors: Sequence[torch.Tensor],
-            shape: AttentionShape) -> torch.Tensor:
+def combine(
+    rule: TensorRule, tensors: Sequence[torch.Tensor], shape: AttentionShape
+) -> torch.Tensor:
     """Hugging Face tensors of ``rule`` -> the Megatron tensor."""
     if rule.kind == "qkv":
         return fuse_qkv(*tensors, shape)
@@ -84,8 +89,9 @@ def combine(rule: TensorRule, tensors: Sequence[torch.Tensor],
     return tensor
 
 
-def separate(rule: TensorRule, tensor: torch.Tensor,
-             shape: AttentionShape) -> Dict[str, torch.Tensor]:
+def separate(
+    rule: TensorRule, tensor: torch.Tensor, shape: AttentionShape
+) -> Dict[str, torch.Tensor]:
     """The Megatron tensor of ``rule`` -> its Hugging Face tensors by name."""
     if rule.kind == "qkv":
         parts = split_qkv(tensor, shape)
@@ -98,34 +104,48 @@ def separate(rule: TensorRule, tensor: torch.Tensor,
 
 # ---- language model ------------------------------------------------------------------
 def language_attention_shape(llm: LanguageModelConfig) -> AttentionShape:
-    return AttentionShape(llm.num_attention_heads,
-                          llm.num_query_groups or llm.num_attention_heads,
-                          llm.hidden_size // llm.num_attention_heads)
+    return AttentionShape(
+        llm.num_attention_heads,
+        llm.num_query_groups or llm.num_attention_heads,
+        llm.hidden_size // llm.num_attention_heads,
+    )
 
 
 def _attention_rules(llm: LanguageModelConfig, ours: str, theirs: str) -> List[TensorRule]:
     attn = f"{theirs}.self_attn"
     rules = [
         TensorRule(f"{ours}.input_layernorm.weight", (f"{theirs}.input_layernorm.weight",)),
-        TensorRule(f"{ours}.self_attention.linear_qkv.weight",
-                   tuple(f"{attn}.{p}_proj.weight" for p in "qkv"), "qkv"),
+        TensorRule(
+            f"{ours}.self_attention.linear_qkv.weight",
+            tuple(f"{attn}.{p}_proj.weight" for p in "qkv"),
+            "qkv",
+        ),
         TensorRule(f"{ours}.self_attention.linear_proj.weight", (f"{attn}.o_proj.weight",)),
-        TensorRule(f"{ours}.pre_mlp_layernorm.weight",
-                   (f"{theirs}.post_attention_layernorm.weight",)),
+        TensorRule(
+            f"{ours}.pre_mlp_layernorm.weight", (f"{theirs}.post_attention_layernorm.weight",)
+        ),
     ]
     if llm.qkv_bias:
-        rules.append(TensorRule(f"{ours}.self_attention.linear_qkv.bias",
-                                tuple(f"{attn}.{p}_proj.bias" for p in "qkv"), "qkv"))
+        rules.append(
+            TensorRule(
+                f"{ours}.self_attention.linear_qkv.bias",
+                tuple(f"{attn}.{p}_proj.bias" for p in "qkv"),
+                "qkv",
+            )
+        )
     return rules
 
 
 def _swiglu_rules(ours: str, gate: str, up: str, down: str) -> List[TensorRule]:
-    return [TensorRule(f"{ours}.linear_fc1.weight", (gate, up), "glu"),
-            TensorRule(f"{ours}.linear_fc2.weight", (down,))]
+    return [
+        TensorRule(f"{ours}.linear_fc1.weight", (gate, up), "glu"),
+        TensorRule(f"{ours}.linear_fc2.weight", (down,)),
+    ]
 
 
-def _moe_units(llm: LanguageModelConfig, ours: str, theirs: str, style: str,
-               label: str) -> List[Unit]:
+def _moe_units(
+    llm: LanguageModelConfig, ours: str, theirs: str, style: str, label: str
+) -> List[Unit]:
     """The router goes with the layer's attention; each expert is a unit of its own, so
     a layer with many experts never has to be in memory whole."""
     if style == MIXTRAL_STYLE:
@@ -138,16 +158,28 @@ def _moe_units(llm: LanguageModelConfig, ours: str, theirs: str, style: str,
     units: List[Unit] = [(label, _attention_rules(llm, ours, theirs) + [router])]
     for expert in range(llm.moe.num_experts):
         gate, up, down = (f"{block}.experts.{expert}.{n}.weight" for n in names)
-        units.append((f"{label} expert {expert}",
-                      _swiglu_rules(f"{ours}.mlp.experts.local_experts.{expert}", gate, up, down)))
+        units.append(
+            (
+                f"{label} expert {expert}",
+                _swiglu_rules(f"{ours}.mlp.experts.local_experts.{expert}", gate, up, down),
+            )
+        )
     return units
 
 
 def language_units(llm: LanguageModelConfig, style: str) -> List[Unit]:
     """Rules for the decoder, unit by unit, with Hugging Face ``*ForCausalLM`` names."""
     ours_root = LANGUAGE_PREFIX
-    units: List[Unit] = [("embedding", [TensorRule(f"{ours_root}embedding.word_embeddings.weight",
-                                                   ("model.embed_tokens.weight",))])]
+    units: List[Unit] = [
+        (
+            "embedding",
+            [
+                TensorRule(
+                    f"{ours_root}embedding.word_embeddings.weight", ("model.embed_tokens.weight",)
+                )
+            ],
+        )
+    ]
     for index, is_moe in enumerate(moe_layer_flags(llm)):
         ours, theirs = f"{ours_root}decoder.layers.{index}", f"model.layers.{index}"
         label = f"decoder layer {index}"
@@ -155,9 +187,18 @@ def language_units(llm: LanguageModelConfig, style: str) -> List[Unit]:
             units += _moe_units(llm, ours, theirs, style, label)
             continue
         mlp = f"{theirs}.mlp"
-        units.append((label, _attention_rules(llm, ours, theirs) + _swiglu_rules(
-            f"{ours}.mlp", f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight",
-            f"{mlp}.down_proj.weight")))
+        units.append(
+            (
+                label,
+                _attention_rules(llm, ours, theirs)
+                + _swiglu_rules(
+                    f"{ours}.mlp",
+                    f"{mlp}.gate_proj.weight",
+                    f"{mlp}.up_proj.weight",
+                    f"{mlp}.down_proj.weight",
+                ),
+            )
+        )
     head = [TensorRule(f"{ours_root}decoder.final_layernorm.weight", ("model.norm.weight",))]
     if not llm.tie_embeddings:
         head.append(TensorRule(f"{ours_root}output_layer.weight", ("lm_head.weight",)))
@@ -177,18 +218,24 @@ def vision_units(vision: VisionEncoderConfig, hf_prefix: str = "") -> List[Unit]
     checkpoints saved by transformers 4). Both share the encoder layers' names; the stem
     follows ``model.vision`` (class token, patch bias, pre- or post-LayerNorm)."""
     ours_root, p = VISION_PREFIX, hf_prefix
-    names = [("patch_embedding.weight", "embeddings.patch_embedding.weight"),
-             ("position_embedding", "embeddings.position_embedding.weight")]
+    names = [
+        ("patch_embedding.weight", "embeddings.patch_embedding.weight"),
+        ("position_embedding", "embeddings.position_embedding.weight"),
+    ]
     if vision.use_class_token:
         names.insert(0, ("class_embedding", "embeddings.class_embedding"))
     if vision.patch_embedding_bias:
         names.append(("patch_embedding.bias", "embeddings.patch_embedding.bias"))
     if vision.pre_layernorm:
-        names += [("pre_layernorm.weight", "pre_layrnorm.weight"),  # CLIP's spelling
-                  ("pre_layernorm.bias", "pre_layrnorm.bias")]
+        names += [
+            ("pre_layernorm.weight", "pre_layrnorm.weight"),  # CLIP's spelling
+            ("pre_layernorm.bias", "pre_layrnorm.bias"),
+        ]
     if vision.post_layernorm:  # SigLIP's, on every token
-        names += [("post_layernorm.weight", "post_layernorm.weight"),
-                  ("post_layernorm.bias", "post_layernorm.bias")]
+        names += [
+            ("post_layernorm.weight", "post_layernorm.weight"),
+            ("post_layernorm.bias", "post_layernorm.bias"),
+        ]
     stem = [TensorRule(f"{ours_root}{ours}", (f"{p}{theirs}",)) for ours, theirs in names]
     units: List[Unit] = [("patch and position embeddings", stem)]
     for index in range(vision.num_layers):
@@ -197,10 +244,15 @@ def vision_units(vision: VisionEncoderConfig, hf_prefix: str = "") -> List[Unit]
         for param in ("weight", "bias"):
             rules += [
                 TensorRule(f"{ours}.input_layernorm.{param}", (f"{theirs}.layer_norm1.{param}",)),
-                TensorRule(f"{ours}.self_attention.linear_qkv.{param}",
-                           tuple(f"{theirs}.self_attn.{q}_proj.{param}" for q in "qkv"), "qkv"),
-                TensorRule(f"{ours}.self_attention.linear_proj.{param}",
-                           (f"{theirs}.self_attn.out_proj.{param}",)),
+                TensorRule(
+                    f"{ours}.self_attention.linear_qkv.{param}",
+                    tuple(f"{theirs}.self_attn.{q}_proj.{param}" for q in "qkv"),
+                    "qkv",
+                ),
+                TensorRule(
+                    f"{ours}.self_attention.linear_proj.{param}",
+                    (f"{theirs}.self_attn.out_proj.{param}",),
+                ),
                 TensorRule(f"{ours}.pre_mlp_layernorm.{param}", (f"{theirs}.layer_norm2.{param}",)),
                 TensorRule(f"{ours}.mlp.linear_fc1.{param}", (f"{theirs}.mlp.fc1.{param}",)),
                 TensorRule(f"{ours}.mlp.linear_fc2.{param}", (f"{theirs}.mlp.fc2.{param}",)),
@@ -212,8 +264,12 @@ def vision_units(vision: VisionEncoderConfig, hf_prefix: str = "") -> List[Unit]
 def vision_family(vision: VisionEncoderConfig) -> str:
     """``clip`` or ``siglip``: the transformers vision tower that computes what our ViT
     does, or ``ValueError`` for a combination neither has."""
-    stem = (vision.use_class_token, vision.patch_embedding_bias, vision.pre_layernorm,
-            vision.post_layernorm)
+    stem = (
+        vision.use_class_token,
+        vision.patch_embedding_bias,
+        vision.pre_layernorm,
+        vision.post_layernorm,
+    )
     if stem == (True, False, True, False):
         return "clip"
     if stem == (False, True, False, True):
@@ -222,7 +278,8 @@ def vision_family(vision: VisionEncoderConfig) -> str:
         f"model.vision with use_class_token={vision.use_class_token}, patch_embedding_bias="
         f"{vision.patch_embedding_bias}, pre_layernorm={vision.pre_layernorm}, post_layernorm="
         f"{vision.post_layernorm} has no exact transformers class (CLIPVisionModel: class "
-        f"token and pre-LayerNorm only; SiglipVisionModel: patch bias and post-LayerNorm only)")
+        f"token and pre-LayerNorm only; SiglipVisionModel: patch bias and post-LayerNorm only)"
+    )
 
 
 def vision_post_layernorm_names(hf_prefix: str = "") -> Tuple[str, str]:

@@ -51,8 +51,9 @@ def single_process_world() -> Iterator[None]:
 
     created_world = not dist.is_initialized()
     if not created_world and dist.get_world_size() != 1:
-        raise ConversionError("conversion runs in one process; start it with plain python, "
-                              "not torchrun")
+        raise ConversionError(
+            "conversion runs in one process; start it with plain python, not torchrun"
+        )
     created_groups = not parallel_state.model_parallel_is_initialized()
     if created_world:
         os.environ.pop("MASTER_PORT", None)  # a fresh free port, not one a past world used
@@ -70,39 +71,82 @@ def single_process_world() -> Iterator[None]:
 def placeholder_model_config(model: ModelConfig, keep: Iterable[str]) -> ModelConfig:
     """``model`` with the parts not in ``keep`` shrunk to a few parameters."""
     keep = set(keep)
-    vision = model.vision if "vision_encoder" in keep else VisionEncoderConfig(
-        image_size=14, patch_size=14, hidden_size=8, num_layers=1, num_attention_heads=1,
-        ffn_hidden_size=8)
-    llm = model.llm if "language_model" in keep else LanguageModelConfig(
-        vocab_size=8, hidden_size=8, num_layers=1, num_attention_heads=1, ffn_hidden_size=8,
-        max_sequence_length=8)
+    vision = (
+        model.vision
+        if "vision_encoder" in keep
+        else VisionEncoderConfig(
+            image_size=14,
+            patch_size=14,
+            hidden_size=8,
+            num_layers=1,
+            num_attention_heads=1,
+            ffn_hidden_size=8,
+        )
+    )
+    llm = (
+        model.llm
+        if "language_model" in keep
+        else LanguageModelConfig(
+            vocab_size=8,
+            hidden_size=8,
+            num_layers=1,
+            num_attention_heads=1,
+            ffn_hidden_size=8,
+            max_sequence_length=8,
+        )
+    )
     keep_connector = "connector" in keep or {"vision_encoder", "language_model"} <= keep
-    connector = model.connector if keep_connector else ConnectorConfig(
-        type="mlp", num_output_tokens=(vision.image_size // vision.patch_size) ** 2,
-        hidden_size=8, num_readout_layers=1)
+    connector = (
+        model.connector
+        if keep_connector
+        else ConnectorConfig(
+            type="mlp",
+            num_output_tokens=(vision.image_size // vision.patch_size) ** 2,
+            hidden_size=8,
+            num_readout_layers=1,
+        )
+    )
     # Conversion runs on CPU with local layers: checkpoint keys are the same for both
     # implementations (see ``specs``), so a Transformer Engine / FP8 run converts too.
-    return replace(model, vision=vision, connector=connector, llm=llm, freeze=[],
-                   transformer_impl="local", fp8=None)
+    return replace(
+        model,
+        vision=vision,
+        connector=connector,
+        llm=llm,
+        freeze=[],
+        transformer_impl="local",
+        fp8=None,
+    )
 
 
-def build_tp1_model(model: ModelConfig, *, image_token_id: int, seed: int = 1234,
-                    params_dtype: torch.dtype = torch.float32):
+def build_tp1_model(
+    model: ModelConfig,
+    *,
+    image_token_id: int,
+    seed: int = 1234,
+    params_dtype: torch.dtype = torch.float32,
+):
     """An ``MM1Model`` on CPU at TP=1 (call inside ``single_process_world``)."""
     from mm1_megatron.models import RuntimeOptions, build_mm1_model
     from mm1_megatron.parallel import seed_everything
 
     seed_everything(seed)
     runtime = RuntimeOptions(params_dtype=params_dtype, use_cpu_initialization=True)
-    model = build_mm1_model(model, ParallelConfig(launcher="none"), image_token_id=image_token_id,
-                            runtime=runtime, init_seed=seed)
+    model = build_mm1_model(
+        model,
+        ParallelConfig(launcher="none"),
+        image_token_id=image_token_id,
+        runtime=runtime,
+        init_seed=seed,
+    )
     return model.eval()
 
 
 def _sharded_part(model, parts: Sequence[str]) -> Dict:
     prefixes = tuple(f"{part}." for part in parts)
-    return {key: value for key, value in model.sharded_state_dict().items()
-            if key.startswith(prefixes)}
+    return {
+        key: value for key, value in model.sharded_state_dict().items() if key.startswith(prefixes)
+    }
 
 
 def save_parts(model, folder: Path, parts: Sequence[str]) -> None:
@@ -118,12 +162,16 @@ def load_parts(model, step_folder: Path, parts: Sequence[str]) -> None:
     """Load ``parts`` from a checkpoint written at any layout into the TP=1 ``model``."""
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load({"model": _sharded_part(model, parts)},
-                                     str(Path(step_folder) / MODEL_OPTIM_DIR))["model"]
+    loaded = dist_checkpointing.load(
+        {"model": _sharded_part(model, parts)}, str(Path(step_folder) / MODEL_OPTIM_DIR)
+    )["model"]
     result = model.load_state_dict(loaded, strict=False)
     prefixes = tuple(f"{part}." for part in parts)
-    missing = [key for key in result.missing_keys
-               if key.startswith(prefixes) and not key.endswith("_extra_state")]
+    missing = [
+        key
+        for key in result.missing_keys
+        if key.startswith(prefixes) and not key.endswith("_extra_state")
+    ]
     if missing:
         raise ConversionError(f"{step_folder} lacks {len(missing)} tensors, e.g. {missing[0]}")
 
@@ -137,8 +185,9 @@ def resolve_step_folder(path) -> Path:
     if latest is not None:
         path = latest
     if not (path / MODEL_OPTIM_DIR).is_dir():
-        raise ConversionError(f"{path} is not an mm1_megatron checkpoint (no {MODEL_OPTIM_DIR}/ "
-                              f"and no 'latest' file)")
+        raise ConversionError(
+            f"{path} is not an mm1_megatron checkpoint (no {MODEL_OPTIM_DIR}/ and no 'latest' file)"
+        )
     if not (path / "config.yaml").is_file():
         raise ConversionError(f"{path} has no config.yaml; cannot tell the model's shapes")
     return path
@@ -165,8 +214,11 @@ def write_published_checkpoint(staging: Path, step_folder_name: str) -> None:
 
 def state_of(model) -> Dict[str, torch.Tensor]:
     """Parameters and buffers by full name (``_extra_state`` entries dropped)."""
-    return {name: tensor for name, tensor in model.state_dict().items()
-            if isinstance(tensor, torch.Tensor)}
+    return {
+        name: tensor
+        for name, tensor in model.state_dict().items()
+        if isinstance(tensor, torch.Tensor)
+    }
 
 
 def extras_path(step_folder: Path) -> Optional[Path]:

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
 class SafetensorsFolder:
@@ -47,10 +47,13 @@ class SafetensorsFolder:
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             pickled = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-            hint = (f" It has only pickle files ({', '.join(pickled)}), which this tool never "
-                    f"loads: re-save them as safetensors with a trusted tool first, e.g. "
-                    f"`model.save_pretrained(folder, safe_serialization=True)`."
-                    if pickled else "")
+            hint = (
+                f" It has only pickle files ({', '.join(pickled)}), which this tool never "
+                f"loads: re-save them as safetensors with a trusted tool first, e.g. "
+                f"`model.save_pretrained(folder, safe_serialization=True)`."
+                if pickled
+                else ""
+            )
             raise ConversionError(f"{self.folder} has no *.safetensors weights.{hint}")
         mapping = {}
         for path in files:
@@ -123,8 +126,11 @@ class ShardedSafetensorsWriter:
         from safetensors.torch import save_file
 
         shard_number = len(self._shards) + 1
-        save_file(self._buffer, str(self.folder / f".shard-{shard_number:05d}.safetensors"),
-                  metadata={"format": "pt"})
+        save_file(
+            self._buffer,
+            str(self.folder / f".shard-{shard_number:05d}.safetensors"),
+            metadata={"format": "pt"},
+        )
         self._shards.append(sorted(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
 
@@ -138,12 +144,18 @@ class ShardedSafetensorsWriter:
             final = f"model-{number:05d}-of-{num_shards:05d}.safetensors"
             (self.folder / f".shard-{number:05d}.safetensors").rename(self.folder / final)
             weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total_bytes},
-                 "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         path = self.folder / SAFETENSORS_INDEX
         path.write_text(json.dumps(index, indent=2) + "\n")
-        logger.info("wrote %d tensors (%.1f MB) in %d shard(s)", len(weight_map),
-                    self.total_bytes / 1e6, num_shards)
+        logger.info(
+            "wrote %d tensors (%.1f MB) in %d shard(s)",
+            len(weight_map),
+            self.total_bytes / 1e6,
+            num_shards,
+        )
         return path
 
 
@@ -153,8 +165,10 @@ def check_output_folder(folder, *, overwrite: bool) -> Path:
     if folder.exists() and not folder.is_dir():
         raise ConversionError(f"output {folder} exists and is not a folder")
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise ConversionError(f"output folder {folder} is not empty; choose another folder or "
-                              f"pass --overwrite to replace it")
+        raise ConversionError(
+            f"output folder {folder} is not empty; choose another folder or "
+            f"pass --overwrite to replace it"
+        )
     return folder
 
 
@@ -179,8 +193,14 @@ def staged_output(folder, *, overwrite: bool) -> Iterator[Path]:
 
 def tensor_dtype(name: str) -> torch.dtype:
     """``float32`` / ``bfloat16`` / ``float16`` -> the torch dtype."""
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-              "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    dtypes = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if name not in dtypes:
         raise ConversionError(f"dtype {name!r} is not one of {sorted(dtypes)}")
     return dtypes[name]

@@ -30,14 +30,18 @@ from mm1_megatron.conversion.mapping import (
 
 logger = logging.getLogger(__name__)
 
-LANGUAGE_MODEL_TYPES = {"llama": DENSE_STYLE, "mistral": DENSE_STYLE, "qwen2": DENSE_STYLE,
-                        "mixtral": MIXTRAL_STYLE, "qwen2_moe": QWEN2_MOE_STYLE}
+LANGUAGE_MODEL_TYPES = {
+    "llama": DENSE_STYLE,
+    "mistral": DENSE_STYLE,
+    "qwen2": DENSE_STYLE,
+    "mixtral": MIXTRAL_STYLE,
+    "qwen2_moe": QWEN2_MOE_STYLE,
+}
 CLIP_MODEL_TYPES = ("clip_vision_model", "clip")
 SIGLIP_MODEL_TYPES = ("siglip_vision_model", "siglip")
 VISION_MODEL_TYPES = CLIP_MODEL_TYPES + SIGLIP_MODEL_TYPES
 # transformers hidden_act -> model.vision.activation
-VISION_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu",
-                      "gelu_pytorch_tanh": "gelu_tanh"}
+VISION_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 
 
 @dataclass
@@ -59,29 +63,38 @@ def read_hf_config(folder):
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise ConversionError(f"{folder} has no config.json; pass a Hugging Face model folder "
-                              f"(the output of save_pretrained)")
+        raise ConversionError(
+            f"{folder} has no config.json; pass a Hugging Face model folder "
+            f"(the output of save_pretrained)"
+        )
     try:
-        return AutoConfig.from_pretrained(str(folder), local_files_only=True,
-                                          trust_remote_code=False)
+        return AutoConfig.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=False
+        )
     except (ValueError, KeyError) as exc:
         raise ConversionError(f"cannot read {folder / 'config.json'}: {exc}") from None
 
 
 # The Llama-3 RoPE scaling parameters Megatron-Core's RotaryEmbedding hard-codes (only the
 # factor is configurable there).
-LLAMA3_FIXED_ROPE_PARAMETERS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 8192}
+LLAMA3_FIXED_ROPE_PARAMETERS = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def _llama3_factor(params: dict) -> float:
     for name, expected in LLAMA3_FIXED_ROPE_PARAMETERS.items():
         value = params.get(name)
         if value is None or float(value) != expected:
-            raise unsupported(f"llama3 RoPE scaling {name}", value,
-                              f"Megatron-Core's Llama-3 RoPE scaling uses {name}={expected} "
-                              f"(and {LLAMA3_FIXED_ROPE_PARAMETERS}); other values would change "
-                              f"every logit.")
+            raise unsupported(
+                f"llama3 RoPE scaling {name}",
+                value,
+                f"Megatron-Core's Llama-3 RoPE scaling uses {name}={expected} "
+                f"(and {LLAMA3_FIXED_ROPE_PARAMETERS}); other values would change "
+                f"every logit.",
+            )
     factor = params.get("factor")
     if factor is None or float(factor) <= 0:
         raise unsupported("llama3 RoPE scaling factor", factor, "It must be a positive number.")
@@ -94,9 +107,13 @@ def _rope(cfg) -> Tuple[int, Optional[float]]:
     scaling = getattr(cfg, "rope_scaling", None) or {}  # transformers 4
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
     if rope_type not in (None, "default", "llama3"):
-        raise unsupported("RoPE scaling", rope_type, "Our decoder applies plain RoPE "
-                          "(rope_type=default) or Llama-3 scaling (llama3); another scaled "
-                          "RoPE would change every logit.")
+        raise unsupported(
+            "RoPE scaling",
+            rope_type,
+            "Our decoder applies plain RoPE "
+            "(rope_type=default) or Llama-3 scaling (llama3); another scaled "
+            "RoPE would change every logit.",
+        )
     factor = _llama3_factor({**scaling, **params}) if rope_type == "llama3" else None
     theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     if float(theta) != int(theta):
@@ -109,21 +126,28 @@ def _check_common(cfg) -> None:
         raise unsupported("hidden_act", cfg.hidden_act, "Our decoder's MLP is SwiGLU (silu).")
     head_dim = getattr(cfg, "head_dim", None)
     if head_dim is not None and head_dim != cfg.hidden_size // cfg.num_attention_heads:
-        raise unsupported("head_dim", head_dim, f"Our decoder uses hidden_size / "
-                          f"num_attention_heads = {cfg.hidden_size // cfg.num_attention_heads}.")
+        raise unsupported(
+            "head_dim",
+            head_dim,
+            f"Our decoder uses hidden_size / "
+            f"num_attention_heads = {cfg.hidden_size // cfg.num_attention_heads}.",
+        )
     for name in ("attention_bias", "mlp_bias"):
         if getattr(cfg, name, False):
-            raise unsupported(name, True, "Our decoder has no biases besides q/k/v "
-                              "(model.llm.qkv_bias).")
+            raise unsupported(
+                name, True, "Our decoder has no biases besides q/k/v (model.llm.qkv_bias)."
+            )
 
 
 def _sliding_window_warning(cfg) -> List[str]:
     window = getattr(cfg, "sliding_window", None)
     uses_window = getattr(cfg, "use_sliding_window", window is not None)
     if uses_window and window and window < cfg.max_position_embeddings:
-        return [f"the source uses sliding-window attention ({window} tokens); our decoder "
-                f"attends to the whole sequence, which is identical for sequences of up to "
-                f"{window} tokens"]
+        return [
+            f"the source uses sliding-window attention ({window} tokens); our decoder "
+            f"attends to the whole sequence, which is identical for sequences of up to "
+            f"{window} tokens"
+        ]
     return []
 
 
@@ -139,24 +163,33 @@ def _moe_config(cfg, model_type: str) -> MoEConfig:
     # Megatron-Core (as we configure it) renormalises the top-k weights for top_k > 1 and
     # keeps the raw softmax probability for top_k = 1.
     if normalised != (top_k > 1):
-        raise unsupported("router normalisation", f"top_k={top_k}, normalised={normalised}",
-                          "Our router renormalises the top-k probabilities exactly when "
-                          "top_k > 1 (Mixtral's rule).")
-    return MoEConfig(num_experts=num_experts, top_k=top_k, layer_frequency=frequency,
-                     expert_ffn_hidden_size=ffn)
+        raise unsupported(
+            "router normalisation",
+            f"top_k={top_k}, normalised={normalised}",
+            "Our router renormalises the top-k probabilities exactly when "
+            "top_k > 1 (Mixtral's rule).",
+        )
+    return MoEConfig(
+        num_experts=num_experts, top_k=top_k, layer_frequency=frequency, expert_ffn_hidden_size=ffn
+    )
 
 
 def _qwen2_moe_frequency(cfg) -> int:
     """The k with MoE exactly on layers 0, k, 2k, ... (our layout), or an error."""
     only_mlp = set(cfg.mlp_only_layers or [])
-    flags = [i not in only_mlp and (i + 1) % cfg.decoder_sparse_step == 0
-             for i in range(cfg.num_hidden_layers)]
+    flags = [
+        i not in only_mlp and (i + 1) % cfg.decoder_sparse_step == 0
+        for i in range(cfg.num_hidden_layers)
+    ]
     for frequency in range(1, cfg.num_hidden_layers + 1):
         if flags == [i % frequency == 0 for i in range(cfg.num_hidden_layers)]:
             return frequency
     moe_layers = [i for i, flag in enumerate(flags) if flag]
-    raise unsupported("MoE layer placement", moe_layers, "Our decoder puts experts on "
-                      "layers 0, k, 2k, ... (model.llm.moe.layer_frequency=k).")
+    raise unsupported(
+        "MoE layer placement",
+        moe_layers,
+        "Our decoder puts experts on layers 0, k, 2k, ... (model.llm.moe.layer_frequency=k).",
+    )
 
 
 def language_source(folder) -> LanguageSource:
@@ -164,29 +197,39 @@ def language_source(folder) -> LanguageSource:
     cfg = read_hf_config(folder)
     model_type = cfg.model_type
     if model_type not in LANGUAGE_MODEL_TYPES:
-        raise unsupported("language model type", model_type,
-                          f"Supported: {sorted(LANGUAGE_MODEL_TYPES)}.")
+        raise unsupported(
+            "language model type", model_type, f"Supported: {sorted(LANGUAGE_MODEL_TYPES)}."
+        )
     _check_common(cfg)
     moe = _moe_config(cfg, model_type) if model_type in ("mixtral", "qwen2_moe") else MoEConfig()
     dense_ffn = cfg.intermediate_size
     rotary_base, rope_scaling_factor = _rope(cfg)
     llm = LanguageModelConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-        num_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
         num_query_groups=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        ffn_hidden_size=dense_ffn, max_sequence_length=cfg.max_position_embeddings,
-        rotary_base=rotary_base, rope_scaling_factor=rope_scaling_factor,
+        ffn_hidden_size=dense_ffn,
+        max_sequence_length=cfg.max_position_embeddings,
+        rotary_base=rotary_base,
+        rope_scaling_factor=rope_scaling_factor,
         norm_epsilon=cfg.rms_norm_eps,
         tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(getattr(cfg, "qkv_bias", False)),
-        moe=moe)
+        moe=moe,
+    )
     if llm.num_query_groups == llm.num_attention_heads:
         llm.num_query_groups = None
-    return LanguageSource(model_type=model_type, style=LANGUAGE_MODEL_TYPES[model_type],
-                          llm=llm, bos_token_id=getattr(cfg, "bos_token_id", None),
-                          eos_token_id=getattr(cfg, "eos_token_id", None),
-                          pad_token_id=getattr(cfg, "pad_token_id", None),
-                          warnings=_sliding_window_warning(cfg))
+    return LanguageSource(
+        model_type=model_type,
+        style=LANGUAGE_MODEL_TYPES[model_type],
+        llm=llm,
+        bos_token_id=getattr(cfg, "bos_token_id", None),
+        eos_token_id=getattr(cfg, "eos_token_id", None),
+        pad_token_id=getattr(cfg, "pad_token_id", None),
+        warnings=_sliding_window_warning(cfg),
+    )
 
 
 def _image_normalisation(folder: Path):
@@ -204,21 +247,33 @@ def vision_source(folder) -> VisionEncoderConfig:
     folder = Path(folder)
     cfg = read_hf_config(folder)
     if cfg.model_type not in VISION_MODEL_TYPES:
-        raise unsupported("vision model type", cfg.model_type,
-                          f"Supported: {list(VISION_MODEL_TYPES)} (CLIPVisionModel, "
-                          f"SiglipVisionModel, or the vision tower of a CLIPModel / SiglipModel).")
+        raise unsupported(
+            "vision model type",
+            cfg.model_type,
+            f"Supported: {list(VISION_MODEL_TYPES)} (CLIPVisionModel, "
+            f"SiglipVisionModel, or the vision tower of a CLIPModel / SiglipModel).",
+        )
     siglip = cfg.model_type in SIGLIP_MODEL_TYPES
     vision_cfg = cfg.vision_config if cfg.model_type in ("clip", "siglip") else cfg
     if vision_cfg.hidden_act not in VISION_ACTIVATIONS:
-        raise unsupported("vision hidden_act", vision_cfg.hidden_act,
-                          f"Supported: {sorted(VISION_ACTIVATIONS)}.")
+        raise unsupported(
+            "vision hidden_act", vision_cfg.hidden_act, f"Supported: {sorted(VISION_ACTIVATIONS)}."
+        )
     mean, std = _image_normalisation(folder)
     return VisionEncoderConfig(
-        image_size=vision_cfg.image_size, patch_size=vision_cfg.patch_size,
-        num_channels=vision_cfg.num_channels, hidden_size=vision_cfg.hidden_size,
+        image_size=vision_cfg.image_size,
+        patch_size=vision_cfg.patch_size,
+        num_channels=vision_cfg.num_channels,
+        hidden_size=vision_cfg.hidden_size,
         num_layers=vision_cfg.num_hidden_layers,
         num_attention_heads=vision_cfg.num_attention_heads,
         ffn_hidden_size=vision_cfg.intermediate_size,
-        activation=VISION_ACTIVATIONS[vision_cfg.hidden_act], use_class_token=not siglip,
-        patch_embedding_bias=siglip, pre_layernorm=not siglip, post_layernorm=siglip,
-        layernorm_epsilon=vision_cfg.layer_norm_eps, image_mean=mean, image_std=std)
+        activation=VISION_ACTIVATIONS[vision_cfg.hidden_act],
+        use_class_token=not siglip,
+        patch_embedding_bias=siglip,
+        pre_layernorm=not siglip,
+        post_layernorm=siglip,
+        layernorm_epsilon=vision_cfg.layer_norm_eps,
+        image_mean=mean,
+        image_std=std,
+    )

@@ -32,10 +32,18 @@ from mm1_megatron.conversion.mapping import (
     vision_family,
 )
 
-TARGET_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
-TARGET_STYLES = {"llama": DENSE_STYLE, "qwen2": DENSE_STYLE, "mixtral": MIXTRAL_STYLE,
-                 "qwen2_moe": QWEN2_MOE_STYLE}
+TARGET_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+}
+TARGET_STYLES = {
+    "llama": DENSE_STYLE,
+    "qwen2": DENSE_STYLE,
+    "mixtral": MIXTRAL_STYLE,
+    "qwen2_moe": QWEN2_MOE_STYLE,
+}
 
 
 def language_target(llm: LanguageModelConfig) -> str:
@@ -53,53 +61,87 @@ def _rope_parameters(llm: LanguageModelConfig) -> dict:
         return {"rope_type": "default", "rope_theta": theta}
     from mm1_megatron.conversion.source_configs import LLAMA3_FIXED_ROPE_PARAMETERS
 
-    return {"rope_type": "llama3", "rope_theta": theta,
-            "factor": float(llm.rope_scaling_factor), **LLAMA3_FIXED_ROPE_PARAMETERS}
+    return {
+        "rope_type": "llama3",
+        "rope_theta": theta,
+        "factor": float(llm.rope_scaling_factor),
+        **LLAMA3_FIXED_ROPE_PARAMETERS,
+    }
 
 
 def _common(llm: LanguageModelConfig, special: Dict[str, Optional[int]], dtype: str) -> dict:
     return dict(
-        vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
-        num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_attention_heads,
+        vocab_size=llm.vocab_size,
+        hidden_size=llm.hidden_size,
+        num_hidden_layers=llm.num_layers,
+        num_attention_heads=llm.num_attention_heads,
         num_key_value_heads=llm.num_query_groups or llm.num_attention_heads,
-        head_dim=llm.hidden_size // llm.num_attention_heads, hidden_act="silu",
-        max_position_embeddings=llm.max_sequence_length, rms_norm_eps=llm.norm_epsilon,
+        head_dim=llm.hidden_size // llm.num_attention_heads,
+        hidden_act="silu",
+        max_position_embeddings=llm.max_sequence_length,
+        rms_norm_eps=llm.norm_epsilon,
         rope_parameters=_rope_parameters(llm),
-        tie_word_embeddings=llm.tie_embeddings, attention_dropout=0.0,
-        bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
-        pad_token_id=special.get("pad"), dtype=dtype)
+        tie_word_embeddings=llm.tie_embeddings,
+        attention_dropout=0.0,
+        bos_token_id=special.get("bos"),
+        eos_token_id=special.get("eos"),
+        pad_token_id=special.get("pad"),
+        dtype=dtype,
+    )
 
 
-def hf_language_config(llm: LanguageModelConfig, *, special: Dict[str, Optional[int]],
-                       dtype: str = "float32"):
+def hf_language_config(
+    llm: LanguageModelConfig, *, special: Dict[str, Optional[int]], dtype: str = "float32"
+):
     """A ``transformers`` config of the class ``language_target`` picks."""
     from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig
 
     target = language_target(llm)
     common = _common(llm, special, dtype)
     if target == "llama":
-        return LlamaConfig(intermediate_size=llm.ffn_hidden_size, attention_bias=False,
-                           mlp_bias=False, **common)
+        return LlamaConfig(
+            intermediate_size=llm.ffn_hidden_size, attention_bias=False, mlp_bias=False, **common
+        )
     if target == "qwen2":
-        return Qwen2Config(intermediate_size=llm.ffn_hidden_size, use_sliding_window=False,
-                           sliding_window=None, **common)
+        return Qwen2Config(
+            intermediate_size=llm.ffn_hidden_size,
+            use_sliding_window=False,
+            sliding_window=None,
+            **common,
+        )
     moe = llm.moe
     expert_ffn = moe.expert_ffn_hidden_size or llm.ffn_hidden_size
     if target == "mixtral":
-        return MixtralConfig(intermediate_size=expert_ffn, num_local_experts=moe.num_experts,
-                             num_experts_per_tok=moe.top_k, sliding_window=None,
-                             router_aux_loss_coef=moe.aux_loss_coeff, **common)
+        return MixtralConfig(
+            intermediate_size=expert_ffn,
+            num_local_experts=moe.num_experts,
+            num_experts_per_tok=moe.top_k,
+            sliding_window=None,
+            router_aux_loss_coef=moe.aux_loss_coeff,
+            **common,
+        )
     dense_layers = [i for i, is_moe in enumerate(moe_layer_flags(llm)) if not is_moe]
-    return Qwen2MoeConfig(intermediate_size=llm.ffn_hidden_size, moe_intermediate_size=expert_ffn,
-                          num_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
-                          norm_topk_prob=moe.top_k > 1, decoder_sparse_step=1,
-                          mlp_only_layers=dense_layers, shared_expert_intermediate_size=0,
-                          qkv_bias=llm.qkv_bias, use_sliding_window=False,
-                          router_aux_loss_coef=moe.aux_loss_coeff, **common)
+    return Qwen2MoeConfig(
+        intermediate_size=llm.ffn_hidden_size,
+        moe_intermediate_size=expert_ffn,
+        num_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        norm_topk_prob=moe.top_k > 1,
+        decoder_sparse_step=1,
+        mlp_only_layers=dense_layers,
+        shared_expert_intermediate_size=0,
+        qkv_bias=llm.qkv_bias,
+        use_sliding_window=False,
+        router_aux_loss_coef=moe.aux_loss_coeff,
+        **common,
+    )
 
 
-HF_VISION_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu",
-                         "gelu_tanh": "gelu_pytorch_tanh"}
+HF_VISION_ACTIVATIONS = {
+    "quick_gelu": "quick_gelu",
+    "gelu": "gelu",
+    "gelu_tanh": "gelu_pytorch_tanh",
+}
 VISION_CLASSES = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
 
 
@@ -117,11 +159,17 @@ def hf_vision_config(vision: VisionEncoderConfig, *, dtype: str = "float32"):
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     common = dict(
-        hidden_size=vision.hidden_size, intermediate_size=vision.ffn_hidden_size,
-        num_hidden_layers=vision.num_layers, num_attention_heads=vision.num_attention_heads,
-        num_channels=vision.num_channels, image_size=vision.image_size,
-        patch_size=vision.patch_size, hidden_act=HF_VISION_ACTIVATIONS[vision.activation],
-        layer_norm_eps=vision.layernorm_epsilon, dtype=dtype)
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.ffn_hidden_size,
+        num_hidden_layers=vision.num_layers,
+        num_attention_heads=vision.num_attention_heads,
+        num_channels=vision.num_channels,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        hidden_act=HF_VISION_ACTIVATIONS[vision.activation],
+        layer_norm_eps=vision.layernorm_epsilon,
+        dtype=dtype,
+    )
     if vision_target(vision) == "siglip":
         return SiglipVisionConfig(vision_use_head=False, **common)
     return CLIPVisionConfig(**common)
@@ -131,9 +179,17 @@ def image_processor_config(vision: VisionEncoderConfig) -> dict:
     """``preprocessor_config.json`` for ``CLIPImageProcessor``: shorter side to the image
     size, centre crop, rescale to [0, 1], normalise (our ``data.images.resize=crop``)."""
     size = vision.image_size
-    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
-            "size": {"shortest_edge": size}, "resample": 3, "do_center_crop": True,
-            "crop_size": {"height": size, "width": size}, "do_rescale": True,
-            "rescale_factor": 1 / 255, "do_normalize": True,
-            "image_mean": list(vision.image_mean), "image_std": list(vision.image_std),
-            "do_convert_rgb": True}
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(vision.image_mean),
+        "image_std": list(vision.image_std),
+        "do_convert_rgb": True,
+    }

@@ -16,15 +16,22 @@ from mm1_megatron.utils.progress import ProgressLine
 logger = logging.getLogger(__name__)
 
 
-def _expected_hf_shapes(rule, target: torch.Tensor, shape: AttentionShape,
-                        source_rows: Optional[int]) -> Dict[str, tuple]:
+def _expected_hf_shapes(
+    rule, target: torch.Tensor, shape: AttentionShape, source_rows: Optional[int]
+) -> Dict[str, tuple]:
     reference = target[:source_rows] if source_rows is not None else target
     return {name: tuple(t.shape) for name, t in separate(rule, reference, shape).items()}
 
 
-def fill_from_hf(state: Dict[str, torch.Tensor], units: List[Unit], reader: SafetensorsFolder,
-                 shape: AttentionShape, *, label: str,
-                 grown: Optional[Dict[str, int]] = None) -> Set[str]:
+def fill_from_hf(
+    state: Dict[str, torch.Tensor],
+    units: List[Unit],
+    reader: SafetensorsFolder,
+    shape: AttentionShape,
+    *,
+    label: str,
+    grown: Optional[Dict[str, int]] = None,
+) -> Set[str]:
     """Copy every rule's Hugging Face tensors into ``state`` (our parameters, in place).
 
     ``grown`` maps our names whose first dimension is larger than the source's (vocabulary
@@ -42,13 +49,18 @@ def fill_from_hf(state: Dict[str, torch.Tensor], units: List[Unit], reader: Safe
                 tensors = []
                 for name in rule.hf:
                     if name not in reader:
-                        raise ConversionError(f"{reader.folder} lacks the tensor {name} "
-                                              f"(needed for {unit_name})")
+                        raise ConversionError(
+                            f"{reader.folder} lacks the tensor {name} (needed for {unit_name})"
+                        )
                     got = reader.shape(name)
                     if got != expected[name]:
-                        raise shape_mismatch(name, expected[name], got,
-                                             expected_from=f"our {rule.megatron}",
-                                             got_from=str(reader.folder))
+                        raise shape_mismatch(
+                            name,
+                            expected[name],
+                            got,
+                            expected_from=f"our {rule.megatron}",
+                            got_from=str(reader.folder),
+                        )
                     tensors.append(reader.get(name))
                 value = combine(rule, tensors, shape)
                 if source_rows is not None:
@@ -60,9 +72,15 @@ def fill_from_hf(state: Dict[str, torch.Tensor], units: List[Unit], reader: Safe
     return consumed
 
 
-def hf_tensors(source, units: List[Unit], shape: AttentionShape, *,
-               rename: Callable[[str], str] = lambda name: name, dtype: torch.dtype,
-               label: str) -> Iterator[Tuple[str, torch.Tensor]]:
+def hf_tensors(
+    source,
+    units: List[Unit],
+    shape: AttentionShape,
+    *,
+    rename: Callable[[str], str] = lambda name: name,
+    dtype: torch.dtype,
+    label: str,
+) -> Iterator[Tuple[str, torch.Tensor]]:
     """Our tensors as Hugging Face ``(name, tensor)`` pairs, unit by unit: ``source``
     (a ``CheckpointTensors``) is read one unit at a time, so memory holds one unit."""
     progress = ProgressLine(f"export {label}", total=len(units), unit="units")
@@ -75,15 +93,25 @@ def hf_tensors(source, units: List[Unit], shape: AttentionShape, *,
     progress.close()
 
 
-def check_all_consumed(reader: SafetensorsFolder, consumed: Set[str], *, scope: str = "",
-                       ignore: Tuple[str, ...] = ("rotary_emb.inv_freq",)) -> None:
+def check_all_consumed(
+    reader: SafetensorsFolder,
+    consumed: Set[str],
+    *,
+    scope: str = "",
+    ignore: Tuple[str, ...] = ("rotary_emb.inv_freq",),
+) -> None:
     """Refuse a source with tensors no rule maps (they would be silently dropped)."""
-    leftover = sorted(name for name in reader.keys()
-                      if name.startswith(scope) and name not in consumed
-                      and not name.endswith(ignore))
+    leftover = sorted(
+        name
+        for name in reader.keys()
+        if name.startswith(scope) and name not in consumed and not name.endswith(ignore)
+    )
     if leftover:
-        shown = ", ".join(leftover[:5]) + (f" and {len(leftover) - 5} more" if len(leftover) > 5
-                                           else "")
-        raise ConversionError(f"{reader.folder} has {len(leftover)} tensors that our model has "
-                              f"no place for: {shown}. The architecture has parts we do not "
-                              f"support")
+        shown = ", ".join(leftover[:5]) + (
+            f" and {len(leftover) - 5} more" if len(leftover) > 5 else ""
+        )
+        raise ConversionError(
+            f"{reader.folder} has {len(leftover)} tensors that our model has "
+            f"no place for: {shown}. The architecture has parts we do not "
+            f"support"
+        )

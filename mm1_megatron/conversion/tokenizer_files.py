@@ -21,7 +21,6 @@ from typing import Dict, Optional
 from mm1_megatron.config import MM1Config
 from mm1_megatron.conversion.errors import ConversionError
 
-
 # The synthetic tokenizer's pieces (mm1_megatron/data/tokenizers/base.py): a special token, a
 # run of word characters, or one punctuation character.
 _SYNTHETIC_PIECE = r"<[^<>\s]+>|\w+|[^\w\s]"
@@ -35,8 +34,12 @@ class TokenizerSource:
 
     def special_ids(self) -> Dict[str, int]:
         t = self.tokenizer
-        return {"image": t.image_token_id, "pad": t.pad_token_id, "bos": t.bos_token_id,
-                "eos": t.eos_token_id}
+        return {
+            "image": t.image_token_id,
+            "pad": t.pad_token_id,
+            "bos": t.bos_token_id,
+            "eos": t.eos_token_id,
+        }
 
 
 def resolve_tokenizer(cfg: MM1Config, override: Optional[Path] = None) -> TokenizerSource:
@@ -47,8 +50,10 @@ def resolve_tokenizer(cfg: MM1Config, override: Optional[Path] = None) -> Tokeni
     if override is not None:
         kind, path = "huggingface", str(override)
     if kind != "synthetic" and (not path or not Path(path).exists()):
-        raise ConversionError(f"the checkpoint's tokenizer {path!r} (data.tokenizer.kind={kind}) does "
-                              f"not exist here; pass --tokenizer with its folder")
+        raise ConversionError(
+            f"the checkpoint's tokenizer {path!r} (data.tokenizer.kind={kind}) does "
+            f"not exist here; pass --tokenizer with its folder"
+        )
     return TokenizerSource(kind, path, build_tokenizer(kind, path if kind != "synthetic" else None))
 
 
@@ -58,13 +63,21 @@ def _synthetic_tokenizer_fast(tokenizer):
 
     vocab = {piece: index for index, piece in enumerate(tokenizer.vocabulary)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.WhitespaceSplit(),
-        pre_tokenizers.Split(Regex(_SYNTHETIC_PIECE), behavior="isolated")])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Split(Regex(_SYNTHETIC_PIECE), behavior="isolated"),
+        ]
+    )
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins with spaces
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"}, model_max_length=1 << 30)
+        tokenizer_object=backend,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=1 << 30,
+    )
 
 
 def _with_training_specials(hf, source: TokenizerSource):
@@ -74,13 +87,17 @@ def _with_training_specials(hf, source: TokenizerSource):
 
     added = list(source.tokenizer._added.pieces)
     if added:
-        hf.add_tokens([AddedToken(piece, special=True, normalized=False) for piece in added],
-                      special_tokens=True)
+        hf.add_tokens(
+            [AddedToken(piece, special=True, normalized=False) for piece in added],
+            special_tokens=True,
+        )
     special = source.special_ids()
     image_id = hf.convert_tokens_to_ids("<image>")
     if image_id != special["image"]:
-        raise ConversionError(f"<image> has id {image_id} in the exported tokenizer but "
-                              f"{special['image']} in training")
+        raise ConversionError(
+            f"<image> has id {image_id} in the exported tokenizer but "
+            f"{special['image']} in training"
+        )
     for name in ("pad", "bos", "eos"):
         if getattr(hf, f"{name}_token_id") != special[name]:
             setattr(hf, f"{name}_token", hf.convert_ids_to_tokens(special[name]))
@@ -101,8 +118,11 @@ def _sentencepiece_tokenizer(source: TokenizerSource, folder: Path):
     hf = BertGenerationTokenizer(
         vocab_file=str(Path(folder) / "tokenizer.model"),
         unk_token=processor.id_to_piece(processor.unk_id()),
-        bos_token=own_piece(special["bos"]), eos_token=own_piece(special["eos"]),
-        pad_token=own_piece(special["pad"]), sep_token=None)
+        bos_token=own_piece(special["bos"]),
+        eos_token=own_piece(special["eos"]),
+        pad_token=own_piece(special["pad"]),
+        sep_token=None,
+    )
     return _with_training_specials(hf, source)
 
 

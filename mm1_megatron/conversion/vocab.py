@@ -22,9 +22,16 @@ from mm1_megatron.conversion.errors import ConversionError
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                   "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 
 
 @dataclass
@@ -42,16 +49,19 @@ class VocabularyPlan:
 
 def has_tokenizer_files(folder) -> bool:
     folder = Path(folder)
-    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model",
-                                                       "tokenizer_config.json"))
+    return any(
+        (folder / name).is_file()
+        for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    )
 
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def plan_vocabulary(source_size: int, *, tokenizer_path=None, vocab_size: Optional[int] = None,
-                    multiple: int = 1) -> VocabularyPlan:
+def plan_vocabulary(
+    source_size: int, *, tokenizer_path=None, vocab_size: Optional[int] = None, multiple: int = 1
+) -> VocabularyPlan:
     """The imported vocabulary: the source's, grown to fit the tokenizer's added specials,
     then to ``vocab_size`` if given, then rounded up to ``multiple``."""
     if multiple < 1:
@@ -62,20 +72,30 @@ def plan_vocabulary(source_size: int, *, tokenizer_path=None, vocab_size: Option
 
         tokenizer = HuggingFaceTokenizer(tokenizer_path)
         plan.tokenizer_path = str(Path(tokenizer_path).resolve())
-        plan.special_ids = {"image": tokenizer.image_token_id, "pad": tokenizer.pad_token_id,
-                            "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+        plan.special_ids = {
+            "image": tokenizer.image_token_id,
+            "pad": tokenizer.pad_token_id,
+            "bos": tokenizer.bos_token_id,
+            "eos": tokenizer.eos_token_id,
+        }
         plan.added_tokens = list(tokenizer._added.pieces)
         plan.target_size = max(plan.target_size, tokenizer.vocab_size)
     if vocab_size is not None:
         if vocab_size < plan.target_size:
-            raise ConversionError(f"--vocab-size {vocab_size} is smaller than the "
-                                  f"{plan.target_size} tokens the model and tokenizer need")
+            raise ConversionError(
+                f"--vocab-size {vocab_size} is smaller than the "
+                f"{plan.target_size} tokens the model and tokenizer need"
+            )
         plan.target_size = vocab_size
     plan.target_size = _round_up(plan.target_size, multiple)
     if plan.num_new_rows:
-        logger.info("vocabulary grows from %d to %d rows (added tokens: %s); new rows start "
-                    "at the mean of the source rows", source_size, plan.target_size,
-                    plan.added_tokens or "none")
+        logger.info(
+            "vocabulary grows from %d to %d rows (added tokens: %s); new rows start "
+            "at the mean of the source rows",
+            source_size,
+            plan.target_size,
+            plan.added_tokens or "none",
+        )
     return plan
 
 

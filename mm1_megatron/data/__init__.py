@@ -27,7 +27,16 @@ from mm1_megatron.data.synthetic.world import SyntheticGenerator
 from mm1_megatron.data.tokenizers.base import SyntheticTokenizer, Tokenizer
 
 __all__ = [
-    "BATCH_KEYS", "MicroBatchLoader", "PackedSequence", "SOURCE_IDS", "Sample",
-    "SyntheticGenerator", "SyntheticSequences", "SyntheticTokenizer", "Tokenizer",
-    "build_data", "collate", "pack_sequence",
+    "BATCH_KEYS",
+    "MicroBatchLoader",
+    "PackedSequence",
+    "SOURCE_IDS",
+    "Sample",
+    "SyntheticGenerator",
+    "SyntheticSequences",
+    "SyntheticTokenizer",
+    "Tokenizer",
+    "build_data",
+    "collate",
+    "pack_sequence",
 ]

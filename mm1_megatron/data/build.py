@@ -27,8 +27,13 @@ from mm1_megatron.data.pipeline.images import build_image_decoder, check_image_o
 from mm1_megatron.data.pipeline.loader import MicroBatchLoader
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
 from mm1_megatron.data.pipeline.packing import check_packing_arguments
-from mm1_megatron.data.pipeline.sources import (CaptionSource, InterleavedSource,
-                                                MixtureBuilder, ShardCorpus, TextSource)
+from mm1_megatron.data.pipeline.sources import (
+    CaptionSource,
+    InterleavedSource,
+    MixtureBuilder,
+    ShardCorpus,
+    TextSource,
+)
 from mm1_megatron.data.shards.reader import load_manifest
 from mm1_megatron.data.shards.text_index import TextCorpus, check_text_meta
 from mm1_megatron.data.synthetic.sequences import SyntheticSequences
@@ -38,78 +43,139 @@ from mm1_megatron.data.tokenizers.text import build_tokenizer, tokenizer_fingerp
 logger = logging.getLogger(__name__)
 
 
-def build_data(data_cfg: DataConfig, *, seq_length: int, micro_batch_size: int,
-               num_image_tokens: int, image_size: int, image_mean: Sequence[float],
-               image_std: Sequence[float], seed: int, dp_rank: int,
-               dp_size: int) -> Tuple[MicroBatchLoader, Tokenizer]:
+def build_data(
+    data_cfg: DataConfig,
+    *,
+    seq_length: int,
+    micro_batch_size: int,
+    num_image_tokens: int,
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    seed: int,
+    dp_rank: int,
+    dp_size: int,
+) -> Tuple[MicroBatchLoader, Tokenizer]:
     """The loader for this data-parallel rank and the tokenizer it encodes with."""
     if seed < 0:
         raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's SeedSequence)")
-    check_packing_arguments(seq_length, num_image_tokens, data_cfg.max_images_per_sequence,
-                            image_mean, image_std)
+    check_packing_arguments(
+        seq_length, num_image_tokens, data_cfg.max_images_per_sequence, image_mean, image_std
+    )
     tokenizer = build_tokenizer(data_cfg.tokenizer.kind, data_cfg.tokenizer.path)
-    packing = dict(seq_length=seq_length, num_image_tokens=num_image_tokens,
-                   image_size=image_size, image_mean=list(image_mean),
-                   image_std=list(image_std))
+    packing = dict(
+        seq_length=seq_length,
+        num_image_tokens=num_image_tokens,
+        image_size=image_size,
+        image_mean=list(image_mean),
+        image_std=list(image_std),
+    )
     context = None
     if data_cfg.source == "synthetic":
-        builder = SyntheticSequences(data_cfg.mixture, seed=seed, tokenizer=tokenizer,
-                                     max_images=data_cfg.max_images_per_sequence, **packing)
+        builder = SyntheticSequences(
+            data_cfg.mixture,
+            seed=seed,
+            tokenizer=tokenizer,
+            max_images=data_cfg.max_images_per_sequence,
+            **packing,
+        )
     elif data_cfg.source == "webdataset":
         builder = _webdataset_builder(data_cfg, tokenizer, seed=seed, **packing)
         gpu_dali = data_cfg.images.decoder == "dali" and torch.cuda.is_available()
         context = "spawn" if gpu_dali else None  # CUDA does not survive a fork
     else:
         raise ValueError(f"data.source={data_cfg.source!r} is not one of synthetic, webdataset")
-    loader = MicroBatchLoader(builder, tokenizer=tokenizer, micro_batch_size=micro_batch_size,
-                              seed=seed, dp_rank=dp_rank, dp_size=dp_size,
-                              num_workers=data_cfg.num_workers,
-                              prefetch_factor=data_cfg.prefetch_factor,
-                              fingerprint=_fingerprint(data_cfg, tokenizer, packing),
-                              multiprocessing_context=context)
-    logger.info("data: %s, tokenizer %s (%d tokens), dp rank %d/%d, %d workers",
-                data_cfg.source, data_cfg.tokenizer.kind, tokenizer.vocab_size, dp_rank,
-                dp_size, data_cfg.num_workers)
+    loader = MicroBatchLoader(
+        builder,
+        tokenizer=tokenizer,
+        micro_batch_size=micro_batch_size,
+        seed=seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        num_workers=data_cfg.num_workers,
+        prefetch_factor=data_cfg.prefetch_factor,
+        fingerprint=_fingerprint(data_cfg, tokenizer, packing),
+        multiprocessing_context=context,
+    )
+    logger.info(
+        "data: %s, tokenizer %s (%d tokens), dp rank %d/%d, %d workers",
+        data_cfg.source,
+        data_cfg.tokenizer.kind,
+        tokenizer.vocab_size,
+        dp_rank,
+        dp_size,
+        data_cfg.num_workers,
+    )
     return loader, tokenizer
 
 
-def _webdataset_builder(data_cfg: DataConfig, tokenizer: Tokenizer, *, seed: int,
-                        seq_length: int, num_image_tokens: int, image_size: int,
-                        image_mean: Sequence[float], image_std: Sequence[float]) -> MixtureBuilder:
+def _webdataset_builder(
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer,
+    *,
+    seed: int,
+    seq_length: int,
+    num_image_tokens: int,
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+) -> MixtureBuilder:
     images = data_cfg.images
     check_image_options(images.decoder, images.resize, images.dtype)
-    decoder = build_image_decoder(images.decoder, image_size=image_size, mean=image_mean,
-                                  std=image_std, resize_mode=images.resize, dtype=images.dtype)
+    decoder = build_image_decoder(
+        images.decoder,
+        image_size=image_size,
+        mean=image_mean,
+        std=image_std,
+        resize_mode=images.resize,
+        dtype=images.dtype,
+    )
     schedule = MixtureSchedule(data_cfg.mixture, seed)
-    shard_options = dict(tokenizer=tokenizer, decoder=decoder, seq_length=seq_length,
-                         num_image_tokens=num_image_tokens,
-                         max_images=data_cfg.max_images_per_sequence, seed=seed)
+    shard_options = dict(
+        tokenizer=tokenizer,
+        decoder=decoder,
+        seq_length=seq_length,
+        num_image_tokens=num_image_tokens,
+        max_images=data_cfg.max_images_per_sequence,
+        seed=seed,
+    )
     sources: Dict[str, object] = {}
     for name, cls in (("caption", CaptionSource), ("interleaved", InterleavedSource)):
         if schedule.probabilities[name] > 0:
             manifests = [load_manifest(path, kind=name) for path in getattr(data_cfg.shards, name)]
             corpus = ShardCorpus(manifests, seed=seed, stream=SOURCE_IDS[name])
-            options = dict(shard_options, window=data_cfg.caption_window) if name == "caption" \
+            options = (
+                dict(shard_options, window=data_cfg.caption_window)
+                if name == "caption"
                 else shard_options
+            )
             sources[name] = cls(name, corpus, **options)
-            logger.info("%s: %d samples in %d shards", name, corpus.num_samples,
-                        len(corpus.shard_paths))
+            logger.info(
+                "%s: %d samples in %d shards", name, corpus.num_samples, len(corpus.shard_paths)
+            )
     if schedule.probabilities["text"] > 0:
         for prefix in data_cfg.shards.text:
             check_text_meta(prefix, tokenizer)
         corpus = TextCorpus(data_cfg.shards.text, seq_length=seq_length, seed=seed)
-        sources["text"] = TextSource(corpus, tokenizer=tokenizer, seq_length=seq_length,
-                                     empty_images=decoder.empty())
-        logger.info("text: %d documents, %d tokens per epoch", corpus.num_documents,
-                    corpus.tokens_per_epoch)
+        sources["text"] = TextSource(
+            corpus, tokenizer=tokenizer, seq_length=seq_length, empty_images=decoder.empty()
+        )
+        logger.info(
+            "text: %d documents, %d tokens per epoch", corpus.num_documents, corpus.tokens_per_epoch
+        )
     return MixtureBuilder(schedule, sources)
 
 
 def _fingerprint(data_cfg: DataConfig, tokenizer: Tokenizer, packing: Dict) -> str:
     """Changes when anything that decides the batches changes (not num_workers)."""
-    relevant = {key: value for key, value in dataclasses.asdict(data_cfg).items()
-                if key not in ("num_workers", "prefetch_factor")}
-    payload = json.dumps({"data": relevant, "packing": packing,
-                          "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True,
-                         default=str)
+    relevant = {
+        key: value
+        for key, value in dataclasses.asdict(data_cfg).items()
+        if key not in ("num_workers", "prefetch_factor")
+    }
+    payload = json.dumps(
+        {"data": relevant, "packing": packing, "tokenizer": tokenizer_fingerprint(tokenizer)},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]

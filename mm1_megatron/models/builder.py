@@ -13,9 +13,16 @@ from mm1_megatron.models.transformer_configs import (
 )
 
 
-def build_mm1_model(model: ModelConfig, parallel: ParallelConfig, *, image_token_id: int,
-                    runtime: RuntimeOptions = RuntimeOptions(), pre_process: bool = True,
-                    post_process: bool = True, init_seed: Optional[int] = None) -> MM1Model:
+def build_mm1_model(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    *,
+    image_token_id: int,
+    runtime: RuntimeOptions = RuntimeOptions(),
+    pre_process: bool = True,
+    post_process: bool = True,
+    init_seed: Optional[int] = None,
+) -> MM1Model:
     """Construct the model (parameters on CPU when ``runtime.use_cpu_initialization``).
 
     With ``init_seed`` the weights are the same for every TP/PP layout (models/seeding.py).

@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import nn
 
 from mm1_megatron.config.schema import ConnectorConfig
 
@@ -80,9 +80,14 @@ class BottleneckBlock(nn.Module):
         self.squeeze_excite = SqueezeExcite(out_channels, max(1, in_channels // 4))
         self.conv3 = nn.Conv2d(out_channels, out_channels, kernel_size=1, bias=False)
         self.norm3 = LayerNorm2d(out_channels)
-        self.shortcut = (nn.Identity() if in_channels == out_channels else nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
-            LayerNorm2d(out_channels)))
+        self.shortcut = (
+            nn.Identity()
+            if in_channels == out_channels
+            else nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),
+                LayerNorm2d(out_channels),
+            )
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.silu(self.norm1(self.conv1(x)))
@@ -92,14 +97,22 @@ class BottleneckBlock(nn.Module):
 
 
 def _stage(in_channels: int, out_channels: int, num_blocks: int) -> nn.Sequential:
-    blocks = [BottleneckBlock(in_channels if i == 0 else out_channels, out_channels)
-              for i in range(num_blocks)]
+    blocks = [
+        BottleneckBlock(in_channels if i == 0 else out_channels, out_channels)
+        for i in range(num_blocks)
+    ]
     return nn.Sequential(*blocks)
 
 
 class CAbstractor(nn.Module):
-    def __init__(self, cfg: ConnectorConfig, vision_hidden: int, llm_hidden: int,
-                 num_patches: int, init_std: float):
+    def __init__(
+        self,
+        cfg: ConnectorConfig,
+        vision_hidden: int,
+        llm_hidden: int,
+        num_patches: int,
+        init_std: float,
+    ):
         super().__init__()
         self.output_side = math.isqrt(cfg.num_output_tokens)
         self.position_embedding = nn.Parameter(torch.randn(num_patches, vision_hidden) * init_std)
@@ -111,8 +124,10 @@ class CAbstractor(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.shape[1] != self.position_embedding.shape[0]:
-            raise ValueError(f"C-Abstractor was built for {self.position_embedding.shape[0]} "
-                             f"patches, got {features.shape[1]}")
+            raise ValueError(
+                f"C-Abstractor was built for {self.position_embedding.shape[0]} "
+                f"patches, got {features.shape[1]}"
+            )
         grid = _to_grid(features + self.position_embedding)
         grid = self.stage2(self.pool(self.stage1(grid)))
         return self.readout(_from_grid(grid))
@@ -129,14 +144,17 @@ class AvgPoolConnector(nn.Module):
 
 
 class AttnPoolConnector(nn.Module):
-    def __init__(self, cfg: ConnectorConfig, vision_hidden: int, llm_hidden: int,
-                 init_std: float):
+    def __init__(self, cfg: ConnectorConfig, vision_hidden: int, llm_hidden: int, init_std: float):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(cfg.num_output_tokens, cfg.hidden_size) * init_std)
         self.norm = nn.LayerNorm(vision_hidden)
-        self.attention = nn.MultiheadAttention(cfg.hidden_size, cfg.num_attention_heads,
-                                               kdim=vision_hidden, vdim=vision_hidden,
-                                               batch_first=True)
+        self.attention = nn.MultiheadAttention(
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            kdim=vision_hidden,
+            vdim=vision_hidden,
+            batch_first=True,
+        )
         self.readout = readout_mlp(cfg.hidden_size, llm_hidden, cfg.num_readout_layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
@@ -158,8 +176,15 @@ class MLPConnector(nn.Module):
 class Connector(MegatronModule):
     """Selects the connector named by ``cfg.type``; replicated across TP ranks."""
 
-    def __init__(self, config: TransformerConfig, cfg: ConnectorConfig, *, vision_hidden: int,
-                 llm_hidden: int, num_patches: int):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        cfg: ConnectorConfig,
+        *,
+        vision_hidden: int,
+        llm_hidden: int,
+        num_patches: int,
+    ):
         super().__init__(config=config)
         std = config.init_method_std
         if cfg.type == "c_abstractor":

@@ -16,19 +16,26 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mm1_megatron.batch.contract import merge_image_embeddings
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.models.connectors import Connector
-from mm1_megatron.batch.contract import merge_image_embeddings
 from mm1_megatron.models.seeding import seeded
 from mm1_megatron.models.specs import language_block_spec
 from mm1_megatron.models.vision_encoder import VisionEncoder
 
 
 class MM1Model(MegatronModule):
-    def __init__(self, model: ModelConfig, *, language_config: TransformerConfig,
-                 vision_config: TransformerConfig, image_token_id: int,
-                 pre_process: bool = True, post_process: bool = True,
-                 init_seed: Optional[int] = None):
+    def __init__(
+        self,
+        model: ModelConfig,
+        *,
+        language_config: TransformerConfig,
+        vision_config: TransformerConfig,
+        image_token_id: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        init_seed: Optional[int] = None,
+    ):
         super().__init__(config=language_config)
         self.image_token_id = image_token_id
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
@@ -40,14 +47,18 @@ class MM1Model(MegatronModule):
         # weights do not depend on the pipeline split (see models/seeding.py).
         if pre_process:
             with seeded(init_seed, "vision_encoder"):
-                self.vision_encoder = VisionEncoder(vision_config, model.vision,
-                                                    transformer_impl=model.transformer_impl)
+                self.vision_encoder = VisionEncoder(
+                    vision_config, model.vision, transformer_impl=model.transformer_impl
+                )
             grid = model.vision.image_size // model.vision.patch_size
             with seeded(init_seed, "connector"):
-                self.connector = Connector(vision_config, model.connector,
-                                           vision_hidden=model.vision.hidden_size,
-                                           llm_hidden=model.llm.hidden_size,
-                                           num_patches=grid * grid)
+                self.connector = Connector(
+                    vision_config,
+                    model.connector,
+                    vision_hidden=model.vision.hidden_size,
+                    llm_hidden=model.llm.hidden_size,
+                    num_patches=grid * grid,
+                )
         with seeded(init_seed, "language_model"):
             self.language_model = self._build_language_model(model, language_config, init_seed)
         self._mark_experts_as_expert_parallel()
@@ -63,12 +74,14 @@ class MM1Model(MegatronModule):
             if ".experts." in name:
                 param.allreduce = False
 
-    def _build_language_model(self, model: ModelConfig, config: TransformerConfig,
-                              init_seed: Optional[int]) -> GPTModel:
+    def _build_language_model(
+        self, model: ModelConfig, config: TransformerConfig, init_seed: Optional[int]
+    ) -> GPTModel:
         return GPTModel(
             config=config,
-            transformer_layer_spec=language_block_spec(config, model.transformer_impl,
-                                                       init_seed=init_seed),
+            transformer_layer_spec=language_block_spec(
+                config, model.transformer_impl, init_seed=init_seed
+            ),
             vocab_size=model.llm.vocab_size,
             max_sequence_length=model.llm.max_sequence_length,
             pre_process=self.pre_process,
@@ -104,8 +117,9 @@ class MM1Model(MegatronModule):
         embeddings = self.language_model.embedding(input_ids=tokens, position_ids=None)
         if images is not None and images.shape[0] > 0:
             image_tokens = self.encode_images(images)
-            embeddings = merge_image_embeddings(embeddings, image_tokens, tokens,
-                                                image_token_id=self.image_token_id)
+            embeddings = merge_image_embeddings(
+                embeddings, image_tokens, tokens, image_token_id=self.image_token_id
+            )
         elif not tokens.is_cuda and bool((tokens == self.image_token_id).any()):
             # Not on GPU, where reading the result would stall every micro-batch; the
             # trainer checks its batches on the host instead.
@@ -114,11 +128,17 @@ class MM1Model(MegatronModule):
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
-                attention_mask: torch.Tensor, images: Optional[torch.Tensor] = None,
-                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Per-token loss ``[b, s]`` when ``labels`` is given (last stage), else logits
         (last stage) or hidden states (other stages)."""
         decoder_input = self.embed(tokens, images) if self.pre_process else None
-        return self.language_model(tokens, position_ids, attention_mask,
-                                   decoder_input=decoder_input, labels=labels)
+        return self.language_model(
+            tokens, position_ids, attention_mask, decoder_input=decoder_input, labels=labels
+        )

@@ -16,9 +16,15 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 class TorchNorm:
     """Builds ``torch.nn.LayerNorm`` or ``torch.nn.RMSNorm`` per ``config.normalization``."""
 
-    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5,
-                persist_layer_norm: bool = False, zero_centered_gamma: bool = False,
-                normalization: str = "LayerNorm"):
+    def __new__(
+        cls,
+        config: TransformerConfig,
+        hidden_size: int,
+        eps: float = 1e-5,
+        persist_layer_norm: bool = False,
+        zero_centered_gamma: bool = False,
+        normalization: str = "LayerNorm",
+    ):
         if config.layernorm_zero_centered_gamma:
             raise ValueError("zero-centred gamma needs Transformer Engine or apex norms")
         if config.normalization == "LayerNorm":

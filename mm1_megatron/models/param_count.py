@@ -42,18 +42,27 @@ class ParameterCounts:
 def vision_encoder_params(v: VisionEncoderConfig) -> int:
     h, f = v.hidden_size, v.ffn_hidden_size
     num_positions = (v.image_size // v.patch_size) ** 2 + (1 if v.use_class_token else 0)
-    per_layer = (2 * h                      # input LayerNorm
-                 + h * 3 * h + 3 * h        # QKV with bias
-                 + h * h + h                # output projection
-                 + 2 * h                    # pre-MLP LayerNorm
-                 + h * f + f + f * h + h)   # MLP with biases
-    return (v.num_channels * v.patch_size ** 2 * h   # patch conv
-            + (h if v.patch_embedding_bias else 0)
-            + (h if v.use_class_token else 0)
-            + num_positions * h
-            + (2 * h if v.pre_layernorm else 0)
-            + (2 * h if v.post_layernorm else 0)
-            + v.num_layers * per_layer)
+    per_layer = (
+        2 * h  # input LayerNorm
+        + h * 3 * h
+        + 3 * h  # QKV with bias
+        + h * h
+        + h  # output projection
+        + 2 * h  # pre-MLP LayerNorm
+        + h * f
+        + f
+        + f * h
+        + h
+    )  # MLP with biases
+    return (
+        v.num_channels * v.patch_size**2 * h  # patch conv
+        + (h if v.patch_embedding_bias else 0)
+        + (h if v.use_class_token else 0)
+        + num_positions * h
+        + (2 * h if v.pre_layernorm else 0)
+        + (2 * h if v.post_layernorm else 0)
+        + v.num_layers * per_layer
+    )
 
 
 def readout_params(in_dim: int, out_dim: int, num_layers: int) -> int:
@@ -62,30 +71,46 @@ def readout_params(in_dim: int, out_dim: int, num_layers: int) -> int:
 
 def bottleneck_params(in_ch: int, out_ch: int) -> int:
     reduced = max(1, in_ch // 4)
-    params = (in_ch * out_ch + 2 * out_ch          # conv1 + norm1
-              + 9 * out_ch * out_ch + 2 * out_ch   # conv2 (3x3) + norm2
-              + out_ch * reduced + reduced + reduced * out_ch + out_ch  # squeeze-excite
-              + out_ch * out_ch + 2 * out_ch)      # conv3 + norm3
+    params = (
+        in_ch * out_ch
+        + 2 * out_ch  # conv1 + norm1
+        + 9 * out_ch * out_ch
+        + 2 * out_ch  # conv2 (3x3) + norm2
+        + out_ch * reduced
+        + reduced
+        + reduced * out_ch
+        + out_ch  # squeeze-excite
+        + out_ch * out_ch
+        + 2 * out_ch
+    )  # conv3 + norm3
     if in_ch != out_ch:
-        params += in_ch * out_ch + 2 * out_ch      # projection shortcut
+        params += in_ch * out_ch + 2 * out_ch  # projection shortcut
     return params
 
 
-def connector_params(c: ConnectorConfig, *, vision_hidden: int, llm_hidden: int,
-                     num_patches: int) -> int:
+def connector_params(
+    c: ConnectorConfig, *, vision_hidden: int, llm_hidden: int, num_patches: int
+) -> int:
     if c.type == "c_abstractor":
         n = c.num_blocks_per_stage
         width = c.hidden_size if n > 0 else vision_hidden
-        stage1 = sum(bottleneck_params(vision_hidden if i == 0 else width, width)
-                     for i in range(n))
+        stage1 = sum(bottleneck_params(vision_hidden if i == 0 else width, width) for i in range(n))
         stage2 = n * bottleneck_params(width, width)
-        return (num_patches * vision_hidden + stage1 + stage2
-                + readout_params(width, llm_hidden, c.num_readout_layers))
+        return (
+            num_patches * vision_hidden
+            + stage1
+            + stage2
+            + readout_params(width, llm_hidden, c.num_readout_layers)
+        )
     if c.type == "attn_pool":
         d = c.hidden_size
         attention = d * d + 2 * d * vision_hidden + 3 * d + d * d + d
-        return (c.num_output_tokens * d + 2 * vision_hidden + attention
-                + readout_params(d, llm_hidden, c.num_readout_layers))
+        return (
+            c.num_output_tokens * d
+            + 2 * vision_hidden
+            + attention
+            + readout_params(d, llm_hidden, c.num_readout_layers)
+        )
     # avg_pool and mlp: the readout MLP only
     return readout_params(vision_hidden, llm_hidden, c.num_readout_layers)
 
@@ -102,9 +127,12 @@ def language_model_params(m: LanguageModelConfig) -> tuple:
     head_dim = h // m.num_attention_heads
     groups = m.num_query_groups or m.num_attention_heads
     qkv_rows = (m.num_attention_heads + 2 * groups) * head_dim
-    attention = (h                                                       # input RMSNorm
-                 + h * qkv_rows + (qkv_rows if m.qkv_bias else 0)        # fused QKV (+ bias)
-                 + m.num_attention_heads * head_dim * h)                 # output projection
+    attention = (
+        h  # input RMSNorm
+        + h * qkv_rows
+        + (qkv_rows if m.qkv_bias else 0)  # fused QKV (+ bias)
+        + m.num_attention_heads * head_dim * h
+    )  # output projection
     dense_mlp = h + 3 * h * m.ffn_hidden_size  # pre-MLP RMSNorm + SwiGLU (fc1 is 2f wide)
     expert_ffn = m.moe.expert_ffn_hidden_size or m.ffn_hidden_size
     total = active = 0
@@ -128,8 +156,12 @@ def count_parameters(model: ModelConfig) -> ParameterCounts:
     llm_total, llm_embedding, llm_active = language_model_params(model.llm)
     return ParameterCounts(
         vision_encoder=vision_encoder_params(v),
-        connector=connector_params(model.connector, vision_hidden=v.hidden_size,
-                                   llm_hidden=model.llm.hidden_size, num_patches=num_patches),
+        connector=connector_params(
+            model.connector,
+            vision_hidden=v.hidden_size,
+            llm_hidden=model.llm.hidden_size,
+            num_patches=num_patches,
+        ),
         language_model=llm_total,
         llm_embedding=llm_embedding,
         llm_active=llm_active,

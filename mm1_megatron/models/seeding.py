@@ -45,9 +45,11 @@ def seeded_layer_class(seed: int, base=TransformerLayer):
         def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs):
             vp_stage = kwargs.get("vp_stage")
             offset = get_transformer_layer_offset(
-                config, vp_stage, parallel_state.get_pipeline_model_parallel_rank())
+                config, vp_stage, parallel_state.get_pipeline_model_parallel_rank()
+            )
             torch.default_generator.manual_seed(
-                component_seed(seed, "decoder_layer", layer_number + offset))
+                component_seed(seed, "decoder_layer", layer_number + offset)
+            )
             super().__init__(config, submodules, layer_number, *args, **kwargs)
 
     return SeededTransformerLayer
@@ -64,8 +66,8 @@ def seeded_experts_class() -> type:
         layer_key = int(torch.randint(2**62, (1,), device="cpu").item())
 
         def before_expert(global_index: int) -> None:
-            torch.default_generator.manual_seed(
-                component_seed(layer_key, "expert", global_index))
+            torch.default_generator.manual_seed(component_seed(layer_key, "expert", global_index))
+
         return before_expert
 
     return sequential_mlp_with_expert_hook(make_hook)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import BackendSpecProvider, LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_decoder_block_spec,
@@ -20,13 +21,12 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     TransformerLayerSubmodules,
 )
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from mm1_megatron.compat import specs as compat_specs
 from mm1_megatron.models.norms import TorchNorm
@@ -77,7 +77,9 @@ def vision_layer_spec(transformer_impl: str) -> ModuleSpec:
             # Checkpoint keys as Transformer Engine's fused norm+linear names them, so a
             # checkpoint saved with either implementation loads into the other (as
             # Megatron-Core's local GPT spec does for the decoder).
-            sharded_state_dict_keys_map={} if fused else {
+            sharded_state_dict_keys_map={}
+            if fused
+            else {
                 "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
                 "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
             },
@@ -87,23 +89,30 @@ def vision_layer_spec(transformer_impl: str) -> ModuleSpec:
 
 def _with_torch_norms(layer: ModuleSpec) -> ModuleSpec:
     """Swap Megatron's torch-norm wrapper (which rejects SP) for ``TorchNorm``."""
-    fields = {name: TorchNorm for name in ("input_layernorm", "pre_mlp_layernorm")
-              if getattr(layer.submodules, name) is WrappedTorchNorm}
+    fields = {
+        name: TorchNorm
+        for name in ("input_layernorm", "pre_mlp_layernorm")
+        if getattr(layer.submodules, name) is WrappedTorchNorm
+    }
     return compat_specs.with_submodules(
-        layer, compat_specs.replace_fields(layer.submodules, **fields))
+        layer, compat_specs.replace_fields(layer.submodules, **fields)
+    )
 
 
 def _with_arbitrary_mask(layer: ModuleSpec) -> ModuleSpec:
-    attention = compat_specs.with_params(layer.submodules.self_attention,
-                                         attn_mask_type=AttnMaskType.arbitrary)
+    attention = compat_specs.with_params(
+        layer.submodules.self_attention, attn_mask_type=AttnMaskType.arbitrary
+    )
     return compat_specs.with_submodules(
-        layer, compat_specs.replace_fields(layer.submodules, self_attention=attention))
+        layer, compat_specs.replace_fields(layer.submodules, self_attention=attention)
+    )
 
 
 def _seeded(layer: ModuleSpec, init_seed: int) -> ModuleSpec:
     """Layer and experts drawn from streams keyed by their global index."""
-    layer = compat_specs.with_module(layer, seeded_layer_class(
-        init_seed, base=compat_specs.spec_module(layer)))
+    layer = compat_specs.with_module(
+        layer, seeded_layer_class(init_seed, base=compat_specs.spec_module(layer))
+    )
 
     def seed_experts(experts):
         if compat_specs.spec_module(experts) is not SequentialMLP:
@@ -112,11 +121,17 @@ def _seeded(layer: ModuleSpec, init_seed: int) -> ModuleSpec:
 
     mlp = compat_specs.map_experts(layer.submodules.mlp, seed_experts)
     return compat_specs.with_submodules(
-        layer, compat_specs.replace_fields(layer.submodules, mlp=mlp))
+        layer, compat_specs.replace_fields(layer.submodules, mlp=mlp)
+    )
 
 
-def language_block_spec(config: TransformerConfig, transformer_impl: str, *, vp_stage=None,
-                        init_seed: Optional[int] = None):
+def language_block_spec(
+    config: TransformerConfig,
+    transformer_impl: str,
+    *,
+    vp_stage=None,
+    init_seed: Optional[int] = None,
+):
     """Llama-style decoder block (RMSNorm, SwiGLU, RoPE), dense or MoE per ``moe_layer_freq``.
 
     Only the layers of the current pipeline stage are built. Packed documents need the
@@ -125,8 +140,9 @@ def language_block_spec(config: TransformerConfig, transformer_impl: str, *, vp_
     switched to ``arbitrary`` (which honours it).
     """
     use_te = transformer_impl == "transformer_engine"
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=use_te,
-                                       normalization="RMSNorm", vp_stage=vp_stage)
+    block = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
+    )
 
     def transform(layer: ModuleSpec) -> ModuleSpec:
         if init_seed is not None:

@@ -52,8 +52,9 @@ def _shared_kwargs(model: ModelConfig, parallel: ParallelConfig, runtime: Runtim
     return kwargs
 
 
-def language_transformer_config(model: ModelConfig, parallel: ParallelConfig,
-                                runtime: RuntimeOptions) -> TransformerConfig:
+def language_transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeOptions
+) -> TransformerConfig:
     llm = model.llm
     kwargs = _shared_kwargs(model, parallel, runtime)
     kwargs.update(
@@ -76,11 +77,14 @@ def language_transformer_config(model: ModelConfig, parallel: ParallelConfig,
         # hidden size), which a packed decoder sequence is and a ViT batch is not (730
         # tokens per ViT-H/14-378 image times a varying image count). The ViT and the
         # connector run in bf16.
-        kwargs.update(fp8=model.fp8,
-                      fp8_recipe="delayed" if model.fp8_recipe == "delayed" else "tensorwise")
+        kwargs.update(
+            fp8=model.fp8, fp8_recipe="delayed" if model.fp8_recipe == "delayed" else "tensorwise"
+        )
     if parallel.pipeline_parallel_size > 1:
-        kwargs.update(num_layers_in_first_pipeline_stage=parallel.num_decoder_layers_on_vision_stage,
-                      num_layers_in_last_pipeline_stage=parallel.num_decoder_layers_on_last_stage)
+        kwargs.update(
+            num_layers_in_first_pipeline_stage=parallel.num_decoder_layers_on_vision_stage,
+            num_layers_in_last_pipeline_stage=parallel.num_decoder_layers_on_last_stage,
+        )
     moe = llm.moe
     if moe.num_experts > 0:
         kwargs.update(
@@ -101,8 +105,9 @@ def language_transformer_config(model: ModelConfig, parallel: ParallelConfig,
     return TransformerConfig(**kwargs)
 
 
-def vision_transformer_config(model: ModelConfig, parallel: ParallelConfig,
-                              runtime: RuntimeOptions) -> TransformerConfig:
+def vision_transformer_config(
+    model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeOptions
+) -> TransformerConfig:
     """The ViT lives whole on the first pipeline stage and is split only by TP."""
     vision = model.vision
     kwargs = _shared_kwargs(model, parallel, runtime)

@@ -40,8 +40,9 @@ def interpolate_position_embedding(
         return pos_embed
     hidden = grid_rows.shape[1]
     grid = grid_rows.reshape(1, old_grid, old_grid, hidden).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(new_grid, new_grid), mode="bicubic",
-                         align_corners=False).to(pos_embed.dtype)
+    grid = F.interpolate(
+        grid.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False
+    ).to(pos_embed.dtype)
     grid_rows = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, hidden)
     return torch.cat([prefix, grid_rows], dim=0)
 
@@ -49,41 +50,60 @@ def interpolate_position_embedding(
 class VisionEncoder(MegatronModule):
     """Images ``[n, c, H, W]`` -> patch features ``[n, num_patches, hidden]``."""
 
-    def __init__(self, config: TransformerConfig, vision: VisionEncoderConfig, *,
-                 transformer_impl: str = "local"):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        vision: VisionEncoderConfig,
+        *,
+        transformer_impl: str = "local",
+    ):
         super().__init__(config=config)
         self.patch_size = vision.patch_size
         self.grid_size = vision.image_size // vision.patch_size
         self.num_prefix_tokens = 1 if vision.use_class_token else 0
         hidden = vision.hidden_size
-        self.patch_embedding = torch.nn.Conv2d(vision.num_channels, hidden,
-                                               kernel_size=vision.patch_size,
-                                               stride=vision.patch_size,
-                                               bias=vision.patch_embedding_bias)
-        std = config.init_method_std
-        self.class_embedding = (torch.nn.Parameter(torch.randn(hidden) * std)
-                                if vision.use_class_token else None)
-        num_positions = self.num_prefix_tokens + self.grid_size ** 2
-        self.position_embedding = torch.nn.Parameter(torch.randn(num_positions, hidden) * std)
-        self.pre_layernorm = (torch.nn.LayerNorm(hidden, eps=vision.layernorm_epsilon)
-                              if vision.pre_layernorm else None)
-        self.transformer = TransformerBlock(
-            config=config, spec=vision_layer_spec(transformer_impl),
-            post_layer_norm=False, pre_process=True, post_process=False,
+        self.patch_embedding = torch.nn.Conv2d(
+            vision.num_channels,
+            hidden,
+            kernel_size=vision.patch_size,
+            stride=vision.patch_size,
+            bias=vision.patch_embedding_bias,
         )
-        self.post_layernorm = (torch.nn.LayerNorm(hidden, eps=vision.layernorm_epsilon)
-                               if vision.post_layernorm else None)
+        std = config.init_method_std
+        self.class_embedding = (
+            torch.nn.Parameter(torch.randn(hidden) * std) if vision.use_class_token else None
+        )
+        num_positions = self.num_prefix_tokens + self.grid_size**2
+        self.position_embedding = torch.nn.Parameter(torch.randn(num_positions, hidden) * std)
+        self.pre_layernorm = (
+            torch.nn.LayerNorm(hidden, eps=vision.layernorm_epsilon)
+            if vision.pre_layernorm
+            else None
+        )
+        self.transformer = TransformerBlock(
+            config=config,
+            spec=vision_layer_spec(transformer_impl),
+            post_layer_norm=False,
+            pre_process=True,
+            post_process=False,
+        )
+        self.post_layernorm = (
+            torch.nn.LayerNorm(hidden, eps=vision.layernorm_epsilon)
+            if vision.post_layernorm
+            else None
+        )
 
     def position_table(self, grid_size: int) -> torch.Tensor:
-        return interpolate_position_embedding(self.position_embedding,
-                                              num_prefix_tokens=self.num_prefix_tokens,
-                                              new_grid=grid_size)
+        return interpolate_position_embedding(
+            self.position_embedding, num_prefix_tokens=self.num_prefix_tokens, new_grid=grid_size
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
         if height != width or height % self.patch_size:
-            raise ValueError(f"images must be square multiples of {self.patch_size} px, "
-                             f"got {height}x{width}")
+            raise ValueError(
+                f"images must be square multiples of {self.patch_size} px, got {height}x{width}"
+            )
         grid_size = height // self.patch_size
         patches = self.patch_embedding(images.to(self.patch_embedding.weight.dtype))
         patches = patches.flatten(2).transpose(1, 2)  # [n, g*g, h]
@@ -95,7 +115,7 @@ class VisionEncoder(MegatronModule):
             hidden = self.pre_layernorm(hidden)
         hidden = hidden.transpose(0, 1).contiguous()  # Megatron layout: [s, n, h]
         hidden = self.transformer(hidden_states=hidden, attention_mask=None)
-        hidden = hidden.transpose(0, 1)[:, self.num_prefix_tokens:]  # drop the class token
+        hidden = hidden.transpose(0, 1)[:, self.num_prefix_tokens :]  # drop the class token
         if self.post_layernorm is not None:
             hidden = self.post_layernorm(hidden)
         return hidden

@@ -9,5 +9,12 @@ from mm1_megatron.parallel.distributed import (
     shutdown_distributed,
 )
 
-__all__ = ["DistributedContext", "check_world_size", "cpu_execution_enabled",
-           "enable_cpu_execution", "init_distributed", "seed_everything", "shutdown_distributed"]
+__all__ = [
+    "DistributedContext",
+    "check_world_size",
+    "cpu_execution_enabled",
+    "enable_cpu_execution",
+    "init_distributed",
+    "seed_everything",
+    "shutdown_distributed",
+]

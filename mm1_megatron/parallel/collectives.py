@@ -38,8 +38,10 @@ def check_on_group_device(tensor: torch.Tensor, group=None) -> None:
     expected = group_device(group)
     if tensor.device.type != expected.type:
         backend = dist.get_backend(group) if _initialized() else "none"
-        raise ValueError(f"collective on a {backend} group got a tensor on {tensor.device}; "
-                         f"it must be on {expected} (use mm1_megatron.parallel.collectives)")
+        raise ValueError(
+            f"collective on a {backend} group got a tensor on {tensor.device}; "
+            f"it must be on {expected} (use mm1_megatron.parallel.collectives)"
+        )
 
 
 def all_reduce_(tensor: torch.Tensor, *, op: str = "sum", group=None) -> torch.Tensor:
@@ -50,8 +52,7 @@ def all_reduce_(tensor: torch.Tensor, *, op: str = "sum", group=None) -> torch.T
     return tensor
 
 
-def all_reduce_values(values: Sequence[float], *, op: str = "sum",
-                      group=None) -> List[float]:
+def all_reduce_values(values: Sequence[float], *, op: str = "sum", group=None) -> List[float]:
     """All-reduce Python numbers (as float64) and return them as Python floats."""
     if not _initialized():
         return [float(v) for v in values]

@@ -49,15 +49,19 @@ def _launcher_env(launcher: str) -> tuple:
     if launcher in ("auto", "torchrun") and "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)), "torchrun"
     if launcher == "torchrun":
-        raise ValueError("parallel.launcher=torchrun but RANK/WORLD_SIZE are not set; "
-                         "start with `torchrun --nproc-per-node N ...`")
+        raise ValueError(
+            "parallel.launcher=torchrun but RANK/WORLD_SIZE are not set; "
+            "start with `torchrun --nproc-per-node N ...`"
+        )
     if launcher in ("auto", "mpi"):
         for rank_key, size_key, local_key in _MPI_ENV_KEYS:
             if rank_key in env and size_key in env:
                 return int(env[rank_key]), int(env[size_key]), int(env.get(local_key, 0)), "mpi"
     if launcher == "mpi":
-        raise ValueError("parallel.launcher=mpi but no MPI rank variables were found; "
-                         "start with `mpiexec -n N ...` or `srun ...`")
+        raise ValueError(
+            "parallel.launcher=mpi but no MPI rank variables were found; "
+            "start with `mpiexec -n N ...` or `srun ...`"
+        )
     return 0, 1, 0, "none"
 
 
@@ -74,9 +78,11 @@ def _agree_on_master_address_with_mpi() -> None:
     try:
         from mpi4py import MPI
     except ImportError as exc:
-        raise ValueError("an MPI launch without MASTER_ADDR/MASTER_PORT needs mpi4py to agree "
-                         "on a rendezvous address: `pip install -e .[mpi]`, or export "
-                         "MASTER_ADDR and MASTER_PORT") from exc
+        raise ValueError(
+            "an MPI launch without MASTER_ADDR/MASTER_PORT needs mpi4py to agree "
+            "on a rendezvous address: `pip install -e .[mpi]`, or export "
+            "MASTER_ADDR and MASTER_PORT"
+        ) from exc
     comm = MPI.COMM_WORLD
     address = None
     if comm.Get_rank() == 0:
@@ -87,8 +93,11 @@ def _agree_on_master_address_with_mpi() -> None:
 
 
 def _set_rendezvous(world_size: int, found_by: str) -> None:
-    if found_by == "mpi" and world_size > 1 and not (
-            "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ):
+    if (
+        found_by == "mpi"
+        and world_size > 1
+        and not ("MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ)
+    ):
         _agree_on_master_address_with_mpi()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
@@ -104,9 +113,11 @@ def local_cuda_device_index(local_rank: int) -> int:
     if count == 1:
         return 0
     if local_rank >= count:
-        raise ValueError(f"local rank {local_rank} has no GPU: {count} are visible to this "
-                         f"process; start at most {count} processes per node, or bind one "
-                         "GPU per task (e.g. srun --gpus-per-task=1)")
+        raise ValueError(
+            f"local rank {local_rank} has no GPU: {count} are visible to this "
+            f"process; start at most {count} processes per node, or bind one "
+            "GPU per task (e.g. srun --gpus-per-task=1)"
+        )
     return local_rank
 
 
@@ -118,7 +129,8 @@ def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
         raise ValueError(
             f"world size {world_size} is not divisible by tensor_parallel_size x "
             f"pipeline_parallel_size = {tp} x {pp} = {model_parallel}; launch a multiple of "
-            f"{model_parallel} processes")
+            f"{model_parallel} processes"
+        )
     data_parallel = world_size // model_parallel
     ep = parallel.expert_parallel_size
     etp = parallel.expert_tensor_parallel_size or tp
@@ -126,12 +138,14 @@ def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
         raise ValueError(
             f"expert_parallel_size x expert_tensor_parallel_size = {ep} x {etp} must divide "
             f"data_parallel x tensor_parallel = {data_parallel} x {tp} "
-            f"(world {world_size} = TP {tp} x PP {pp} x DP {data_parallel})")
+            f"(world {world_size} = TP {tp} x PP {pp} x DP {data_parallel})"
+        )
     return data_parallel
 
 
-def init_distributed(parallel: ParallelConfig, *, timeout_minutes: float = 30.0,
-                     force_cpu: bool = False) -> DistributedContext:
+def init_distributed(
+    parallel: ParallelConfig, *, timeout_minutes: float = 30.0, force_cpu: bool = False
+) -> DistributedContext:
     """Initialise torch.distributed and Megatron-Core's model-parallel groups.
 
     ``force_cpu`` keeps CPU-only work (checkpoint conversion) off the GPU on a GPU host:
@@ -148,8 +162,12 @@ def init_distributed(parallel: ParallelConfig, *, timeout_minutes: float = 30.0,
         device = torch.device("cuda", local_cuda_device_index(local_rank))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        dist.init_process_group(
+            backend,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
     from megatron.core import parallel_state
 
     if not parallel_state.model_parallel_is_initialized():

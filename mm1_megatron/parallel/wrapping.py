@@ -20,9 +20,14 @@ def freeze_parts(model: torch.nn.Module, names: Sequence[str]) -> None:
             param.requires_grad_(False)
 
 
-def wrap_for_training(model: torch.nn.Module, *, device: torch.device,
-                      freeze: Sequence[str] = (), bf16: bool = False,
-                      use_distributed_optimizer: bool = False) -> DistributedDataParallel:
+def wrap_for_training(
+    model: torch.nn.Module,
+    *,
+    device: torch.device,
+    freeze: Sequence[str] = (),
+    bf16: bool = False,
+    use_distributed_optimizer: bool = False,
+) -> DistributedDataParallel:
     """``model`` on ``device``, frozen parts frozen, bf16 if asked, inside DDP (gradients
     reduced in fp32, buckets reduced after the backward pass)."""
     model = model.to(device)

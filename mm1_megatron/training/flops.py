@@ -26,7 +26,7 @@ def vision_encoder_forward_flops(model: ModelConfig) -> float:
     h, f = v.hidden_size, v.ffn_hidden_size
     per_layer_matmul = 4 * h * h + 2 * h * f  # QKV + proj + MLP, per token
     attention = 2 * num_tokens * h  # QK^T and attention x V, per token
-    patch_embed = num_patches * v.num_channels * v.patch_size ** 2 * h
+    patch_embed = num_patches * v.num_channels * v.patch_size**2 * h
     return 2 * (patch_embed + v.num_layers * num_tokens * (per_layer_matmul + attention))
 
 
@@ -35,13 +35,17 @@ def connector_forward_flops(model: ModelConfig) -> float:
     c, v, h_llm = model.connector, model.vision, model.llm.hidden_size
     grid = v.image_size // v.patch_size
     num_out = c.num_output_tokens
-    readout_in = {"c_abstractor": c.hidden_size if c.num_blocks_per_stage else v.hidden_size,
-                  "attn_pool": c.hidden_size}.get(c.type, v.hidden_size)
+    readout_in = {
+        "c_abstractor": c.hidden_size if c.num_blocks_per_stage else v.hidden_size,
+        "attn_pool": c.hidden_size,
+    }.get(c.type, v.hidden_size)
     readout = param_count.readout_params(readout_in, h_llm, c.num_readout_layers)
     if c.type == "c_abstractor":
         n, width = c.num_blocks_per_stage, readout_in
-        stage1 = sum(param_count.bottleneck_params(v.hidden_size if i == 0 else width, width)
-                     for i in range(n))
+        stage1 = sum(
+            param_count.bottleneck_params(v.hidden_size if i == 0 else width, width)
+            for i in range(n)
+        )
         stage2 = n * param_count.bottleneck_params(width, width)
         return 2 * (stage1 * grid * grid + (stage2 + readout) * num_out)
     if c.type == "attn_pool":
@@ -65,16 +69,19 @@ def language_model_forward_flops(model: ModelConfig, seq_length: int) -> float:
     return 2 * seq_length * (matmul_params + attention)
 
 
-def training_flops_per_step(model: ModelConfig, *, num_sequences: int, seq_length: int,
-                            num_images: int) -> float:
+def training_flops_per_step(
+    model: ModelConfig, *, num_sequences: int, seq_length: int, num_images: int
+) -> float:
     per_image = vision_encoder_forward_flops(model) + connector_forward_flops(model)
-    forward = (num_sequences * language_model_forward_flops(model, seq_length)
-               + num_images * per_image)
+    forward = (
+        num_sequences * language_model_forward_flops(model, seq_length) + num_images * per_image
+    )
     return FORWARD_AND_BACKWARD * forward
 
 
-def model_flops_utilization(flops: float, seconds: float, num_devices: int,
-                            peak_flops_per_device: float) -> float:
+def model_flops_utilization(
+    flops: float, seconds: float, num_devices: int, peak_flops_per_device: float
+) -> float:
     if seconds <= 0 or peak_flops_per_device <= 0 or num_devices <= 0:
         return math.nan
     return flops / (seconds * num_devices * peak_flops_per_device)
@@ -87,8 +94,8 @@ DENSE_BF16_PEAK_FLOPS = (
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
     ("H200 NVL", 835e12),
-    ("H100", 989e12),   # SXM (HBM3)
-    ("H200", 989e12),   # SXM; GH200 too
+    ("H100", 989e12),  # SXM (HBM3)
+    ("H200", 989e12),  # SXM; GH200 too
     ("H800", 989e12),
     ("A100", 312e12),
 )

@@ -24,13 +24,18 @@ class LossMonitor:
     def record_nonfinite(self, step: int) -> None:
         """Count a skipped step; raise ``TrainingDiverged`` once there are too many."""
         self.num_nonfinite_steps += 1
-        logger.error("step %d: loss is NaN or Inf; the update was skipped (%d of at most %d)",
-                     step, self.num_nonfinite_steps, self.max_nonfinite_steps)
+        logger.error(
+            "step %d: loss is NaN or Inf; the update was skipped (%d of at most %d)",
+            step,
+            self.num_nonfinite_steps,
+            self.max_nonfinite_steps,
+        )
         if self.num_nonfinite_steps >= self.max_nonfinite_steps:
             raise TrainingDiverged(
                 f"stopping: {self.num_nonfinite_steps} steps had a NaN/Inf loss (limit "
                 f"training.max_nonfinite_steps={self.max_nonfinite_steps}); resume from the last "
-                f"checkpoint with a lower learning rate or inspect the data around step {step}")
+                f"checkpoint with a lower learning rate or inspect the data around step {step}"
+            )
 
     def is_spike(self, step: int, loss: float) -> bool:
         """True (and a warning) when ``loss`` exceeds ``spike_ratio`` x the recent mean."""

@@ -26,9 +26,17 @@ def progress_bar(step: int, total: int, width: int = 20) -> str:
 class MetricsLogger:
     """Logs every ``log_interval`` steps; a no-op on ranks other than the logging rank."""
 
-    def __init__(self, output_dir: Path, *, enabled: bool, total_steps: int,
-                 log_interval: int, tensorboard: bool, progress_bar: bool,
-                 append: bool = False):
+    def __init__(
+        self,
+        output_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        log_interval: int,
+        tensorboard: bool,
+        progress_bar: bool,
+        append: bool = False,
+    ):
         self.enabled = enabled
         self.total_steps = total_steps
         self.log_interval = max(1, log_interval)
@@ -40,8 +48,9 @@ class MetricsLogger:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
             # One JSON object per step: easy to diff and plot across runs of a study.
             # A resumed run appends to the curve it continues.
-            self.jsonl = open(Path(output_dir) / "metrics.jsonl", "a" if append else "w",
-                              encoding="utf-8")
+            self.jsonl = open(
+                Path(output_dir) / "metrics.jsonl", "a" if append else "w", encoding="utf-8"
+            )
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -50,8 +59,10 @@ class MetricsLogger:
     def log(self, step: int, scalars: Dict[str, float]) -> None:
         if not self.enabled:
             return
-        record = {name: None if isinstance(value, float) and math.isnan(value) else value
-                  for name, value in scalars.items()}
+        record = {
+            name: None if isinstance(value, float) and math.isnan(value) else value
+            for name, value in scalars.items()
+        }
         self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
@@ -66,8 +77,11 @@ class MetricsLogger:
         eta = elapsed / max(step, 1) * (self.total_steps - step)
         head = progress_bar(step, self.total_steps) if self.show_progress else f"step {step}"
         shown = ["loss", "lr", "grad_norm", "tokens_per_s", "images_per_s", "mfu"]
-        parts = [f"{name} {scalars[name]:.4g}" for name in shown
-                 if name in scalars and scalars[name] is not None and not math.isnan(scalars[name])]
+        parts = [
+            f"{name} {scalars[name]:.4g}"
+            for name in shown
+            if name in scalars and scalars[name] is not None and not math.isnan(scalars[name])
+        ]
         return f"{head} | " + " | ".join(parts) + f" | eta {_format_seconds(eta)}"
 
     def close(self) -> None:

@@ -5,31 +5,35 @@ from __future__ import annotations
 from typing import Dict, List
 
 import torch
-
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer.optimizer_config import ParamKey
-from megatron.core.optimizer_param_scheduler import ParamGroupOverride
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
 from mm1_megatron.config.schema import OptimizerConfig
 
 
-def _lr_multiplier_overrides(multipliers: Dict[str, float], peak_lr: float,
-                             min_lr: float) -> Dict[ParamKey, ParamGroupOverride]:
+def _lr_multiplier_overrides(
+    multipliers: Dict[str, float], peak_lr: float, min_lr: float
+) -> Dict[ParamKey, ParamGroupOverride]:
     """Parameters under ``<module>.`` get ``multiplier x`` the peak and floor LR."""
     overrides = {}
     for module_name, multiplier in multipliers.items():
         if multiplier == 1.0:
             continue
         key = ParamKey(name=(f"*{module_name}.*",))
-        overrides[key] = ParamGroupOverride(max_lr=peak_lr * multiplier,
-                                            min_lr=min_lr * multiplier)
+        overrides[key] = ParamGroupOverride(max_lr=peak_lr * multiplier, min_lr=min_lr * multiplier)
     return overrides
 
 
-def build_optimizer(o: OptimizerConfig, model_chunks: List, *, peak_lr: float, bf16: bool,
-                    use_distributed_optimizer: bool):
+def build_optimizer(
+    o: OptimizerConfig,
+    model_chunks: List,
+    *,
+    peak_lr: float,
+    bf16: bool,
+    use_distributed_optimizer: bool,
+):
     min_lr = peak_lr * o.min_lr_ratio
     mcore_config = McoreOptimizerConfig(
         optimizer="adam",  # Megatron's "adam" is AdamW: decoupled weight decay
@@ -49,8 +53,9 @@ def build_optimizer(o: OptimizerConfig, model_chunks: List, *, peak_lr: float, b
     return get_megatron_optimizer(mcore_config, model_chunks, config_overrides=overrides)
 
 
-def build_scheduler(o: OptimizerConfig, optimizer, *, peak_lr: float,
-                    train_steps: int) -> OptimizerParamScheduler:
+def build_scheduler(
+    o: OptimizerConfig, optimizer, *, peak_lr: float, train_steps: int
+) -> OptimizerParamScheduler:
     """Linear warmup from 0, cosine decay to ``min_lr_ratio * peak`` at the last step."""
     steps = train_steps
     warmup = min(o.warmup_steps, steps)

@@ -67,8 +67,11 @@ class PreemptionHandler:
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
-            logger.warning("received %s: will checkpoint after this step and exit with %d",
-                           signal.Signals(signum).name, EXIT_PREEMPTED)
+            logger.warning(
+                "received %s: will checkpoint after this step and exit with %d",
+                signal.Signals(signum).name,
+                EXIT_PREEMPTED,
+            )
         self.received = signum
 
     def stop_requested(self) -> bool:

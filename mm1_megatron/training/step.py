@@ -29,13 +29,11 @@ def loss_and_report(batch: Batch, per_token_loss: torch.Tensor):
     report = {"loss": torch.stack([loss_sum.detach(), num_tokens])}
     for name, source_id in SOURCE_IDS.items():
         rows = batch["source_ids"] == source_id
-        report[f"loss/{name}"] = torch.stack([token_losses[rows].sum().detach(),
-                                              mask[rows].sum()])
+        report[f"loss/{name}"] = torch.stack([token_losses[rows].sum().detach(), mask[rows].sum()])
     return loss_sum, num_tokens.int(), report
 
 
-def forward_step(data_iterator: Iterator[Batch], model, *,
-                 loss_func: LossFunc = loss_and_report):
+def forward_step(data_iterator: Iterator[Batch], model, *, loss_func: LossFunc = loss_and_report):
     """One micro-batch (already ``model_inputs``) through ``model``; Megatron-Core's
     ``forward_step_func`` contract: the output and the loss function to apply to it."""
     inputs = next(data_iterator)

@@ -52,14 +52,19 @@ from mm1_megatron.utils.logging_setup import log_info_on_this_rank
 
 logger = logging.getLogger(__name__)
 
+
 class Trainer:
     def __init__(self, cfg: MM1Config):
         self.cfg = validate_config(cfg)
-        self.ctx = init_distributed(cfg.parallel,
-                                    timeout_minutes=cfg.parallel.collective_timeout_minutes)
+        self.ctx = init_distributed(
+            cfg.parallel, timeout_minutes=cfg.parallel.collective_timeout_minutes
+        )
         cuda = self.ctx.device.type == "cuda"
-        validate_environment(cfg, cuda_available=cuda,
-                             cuda_capability=torch.cuda.get_device_capability() if cuda else None)
+        validate_environment(
+            cfg,
+            cuda_available=cuda,
+            cuda_capability=torch.cuda.get_device_capability() if cuda else None,
+        )
         self.bf16 = self.ctx.device.type == "cuda" and cfg.training.precision in ("auto", "bf16")
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = self._num_microbatches()
@@ -69,8 +74,10 @@ class Trainer:
             save_config(cfg, self.output_dir / "config.yaml")
         self.data, self.tokenizer = self._build_data()  # the tokenizer sizes the model
         if cfg.model.llm.vocab_size < self.tokenizer.vocab_size:
-            raise ValueError(f"model.llm.vocab_size={cfg.model.llm.vocab_size} is smaller than "
-                             f"the tokenizer's {self.tokenizer.vocab_size} tokens")
+            raise ValueError(
+                f"model.llm.vocab_size={cfg.model.llm.vocab_size} is smaller than "
+                f"the tokenizer's {self.tokenizer.vocab_size} tokens"
+            )
         self.model_chunks = [self._build_model()]
         self.checkpoints = CheckpointManager(cfg.checkpoint)
         self._load_pretrained_parts()
@@ -78,20 +85,32 @@ class Trainer:
         self.param_counts = count_parameters(cfg.model)
         self.peak_lr = resolve_peak_lr(cfg.optimizer, self.param_counts.llm_active_non_embedding)
         self.optimizer = build_optimizer(
-            cfg.optimizer, self.model_chunks, peak_lr=self.peak_lr, bf16=self.bf16,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
-        self.scheduler = build_scheduler(cfg.optimizer, self.optimizer, peak_lr=self.peak_lr,
-                                         train_steps=cfg.training.train_steps)
+            cfg.optimizer,
+            self.model_chunks,
+            peak_lr=self.peak_lr,
+            bf16=self.bf16,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        self.scheduler = build_scheduler(
+            cfg.optimizer,
+            self.optimizer,
+            peak_lr=self.peak_lr,
+            train_steps=cfg.training.train_steps,
+        )
         self._wire_model_config()
         self.loss_func = loss_and_report  # replaceable (tests inject non-finite losses)
         self.step = 0
         self.consumed_sequences = 0
-        self.loss_monitor = LossMonitor(max_nonfinite_steps=cfg.training.max_nonfinite_steps,
-                                        spike_ratio=cfg.training.loss_spike_ratio)
+        self.loss_monitor = LossMonitor(
+            max_nonfinite_steps=cfg.training.max_nonfinite_steps,
+            spike_ratio=cfg.training.loss_spike_ratio,
+        )
         self._resume()
-        self.is_logging_rank = (parallel_state.is_pipeline_last_stage()
-                                and parallel_state.get_tensor_model_parallel_rank() == 0
-                                and parallel_state.get_data_parallel_rank() == 0)
+        self.is_logging_rank = (
+            parallel_state.is_pipeline_last_stage()
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0
+        )
         if self.is_logging_rank:
             log_info_on_this_rank()
 
@@ -100,23 +119,34 @@ class Trainer:
         t = self.cfg.training
         per_step = t.micro_batch_size * self.dp_size
         if t.global_batch_size % per_step:
-            raise ValueError(f"training.global_batch_size={t.global_batch_size} must be a multiple "
-                             f"of micro_batch_size x data_parallel = {t.micro_batch_size} x "
-                             f"{self.dp_size} = {per_step}")
+            raise ValueError(
+                f"training.global_batch_size={t.global_batch_size} must be a multiple "
+                f"of micro_batch_size x data_parallel = {t.micro_batch_size} x "
+                f"{self.dp_size} = {per_step}"
+            )
         return t.global_batch_size // per_step
 
     def _build_model(self):
         cfg = self.cfg
-        runtime = RuntimeOptions(params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
-                                 use_cpu_initialization=True)
-        model = build_mm1_model(cfg.model, cfg.parallel,
-                                image_token_id=self.tokenizer.image_token_id, runtime=runtime,
-                                pre_process=parallel_state.is_pipeline_first_stage(),
-                                post_process=parallel_state.is_pipeline_last_stage(),
-                                init_seed=cfg.training.seed)
-        return wrap_for_training(model, device=self.ctx.device, freeze=cfg.model.freeze,
-                                 bf16=self.bf16,
-                                 use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+        runtime = RuntimeOptions(
+            params_dtype=torch.bfloat16 if self.bf16 else torch.float32, use_cpu_initialization=True
+        )
+        model = build_mm1_model(
+            cfg.model,
+            cfg.parallel,
+            image_token_id=self.tokenizer.image_token_id,
+            runtime=runtime,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            init_seed=cfg.training.seed,
+        )
+        return wrap_for_training(
+            model,
+            device=self.ctx.device,
+            freeze=cfg.model.freeze,
+            bf16=self.bf16,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
 
     def _peak_flops_per_device(self) -> Optional[float]:
         """``logging.peak_flops_per_device``, else the GPU's dense BF16 peak (for MFU)."""
@@ -127,20 +157,31 @@ class Trainer:
         name = torch.cuda.get_device_name(self.ctx.device)
         peak = dense_bf16_peak_flops(name)
         if peak is None:
-            logger.warning("no known BF16 peak for %s: MFU is not reported; set "
-                           "logging.peak_flops_per_device", name)
+            logger.warning(
+                "no known BF16 peak for %s: MFU is not reported; set logging.peak_flops_per_device",
+                name,
+            )
         return peak
 
     def _load_pretrained_parts(self) -> None:
-        parts = {"vision_encoder.": self.cfg.checkpoint.pretrained_vision_encoder,
-                 "language_model.": self.cfg.checkpoint.pretrained_language_model}
+        parts = {
+            "vision_encoder.": self.cfg.checkpoint.pretrained_vision_encoder,
+            "language_model.": self.cfg.checkpoint.pretrained_language_model,
+        }
         for prefix, path in parts.items():
             if path is not None:
                 self.checkpoints.load_pretrained_part(self.model_chunks[0], prefix, Path(path))
 
     def _training_state(self) -> TrainingState:
-        return TrainingState(self.model_chunks, self.optimizer, self.scheduler, self.data,
-                             self.step, self.consumed_sequences, self.cfg)
+        return TrainingState(
+            self.model_chunks,
+            self.optimizer,
+            self.scheduler,
+            self.data,
+            self.step,
+            self.consumed_sequences,
+            self.cfg,
+        )
 
     def _resume(self) -> None:
         path = self.checkpoints.resolve_resume_path()
@@ -184,7 +225,8 @@ class Trainer:
         """Reject image placeholders without images here, on the host copy: the model's own
         check would cost a device sync per micro-batch on GPU."""
         if batch["images"].shape[0] == 0 and bool(
-                (batch["tokens"] == self.tokenizer.image_token_id).any()):
+            (batch["tokens"] == self.tokenizer.image_token_id).any()
+        ):
             raise ValueError("a batch has image placeholders but no images")
         return batch
 
@@ -221,14 +263,18 @@ class Trainer:
         metrics.update(self._moe_losses())
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics.update(data_metrics(self.data, host_batches,
-                                    group=parallel_state.get_data_parallel_group()))
+        metrics.update(
+            data_metrics(self.data, host_batches, group=parallel_state.get_data_parallel_group())
+        )
         # One all-reduce for both counts, summed over the data-parallel group (TP/PP
         # replicas hold the same batches and would count them twice).
         metrics["num_images"], metrics["num_text_tokens"] = all_reduce_values(
-            [sum(int(b["images"].shape[0]) for b in host_batches),
-             sum(int(b["loss_mask"].sum()) for b in host_batches)],
-            group=parallel_state.get_data_parallel_group())
+            [
+                sum(int(b["images"].shape[0]) for b in host_batches),
+                sum(int(b["loss_mask"].sum()) for b in host_batches),
+            ],
+            group=parallel_state.get_data_parallel_group(),
+        )
         return metrics
 
     def _loss_is_finite(self, metrics: Dict[str, float]) -> bool:
@@ -248,28 +294,40 @@ class Trainer:
         for report in reports:
             totals += torch.stack([report[name] for name in names])
         all_reduce_(totals, group=parallel_state.get_data_parallel_group())
-        return {name: (float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan"))
-                for i, name in enumerate(names)}
+        return {
+            name: (float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan"))
+            for i, name in enumerate(names)
+        }
 
     def _moe_losses(self) -> Dict[str, float]:
         """Router losses averaged over MoE layers and micro-batches (collective over PP)."""
         llm = self.cfg.model.llm
         if llm.moe.num_experts == 0:
             return {}
-        names = [name for name, coeff in (("load_balancing_loss", llm.moe.aux_loss_coeff),
-                                          ("z_loss", llm.moe.z_loss_coeff)) if coeff > 0]
-        values = collect_moe_aux_losses(names, num_layers=llm.num_layers,
-                                        device=self.ctx.device)
+        names = [
+            name
+            for name, coeff in (
+                ("load_balancing_loss", llm.moe.aux_loss_coeff),
+                ("z_loss", llm.moe.z_loss_coeff),
+            )
+            if coeff > 0
+        ]
+        values = collect_moe_aux_losses(names, num_layers=llm.num_layers, device=self.ctx.device)
         num_moe_layers = max(1, sum(moe_layer_flags(llm)))
-        return {f"moe/{name}": float(layer_values.sum()) / num_moe_layers / self.num_microbatches
-                for name, layer_values in values.items()}
+        return {
+            f"moe/{name}": float(layer_values.sum()) / num_moe_layers / self.num_microbatches
+            for name, layer_values in values.items()
+        }
 
     # ---- the loop -----------------------------------------------------------------------
     def _throughput(self, metrics: Dict[str, float], seconds: float) -> Dict[str, float]:
         t = self.cfg.training
-        flops = training_flops_per_step(self.cfg.model, num_sequences=t.global_batch_size,
-                                        seq_length=t.seq_length,
-                                        num_images=int(metrics["num_images"]))
+        flops = training_flops_per_step(
+            self.cfg.model,
+            num_sequences=t.global_batch_size,
+            seq_length=t.seq_length,
+            num_images=int(metrics["num_images"]),
+        )
         peak = self.peak_flops
         return {
             "step_time_s": seconds,
@@ -287,7 +345,8 @@ class Trainer:
             raise StoppedWithoutCheckpoint(
                 f"stopped by a signal after step {self.step} without checkpoint.save_dir: "
                 "no checkpoint was written, so a relaunch would start again from step 0; set "
-                "checkpoint.save_dir to make preemption resumable")
+                "checkpoint.save_dir to make preemption resumable"
+            )
         self.save_checkpoint(blocking=True)
         if self.ctx.is_main:
             write_preemption_marker(self.step, save_dir)
@@ -304,26 +363,37 @@ class Trainer:
         """
         cfg = self.cfg
         history: List[Dict[str, float]] = []
-        logger.info("parameters: %s total (vision %s, connector %s, LLM %s); peak LR %.3g; "
-                    "%d micro-batches per step; DP=%d; starting at step %d",
-                    f"{self.param_counts.total:,}", f"{self.param_counts.vision_encoder:,}",
-                    f"{self.param_counts.connector:,}", f"{self.param_counts.language_model:,}",
-                    self.peak_lr, self.num_microbatches, self.dp_size, self.step)
+        logger.info(
+            "parameters: %s total (vision %s, connector %s, LLM %s); peak LR %.3g; "
+            "%d micro-batches per step; DP=%d; starting at step %d",
+            f"{self.param_counts.total:,}",
+            f"{self.param_counts.vision_encoder:,}",
+            f"{self.param_counts.connector:,}",
+            f"{self.param_counts.language_model:,}",
+            self.peak_lr,
+            self.num_microbatches,
+            self.dp_size,
+            self.step,
+        )
         preemption = PreemptionHandler()
         interval = cfg.checkpoint.save_interval
         try:
-            with MetricsLogger(self.output_dir, enabled=self.is_logging_rank,
-                               total_steps=cfg.training.train_steps,
-                               log_interval=cfg.logging.log_interval,
-                               tensorboard=cfg.logging.tensorboard,
-                               progress_bar=cfg.logging.progress_bar,
-                               append=self.step > 0) as metrics_logger:
+            with MetricsLogger(
+                self.output_dir,
+                enabled=self.is_logging_rank,
+                total_steps=cfg.training.train_steps,
+                log_interval=cfg.logging.log_interval,
+                tensorboard=cfg.logging.tensorboard,
+                progress_bar=cfg.logging.progress_bar,
+                append=self.step > 0,
+            ) as metrics_logger:
                 while self.step < cfg.training.train_steps:
                     start = time.perf_counter()
                     metrics = self.train_step()
                     metrics.update(self._throughput(metrics, time.perf_counter() - start))
-                    if self.is_logging_rank and self.loss_monitor.is_spike(self.step,
-                                                                           metrics["loss"]):
+                    if self.is_logging_rank and self.loss_monitor.is_spike(
+                        self.step, metrics["loss"]
+                    ):
                         metrics["loss_spike"] = 1.0
                     metrics_logger.log(self.step, metrics)
                     history.append(metrics)

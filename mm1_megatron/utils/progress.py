@@ -7,7 +7,6 @@ import time
 from typing import Optional, TextIO
 
 
-
 def _format_seconds(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     hours, rest = divmod(seconds, 3600)
@@ -25,8 +24,15 @@ class ProgressLine:
     Redrawn in place on a terminal; on a pipe or log file, one line every ``interval`` s.
     """
 
-    def __init__(self, label: str, total: Optional[int] = None, *, unit: str = "items",
-                 stream: Optional[TextIO] = None, interval: float = 0.2):
+    def __init__(
+        self,
+        label: str,
+        total: Optional[int] = None,
+        *,
+        unit: str = "items",
+        stream: Optional[TextIO] = None,
+        interval: float = 0.2,
+    ):
         self.label = label
         self.total = total
         self.unit = unit

@@ -17,8 +17,14 @@ from mm1_megatron.training.preemption import EXIT_PREEMPTED
 from tests.launch import clean_env, run_train
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN = [sys.executable, "-m", "mm1_megatron.train", "--config", "configs/debug.yaml",
-         "logging.tensorboard=false"]
+TRAIN = [
+    sys.executable,
+    "-m",
+    "mm1_megatron.train",
+    "--config",
+    "configs/debug.yaml",
+    "logging.tensorboard=false",
+]
 
 
 def _env() -> dict:
@@ -38,9 +44,13 @@ def _losses(output_dir: Path) -> dict:
 def reference(tmp_path_factory):
     """An uninterrupted 6-step run that saves every 2 steps."""
     out = tmp_path_factory.mktemp("reference")
-    result = _run("training.train_steps=6", f"logging.output_dir={out / 'run'}",
-                  f"checkpoint.save_dir={out / 'ckpt'}", "checkpoint.save_interval=2",
-                  "checkpoint.keep_last=5")
+    result = _run(
+        "training.train_steps=6",
+        f"logging.output_dir={out / 'run'}",
+        f"checkpoint.save_dir={out / 'ckpt'}",
+        "checkpoint.save_interval=2",
+        "checkpoint.keep_last=5",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -53,8 +63,11 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(reference, tmp_p
     assert newest.name == "step_00000006"
     victim = sorted((newest / "model_optim").glob("*.distcp"))[0]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
-    result = _run("training.train_steps=6", f"logging.output_dir={tmp_path / 'run'}",
-                  f"checkpoint.load_dir={ckpt}")
+    result = _run(
+        "training.train_steps=6",
+        f"logging.output_dir={tmp_path / 'run'}",
+        f"checkpoint.load_dir={ckpt}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipping damaged checkpoint step_00000006" in result.stderr
     assert victim.name in result.stderr
@@ -68,8 +81,11 @@ def test_explicitly_loading_a_damaged_checkpoint_fails_clearly(reference, tmp_pa
     ckpt = tmp_path / "ckpt"
     subprocess.run(["cp", "-r", str(reference / "ckpt"), str(ckpt)], check=True)
     (ckpt / "step_00000004" / "trainer_state.json").write_text("{")
-    result = _run("training.train_steps=6", f"logging.output_dir={tmp_path / 'run'}",
-                  f"checkpoint.load_dir={ckpt / 'step_00000004'}")
+    result = _run(
+        "training.train_steps=6",
+        f"logging.output_dir={tmp_path / 'run'}",
+        f"checkpoint.load_dir={ckpt / 'step_00000004'}",
+    )
     assert result.returncode == 2
     assert "step_00000004" in result.stderr and "cannot be loaded" in result.stderr
 
@@ -79,12 +95,18 @@ def _sigterm_after_two_steps(tmp_path: Path, marker: Path, *overrides: str) -> t
     run = next(Path(o.split("=", 1)[1]) for o in overrides if o.startswith("logging.output_dir="))
     log_path = tmp_path / "log.txt"
     with open(log_path, "w") as log:  # a file, not a pipe: a full pipe would block it
-        process = subprocess.Popen([*TRAIN, *overrides], cwd=REPO, stdout=log, stderr=log,
-                                   env=dict(_env(), MM1_PREEMPTION_MARKER=str(marker)))
+        process = subprocess.Popen(
+            [*TRAIN, *overrides],
+            cwd=REPO,
+            stdout=log,
+            stderr=log,
+            env=dict(_env(), MM1_PREEMPTION_MARKER=str(marker)),
+        )
         metrics = run / "metrics.jsonl"
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and not (
-                metrics.exists() and metrics.read_text().count("\n") >= 2):
+            metrics.exists() and metrics.read_text().count("\n") >= 2
+        ):
             time.sleep(0.05)
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=300)
@@ -97,15 +119,17 @@ def test_sigterm_saves_exits_75_and_resume_continues_exactly(tmp_path):
     assert reference.returncode == 0, reference.stderr[-3000:]
     ckpt, run, marker = tmp_path / "ckpt", tmp_path / "run", tmp_path / "preempted.json"
     returncode, output = _sigterm_after_two_steps(
-        tmp_path, marker, steps, f"logging.output_dir={run}", f"checkpoint.save_dir={ckpt}")
+        tmp_path, marker, steps, f"logging.output_dir={run}", f"checkpoint.save_dir={ckpt}"
+    )
     assert returncode == EXIT_PREEMPTED, output[-3000:]
     stopped_at = layout.step_of(layout.read_latest(ckpt))
     assert 2 <= stopped_at < 10
     # The marker a batch script requeues on (torchrun hides the exit code 75).
     assert json.loads(marker.read_text()) == {"step": stopped_at, "checkpoint_dir": str(ckpt)}
     layout.verify_manifest(layout.read_latest(ckpt))
-    result = _run(steps, f"logging.output_dir={run}",
-                  f"checkpoint.save_dir={ckpt}")  # auto-resume from save_dir
+    result = _run(
+        steps, f"logging.output_dir={run}", f"checkpoint.save_dir={ckpt}"
+    )  # auto-resume from save_dir
     assert result.returncode == 0, result.stderr[-3000:]
     # Steps 1..10, before and after the preemption, equal the uninterrupted run's.
     assert _losses(run) == _losses(tmp_path / "reference")
@@ -116,20 +140,38 @@ def test_killed_rank_ends_the_job_promptly_and_latest_stays_valid(tmp_path, mome
     ckpt = tmp_path / "ckpt"
     interval = "1" if moment == "checkpoint_write" else "3"
     job = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         *TRAIN[1:], "training.train_steps=200", "parallel.tensor_parallel_size=2",
-         f"logging.output_dir={tmp_path / 'run'}", f"checkpoint.save_dir={ckpt}",
-         f"checkpoint.save_interval={interval}", "checkpoint.keep_last=2",
-         "parallel.collective_timeout_minutes=0.5"],
-        cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            *TRAIN[1:],
+            "training.train_steps=200",
+            "parallel.tensor_parallel_size=2",
+            f"logging.output_dir={tmp_path / 'run'}",
+            f"checkpoint.save_dir={ckpt}",
+            f"checkpoint.save_interval={interval}",
+            "checkpoint.keep_last=2",
+            "parallel.collective_timeout_minutes=0.5",
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len(layout.complete_checkpoints(ckpt)) < 1:
         time.sleep(0.1)
     if moment == "checkpoint_write":
         while time.monotonic() < deadline and not list(ckpt.glob(".tmp-step_*")):
             time.sleep(0.01)
-    workers = [p for p in psutil.Process(job.pid).children(recursive=True)
-               if "mm1_megatron.train" in " ".join(p.cmdline())]
+    workers = [
+        p
+        for p in psutil.Process(job.pid).children(recursive=True)
+        if "mm1_megatron.train" in " ".join(p.cmdline())
+    ]
     assert len(workers) == 2
     # The checkpoint writer's helper processes outlive a SIGKILLed parent; reap them after.
     helpers = workers[1].children(recursive=True)
@@ -143,8 +185,12 @@ def test_killed_rank_ends_the_job_promptly_and_latest_stays_valid(tmp_path, mome
     latest = layout.read_latest(ckpt)
     layout.verify_manifest(latest)
     resume_steps = layout.step_of(latest) + 1
-    result = _run(f"training.train_steps={resume_steps}", f"logging.output_dir={tmp_path / 'r'}",
-                  f"checkpoint.save_dir={ckpt}", "checkpoint.keep_last=2")
+    result = _run(
+        f"training.train_steps={resume_steps}",
+        f"logging.output_dir={tmp_path / 'r'}",
+        f"checkpoint.save_dir={ckpt}",
+        "checkpoint.keep_last=2",
+    )
     # A single process resumes the TP=2 checkpoint (resharding) for one more step.
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(_losses(tmp_path / "r")) == [resume_steps]
@@ -155,7 +201,8 @@ def test_sigterm_without_a_save_dir_stops_without_claiming_a_checkpoint(tmp_path
 
     marker = tmp_path / "preempted.json"
     returncode, output = _sigterm_after_two_steps(
-        tmp_path, marker, "training.train_steps=200", f"logging.output_dir={tmp_path / 'run'}")
+        tmp_path, marker, "training.train_steps=200", f"logging.output_dir={tmp_path / 'run'}"
+    )
     assert returncode == EXIT_STOPPED_UNSAVED != EXIT_PREEMPTED, output[-3000:]
     assert "no checkpoint was written" in output
     assert "checkpoint written" not in output

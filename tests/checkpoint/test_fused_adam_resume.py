@@ -14,15 +14,23 @@ import torch
 from mm1_megatron.checkpoint import layout
 from mm1_megatron.config import load_config
 from mm1_megatron.training.trainer import Trainer
-
 from tests.checkpoint.test_faults import REPO
 
 
 class FusedAdamStandIn(torch.optim.Optimizer):
     STATE_NAMES = ("exp_avg", "exp_avg_sq", "master_param")
 
-    def __init__(self, params, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
-                 adam_w_mode=True, capturable=False, **unused):
+    def __init__(
+        self,
+        params,
+        lr=1e-3,
+        weight_decay=0.0,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        adam_w_mode=True,
+        capturable=False,
+        **unused,
+    ):
         assert adam_w_mode, "megatron-core asks for decoupled weight decay"
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, betas=betas, eps=eps))
 
@@ -44,8 +52,8 @@ class FusedAdamStandIn(torch.optim.Optimizer):
                 state["exp_avg"].lerp_(param.grad, 1 - beta1)
                 state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1 - beta2)
                 step = group["step"]
-                denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-                param.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** step))
+                denom = (state["exp_avg_sq"] / (1 - beta2**step)).sqrt_().add_(group["eps"])
+                param.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**step))
 
     def state_dict(self):
         state_dict = super().state_dict()
@@ -70,22 +78,29 @@ def fused_adam(monkeypatch):
 
 
 def _trainer(tmp_path, name, *overrides):
-    cfg = load_config(REPO / "configs/debug.yaml", [
-        "training.train_steps=4", f"logging.output_dir={tmp_path / name}",
-        "logging.tensorboard=false", *overrides])
+    cfg = load_config(
+        REPO / "configs/debug.yaml",
+        [
+            "training.train_steps=4",
+            f"logging.output_dir={tmp_path / name}",
+            "logging.tensorboard=false",
+            *overrides,
+        ],
+    )
     return Trainer(cfg)
 
 
 def test_fused_adam_checkpoint_resumes_exactly(megatron_single_process, fused_adam, tmp_path):
     ckpt = tmp_path / "ckpt"
-    full = _trainer(tmp_path, "full", f"checkpoint.save_dir={ckpt}",
-                    "checkpoint.save_interval=2")
+    full = _trainer(tmp_path, "full", f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=2")
     inner = full.optimizer.chained_optimizers[0].optimizer
     assert isinstance(inner, FusedAdamStandIn)
     reference = [m["loss"] for m in full.train()]
     assert not any("step" in state for state in inner.state.values())
 
-    resumed = _trainer(tmp_path, "resumed", f"checkpoint.load_dir={ckpt / layout.checkpoint_name(2)}")
+    resumed = _trainer(
+        tmp_path, "resumed", f"checkpoint.load_dir={ckpt / layout.checkpoint_name(2)}"
+    )
     assert resumed.step == 2
     losses = [m["loss"] for m in resumed.train()]
     assert all(math.isfinite(loss) for loss in losses)

@@ -36,23 +36,39 @@ def _load(out_dir: Path, name: str) -> list:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("resume")
     save = {name: out / "ckpt" / name for name in RESUME_LAYOUTS}
-    full = {f"{name}_full": overrides + [f"checkpoint.save_dir={save[name]}",
-                                         f"checkpoint.save_interval={N}"]
-            for name, overrides in RESUME_LAYOUTS.items()}
+    full = {
+        f"{name}_full": overrides
+        + [f"checkpoint.save_dir={save[name]}", f"checkpoint.save_interval={N}"]
+        for name, overrides in RESUME_LAYOUTS.items()
+    }
     _run_worker(2, full, out, steps=2 * N)
-    resumed = {f"{name}_resumed": overrides + [
-        f"checkpoint.load_dir={save[name] / f'step_{N:08d}'}"]
-        for name, overrides in RESUME_LAYOUTS.items()}
+    resumed = {
+        f"{name}_resumed": overrides + [f"checkpoint.load_dir={save[name] / f'step_{N:08d}'}"]
+        for name, overrides in RESUME_LAYOUTS.items()
+    }
     _run_worker(2, resumed, out, steps=2 * N)
     # Resharding: TP2 x PP2 (world 4) -> TP1 x PP1, and MoE EP2 (world 2) -> EP1.
-    _run_worker(4, {"tp2_pp2_full": TP2 + PP2 + [
-        f"checkpoint.save_dir={out / 'ckpt' / 'tp2_pp2'}", f"checkpoint.save_interval={N}"]},
-        out, steps=N + 1)
-    _run_worker(1, {
-        "tp2_pp2_to_single": [f"checkpoint.load_dir={out / 'ckpt' / 'tp2_pp2' / f'step_{N:08d}'}"],
-        "moe_ep2_to_single": MOE + [
-            f"checkpoint.load_dir={save['moe_ep2'] / f'step_{N:08d}'}"],
-    }, out, steps=N + 1)
+    _run_worker(
+        4,
+        {
+            "tp2_pp2_full": TP2
+            + PP2
+            + [f"checkpoint.save_dir={out / 'ckpt' / 'tp2_pp2'}", f"checkpoint.save_interval={N}"]
+        },
+        out,
+        steps=N + 1,
+    )
+    _run_worker(
+        1,
+        {
+            "tp2_pp2_to_single": [
+                f"checkpoint.load_dir={out / 'ckpt' / 'tp2_pp2' / f'step_{N:08d}'}"
+            ],
+            "moe_ep2_to_single": MOE + [f"checkpoint.load_dir={save['moe_ep2'] / f'step_{N:08d}'}"],
+        },
+        out,
+        steps=N + 1,
+    )
     return out
 
 
@@ -67,8 +83,9 @@ def test_resume_is_bitwise_exact(runs, layout):
         assert got["grad_norm"] == expected["grad_norm"], f"step {step}"
 
 
-@pytest.mark.parametrize("source, target", [("tp2_pp2_full", "tp2_pp2_to_single"),
-                                            ("moe_ep2_full", "moe_ep2_to_single")])
+@pytest.mark.parametrize(
+    "source, target", [("tp2_pp2_full", "tp2_pp2_to_single"), ("moe_ep2_full", "moe_ep2_to_single")]
+)
 def test_checkpoint_reshards_to_a_single_process(runs, source, target):
     original = _load(runs, source)
     resharded = _load(runs, target)

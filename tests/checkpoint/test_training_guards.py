@@ -8,14 +8,19 @@ import torch
 from mm1_megatron.config import load_config
 from mm1_megatron.training.preemption import TrainingDiverged
 from mm1_megatron.training.trainer import Trainer
-
 from tests.checkpoint.test_faults import REPO, _losses, _run
 
 
 def _trainer(tmp_path, *overrides):
-    cfg = load_config(REPO / "configs/debug.yaml", [
-        "training.train_steps=3", f"logging.output_dir={tmp_path / 'run'}",
-        "logging.tensorboard=false", *overrides])
+    cfg = load_config(
+        REPO / "configs/debug.yaml",
+        [
+            "training.train_steps=3",
+            f"logging.output_dir={tmp_path / 'run'}",
+            "logging.tensorboard=false",
+            *overrides,
+        ],
+    )
     return Trainer(cfg)
 
 
@@ -45,15 +50,17 @@ def test_nan_loss_step_is_not_applied_and_is_reported(megatron_single_process, t
     _inject_nan_at(trainer, step=2)
     trainer.train_step()
     before = _snapshot(_inner(trainer))
-    adam_state_before = {k: v.clone() for k, v in
-                         next(iter(trainer.optimizer.chained_optimizers[0].optimizer.state
-                                   .values())).items()}
+    adam_state_before = {
+        k: v.clone()
+        for k, v in next(
+            iter(trainer.optimizer.chained_optimizers[0].optimizer.state.values())
+        ).items()
+    }
     metrics = trainer.train_step()
     assert metrics["skipped_nonfinite"] == 1.0
     after = _snapshot(_inner(trainer))
     assert all(torch.equal(before[name], after[name]) for name in before)
-    adam_state_after = next(iter(trainer.optimizer.chained_optimizers[0].optimizer.state
-                                 .values()))
+    adam_state_after = next(iter(trainer.optimizer.chained_optimizers[0].optimizer.state.values()))
     assert all(torch.equal(adam_state_before[k], adam_state_after[k]) for k in adam_state_before)
     metrics = trainer.train_step()  # training goes on
     assert "skipped_nonfinite" not in metrics
@@ -67,14 +74,18 @@ def test_too_many_nan_steps_stop_the_run(megatron_single_process, tmp_path):
         trainer.train()
 
 
-def test_pretrained_encoder_loads_and_frozen_modules_do_not_move(megatron_single_process,
-                                                                  tmp_path):
-    source = _trainer(tmp_path / "a", "training.train_steps=2",
-                      f"checkpoint.save_dir={tmp_path / 'a' / 'ckpt'}")
+def test_pretrained_encoder_loads_and_frozen_modules_do_not_move(megatron_single_process, tmp_path):
+    source = _trainer(
+        tmp_path / "a", "training.train_steps=2", f"checkpoint.save_dir={tmp_path / 'a' / 'ckpt'}"
+    )
     source.train()
     trained = _snapshot(_inner(source))
-    target = _trainer(tmp_path / "b", "training.seed=77", "model.freeze=[vision_encoder]",
-                      f"checkpoint.pretrained_vision_encoder={tmp_path / 'a' / 'ckpt'}")
+    target = _trainer(
+        tmp_path / "b",
+        "training.seed=77",
+        "model.freeze=[vision_encoder]",
+        f"checkpoint.pretrained_vision_encoder={tmp_path / 'a' / 'ckpt'}",
+    )
     fresh = _trainer(tmp_path / "c", "training.seed=77")
     loaded = _snapshot(_inner(target))
     fresh_weights = _snapshot(_inner(fresh))
@@ -94,13 +105,21 @@ def test_async_save_resumes_exactly(tmp_path):
     reference = _run("training.train_steps=6", f"logging.output_dir={tmp_path / 'ref'}")
     assert reference.returncode == 0, reference.stderr[-3000:]
     ckpt = tmp_path / "ckpt"
-    first = _run("training.train_steps=6", f"logging.output_dir={tmp_path / 'a'}",
-                 f"checkpoint.save_dir={ckpt}", "checkpoint.save_interval=2",
-                 "checkpoint.async_save=true", "checkpoint.keep_last=5")
+    first = _run(
+        "training.train_steps=6",
+        f"logging.output_dir={tmp_path / 'a'}",
+        f"checkpoint.save_dir={ckpt}",
+        "checkpoint.save_interval=2",
+        "checkpoint.async_save=true",
+        "checkpoint.keep_last=5",
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert "being written in the background" in first.stderr
-    resumed = _run("training.train_steps=6", f"logging.output_dir={tmp_path / 'b'}",
-                   f"checkpoint.load_dir={ckpt / 'step_00000004'}")
+    resumed = _run(
+        "training.train_steps=6",
+        f"logging.output_dir={tmp_path / 'b'}",
+        f"checkpoint.load_dir={ckpt / 'step_00000004'}",
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = _losses(tmp_path / "ref")
     assert _losses(tmp_path / "a") == expected  # background saves do not disturb training

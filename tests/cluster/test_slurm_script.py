@@ -40,28 +40,51 @@ def _stand_in(folder: Path, name: str, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
-@pytest.mark.parametrize("worker, exit_code, requeued", [
-    ("preempted", 0, True), ("preempted_exit_1", 0, True),
-    ("crashed", 1, False), ("finished", 0, False)])
+@pytest.mark.parametrize(
+    "worker, exit_code, requeued",
+    [
+        ("preempted", 0, True),
+        ("preempted_exit_1", 0, True),
+        ("crashed", 1, False),
+        ("finished", 0, False),
+    ],
+)
 def test_requeue_follows_the_preemption_marker(tmp_path, worker, exit_code, requeued):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _stand_in(bin_dir, "scontrol", FAKE_SCONTROL)
     _stand_in(bin_dir, "srun", FAKE_SRUN)
     log, args = tmp_path / "log.txt", tmp_path / "args.txt"
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
-               SLURM_JOB_NODELIST="node-[a-b]", SLURM_SUBMIT_DIR=str(tmp_path),
-               FAKE_LOG=str(log), FAKE_ARGS=str(args), FAKE_WORKER=worker)
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        FAKE_LOG=str(log),
+        FAKE_ARGS=str(args),
+        FAKE_WORKER=worker,
+    )
     env.pop("MM1_PREEMPTION_MARKER", None)
-    overrides = ["--config", "configs/mm1_30b.yaml", "logging.output_dir=/runs/with space",
-                 "data.mixture={caption: 0.5, 'text': 0.5}"]
-    result = subprocess.run(["bash", str(SCRIPT), *overrides], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
+    overrides = [
+        "--config",
+        "configs/mm1_30b.yaml",
+        "logging.output_dir=/runs/with space",
+        "data.mixture={caption: 0.5, 'text': 0.5}",
+    ]
+    result = subprocess.run(
+        ["bash", str(SCRIPT), *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == exit_code, result.stderr
     calls = log.read_text()
     assert ("scontrol requeue 4242" in calls) == requeued
     assert "srun MASTER_ADDR=node-a" in calls
-    assert args.read_text().splitlines()[-len(overrides):] == overrides
+    assert args.read_text().splitlines()[-len(overrides) :] == overrides
     assert not (tmp_path / ".mm1_preempted_4242").exists()  # consumed (or never written)
 
 
@@ -71,13 +94,25 @@ def test_a_stale_marker_from_an_earlier_run_is_ignored(tmp_path):
     bin_dir.mkdir()
     _stand_in(bin_dir, "scontrol", FAKE_SCONTROL)
     _stand_in(bin_dir, "srun", FAKE_SRUN)
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
-               SLURM_JOB_NODELIST="node-a", SLURM_SUBMIT_DIR=str(tmp_path),
-               FAKE_LOG=str(tmp_path / "log.txt"), FAKE_ARGS=str(tmp_path / "args.txt"),
-               FAKE_WORKER="crashed")
+    env = dict(
+        os.environ,
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NODELIST="node-a",
+        SLURM_SUBMIT_DIR=str(tmp_path),
+        FAKE_LOG=str(tmp_path / "log.txt"),
+        FAKE_ARGS=str(tmp_path / "args.txt"),
+        FAKE_WORKER="crashed",
+    )
     env.pop("MM1_PREEMPTION_MARKER", None)
-    result = subprocess.run(["bash", str(SCRIPT), "--config", "configs/debug.yaml"],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "--config", "configs/debug.yaml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 1
     assert "requeue" not in (tmp_path / "log.txt").read_text()
 
@@ -85,8 +120,13 @@ def test_a_stale_marker_from_an_earlier_run_is_ignored(tmp_path):
 def test_multinode_torchrun_without_master_addr_fails_fast(tmp_path):
     env = dict(os.environ, NNODES="8")
     env.pop("MASTER_ADDR", None)
-    result = subprocess.run(["bash", str(REPO / "cluster" / "torchrun_multinode.sh"),
-                             "--config", "configs/debug.yaml"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(REPO / "cluster" / "torchrun_multinode.sh"), "--config", "configs/debug.yaml"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "NNODES=8 needs MASTER_ADDR" in result.stderr

@@ -24,19 +24,31 @@ LAYOUT_LOADS = {
     "llama_tp2": ("llama", "language_model", {"tensor_parallel_size": 2}),
     "llama_pp2": ("llama", "language_model", {"pipeline_parallel_size": 2}),
     "qwen2_tp2": ("qwen2", "language_model", {"tensor_parallel_size": 2}),
-    "mixtral_tp2_sp": ("mixtral", "language_model",
-                       {"tensor_parallel_size": 2, "sequence_parallel": True}),
+    "mixtral_tp2_sp": (
+        "mixtral",
+        "language_model",
+        {"tensor_parallel_size": 2, "sequence_parallel": True},
+    ),
     "mixtral_ep2": ("mixtral", "language_model", {"expert_parallel_size": 2}),
     "clip_vision_tp2": ("clip_vision", "vision_encoder", {"tensor_parallel_size": 2}),
     "siglip_vision_tp2": ("siglip_vision", "vision_encoder", {"tensor_parallel_size": 2}),
 }
-TRAIN_BASE = ["training.train_steps=6", "optimizer.warmup_steps=2", "training.seq_length=64",
-              "training.global_batch_size=4", "training.micro_batch_size=2",
-              "logging.progress_bar=false"]
+TRAIN_BASE = [
+    "training.train_steps=6",
+    "optimizer.warmup_steps=2",
+    "training.seq_length=64",
+    "training.global_batch_size=4",
+    "training.micro_batch_size=2",
+    "logging.progress_bar=false",
+]
 TRAINS = {
     "dense_tp2": TRAIN_BASE + ["parallel.tensor_parallel_size=2"],
-    "moe_ep2": TRAIN_BASE + ["model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=2",
-                             "parallel.expert_parallel_size=2"],
+    "moe_ep2": TRAIN_BASE
+    + [
+        "model.llm.moe.num_experts=4",
+        "model.llm.moe.layer_frequency=2",
+        "parallel.expert_parallel_size=2",
+    ],
 }
 
 
@@ -74,8 +86,10 @@ def inputs(conversion_dir):
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(123)
-    tensors = {"tokens": torch.randint(0, VOCAB, (2, 16), generator=generator),
-               "images": torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)}
+    tensors = {
+        "tokens": torch.randint(0, VOCAB, (2, 16), generator=generator),
+        "images": torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator),
+    }
     path = conversion_dir / "inputs.safetensors"
     save_file(tensors, str(path))
     return tensors, path
@@ -86,9 +100,16 @@ def worker_outputs(imported, inputs, conversion_dir) -> Path:
     """Runs ``conversion_worker.py`` once under torchrun (2 processes)."""
     out = conversion_dir / "worker"
     out.mkdir()
-    loads = [{"name": name, "checkpoint": str(imported[source]), "part": part,
-              "parallel": parallel, "inputs": str(inputs[1])}
-             for name, (source, part, parallel) in LAYOUT_LOADS.items()]
+    loads = [
+        {
+            "name": name,
+            "checkpoint": str(imported[source]),
+            "part": part,
+            "parallel": parallel,
+            "inputs": str(inputs[1]),
+        }
+        for name, (source, part, parallel) in LAYOUT_LOADS.items()
+    ]
     trains = [{"name": name, "overrides": overrides} for name, overrides in TRAINS.items()]
     spec = out / "spec.json"
     spec.write_text(json.dumps({"loads": loads, "trains": trains}))

@@ -33,14 +33,32 @@ def _placeholders(model_cfg, part: str):
     from mm1_megatron.config.schema import ConnectorConfig, LanguageModelConfig, VisionEncoderConfig
 
     if part == "language_model":
-        vision = VisionEncoderConfig(image_size=28, patch_size=14, hidden_size=16, num_layers=1,
-                                     num_attention_heads=2, ffn_hidden_size=16)
-        return replace(model_cfg, vision=vision,
-                       connector=ConnectorConfig(type="mlp", num_output_tokens=4, hidden_size=16))
-    llm = LanguageModelConfig(vocab_size=16, hidden_size=16, num_layers=1, num_attention_heads=2,
-                              ffn_hidden_size=16, max_sequence_length=16)
-    return replace(model_cfg, llm=llm,
-                   connector=ConnectorConfig(type="mlp", num_output_tokens=4, hidden_size=16))
+        vision = VisionEncoderConfig(
+            image_size=28,
+            patch_size=14,
+            hidden_size=16,
+            num_layers=1,
+            num_attention_heads=2,
+            ffn_hidden_size=16,
+        )
+        return replace(
+            model_cfg,
+            vision=vision,
+            connector=ConnectorConfig(type="mlp", num_output_tokens=4, hidden_size=16),
+        )
+    llm = LanguageModelConfig(
+        vocab_size=16,
+        hidden_size=16,
+        num_layers=1,
+        num_attention_heads=2,
+        ffn_hidden_size=16,
+        max_sequence_length=16,
+    )
+    return replace(
+        model_cfg,
+        llm=llm,
+        connector=ConnectorConfig(type="mlp", num_output_tokens=4, hidden_size=16),
+    )
 
 
 def _full_logits(logits):
@@ -54,10 +72,10 @@ def _run_load(spec: dict, out: Path) -> None:
     from megatron.core import parallel_state
     from safetensors.torch import load_file, save_file
 
+    from mm1_megatron.batch.contract import document_causal_mask
     from mm1_megatron.checkpoint import CheckpointManager
     from mm1_megatron.config import CheckpointConfig, ParallelConfig, load_config
     from mm1_megatron.models import build_mm1_model
-    from mm1_megatron.batch.contract import document_causal_mask
     from mm1_megatron.parallel import init_distributed, seed_everything
 
     parallel = ParallelConfig(**spec["parallel"])
@@ -65,10 +83,14 @@ def _run_load(spec: dict, out: Path) -> None:
     seed_everything(1)
     ckpt = Path(spec["checkpoint"])
     cfg = load_config(ckpt / "step_00000000" / "config.yaml")
-    model = build_mm1_model(_placeholders(cfg.model, spec["part"]), parallel, image_token_id=0,
-                            pre_process=parallel_state.is_pipeline_first_stage(),
-                            post_process=parallel_state.is_pipeline_last_stage(),
-                            init_seed=1).eval()
+    model = build_mm1_model(
+        _placeholders(cfg.model, spec["part"]),
+        parallel,
+        image_token_id=0,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        init_seed=1,
+    ).eval()
     CheckpointManager(CheckpointConfig()).load_pretrained_part(model, spec["part"] + ".", ckpt)
     inputs = load_file(spec["inputs"])
     with torch.no_grad():
@@ -81,9 +103,11 @@ def _run_load(spec: dict, out: Path) -> None:
             positions = torch.arange(tokens.shape[1]).expand_as(tokens)
             mask = document_causal_mask(torch.zeros_like(tokens))
             output = _full_logits(model(tokens, positions, mask))
-    writer = (parallel_state.is_pipeline_last_stage()
-              and parallel_state.get_tensor_model_parallel_rank() == 0
-              and parallel_state.get_data_parallel_rank() == 0)
+    writer = (
+        parallel_state.is_pipeline_last_stage()
+        and parallel_state.get_tensor_model_parallel_rank() == 0
+        and parallel_state.get_data_parallel_rank() == 0
+    )
     if writer:
         save_file({"output": output.contiguous()}, str(out / f"{spec['name']}.safetensors"))
     parallel_state.destroy_model_parallel()
@@ -103,9 +127,15 @@ def _pipelined_logits(model, tokens):
         return logits, lambda output, non_loss_data=False: output
 
     collected = get_forward_backward_func()(
-        forward_step_func=forward_step, data_iterator=iter([tokens]), model=[model],
-        num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=tokens.shape[0],
-        forward_only=True, collect_non_loss_data=True)
+        forward_step_func=forward_step,
+        data_iterator=iter([tokens]),
+        model=[model],
+        num_microbatches=1,
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=True,
+        collect_non_loss_data=True,
+    )
     return _full_logits(collected[0]) if collected else None
 
 
@@ -149,20 +179,36 @@ def _run_train(spec: dict, out: Path) -> None:
     from mm1_megatron.training.trainer import Trainer
 
     run_dir = out / spec["name"]
-    cfg = validate_config(load_config(REPO / "configs/debug.yaml", [
-        f"logging.output_dir={run_dir}", "logging.tensorboard=false",
-        f"checkpoint.save_dir={run_dir / 'ckpt'}", *spec["overrides"]]))
+    cfg = validate_config(
+        load_config(
+            REPO / "configs/debug.yaml",
+            [
+                f"logging.output_dir={run_dir}",
+                "logging.tensorboard=false",
+                f"checkpoint.save_dir={run_dir / 'ckpt'}",
+                *spec["overrides"],
+            ],
+        )
+    )
     trainer = Trainer(cfg)
     trainer.train()
     model = unwrap(trainer.model_chunks[0]).eval()
     tokenizer = trainer.tokenizer
-    tokens, images = _prompt(tokenizer, cfg.model.vision.image_size,
-                             cfg.model.connector.num_output_tokens)
+    tokens, images = _prompt(
+        tokenizer, cfg.model.vision.image_size, cfg.model.connector.num_output_tokens
+    )
     with torch.no_grad():
         logits, generated = _greedy(model, tokens, images, tokenizer.eos_token_id)
     if torch.distributed.get_rank() == 0:
-        save_file({"tokens": tokens, "images": images, "prompt_logits": logits.contiguous(),
-                   "generated": generated.contiguous()}, str(out / f"{spec['name']}.safetensors"))
+        save_file(
+            {
+                "tokens": tokens,
+                "images": images,
+                "prompt_logits": logits.contiguous(),
+                "generated": generated.contiguous(),
+            },
+            str(out / f"{spec['name']}.safetensors"),
+        )
     del trainer
     parallel_state.destroy_model_parallel()
 

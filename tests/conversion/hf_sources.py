@@ -13,30 +13,59 @@ import torch
 
 VOCAB = 128
 HIDDEN = 64
-TEXT = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-VISION = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
-              num_attention_heads=4, image_size=56, patch_size=14)
+TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+VISION = dict(
+    hidden_size=HIDDEN,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=56,
+    patch_size=14,
+)
 IMAGE_SIZE = VISION["image_size"]
 
 
 def _configs():
-    from transformers import (CLIPConfig, CLIPVisionConfig, LlamaConfig, MistralConfig,
-                              MixtralConfig, Qwen2Config, SiglipVisionConfig)
+    from transformers import (
+        CLIPConfig,
+        CLIPVisionConfig,
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     return {
         "llama": LlamaConfig(**TEXT, rope_theta=500000.0, rms_norm_eps=1e-5),
         "qwen2": Qwen2Config(**TEXT, tie_word_embeddings=True, rope_theta=1000000.0),
         "mistral": MistralConfig(**TEXT, sliding_window=4096),
-        "mixtral": MixtralConfig(**{**TEXT, "intermediate_size": 96}, num_local_experts=4,
-                                 num_experts_per_tok=2),
+        "mixtral": MixtralConfig(
+            **{**TEXT, "intermediate_size": 96}, num_local_experts=4, num_experts_per_tok=2
+        ),
         "clip_vision": CLIPVisionConfig(**VISION, hidden_act="quick_gelu"),
         # SigLIP's defaults: gelu_pytorch_tanh, layer_norm_eps 1e-6, the pooling head.
         "siglip_vision": SiglipVisionConfig(**VISION),
-        "clip": CLIPConfig(vision_config={**VISION, "hidden_act": "gelu"},
-                           text_config=dict(hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=1, num_attention_heads=2,
-                                            vocab_size=100, bos_token_id=0, eos_token_id=1)),
+        "clip": CLIPConfig(
+            vision_config={**VISION, "hidden_act": "gelu"},
+            text_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vocab_size=100,
+                bos_token_id=0,
+                eos_token_id=1,
+            ),
+        ),
     }
 
 
@@ -86,5 +115,6 @@ def make_word_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
     vocab = {"<s>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w2"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                            unk_token="w2").save_pretrained(str(folder))
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="w2"
+    ).save_pretrained(str(folder))

@@ -38,17 +38,35 @@ class _CollectingHandler(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def test_import_and_export_through_the_cli(sources, conversion_dir, capsys,
-                                           megatron_single_process):
+def test_import_and_export_through_the_cli(
+    sources, conversion_dir, capsys, megatron_single_process
+):
     output = conversion_dir / "cli_import"
-    code, _ = _run(capsys, "import", "--language-model", str(sources["llama"][1]),
-                   "--output", str(output), "training.seq_length=256")
+    code, _ = _run(
+        capsys,
+        "import",
+        "--language-model",
+        str(sources["llama"][1]),
+        "--output",
+        str(output),
+        "training.seq_length=256",
+    )
     assert code == 0 and (output / "latest").read_text().strip() == "step_00000000"
     manifest = json.loads((output / "step_00000000" / "manifest.json").read_text())
     assert "config.yaml" in manifest["files"]
     exported = conversion_dir / "cli_export"
-    code, err = _run(capsys, "export", "--checkpoint", str(output), "--output", str(exported),
-                     "--dtype", "bfloat16", "--max-shard-size", "100KB")
+    code, err = _run(
+        capsys,
+        "export",
+        "--checkpoint",
+        str(output),
+        "--output",
+        str(exported),
+        "--dtype",
+        "bfloat16",
+        "--max-shard-size",
+        "100KB",
+    )
     assert code == 0, err
     assert len(list(exported.glob("model-*.safetensors"))) > 1
     assert json.loads((exported / "config.json").read_text())["dtype"] == "bfloat16"
@@ -88,16 +106,28 @@ def test_conversion_on_a_gpu_host_never_touches_cuda(sources, tmp_path):
     from tests.launch import launcher, run
 
     output = tmp_path / "imported"
-    result = run([*launcher(), "-c", PRETEND_CUDA, "import", "--language-model",
-                  str(sources["llama"][1]), str(output), "--output", str(output),
-                  "training.seq_length=256"])
+    result = run(
+        [
+            *launcher(),
+            "-c",
+            PRETEND_CUDA,
+            "import",
+            "--language-model",
+            str(sources["llama"][1]),
+            str(output),
+            "--output",
+            str(output),
+            "training.seq_length=256",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "converted without CUDA" in result.stdout
     assert (output.parent / "imported_hf" / "config.json").is_file()
 
 
-def test_refuses_a_non_empty_output_unless_asked(sources, conversion_dir, capsys,
-                                                 megatron_single_process):
+def test_refuses_a_non_empty_output_unless_asked(
+    sources, conversion_dir, capsys, megatron_single_process
+):
     output = conversion_dir / "occupied"
     output.mkdir()
     (output / "keep.txt").write_text("mine")
@@ -110,15 +140,22 @@ def test_refuses_a_non_empty_output_unless_asked(sources, conversion_dir, capsys
     assert not (output / "keep.txt").exists() and (output / "latest").is_file()
 
 
-def test_shape_mismatch_names_the_tensor_and_both_shapes(sources, conversion_dir, capsys,
-                                                         megatron_single_process):
+def test_shape_mismatch_names_the_tensor_and_both_shapes(
+    sources, conversion_dir, capsys, megatron_single_process
+):
     source = conversion_dir / "mismatched"
     shutil.copytree(sources["llama"][1], source)
     config = json.loads((source / "config.json").read_text())
     config["intermediate_size"] = 96
     (source / "config.json").write_text(json.dumps(config))
-    code, err = _run(capsys, "import", "--language-model", str(source),
-                     "--output", str(conversion_dir / "mismatched_out"))
+    code, err = _run(
+        capsys,
+        "import",
+        "--language-model",
+        str(source),
+        "--output",
+        str(conversion_dir / "mismatched_out"),
+    )
     assert code == 2
     assert "model.layers.0.mlp.gate_proj.weight" in err
     assert "(128, 64)" in err and "(96, 64)" in err
@@ -134,52 +171,100 @@ def _edited_source(sources, conversion_dir, name, target, edit):
     return source
 
 
-@pytest.mark.parametrize("case, edit, message", [
-    ("gpt2", lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
-     "unsupported language model type: 'gpt2'"),
-    ("rope_scaled", lambda c: c.update(rope_parameters={
-        "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}), "RoPE scaling"),
-    ("gelu_mlp", lambda c: c.update(hidden_act="gelu"), "hidden_act"),
-])
-def test_unsupported_language_models_are_refused(case, edit, message, sources, conversion_dir,
-                                                 capsys):
+@pytest.mark.parametrize(
+    "case, edit, message",
+    [
+        (
+            "gpt2",
+            lambda c: c.update(model_type="gpt2", architectures=["GPT2LMHeadModel"]),
+            "unsupported language model type: 'gpt2'",
+        ),
+        (
+            "rope_scaled",
+            lambda c: c.update(
+                rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+            ),
+            "RoPE scaling",
+        ),
+        ("gelu_mlp", lambda c: c.update(hidden_act="gelu"), "hidden_act"),
+    ],
+)
+def test_unsupported_language_models_are_refused(
+    case, edit, message, sources, conversion_dir, capsys
+):
     source = _edited_source(sources, conversion_dir, "llama", f"bad_{case}", edit)
-    code, err = _run(capsys, "import", "--language-model", str(source),
-                     "--output", str(conversion_dir / f"bad_{case}_out"))
+    code, err = _run(
+        capsys,
+        "import",
+        "--language-model",
+        str(source),
+        "--output",
+        str(conversion_dir / f"bad_{case}_out"),
+    )
     assert code == 2 and message in err
 
 
-def test_siglip_model_vision_half_imports_without_its_head(conversion_dir, capsys,
-                                                           megatron_single_process):
+def test_siglip_model_vision_half_imports_without_its_head(
+    conversion_dir, capsys, megatron_single_process
+):
     from transformers import SiglipConfig, SiglipModel
 
     from mm1_megatron.config import load_config
 
     folder = conversion_dir / "siglip_full"
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=28, patch_size=14)
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, vocab_size=100)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=28,
+        patch_size=14,
+    )
+    text = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        vocab_size=100,
+    )
     SiglipModel(SiglipConfig(vision_config=vision, text_config=text)).save_pretrained(str(folder))
     output = conversion_dir / "siglip_full_out"
     code, err = _run(capsys, "import", "--vision-encoder", str(folder), "--output", str(output))
     assert code == 0, err
     assert "attention-pooling head" in err
     v = load_config(output / "step_00000000" / "config.yaml").model.vision
-    assert (v.use_class_token, v.patch_embedding_bias, v.pre_layernorm, v.post_layernorm,
-            v.activation, v.layernorm_epsilon) == (False, True, False, True, "gelu_tanh", 1e-6)
+    assert (
+        v.use_class_token,
+        v.patch_embedding_bias,
+        v.pre_layernorm,
+        v.post_layernorm,
+        v.activation,
+        v.layernorm_epsilon,
+    ) == (False, True, False, True, "gelu_tanh", 1e-6)
 
 
 def test_other_vision_models_are_refused_with_the_reason(conversion_dir, capsys):
     from transformers import Siglip2VisionConfig, Siglip2VisionModel
 
     folder = conversion_dir / "siglip2"
-    Siglip2VisionModel(Siglip2VisionConfig(hidden_size=32, intermediate_size=64,
-                                           num_hidden_layers=1, num_attention_heads=2,
-                                           num_patches=4, patch_size=14)
-                       ).save_pretrained(str(folder))
-    code, err = _run(capsys, "import", "--vision-encoder", str(folder),
-                     "--output", str(conversion_dir / "siglip2_out"))
+    Siglip2VisionModel(
+        Siglip2VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_patches=4,
+            patch_size=14,
+        )
+    ).save_pretrained(str(folder))
+    code, err = _run(
+        capsys,
+        "import",
+        "--vision-encoder",
+        str(folder),
+        "--output",
+        str(conversion_dir / "siglip2_out"),
+    )
     assert code == 2 and "siglip2_vision_model" in err and "SiglipVisionModel" in err
 
 
@@ -188,13 +273,20 @@ def test_pickle_weights_are_refused_unread(sources, conversion_dir, capsys):
     shutil.copytree(sources["llama"][1], source)
     (source / "model.safetensors").unlink()
     (source / "pytorch_model.bin").write_bytes(b"not even read")
-    code, err = _run(capsys, "import", "--language-model", str(source),
-                     "--output", str(conversion_dir / "pickled_out"))
+    code, err = _run(
+        capsys,
+        "import",
+        "--language-model",
+        str(source),
+        "--output",
+        str(conversion_dir / "pickled_out"),
+    )
     assert code == 2 and "pytorch_model.bin" in err and "never" in err
 
 
-def test_unmapped_source_tensors_are_refused(sources, conversion_dir, capsys,
-                                             megatron_single_process):
+def test_unmapped_source_tensors_are_refused(
+    sources, conversion_dir, capsys, megatron_single_process
+):
     from safetensors.torch import load_file, save_file
 
     source = conversion_dir / "extra_tensor"
@@ -202,18 +294,33 @@ def test_unmapped_source_tensors_are_refused(sources, conversion_dir, capsys,
     tensors = load_file(str(source / "model.safetensors"))
     tensors["model.layers.0.self_attn.q_norm.weight"] = tensors["model.norm.weight"][:16].clone()
     save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
-    code, err = _run(capsys, "import", "--language-model", str(source),
-                     "--output", str(conversion_dir / "extra_tensor_out"))
+    code, err = _run(
+        capsys,
+        "import",
+        "--language-model",
+        str(source),
+        "--output",
+        str(conversion_dir / "extra_tensor_out"),
+    )
     assert code == 2 and "model.layers.0.self_attn.q_norm.weight" in err
 
 
-def test_llava_needs_the_mlp_connector(worker_outputs, conversion_dir, capsys,
-                                       megatron_single_process):
-    code, err = _run(capsys, "export", "--checkpoint", str(worker_outputs / "dense_tp2" / "ckpt"),
-                     "--format", "llava", "--output", str(conversion_dir / "no_llava"))
+def test_llava_needs_the_mlp_connector(
+    worker_outputs, conversion_dir, capsys, megatron_single_process
+):
+    code, err = _run(
+        capsys,
+        "export",
+        "--checkpoint",
+        str(worker_outputs / "dense_tp2" / "ckpt"),
+        "--format",
+        "llava",
+        "--output",
+        str(conversion_dir / "no_llava"),
+    )
     assert code == 2 and "model.connector.type=mlp" in err
 
 
 def test_parse_size():
-    assert parse_size("5GB") == 5 * 10 ** 9 and parse_size("100KB") == 100_000
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("100KB") == 100_000
     assert parse_size("123") == 123

@@ -31,8 +31,9 @@ def _export(checkpoint, output, **kwargs):
 
 @pytest.fixture(scope="module")
 def round_trips(imported, conversion_dir, megatron_single_process):
-    return {name: _export(imported[name], conversion_dir / "round_trip" / name)
-            for name in ROUND_TRIPS}
+    return {
+        name: _export(imported[name], conversion_dir / "round_trip" / name) for name in ROUND_TRIPS
+    }
 
 
 @pytest.mark.parametrize("name", ROUND_TRIPS)
@@ -44,18 +45,17 @@ def test_import_export_round_trip_is_bit_exact(name, sources, round_trips):
     vision = "clip" in name or "siglip" in name
     source_prefix = source.find_prefix(anchor) if vision else ""
     exported_prefix = exported.find_prefix(anchor) if vision else ""
-    source_names = {k[len(source_prefix):] for k in source.keys() if k.startswith(source_prefix)}
+    source_names = {k[len(source_prefix) :] for k in source.keys() if k.startswith(source_prefix)}
     if "siglip" in name:  # the attention-pooling head is not imported, nor exported
         source_names = {k for k in source_names if not k.startswith("head.")}
-    assert source_names == {k[len(exported_prefix):] for k in exported.keys()}
+    assert source_names == {k[len(exported_prefix) :] for k in exported.keys()}
     for key in sorted(source_names):
         exported_tensor = exported.get(exported_prefix + key)
         assert torch.equal(source.get(source_prefix + key), exported_tensor), key
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral"])
-def test_exported_language_model_reloads_with_the_source_logits(name, sources, round_trips,
-                                                                inputs):
+def test_exported_language_model_reloads_with_the_source_logits(name, sources, round_trips, inputs):
     from transformers import AutoModelForCausalLM
 
     model, info = AutoModelForCausalLM.from_pretrained(round_trips[name], output_loading_info=True)
@@ -75,19 +75,24 @@ def _trained(worker_outputs, name):
 
 @pytest.fixture(scope="module")
 def trained_exports(worker_outputs, conversion_dir, megatron_single_process):
-    return {name: _export(worker_outputs / name / "ckpt", conversion_dir / "trained" / name)
-            for name in TRAINS}
+    return {
+        name: _export(worker_outputs / name / "ckpt", conversion_dir / "trained" / name)
+        for name in TRAINS
+    }
 
 
 @pytest.mark.parametrize("name", sorted(TRAINS))
-def test_trained_model_export_matches_logits_and_greedy_generation(name, worker_outputs,
-                                                                   trained_exports):
-    import mm1_megatron.conversion.hf_model  # noqa: F401  registers model_type "mm1"
+def test_trained_model_export_matches_logits_and_greedy_generation(
+    name, worker_outputs, trained_exports
+):
     from transformers import AutoModelForImageTextToText
 
+    import mm1_megatron.conversion.hf_model  # noqa: F401  registers model_type "mm1"
+
     reference = _trained(worker_outputs, name)
-    model, info = AutoModelForImageTextToText.from_pretrained(trained_exports[name],
-                                                              output_loading_info=True)
+    model, info = AutoModelForImageTextToText.from_pretrained(
+        trained_exports[name], output_loading_info=True
+    )
     assert not any(info.values()), info
     model.eval()
     tokens, images = reference["tokens"], reference["images"]
@@ -96,14 +101,20 @@ def test_trained_model_export_matches_logits_and_greedy_generation(name, worker_
     diff = (logits - reference["prompt_logits"]).abs().max()
     logger.info("%s: exported MM1 logits max abs diff %.3g", name, diff)
     assert diff <= TOLERANCE
-    generated = model.generate(input_ids=tokens, pixel_values=images,
-                               attention_mask=torch.ones_like(tokens), max_new_tokens=20,
-                               min_new_tokens=20, do_sample=False)
-    assert generated[:, tokens.shape[1]:].tolist() == reference["generated"].tolist()
+    generated = model.generate(
+        input_ids=tokens,
+        pixel_values=images,
+        attention_mask=torch.ones_like(tokens),
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+    )
+    assert generated[:, tokens.shape[1] :].tolist() == reference["generated"].tolist()
 
 
-def test_moe_every_second_layer_exports_as_qwen2_moe(trained_exports, worker_outputs,
-                                                     conversion_dir):
+def test_moe_every_second_layer_exports_as_qwen2_moe(
+    trained_exports, worker_outputs, conversion_dir
+):
     from transformers import AutoModelForCausalLM
 
     config = json.loads((trained_exports["moe_ep2"] / "config.json").read_text())
@@ -111,8 +122,9 @@ def test_moe_every_second_layer_exports_as_qwen2_moe(trained_exports, worker_out
     assert text["model_type"] == "qwen2_moe" and text["mlp_only_layers"] == [1, 3]
     assert text["shared_expert_intermediate_size"] == 0 and text["norm_topk_prob"]
     assert "Qwen2MoeForCausalLM" in (trained_exports["moe_ep2"] / "README.md").read_text()
-    folder = _export(worker_outputs / "moe_ep2" / "ckpt", conversion_dir / "moe_lm",
-                     format="language-model")
+    folder = _export(
+        worker_outputs / "moe_ep2" / "ckpt", conversion_dir / "moe_lm", format="language-model"
+    )
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
 
@@ -126,8 +138,9 @@ def test_export_writes_the_hugging_face_side_files(trained_exports):
     config = json.loads((folder / "config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert tokenizer.convert_tokens_to_ids("<image>") == config["image_token_id"]
-    assert tokenizer.encode("a red circle .", add_special_tokens=False) == \
-        [tokenizer.convert_tokens_to_ids(w) for w in ("a", "red", "circle", ".")]
+    assert tokenizer.encode("a red circle .", add_special_tokens=False) == [
+        tokenizer.convert_tokens_to_ids(w) for w in ("a", "red", "circle", ".")
+    ]
     generation = GenerationConfig.from_pretrained(folder)
     assert generation.eos_token_id == tokenizer.eos_token_id
     processor = json.loads((folder / "preprocessor_config.json").read_text())
@@ -160,8 +173,9 @@ print("loaded_mm1_megatron", any(m.startswith("mm1_megatron") for m in sys.modul
 """
 
 
-def test_llava_export_loads_without_our_package(tiny_config, conversion_dir,
-                                                megatron_single_process):
+def test_llava_export_loads_without_our_package(
+    tiny_config, conversion_dir, megatron_single_process
+):
     from safetensors.torch import save_file
 
     from mm1_megatron.config import save_config
@@ -180,13 +194,19 @@ def test_llava_export_loads_without_our_package(tiny_config, conversion_dir,
         from mm1_megatron.batch.contract import document_causal_mask
 
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        logits = model(tokens, positions, document_causal_mask(torch.zeros_like(tokens)),
-                       images=images)
+        logits = model(
+            tokens, positions, document_causal_mask(torch.zeros_like(tokens)), images=images
+        )
     reference = conversion_dir / "llava_reference.safetensors"
     save_file({"tokens": tokens, "images": images, "logits": logits}, str(reference))
     folder = _export(checkpoint, conversion_dir / "llava", format="llava")
-    result = subprocess.run([sys.executable, "-c", LLAVA_CHECK, str(folder), str(reference)],
-                            cwd=conversion_dir, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", LLAVA_CHECK, str(folder), str(reference)],
+        cwd=conversion_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
     logger.info("llava export max abs diff %s", lines["max_abs_diff"])
@@ -195,12 +215,12 @@ def test_llava_export_loads_without_our_package(tiny_config, conversion_dir,
 
 
 def test_mixtral_style_mm1_export_matches(tiny_config, conversion_dir, megatron_single_process):
-    import mm1_megatron.conversion.hf_model  # noqa: F401
     from transformers import AutoModelForImageTextToText
 
+    import mm1_megatron.conversion.hf_model  # noqa: F401
+    from mm1_megatron.batch.contract import document_causal_mask
     from mm1_megatron.config import save_config
     from mm1_megatron.conversion import megatron_io
-    from mm1_megatron.batch.contract import document_causal_mask
     from tests.conversion.hf_sources import randomize
 
     cfg = tiny_config("model.llm.moe.num_experts=4")
@@ -218,26 +238,30 @@ def test_mixtral_style_mm1_export_matches(tiny_config, conversion_dir, megatron_
     images = torch.randn(1, 3, 56, 56)
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
-        ours = model(tokens, positions, document_causal_mask(torch.zeros_like(tokens)),
-                     images=images)
+        ours = model(
+            tokens, positions, document_causal_mask(torch.zeros_like(tokens)), images=images
+        )
         theirs = exported(input_ids=tokens, pixel_values=images).logits
     assert (ours - theirs).abs().max() <= TOLERANCE
 
 
-def test_exported_siglip_reloads_without_head_with_the_source_features(sources, round_trips,
-                                                                       inputs):
+def test_exported_siglip_reloads_without_head_with_the_source_features(
+    sources, round_trips, inputs
+):
     from transformers import SiglipVisionModel
 
     from tests.conversion.hf_sources import vision_features
 
-    model, info = SiglipVisionModel.from_pretrained(round_trips["siglip_vision"],
-                                                    output_loading_info=True)
+    model, info = SiglipVisionModel.from_pretrained(
+        round_trips["siglip_vision"], output_loading_info=True
+    )
     assert not any(info.values()), info
     assert not model.config.vision_use_head
     images = inputs[0]["images"]
     with torch.no_grad():
-        diff = (vision_features(model.eval(), images)
-                - vision_features(sources["siglip_vision"][0], images))
+        diff = vision_features(model.eval(), images) - vision_features(
+            sources["siglip_vision"][0], images
+        )
     assert diff.abs().max() <= 1e-6
 
 
@@ -245,8 +269,9 @@ def test_exported_model_merges_images_across_devices(trained_exports, monkeypatc
     """device_map="auto" may put the vision tower and the embeddings on different GPUs:
     the image features must be moved to the embeddings' device (two real devices are not
     available here, so the move is observed on a stand-in for the features)."""
-    import mm1_megatron.conversion.hf_model  # noqa: F401  registers model_type "mm1"
     from transformers import AutoModelForImageTextToText
+
+    import mm1_megatron.conversion.hf_model  # noqa: F401  registers model_type "mm1"
 
     model = AutoModelForImageTextToText.from_pretrained(trained_exports["dense_tp2"])
     no_split = model._no_split_modules  # post_init gathers the submodels' lists

@@ -27,8 +27,9 @@ def _load_tp1(folder, part):
 
     step = megatron_io.resolve_step_folder(folder)
     cfg = load_config(step / "config.yaml")
-    model = megatron_io.build_tp1_model(megatron_io.placeholder_model_config(cfg.model, [part]),
-                                        image_token_id=0, seed=99)
+    model = megatron_io.build_tp1_model(
+        megatron_io.placeholder_model_config(cfg.model, [part]), image_token_id=0, seed=99
+    )
     megatron_io.load_parts(model, step, [part])
     return model, cfg
 
@@ -52,7 +53,7 @@ def _reference(sources, name, inputs):
 @pytest.mark.parametrize("name", LANGUAGE_SOURCES)
 def test_language_model_parity_tp1(name, sources, imported, inputs):
     model, _ = _load_tp1(imported[name], "language_model")
-    diff = (our_logits(model, inputs[0]["tokens"]) - _reference(sources, name, inputs[0]))
+    diff = our_logits(model, inputs[0]["tokens"]) - _reference(sources, name, inputs[0])
     logger.info("%s TP=1 logits max abs diff %.3g", name, diff.abs().max())
     assert diff.abs().max() <= TOLERANCE
 
@@ -87,28 +88,40 @@ def test_config_fields_map_from_hugging_face(imported):
     qwen2 = load_config(imported["qwen2"] / "step_00000000" / "config.yaml").model.llm
     assert qwen2.tie_embeddings and qwen2.qkv_bias and qwen2.rotary_base == 1000000
     mixtral = load_config(imported["mixtral"] / "step_00000000" / "config.yaml").model.llm
-    assert (mixtral.moe.num_experts, mixtral.moe.top_k, mixtral.moe.layer_frequency,
-            mixtral.moe.expert_ffn_hidden_size) == (4, 2, 1, 96)
+    assert (
+        mixtral.moe.num_experts,
+        mixtral.moe.top_k,
+        mixtral.moe.layer_frequency,
+        mixtral.moe.expert_ffn_hidden_size,
+    ) == (4, 2, 1, 96)
     clip = load_config(imported["clip"] / "step_00000000" / "config.yaml").model.vision
     assert clip.activation == "gelu" and clip.num_layers == 2 and clip.use_class_token
     assert clip.pre_layernorm and not (clip.post_layernorm or clip.patch_embedding_bias)
     siglip = load_config(imported["siglip_vision"] / "step_00000000" / "config.yaml").model.vision
-    assert (siglip.use_class_token, siglip.patch_embedding_bias, siglip.pre_layernorm,
-            siglip.post_layernorm, siglip.activation, siglip.layernorm_epsilon) == \
-        (False, True, False, True, "gelu_tanh", 1e-6)
+    assert (
+        siglip.use_class_token,
+        siglip.patch_embedding_bias,
+        siglip.pre_layernorm,
+        siglip.post_layernorm,
+        siglip.activation,
+        siglip.layernorm_epsilon,
+    ) == (False, True, False, True, "gelu_tanh", 1e-6)
 
 
 def test_import_keeps_only_the_imported_part(imported):
     from mm1_megatron.conversion import megatron_io
 
-    assert megatron_io.parts_in_checkpoint(imported["llama"] / "step_00000000") == \
-        ("language_model",)
-    assert megatron_io.parts_in_checkpoint(imported["clip"] / "step_00000000") == \
-        ("vision_encoder",)
+    assert megatron_io.parts_in_checkpoint(imported["llama"] / "step_00000000") == (
+        "language_model",
+    )
+    assert megatron_io.parts_in_checkpoint(imported["clip"] / "step_00000000") == (
+        "vision_encoder",
+    )
 
 
-def test_vocabulary_grows_for_image_and_pad_tokens(sources, conversion_dir, inputs,
-                                                   megatron_single_process):
+def test_vocabulary_grows_for_image_and_pad_tokens(
+    sources, conversion_dir, inputs, megatron_single_process
+):
     from safetensors.torch import load_file
 
     from mm1_megatron.config import load_config
@@ -118,8 +131,11 @@ def test_vocabulary_grows_for_image_and_pad_tokens(sources, conversion_dir, inpu
     tokenizer = conversion_dir / "word_tokenizer"
     make_word_tokenizer(tokenizer)
     output = conversion_dir / "imported_grown"
-    import_checkpoint(ImportRequest(output=output, language_model=sources["llama"][1],
-                                    tokenizer=tokenizer, vocab_multiple=4))
+    import_checkpoint(
+        ImportRequest(
+            output=output, language_model=sources["llama"][1], tokenizer=tokenizer, vocab_multiple=4
+        )
+    )
     cfg = load_config(output / "step_00000000" / "config.yaml")
     # <image> and <pad> are appended (130 tokens), rounded up to a multiple of 4.
     assert cfg.model.llm.vocab_size == 132
@@ -138,8 +154,9 @@ def test_vocabulary_grows_for_image_and_pad_tokens(sources, conversion_dir, inpu
 
     from mm1_megatron.conversion import ExportRequest, export_checkpoint
 
-    exported = export_checkpoint(ExportRequest(checkpoint=output,
-                                               output=conversion_dir / "exported_grown"))
+    exported = export_checkpoint(
+        ExportRequest(checkpoint=output, output=conversion_dir / "exported_grown")
+    )
     tokenizer = AutoTokenizer.from_pretrained(exported)
     assert tokenizer.convert_tokens_to_ids(["<image>", "<pad>"]) == [VOCAB, VOCAB + 1]
     assert tokenizer.pad_token_id == VOCAB + 1

@@ -14,16 +14,22 @@ from tests.conversion.conftest import TOLERANCE
 from tests.conversion.hf_sources import TEXT, VOCAB, randomize
 
 logger = logging.getLogger(__name__)
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def _llama(rope_parameters):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(LlamaConfig(**TEXT, rope_parameters=dict(rope_parameters),
-                                        rms_norm_eps=1e-5))
+    return LlamaForCausalLM(
+        LlamaConfig(**TEXT, rope_parameters=dict(rope_parameters), rms_norm_eps=1e-5)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +77,17 @@ def test_llama3_rope_scaling_import_parity(llama3_source, llama3_imported, long_
     assert (unscaled - reference).abs().max() > 100 * TOLERANCE
 
 
-def test_llama3_rope_scaling_round_trip(llama3_source, llama3_imported, long_tokens,
-                                        conversion_dir, megatron_single_process):
+def test_llama3_rope_scaling_round_trip(
+    llama3_source, llama3_imported, long_tokens, conversion_dir, megatron_single_process
+):
     from transformers import AutoModelForCausalLM
 
     from mm1_megatron.conversion import ExportRequest, export_checkpoint
     from mm1_megatron.conversion.safetensors_io import SafetensorsFolder
 
-    exported = export_checkpoint(ExportRequest(checkpoint=llama3_imported,
-                                               output=conversion_dir / "round_trip" / "llama3"))
+    exported = export_checkpoint(
+        ExportRequest(checkpoint=llama3_imported, output=conversion_dir / "round_trip" / "llama3")
+    )
     rope = json.loads((exported / "config.json").read_text())["rope_parameters"]
     assert {k: rope[k] for k in LLAMA3_ROPE} == LLAMA3_ROPE
     source, ours = SafetensorsFolder(llama3_source[1]), SafetensorsFolder(exported)
@@ -87,16 +95,24 @@ def test_llama3_rope_scaling_round_trip(llama3_source, llama3_imported, long_tok
     for key in source.keys():
         assert torch.equal(source.get(key), ours.get(key)), key
     with torch.no_grad():
-        diff = (AutoModelForCausalLM.from_pretrained(exported).eval()(long_tokens).logits
-                - llama3_source[0](long_tokens).logits)
+        diff = (
+            AutoModelForCausalLM.from_pretrained(exported).eval()(long_tokens).logits
+            - llama3_source[0](long_tokens).logits
+        )
     assert diff.abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("field, value", [("low_freq_factor", 2.0),
-                                          ("high_freq_factor", 8.0),
-                                          ("original_max_position_embeddings", 4096)])
-def test_llama3_parameters_other_than_megatron_cores_are_refused(field, value, llama3_source,
-                                                                 conversion_dir):
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("low_freq_factor", 2.0),
+        ("high_freq_factor", 8.0),
+        ("original_max_position_embeddings", 4096),
+    ],
+)
+def test_llama3_parameters_other_than_megatron_cores_are_refused(
+    field, value, llama3_source, conversion_dir
+):
     from mm1_megatron.conversion.errors import ConversionError
     from mm1_megatron.conversion.source_configs import language_source
 

@@ -11,8 +11,12 @@ import yaml
 from mm1_megatron.config import load_config, save_config
 from mm1_megatron.models.param_count import count_parameters
 
-LAYERS = ["model.llm.num_layers=6", "model.vision.num_layers=3",
-          "model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=2"]
+LAYERS = [
+    "model.llm.num_layers=6",
+    "model.vision.num_layers=3",
+    "model.llm.moe.num_experts=4",
+    "model.llm.moe.layer_frequency=2",
+]
 
 
 @pytest.fixture(scope="module")

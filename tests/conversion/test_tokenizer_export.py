@@ -7,8 +7,14 @@ import pytest
 
 from tests.data.test_text_tokenizers import CORPUS
 
-TEXTS = ["a red circle", " two  blue squares<image> x", "Hello world!", "the <image>cat",
-         "zebra QUICK", "here is a picture of a cat <image><image>"]
+TEXTS = [
+    "a red circle",
+    " two  blue squares<image> x",
+    "Hello world!",
+    "the <image>cat",
+    "zebra QUICK",
+    "here is a picture of a cat <image><image>",
+]
 
 
 def _trained(folder):
@@ -22,8 +28,16 @@ def _plain(folder):
     import sentencepiece
 
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_prefix=str(folder / "plain"), vocab_size=60,
-        hard_vocab_limit=False, pad_id=-1, bos_id=-1, unk_id=0, eos_id=1, minloglevel=2)
+        sentence_iterator=iter(CORPUS),
+        model_prefix=str(folder / "plain"),
+        vocab_size=60,
+        hard_vocab_limit=False,
+        pad_id=-1,
+        bos_id=-1,
+        unk_id=0,
+        eos_id=1,
+        minloglevel=2,
+    )
     return folder / "plain.model"
 
 
@@ -42,12 +56,14 @@ def test_sentencepiece_export_encodes_like_training(make_model, tmp_path):
 
     hf = AutoTokenizer.from_pretrained(str(exported))
     assert len(hf) == ours.vocab_size
-    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == \
-        (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (
+        ours.bos_token_id,
+        ours.eos_token_id,
+        ours.pad_token_id,
+    )
     assert hf.convert_tokens_to_ids("<image>") == ours.image_token_id
     for text in TEXTS:
-        assert hf.encode(text, add_special_tokens=False) == \
-            _with_added(ours, text), text
+        assert hf.encode(text, add_special_tokens=False) == _with_added(ours, text), text
 
 
 def _with_added(ours, text):

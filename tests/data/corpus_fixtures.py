@@ -15,8 +15,13 @@ from typing import Dict, List, Tuple
 import numpy as np
 from PIL import Image
 
-from mm1_megatron.data.synthetic.world import caption_words, describe_shapes, draw_scene, random_scene
-from mm1_megatron.data.synthetic.world import text_sentence
+from mm1_megatron.data.synthetic.world import (
+    caption_words,
+    describe_shapes,
+    draw_scene,
+    random_scene,
+    text_sentence,
+)
 
 
 def image_bytes(rng: np.random.Generator, fmt: str = "JPEG") -> Tuple[bytes, str]:
@@ -62,17 +67,25 @@ def make_llava(root: Path, num_images: int, seed: int = 1) -> Tuple[Path, Path]:
     for i in range(num_images):
         data, caption = image_bytes(rng)
         name = _save(images_dir / "sub", f"{i:05d}.jpg", data)
-        entries.append({"id": str(i), "image": f"sub/{name}", "conversations": [
-            {"from": "human", "value": "<image>\nrender a short caption"},
-            {"from": "gpt", "value": caption}]})
+        entries.append(
+            {
+                "id": str(i),
+                "image": f"sub/{name}",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nrender a short caption"},
+                    {"from": "gpt", "value": caption},
+                ],
+            }
+        )
     root.mkdir(parents=True, exist_ok=True)
     path = root / "llava.json"
     path.write_text(json.dumps(entries))
     return path, images_dir
 
 
-def interleaved_document(rng: np.random.Generator, images_dir: Path, number: int,
-                         url_map: dict) -> dict:
+def interleaved_document(
+    rng: np.random.Generator, images_dir: Path, number: int, url_map: dict
+) -> dict:
     """2-4 images, each described; every second one referenced by URL."""
     segments: List[dict] = []
     num_images = int(rng.integers(2, 5))
@@ -96,8 +109,9 @@ def make_interleaved(root: Path, num_documents: int, seed: int = 2) -> Tuple[Pat
     """``docs.jsonl``, ``images/`` and ``urls.tsv`` (URL -> downloaded file)."""
     rng = np.random.default_rng(seed)
     images_dir, url_map = root / "images", {}
-    lines = [json.dumps(interleaved_document(rng, images_dir, n, url_map))
-             for n in range(num_documents)]
+    lines = [
+        json.dumps(interleaved_document(rng, images_dir, n, url_map)) for n in range(num_documents)
+    ]
     root.mkdir(parents=True, exist_ok=True)
     jsonl = root / "docs.jsonl"
     jsonl.write_text("\n".join(lines) + "\n")
@@ -142,16 +156,27 @@ def bad_caption_samples(rng: np.random.Generator) -> List[Tuple[str, dict, str]]
     jpeg, caption = image_bytes(rng)
     record = lambda segments: json.dumps({"segments": segments}).encode()  # noqa: E731
     return [
-        ("bad_corrupt", {"jpg": b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 256, 300,
-                                                                         dtype=np.uint8)),
-                         "txt": caption.encode()}, "corrupt_image"),
-        ("bad_truncated_jpeg", {"jpg": jpeg[: len(jpeg) // 2], "txt": caption.encode()},
-         "corrupt_image"),
+        (
+            "bad_corrupt",
+            {
+                "jpg": b"\xff\xd8\xff\xe0" + bytes(rng.integers(0, 256, 300, dtype=np.uint8)),
+                "txt": caption.encode(),
+            },
+            "corrupt_image",
+        ),
+        (
+            "bad_truncated_jpeg",
+            {"jpg": jpeg[: len(jpeg) // 2], "txt": caption.encode()},
+            "corrupt_image",
+        ),
         ("bad_empty_image", {"jpg": b"", "txt": caption.encode()}, "empty_file"),
-        ("bad_missing_image", {"json": record([{"image": "0.jpg"}, {"text": caption}])},
-         "missing_image"),
+        (
+            "bad_missing_image",
+            {"json": record([{"image": "0.jpg"}, {"text": caption}])},
+            "missing_image",
+        ),
         ("bad_utf8", {"jpg": jpeg, "txt": b"there is \xff\xfe one shape"}, "bad_text"),
-        ("bad_json", {"jpg": jpeg, "json": b"{\"segments\": [ oops"}, "bad_text"),
+        ("bad_json", {"jpg": jpeg, "json": b'{"segments": [ oops'}, "bad_text"),
         ("bad_schema", {"0.jpg": jpeg, "json": record([{"picture": "0.jpg"}])}, "bad_record"),
         ("bad_too_long", {"jpg": jpeg, "txt": " ".join(["red"] * 400).encode()}, "too_long"),
     ]
@@ -177,9 +202,14 @@ def write_bad_caption_corpus(root: Path, seed: int = 5) -> Tuple[Path, Dict[str,
     write_tar(truncated, [(f"tail{i}", good_caption_sample(rng)) for i in range(4)])
     cut_inside_third_image(truncated)
     expected["truncated_tar"] = 2  # the cut sample and the one after it
-    write_manifest(root / "manifest.json", "caption",
-                   [{"path": "bad-000000.tar", "num_samples": len(samples)},
-                    {"path": "bad-000001.tar", "num_samples": 4}])
+    write_manifest(
+        root / "manifest.json",
+        "caption",
+        [
+            {"path": "bad-000000.tar", "num_samples": len(samples)},
+            {"path": "bad-000001.tar", "num_samples": 4},
+        ],
+    )
     return root / "manifest.json", expected
 
 

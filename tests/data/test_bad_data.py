@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mm1_megatron.config.schema import DataConfig, ImagePipelineConfig, ShardsConfig
-from mm1_megatron.data.pipeline import sources
 from mm1_megatron.data.build import build_data
+from mm1_megatron.data.pipeline import sources
 from mm1_megatron.data.shards.skips import SKIP_REASONS
 from tests.data.corpus_fixtures import write_bad_caption_corpus
 
@@ -16,13 +16,27 @@ MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 
 
 def _loader(manifest, decoder="pil", dp_rank=0, dp_size=1, **kwargs):
-    cfg = DataConfig(source="webdataset", shards=ShardsConfig(caption=[str(manifest)]),
-                     mixture={"caption": 1}, max_images_per_sequence=WINDOW,
-                     caption_window=WINDOW, images=ImagePipelineConfig(decoder=decoder),
-                     **kwargs)
-    loader, _ = build_data(cfg, seq_length=SEQ, micro_batch_size=1, num_image_tokens=4,
-                           image_size=28, image_mean=MEAN, image_std=STD, seed=0,
-                           dp_rank=dp_rank, dp_size=dp_size)
+    cfg = DataConfig(
+        source="webdataset",
+        shards=ShardsConfig(caption=[str(manifest)]),
+        mixture={"caption": 1},
+        max_images_per_sequence=WINDOW,
+        caption_window=WINDOW,
+        images=ImagePipelineConfig(decoder=decoder),
+        **kwargs,
+    )
+    loader, _ = build_data(
+        cfg,
+        seq_length=SEQ,
+        micro_batch_size=1,
+        num_image_tokens=4,
+        image_size=28,
+        image_mean=MEAN,
+        image_std=STD,
+        seed=0,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
     return loader
 
 
@@ -46,8 +60,16 @@ def test_one_epoch_counts_every_bad_sample_once(bad_corpus, decoder, monkeypatch
     assert sum(int(b["num_images"].sum()) for b in batches) == 10
     logged = [r.getMessage() for r in caplog.records if r.name == "mm1_megatron.data.shards.skips"]
     assert len(logged) == sum(expected.values())
-    for key in ("bad_corrupt", "bad_truncated_jpeg", "bad_empty_image", "bad_missing_image",
-                "bad_utf8", "bad_json", "bad_schema", "bad_too_long"):
+    for key in (
+        "bad_corrupt",
+        "bad_truncated_jpeg",
+        "bad_empty_image",
+        "bad_missing_image",
+        "bad_utf8",
+        "bad_json",
+        "bad_schema",
+        "bad_too_long",
+    ):
         assert sum(f"'{key}'" in m and "bad-000000.tar" in m for m in logged) == 1, key
     assert sum("bad-000001.tar" in m and "truncated_tar" in m for m in logged) == 2
 
@@ -73,23 +95,36 @@ def test_replacements_keep_sequences_full_and_ranks_in_step(bad_corpus):
 
 
 def test_interleaved_document_with_a_bad_image_is_replaced(tmp_path):
-    from mm1_megatron.data.shards.records import record_members
-    from mm1_megatron.data.shards.reader import write_manifest
-    from tests.data.corpus_fixtures import image_bytes, write_tar
     import numpy as np
+
+    from mm1_megatron.data.shards.reader import write_manifest
+    from mm1_megatron.data.shards.records import record_members
+    from tests.data.corpus_fixtures import image_bytes, write_tar
 
     rng = np.random.default_rng(0)
     good, _ = image_bytes(rng)
     bad = record_members(["here is a picture :", (b"\xff\xd8\xff" + b"\x00" * 50, "jpg")])
     fine = record_members(["here is a picture :", (good, "jpg"), "it shows a red circle ."])
     write_tar(tmp_path / "d.tar", [("doc0", bad), ("doc1", fine)])
-    write_manifest(tmp_path / "manifest.json", "interleaved",
-                   [{"path": "d.tar", "num_samples": 2}])
-    cfg = DataConfig(source="webdataset", shards=ShardsConfig(interleaved=[str(tmp_path)]),
-                     mixture={"interleaved": 1}, max_images_per_sequence=4)
-    loader, _ = build_data(cfg, seq_length=64, micro_batch_size=1, num_image_tokens=4,
-                           image_size=28, image_mean=MEAN, image_std=STD, seed=0, dp_rank=0,
-                           dp_size=1)
+    write_manifest(tmp_path / "manifest.json", "interleaved", [{"path": "d.tar", "num_samples": 2}])
+    cfg = DataConfig(
+        source="webdataset",
+        shards=ShardsConfig(interleaved=[str(tmp_path)]),
+        mixture={"interleaved": 1},
+        max_images_per_sequence=4,
+    )
+    loader, _ = build_data(
+        cfg,
+        seq_length=64,
+        micro_batch_size=1,
+        num_image_tokens=4,
+        image_size=28,
+        image_mean=MEAN,
+        image_std=STD,
+        seed=0,
+        dp_rank=0,
+        dp_size=1,
+    )
     batches = [next(loader) for _ in range(4)]
     assert all(int(b["num_images"]) == 1 for b in batches)  # every sequence got doc1
     assert loader.skip_counts()["corrupt_image"] >= 1

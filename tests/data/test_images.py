@@ -24,9 +24,10 @@ MAX_STEPS, MEAN_STEPS = 3.0, 0.35
 # DALI publishes wheels for Linux x86_64 and aarch64; there it is a dev dependency and
 # its absence is a broken install, not a reason to skip.
 DALI_PLATFORM = platform.system() == "Linux" and platform.machine() in ("x86_64", "aarch64")
-needs_dali = pytest.mark.skipif(not dali_installed() and not DALI_PLATFORM,
-                                reason=f"NVIDIA DALI has no wheel for {platform.system()} "
-                                       f"{platform.machine()}")
+needs_dali = pytest.mark.skipif(
+    not dali_installed() and not DALI_PLATFORM,
+    reason=f"NVIDIA DALI has no wheel for {platform.system()} {platform.machine()}",
+)
 DECODERS = ["pil", pytest.param("dali", marks=needs_dali)]
 
 
@@ -40,18 +41,20 @@ def _textured(width: int, height: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     ramp = np.linspace(0, 255, width)[None, :, None] * np.ones((height, 1, 3))
     pixels = (ramp + rng.integers(0, 40, (height, width, 3))).clip(0, 255).astype(np.uint8)
-    pixels[height // 4:height // 2, width // 4:width // 2] = [200, 30, 60]
+    pixels[height // 4 : height // 2, width // 4 : width // 2] = [200, 30, 60]
     return pixels
 
 
 SIZES = [(320, 240), (200, 300), (101, 77), (30, 20), (640, 480), (56, 56), (99, 70)]
-BLOBS = [_encode(_textured(w, h, i), "JPEG" if i % 2 == 0 else "PNG")
-         for i, (w, h) in enumerate(SIZES)]
+BLOBS = [
+    _encode(_textured(w, h, i), "JPEG" if i % 2 == 0 else "PNG") for i, (w, h) in enumerate(SIZES)
+]
 
 
 def _decoder(name, mode="crop", dtype="fp32"):
-    return build_image_decoder(name, image_size=S, mean=MEAN, std=STD, resize_mode=mode,
-                               dtype=dtype)
+    return build_image_decoder(
+        name, image_size=S, mean=MEAN, std=STD, resize_mode=mode, dtype=dtype
+    )
 
 
 def _steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -76,8 +79,9 @@ def _normalised(rgb):
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_squash_of_a_solid_image_is_its_normalised_colour(decoder):
-    (out,) = _decoder(decoder, "squash").decode([_encode(np.full((30, 90, 3), (10, 200, 90),
-                                                                  np.uint8), "PNG")])
+    (out,) = _decoder(decoder, "squash").decode(
+        [_encode(np.full((30, 90, 3), (10, 200, 90), np.uint8), "PNG")]
+    )
     expected = torch.tensor(_normalised((10, 200, 90))).view(3, 1, 1).expand(3, S, S)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
@@ -94,22 +98,27 @@ def test_crop_keeps_the_centre_square(decoder):
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_pad_centres_the_image_on_the_mean_colour(decoder):
-    (out,) = _decoder(decoder, "pad").decode([_encode(np.full((30, 60, 3), 255, np.uint8),
-                                                      "PNG")])
+    (out,) = _decoder(decoder, "pad").decode([_encode(np.full((30, 60, 3), 255, np.uint8), "PNG")])
     top, height = (S - S // 2 + 1) // 2, S // 2  # a 2:1 image is S/2 high after resizing
     white = torch.tensor(_normalised((255, 255, 255))).view(3, 1, 1)
-    torch.testing.assert_close(out[:, top:top + height], white.expand(3, height, S),
-                               atol=1e-5, rtol=0)
-    assert (out[:, :top] == 0).all() and (out[:, top + height:] == 0).all()
+    torch.testing.assert_close(
+        out[:, top : top + height], white.expand(3, height, S), atol=1e-5, rtol=0
+    )
+    assert (out[:, :top] == 0).all() and (out[:, top + height :] == 0).all()
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_bad_blobs_come_back_as_bad_samples_and_spare_the_rest(decoder):
-    truncated = BLOBS[0][:len(BLOBS[0]) // 2]
+    truncated = BLOBS[0][: len(BLOBS[0]) // 2]
     blobs = [BLOBS[1], b"", b"definitely not an image", truncated, BLOBS[2]]
     out = _decoder(decoder).decode(blobs)
-    assert [o.reason if isinstance(o, BadSample) else "ok" for o in out] == \
-        ["ok", "empty_file", "corrupt_image", "corrupt_image", "ok"]
+    assert [o.reason if isinstance(o, BadSample) else "ok" for o in out] == [
+        "ok",
+        "empty_file",
+        "corrupt_image",
+        "corrupt_image",
+        "ok",
+    ]
     alone = _decoder(decoder).decode([BLOBS[1], BLOBS[2]])
     assert torch.equal(out[0], alone[0]) and torch.equal(out[4], alone[1])
 
@@ -144,8 +153,9 @@ def test_gpu_pipeline_graph_is_valid_in_every_resize_mode(mode):
     dynamic executor runs it (it used to turn every image into a 'corrupt' skip)."""
     from mm1_megatron.data.pipeline.images import define_dali_pipeline
 
-    define_dali_pipeline(image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, resize_mode=mode,
-                         device_id=0)
+    define_dali_pipeline(
+        image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, resize_mode=mode, device_id=0
+    )
 
 
 @needs_dali
@@ -156,5 +166,7 @@ def test_a_pipeline_that_cannot_be_built_raises_instead_of_skipping(monkeypatch)
         raise RuntimeError("no such operator")
 
     monkeypatch.setattr(decoder, "_build_pipeline", broken)
-    with pytest.raises(RuntimeError, match="cannot be built: no such operator.*images\\.decoder=pil"):
+    with pytest.raises(
+        RuntimeError, match="cannot be built: no such operator.*images\\.decoder=pil"
+    ):
         decoder.decode(BLOBS)

@@ -15,9 +15,17 @@ MEAN, STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 
 def _loader(seed=0, dp_rank=0, dp_size=1, micro_batch_size=BATCH, **data_kwargs):
     loader, _ = build_data(
-        DataConfig(**data_kwargs), seq_length=SEQ_LENGTH, micro_batch_size=micro_batch_size,
-        num_image_tokens=NUM_IMAGE_TOKENS, image_size=SIZE, image_mean=MEAN, image_std=STD,
-        seed=seed, dp_rank=dp_rank, dp_size=dp_size)
+        DataConfig(**data_kwargs),
+        seq_length=SEQ_LENGTH,
+        micro_batch_size=micro_batch_size,
+        num_image_tokens=NUM_IMAGE_TOKENS,
+        image_size=SIZE,
+        image_mean=MEAN,
+        image_std=STD,
+        seed=seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
     return loader
 
 
@@ -45,11 +53,13 @@ def test_batch_layout():
         images, num_images = batch["images"], batch["num_images"]
         assert images.dtype == torch.float32 and images.shape[1:] == (3, SIZE, SIZE)
         assert images.shape[0] == int(num_images.sum()) and int(num_images.max()) <= 5
-        assert ((batch["tokens"] == TOK.image_token_id).sum(dim=1)
-                == num_images * NUM_IMAGE_TOKENS).all()
+        assert (
+            (batch["tokens"] == TOK.image_token_id).sum(dim=1) == num_images * NUM_IMAGE_TOKENS
+        ).all()
         assert (batch["num_real_tokens"] == (batch["tokens"] != TOK.pad_token_id).sum(1)).all()
-        expected_sources = [SOURCE_IDS[loader.builder.source_of(step * BATCH + i)]
-                            for i in range(BATCH)]
+        expected_sources = [
+            SOURCE_IDS[loader.builder.source_of(step * BATCH + i)] for i in range(BATCH)
+        ]
         assert batch["source_ids"].tolist() == expected_sources
 
 
@@ -69,10 +79,13 @@ def test_text_only_batch_has_empty_images():
     assert (batch["source_ids"] == SOURCE_IDS["text"]).all()
 
 
-@pytest.mark.parametrize("mixture, expected", [
-    (None, {"caption": 0.45, "interleaved": 0.45, "text": 0.10}),
-    ({"caption": 1.0, "text": 3.0}, {"caption": 0.25, "interleaved": 0.0, "text": 0.75}),
-])
+@pytest.mark.parametrize(
+    "mixture, expected",
+    [
+        (None, {"caption": 0.45, "interleaved": 0.45, "text": 0.10}),
+        ({"caption": 1.0, "text": 3.0}, {"caption": 0.25, "interleaved": 0.0, "text": 0.75}),
+    ],
+)
 def test_mixture_proportions(mixture, expected):
     loader = _loader(seed=123) if mixture is None else _loader(seed=123, mixture=mixture)
     num_sequences = 2000
@@ -84,7 +97,7 @@ def test_mixture_proportions(mixture, expected):
         assert abs(sources.count(name) / num_sequences - share) < 0.04, name
     if mixture is None:  # source_of is what the batches use (checked in test_batch_layout)
         batch_ids = torch.cat([b["source_ids"] for b in _batches(_loader(seed=123), 2)])
-        assert batch_ids.tolist() == [SOURCE_IDS[s] for s in sources[:BATCH * 2]]
+        assert batch_ids.tolist() == [SOURCE_IDS[s] for s in sources[: BATCH * 2]]
 
 
 def test_same_seed_step_rank_gives_same_batches():
@@ -138,11 +151,18 @@ def test_resume_at_another_dp_size_continues_the_global_stream():
         assert torch.equal(batch["tokens"][i], expected.tokens)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"mixture": {"video": 1.0}}, {"mixture": {"text": -1.0, "caption": 1.0}},
-    {"mixture": {"text": 0.0}}, {"source": "webdataset"}, {"dp_rank": 2, "dp_size": 2},
-    {"micro_batch_size": 0}, {"seed": -1},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"mixture": {"video": 1.0}},
+        {"mixture": {"text": -1.0, "caption": 1.0}},
+        {"mixture": {"text": 0.0}},
+        {"source": "webdataset"},
+        {"dp_rank": 2, "dp_size": 2},
+        {"micro_batch_size": 0},
+        {"seed": -1},
+    ],
+)
 def test_bad_settings_raise(kwargs):
     with pytest.raises(ValueError):
         _loader(**kwargs)

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from mm1_megatron.batch.contract import document_causal_mask, expand_image_placeholders
 from mm1_megatron.data.pipeline.packing import pack_sequence
 from mm1_megatron.data.synthetic.world import SOURCES, Sample, SyntheticGenerator
 from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
-from mm1_megatron.batch.contract import document_causal_mask, expand_image_placeholders
 
 TOK = SyntheticTokenizer()
 IMG, PAD, BOS, EOS = TOK.image_token_id, TOK.pad_token_id, TOK.bos_token_id, TOK.eos_token_id
@@ -17,9 +17,16 @@ MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
 
 
 def _pack(samples, seq_length=256, max_images=16, num_image_tokens=NUM_IMAGE_TOKENS):
-    return pack_sequence(samples, seq_length=seq_length, num_image_tokens=num_image_tokens,
-                         max_images=max_images, tokenizer=TOK, image_size=SIZE,
-                         image_mean=MEAN, image_std=STD)
+    return pack_sequence(
+        samples,
+        seq_length=seq_length,
+        num_image_tokens=num_image_tokens,
+        max_images=max_images,
+        tokenizer=TOK,
+        image_size=SIZE,
+        image_mean=MEAN,
+        image_std=STD,
+    )
 
 
 def _stream(source, seed):
@@ -49,9 +56,9 @@ def _check_invariants(seq, seq_length, max_images):
     assert _runs(tokens, IMG) == [NUM_IMAGE_TOKENS] * seq.num_images
     # Padding is a suffix forming one more document.
     assert seq.num_real_tokens == int((tokens != PAD).sum())
-    assert (tokens[seq.num_real_tokens:] == PAD).all()
+    assert (tokens[seq.num_real_tokens :] == PAD).all()
     if seq.num_real_tokens < seq_length:
-        assert (docs[seq.num_real_tokens:] == docs[seq.num_real_tokens - 1] + 1).all()
+        assert (docs[seq.num_real_tokens :] == docs[seq.num_real_tokens - 1] + 1).all()
     # Closed-form labels, loss mask and positions, position by position.
     doc_start = 0
     for i in range(seq_length):
@@ -85,18 +92,20 @@ def test_caption_packs_whole_samples_until_the_next_does_not_fit():
     images = []
     for doc in range(num_docs):
         sample = next(reference)
-        expanded = expand_image_placeholders(sample.token_ids, image_token_id=IMG,
-                                             num_image_tokens=NUM_IMAGE_TOKENS)
-        assert seq.tokens[position:position + len(expanded)].tolist() == expanded
-        assert (seq.document_ids[position:position + len(expanded)] == doc).all()
+        expanded = expand_image_placeholders(
+            sample.token_ids, image_token_id=IMG, num_image_tokens=NUM_IMAGE_TOKENS
+        )
+        assert seq.tokens[position : position + len(expanded)].tolist() == expanded
+        assert (seq.document_ids[position : position + len(expanded)] == doc).all()
         position += len(expanded)
         images += sample.images
     assert position == seq.num_real_tokens and num_docs > 1
     next_sample = next(reference)
     assert position + len(next_sample.token_ids) + NUM_IMAGE_TOKENS - 1 > 256
     # Images are the samples' images, normalised per channel.
-    expected = (torch.stack(images) - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(
-        STD).view(3, 1, 1)
+    expected = (torch.stack(images) - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(
+        3, 1, 1
+    )
     assert torch.allclose(seq.images, expected)
 
 
@@ -135,8 +144,10 @@ def test_endless_skipping_raises():
 
 
 def test_mixed_sources_raise():
-    samples = [Sample("text", [BOS, WORD, EOS], []), Sample("caption", [BOS, IMG, EOS],
-                                                           [_image(0.5)])]
+    samples = [
+        Sample("text", [BOS, WORD, EOS], []),
+        Sample("caption", [BOS, IMG, EOS], [_image(0.5)]),
+    ]
     with pytest.raises(ValueError, match="one source"):
         _pack(iter(samples), seq_length=64)
 
@@ -144,22 +155,26 @@ def test_mixed_sources_raise():
 INTERLEAVED = [BOS, WORD, IMG, WORD, WORD, IMG, WORD, EOS]
 
 
-@pytest.mark.parametrize("seq_length, max_images, expected_ids, num_images", [
-    (64, 16, INTERLEAVED, 2),  # fits: one document, rest padding
-    (13, 16, INTERLEAVED[:7], 2),  # cut in text after the second image
-    (9, 16, INTERLEAVED[:5], 1),  # second image would be split: cut before it
-    (6, 16, INTERLEAVED[:2], 0),  # cut right after an image: the image goes too
-    (64, 1, INTERLEAVED[:5], 1),  # the image beyond max_images ends the document
-    (64, 0, INTERLEAVED[:2], 0),
-])
+@pytest.mark.parametrize(
+    "seq_length, max_images, expected_ids, num_images",
+    [
+        (64, 16, INTERLEAVED, 2),  # fits: one document, rest padding
+        (13, 16, INTERLEAVED[:7], 2),  # cut in text after the second image
+        (9, 16, INTERLEAVED[:5], 1),  # second image would be split: cut before it
+        (6, 16, INTERLEAVED[:2], 0),  # cut right after an image: the image goes too
+        (64, 1, INTERLEAVED[:5], 1),  # the image beyond max_images ends the document
+        (64, 0, INTERLEAVED[:2], 0),
+    ],
+)
 def test_interleaved_cut_rules(seq_length, max_images, expected_ids, num_images):
     sample = Sample("interleaved", INTERLEAVED, [_image(0.2), _image(0.7)])
     seq = _pack(iter([sample, sample]), seq_length, max_images)
-    expected = expand_image_placeholders(expected_ids, image_token_id=IMG,
-                                         num_image_tokens=NUM_IMAGE_TOKENS)
-    assert seq.tokens[:seq.num_real_tokens].tolist() == expected
+    expected = expand_image_placeholders(
+        expected_ids, image_token_id=IMG, num_image_tokens=NUM_IMAGE_TOKENS
+    )
+    assert seq.tokens[: seq.num_real_tokens].tolist() == expected
     assert seq.num_images == num_images
-    assert (seq.document_ids[:seq.num_real_tokens] == 0).all()
+    assert (seq.document_ids[: seq.num_real_tokens] == 0).all()
     if num_images:
         assert torch.allclose(seq.images[0, 0], torch.tensor((0.2 - MEAN[0]) / STD[0]))
 
@@ -170,5 +185,13 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError):
         _pack(_stream("text", 0), num_image_tokens=0)
     with pytest.raises(ValueError):
-        pack_sequence(_stream("text", 0), seq_length=8, num_image_tokens=1, max_images=1,
-                      tokenizer=TOK, image_size=SIZE, image_mean=[0.5], image_std=[0.5])
+        pack_sequence(
+            _stream("text", 0),
+            seq_length=8,
+            num_image_tokens=1,
+            max_images=1,
+            tokenizer=TOK,
+            image_size=SIZE,
+            image_mean=[0.5],
+            image_std=[0.5],
+        )

@@ -7,12 +7,22 @@ import tarfile
 
 import pytest
 
-from mm1_megatron.data.shards.records import (ImageRef, parse_segments, record_members,
-                                       tokenize_segments)
+from mm1_megatron.data.shards.reader import (
+    ShardReader,
+    check_plain_tar,
+    index_existing_shards,
+    load_manifest,
+    scan_shard,
+    split_member_name,
+    write_manifest,
+)
+from mm1_megatron.data.shards.records import (
+    ImageRef,
+    parse_segments,
+    record_members,
+    tokenize_segments,
+)
 from mm1_megatron.data.shards.skips import BadSample
-from mm1_megatron.data.shards.reader import (ShardReader, check_plain_tar, index_existing_shards,
-                                          load_manifest, scan_shard, split_member_name,
-                                          write_manifest)
 from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
 from tests.data.corpus_fixtures import write_tar
 
@@ -20,14 +30,20 @@ TOK = SyntheticTokenizer()
 
 
 def _parse(members):
-    return parse_segments({ext: len(data) for ext, data in members.items()},
-                          lambda ext: members[ext])
+    return parse_segments(
+        {ext: len(data) for ext, data in members.items()}, lambda ext: members[ext]
+    )
 
 
-@pytest.mark.parametrize("name, key, extension", [
-    ("000017.jpg", "000017", "jpg"), ("a/b/000017.0.JPG", "a/b/000017", "0.jpg"),
-    ("../up/x.txt", "../up/x", "txt"), ("noext", "noext", ""),
-])
+@pytest.mark.parametrize(
+    "name, key, extension",
+    [
+        ("000017.jpg", "000017", "jpg"),
+        ("a/b/000017.0.JPG", "a/b/000017", "0.jpg"),
+        ("../up/x.txt", "../up/x", "txt"),
+        ("noext", "noext", ""),
+    ],
+)
 def test_member_names_split_into_key_and_extension(name, key, extension):
     assert split_member_name(name) == (key, extension)
 
@@ -35,33 +51,44 @@ def test_member_names_split_into_key_and_extension(name, key, extension):
 def test_json_record_gives_segment_order():
     members = record_members(["first :", (b"IMG0", "png"), "then", (b"IMG1", "jpg"), "end"])
     assert set(members) == {"0.png", "1.jpg", "json"}
-    assert json.loads(members["json"]) == {"segments": [
-        {"text": "first :"}, {"image": "0.png"}, {"text": "then"}, {"image": "1.jpg"},
-        {"text": "end"}]}
+    assert json.loads(members["json"]) == {
+        "segments": [
+            {"text": "first :"},
+            {"image": "0.png"},
+            {"text": "then"},
+            {"image": "1.jpg"},
+            {"text": "end"},
+        ]
+    }
     assert _parse(members) == ["first :", ImageRef("0.png"), "then", ImageRef("1.jpg"), "end"]
 
 
 def test_txt_caption_pair_and_img2dataset_metadata():
-    pair = {"jpg": b"IMG", "txt": "a red circle".encode()}
+    pair = {"jpg": b"IMG", "txt": b"a red circle"}
     assert _parse(pair) == [ImageRef("jpg"), "a red circle"]
     with_metadata = {**pair, "json": json.dumps({"url": "http://x", "width": 3}).encode()}
     assert _parse(with_metadata) == [ImageRef("jpg"), "a red circle"]
 
 
-@pytest.mark.parametrize("members, reason", [
-    ({"json": json.dumps({"segments": [{"image": "0.jpg"}]}).encode()}, "missing_image"),
-    ({"0.jpg": b"", "json": json.dumps({"segments": [{"image": "0.jpg"}]}).encode()},
-     "empty_file"),
-    ({"jpg": b"IMG", "txt": b""}, "empty_file"),
-    ({"jpg": b"IMG", "txt": b"\xc3\x28"}, "bad_text"),
-    ({"json": b"{not json"}, "bad_text"),
-    ({"json": json.dumps({"segments": []}).encode()}, "bad_record"),
-    ({"json": json.dumps({"segments": [{"text": 3}]}).encode()}, "bad_record"),
-    ({"json": json.dumps(["a list"]).encode()}, "bad_record"),
-    ({"txt": b"caption without image"}, "missing_image"),
-    ({"jpg": b"A", "png": b"B", "txt": b"two images"}, "bad_record"),
-    ({"cls": b"3"}, "bad_record"),
-])
+@pytest.mark.parametrize(
+    "members, reason",
+    [
+        ({"json": json.dumps({"segments": [{"image": "0.jpg"}]}).encode()}, "missing_image"),
+        (
+            {"0.jpg": b"", "json": json.dumps({"segments": [{"image": "0.jpg"}]}).encode()},
+            "empty_file",
+        ),
+        ({"jpg": b"IMG", "txt": b""}, "empty_file"),
+        ({"jpg": b"IMG", "txt": b"\xc3\x28"}, "bad_text"),
+        ({"json": b"{not json"}, "bad_text"),
+        ({"json": json.dumps({"segments": []}).encode()}, "bad_record"),
+        ({"json": json.dumps({"segments": [{"text": 3}]}).encode()}, "bad_record"),
+        ({"json": json.dumps(["a list"]).encode()}, "bad_record"),
+        ({"txt": b"caption without image"}, "missing_image"),
+        ({"jpg": b"A", "png": b"B", "txt": b"two images"}, "bad_record"),
+        ({"cls": b"3"}, "bad_record"),
+    ],
+)
 def test_bad_samples_raise_with_their_reason(members, reason):
     with pytest.raises(BadSample) as info:
         _parse(members)
@@ -71,8 +98,13 @@ def test_bad_samples_raise_with_their_reason(members, reason):
 def test_tokenized_form_and_literal_special_tokens_in_text():
     segments = ["here is a picture :", ImageRef("0.jpg"), "it shows <image> <pad> a red circle"]
     tokenized = tokenize_segments(segments, TOK)
-    expected = ([TOK.bos_token_id] + TOK.encode("here is a picture :") + [TOK.image_token_id]
-                + TOK.encode("it shows a red circle") + [TOK.eos_token_id])
+    expected = (
+        [TOK.bos_token_id]
+        + TOK.encode("here is a picture :")
+        + [TOK.image_token_id]
+        + TOK.encode("it shows a red circle")
+        + [TOK.eos_token_id]
+    )
     assert tokenized.token_ids == expected
     assert tokenized.image_members == ["0.jpg"]
 
@@ -89,7 +121,7 @@ def test_scan_groups_members_and_reads_exact_bytes(tmp_path):
     index = scan_shard(tmp_path / "s.tar")
     assert [s.key for s in index.samples] == ["k0", "k1"] and not index.truncated
     reader = ShardReader()
-    for (key, members), sample in zip(samples, index.samples):
+    for (_, members), sample in zip(samples, index.samples):
         assert set(sample.members) == set(members)
         for ext, data in members.items():
             assert reader.read(str(tmp_path / "s.tar"), sample.members[ext]) == data

@@ -7,14 +7,14 @@ from collections import Counter
 import pytest
 import torch
 
-from mm1_megatron.config.schema import DataConfig, ShardsConfig
-from mm1_megatron.data.shards.ingest import coco_items, interleaved_items, jsonl_texts, load_url_map
-from mm1_megatron.data.build import build_data
-from mm1_megatron.data import BATCH_KEYS, SOURCE_IDS, collate
-from mm1_megatron.data.shards.writer import build_shards
-from mm1_megatron.data.shards.text_index import build_text_index
-from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
 from mm1_megatron.batch.contract import document_causal_mask
+from mm1_megatron.config.schema import DataConfig, ShardsConfig
+from mm1_megatron.data import BATCH_KEYS, SOURCE_IDS, collate
+from mm1_megatron.data.build import build_data
+from mm1_megatron.data.shards.ingest import coco_items, interleaved_items, jsonl_texts, load_url_map
+from mm1_megatron.data.shards.text_index import build_text_index
+from mm1_megatron.data.shards.writer import build_shards
+from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
 from tests.data.corpus_fixtures import make_coco, make_interleaved, make_text_jsonl
 
 TOK = SyntheticTokenizer()
@@ -28,33 +28,59 @@ NUM_CAPTIONS = 24  # a multiple of MAX_IMAGES: one epoch is 6 whole windows
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     captions, images = make_coco(root / "coco", NUM_CAPTIONS)
-    build_shards(coco_items(captions, images), root / "caption", kind="caption",
-                 samples_per_shard=5, input_id="t", progress=False)
+    build_shards(
+        coco_items(captions, images),
+        root / "caption",
+        kind="caption",
+        samples_per_shard=5,
+        input_id="t",
+        progress=False,
+    )
     jsonl, doc_images, tsv = make_interleaved(root / "docs", 6)
-    build_shards(interleaved_items([jsonl], doc_images, url_map=load_url_map(tsv)),
-                 root / "interleaved", kind="interleaved", samples_per_shard=4, input_id="t",
-                 progress=False)
+    build_shards(
+        interleaved_items([jsonl], doc_images, url_map=load_url_map(tsv)),
+        root / "interleaved",
+        kind="interleaved",
+        samples_per_shard=4,
+        input_id="t",
+        progress=False,
+    )
     text = make_text_jsonl(root / "text", 40)
-    build_text_index(jsonl_texts([text]), root / "text" / "corpus", TOK, docs_per_part=16,
-                     progress=False)
+    build_text_index(
+        jsonl_texts([text]), root / "text" / "corpus", TOK, docs_per_part=16, progress=False
+    )
     return {"root": root, "captions": captions, "text": text}
 
 
 def _config(corpus, **kwargs):
     root = corpus["root"]
-    shards = ShardsConfig(caption=[str(root / "caption")],
-                          interleaved=[str(root / "interleaved")],
-                          text=[str(root / "text" / "corpus")])
-    options = dict(source="webdataset", shards=shards, max_images_per_sequence=MAX_IMAGES,
-                   caption_window=MAX_IMAGES)
+    shards = ShardsConfig(
+        caption=[str(root / "caption")],
+        interleaved=[str(root / "interleaved")],
+        text=[str(root / "text" / "corpus")],
+    )
+    options = dict(
+        source="webdataset",
+        shards=shards,
+        max_images_per_sequence=MAX_IMAGES,
+        caption_window=MAX_IMAGES,
+    )
     return DataConfig(**{**options, **kwargs})
 
 
 def _loader(cfg, seed=0, dp_rank=0, dp_size=1, micro_batch_size=2, seq_length=SEQ):
-    loader, tokenizer = build_data(cfg, seq_length=seq_length, micro_batch_size=micro_batch_size,
-                                   num_image_tokens=NUM_IMAGE_TOKENS, image_size=SIZE,
-                                   image_mean=MEAN, image_std=STD, seed=seed, dp_rank=dp_rank,
-                                   dp_size=dp_size)
+    loader, tokenizer = build_data(
+        cfg,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        num_image_tokens=NUM_IMAGE_TOKENS,
+        image_size=SIZE,
+        image_mean=MEAN,
+        image_std=STD,
+        seed=seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
     assert tokenizer.vocab_size == TOK.vocab_size
     return loader
 
@@ -94,8 +120,9 @@ def test_every_sequence_follows_the_packing_contract(corpus):
         # Loss only where the next token is text of the same document.
         labels, loss = batch["labels"], batch["loss_mask"].bool()
         assert (labels[loss] != IMG).all() and (labels[loss] != PAD).all()
-        assert torch.equal(loss[:, :-1] & (docs[:, 1:] != docs[:, :-1]),
-                           torch.zeros_like(loss[:, :-1]))
+        assert torch.equal(
+            loss[:, :-1] & (docs[:, 1:] != docs[:, :-1]), torch.zeros_like(loss[:, :-1])
+        )
         assert torch.equal(labels[:, :-1], tokens[:, 1:])
 
 
@@ -108,22 +135,26 @@ def test_one_caption_epoch_packs_every_pair_exactly_once(corpus):
     packed = []
     for _ in range(NUM_CAPTIONS // MAX_IMAGES):
         batch = next(loader)
-        packed += _documents(batch["tokens"][0], batch["document_ids"][0],
-                             int(batch["num_real_tokens"][0]))
+        packed += _documents(
+            batch["tokens"][0], batch["document_ids"][0], int(batch["num_real_tokens"][0])
+        )
     data = json.loads(corpus["captions"].read_text())
     first = {}
     for a in sorted(data["annotations"], key=lambda a: a["id"]):
         first.setdefault(a["image_id"], a["caption"])
-    expected = [[TOK.bos_token_id] + [IMG] * NUM_IMAGE_TOKENS + TOK.encode(c) + [TOK.eos_token_id]
-                for c in first.values()]
+    expected = [
+        [TOK.bos_token_id] + [IMG] * NUM_IMAGE_TOKENS + TOK.encode(c) + [TOK.eos_token_id]
+        for c in first.values()
+    ]
     assert sorted(packed) == sorted(expected)
     assert loader.stats()["unused_samples"] == 0
 
 
 def test_interleaved_documents_are_cut_before_images_never_inside(corpus):
     seq = 48  # shorter than every document: each one is cut
-    loader = _loader(_config(corpus, mixture={"interleaved": 1}), seq_length=seq,
-                     micro_batch_size=1)
+    loader = _loader(
+        _config(corpus, mixture={"interleaved": 1}), seq_length=seq, micro_batch_size=1
+    )
     for _ in range(6):
         batch = next(loader)
         tokens, real = batch["tokens"][0], int(batch["num_real_tokens"][0])
@@ -233,9 +264,18 @@ def test_resume_with_another_seed_is_refused(corpus):
 def test_synthetic_source_behind_the_same_interface():
     """The loader shards the synthetic builder over ranks exactly as it shards shards."""
     cfg = DataConfig()
-    loader, _ = build_data(cfg, seq_length=SEQ, micro_batch_size=3, num_image_tokens=4,
-                           image_size=SIZE, image_mean=MEAN, image_std=STD, seed=7,
-                           dp_rank=1, dp_size=2)
+    loader, _ = build_data(
+        cfg,
+        seq_length=SEQ,
+        micro_batch_size=3,
+        num_image_tokens=4,
+        image_size=SIZE,
+        image_mean=MEAN,
+        image_std=STD,
+        seed=7,
+        dp_rank=1,
+        dp_size=2,
+    )
     for step in range(2):
         batch = next(loader)
         expected = [loader.builder.sequence((step * 3 + i) * 2 + 1)[0] for i in range(3)]

@@ -7,8 +7,15 @@ import pytest
 import torch
 
 from mm1_megatron.data.synthetic import world as synthetic
-from mm1_megatron.data.synthetic.world import (BACKGROUND_RGB, CELL_NAMES, COLOUR_RGB, Scene,
-                                         ShapeSpec, SyntheticGenerator, draw_scene)
+from mm1_megatron.data.synthetic.world import (
+    BACKGROUND_RGB,
+    CELL_NAMES,
+    COLOUR_RGB,
+    Scene,
+    ShapeSpec,
+    SyntheticGenerator,
+    draw_scene,
+)
 from mm1_megatron.data.tokenizers.base import SyntheticTokenizer, Tokenizer, build_vocabulary
 
 TOK = SyntheticTokenizer()
@@ -21,7 +28,11 @@ def _gen(image_size=28):
 
 def test_tokenizer_special_ids_and_fixed_order():
     assert (TOK.pad_token_id, TOK.bos_token_id, TOK.eos_token_id, TOK.image_token_id) == (
-        0, 1, 2, 3)
+        0,
+        1,
+        2,
+        3,
+    )
     assert TOK.vocabulary[4] == "red"
     assert build_vocabulary() == SyntheticTokenizer().vocabulary
     assert TOK.vocab_size == len(set(TOK.vocabulary))
@@ -36,12 +47,14 @@ def test_tokenizer_round_trip():
     assert TOK.encode(TOK.decode(ids)) == ids
     # Punctuation splits off words; special tokens are recognised.
     assert TOK.encode("<bos> here is a picture: <image>.") == TOK.encode(
-        "<bos> here is a picture : <image> .")
+        "<bos> here is a picture : <image> ."
+    )
     assert TOK.encode("<image>") == [TOK.image_token_id]
 
 
-@pytest.mark.parametrize("text, bad", [("a red elephant", "elephant"), ("Red", "Red"),
-                                       ("is it ?", "?")])
+@pytest.mark.parametrize(
+    "text, bad", [("a red elephant", "elephant"), ("Red", "Red"), ("is it ?", "?")]
+)
 def test_tokenizer_unknown_word_raises(text, bad):
     with pytest.raises(ValueError, match=repr(bad)):
         TOK.encode(text)
@@ -85,7 +98,7 @@ def _parse_shapes(words):
     for i, word in enumerate(words):
         if word in COLOUR_RGB:
             j = i + 4  # colour shape at the <position words>
-            assert words[i + 2:j] == ["at", "the"]
+            assert words[i + 2 : j] == ["at", "the"]
             end = j
             while words[end] not in (",", "and", ".", ":"):
                 end += 1
@@ -133,18 +146,26 @@ def test_caption_matches_pixels(image_size):
 def test_shape_areas_match_geometry():
     image_size, radius = 378, 0.33
     cell_px = image_size / 3
-    expected = {"circle": math.pi * radius ** 2, "square": (1.7 * radius) ** 2,
-                "triangle": 2 * radius ** 2}
+    expected = {
+        "circle": math.pi * radius**2,
+        "square": (1.7 * radius) ** 2,
+        "triangle": 2 * radius**2,
+    }
     for shape, area_cells in expected.items():
         scene = Scene("black", (ShapeSpec("red", shape, cell=4, radius=radius),))
         image = draw_scene(scene, image_size)
         area_px = int((image[0] == 1.0).sum())
-        assert area_px == pytest.approx(area_cells * cell_px ** 2, rel=0.03), shape
+        assert area_px == pytest.approx(area_cells * cell_px**2, rel=0.03), shape
 
 
 def test_tiny_image_keeps_every_shape_visible():
-    scene = Scene("white", tuple(ShapeSpec(c, "triangle", cell=i, radius=0.28)
-                                 for i, c in enumerate(["red", "blue", "green"])))
+    scene = Scene(
+        "white",
+        tuple(
+            ShapeSpec(c, "triangle", cell=i, radius=0.28)
+            for i, c in enumerate(["red", "blue", "green"])
+        ),
+    )
     image = draw_scene(scene, 12)
     pixels = image.numpy().reshape(3, -1).T
     for colour in ["red", "blue", "green"]:
@@ -167,10 +188,10 @@ def test_interleaved_text_describes_each_image():
         for i, image in enumerate(sample.images):
             before, after = segments[i], segments[i + 1]
             if after.startswith("it shows"):  # described after the image
-                described = after[:after.index(" .") + 2]
+                described = after[: after.index(" .") + 2]
             else:  # described before: "the <ordinal> picture shows ... :"
                 assert before.endswith(":")
-                described = before[before.rindex("the " + synthetic.vocab.ORDINAL_WORDS[i]):]
+                described = before[before.rindex("the " + synthetic.vocab.ORDINAL_WORDS[i]) :]
             _assert_image_shows(image, _parse_shapes(described.split()), 28)
 
 
@@ -186,6 +207,6 @@ def test_text_sentences_are_consistent():
                 a, b, c = (numbers.index(words[k]) + 1 for k in (i - 1, i + 1, i + 3))
                 assert a + b == c
             if word == "count":
-                run = words[i + 2:words.index(".", i)]
+                run = words[i + 2 : words.index(".", i)]
                 idx = [numbers.index(w) for w in run]
                 assert idx == list(range(idx[0], idx[0] + len(idx)))

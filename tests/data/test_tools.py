@@ -5,12 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from mm1_megatron.data.shards.ingest import (coco_items, interleaved_items, jsonl_texts,
-                                          llava_items, load_url_map)
-from mm1_megatron.data.shards.records import ImageRef, parse_segments
-from mm1_megatron.data.shards.writer import build_shards
+from mm1_megatron.data.shards.ingest import (
+    coco_items,
+    interleaved_items,
+    jsonl_texts,
+    llava_items,
+    load_url_map,
+)
 from mm1_megatron.data.shards.reader import ShardReader, load_manifest
+from mm1_megatron.data.shards.records import ImageRef, parse_segments
 from mm1_megatron.data.shards.text_index import build_text_index
+from mm1_megatron.data.shards.writer import build_shards
 from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
 from tests.data.corpus_fixtures import make_coco, make_interleaved, make_llava, make_text_jsonl
 
@@ -25,23 +30,36 @@ def read_corpus(manifest_dir):
         assert len(index.samples) == size
         for sample in index.samples:
             members = sample.members
-            segments = parse_segments({e: s for e, (_, s) in members.items()},
-                                      lambda e: reader.read(path, members[e]))
-            samples.append([reader.read(path, members[s.extension]) if isinstance(s, ImageRef)
-                            else s for s in segments])
+            segments = parse_segments(
+                {e: s for e, (_, s) in members.items()},
+                lambda e, path=path, members=members: reader.read(path, members[e]),
+            )
+            samples.append(
+                [
+                    reader.read(path, members[s.extension]) if isinstance(s, ImageRef) else s
+                    for s in segments
+                ]
+            )
     return samples
 
 
 def test_coco_first_caption_per_image(tmp_path):
     captions, images = make_coco(tmp_path / "in", 7)
-    counts = build_shards(coco_items(captions, images), tmp_path / "out", kind="caption",
-                          samples_per_shard=3, input_id="t", progress=False)
+    counts = build_shards(
+        coco_items(captions, images),
+        tmp_path / "out",
+        kind="caption",
+        samples_per_shard=3,
+        input_id="t",
+        progress=False,
+    )
     assert counts == {"written": 7, "shards": 3}
     data = json.loads(captions.read_text())
     expected = []
     for image in sorted(data["images"], key=lambda i: i["id"]):
-        first = min((a for a in data["annotations"] if a["image_id"] == image["id"]),
-                    key=lambda a: a["id"])
+        first = min(
+            (a for a in data["annotations"] if a["image_id"] == image["id"]), key=lambda a: a["id"]
+        )
         expected.append([(images / image["file_name"]).read_bytes(), first["caption"]])
     assert read_corpus(tmp_path / "out") == expected
 
@@ -49,19 +67,32 @@ def test_coco_first_caption_per_image(tmp_path):
 def test_coco_all_captions_and_missing_images(tmp_path):
     captions, images = make_coco(tmp_path / "in", 4)
     next(images.glob("*.png")).unlink()
-    counts = build_shards(coco_items(captions, images, all_captions=True), tmp_path / "out",
-                          kind="caption", samples_per_shard=10, input_id="t", progress=False)
+    counts = build_shards(
+        coco_items(captions, images, all_captions=True),
+        tmp_path / "out",
+        kind="caption",
+        samples_per_shard=10,
+        input_id="t",
+        progress=False,
+    )
     assert counts == {"written": 6, "missing_image": 2, "shards": 1}
     assert all(len(sample) == 2 for sample in read_corpus(tmp_path / "out"))
 
 
 def test_llava_caption_is_the_first_gpt_turn(tmp_path):
     json_path, images = make_llava(tmp_path / "in", 5)
-    build_shards(llava_items(json_path, images), tmp_path / "out", kind="caption",
-                 samples_per_shard=2, input_id="t", progress=False)
+    build_shards(
+        llava_items(json_path, images),
+        tmp_path / "out",
+        kind="caption",
+        samples_per_shard=2,
+        input_id="t",
+        progress=False,
+    )
     entries = json.loads(json_path.read_text())
     assert read_corpus(tmp_path / "out") == [
-        [(images / e["image"]).read_bytes(), e["conversations"][1]["value"]] for e in entries]
+        [(images / e["image"]).read_bytes(), e["conversations"][1]["value"]] for e in entries
+    ]
 
 
 @pytest.mark.parametrize("obelics_style", [False, True])
@@ -69,21 +100,45 @@ def test_interleaved_documents_keep_order_and_resolve_urls(tmp_path, obelics_sty
     jsonl, images, tsv = make_interleaved(tmp_path / "in", 4)
     if obelics_style:  # the same documents as parallel texts/images lists
         docs = [json.loads(line) for line in jsonl.read_text().splitlines()]
-        jsonl.write_text("".join(json.dumps({
-            "texts": [s.get("text") for s in d["segments"]],
-            "images": [s.get("image") for s in d["segments"]]}) + "\n" for d in docs))
-    build_shards(interleaved_items([jsonl], images, url_map=load_url_map(tsv)),
-                 tmp_path / "out", kind="interleaved", samples_per_shard=3, input_id="t",
-                 progress=False)
+        jsonl.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "texts": [s.get("text") for s in d["segments"]],
+                        "images": [s.get("image") for s in d["segments"]],
+                    }
+                )
+                + "\n"
+                for d in docs
+            )
+        )
+    build_shards(
+        interleaved_items([jsonl], images, url_map=load_url_map(tsv)),
+        tmp_path / "out",
+        kind="interleaved",
+        samples_per_shard=3,
+        input_id="t",
+        progress=False,
+    )
     urls = load_url_map(tsv)
     expected = []
     for line in jsonl.read_text().splitlines():
         doc = json.loads(line)
-        pairs = (doc["segments"] if "segments" in doc else
-                 [{"image": i} if i else {"text": t} for t, i in zip(doc["texts"], doc["images"])])
-        expected.append([s["text"] if "text" in s else
-                         (urls[s["image"]] if s["image"].startswith("http") else
-                          images / s["image"]).read_bytes() for s in pairs])
+        pairs = (
+            doc["segments"]
+            if "segments" in doc
+            else [{"image": i} if i else {"text": t} for t, i in zip(doc["texts"], doc["images"])]
+        )
+        expected.append(
+            [
+                s["text"]
+                if "text" in s
+                else (
+                    urls[s["image"]] if s["image"].startswith("http") else images / s["image"]
+                ).read_bytes()
+                for s in pairs
+            ]
+        )
     assert read_corpus(tmp_path / "out") == expected
 
 
@@ -103,8 +158,9 @@ def test_interrupted_shard_build_resumes_to_identical_shards(tmp_path):
     options = dict(kind="caption", samples_per_shard=3, input_id="t", progress=False)
     build_shards(coco_items(captions, images), tmp_path / "straight", **options)
     with pytest.raises(_Interrupted):
-        build_shards(_interrupt_after(coco_items(captions, images), 8), tmp_path / "resumed",
-                     **options)
+        build_shards(
+            _interrupt_after(coco_items(captions, images), 8), tmp_path / "resumed", **options
+        )
     assert len(load_manifest(tmp_path / "resumed").shard_paths) == 2  # 6 items, 2 shards done
     assert list((tmp_path / "resumed").glob("*.partial"))  # the unfinished third shard
     counts = build_shards(coco_items(captions, images), tmp_path / "resumed", **options)
@@ -115,8 +171,9 @@ def test_interrupted_shard_build_resumes_to_identical_shards(tmp_path):
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(straight, resumed))
     assert not list((tmp_path / "resumed").glob("*.partial"))
     with pytest.raises(ValueError, match="other inputs"):
-        build_shards(coco_items(captions, images), tmp_path / "resumed",
-                     **{**options, "input_id": "other"})
+        build_shards(
+            coco_items(captions, images), tmp_path / "resumed", **{**options, "input_id": "other"}
+        )
 
 
 def _read_index(prefix):
@@ -130,13 +187,19 @@ def test_text_index_holds_bos_text_eos_and_resumes(tmp_path):
     jsonl = make_text_jsonl(tmp_path, 23)
     texts = [json.loads(line)["text"] for line in jsonl.read_text().splitlines()]
     expected = [[TOK.bos_token_id, *TOK.encode(t), TOK.eos_token_id] for t in texts]
-    counts = build_text_index(jsonl_texts([jsonl]), tmp_path / "a", TOK, docs_per_part=5,
-                              progress=False)
+    counts = build_text_index(
+        jsonl_texts([jsonl]), tmp_path / "a", TOK, docs_per_part=5, progress=False
+    )
     assert counts["documents"] == 23 and counts["tokens"] == sum(map(len, expected))
     assert _read_index(tmp_path / "a") == expected
     with pytest.raises(_Interrupted):
-        build_text_index(_interrupt_after(jsonl_texts([jsonl]), 12), tmp_path / "b", TOK,
-                         docs_per_part=5, progress=False)
+        build_text_index(
+            _interrupt_after(jsonl_texts([jsonl]), 12),
+            tmp_path / "b",
+            TOK,
+            docs_per_part=5,
+            progress=False,
+        )
     assert len(list(Path(f"{tmp_path / 'b'}.parts").glob("part-*.idx"))) == 2
     encoded = []
 
@@ -145,16 +208,19 @@ def test_text_index_holds_bos_text_eos_and_resumes(tmp_path):
             encoded.append(text)
             return super().encode(text)
 
-    build_text_index(jsonl_texts([jsonl]), tmp_path / "b", Counting(), docs_per_part=5,
-                     progress=False)
+    build_text_index(
+        jsonl_texts([jsonl]), tmp_path / "b", Counting(), docs_per_part=5, progress=False
+    )
     assert encoded == texts[10:]  # the two finished parts were not tokenized again
     assert _read_index(tmp_path / "b") == expected
 
 
 def test_jsonl_texts_skips_undecodable_lines(tmp_path):
     path = tmp_path / "t.jsonl"
-    path.write_bytes(b'{"text": "one"}\n\xff\xfe\n{"text": "two"}\n[1]\n{"segments": '
-                     b'[{"text": "a"}, {"image": "x"}, {"text": "b"}]}\n')
+    path.write_bytes(
+        b'{"text": "one"}\n\xff\xfe\n{"text": "two"}\n[1]\n{"segments": '
+        b'[{"text": "a"}, {"image": "x"}, {"text": "b"}]}\n'
+    )
     from collections import Counter
 
     counts = Counter()

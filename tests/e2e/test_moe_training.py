@@ -16,8 +16,13 @@ def _metrics(output_dir):
 
 def test_moe_aux_losses_are_logged_and_affect_training(tmp_path):
     with_aux = _train(tmp_path / "aux", "training.train_steps=3", *MOE)
-    without_aux = _train(tmp_path / "no_aux", "training.train_steps=3", *MOE,
-                         "model.llm.moe.aux_loss_coeff=0", "model.llm.moe.z_loss_coeff=0")
+    without_aux = _train(
+        tmp_path / "no_aux",
+        "training.train_steps=3",
+        *MOE,
+        "model.llm.moe.aux_loss_coeff=0",
+        "model.llm.moe.z_loss_coeff=0",
+    )
     assert with_aux.returncode == 0, with_aux.stderr[-3000:]
     assert without_aux.returncode == 0, without_aux.stderr[-3000:]
     steps = _metrics(tmp_path / "aux")

@@ -30,8 +30,12 @@ def _scalars(output_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def debug_run(tmp_path_factory):
     output_dir = tmp_path_factory.mktemp("debug_run")
-    result = _train(output_dir, f"training.train_steps={NUM_STEPS}", "logging.log_interval=20",
-                    "logging.peak_flops_per_device=1e11")
+    result = _train(
+        output_dir,
+        f"training.train_steps={NUM_STEPS}",
+        "logging.log_interval=20",
+        "logging.peak_flops_per_device=1e11",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return output_dir, result
 
@@ -60,8 +64,18 @@ def test_the_run_matches_the_golden_values(debug_run):
 def test_tensorboard_has_every_scalar(debug_run):
     output_dir, _ = debug_run
     scalars = _scalars(output_dir)
-    for tag in ("loss", "loss/caption", "loss/interleaved", "loss/text", "lr", "grad_norm",
-                "tokens_per_s", "images_per_s", "mfu", "tflops_per_s_per_device"):
+    for tag in (
+        "loss",
+        "loss/caption",
+        "loss/interleaved",
+        "loss/text",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "images_per_s",
+        "mfu",
+        "tflops_per_s_per_device",
+    ):
         assert tag in scalars and len(scalars[tag]) > 0, f"missing scalar {tag}"
     assert all(0 < value < 1 for value in scalars["mfu"])
     assert max(scalars["images_per_s"]) > 0
@@ -75,7 +89,10 @@ def test_resolved_config_is_saved(debug_run):
     assert saved["training"]["train_steps"] == NUM_STEPS
     resolved = load_config(output_dir / "config.yaml")
     assert resolved.logging.output_dir == str(output_dir)
-    assert resolved.model.llm.num_layers == load_config(REPO / "configs/debug.yaml").model.llm.num_layers
+    assert (
+        resolved.model.llm.num_layers
+        == load_config(REPO / "configs/debug.yaml").model.llm.num_layers
+    )
 
 
 def test_progress_is_shown(debug_run):
@@ -93,10 +110,16 @@ def test_bad_config_fails_fast_with_the_field_named(tmp_path):
 
 def test_stacked_configs_and_overrides_reach_the_run(tmp_path):
     overlay = tmp_path / "overlay.yaml"
-    overlay.write_text("training:\n  train_steps: 2\n  global_batch_size: 4\n"
-                       "logging:\n  log_interval: 1\n")
-    result = run_train("--config", str(overlay), f"logging.output_dir={tmp_path / 'run'}",
-                       "training.micro_batch_size=2", "logging.tensorboard=false")
+    overlay.write_text(
+        "training:\n  train_steps: 2\n  global_batch_size: 4\nlogging:\n  log_interval: 1\n"
+    )
+    result = run_train(
+        "--config",
+        str(overlay),
+        f"logging.output_dir={tmp_path / 'run'}",
+        "training.micro_batch_size=2",
+        "logging.tensorboard=false",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["training"]["train_steps"] == 2 and saved["training"]["global_batch_size"] == 4

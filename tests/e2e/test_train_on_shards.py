@@ -15,8 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.data.corpus_fixtures import (make_coco, make_interleaved, make_llava,
-                                        make_text_jsonl, write_bad_caption_corpus)
+from tests.data.corpus_fixtures import (
+    make_coco,
+    make_interleaved,
+    make_llava,
+    make_text_jsonl,
+    write_bad_caption_corpus,
+)
 from tests.launch import clean_env, run_train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,9 +33,18 @@ def _env():
 
 
 def _tool(*args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *map(str, args), *(["--no-progress"] if
-                             args[0] != "tools/train_tokenizer.py" else [])], cwd=REPO,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            *map(str, args),
+            *(["--no-progress"] if args[0] != "tools/train_tokenizer.py" else []),
+        ],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait(*processes):
@@ -47,29 +61,91 @@ def built(tmp_path_factory):
     jsonl, doc_images, urls = make_interleaved(root / "docs", 8)
     text = make_text_jsonl(root / "text", 120)
     out = root / "built"
-    _wait(_tool("tools/build_shards.py", "coco", "--captions", captions, "--images", coco_images,
-                "--out", out / "coco", "--samples-per-shard", 10),
-          _tool("tools/build_shards.py", "llava", "--json", llava, "--images", llava_images,
-                "--out", out / "llava", "--samples-per-shard", 4),
-          _tool("tools/build_shards.py", "interleaved", "--jsonl", jsonl, "--images", doc_images,
-                "--url-map", urls, "--out", out / "docs", "--samples-per-shard", 3),
-          _tool("tools/train_tokenizer.py", "--input", text, jsonl, "--vocab-size", 200,
-                "--out", out / "tok" / "sp"))
-    _wait(_tool("tools/build_text_index.py", "--input", text, "--tokenizer", "sentencepiece",
-                "--tokenizer-path", out / "tok" / "sp.model", "--out", out / "text" / "corpus"))
+    _wait(
+        _tool(
+            "tools/build_shards.py",
+            "coco",
+            "--captions",
+            captions,
+            "--images",
+            coco_images,
+            "--out",
+            out / "coco",
+            "--samples-per-shard",
+            10,
+        ),
+        _tool(
+            "tools/build_shards.py",
+            "llava",
+            "--json",
+            llava,
+            "--images",
+            llava_images,
+            "--out",
+            out / "llava",
+            "--samples-per-shard",
+            4,
+        ),
+        _tool(
+            "tools/build_shards.py",
+            "interleaved",
+            "--jsonl",
+            jsonl,
+            "--images",
+            doc_images,
+            "--url-map",
+            urls,
+            "--out",
+            out / "docs",
+            "--samples-per-shard",
+            3,
+        ),
+        _tool(
+            "tools/train_tokenizer.py",
+            "--input",
+            text,
+            jsonl,
+            "--vocab-size",
+            200,
+            "--out",
+            out / "tok" / "sp",
+        ),
+    )
+    _wait(
+        _tool(
+            "tools/build_text_index.py",
+            "--input",
+            text,
+            "--tokenizer",
+            "sentencepiece",
+            "--tokenizer-path",
+            out / "tok" / "sp.model",
+            "--out",
+            out / "text" / "corpus",
+        )
+    )
     return out
 
 
 def _data_overrides(out: Path):
-    return ["data.source=webdataset", f"data.shards.caption=[{out / 'coco'}, {out / 'llava'}]",
-            f"data.shards.interleaved=[{out / 'docs'}]",
-            f"data.shards.text=[{out / 'text' / 'corpus'}]", "data.tokenizer.kind=sentencepiece",
-            f"data.tokenizer.path={out / 'tok' / 'sp.model'}"]
+    return [
+        "data.source=webdataset",
+        f"data.shards.caption=[{out / 'coco'}, {out / 'llava'}]",
+        f"data.shards.interleaved=[{out / 'docs'}]",
+        f"data.shards.text=[{out / 'text' / 'corpus'}]",
+        "data.tokenizer.kind=sentencepiece",
+        f"data.tokenizer.path={out / 'tok' / 'sp.model'}",
+    ]
 
 
 def _train(output_dir: Path, *overrides, nproc: int = 1) -> subprocess.CompletedProcess:
-    return run_train(f"logging.output_dir={output_dir}", f"training.train_steps={NUM_STEPS}",
-                     "logging.log_interval=1", *overrides, nproc=nproc)
+    return run_train(
+        f"logging.output_dir={output_dir}",
+        f"training.train_steps={NUM_STEPS}",
+        "logging.log_interval=1",
+        *overrides,
+        nproc=nproc,
+    )
 
 
 def _metrics(output_dir: Path):
@@ -86,17 +162,29 @@ def test_debug_model_trains_on_tool_built_corpora(built, tmp_path):
 
 def test_mm1_sized_sequences_from_tool_built_corpora(built):
     """MM1's limits (4096 tokens, 16 images of 144 tokens) on the same corpora."""
+    from mm1_megatron.batch.contract import document_causal_mask
     from mm1_megatron.config.schema import DataConfig, ShardsConfig, TokenizerConfig
     from mm1_megatron.data.build import build_data
-    from mm1_megatron.batch.contract import document_causal_mask
 
-    shards = ShardsConfig(caption=[str(built / "coco"), str(built / "llava")],
-                          interleaved=[str(built / "docs")], text=[str(built / "text" / "corpus")])
+    shards = ShardsConfig(
+        caption=[str(built / "coco"), str(built / "llava")],
+        interleaved=[str(built / "docs")],
+        text=[str(built / "text" / "corpus")],
+    )
     tokenizer = TokenizerConfig(kind="sentencepiece", path=str(built / "tok" / "sp.model"))
     cfg = DataConfig(source="webdataset", shards=shards, tokenizer=tokenizer)
-    loader, tok = build_data(cfg, seq_length=4096, micro_batch_size=1, num_image_tokens=144,
-                             image_size=28, image_mean=[0.5] * 3, image_std=[0.25] * 3, seed=0,
-                             dp_rank=0, dp_size=1)
+    loader, tok = build_data(
+        cfg,
+        seq_length=4096,
+        micro_batch_size=1,
+        num_image_tokens=144,
+        image_size=28,
+        image_mean=[0.5] * 3,
+        image_std=[0.25] * 3,
+        seed=0,
+        dp_rank=0,
+        dp_size=1,
+    )
     sources = [loader.builder.source_of(g) for g in range(2000)]
     for name, share in {"caption": 0.45, "interleaved": 0.45, "text": 0.10}.items():
         assert abs(sources.count(name) / 2000 - share) < 0.01, name  # exact per 1000
@@ -112,15 +200,22 @@ def test_mm1_sized_sequences_from_tool_built_corpora(built):
         targets = batch["labels"][0][batch["loss_mask"][0].bool()]
         assert not ((targets == tok.image_token_id) | (targets == tok.pad_token_id)).any()
         seen.add(sources[step])
-        assert int(batch["source_ids"][0]) == {"caption": 0, "interleaved": 1, "text": 2}[
-            sources[step]]
+        assert (
+            int(batch["source_ids"][0])
+            == {"caption": 0, "interleaved": 1, "text": 2}[sources[step]]
+        )
     assert seen == {"caption", "interleaved", "text"}
 
 
 def test_bad_samples_are_skipped_and_two_dp_ranks_keep_training(tmp_path):
     manifest, expected = write_bad_caption_corpus(tmp_path / "bad")
-    result = _train(tmp_path / "run", "data.source=webdataset", "data.mixture={caption: 1.0}",
-                    f"data.shards.caption=[{manifest}]", nproc=2)
+    result = _train(
+        tmp_path / "run",
+        "data.source=webdataset",
+        "data.mixture={caption: 1.0}",
+        f"data.shards.caption=[{manifest}]",
+        nproc=2,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert len(_metrics(tmp_path / "run")) == NUM_STEPS
     skipped = [line for line in result.stderr.splitlines() if "skipping sample" in line]

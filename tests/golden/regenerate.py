@@ -16,14 +16,18 @@ def main() -> int:
     import megatron.core
     import torch
 
-    golden = {"command": "python -m tests.golden.regenerate",
-              "recorded_with": f"torch {torch.__version__}, megatron-core "
-                               f"{megatron.core.__version__}, Python {sys.version.split()[0]}",
-              "runs": {}}
+    golden = {
+        "command": "python -m tests.golden.regenerate",
+        "recorded_with": f"torch {torch.__version__}, megatron-core "
+        f"{megatron.core.__version__}, Python {sys.version.split()[0]}",
+        "runs": {},
+    }
     for name in RUNS:
         rows = run_config(name)
-        golden["runs"][name] = {"loss": [row["loss"] for row in rows],
-                                "grad_norm": [row["grad_norm"] for row in rows]}
+        golden["runs"][name] = {
+            "loss": [row["loss"] for row in rows],
+            "grad_norm": [row["grad_norm"] for row in rows],
+        }
         print(f"{name}: loss {rows[0]['loss']:.6f} -> {rows[-1]['loss']:.6f}")
     GOLDEN_FILE.write_text(json.dumps(golden, indent=1) + "\n")
     print(f"wrote {GOLDEN_FILE}")

@@ -26,9 +26,15 @@ RUNS: Dict[str, tuple] = {
 def run_config(name: str) -> List[dict]:
     processes, overrides = RUNS[name]
     with tempfile.TemporaryDirectory(prefix=f"golden_{name}_") as output:
-        result = run_train(f"training.train_steps={NUM_STEPS}", "training.precision=fp32",
-                           "logging.tensorboard=false", f"logging.output_dir={output}",
-                           *overrides, nproc=processes, timeout=900)
+        result = run_train(
+            f"training.train_steps={NUM_STEPS}",
+            "training.precision=fp32",
+            "logging.tensorboard=false",
+            f"logging.output_dir={output}",
+            *overrides,
+            nproc=processes,
+            timeout=900,
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{name} run failed: {result.stderr[-3000:]}")
         lines = (Path(output) / "metrics.jsonl").read_text().splitlines()

@@ -33,15 +33,24 @@ def main(spec_path: str, out_dir: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     out = Path(out_dir)
     for name, overrides in spec["layouts"].items():
-        cfg = validate_config(load_config(
-            REPO / "configs/debug.yaml",
-            [f"training.train_steps={spec['steps']}", f"logging.output_dir={out / name}",
-             "logging.tensorboard=false", *overrides]))
+        cfg = validate_config(
+            load_config(
+                REPO / "configs/debug.yaml",
+                [
+                    f"training.train_steps={spec['steps']}",
+                    f"logging.output_dir={out / name}",
+                    "logging.tensorboard=false",
+                    *overrides,
+                ],
+            )
+        )
         trainer = Trainer(cfg)
         history = trainer.train()
         if trainer.is_logging_rank:
-            record = [{"loss": h["loss"], "grad_norm": h["grad_norm"],
-                       "num_images": h["num_images"]} for h in history]
+            record = [
+                {"loss": h["loss"], "grad_norm": h["grad_norm"], "num_images": h["num_images"]}
+                for h in history
+            ]
             (out / f"{name}.json").write_text(json.dumps(record))
         del trainer
         parallel_state.destroy_model_parallel()

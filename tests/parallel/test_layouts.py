@@ -30,8 +30,12 @@ WORKER = Path(__file__).with_name("layout_worker.py")
 NUM_STEPS = 3
 RELATIVE_TOLERANCE = 1e-5
 
-MOE = ["model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=2",
-       "model.llm.moe.aux_loss_coeff=0", "model.llm.moe.z_loss_coeff=0"]
+MOE = [
+    "model.llm.moe.num_experts=4",
+    "model.llm.moe.layer_frequency=2",
+    "model.llm.moe.aux_loss_coeff=0",
+    "model.llm.moe.z_loss_coeff=0",
+]
 TEXT_ONLY = ["data.mixture={text: 1.0}"]
 TP2 = ["parallel.tensor_parallel_size=2"]
 SP = ["parallel.sequence_parallel=true"]
@@ -45,10 +49,19 @@ LAYOUTS = {
     "tp2_sp": (2, "dense", TP2 + SP),
     "pp2_vision_stage": (2, "dense", PP2),
     "pp2_one_layer_on_vision_stage": (
-        2, "dense", PP2 + ["parallel.num_decoder_layers_on_vision_stage=1"]),
+        2,
+        "dense",
+        PP2 + ["parallel.num_decoder_layers_on_vision_stage=1"],
+    ),
     "pp2_pinned_first_and_last_stage": (
-        2, "dense", PP2 + ["parallel.num_decoder_layers_on_vision_stage=1",
-                           "parallel.num_decoder_layers_on_last_stage=3"]),
+        2,
+        "dense",
+        PP2
+        + [
+            "parallel.num_decoder_layers_on_vision_stage=1",
+            "parallel.num_decoder_layers_on_last_stage=3",
+        ],
+    ),
     "ep2": (2, "moe", MOE + ["parallel.expert_parallel_size=2"]),
     "dp2_distopt_accumulation": (2, "dense", ["training.micro_batch_size=2"]),
     "tp2_recompute_full": (2, "dense", TP2 + ["parallel.recompute=full"]),
@@ -58,8 +71,7 @@ LAYOUTS = {
 }
 
 
-def _run_worker(world_size: int, layouts: dict, out_dir: Path, *,
-                steps: int = NUM_STEPS) -> None:
+def _run_worker(world_size: int, layouts: dict, out_dir: Path, *, steps: int = NUM_STEPS) -> None:
     spec = out_dir / f"spec_{world_size}_{'_'.join(sorted(layouts))[:80]}.json"
     spec.write_text(json.dumps({"steps": steps, "layouts": layouts}))
     result = run([*launcher(world_size), str(WORKER), str(spec), str(out_dir)], timeout=900)
@@ -79,8 +91,9 @@ def results(tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("layouts")
     _run_worker(1, _with_text_variants(REFERENCES), out_dir)
     for world_size in (2, 4):
-        layouts = {name: overrides for name, (size, _, overrides) in LAYOUTS.items()
-                   if size == world_size}
+        layouts = {
+            name: overrides for name, (size, _, overrides) in LAYOUTS.items() if size == world_size
+        }
         _run_worker(world_size, _with_text_variants(layouts), out_dir)
     return out_dir
 
@@ -99,8 +112,9 @@ def test_layout_matches_single_process(results, layout, text_only):
     assert len(sharded) == len(reference) == NUM_STEPS
     for step, (ref, got) in enumerate(zip(reference, sharded), start=1):
         assert got["loss"] == pytest.approx(ref["loss"], rel=RELATIVE_TOLERANCE), f"step {step}"
-        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RELATIVE_TOLERANCE), \
+        assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=RELATIVE_TOLERANCE), (
             f"step {step}"
+        )
     assert sharded[-1]["loss"] < sharded[0]["loss"], "loss did not go down"
     if text_only:
         assert all(step["num_images"] == 0 for step in sharded)

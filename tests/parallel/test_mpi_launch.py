@@ -13,8 +13,15 @@ import pytest
 from tests.launch import clean_env, launcher, run
 
 REPO = Path(__file__).resolve().parents[2]
-ARGS = ["-m", "mm1_megatron.train", "--config", "configs/debug.yaml", "training.train_steps=3",
-        "parallel.tensor_parallel_size=2", "logging.tensorboard=false"]
+ARGS = [
+    "-m",
+    "mm1_megatron.train",
+    "--config",
+    "configs/debug.yaml",
+    "training.train_steps=3",
+    "parallel.tensor_parallel_size=2",
+    "logging.tensorboard=false",
+]
 
 
 def _clean_env() -> dict:
@@ -35,12 +42,27 @@ def _losses(output_dir: Path) -> list:
 
 
 def test_mpiexec_matches_torchrun(tmp_path):
-    torchrun = run([*launcher(2), *ARGS, f"logging.output_dir={tmp_path / 'torchrun'}"],
-                   env=_clean_env())
+    torchrun = run(
+        [*launcher(2), *ARGS, f"logging.output_dir={tmp_path / 'torchrun'}"], env=_clean_env()
+    )
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     mpi = subprocess.run(
-        [_mpiexec(), "--allow-run-as-root", "--oversubscribe", "-n", "2", sys.executable,
-         *ARGS, "parallel.launcher=mpi", f"logging.output_dir={tmp_path / 'mpi'}"],
-        cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=600)
+        [
+            _mpiexec(),
+            "--allow-run-as-root",
+            "--oversubscribe",
+            "-n",
+            "2",
+            sys.executable,
+            *ARGS,
+            "parallel.launcher=mpi",
+            f"logging.output_dir={tmp_path / 'mpi'}",
+        ],
+        cwd=REPO,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert mpi.returncode == 0, mpi.stderr[-3000:]
     assert _losses(tmp_path / "mpi") == _losses(tmp_path / "torchrun")

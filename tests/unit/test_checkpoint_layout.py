@@ -25,11 +25,14 @@ def test_publish_renames_and_moves_latest(tmp_path):
     layout.verify_manifest(second)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda f: (f / "model_optim" / "__0_0.distcp").write_bytes(b"x" * 50), "has 50 bytes"),
-    (lambda f: (f / "trainer_state.json").unlink(), "is missing"),
-    (lambda f: (f / "manifest.json").unlink(), "never finished"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda f: (f / "model_optim" / "__0_0.distcp").write_bytes(b"x" * 50), "has 50 bytes"),
+        (lambda f: (f / "trainer_state.json").unlink(), "is missing"),
+        (lambda f: (f / "manifest.json").unlink(), "never finished"),
+    ],
+)
 def test_verify_manifest_names_the_damage(tmp_path, damage, message):
     folder = _fake_checkpoint(tmp_path, 5)
     damage(folder)

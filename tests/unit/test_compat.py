@@ -29,8 +29,13 @@ def clean_registry(monkeypatch):
 def test_missing_target_fails_naming_attribute_and_versions(clean_registry):
     stand_in = types.ModuleType("fake_megatron.core.moe_utils")
     with pytest.raises(CompatibilityError) as excinfo:
-        replace_attribute(stand_in, "renamed_in_a_new_release", lambda: None,
-                          reason="a test", written_for="megatron-core 0.16.1-0.19.2")
+        replace_attribute(
+            stand_in,
+            "renamed_in_a_new_release",
+            lambda: None,
+            reason="a test",
+            written_for="megatron-core 0.16.1-0.19.2",
+        )
     message = str(excinfo.value)
     assert "fake_megatron.core.moe_utils.renamed_in_a_new_release" in message
     assert "megatron-core 0.16.1-0.19.2" in message
@@ -49,12 +54,17 @@ def test_missing_method_of_a_class_names_the_class(clean_registry):
 def test_replacement_returns_original_and_is_recorded(clean_registry):
     stand_in = types.ModuleType("stand_in")
     stand_in.target = lambda: "original"
-    original = replace_attribute(stand_in, "target", lambda: "patched", reason="why",
-                                 written_for="v1", scope="cpu")
+    original = replace_attribute(
+        stand_in, "target", lambda: "patched", reason="why", written_for="v1", scope="cpu"
+    )
     assert original() == "original" and stand_in.target() == "patched"
     (patch,) = patching.active_patches()
-    assert (patch.target, patch.reason, patch.written_for, patch.scope) == \
-        ("stand_in.target", "why", "v1", "cpu")
+    assert (patch.target, patch.reason, patch.written_for, patch.scope) == (
+        "stand_in.target",
+        "why",
+        "v1",
+        "cpu",
+    )
     with pytest.raises(CompatibilityError, match="already patched"):
         replace_attribute(stand_in, "target", lambda: None, reason="again", written_for="v1")
 
@@ -89,6 +99,7 @@ def test_the_real_patches_are_registered(megatron_single_process):
 
 # ---- spec helpers ---------------------------------------------------------------------
 
+
 def test_spec_helpers_treat_module_spec_and_partial_alike():
     from megatron.core.transformer.moe.moe_layer import MoESubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -101,10 +112,13 @@ def test_spec_helpers_treat_module_spec_and_partial_alike():
     class Replacement:
         pass
 
-    as_spec = ModuleSpec(module="MoE", submodules=MoESubmodules(
-        experts=ModuleSpec(module=Experts, submodules="mlp")))
-    as_partial = functools.partial("MoE".__class__, submodules=MoESubmodules(
-        experts=functools.partial(Experts, submodules="mlp")))
+    as_spec = ModuleSpec(
+        module="MoE", submodules=MoESubmodules(experts=ModuleSpec(module=Experts, submodules="mlp"))
+    )
+    as_partial = functools.partial(
+        "MoE".__class__,
+        submodules=MoESubmodules(experts=functools.partial(Experts, submodules="mlp")),
+    )
     for builder in (as_spec, as_partial):
         rebuilt = specs.map_experts(builder, lambda e: specs.with_module(e, Replacement))
         experts = specs.spec_submodules(rebuilt).experts
@@ -122,6 +136,7 @@ def test_dense_mlp_has_no_experts_to_map():
 
 
 # ---- gloo stand-ins -------------------------------------------------------------------
+
 
 def test_uneven_all_gather_pads_and_trims():
     from mm1_megatron.compat import gloo
@@ -166,16 +181,17 @@ def test_all_to_all_converts_split_tensors_to_lists():
 
     seen = {}
 
-    def original(output, input, output_split_sizes, input_split_sizes, group=None,
-                 async_op=False):
+    def original(output, input, output_split_sizes, input_split_sizes, group=None, async_op=False):
         seen.update(out=output_split_sizes, inp=input_split_sizes, async_op=async_op)
 
-    gloo._all_to_all_with_list_splits(original)(None, None, torch.tensor([1, 2]),
-                                                 [3, 4], async_op=True)
+    gloo._all_to_all_with_list_splits(original)(
+        None, None, torch.tensor([1, 2]), [3, 4], async_op=True
+    )
     assert seen == {"out": [1, 2], "inp": [3, 4], "async_op": True}
 
 
 # ---- no patching outside the compatibility package ------------------------------------
+
 
 def _imported_names(tree: ast.AST) -> set:
     """Names bound to torch / megatron-core modules, classes or functions by imports."""
@@ -208,8 +224,12 @@ def foreign_assignments(source: str) -> list:
             targets = node.targets
         elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
             targets = [node.target]
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                and node.func.id in ("setattr", "delattr") and node.args:
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("setattr", "delattr")
+            and node.args
+        ):
             if _root_name(node.args[0]) in foreign:
                 found.append((node.lineno, ast.unparse(node)))
             continue
@@ -222,30 +242,39 @@ def foreign_assignments(source: str) -> list:
 
 
 def test_the_checker_finds_monkeypatches():
-    source = ("import torch\nimport torch.distributed as dist\n"
-              "from megatron.core.tensor_parallel import random as mcore_random\n"
-              "from megatron.core.optimizer import DistributedOptimizer\n"
-              "torch.cuda.current_device = lambda: 0\n"
-              "dist.all_gather, x = None, 1\n"
-              "mcore_random._get_cuda_rng_state = None\n"
-              "setattr(DistributedOptimizer, 'step', None)\n"
-              "model = object()\nmodel.flag = True\n")
+    source = (
+        "import torch\nimport torch.distributed as dist\n"
+        "from megatron.core.tensor_parallel import random as mcore_random\n"
+        "from megatron.core.optimizer import DistributedOptimizer\n"
+        "torch.cuda.current_device = lambda: 0\n"
+        "dist.all_gather, x = None, 1\n"
+        "mcore_random._get_cuda_rng_state = None\n"
+        "setattr(DistributedOptimizer, 'step', None)\n"
+        "model = object()\nmodel.flag = True\n"
+    )
     lines = [line for line, _ in foreign_assignments(source)]
     assert lines == [5, 6, 7, 8]
 
 
 def test_no_torch_or_megatron_attribute_is_assigned_outside_compat():
     compat = REPO_ROOT / "mm1_megatron" / "compat"
-    files = [path for folder in ("mm1_megatron", "tools", "examples")
-             for path in sorted((REPO_ROOT / folder).rglob("*.py"))
-             if compat not in path.parents]
+    files = [
+        path
+        for folder in ("mm1_megatron", "tools", "examples")
+        for path in sorted((REPO_ROOT / folder).rglob("*.py"))
+        if compat not in path.parents
+    ]
     assert len(files) > 50
-    offenders = [f"{path.relative_to(REPO_ROOT)}:{line}: {text}"
-                 for path in files for line, text in foreign_assignments(path.read_text())]
+    offenders = [
+        f"{path.relative_to(REPO_ROOT)}:{line}: {text}"
+        for path in files
+        for line, text in foreign_assignments(path.read_text())
+    ]
     assert offenders == [], "patch torch/megatron-core only through mm1_megatron/compat"
 
 
 # ---- versions -------------------------------------------------------------------------
+
 
 def test_setup_py_admits_exactly_the_tested_range():
     from mm1_megatron.compat import versions
@@ -265,13 +294,16 @@ def test_gpu_processes_get_no_cpu_only_patches():
     import subprocess
     import sys
 
-    script = ("from mm1_megatron.compat.install import install_patches\n"
-              "import torch\n"
-              "before = torch.cuda.current_device\n"
-              "patches = install_patches(cuda_available=True)\n"
-              "assert torch.cuda.current_device is before\n"
-              "print(sorted((p.scope, p.target) for p in patches))\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=REPO_ROOT, timeout=300)
+    script = (
+        "from mm1_megatron.compat.install import install_patches\n"
+        "import torch\n"
+        "before = torch.cuda.current_device\n"
+        "patches = install_patches(cuda_available=True)\n"
+        "assert torch.cuda.current_device is before\n"
+        "print(sorted((p.scope, p.target) for p in patches))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "'cpu'" not in result.stdout

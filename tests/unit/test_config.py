@@ -35,6 +35,7 @@ def _validation_error(*overrides) -> str:
 
 # ---- loading ---------------------------------------------------------------------------
 
+
 def test_configs_directory_ships_the_expected_files():
     names = {p.name for p in SHIPPED}
     assert {"debug.yaml", "mm1_3b.yaml", "mm1_7b.yaml", "mm1_30b.yaml"} <= names
@@ -71,6 +72,7 @@ def test_missing_file_is_a_value_error(tmp_path):
 
 # ---- overrides -------------------------------------------------------------------------
 
+
 def test_override_int():
     cfg = _debug("model.llm.num_layers=4", "training.train_steps=7")
     assert cfg.model.llm.num_layers == 4 and type(cfg.model.llm.num_layers) is int
@@ -78,8 +80,9 @@ def test_override_int():
 
 
 def test_override_into_a_dict_field():
-    cfg = _debug("optimizer.lr_multipliers.connector=2.0",
-                 "optimizer.lr_multipliers.vision_encoder=3")
+    cfg = _debug(
+        "optimizer.lr_multipliers.connector=2.0", "optimizer.lr_multipliers.vision_encoder=3"
+    )
     assert cfg.optimizer.lr_multipliers == {"connector": 2.0, "vision_encoder": 3.0}
     # A dict[str, float] field turns the YAML int 3 into a float.
     assert type(cfg.optimizer.lr_multipliers["vision_encoder"]) is float
@@ -91,8 +94,12 @@ def test_override_null_sets_optional_to_none():
 
 
 def test_override_bool_str_float_and_list():
-    cfg = _debug("parallel.sequence_parallel=true", "model.connector.type=avg_pool",
-                 "optimizer.lr=0.5", "model.vision.image_mean=[0.1, 0.2, 0.3]")
+    cfg = _debug(
+        "parallel.sequence_parallel=true",
+        "model.connector.type=avg_pool",
+        "optimizer.lr=0.5",
+        "model.vision.image_mean=[0.1, 0.2, 0.3]",
+    )
     assert cfg.parallel.sequence_parallel is True
     assert cfg.model.connector.type == "avg_pool"
     assert cfg.optimizer.lr == 0.5 and type(cfg.optimizer.lr) is float
@@ -144,9 +151,11 @@ def test_override_through_a_value_rejected():
 def test_include_merges_files_and_own_keys_win(tmp_path):
     (tmp_path / "parts").mkdir()
     (tmp_path / "parts" / "enc.yaml").write_text(
-        "model:\n  vision:\n    hidden_size: 48\n    num_layers: 3\n")
+        "model:\n  vision:\n    hidden_size: 48\n    num_layers: 3\n"
+    )
     (tmp_path / "main.yaml").write_text(
-        "include: parts/enc.yaml\nmodel:\n  vision:\n    num_layers: 5\n")
+        "include: parts/enc.yaml\nmodel:\n  vision:\n    num_layers: 5\n"
+    )
     cfg = load_config(tmp_path / "main.yaml")
     assert cfg.model.vision.hidden_size == 48  # from the included file
     assert cfg.model.vision.num_layers == 5  # the including file wins
@@ -163,19 +172,29 @@ def test_include_cycle_is_reported(tmp_path):
 def test_mm1_configs_share_the_vit_h_encoder():
     for name in ("mm1_3b.yaml", "mm1_7b.yaml", "mm1_30b.yaml"):
         v = load_config(CONFIG_DIR / name).model.vision
-        assert (v.image_size, v.patch_size, v.hidden_size, v.num_layers,
-                v.num_attention_heads, v.ffn_hidden_size) == (378, 14, 1280, 32, 16, 5120)
+        assert (
+            v.image_size,
+            v.patch_size,
+            v.hidden_size,
+            v.num_layers,
+            v.num_attention_heads,
+            v.ffn_hidden_size,
+        ) == (378, 14, 1280, 32, 16, 5120)
 
 
 # ---- unknown keys and types ------------------------------------------------------------
 
-@pytest.mark.parametrize("override, path, suggestion", [
-    ("model.llm.num_layer=3", "model.llm.num_layer", "num_layers"),
-    ("model.llm.moe.num_expert=3", "model.llm.moe.num_expert", "num_experts"),
-    ("training.train_step=3", "training.train_step", "train_steps"),
-    ("optimizer.warmup_step=3", "optimizer.warmup_step", "warmup_steps"),
-    ("paralel.tensor_parallel_size=2", "paralel", "parallel"),
-])
+
+@pytest.mark.parametrize(
+    "override, path, suggestion",
+    [
+        ("model.llm.num_layer=3", "model.llm.num_layer", "num_layers"),
+        ("model.llm.moe.num_expert=3", "model.llm.moe.num_expert", "num_experts"),
+        ("training.train_step=3", "training.train_step", "train_steps"),
+        ("optimizer.warmup_step=3", "optimizer.warmup_step", "warmup_steps"),
+        ("paralel.tensor_parallel_size=2", "paralel", "parallel"),
+    ],
+)
 def test_unknown_key_names_path_and_suggests(override, path, suggestion):
     with pytest.raises(ValueError) as info:
         _debug(override)
@@ -198,19 +217,22 @@ def test_unknown_key_without_close_match_has_no_suggestion():
     assert "Did you mean" not in str(info.value)
 
 
-@pytest.mark.parametrize("override, field", [
-    ("training.train_steps=abc", "training.train_steps"),
-    ("training.train_steps=true", "training.train_steps"),  # bool is not an int
-    ("training.train_steps=2.5", "training.train_steps"),
-    ("model.llm.num_query_groups=two", "model.llm.num_query_groups"),
-    ("model.vision.use_class_token=1", "model.vision.use_class_token"),  # int is not a bool
-    ("optimizer.min_lr_ratio=false", "optimizer.min_lr_ratio"),  # bool is not a float
-    ("model.vision.image_mean=0.5", "model.vision.image_mean"),
-    ("model.vision.image_mean=[0.5, x, 0.5]", "model.vision.image_mean[1]"),
-    ("optimizer.lr_multipliers=2", "optimizer.lr_multipliers"),
-    ("optimizer.lr_multipliers.connector=fast", "optimizer.lr_multipliers.connector"),
-    ("model.llm=3", "model.llm"),
-])
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("training.train_steps=abc", "training.train_steps"),
+        ("training.train_steps=true", "training.train_steps"),  # bool is not an int
+        ("training.train_steps=2.5", "training.train_steps"),
+        ("model.llm.num_query_groups=two", "model.llm.num_query_groups"),
+        ("model.vision.use_class_token=1", "model.vision.use_class_token"),  # int is not a bool
+        ("optimizer.min_lr_ratio=false", "optimizer.min_lr_ratio"),  # bool is not a float
+        ("model.vision.image_mean=0.5", "model.vision.image_mean"),
+        ("model.vision.image_mean=[0.5, x, 0.5]", "model.vision.image_mean[1]"),
+        ("optimizer.lr_multipliers=2", "optimizer.lr_multipliers"),
+        ("optimizer.lr_multipliers.connector=fast", "optimizer.lr_multipliers.connector"),
+        ("model.llm=3", "model.llm"),
+    ],
+)
 def test_wrong_type_names_the_field(override, field):
     with pytest.raises(ValueError) as info:
         _debug(override)
@@ -218,6 +240,7 @@ def test_wrong_type_names_the_field(override, field):
 
 
 # ---- round trip ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
 def test_save_then_load_round_trip(path, tmp_path):
@@ -228,8 +251,12 @@ def test_save_then_load_round_trip(path, tmp_path):
 
 
 def test_round_trip_keeps_overrides_and_none(tmp_path):
-    cfg = _debug("model.llm.num_query_groups=null", "optimizer.lr_multipliers.connector=2.5",
-                 "model.fp8=null", "checkpoint.save_dir=/tmp/x")
+    cfg = _debug(
+        "model.llm.num_query_groups=null",
+        "optimizer.lr_multipliers.connector=2.5",
+        "model.fp8=null",
+        "checkpoint.save_dir=/tmp/x",
+    )
     again = load_config(save_config(cfg, tmp_path / "c.yaml"))
     assert again == cfg
     assert again.model.llm.num_query_groups is None
@@ -240,75 +267,145 @@ def test_round_trip_keeps_overrides_and_none(tmp_path):
 
 INVALID = [
     # (id, overrides on configs/debug.yaml, fields the message must name)
-    ("tp_not_dividing_heads", ["parallel.tensor_parallel_size=3"],
-     ["model.llm.num_attention_heads=4", "parallel.tensor_parallel_size=3"]),
-    ("tp_not_dividing_query_groups", ["parallel.tensor_parallel_size=4"],
-     ["model.llm.num_query_groups=2", "parallel.tensor_parallel_size=4"]),
-    ("sp_without_tp", ["parallel.sequence_parallel=true"],
-     ["parallel.sequence_parallel", "parallel.tensor_parallel_size"]),
-    ("experts_not_divisible_by_ep",
-     ["model.llm.moe.num_experts=4", "parallel.expert_parallel_size=3"],
-     ["model.llm.moe.num_experts=4", "parallel.expert_parallel_size=3"]),
-    ("ep_on_dense_model", ["parallel.expert_parallel_size=2"],
-     ["parallel.expert_parallel_size=2", "model.llm.moe.num_experts"]),
-    ("layers_not_divisible_by_pp", ["parallel.pipeline_parallel_size=3"],
-     ["model.llm.num_layers=4", "parallel.pipeline_parallel_size=3"]),
-    ("connector_tokens_not_square", ["model.connector.num_output_tokens=8"],
-     ["model.connector.num_output_tokens=8"]),
-    ("connector_tokens_exceed_patches", ["model.connector.num_output_tokens=25"],
-     ["model.connector.num_output_tokens=25"]),
-    ("mlp_connector_wrong_token_count", ["model.connector.type=mlp"],
-     ["model.connector.type=mlp", "model.connector.num_output_tokens=16"]),
-    ("image_not_multiple_of_patch", ["model.vision.image_size=50"],
-     ["model.vision.image_size=50", "model.vision.patch_size=14"]),
-    ("vision_heads_not_dividing_hidden", ["model.vision.num_attention_heads=5"],
-     ["model.vision.hidden_size", "model.vision.num_attention_heads=5"]),
+    (
+        "tp_not_dividing_heads",
+        ["parallel.tensor_parallel_size=3"],
+        ["model.llm.num_attention_heads=4", "parallel.tensor_parallel_size=3"],
+    ),
+    (
+        "tp_not_dividing_query_groups",
+        ["parallel.tensor_parallel_size=4"],
+        ["model.llm.num_query_groups=2", "parallel.tensor_parallel_size=4"],
+    ),
+    (
+        "sp_without_tp",
+        ["parallel.sequence_parallel=true"],
+        ["parallel.sequence_parallel", "parallel.tensor_parallel_size"],
+    ),
+    (
+        "experts_not_divisible_by_ep",
+        ["model.llm.moe.num_experts=4", "parallel.expert_parallel_size=3"],
+        ["model.llm.moe.num_experts=4", "parallel.expert_parallel_size=3"],
+    ),
+    (
+        "ep_on_dense_model",
+        ["parallel.expert_parallel_size=2"],
+        ["parallel.expert_parallel_size=2", "model.llm.moe.num_experts"],
+    ),
+    (
+        "layers_not_divisible_by_pp",
+        ["parallel.pipeline_parallel_size=3"],
+        ["model.llm.num_layers=4", "parallel.pipeline_parallel_size=3"],
+    ),
+    (
+        "connector_tokens_not_square",
+        ["model.connector.num_output_tokens=8"],
+        ["model.connector.num_output_tokens=8"],
+    ),
+    (
+        "connector_tokens_exceed_patches",
+        ["model.connector.num_output_tokens=25"],
+        ["model.connector.num_output_tokens=25"],
+    ),
+    (
+        "mlp_connector_wrong_token_count",
+        ["model.connector.type=mlp"],
+        ["model.connector.type=mlp", "model.connector.num_output_tokens=16"],
+    ),
+    (
+        "image_not_multiple_of_patch",
+        ["model.vision.image_size=50"],
+        ["model.vision.image_size=50", "model.vision.patch_size=14"],
+    ),
+    (
+        "vision_heads_not_dividing_hidden",
+        ["model.vision.num_attention_heads=5"],
+        ["model.vision.hidden_size", "model.vision.num_attention_heads=5"],
+    ),
     ("image_mean_wrong_length", ["model.vision.image_mean=[0.5]"], ["model.vision.image_mean"]),
     ("fp8_without_te", ["model.fp8=hybrid"], ["model.fp8", "model.transformer_impl"]),
     ("fixed_lr_without_lr", ["optimizer.lr=null"], ["optimizer.lr_rule=fixed", "optimizer.lr"]),
-    ("unknown_lr_multiplier_module", ["optimizer.lr_multipliers.vision=2.0"],
-     ["optimizer.lr_multipliers.vision"]),
-    ("non_positive_lr_multiplier", ["optimizer.lr_multipliers.connector=0"],
-     ["optimizer.lr_multipliers.connector"]),
+    (
+        "unknown_lr_multiplier_module",
+        ["optimizer.lr_multipliers.vision=2.0"],
+        ["optimizer.lr_multipliers.vision"],
+    ),
+    (
+        "non_positive_lr_multiplier",
+        ["optimizer.lr_multipliers.connector=0"],
+        ["optimizer.lr_multipliers.connector"],
+    ),
     ("min_lr_ratio_above_one", ["optimizer.min_lr_ratio=1.5"], ["optimizer.min_lr_ratio"]),
-    ("seq_longer_than_max", ["training.seq_length=512"],
-     ["training.seq_length=512", "model.llm.max_sequence_length=256"]),
+    (
+        "seq_longer_than_max",
+        ["training.seq_length=512"],
+        ["training.seq_length=512", "model.llm.max_sequence_length=256"],
+    ),
     ("seq_too_short_for_an_image", ["training.seq_length=10"], ["training.seq_length=10"]),
     ("bad_mixture_key", ["data.mixture.images=0.5"], ["data.mixture.images"]),
     ("negative_mixture_weight", ["data.mixture.text=-0.1"], ["data.mixture.text"]),
-    ("top_k_above_num_experts", ["model.llm.moe.num_experts=2", "model.llm.moe.top_k=3"],
-     ["model.llm.moe.top_k=3", "model.llm.moe.num_experts=2"]),
-    ("moe_layer_frequency_above_layers",
-     ["model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=5"],
-     ["model.llm.moe.layer_frequency=5"]),
-    ("query_groups_not_dividing_heads", ["model.llm.num_query_groups=3"],
-     ["model.llm.num_query_groups=3"]),
-    ("global_batch_not_multiple_of_micro", ["training.global_batch_size=6"],
-     ["training.global_batch_size=6", "training.micro_batch_size=4"]),
+    (
+        "top_k_above_num_experts",
+        ["model.llm.moe.num_experts=2", "model.llm.moe.top_k=3"],
+        ["model.llm.moe.top_k=3", "model.llm.moe.num_experts=2"],
+    ),
+    (
+        "moe_layer_frequency_above_layers",
+        ["model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=5"],
+        ["model.llm.moe.layer_frequency=5"],
+    ),
+    (
+        "query_groups_not_dividing_heads",
+        ["model.llm.num_query_groups=3"],
+        ["model.llm.num_query_groups=3"],
+    ),
+    (
+        "global_batch_not_multiple_of_micro",
+        ["training.global_batch_size=6"],
+        ["training.global_batch_size=6", "training.micro_batch_size=4"],
+    ),
     ("zero_train_steps", ["training.train_steps=0"], ["training.train_steps=0"]),
-    ("zero_layers_on_vision_stage",
-     ["parallel.pipeline_parallel_size=2", "parallel.num_decoder_layers_on_vision_stage=0"],
-     ["parallel.num_decoder_layers_on_vision_stage=0"]),
-    ("uneven_rest_of_pipeline",
-     ["parallel.pipeline_parallel_size=3", "parallel.num_decoder_layers_on_vision_stage=1"],
-     ["model.llm.num_layers=4", "parallel.pipeline_parallel_size=3"]),
-    ("pinned_stages_do_not_add_up",
-     ["parallel.pipeline_parallel_size=2", "parallel.num_decoder_layers_on_vision_stage=1",
-      "parallel.num_decoder_layers_on_last_stage=2"],
-     ["parallel.pipeline_parallel_size=2", "model.llm.num_layers=4"]),
-    ("vision_stage_layers_without_pipeline", ["parallel.num_decoder_layers_on_vision_stage=2"],
-     ["parallel.num_decoder_layers_on_vision_stage", "parallel.pipeline_parallel_size"]),
-    ("moe_with_tp_without_sp",
-     ["model.llm.moe.num_experts=4", "parallel.tensor_parallel_size=2"],
-     ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel"]),
-    ("save_interval_without_save_dir", ["checkpoint.save_interval=10"],
-     ["checkpoint.save_interval", "checkpoint.save_dir"]),
+    (
+        "zero_layers_on_vision_stage",
+        ["parallel.pipeline_parallel_size=2", "parallel.num_decoder_layers_on_vision_stage=0"],
+        ["parallel.num_decoder_layers_on_vision_stage=0"],
+    ),
+    (
+        "uneven_rest_of_pipeline",
+        ["parallel.pipeline_parallel_size=3", "parallel.num_decoder_layers_on_vision_stage=1"],
+        ["model.llm.num_layers=4", "parallel.pipeline_parallel_size=3"],
+    ),
+    (
+        "pinned_stages_do_not_add_up",
+        [
+            "parallel.pipeline_parallel_size=2",
+            "parallel.num_decoder_layers_on_vision_stage=1",
+            "parallel.num_decoder_layers_on_last_stage=2",
+        ],
+        ["parallel.pipeline_parallel_size=2", "model.llm.num_layers=4"],
+    ),
+    (
+        "vision_stage_layers_without_pipeline",
+        ["parallel.num_decoder_layers_on_vision_stage=2"],
+        ["parallel.num_decoder_layers_on_vision_stage", "parallel.pipeline_parallel_size"],
+    ),
+    (
+        "moe_with_tp_without_sp",
+        ["model.llm.moe.num_experts=4", "parallel.tensor_parallel_size=2"],
+        ["parallel.tensor_parallel_size=2", "parallel.sequence_parallel"],
+    ),
+    (
+        "save_interval_without_save_dir",
+        ["checkpoint.save_interval=10"],
+        ["checkpoint.save_interval", "checkpoint.save_dir"],
+    ),
     ("freeze_unknown_module", ["model.freeze=[vit]"], ["model.freeze"]),
 ]
 
 
-@pytest.mark.parametrize("overrides, fields", [(o, f) for _, o, f in INVALID],
-                         ids=[name for name, _, _ in INVALID])
+@pytest.mark.parametrize(
+    "overrides, fields", [(o, f) for _, o, f in INVALID], ids=[name for name, _, _ in INVALID]
+)
 def test_invalid_config_message_names_the_field(overrides, fields):
     message = _validation_error(*overrides)
     assert message.startswith("Invalid configuration:")
@@ -322,14 +419,22 @@ def test_debug_config_is_valid_baseline():
 
 
 def test_all_errors_reported_in_one_message():
-    message = _validation_error("parallel.sequence_parallel=true", "model.vision.image_size=50",
-                                "optimizer.lr_multipliers.vision=2.0", "data.mixture.images=1.0",
-                                "training.train_steps=0")
+    message = _validation_error(
+        "parallel.sequence_parallel=true",
+        "model.vision.image_size=50",
+        "optimizer.lr_multipliers.vision=2.0",
+        "data.mixture.images=1.0",
+        "training.train_steps=0",
+    )
     bullets = [line for line in message.splitlines() if line.strip().startswith("- ")]
     assert len(bullets) == 5, message
-    for field in ("parallel.sequence_parallel", "model.vision.image_size",
-                  "optimizer.lr_multipliers.vision", "data.mixture.images",
-                  "training.train_steps"):
+    for field in (
+        "parallel.sequence_parallel",
+        "model.vision.image_size",
+        "optimizer.lr_multipliers.vision",
+        "data.mixture.images",
+        "training.train_steps",
+    ):
         assert sum(field in b for b in bullets) == 1, (field, message)
 
 
@@ -341,21 +446,33 @@ def test_tp_violation_lists_every_offender():
 
 
 def test_valid_parallel_and_moe_settings_pass():
-    validate_config(_debug("parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true",
-                           "parallel.pipeline_parallel_size=2"))
-    validate_config(_debug("model.llm.moe.num_experts=4", "parallel.expert_parallel_size=2",
-                           "model.llm.moe.layer_frequency=2"))
+    validate_config(
+        _debug(
+            "parallel.tensor_parallel_size=2",
+            "parallel.sequence_parallel=true",
+            "parallel.pipeline_parallel_size=2",
+        )
+    )
+    validate_config(
+        _debug(
+            "model.llm.moe.num_experts=4",
+            "parallel.expert_parallel_size=2",
+            "model.llm.moe.layer_frequency=2",
+        )
+    )
     validate_config(_debug("model.connector.type=mlp", "model.connector.num_output_tokens=16"))
     validate_config(_debug("optimizer.lr_rule=mm1", "optimizer.lr=null"))
 
 
 def test_attn_pool_with_zero_heads_is_rejected():
-    message = _validation_error("model.connector.type=attn_pool",
-                                "model.connector.num_attention_heads=0")
+    message = _validation_error(
+        "model.connector.type=attn_pool", "model.connector.num_attention_heads=0"
+    )
     assert "model.connector.num_attention_heads" in message
 
 
 # ---- world size ------------------------------------------------------------------------
+
 
 def test_world_size_not_divisible_shows_arithmetic():
     par = ParallelConfig(tensor_parallel_size=4, pipeline_parallel_size=2)
@@ -366,8 +483,9 @@ def test_world_size_not_divisible_shows_arithmetic():
     assert "4 x 2 = 8" in message
 
 
-@pytest.mark.parametrize("tp, pp, world, dp", [(1, 1, 1, 1), (2, 1, 8, 4), (2, 2, 16, 4),
-                                               (4, 8, 32, 1)])
+@pytest.mark.parametrize(
+    "tp, pp, world, dp", [(1, 1, 1, 1), (2, 1, 8, 4), (2, 2, 16, 4), (4, 8, 32, 1)]
+)
 def test_world_size_returns_data_parallel_size(tp, pp, world, dp):
     par = ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp)
     assert check_world_size(par, world) == dp
@@ -386,8 +504,11 @@ def test_mm1_30b_worked_example_fits_eight_nodes_of_eight_gpus():
 
     cfg = validate_config(load_config(Path(__file__).resolve().parents[2] / "configs/mm1_30b.yaml"))
     assert check_world_size(cfg.parallel, 64) == 4  # TP 4 x PP 4 x DP 4
-    assert (cfg.parallel.num_decoder_layers_on_vision_stage + 2 * 15
-            + cfg.parallel.num_decoder_layers_on_last_stage) == cfg.model.llm.num_layers
+    assert (
+        cfg.parallel.num_decoder_layers_on_vision_stage
+        + 2 * 15
+        + cfg.parallel.num_decoder_layers_on_last_stage
+    ) == cfg.model.llm.num_layers
 
 
 def test_fp8_reaches_the_decoder_only(tiny_config):
@@ -410,15 +531,17 @@ def test_config_files_stack_left_to_right(tmp_path):
     from mm1_megatron.config import load_config
 
     overlay = tmp_path / "cluster.yaml"
-    overlay.write_text("training:\n  train_steps: 7\n  micro_batch_size: 2\n"
-                       "parallel:\n  collective_timeout_minutes: 45\n")
+    overlay.write_text(
+        "training:\n  train_steps: 7\n  micro_batch_size: 2\n"
+        "parallel:\n  collective_timeout_minutes: 45\n"
+    )
     second = tmp_path / "experiment.yaml"
     second.write_text("training:\n  train_steps: 9\n")
     base = load_config(DEBUG)
     cfg = load_config([DEBUG, overlay, second], ["training.micro_batch_size=4"])
-    assert cfg.training.train_steps == 9                     # the last file wins
-    assert cfg.training.micro_batch_size == 4                # overrides come last
-    assert cfg.parallel.collective_timeout_minutes == 45.0   # merged, not replaced
+    assert cfg.training.train_steps == 9  # the last file wins
+    assert cfg.training.micro_batch_size == 4  # overrides come last
+    assert cfg.parallel.collective_timeout_minutes == 45.0  # merged, not replaced
     assert cfg.training.seq_length == base.training.seq_length
     assert cfg.model == base.model
 
@@ -434,20 +557,29 @@ def test_resolved_config_matches_its_snapshot(name):
     snapshot = SNAPSHOT_DIR / name
     assert snapshot.is_file(), f"no snapshot for configs/{name}"
     expected, actual = snapshot.read_text(), resolved_text(CONFIG_DIR / name)
-    diff = "".join(difflib.unified_diff(expected.splitlines(True), actual.splitlines(True),
-                                        f"snapshot/{name}", f"resolved/{name}"))
+    diff = "".join(
+        difflib.unified_diff(
+            expected.splitlines(True),
+            actual.splitlines(True),
+            f"snapshot/{name}",
+            f"resolved/{name}",
+        )
+    )
     assert not diff, diff
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.connector.type=qformer", "model.connector.type='qformer' is not one of"),
-    ("model.connector.type=5", "model.connector.type=5 is not one of"),
-    ("model.fp8=e5m2", "model.fp8='e5m2' is not one of ['hybrid', 'e4m3']"),
-    ("training.precision=fp16", "training.precision='fp16' is not one of"),
-    ("parallel.recompute=partial", "parallel.recompute='partial' is not one of"),
-    ("checkpoint.optimizer_sharding=zero3", "checkpoint.optimizer_sharding='zero3'"),
-    ("data.images.resize=cropp", "did you mean 'crop'?"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.connector.type=qformer", "model.connector.type='qformer' is not one of"),
+        ("model.connector.type=5", "model.connector.type=5 is not one of"),
+        ("model.fp8=e5m2", "model.fp8='e5m2' is not one of ['hybrid', 'e4m3']"),
+        ("training.precision=fp16", "training.precision='fp16' is not one of"),
+        ("parallel.recompute=partial", "parallel.recompute='partial' is not one of"),
+        ("checkpoint.optimizer_sharding=zero3", "checkpoint.optimizer_sharding='zero3'"),
+        ("data.images.resize=cropp", "did you mean 'crop'?"),
+    ],
+)
 def test_unknown_choice_is_refused_when_loaded(override, message):
     """Each choice is a Literal in the schema: one list, checked by the loader."""
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -26,18 +26,32 @@ def vision_config(megatron_single_process, tiny_config):
 def connector_cfg(tiny_config):
     def _make(**changes):
         return dataclasses.replace(tiny_config().model.connector, **changes)
+
     return _make
 
 
 def _connector(vision_config, cfg, num_patches=NUM_PATCHES):
-    return Connector(vision_config, cfg, vision_hidden=VISION_HIDDEN, llm_hidden=LLM_HIDDEN,
-                     num_patches=num_patches)
+    return Connector(
+        vision_config,
+        cfg,
+        vision_hidden=VISION_HIDDEN,
+        llm_hidden=LLM_HIDDEN,
+        num_patches=num_patches,
+    )
 
 
-CASES = [("c_abstractor", 1), ("c_abstractor", 4), ("c_abstractor", 16),
-         ("avg_pool", 1), ("avg_pool", 4), ("avg_pool", 16),
-         ("attn_pool", 4), ("attn_pool", 16), ("attn_pool", 9),
-         ("mlp", NUM_PATCHES)]
+CASES = [
+    ("c_abstractor", 1),
+    ("c_abstractor", 4),
+    ("c_abstractor", 16),
+    ("avg_pool", 1),
+    ("avg_pool", 4),
+    ("avg_pool", 16),
+    ("attn_pool", 4),
+    ("attn_pool", 16),
+    ("attn_pool", 9),
+    ("mlp", NUM_PATCHES),
+]
 
 
 @pytest.mark.parametrize("kind, tokens", CASES, ids=[f"{k}-{t}" for k, t in CASES])
@@ -59,16 +73,18 @@ def test_output_shape_and_gradients(kind, tokens, vision_config, connector_cfg, 
 
 @pytest.mark.parametrize("blocks", [0, 2])
 def test_c_abstractor_block_counts(blocks, vision_config, connector_cfg, seeded):
-    connector = _connector(vision_config,
-                           connector_cfg(num_output_tokens=4, num_blocks_per_stage=blocks))
+    connector = _connector(
+        vision_config, connector_cfg(num_output_tokens=4, num_blocks_per_stage=blocks)
+    )
     assert len(connector.net.stage1) == blocks and len(connector.net.stage2) == blocks
     assert connector(torch.randn(2, NUM_PATCHES, VISION_HIDDEN)).shape == (2, 4, LLM_HIDDEN)
 
 
 @pytest.mark.parametrize("layers", [1, 3])
 def test_readout_depth(layers, vision_config, connector_cfg, seeded):
-    connector = _connector(vision_config, connector_cfg(type="mlp", num_output_tokens=16,
-                                                        num_readout_layers=layers))
+    connector = _connector(
+        vision_config, connector_cfg(type="mlp", num_output_tokens=16, num_readout_layers=layers)
+    )
     linears = [m for m in connector.net.readout if isinstance(m, torch.nn.Linear)]
     assert len(linears) == layers
     assert linears[0].in_features == VISION_HIDDEN
@@ -79,7 +95,7 @@ def test_avg_pool_averages_row_major_quadrants(vision_config, connector_cfg, see
     connector = _connector(vision_config, connector_cfg(type="avg_pool", num_output_tokens=4))
     features = torch.randn(2, NUM_PATCHES, VISION_HIDDEN)
     grid = features.reshape(2, GRID, GRID, VISION_HIDDEN)  # patch index = row * GRID + col
-    quadrants = [grid[:, r:r + 2, c:c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)]
+    quadrants = [grid[:, r : r + 2, c : c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)]
     expected = connector.net.readout(torch.stack(quadrants, dim=1))
     torch.testing.assert_close(connector(features), expected, rtol=1e-5, atol=1e-6)
 
@@ -101,8 +117,9 @@ def test_attn_pool_ignores_patch_order(vision_config, connector_cfg, seeded):
     connector = _connector(vision_config, connector_cfg(type="attn_pool", num_output_tokens=4))
     features = torch.randn(2, NUM_PATCHES, VISION_HIDDEN)
     perm = torch.randperm(NUM_PATCHES)
-    torch.testing.assert_close(connector(features), connector(features[:, perm]),
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        connector(features), connector(features[:, perm]), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_c_abstractor_depends_on_patch_position(vision_config, connector_cfg, seeded):
@@ -119,8 +136,7 @@ def test_c_abstractor_rejects_wrong_patch_count(vision_config, connector_cfg, se
         connector(torch.randn(1, 25, VISION_HIDDEN))
 
 
-def test_pooling_connectors_reject_non_square_patch_count(vision_config, connector_cfg,
-                                                          seeded):
+def test_pooling_connectors_reject_non_square_patch_count(vision_config, connector_cfg, seeded):
     connector = _connector(vision_config, connector_cfg(type="avg_pool", num_output_tokens=4))
     with pytest.raises(ValueError, match="square"):
         connector(torch.randn(1, 15, VISION_HIDDEN))

@@ -7,8 +7,9 @@ import torch
 
 from mm1_megatron.compat import cpu_execution_enabled, enable_cpu_execution
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(),
-                                reason="the CPU stand-ins are installed only without CUDA")
+pytestmark = pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the CPU stand-ins are installed only without CUDA"
+)
 
 
 @pytest.fixture
@@ -22,8 +23,9 @@ def test_enable_is_idempotent(cpu_mode):
     assert torch.empty(1, device="cuda").device.type == "cpu"
 
 
-@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda"),
-                                    torch.device("cuda", 0), 0])
+@pytest.mark.parametrize(
+    "device", ["cuda", "cuda:0", torch.device("cuda"), torch.device("cuda", 0), 0]
+)
 def test_cuda_device_arguments_become_cpu(cpu_mode, device):
     assert torch.empty(2, device=device).device == torch.device("cpu")
     assert torch.zeros(3, device=device).sum().item() == 0.0
@@ -75,9 +77,14 @@ def test_cpu_device_arguments_untouched(cpu_mode):
     assert torch.empty(1, device="meta").device.type == "meta"
 
 
-@pytest.mark.parametrize("dtype, name", [(torch.float32, "torch.cuda.FloatTensor"),
-                                         (torch.float16, "torch.cuda.HalfTensor"),
-                                         (torch.bfloat16, "torch.cuda.BFloat16Tensor")])
+@pytest.mark.parametrize(
+    "dtype, name",
+    [
+        (torch.float32, "torch.cuda.FloatTensor"),
+        (torch.float16, "torch.cuda.HalfTensor"),
+        (torch.bfloat16, "torch.cuda.BFloat16Tensor"),
+    ],
+)
 def test_type_reports_cuda_tensor(cpu_mode, dtype, name):
     assert torch.zeros(2, dtype=dtype).type() == name
     assert torch.nn.Parameter(torch.zeros(2, dtype=dtype)).type() == name

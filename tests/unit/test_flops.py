@@ -24,11 +24,18 @@ def one_step(tiny_config, build_tiny_model):
     cfg = tiny_config()
     model = build_tiny_model(cfg)
     v = cfg.model.vision
-    data, _ = build_data(cfg.data, seq_length=cfg.training.seq_length,
-                         micro_batch_size=cfg.training.micro_batch_size,
-                         num_image_tokens=cfg.model.connector.num_output_tokens,
-                         image_size=v.image_size, image_mean=v.image_mean, image_std=v.image_std,
-                         seed=1, dp_rank=0, dp_size=1)
+    data, _ = build_data(
+        cfg.data,
+        seq_length=cfg.training.seq_length,
+        micro_batch_size=cfg.training.micro_batch_size,
+        num_image_tokens=cfg.model.connector.num_output_tokens,
+        image_size=v.image_size,
+        image_mean=v.image_mean,
+        image_std=v.image_std,
+        seed=1,
+        dp_rank=0,
+        dp_size=1,
+    )
     batch = model_inputs(next(data), torch.device("cpu"))
     assert batch["images"].shape[0] > 0 and IMAGE_TOKEN_ID in batch["tokens"]
     return cfg, model, batch
@@ -56,24 +63,35 @@ def test_flops_per_step_match_torchs_flop_counter(one_step):
     by_op = {str(op): count for op, count in forward.get_flop_counts()["Global"].items()}
     # Attention: QK^T and (scores x V), full matrices, decoder and ViT, exactly.
     vit_tokens = (v.image_size // v.patch_size) ** 2 + (1 if v.use_class_token else 0)
-    attention = (4 * llm.num_layers * seq_length ** 2 * llm.hidden_size * num_sequences
-                 + 4 * v.num_layers * vit_tokens ** 2 * v.hidden_size * num_images)
+    attention = (
+        4 * llm.num_layers * seq_length**2 * llm.hidden_size * num_sequences
+        + 4 * v.num_layers * vit_tokens**2 * v.hidden_size * num_images
+    )
     assert by_op["aten.bmm"] + by_op["aten.baddbmm"] == attention
 
-    formula_forward = (num_sequences * flops.language_model_forward_flops(cfg.model, seq_length)
-                       + num_images * (flops.vision_encoder_forward_flops(cfg.model)
-                                       + flops.connector_forward_flops(cfg.model)))
+    formula_forward = num_sequences * flops.language_model_forward_flops(
+        cfg.model, seq_length
+    ) + num_images * (
+        flops.vision_encoder_forward_flops(cfg.model) + flops.connector_forward_flops(cfg.model)
+    )
     counted_forward = forward.get_total_flops()
     # The formula counts norm and bias parameters as matmul weights: a small over-count.
     assert counted_forward <= formula_forward <= 1.015 * counted_forward
 
-    step = flops.training_flops_per_step(cfg.model, num_sequences=num_sequences,
-                                         seq_length=seq_length, num_images=num_images)
+    step = flops.training_flops_per_step(
+        cfg.model, num_sequences=num_sequences, seq_length=seq_length, num_images=num_images
+    )
     assert step == 3 * formula_forward
     # The backward is 2x the forward except for the patch embedding, whose input (the
     # pixels) needs no gradient: the 3x convention counts it anyway.
     model.zero_grad()
     counted_step = _count(model, batch, backward=True).get_total_flops()
-    patch_forward = 2 * num_images * (v.image_size // v.patch_size) ** 2 * v.num_channels \
-        * v.patch_size ** 2 * v.hidden_size
+    patch_forward = (
+        2
+        * num_images
+        * (v.image_size // v.patch_size) ** 2
+        * v.num_channels
+        * v.patch_size**2
+        * v.hidden_size
+    )
     assert counted_step == 3 * counted_forward - patch_forward

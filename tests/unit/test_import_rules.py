@@ -44,8 +44,12 @@ def test_package_does_not_import_upwards(package):
 
 
 def test_the_library_never_imports_tests():
-    found = [f"{path}:{line}" for path in PACKAGE.rglob("*.py")
-             for line, module in imported_modules(path) if module.split(".")[0] == "tests"]
+    found = [
+        f"{path}:{line}"
+        for path in PACKAGE.rglob("*.py")
+        for line, module in imported_modules(path)
+        if module.split(".")[0] == "tests"
+    ]
     assert found == []
 
 
@@ -54,7 +58,8 @@ def test_the_checker_sees_a_violation(tmp_path):
     fake.mkdir(parents=True)
     (fake / "bad.py").write_text("def f():\n    from mm1_megatron.models.mm1_model import X\n")
     assert violations("data", FORBIDDEN["data"], root=tmp_path / "mm1_megatron") == [
-        "mm1_megatron/data/bad.py:2 imports mm1_megatron.models.mm1_model"]
+        "mm1_megatron/data/bad.py:2 imports mm1_megatron.models.mm1_model"
+    ]
 
 
 # Inside data/: tokenizers <- shards <- pipeline <- synthetic <- build (an arrow: "is
@@ -74,7 +79,10 @@ def test_data_subpackages_import_downwards_only(layer):
     for path in sorted((PACKAGE / "data" / layer).rglob("*.py")):
         for line, module in imported_modules(path):
             parts = module.split(".")
-            if parts[:2] == ["mm1_megatron", "data"] and len(parts) > 2 \
-                    and parts[2] in DATA_LAYERS[layer]:
+            if (
+                parts[:2] == ["mm1_megatron", "data"]
+                and len(parts) > 2
+                and parts[2] in DATA_LAYERS[layer]
+            ):
                 found.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}")
     assert found == []

@@ -18,15 +18,19 @@ IMG, PAD, BOS = 3, 0, 1
 
 # ---- expand_image_placeholders ---------------------------------------------------------
 
-@pytest.mark.parametrize("tokens, n, expected", [
-    ([], 4, []),
-    ([5, 6, 7], 4, [5, 6, 7]),
-    ([IMG], 4, [IMG, IMG, IMG, IMG]),
-    ([1, IMG, 5, IMG], 3, [1, IMG, IMG, IMG, 5, IMG, IMG, IMG]),
-    ([IMG, IMG, 9], 2, [IMG, IMG, IMG, IMG, 9]),
-    ([1, IMG, 5], 1, [1, IMG, 5]),
-    ([1, IMG, 5], 0, [1, 5]),
-])
+
+@pytest.mark.parametrize(
+    "tokens, n, expected",
+    [
+        ([], 4, []),
+        ([5, 6, 7], 4, [5, 6, 7]),
+        ([IMG], 4, [IMG, IMG, IMG, IMG]),
+        ([1, IMG, 5, IMG], 3, [1, IMG, IMG, IMG, 5, IMG, IMG, IMG]),
+        ([IMG, IMG, 9], 2, [IMG, IMG, IMG, IMG, 9]),
+        ([1, IMG, 5], 1, [1, IMG, 5]),
+        ([1, IMG, 5], 0, [1, 5]),
+    ],
+)
 def test_expand_image_placeholders(tokens, n, expected):
     assert expand_image_placeholders(tokens, image_token_id=IMG, num_image_tokens=n) == expected
 
@@ -39,20 +43,29 @@ def test_expand_does_not_modify_input_and_accepts_tuples():
 
 # ---- labels_and_loss_mask --------------------------------------------------------------
 
+
 def test_labels_and_loss_mask_two_docs_images_and_padding():
     #          doc 0 ------------  doc 1 -------------  padding
-    tokens = [[BOS, IMG, IMG, 7, 8, BOS, 9, IMG, IMG, 10, PAD, PAD],
-              [BOS, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]]
-    docs = [[0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2],
-            [0] * 12]
-    labels, mask = labels_and_loss_mask(torch.tensor(tokens), torch.tensor(docs),
-                                        image_token_id=IMG, pad_token_id=PAD)
-    expected_labels = torch.tensor([[IMG, IMG, 7, 8, BOS, 9, IMG, IMG, 10, PAD, PAD, PAD],
-                                    [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, PAD]])
+    tokens = [
+        [BOS, IMG, IMG, 7, 8, BOS, 9, IMG, IMG, 10, PAD, PAD],
+        [BOS, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+    ]
+    docs = [[0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2], [0] * 12]
+    labels, mask = labels_and_loss_mask(
+        torch.tensor(tokens), torch.tensor(docs), image_token_id=IMG, pad_token_id=PAD
+    )
+    expected_labels = torch.tensor(
+        [
+            [IMG, IMG, 7, 8, BOS, 9, IMG, IMG, 10, PAD, PAD, PAD],
+            [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, PAD],
+        ]
+    )
     # Row 0, position by position: targets IMG, IMG (image) -> 0; 7, 8 -> 1; BOS of the
     # next document -> 0; 9 -> 1; IMG, IMG -> 0; 10 -> 1; target PAD / other doc -> 0.
-    expected_mask = torch.tensor([[0, 0, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0],
-                                  [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.float32)
+    expected_mask = torch.tensor(
+        [[0, 0, 1, 1, 0, 1, 0, 0, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0]],
+        dtype=torch.float32,
+    )
     assert torch.equal(labels, expected_labels)
     assert mask.dtype == torch.float32
     assert torch.equal(mask, expected_mask)
@@ -68,18 +81,18 @@ def test_loss_mask_zero_at_document_boundary_even_for_text():
 
 
 def test_labels_and_loss_mask_1d():
-    labels, mask = labels_and_loss_mask(torch.tensor([4, IMG, 6]), torch.tensor([0, 0, 0]),
-                                        image_token_id=IMG, pad_token_id=PAD)
+    labels, mask = labels_and_loss_mask(
+        torch.tensor([4, IMG, 6]), torch.tensor([0, 0, 0]), image_token_id=IMG, pad_token_id=PAD
+    )
     assert labels.tolist() == [IMG, 6, PAD] and mask.tolist() == [0.0, 1.0, 0.0]
 
 
 # ---- position_ids_from_documents -------------------------------------------------------
 
+
 def test_position_ids_restart_per_document():
-    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2],
-                         [7, 7, 7, 7, 7, 7, 7, 7, 7]])
-    expected = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3],
-                             [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    docs = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2], [7, 7, 7, 7, 7, 7, 7, 7, 7]])
+    expected = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
     assert torch.equal(position_ids_from_documents(docs), expected)
 
 
@@ -104,6 +117,7 @@ def test_position_ids_random_against_loop():
 
 # ---- document_causal_mask --------------------------------------------------------------
 
+
 def _reference_mask(docs: torch.Tensor) -> torch.Tensor:
     b, s = docs.shape
     blocked = torch.ones(b, 1, s, s, dtype=torch.bool)
@@ -115,11 +129,14 @@ def _reference_mask(docs: torch.Tensor) -> torch.Tensor:
     return blocked
 
 
-@pytest.mark.parametrize("docs", [
-    [[0, 0, 0, 0, 0, 0]],
-    [[0, 0, 1, 1, 1, 2], [0, 1, 2, 3, 4, 5]],
-    [[4, 4, 4, 9, 9, 9], [0, 0, 0, 0, 1, 1]],
-])
+@pytest.mark.parametrize(
+    "docs",
+    [
+        [[0, 0, 0, 0, 0, 0]],
+        [[0, 0, 1, 1, 1, 2], [0, 1, 2, 3, 4, 5]],
+        [[4, 4, 4, 9, 9, 9], [0, 0, 0, 0, 1, 1]],
+    ],
+)
 def test_document_causal_mask_matches_loop(docs):
     docs = torch.tensor(docs)
     mask = document_causal_mask(docs)
@@ -137,27 +154,35 @@ def test_document_causal_mask_random_against_loop():
 def test_document_causal_mask_explicit_small_case():
     mask = document_causal_mask(torch.tensor([[0, 0, 1]]))[0, 0]
     # True = blocked. Row q lists keys 0..2.
-    assert mask.tolist() == [[False, True, True],
-                             [False, False, True],
-                             [True, True, False]]
+    assert mask.tolist() == [[False, True, True], [False, False, True], [True, True, False]]
 
 
 # ---- merge_image_embeddings ------------------------------------------------------------
 
+
 def test_merge_places_images_in_order_of_appearance():
     s, b, h, per_image = 6, 2, 4, 2
-    tokens = torch.tensor([[5, IMG, IMG, 6, IMG, IMG],
-                           [IMG, IMG, 7, 8, 9, 4]])
+    tokens = torch.tensor([[5, IMG, IMG, 6, IMG, IMG], [IMG, IMG, 7, 8, 9, 4]])
     text = torch.arange(s * b * h, dtype=torch.float32).reshape(s, b, h)
     # Image k, token j carries the value -(100 k + 10 j + 1) in every channel.
-    images = torch.stack([torch.stack([torch.full((h,), -(100.0 * k + 10 * j + 1))
-                                       for j in range(per_image)]) for k in range(3)])
+    images = torch.stack(
+        [
+            torch.stack([torch.full((h,), -(100.0 * k + 10 * j + 1)) for j in range(per_image)])
+            for k in range(3)
+        ]
+    )
     merged = merge_image_embeddings(text, images, tokens, image_token_id=IMG)
 
     expected = text.clone()
     # (s index, b index) -> (image, token): row 0 holds images 0 and 1, row 1 image 2.
-    placement = {(1, 0): (0, 0), (2, 0): (0, 1), (4, 0): (1, 0), (5, 0): (1, 1),
-                 (0, 1): (2, 0), (1, 1): (2, 1)}
+    placement = {
+        (1, 0): (0, 0),
+        (2, 0): (0, 1),
+        (4, 0): (1, 0),
+        (5, 0): (1, 1),
+        (0, 1): (2, 0),
+        (1, 1): (2, 1),
+    }
     for (si, bi), (k, j) in placement.items():
         expected[si, bi] = -(100.0 * k + 10 * j + 1)
     assert merged.shape == (s, b, h)
@@ -182,8 +207,9 @@ def test_merge_is_differentiable_in_both_inputs():
 
 @pytest.mark.parametrize("num_images, per_image", [(2, 2), (4, 2), (3, 3), (3, 1)])
 def test_merge_raises_on_count_mismatch(num_images, per_image):
-    tokens = torch.tensor([[5, IMG, IMG, 6, IMG, IMG],
-                           [IMG, IMG, 7, 8, 9, 4]])  # 6 image slots = 3 images x 2
+    tokens = torch.tensor(
+        [[5, IMG, IMG, 6, IMG, IMG], [IMG, IMG, 7, 8, 9, 4]]
+    )  # 6 image slots = 3 images x 2
     text = torch.zeros(6, 2, 4)
     images = torch.zeros(num_images, per_image, 4)
     with pytest.raises(ValueError, match="image-token positions"):

@@ -7,9 +7,20 @@ import pytest
 from mm1_megatron.config import ParallelConfig
 from mm1_megatron.parallel.distributed import _launcher_env, check_world_size
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK",
-               "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "PMI_RANK", "PMI_SIZE",
-               "MPI_LOCALRANKID", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
+LAUNCH_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "OMPI_COMM_WORLD_LOCAL_RANK",
+    "PMI_RANK",
+    "PMI_SIZE",
+    "MPI_LOCALRANKID",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+)
 
 
 @pytest.fixture
@@ -19,14 +30,23 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, (5, 8, 1, "torchrun")),
-    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4",
-      "OMPI_COMM_WORLD_LOCAL_RANK": "3"}, (3, 4, 3, "mpi")),
-    ({"PMI_RANK": "2", "PMI_SIZE": "16", "MPI_LOCALRANKID": "2"}, (2, 16, 2, "mpi")),
-    ({"SLURM_PROCID": "9", "SLURM_NTASKS": "64", "SLURM_LOCALID": "1"}, (9, 64, 1, "mpi")),
-    ({}, (0, 1, 0, "none")),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, (5, 8, 1, "torchrun")),
+        (
+            {
+                "OMPI_COMM_WORLD_RANK": "3",
+                "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "3",
+            },
+            (3, 4, 3, "mpi"),
+        ),
+        ({"PMI_RANK": "2", "PMI_SIZE": "16", "MPI_LOCALRANKID": "2"}, (2, 16, 2, "mpi")),
+        ({"SLURM_PROCID": "9", "SLURM_NTASKS": "64", "SLURM_LOCALID": "1"}, (9, 64, 1, "mpi")),
+        ({}, (0, 1, 0, "none")),
+    ],
+)
 def test_auto_detects_the_launcher(clean_env, env, expected):
     for name, value in env.items():
         clean_env.setenv(name, value)
@@ -35,8 +55,13 @@ def test_auto_detects_the_launcher(clean_env, env, expected):
 
 def test_torchrun_variables_win_over_slurm(clean_env):
     # torchrun started by srun: SLURM_PROCID is the node's task, RANK the process.
-    for name, value in {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "RANK": "9",
-                        "WORLD_SIZE": "16", "LOCAL_RANK": "1"}.items():
+    for name, value in {
+        "SLURM_PROCID": "1",
+        "SLURM_NTASKS": "2",
+        "RANK": "9",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "1",
+    }.items():
         clean_env.setenv(name, value)
     assert _launcher_env("auto") == (9, 16, 1, "torchrun")
 
@@ -47,8 +72,9 @@ def test_launcher_none_ignores_the_environment(clean_env):
     assert _launcher_env("none") == (0, 1, 0, "none")
 
 
-@pytest.mark.parametrize("launcher, hint", [("torchrun", "torchrun --nproc-per-node"),
-                                            ("mpi", "mpiexec -n")])
+@pytest.mark.parametrize(
+    "launcher, hint", [("torchrun", "torchrun --nproc-per-node"), ("mpi", "mpiexec -n")]
+)
 def test_explicit_launcher_without_its_variables_fails_clearly(clean_env, launcher, hint):
     with pytest.raises(ValueError, match=hint):
         _launcher_env(launcher)
@@ -77,8 +103,9 @@ def test_megatron_groups_get_the_configured_timeout(megatron_single_process, mon
 
     seen = {}
     monkeypatch.setattr(parallel_state, "model_parallel_is_initialized", lambda: False)
-    monkeypatch.setattr(parallel_state, "initialize_model_parallel",
-                        lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(
+        parallel_state, "initialize_model_parallel", lambda **kwargs: seen.update(kwargs)
+    )
     init_distributed(ParallelConfig(), timeout_minutes=7.5)
     assert seen["distributed_timeout_minutes"] == 7.5
 

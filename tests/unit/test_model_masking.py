@@ -58,24 +58,27 @@ def test_doc_b_packed_equals_doc_b_alone(model):
     alone = _logits(model, b, torch.zeros_like(b))
     torch.testing.assert_close(packed[0, LEN_A:], alone[0], rtol=0, atol=1e-5)
     # And A at the front is A alone too (nothing from B leaks backwards).
-    torch.testing.assert_close(packed[0, :LEN_A], _logits(model, a, torch.zeros_like(a))[0],
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        packed[0, :LEN_A], _logits(model, a, torch.zeros_like(a))[0], rtol=0, atol=1e-5
+    )
 
 
 def test_three_documents_and_batch_rows(model):
     gen = torch.Generator().manual_seed(3)
     docs_spec = [[4, 7, 5], [9, 3, 4]]
     tokens = _text(gen, 16, batch=2)
-    docs = torch.stack([torch.repeat_interleave(torch.arange(3), torch.tensor(spec))
-                        for spec in docs_spec])
+    docs = torch.stack(
+        [torch.repeat_interleave(torch.arange(3), torch.tensor(spec)) for spec in docs_spec]
+    )
     packed = _logits(model, tokens, docs)
     for row, spec in enumerate(docs_spec):
         start = 0
         for length in spec:
-            piece = tokens[row:row + 1, start:start + length]
+            piece = tokens[row : row + 1, start : start + length]
             alone = _logits(model, piece, torch.zeros_like(piece))
-            torch.testing.assert_close(packed[row, start:start + length], alone[0],
-                                       rtol=0, atol=1e-5)
+            torch.testing.assert_close(
+                packed[row, start : start + length], alone[0], rtol=0, atol=1e-5
+            )
             start += length
 
 
@@ -130,8 +133,9 @@ def test_per_token_loss_with_labels(model):
     labels = torch.roll(tokens, -1, dims=1)
     logits = _logits(model, tokens, docs)
     with torch.no_grad():
-        loss = model(tokens, position_ids_from_documents(docs), document_causal_mask(docs),
-                     labels=labels)
+        loss = model(
+            tokens, position_ids_from_documents(docs), document_causal_mask(docs), labels=labels
+        )
     assert loss.shape == (1, LEN_A + LEN_B)
     expected = torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="none")
     torch.testing.assert_close(loss[0], expected, rtol=1e-5, atol=1e-5)

@@ -16,33 +16,50 @@ SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
 VARIANTS = {
     "baseline_c_abstractor_gqa": [],
     "c_abstractor_no_blocks": ["model.connector.num_blocks_per_stage=0"],
-    "c_abstractor_two_blocks": ["model.connector.num_blocks_per_stage=2",
-                                "model.connector.hidden_size=24"],
+    "c_abstractor_two_blocks": [
+        "model.connector.num_blocks_per_stage=2",
+        "model.connector.hidden_size=24",
+    ],
     "c_abstractor_one_token": ["model.connector.num_output_tokens=1"],
     "avg_pool": ["model.connector.type=avg_pool"],
     "avg_pool_readout_3": ["model.connector.type=avg_pool", "model.connector.num_readout_layers=3"],
-    "attn_pool": ["model.connector.type=attn_pool", "model.connector.hidden_size=48",
-                  "model.connector.num_attention_heads=4"],
-    "attn_pool_same_width": ["model.connector.type=attn_pool",
-                             "model.connector.hidden_size=32"],
-    "mlp": ["model.connector.type=mlp", "model.connector.num_output_tokens=16",
-            "model.connector.num_readout_layers=1"],
+    "attn_pool": [
+        "model.connector.type=attn_pool",
+        "model.connector.hidden_size=48",
+        "model.connector.num_attention_heads=4",
+    ],
+    "attn_pool_same_width": ["model.connector.type=attn_pool", "model.connector.hidden_size=32"],
+    "mlp": [
+        "model.connector.type=mlp",
+        "model.connector.num_output_tokens=16",
+        "model.connector.num_readout_layers=1",
+    ],
     "mha": ["model.llm.num_query_groups=null"],
     "mqa": ["model.llm.num_query_groups=1"],
     "tied_embeddings": ["model.llm.tie_embeddings=true"],
     "qkv_bias": ["model.llm.qkv_bias=true"],
     "no_class_token": ["model.vision.use_class_token=false"],
-    "siglip_stem": ["model.vision.use_class_token=false", "model.vision.patch_embedding_bias=true",
-                    "model.vision.pre_layernorm=false", "model.vision.post_layernorm=true",
-                    "model.vision.activation=gelu_tanh"],
+    "siglip_stem": [
+        "model.vision.use_class_token=false",
+        "model.vision.patch_embedding_bias=true",
+        "model.vision.pre_layernorm=false",
+        "model.vision.post_layernorm=true",
+        "model.vision.activation=gelu_tanh",
+    ],
     "small_patches": ["model.vision.patch_size=7", "model.connector.num_output_tokens=16"],
     "moe_every_2nd": ["model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=2"],
     "moe_every_layer_top3_small_experts": [
-        "model.llm.moe.num_experts=4", "model.llm.moe.top_k=3",
-        "model.llm.moe.expert_ffn_hidden_size=48"],
-    "moe_tied_mha": ["model.llm.moe.num_experts=2", "model.llm.tie_embeddings=true",
-                     "model.llm.num_query_groups=null", "model.llm.num_layers=3",
-                     "model.llm.moe.layer_frequency=2"],
+        "model.llm.moe.num_experts=4",
+        "model.llm.moe.top_k=3",
+        "model.llm.moe.expert_ffn_hidden_size=48",
+    ],
+    "moe_tied_mha": [
+        "model.llm.moe.num_experts=2",
+        "model.llm.tie_embeddings=true",
+        "model.llm.num_query_groups=null",
+        "model.llm.num_layers=3",
+        "model.llm.moe.layer_frequency=2",
+    ],
 }
 
 
@@ -106,10 +123,10 @@ def _moe_active_from_model(model, cfg) -> int:
     return _numel(model.language_model) - unused
 
 
-@pytest.mark.parametrize("variant", ["moe_every_2nd", "moe_every_layer_top3_small_experts",
-                                     "moe_tied_mha"])
-def test_moe_active_equals_built_model_minus_unused_experts(variant, tiny_config,
-                                                            build_tiny_model):
+@pytest.mark.parametrize(
+    "variant", ["moe_every_2nd", "moe_every_layer_top3_small_experts", "moe_tied_mha"]
+)
+def test_moe_active_equals_built_model_minus_unused_experts(variant, tiny_config, build_tiny_model):
     cfg = tiny_config(*VARIANTS[variant])
     model = build_tiny_model(cfg)
     assert count_parameters(cfg.model).llm_active == _moe_active_from_model(model, cfg)
@@ -120,11 +137,11 @@ def test_moe_active_hand_formula(tiny_config):
     # MoE on layer 0 only (layer_frequency=2).
     cfg = tiny_config("model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=2")
     h, ffn, vocab = 32, 64, 256
-    attention = h + h * (4 + 2 * 2) * 8 + 4 * 8 * h        # norm, fused QKV, out proj
+    attention = h + h * (4 + 2 * 2) * 8 + 4 * 8 * h  # norm, fused QKV, out proj
     assert attention == 3104
-    swiglu = 2 * ffn * h + ffn * h                          # fc1 (gate+up), fc2
-    dense_layer = attention + h + swiglu                    # + pre-MLP norm
-    moe_layer_active = attention + h + 4 * h + 2 * swiglu   # norm, router, top-2 experts
+    swiglu = 2 * ffn * h + ffn * h  # fc1 (gate+up), fc2
+    dense_layer = attention + h + swiglu  # + pre-MLP norm
+    moe_layer_active = attention + h + 4 * h + 2 * swiglu  # norm, router, top-2 experts
     moe_layer_total = attention + h + 4 * h + 4 * swiglu
     embedding = 2 * vocab * h
     final_norm = h
@@ -149,7 +166,8 @@ HEADER = re.compile(
     r"^#\s*Parameters:\s*total\s+(?P<total>[\d,]+)\s*"
     r"\(vision encoder (?P<vision>[\d,]+), connector (?P<connector>[\d,]+), "
     r"language model (?P<llm>[\d,]+); LLM active non-embedding (?P<active>[\d,]+)\)",
-    re.MULTILINE)
+    re.MULTILINE,
+)
 
 
 def _header(path: Path) -> dict:
@@ -168,13 +186,12 @@ def test_yaml_header_documents_exact_parameter_count(path):
     assert documented["connector"] == counts.connector
     assert documented["llm"] == counts.language_model
     assert documented["active"] == counts.llm_active_non_embedding
-    assert documented["vision"] + documented["connector"] + documented["llm"] == \
-        documented["total"]
+    assert documented["vision"] + documented["connector"] + documented["llm"] == documented["total"]
 
 
 def test_header_numbers_use_thousands_separators():
     for path in SHIPPED:
-        line = next(l for l in path.read_text().splitlines()[:5] if "Parameters:" in l)
+        line = next(x for x in path.read_text().splitlines()[:5] if "Parameters:" in x)
         total = re.search(r"total ([\d,]+)", line).group(1)
         assert total == f"{int(total.replace(',', '')):,}", path.name
 
@@ -190,15 +207,25 @@ def test_vit_h_encoder_size():
     counts = count_parameters(load_config(CONFIG_DIR / "mm1_3b.yaml").model)
     h, f, layers, patches = 1280, 5120, 32, 27 * 27
     per_layer = 4 * h + 4 * h * h + 4 * h + 2 * h * f + f + h
-    assert counts.vision_encoder == 3 * 14 * 14 * h + h + (patches + 1) * h + 2 * h + \
-        layers * per_layer
+    assert (
+        counts.vision_encoder
+        == 3 * 14 * 14 * h + h + (patches + 1) * h + 2 * h + layers * per_layer
+    )
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-    ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
-    ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-    ("Tesla T4", None)])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("Tesla T4", None),
+    ],
+)
 def test_peak_flops_follow_the_gpu_model(name, peak):
     from mm1_megatron.training.flops import dense_bf16_peak_flops
 

@@ -6,25 +6,38 @@ from __future__ import annotations
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from mm1_megatron.data import build_data
 from mm1_megatron.batch.contract import document_causal_mask
+from mm1_megatron.data import build_data
 
 
 def _batch(cfg, mixture):
     cfg.data.mixture = mixture
     v = cfg.model.vision
-    loader, _ = build_data(cfg.data, seq_length=cfg.training.seq_length, micro_batch_size=2,
-                           num_image_tokens=cfg.model.connector.num_output_tokens,
-                           image_size=v.image_size, image_mean=v.image_mean,
-                           image_std=v.image_std, seed=7, dp_rank=0, dp_size=1)
+    loader, _ = build_data(
+        cfg.data,
+        seq_length=cfg.training.seq_length,
+        micro_batch_size=2,
+        num_image_tokens=cfg.model.connector.num_output_tokens,
+        image_size=v.image_size,
+        image_mean=v.image_mean,
+        image_std=v.image_std,
+        seed=7,
+        dp_rank=0,
+        dp_size=1,
+    )
     batch = next(loader)
     batch["attention_mask"] = document_causal_mask(batch["document_ids"])
     return batch
 
 
 def _loss(model, batch):
-    per_token = model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
-                      images=batch["images"], labels=batch["labels"])
+    per_token = model(
+        batch["tokens"],
+        batch["position_ids"],
+        batch["attention_mask"],
+        images=batch["images"],
+        labels=batch["labels"],
+    )
     return (per_token * batch["loss_mask"]).sum() / batch["loss_mask"].sum()
 
 
@@ -45,7 +58,8 @@ def test_text_only_batch_leaves_vision_without_gradient(tiny_config, build_tiny_
 
 
 def test_ddp_accumulation_of_text_then_image_batch_equals_image_batch_alone(
-        tiny_config, build_tiny_model):
+    tiny_config, build_tiny_model
+):
     cfg = tiny_config()
     images = _batch(cfg, {"caption": 1.0})
     text = _batch(cfg, {"text": 1.0})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -22,17 +21,19 @@ def make_encoder(megatron_single_process, seeded, tiny_config):
         encoder = VisionEncoder(config, cfg.model.vision)
         encoder.eval()
         return encoder
+
     return _make
 
 
 # ---- attention is bidirectional ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("layers", [1, 2])
 def test_first_patch_sees_the_last_patch(make_encoder, layers):
     encoder = make_encoder(f"model.vision.num_layers={layers}")
     images = torch.randn(2, 3, IMAGE, IMAGE)
     changed = images.clone()
-    changed[:, :, IMAGE - PATCH:, IMAGE - PATCH:] = torch.randn(2, 3, PATCH, PATCH)
+    changed[:, :, IMAGE - PATCH :, IMAGE - PATCH :] = torch.randn(2, 3, PATCH, PATCH)
     with torch.no_grad():
         out, out_changed = encoder(images), encoder(changed)
     assert out.shape == (2, GRID * GRID, HIDDEN)
@@ -53,6 +54,7 @@ def test_patch_outputs_are_independent_of_batch_neighbours(make_encoder):
 
 
 # ---- output sizes ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("class_token", ["true", "false"])
 def test_output_drops_the_class_token(make_encoder, class_token):
@@ -97,6 +99,7 @@ def test_gradients_reach_all_encoder_parameters(make_encoder):
 
 # ---- interpolate_position_embedding ----------------------------------------------------
 
+
 def _grid_table(values: torch.Tensor, prefix_rows: int = 1, hidden: int = 3) -> torch.Tensor:
     """``values[g, g]`` -> table ``[prefix + g*g, hidden]``; row r*g + c holds values[r, c]."""
     prefix = torch.full((prefix_rows, hidden), -5.0)
@@ -120,7 +123,7 @@ def test_same_grid_returns_identical_table():
 def test_class_token_row_preserved_and_shape(new_grid):
     table = torch.randn(1 + 16, 8)
     out = interpolate_position_embedding(table, num_prefix_tokens=1, new_grid=new_grid)
-    assert out.shape == (1 + new_grid ** 2, 8)
+    assert out.shape == (1 + new_grid**2, 8)
     assert torch.equal(out[0], table[0])
 
 
@@ -141,8 +144,9 @@ def test_constant_table_stays_constant(new_grid):
 def test_table_linear_in_column_stays_monotone_in_column(old_grid, new_grid):
     cols = torch.arange(old_grid, dtype=torch.float32)
     values = 2.0 * cols.expand(old_grid, -1) + 1.0  # values[r, c] = 2c + 1
-    out = interpolate_position_embedding(_grid_table(values), num_prefix_tokens=1,
-                                         new_grid=new_grid)
+    out = interpolate_position_embedding(
+        _grid_table(values), num_prefix_tokens=1, new_grid=new_grid
+    )
     grid = _patch_grid(out)
     # Varies along columns only (row-major layout kept, not transposed) ...
     torch.testing.assert_close(grid, grid[0].expand(new_grid, -1), rtol=0, atol=1e-5)
@@ -150,8 +154,9 @@ def test_table_linear_in_column_stays_monotone_in_column(old_grid, new_grid):
     # up to bicubic's small overshoot at the border (a quarter of one old step, 2.0).
     assert (grid[0, 1:] > grid[0, :-1]).all()
     assert grid.min() >= 1.0 - 0.5 and grid.max() <= 2.0 * (old_grid - 1) + 1.0 + 0.5
-    torch.testing.assert_close(grid[0] + grid[0].flip(0),
-                               torch.full((new_grid,), 2.0 * (old_grid - 1) + 2.0))
+    torch.testing.assert_close(
+        grid[0] + grid[0].flip(0), torch.full((new_grid,), 2.0 * (old_grid - 1) + 2.0)
+    )
     # Every channel scales the same way (channel k holds k+1 times channel 0).
     torch.testing.assert_close(_patch_grid(out, channel=2), 3.0 * grid)
 
@@ -161,8 +166,9 @@ def test_linear_table_stays_close_to_linear_away_from_the_border():
     # only approximately: inside the border the error stays below 0.1 of one old step.
     old, new = 16, 32
     cols = torch.arange(old, dtype=torch.float32)
-    out = interpolate_position_embedding(_grid_table(cols.expand(old, -1)),
-                                         num_prefix_tokens=1, new_grid=new)
+    out = interpolate_position_embedding(
+        _grid_table(cols.expand(old, -1)), num_prefix_tokens=1, new_grid=new
+    )
     row = _patch_grid(out)[0]
     # align_corners=False: new column j samples old coordinate (j + 0.5) * old / new - 0.5.
     coord = (torch.arange(new) + 0.5) * old / new - 0.5
@@ -171,8 +177,9 @@ def test_linear_table_stays_close_to_linear_away_from_the_border():
     torch.testing.assert_close(row[interior], coord[interior], rtol=0, atol=0.1)
     # A least-squares line through the interior has slope old/new per new column.
     j = torch.arange(new, dtype=torch.float32)[interior]
-    slope = torch.linalg.lstsq(torch.stack([j, torch.ones_like(j)], 1),
-                               row[interior][:, None]).solution[0, 0]
+    slope = torch.linalg.lstsq(
+        torch.stack([j, torch.ones_like(j)], 1), row[interior][:, None]
+    ).solution[0, 0]
     assert slope == pytest.approx(old / new, rel=0.02)
 
 
@@ -199,6 +206,7 @@ def test_resizing_keeps_dtype_and_is_differentiable():
 
 # ---- SigLIP stem -----------------------------------------------------------------------
 
+
 def test_default_stem_is_clip(make_encoder):
     encoder = make_encoder()
     assert encoder.patch_embedding.bias is None
@@ -206,10 +214,13 @@ def test_default_stem_is_clip(make_encoder):
 
 
 def test_siglip_stem_has_patch_bias_and_normalises_every_output_token(make_encoder):
-    encoder = make_encoder("model.vision.use_class_token=false",
-                           "model.vision.patch_embedding_bias=true",
-                           "model.vision.pre_layernorm=false", "model.vision.post_layernorm=true",
-                           "model.vision.activation=gelu_tanh")
+    encoder = make_encoder(
+        "model.vision.use_class_token=false",
+        "model.vision.patch_embedding_bias=true",
+        "model.vision.pre_layernorm=false",
+        "model.vision.post_layernorm=true",
+        "model.vision.activation=gelu_tanh",
+    )
     assert encoder.patch_embedding.bias is not None and encoder.pre_layernorm is None
     with torch.no_grad():
         encoder.post_layernorm.weight.fill_(1.0)
@@ -218,5 +229,6 @@ def test_siglip_stem_has_patch_bias_and_normalises_every_output_token(make_encod
     assert out.shape == (2, GRID * GRID, HIDDEN)
     # Each token is LayerNorm-ed: zero mean and unit variance over the hidden size.
     torch.testing.assert_close(out.mean(-1), torch.zeros(2, GRID * GRID), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out.var(-1, unbiased=False), torch.ones(2, GRID * GRID),
-                               atol=1e-3, rtol=0)
+    torch.testing.assert_close(
+        out.var(-1, unbiased=False), torch.ones(2, GRID * GRID), atol=1e-3, rtol=0
+    )

@@ -20,5 +20,9 @@ from mm1_megatron.conversion.hf_model.modeling_mm1 import (
 AutoConfig.register("mm1", MM1HFConfig, exist_ok=True)
 AutoModelForImageTextToText.register(MM1HFConfig, MM1ForConditionalGeneration, exist_ok=True)
 
-__all__ = ["MM1ForConditionalGeneration", "MM1HFConfig", "MM1PreTrainedModel",
-           "build_connector_net"]
+__all__ = [
+    "MM1ForConditionalGeneration",
+    "MM1HFConfig",
+    "MM1PreTrainedModel",
+    "build_connector_net",
+]

@@ -26,8 +26,9 @@ from mm1_megatron.models.connectors import (
 )
 
 
-def build_connector_net(cfg: ConnectorConfig, *, vision_hidden: int, llm_hidden: int,
-                        num_patches: int, init_std: float) -> nn.Module:
+def build_connector_net(
+    cfg: ConnectorConfig, *, vision_hidden: int, llm_hidden: int, num_patches: int, init_std: float
+) -> nn.Module:
     """The module our Megatron ``Connector`` holds as ``.net``, chosen by ``cfg.type``."""
     if cfg.type == "c_abstractor":
         return CAbstractor(cfg, vision_hidden, llm_hidden, num_patches, init_std)
@@ -51,8 +52,7 @@ class MM1PreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     # device_map="auto" keeps each of these whole on one device; the vision tower's and the
     # language model's own layer classes are added by transformers from their models.
-    _no_split_modules = ["CAbstractor", "AvgPoolConnector", "AttnPoolConnector",
-                         "MLPConnector"]
+    _no_split_modules = ["CAbstractor", "AvgPoolConnector", "AttnPoolConnector", "MLPConnector"]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -70,9 +70,12 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         self.vision_tower = AutoModel.from_config(vision)
         num_patches = (vision.image_size // vision.patch_size) ** 2
         self.connector = build_connector_net(
-            ConnectorConfig(**config.connector_config), vision_hidden=vision.hidden_size,
-            llm_hidden=text.hidden_size, num_patches=num_patches,
-            init_std=text.initializer_range)
+            ConnectorConfig(**config.connector_config),
+            vision_hidden=vision.hidden_size,
+            llm_hidden=text.hidden_size,
+            num_patches=num_patches,
+            init_std=text.initializer_range,
+        )
         self.language_model = AutoModelForCausalLM.from_config(text)
         self.post_init()
 
@@ -102,28 +105,47 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
             return inputs_embeds  # a decoding step: the images went in with the prompt
         features = self.get_image_features(pixel_values)
         if num_slots != features.shape[0] * features.shape[1]:
-            raise ValueError(f"input_ids have {num_slots} image tokens but {features.shape[0]} "
-                             f"images give {features.shape[0] * features.shape[1]}; each image "
-                             f"needs {self.config.num_image_tokens} image tokens")
+            raise ValueError(
+                f"input_ids have {num_slots} image tokens but {features.shape[0]} "
+                f"images give {features.shape[0] * features.shape[1]}; each image "
+                f"needs {self.config.num_image_tokens} image tokens"
+            )
         # With device_map="auto" the vision tower and the embeddings may sit on different
         # devices: the features move to the embeddings'.
         features = features.to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
         features = features.reshape(-1, inputs_embeds.shape[-1])
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)
 
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, position_ids=None,
-                past_key_values=None, inputs_embeds=None, labels=None, use_cache=None,
-                logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
             if pixel_values is not None:
-                inputs_embeds = self._merge_images(input_ids, inputs_embeds, pixel_values,
-                                                   past_key_values)
+                inputs_embeds = self._merge_images(
+                    input_ids, inputs_embeds, pixel_values, past_key_values
+                )
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (to find the image tokens)")
-        return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                   position_ids=position_ids, past_key_values=past_key_values,
-                                   labels=labels, use_cache=use_cache,
-                                   logits_to_keep=logits_to_keep, **kwargs)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )

@@ -59,9 +59,11 @@ def check_image_options(decoder: str, resize_mode: str, dtype: str) -> None:
     if dtype not in IMAGE_DTYPES:
         raise ValueError(f"image dtype {dtype!r} is not one of {list(IMAGE_DTYPES)}")
     if decoder == "dali" and not dali_installed():
-        raise ValueError("data.images.decoder=dali but NVIDIA DALI is not installed: "
-                         "`pip install -e .[dali]` (nvidia-dali-cuda120), or set "
-                         "data.images.decoder=pil")
+        raise ValueError(
+            "data.images.decoder=dali but NVIDIA DALI is not installed: "
+            "`pip install -e .[dali]` (nvidia-dali-cuda120), or set "
+            "data.images.decoder=pil"
+        )
 
 
 def pad_geometry(width: int, height: int, size: int) -> Tuple[int, int, int, int]:
@@ -75,8 +77,15 @@ def pad_geometry(width: int, height: int, size: int) -> Tuple[int, int, int, int
 class ImageDecoder:
     """Shared settings and the final normalisation; subclasses implement ``_decode``."""
 
-    def __init__(self, *, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 resize_mode: str = "crop", dtype: str = "fp32"):
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        resize_mode: str = "crop",
+        dtype: str = "fp32",
+    ):
         check_image_options(self.name, resize_mode, dtype)
         self.image_size = image_size
         self.mean = [float(m) for m in mean]
@@ -135,7 +144,7 @@ class PILImageDecoder(ImageDecoder):
             return chw
         left, top = offset
         canvas = torch.zeros((3, self.image_size, self.image_size))  # the mean colour
-        canvas[:, top:top + chw.shape[1], left:left + chw.shape[2]] = chw
+        canvas[:, top : top + chw.shape[1], left : left + chw.shape[2]] = chw
         return canvas
 
     def _resize(self, image) -> Tuple[np.ndarray, Optional[Tuple[int, int]]]:
@@ -147,8 +156,7 @@ class PILImageDecoder(ImageDecoder):
             return np.array(image.resize((size, size), Image.BILINEAR)), None
         if self.resize_mode == "crop":
             side = min(width, height)
-            box = ((width - side) / 2, (height - side) / 2, (width + side) / 2,
-                   (height + side) / 2)
+            box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
             return np.array(image.resize((size, size), Image.BILINEAR, box=box)), None
         new_width, new_height, left, top = pad_geometry(width, height, size)
         resized = np.array(image.resize((new_width, new_height), Image.BILINEAR))
@@ -176,7 +184,7 @@ class DALIImageDecoder(ImageDecoder):
     def _decode(self, blobs: List[bytes]) -> List[Decoded]:
         results: List[Decoded] = []
         for start in range(0, len(blobs), DALI_MAX_BATCH):
-            chunk = blobs[start:start + DALI_MAX_BATCH]
+            chunk = blobs[start : start + DALI_MAX_BATCH]
             self._get_pipeline()  # outside the try: a build failure is not a bad image
             try:
                 results += self._run(chunk)
@@ -211,21 +219,33 @@ class DALIImageDecoder(ImageDecoder):
                 raise RuntimeError(
                     f"the DALI image pipeline ({'GPU' if self.device_id is not None else 'CPU'}"
                     f", resize {self.resize_mode}) cannot be built: {exc}; set "
-                    "data.images.decoder=pil to decode with PIL instead") from exc
+                    "data.images.decoder=pil to decode with PIL instead"
+                ) from exc
             self._pid = os.getpid()
         return self._pipeline
 
     def _build_pipeline(self):
         built = define_dali_pipeline(
-            image_size=self.image_size, mean=self.mean, std=self.std,
-            resize_mode=self.resize_mode, device_id=self.device_id,
-            num_threads=self.num_threads)
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+            resize_mode=self.resize_mode,
+            device_id=self.device_id,
+            num_threads=self.num_threads,
+        )
         built.build()
         return built
 
 
-def define_dali_pipeline(*, image_size: int, mean: Sequence[float], std: Sequence[float],
-                         resize_mode: str, device_id: Optional[int], num_threads: int = 1):
+def define_dali_pipeline(
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize_mode: str,
+    device_id: Optional[int],
+    num_threads: int = 1,
+):
     """The DALI pipeline (defined, not built: definition needs no GPU).
 
     ``device_id`` None decodes on the CPU, otherwise nvJPEG ("mixed") on that GPU. The
@@ -239,16 +259,24 @@ def define_dali_pipeline(*, image_size: int, mean: Sequence[float], std: Sequenc
     std = [s * 255.0 for s in std]
     decoder_device = "cpu" if device_id is None else "mixed"
 
-    @pipeline_def(batch_size=DALI_MAX_BATCH, num_threads=num_threads, device_id=device_id,
-                  exec_async=False, exec_pipelined=False, prefetch_queue_depth=1)
+    @pipeline_def(
+        batch_size=DALI_MAX_BATCH,
+        num_threads=num_threads,
+        device_id=device_id,
+        exec_async=False,
+        exec_pipelined=False,
+        prefetch_queue_depth=1,
+    )
     def pipeline():
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
-        image = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB,
-                                  adjust_orientation=True)
+        image = fn.decoders.image(
+            encoded, device=decoder_device, output_type=types.RGB, adjust_orientation=True
+        )
         shape = fn.peek_image_shape(encoded, adjust_orientation=True)  # HWC, on the CPU
         image, crop = _dali_resize(fn, types, image, shape, image_size, resize_mode)
-        return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
-                                        mean=mean, std=std, **crop)
+        return fn.crop_mirror_normalize(
+            image, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std, **crop
+        )
 
     return pipeline()
 
@@ -265,25 +293,38 @@ def _dali_resize(fn, types, image, encoded_shape, size: int, mode: str):
     if mode == "crop":
         side = dmath.min(height, width)
         top, left = (height - side) * 0.5, (width - side) * 0.5
-        resized = fn.resize(image, size=(size, size), roi_start=fn.stack(top, left),
-                            roi_end=fn.stack(top + side, left + side), **linear)
+        resized = fn.resize(
+            image,
+            size=(size, size),
+            roi_start=fn.stack(top, left),
+            roi_end=fn.stack(top + side, left + side),
+            **linear,
+        )
         return resized, {}
     longest = dmath.max(height, width)
     new_height = dmath.max(dmath.floor(height * size / longest + 0.5), 1.0)
     new_width = dmath.max(dmath.floor(width * size / longest + 0.5), 1.0)
     resized = fn.resize(image, size=fn.stack(new_height, new_width), **linear)
     # A centred crop window larger than the image pads it; fill values are post-normalisation.
-    return resized, {"crop": (size, size), "out_of_bounds_policy": "pad",
-                     "fill_values": [0.0, 0.0, 0.0]}
+    return resized, {
+        "crop": (size, size),
+        "out_of_bounds_policy": "pad",
+        "fill_values": [0.0, 0.0, 0.0],
+    }
 
 
-def build_image_decoder(decoder: str, *, image_size: int, mean: Sequence[float],
-                        std: Sequence[float], resize_mode: str = "crop",
-                        dtype: str = "fp32") -> ImageDecoder:
+def build_image_decoder(
+    decoder: str,
+    *,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    resize_mode: str = "crop",
+    dtype: str = "fp32",
+) -> ImageDecoder:
     """``pil`` or ``dali`` (GPU decoding when CUDA is available, else DALI's CPU operators)."""
     check_image_options(decoder, resize_mode, dtype)
-    kwargs = dict(image_size=image_size, mean=mean, std=std, resize_mode=resize_mode,
-                  dtype=dtype)
+    kwargs = dict(image_size=image_size, mean=mean, std=std, resize_mode=resize_mode, dtype=dtype)
     if decoder == "pil":
         return PILImageDecoder(**kwargs)
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None

@@ -33,8 +33,17 @@ from mm1_megatron.data.shards.skips import SKIP_REASONS, STAT_NAMES, DataStats
 
 logger = logging.getLogger(__name__)
 
-BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids", "document_ids", "images",
-              "num_images", "source_ids", "num_real_tokens")
+BATCH_KEYS = (
+    "tokens",
+    "labels",
+    "loss_mask",
+    "position_ids",
+    "document_ids",
+    "images",
+    "num_images",
+    "source_ids",
+    "num_real_tokens",
+)
 STATE_FORMAT = "mm1_megatron.data"
 STATE_VERSION = 1
 _STATS_KEY = "data_stats"
@@ -43,8 +52,16 @@ _STATS_KEY = "data_stats"
 class _MicroBatches(torch.utils.data.Dataset):
     """Item ``i``: this rank's ``i``-th micro-batch counted from ``first_sequence``."""
 
-    def __init__(self, builder, *, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 base: int, first_sequence: int):
+    def __init__(
+        self,
+        builder,
+        *,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        base: int,
+        first_sequence: int,
+    ):
         self.builder, self.micro_batch_size = builder, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.base, self.first_sequence = base, first_sequence
@@ -77,17 +94,29 @@ def _no_collate(batch):
 class MicroBatchLoader:
     """Endless iterator of micro-batch dicts (``BATCH_KEYS``, see ``collate``)."""
 
-    def __init__(self, builder, *, tokenizer, micro_batch_size: int, seed: int,
-                 dp_rank: int = 0, dp_size: int = 1, num_workers: int = 0,
-                 prefetch_factor: int = 2, fingerprint: str = "",
-                 multiprocessing_context: Optional[str] = None):
+    def __init__(
+        self,
+        builder,
+        *,
+        tokenizer,
+        micro_batch_size: int,
+        seed: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        fingerprint: str = "",
+        multiprocessing_context: Optional[str] = None,
+    ):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"need 0 <= dp_rank < dp_size, got {dp_rank} and {dp_size}")
         if num_workers < 0 or prefetch_factor < 1:
-            raise ValueError(f"need num_workers >= 0 and prefetch_factor >= 1, got "
-                             f"{num_workers} and {prefetch_factor}")
+            raise ValueError(
+                f"need num_workers >= 0 and prefetch_factor >= 1, got "
+                f"{num_workers} and {prefetch_factor}"
+            )
         self.builder, self.tokenizer = builder, tokenizer
         self.micro_batch_size, self.seed = micro_batch_size, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -100,7 +129,7 @@ class MicroBatchLoader:
         self._iterator: Optional[Iterator] = None
 
     # ---- iteration ----------------------------------------------------------------------
-    def __iter__(self) -> "MicroBatchLoader":
+    def __iter__(self) -> MicroBatchLoader:
         return self
 
     def __next__(self) -> Dict[str, torch.Tensor]:
@@ -112,18 +141,28 @@ class MicroBatchLoader:
         return batch
 
     def _dataset(self) -> _MicroBatches:
-        return _MicroBatches(self.builder, micro_batch_size=self.micro_batch_size,
-                             dp_rank=self.dp_rank, dp_size=self.dp_size, base=self.base,
-                             first_sequence=self.num_sequences_consumed)
+        return _MicroBatches(
+            self.builder,
+            micro_batch_size=self.micro_batch_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            base=self.base,
+            first_sequence=self.num_sequences_consumed,
+        )
 
     def _start(self) -> Iterator:
         dataset = self._dataset()
         if self.num_workers == 0:
             return (dataset[i] for i in itertools.count())
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=None, sampler=_Count(), num_workers=self.num_workers,
-            prefetch_factor=self.prefetch_factor, collate_fn=_no_collate,
-            multiprocessing_context=self.multiprocessing_context)
+            dataset,
+            batch_size=None,
+            sampler=_Count(),
+            num_workers=self.num_workers,
+            prefetch_factor=self.prefetch_factor,
+            collate_fn=_no_collate,
+            multiprocessing_context=self.multiprocessing_context,
+        )
         return iter(loader)
 
     def close(self) -> None:
@@ -145,37 +184,53 @@ class MicroBatchLoader:
 
     # ---- resumable state ----------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
-        return {"format": STATE_FORMAT, "version": STATE_VERSION, "seed": self.seed,
-                "dp_size": self.dp_size, "base": self.base,
-                "num_sequences_consumed": self.num_sequences_consumed,
-                "fingerprint": self.fingerprint}
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "seed": self.seed,
+            "dp_size": self.dp_size,
+            "base": self.base,
+            "num_sequences_consumed": self.num_sequences_consumed,
+            "fingerprint": self.fingerprint,
+        }
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
         """Continue after the last micro-batch the state was saved after (module docstring)."""
         if state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
-            raise ValueError(f"not a {STATE_FORMAT} v{STATE_VERSION} data loader state: "
-                             f"format={state.get('format')!r}, version={state.get('version')!r}")
+            raise ValueError(
+                f"not a {STATE_FORMAT} v{STATE_VERSION} data loader state: "
+                f"format={state.get('format')!r}, version={state.get('version')!r}"
+            )
         if state["seed"] != self.seed:
-            raise ValueError(f"data loader state was saved with seed={state['seed']} but this "
-                             f"run has training.seed={self.seed}; the data order would not "
-                             f"continue: resume with the same seed")
+            raise ValueError(
+                f"data loader state was saved with seed={state['seed']} but this "
+                f"run has training.seed={self.seed}; the data order would not "
+                f"continue: resume with the same seed"
+            )
         consumed, base = int(state["num_sequences_consumed"]), int(state["base"])
         if consumed < 0 or base < 0:
-            raise ValueError(f"bad data loader state: base={base}, "
-                             f"num_sequences_consumed={consumed}")
+            raise ValueError(
+                f"bad data loader state: base={base}, num_sequences_consumed={consumed}"
+            )
         if state.get("fingerprint") != self.fingerprint:
-            logger.warning("the data configuration changed since this state was saved "
-                           "(shards, mixture, tokenizer or packing settings): batches will "
-                           "not match an uninterrupted run")
+            logger.warning(
+                "the data configuration changed since this state was saved "
+                "(shards, mixture, tokenizer or packing settings): batches will "
+                "not match an uninterrupted run"
+            )
         saved_dp = int(state["dp_size"])
         if saved_dp == self.dp_size:
             self.base, self.num_sequences_consumed = base, consumed
         else:
             self.base, self.num_sequences_consumed = base + consumed * saved_dp, 0
-            logger.warning("data-parallel size changed from %d to %d: continuing the data at "
-                           "global sequence %d (nothing repeated or skipped; the split over "
-                           "ranks differs from an uninterrupted run)", saved_dp, self.dp_size,
-                           self.base)
+            logger.warning(
+                "data-parallel size changed from %d to %d: continuing the data at "
+                "global sequence %d (nothing repeated or skipped; the split over "
+                "ranks differs from an uninterrupted run)",
+                saved_dp,
+                self.dp_size,
+                self.base,
+            )
         self._iterator = None
 
 
@@ -190,16 +245,20 @@ def collate(sequences: List[PackedSequence]) -> Dict[str, torch.Tensor]:
 
     Images keep the sequences' dtype (float32, or bfloat16 from a bf16 image pipeline).
     """
+
     def stack(name: str) -> torch.Tensor:
         return torch.stack([getattr(seq, name) for seq in sequences])
 
     return {
-        "tokens": stack("tokens"), "labels": stack("labels"), "loss_mask": stack("loss_mask"),
-        "position_ids": stack("position_ids"), "document_ids": stack("document_ids"),
+        "tokens": stack("tokens"),
+        "labels": stack("labels"),
+        "loss_mask": stack("loss_mask"),
+        "position_ids": stack("position_ids"),
+        "document_ids": stack("document_ids"),
         "images": torch.cat([seq.images for seq in sequences]),
         "num_images": torch.tensor([seq.num_images for seq in sequences], dtype=torch.long),
-        "source_ids": torch.tensor([SOURCE_IDS[seq.source] for seq in sequences],
-                                   dtype=torch.long),
-        "num_real_tokens": torch.tensor([seq.num_real_tokens for seq in sequences],
-                                        dtype=torch.long),
+        "source_ids": torch.tensor([SOURCE_IDS[seq.source] for seq in sequences], dtype=torch.long),
+        "num_real_tokens": torch.tensor(
+            [seq.num_real_tokens for seq in sequences], dtype=torch.long
+        ),
     }

@@ -27,8 +27,7 @@ def mixture_probabilities(mixture: Dict[str, float]) -> Dict[str, float]:
     """Normalise mixture weights, in ``SOURCE_IDS`` order; unknown or bad weights raise."""
     unknown = sorted(set(mixture) - set(SOURCE_IDS))
     if unknown:
-        raise ValueError(f"data.mixture has unknown sources {unknown}; "
-                         f"known: {list(SOURCE_IDS)}")
+        raise ValueError(f"data.mixture has unknown sources {unknown}; known: {list(SOURCE_IDS)}")
     weights = {name: float(mixture.get(name, 0.0)) for name in SOURCE_IDS}
     if any(w < 0 or not np.isfinite(w) for w in weights.values()):
         raise ValueError(f"data.mixture weights must be finite and >= 0, got {mixture}")
@@ -42,9 +41,10 @@ def block_counts(probabilities: Dict[str, float], block: int) -> Dict[str, int]:
     """Largest-remainder integer counts summing to ``block``."""
     exact = {name: probabilities.get(name, 0.0) * block for name in SOURCE_IDS}
     counts = {name: int(np.floor(value)) for name, value in exact.items()}
-    by_remainder = sorted(SOURCE_IDS, key=lambda name: (-(exact[name] - counts[name]),
-                                                        SOURCE_IDS[name]))
-    for name in by_remainder[:block - sum(counts.values())]:
+    by_remainder = sorted(
+        SOURCE_IDS, key=lambda name: (-(exact[name] - counts[name]), SOURCE_IDS[name])
+    )
+    for name in by_remainder[: block - sum(counts.values())]:
         counts[name] += 1
     return counts
 
@@ -57,8 +57,7 @@ class MixtureSchedule:
         self.seed = seed
         self.block = block
         self.counts = block_counts(self.probabilities, block)
-        self._pattern: List[str] = [name for name in SOURCE_IDS
-                                    for _ in range(self.counts[name])]
+        self._pattern: List[str] = [name for name in SOURCE_IDS for _ in range(self.counts[name])]
         self._cached_block = -1
         self._cached: List[Tuple[str, int]] = []
 

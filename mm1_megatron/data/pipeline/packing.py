@@ -30,9 +30,12 @@ from typing import Iterable, Iterator, List, Sequence, Tuple
 
 import torch
 
+from mm1_megatron.batch.contract import (
+    expand_image_placeholders,
+    labels_and_loss_mask,
+    position_ids_from_documents,
+)
 from mm1_megatron.data.tokenizers.base import Tokenizer
-from mm1_megatron.batch.contract import (expand_image_placeholders, labels_and_loss_mask,
-                                        position_ids_from_documents)
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +69,17 @@ class PackedSequence:
         return int(self.images.shape[0])
 
 
-def pack_sequence(samples: Iterable[Sample], *, seq_length: int, num_image_tokens: int,
-                  max_images: int, tokenizer: Tokenizer, image_size: int,
-                  image_mean: Sequence[float], image_std: Sequence[float]) -> PackedSequence:
+def pack_sequence(
+    samples: Iterable[Sample],
+    *,
+    seq_length: int,
+    num_image_tokens: int,
+    max_images: int,
+    tokenizer: Tokenizer,
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+) -> PackedSequence:
     """Pack samples drawn from ``samples`` (all of one source) into one sequence.
 
     Reads only as many samples as the sequence needs; see the module docstring for rules.
@@ -77,17 +88,27 @@ def pack_sequence(samples: Iterable[Sample], *, seq_length: int, num_image_token
     iterator = iter(samples)
     first = next(iterator)
     if first.source == "interleaved":
-        documents = [_fit_interleaved(first, seq_length, num_image_tokens, max_images,
-                                      tokenizer.image_token_id)]
+        documents = [
+            _fit_interleaved(
+                first, seq_length, num_image_tokens, max_images, tokenizer.image_token_id
+            )
+        ]
     else:
-        documents = _fill_with_whole_samples(first, iterator, seq_length, num_image_tokens,
-                                             max_images, tokenizer.image_token_id)
-    return _assemble(documents, first.source, seq_length, tokenizer, image_size,
-                     image_mean, image_std)
+        documents = _fill_with_whole_samples(
+            first, iterator, seq_length, num_image_tokens, max_images, tokenizer.image_token_id
+        )
+    return _assemble(
+        documents, first.source, seq_length, tokenizer, image_size, image_mean, image_std
+    )
 
 
-def check_packing_arguments(seq_length: int, num_image_tokens: int, max_images: int,
-                            image_mean: Sequence[float], image_std: Sequence[float]) -> None:
+def check_packing_arguments(
+    seq_length: int,
+    num_image_tokens: int,
+    max_images: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+) -> None:
     """Raise ``ValueError`` for settings no sequence could be packed with."""
     if seq_length < 2:
         raise ValueError(f"seq_length={seq_length} must be >= 2")
@@ -96,44 +117,62 @@ def check_packing_arguments(seq_length: int, num_image_tokens: int, max_images: 
     if max_images < 0:
         raise ValueError(f"max_images={max_images} must be >= 0")
     if len(image_mean) != 3 or len(image_std) != 3:
-        raise ValueError(f"image_mean and image_std need 3 values (RGB), got "
-                         f"{list(image_mean)} and {list(image_std)}")
+        raise ValueError(
+            f"image_mean and image_std need 3 values (RGB), got "
+            f"{list(image_mean)} and {list(image_std)}"
+        )
     if min(image_std) <= 0:
         raise ValueError(f"image_std={list(image_std)} must be > 0")
 
 
-def _fill_with_whole_samples(first: Sample, rest: Iterator[Sample], seq_length: int,
-                             num_image_tokens: int, max_images: int,
-                             image_token_id: int) -> List[Document]:
+def _fill_with_whole_samples(
+    first: Sample,
+    rest: Iterator[Sample],
+    seq_length: int,
+    num_image_tokens: int,
+    max_images: int,
+    image_token_id: int,
+) -> List[Document]:
     documents: List[Document] = []
     num_tokens = num_images = num_skips = 0
     sample = first
     while True:
         _check_same_source(first, sample)
-        tokens = expand_image_placeholders(sample.token_ids, image_token_id=image_token_id,
-                                           num_image_tokens=num_image_tokens)
-        fits = (num_tokens + len(tokens) <= seq_length
-                and num_images + len(sample.images) <= max_images)
+        tokens = expand_image_placeholders(
+            sample.token_ids, image_token_id=image_token_id, num_image_tokens=num_image_tokens
+        )
+        fits = (
+            num_tokens + len(tokens) <= seq_length and num_images + len(sample.images) <= max_images
+        )
         if fits:
             documents.append((tokens, list(sample.images)))
-            num_tokens, num_images, num_skips = (num_tokens + len(tokens),
-                                                 num_images + len(sample.images), 0)
+            num_tokens, num_images, num_skips = (
+                num_tokens + len(tokens),
+                num_images + len(sample.images),
+                0,
+            )
         elif documents:
             return documents  # the sample that does not fit is dropped
         elif not sample.images:
-            logger.debug("truncating a %d-token %s sample to %d", len(tokens), sample.source,
-                         seq_length)
+            logger.debug(
+                "truncating a %d-token %s sample to %d", len(tokens), sample.source, seq_length
+            )
             return [(tokens[:seq_length], [])]
         else:
-            logger.debug("skipping a %s sample: %d tokens, %d images", sample.source,
-                         len(tokens), len(sample.images))
+            logger.debug(
+                "skipping a %s sample: %d tokens, %d images",
+                sample.source,
+                len(tokens),
+                len(sample.images),
+            )
             num_skips += 1
             if num_skips >= MAX_CONSECUTIVE_SKIPS:
                 raise ValueError(
                     f"{num_skips} {sample.source} samples in a row did not fit in an empty "
                     f"sequence (seq_length={seq_length}, max_images={max_images}, "
                     f"num_image_tokens={num_image_tokens}); raise seq_length or "
-                    f"max_images_per_sequence")
+                    f"max_images_per_sequence"
+                )
         if num_tokens == seq_length:
             return documents
         sample = next(rest)
@@ -141,22 +180,36 @@ def _fill_with_whole_samples(first: Sample, rest: Iterator[Sample], seq_length: 
 
 def _check_same_source(first: Sample, sample: Sample) -> None:
     if sample.source != first.source:
-        raise ValueError(f"a sequence packs one source, but got {sample.source!r} samples "
-                         f"after {first.source!r} ones")
+        raise ValueError(
+            f"a sequence packs one source, but got {sample.source!r} samples "
+            f"after {first.source!r} ones"
+        )
 
 
-def _fit_interleaved(sample: Sample, seq_length: int, num_image_tokens: int,
-                     max_images: int, image_token_id: int) -> Document:
-    kept, num_images = cut_interleaved(sample.token_ids, seq_length=seq_length,
-                                       num_image_tokens=num_image_tokens,
-                                       max_images=max_images, image_token_id=image_token_id)
-    tokens = expand_image_placeholders(kept, image_token_id=image_token_id,
-                                       num_image_tokens=num_image_tokens)
+def _fit_interleaved(
+    sample: Sample, seq_length: int, num_image_tokens: int, max_images: int, image_token_id: int
+) -> Document:
+    kept, num_images = cut_interleaved(
+        sample.token_ids,
+        seq_length=seq_length,
+        num_image_tokens=num_image_tokens,
+        max_images=max_images,
+        image_token_id=image_token_id,
+    )
+    tokens = expand_image_placeholders(
+        kept, image_token_id=image_token_id, num_image_tokens=num_image_tokens
+    )
     return tokens, list(sample.images[:num_images])
 
 
-def cut_interleaved(token_ids: Sequence[int], *, seq_length: int, num_image_tokens: int,
-                    max_images: int, image_token_id: int) -> Tuple[List[int], int]:
+def cut_interleaved(
+    token_ids: Sequence[int],
+    *,
+    seq_length: int,
+    num_image_tokens: int,
+    max_images: int,
+    image_token_id: int,
+) -> Tuple[List[int], int]:
     """The interleaved cut rule (module docstring): kept placeholder ids and image count.
 
     ``token_ids`` holds one ``image_token_id`` per image; the kept prefix keeps that form.
@@ -177,17 +230,33 @@ def cut_interleaved(token_ids: Sequence[int], *, seq_length: int, num_image_toke
     return kept, num_images
 
 
-def _assemble(documents: List[Document], source: str, seq_length: int, tokenizer: Tokenizer,
-              image_size: int, image_mean: Sequence[float],
-              image_std: Sequence[float]) -> PackedSequence:
+def _assemble(
+    documents: List[Document],
+    source: str,
+    seq_length: int,
+    tokenizer: Tokenizer,
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+) -> PackedSequence:
     images = [image for _, document_images in documents for image in document_images]
-    return assemble([tokens for tokens, _ in documents], source=source,
-                    seq_length=seq_length, tokenizer=tokenizer,
-                    images=normalise_images(images, image_size, image_mean, image_std))
+    return assemble(
+        [tokens for tokens, _ in documents],
+        source=source,
+        seq_length=seq_length,
+        tokenizer=tokenizer,
+        images=normalise_images(images, image_size, image_mean, image_std),
+    )
 
 
-def assemble(documents: Sequence[Sequence[int]], *, source: str, seq_length: int,
-             tokenizer: Tokenizer, images: torch.Tensor) -> PackedSequence:
+def assemble(
+    documents: Sequence[Sequence[int]],
+    *,
+    source: str,
+    seq_length: int,
+    tokenizer: Tokenizer,
+    images: torch.Tensor,
+) -> PackedSequence:
     """One sequence from documents of expanded token ids and their ``[n, 3, H, W]`` images.
 
     ``images`` are already normalised, in order of appearance. Padding fills the rest.
@@ -205,23 +274,38 @@ def assemble(documents: Sequence[Sequence[int]], *, source: str, seq_length: int
     document_list += [len(documents)] * num_padding
     tokens = torch.tensor(token_list, dtype=torch.long)
     document_ids = torch.tensor(document_list, dtype=torch.long)
-    labels, loss_mask = labels_and_loss_mask(tokens, document_ids,
-                                             image_token_id=tokenizer.image_token_id,
-                                             pad_token_id=tokenizer.pad_token_id)
+    labels, loss_mask = labels_and_loss_mask(
+        tokens,
+        document_ids,
+        image_token_id=tokenizer.image_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return PackedSequence(
-        tokens=tokens, labels=labels, loss_mask=loss_mask,
-        position_ids=position_ids_from_documents(document_ids), document_ids=document_ids,
-        images=images, source=source, num_real_tokens=num_real_tokens)
+        tokens=tokens,
+        labels=labels,
+        loss_mask=loss_mask,
+        position_ids=position_ids_from_documents(document_ids),
+        document_ids=document_ids,
+        images=images,
+        source=source,
+        num_real_tokens=num_real_tokens,
+    )
 
 
-def normalise_images(images: Sequence[torch.Tensor], image_size: int,
-                     image_mean: Sequence[float], image_std: Sequence[float]) -> torch.Tensor:
+def normalise_images(
+    images: Sequence[torch.Tensor],
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+) -> torch.Tensor:
     """Stack ``[3, H, W]`` images in [0, 1] into ``[n, 3, H, W]`` and apply ``(x-mean)/std``."""
     expected = (3, image_size, image_size)
     for image in images:
         if tuple(image.shape) != expected:
-            raise ValueError(f"image of shape {tuple(image.shape)} does not match "
-                             f"image_size={image_size}: expected {expected}")
+            raise ValueError(
+                f"image of shape {tuple(image.shape)} does not match "
+                f"image_size={image_size}: expected {expected}"
+            )
     if not images:
         return torch.zeros((0, *expected), dtype=torch.float32)
     mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)

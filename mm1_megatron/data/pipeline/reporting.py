@@ -16,15 +16,16 @@ from mm1_megatron.data.shards.skips import SKIP_REASONS, STAT_NAMES
 from mm1_megatron.parallel.collectives import all_reduce_values
 
 
-def data_metrics(loader, batches: Sequence[Dict[str, torch.Tensor]], *,
-                 group=None) -> Dict[str, float]:
+def data_metrics(
+    loader, batches: Sequence[Dict[str, torch.Tensor]], *, group=None
+) -> Dict[str, float]:
     """``data/skipped/<reason>`` and ``data/skipped`` (cumulative since the loader was
     built), ``data/unused_samples`` (cumulative) and ``data/packing_efficiency`` (real
     tokens / token slots over ``batches``, this step's micro-batches)."""
     real = sum(int(batch["num_real_tokens"].sum()) for batch in batches)
     slots = sum(int(batch["tokens"].numel()) for batch in batches)
     values = all_reduce_values(stats_vector(loader) + [real, slots], group=group)
-    counts = dict(zip(STAT_NAMES, values[:len(STAT_NAMES)]))
+    counts = dict(zip(STAT_NAMES, values[: len(STAT_NAMES)]))
     metrics = {f"data/skipped/{reason}": counts[reason] for reason in SKIP_REASONS}
     metrics["data/skipped"] = sum(counts[reason] for reason in SKIP_REASONS)
     metrics["data/unused_samples"] = counts["unused_samples"]

@@ -34,15 +34,15 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from mm1_megatron.batch.contract import expand_image_placeholders
 from mm1_megatron.data.pipeline.images import ImageDecoder
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
 from mm1_megatron.data.pipeline.packing import PackedSequence, assemble, cut_interleaved
+from mm1_megatron.data.shards.reader import Manifest, MemberRange, ShardReader, check_plain_tar
 from mm1_megatron.data.shards.records import parse_segments, tokenize_segments
 from mm1_megatron.data.shards.skips import BadSample, DataStats
-from mm1_megatron.data.shards.reader import Manifest, MemberRange, ShardReader, check_plain_tar
 from mm1_megatron.data.shards.text_index import TextCorpus
 from mm1_megatron.data.tokenizers.base import Tokenizer
-from mm1_megatron.batch.contract import expand_image_placeholders
 
 MAX_REPLACEMENTS = 16
 REPLACEMENT_STREAM = 11
@@ -75,8 +75,9 @@ class ShardCorpus:
             raise ValueError(f"shard manifests {names} list no samples")
         missing = [p for p in self.shard_paths if not os.path.isfile(p)]
         if missing:
-            raise ValueError(f"{len(missing)} shards listed in {names} do not exist, e.g. "
-                             f"{missing[:3]}")
+            raise ValueError(
+                f"{len(missing)} shards listed in {names} do not exist, e.g. {missing[:3]}"
+            )
         check_plain_tar(self.shard_paths[0])
         self.seed, self.stream = seed, stream
         self.reader = ShardReader()
@@ -99,11 +100,17 @@ class ShardCorpus:
         if sample.truncated:
             raise BadSample("truncated_tar", "a member's data is cut off by the end of the tar")
         members = sample.members
-        segments = parse_segments({ext: size for ext, (_, size) in members.items()},
-                                  lambda ext: self.reader.read(shard, members[ext]))
+        segments = parse_segments(
+            {ext: size for ext, (_, size) in members.items()},
+            lambda ext: self.reader.read(shard, members[ext]),
+        )
         tokenized = tokenize_segments(segments, tokenizer)
-        return LoadedSample(shard=shard, key=sample.key, token_ids=tokenized.token_ids,
-                            images=[members[ext] for ext in tokenized.image_members])
+        return LoadedSample(
+            shard=shard,
+            key=sample.key,
+            token_ids=tokenized.token_ids,
+            images=[members[ext] for ext in tokenized.image_members],
+        )
 
     def describe(self, position: int) -> Tuple[str, str]:
         """(shard, key) of a sample for messages; never raises."""
@@ -136,9 +143,18 @@ class ShardCorpus:
 
 
 class _ShardSource:
-    def __init__(self, name: str, corpus: ShardCorpus, *, tokenizer: Tokenizer,
-                 decoder: ImageDecoder, seq_length: int, num_image_tokens: int,
-                 max_images: int, seed: int):
+    def __init__(
+        self,
+        name: str,
+        corpus: ShardCorpus,
+        *,
+        tokenizer: Tokenizer,
+        decoder: ImageDecoder,
+        seq_length: int,
+        num_image_tokens: int,
+        max_images: int,
+        seed: int,
+    ):
         self.name, self.corpus, self.tokenizer, self.decoder = name, corpus, tokenizer, decoder
         self.seq_length, self.num_image_tokens = seq_length, num_image_tokens
         self.max_images, self.seed = max_images, seed
@@ -150,14 +166,17 @@ class _ShardSource:
         shard, key = self.corpus.describe(position)
         stats.skip(error, shard=shard, key=key)
 
-    def _decode(self, documents: List[Tuple[int, _Document]], stats: DataStats,
-                ) -> Tuple[List[_Document], List[_Document]]:
+    def _decode(
+        self,
+        documents: List[Tuple[int, _Document]],
+        stats: DataStats,
+    ) -> Tuple[List[_Document], List[_Document]]:
         """Read and decode the images of ``(position, document)`` pairs in one batch.
 
         Returns the documents whose images all decoded, and those that failed (counted).
         """
         blobs, owners, failed = [], [], {}
-        for number, (position, document) in enumerate(documents):
+        for number, (_, document) in enumerate(documents):
             try:
                 for member in document.sample.images:
                     blobs.append(self.corpus.reader.read(document.sample.shard, member))
@@ -179,12 +198,20 @@ class _ShardSource:
     def _assemble(self, documents: List[_Document]) -> PackedSequence:
         pixels = [p for doc in documents for p in doc.pixels]
         images = torch.stack(pixels) if pixels else self.decoder.empty()
-        return assemble([doc.tokens for doc in documents], source=self.name,
-                        seq_length=self.seq_length, tokenizer=self.tokenizer, images=images)
+        return assemble(
+            [doc.tokens for doc in documents],
+            source=self.name,
+            seq_length=self.seq_length,
+            tokenizer=self.tokenizer,
+            images=images,
+        )
 
     def _expand(self, token_ids: List[int]) -> List[int]:
-        return expand_image_placeholders(token_ids, image_token_id=self.tokenizer.image_token_id,
-                                         num_image_tokens=self.num_image_tokens)
+        return expand_image_placeholders(
+            token_ids,
+            image_token_id=self.tokenizer.image_token_id,
+            num_image_tokens=self.num_image_tokens,
+        )
 
 
 class CaptionSource(_ShardSource):
@@ -235,9 +262,12 @@ class CaptionSource(_ShardSource):
         sample = self.corpus.load(position, self.tokenizer)
         tokens = self._expand(sample.token_ids)
         if len(tokens) > self.seq_length or len(sample.images) > self.max_images:
-            raise BadSample("too_long", f"{len(tokens)} tokens and {len(sample.images)} images "
-                                        f"exceed seq_length={self.seq_length} / "
-                                        f"max_images={self.max_images}")
+            raise BadSample(
+                "too_long",
+                f"{len(tokens)} tokens and {len(sample.images)} images "
+                f"exceed seq_length={self.seq_length} / "
+                f"max_images={self.max_images}",
+            )
         return _Document(tokens=tokens, sample=sample)
 
 
@@ -262,8 +292,12 @@ class InterleavedSource(_ShardSource):
     def _load(self, position: int) -> _Document:
         sample = self.corpus.load(position, self.tokenizer)
         kept, num_images = cut_interleaved(
-            sample.token_ids, seq_length=self.seq_length, num_image_tokens=self.num_image_tokens,
-            max_images=self.max_images, image_token_id=self.tokenizer.image_token_id)
+            sample.token_ids,
+            seq_length=self.seq_length,
+            num_image_tokens=self.num_image_tokens,
+            max_images=self.max_images,
+            image_token_id=self.tokenizer.image_token_id,
+        )
         sample.images = sample.images[:num_images]  # later images are never read
         return _Document(tokens=self._expand(kept), sample=sample)
 
@@ -273,8 +307,14 @@ class TextSource:
 
     name = "text"
 
-    def __init__(self, corpus: TextCorpus, *, tokenizer: Tokenizer, seq_length: int,
-                 empty_images: torch.Tensor):
+    def __init__(
+        self,
+        corpus: TextCorpus,
+        *,
+        tokenizer: Tokenizer,
+        seq_length: int,
+        empty_images: torch.Tensor,
+    ):
         self.corpus, self.tokenizer, self.seq_length = corpus, tokenizer, seq_length
         self.empty_images = empty_images
         self._dropped = np.array([tokenizer.image_token_id, tokenizer.pad_token_id])
@@ -283,23 +323,37 @@ class TextSource:
         stats, documents = DataStats(), []
         for doc, tokens in self.corpus.chunk(index):
             if tokens.size and (tokens.min() < 0 or tokens.max() >= self.tokenizer.vocab_size):
-                stats.skip(BadSample("bad_text", f"token id {int(tokens.max())} outside the "
-                                                 f"vocabulary of {self.tokenizer.vocab_size}"),
-                           shard="text corpus", key=f"document {doc}")
+                stats.skip(
+                    BadSample(
+                        "bad_text",
+                        f"token id {int(tokens.max())} outside the "
+                        f"vocabulary of {self.tokenizer.vocab_size}",
+                    ),
+                    shard="text corpus",
+                    key=f"document {doc}",
+                )
                 continue
             documents.append(tokens[~np.isin(tokens, self._dropped)].tolist())
-        return assemble(documents, source="text", seq_length=self.seq_length,
-                        tokenizer=self.tokenizer, images=self.empty_images), stats
+        return assemble(
+            documents,
+            source="text",
+            seq_length=self.seq_length,
+            tokenizer=self.tokenizer,
+            images=self.empty_images,
+        ), stats
 
 
 class MixtureBuilder:
     """Global sequence ``g`` -> the source the schedule picks, and that source's index."""
 
     def __init__(self, schedule: MixtureSchedule, sources: Dict[str, object]):
-        missing = [name for name, p in schedule.probabilities.items() if p > 0 and name not in sources]
+        missing = [
+            name for name, p in schedule.probabilities.items() if p > 0 and name not in sources
+        ]
         if missing:
-            raise ValueError(f"the mixture gives weight to {missing} but no data is configured "
-                             f"for them")
+            raise ValueError(
+                f"the mixture gives weight to {missing} but no data is configured for them"
+            )
         self.schedule, self.sources = schedule, sources
 
     def sequence(self, global_index: int) -> Tuple[PackedSequence, DataStats]:
@@ -308,4 +362,3 @@ class MixtureBuilder:
 
     def source_of(self, global_index: int) -> str:
         return self.schedule.source_of(global_index)
-

@@ -1,1 +1,2 @@
-"""On-disk data: tar shards and manifests, records, the writer, ingest of public layouts, indexed text."""
+"""On-disk data: tar shards and manifests, records, the writer, ingest of public layouts,
+indexed text, bad-sample accounting."""

@@ -39,12 +39,14 @@ def _read_json(path: PathLike):
         raise ValueError(f"cannot read JSON file {path}: {exc}") from exc
 
 
-def coco_items(captions_json: PathLike, image_root: PathLike, *,
-               all_captions: bool = False) -> Iterator[List[InputSegment]]:
+def coco_items(
+    captions_json: PathLike, image_root: PathLike, *, all_captions: bool = False
+) -> Iterator[List[InputSegment]]:
     data = _read_json(captions_json)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{captions_json} is not a COCO captions file (needs 'images' and "
-                         f"'annotations')")
+        raise ValueError(
+            f"{captions_json} is not a COCO captions file (needs 'images' and 'annotations')"
+        )
     files = {image["id"]: image["file_name"] for image in data["images"]}
     root = Path(image_root)
     seen = set()
@@ -64,8 +66,14 @@ def llava_items(json_path: PathLike, image_root: PathLike) -> Iterator[List[Inpu
         raise ValueError(f"{json_path} is not a LLaVA-pretrain file (a JSON list of entries)")
     root = Path(image_root)
     for entry in data:
-        caption = next((turn.get("value", "") for turn in entry.get("conversations", [])
-                        if turn.get("from") == "gpt"), "")
+        caption = next(
+            (
+                turn.get("value", "")
+                for turn in entry.get("conversations", [])
+                if turn.get("from") == "gpt"
+            ),
+            "",
+        )
         name = entry.get("image", "")
         yield [ImageFile(root / name if name else None, name), caption.strip()]
 
@@ -92,9 +100,12 @@ def _image_file(reference: str, root: Path, url_map: Dict[str, Path]) -> ImageFi
     return ImageFile(root / reference, reference)
 
 
-def interleaved_items(jsonl_paths: Sequence[PathLike], image_root: PathLike, *,
-                      url_map: Optional[Dict[str, Path]] = None,
-                      ) -> Iterator[List[InputSegment]]:
+def interleaved_items(
+    jsonl_paths: Sequence[PathLike],
+    image_root: PathLike,
+    *,
+    url_map: Optional[Dict[str, Path]] = None,
+) -> Iterator[List[InputSegment]]:
     root, url_map = Path(image_root), url_map or {}
     for document in _jsonl_objects(jsonl_paths, Counter()):
         segments: List[InputSegment] = []
@@ -113,8 +124,9 @@ def interleaved_items(jsonl_paths: Sequence[PathLike], image_root: PathLike, *,
         yield segments
 
 
-def jsonl_texts(jsonl_paths: Sequence[PathLike], text_key: str = "text",
-                counts: Optional[Counter] = None) -> Iterator[str]:
+def jsonl_texts(
+    jsonl_paths: Sequence[PathLike], text_key: str = "text", counts: Optional[Counter] = None
+) -> Iterator[str]:
     counts = counts if counts is not None else Counter()
     for document in _jsonl_objects(jsonl_paths, counts):
         text = document.get(text_key)

@@ -41,8 +41,12 @@ MANIFEST_NAME = "manifest.json"
 SHARD_KINDS = ("caption", "interleaved")
 MAX_OPEN_SHARDS = 32
 
-COMPRESSION_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ", "xz"),
-                     (b"\x28\xb5\x2f\xfd", "zstd"))
+COMPRESSION_MAGIC = (
+    (b"\x1f\x8b", "gzip"),
+    (b"BZh", "bzip2"),
+    (b"\xfd7zXZ", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+)
 
 MemberRange = Tuple[int, int]  # byte offset of the data, size
 
@@ -93,8 +97,9 @@ def scan_shard(path: Union[str, Path]) -> ShardIndex:
                 try:
                     info = archive.next()
                 except (tarfile.ReadError, EOFError, OSError) as exc:
-                    logger.warning("shard %s: unreadable after %d samples (%s)", path,
-                                   len(samples), exc)
+                    logger.warning(
+                        "shard %s: unreadable after %d samples (%s)", path, len(samples), exc
+                    )
                     truncated = True
                     break
                 if info is None:
@@ -123,8 +128,10 @@ def check_plain_tar(path: Union[str, Path]) -> None:
         raise ValueError(f"shard {path} cannot be read: {exc}") from exc
     for magic, name in COMPRESSION_MAGIC:
         if head.startswith(magic):
-            raise ValueError(f"shard {path} is {name}-compressed; shards must be plain .tar "
-                             f"files (random access needs byte offsets): decompress it")
+            raise ValueError(
+                f"shard {path} is {name}-compressed; shards must be plain .tar "
+                f"files (random access needs byte offsets): decompress it"
+            )
 
 
 class ShardReader:
@@ -133,7 +140,7 @@ class ShardReader:
     def __init__(self, max_open: int = MAX_OPEN_SHARDS):
         self.max_open = max_open
         self._pid = -1
-        self._open: "OrderedDict[str, Tuple[int, ShardIndex]]" = OrderedDict()
+        self._open: OrderedDict[str, Tuple[int, ShardIndex]] = OrderedDict()
 
     def index(self, path: str) -> ShardIndex:
         return self._entry(path)[1]
@@ -142,8 +149,10 @@ class ShardReader:
         """The ``position``-th sample of the shard; ``BadSample`` if the shard lost it."""
         index = self.index(path)
         if position >= len(index.samples):
-            raise BadSample("truncated_tar", f"sample {position} is past the {len(index.samples)}"
-                                             f" readable samples of the shard")
+            raise BadSample(
+                "truncated_tar",
+                f"sample {position} is past the {len(index.samples)} readable samples of the shard",
+            )
         return index.samples[position]
 
     def read(self, path: str, member: MemberRange) -> bytes:
@@ -190,37 +199,47 @@ def load_manifest(path: Union[str, Path], kind: Optional[str] = None) -> Manifes
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read shard manifest {file}: {exc}; build one with "
-                         f"tools/build_shards.py") from exc
+        raise ValueError(
+            f"cannot read shard manifest {file}: {exc}; build one with tools/build_shards.py"
+        ) from exc
     if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{file} is not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest")
     if kind is not None and data.get("kind") != kind:
-        raise ValueError(f"{file} lists {data.get('kind')!r} shards but is configured as a "
-                         f"{kind!r} source")
+        raise ValueError(
+            f"{file} lists {data.get('kind')!r} shards but is configured as a {kind!r} source"
+        )
     shards = data.get("shards", [])
     paths = [str((file.parent / entry["path"]).resolve()) for entry in shards]
     sizes = [int(entry["num_samples"]) for entry in shards]
     extra = {k: v for k, v in data.items() if k not in ("format", "version", "kind", "shards")}
-    return Manifest(kind=data["kind"], shard_paths=paths, shard_sizes=sizes, path=str(file),
-                    extra=extra)
+    return Manifest(
+        kind=data["kind"], shard_paths=paths, shard_sizes=sizes, path=str(file), extra=extra
+    )
 
 
-def write_manifest(path: Union[str, Path], kind: str, shards: List[Dict[str, object]],
-                   **extra: object) -> Path:
+def write_manifest(
+    path: Union[str, Path], kind: str, shards: List[Dict[str, object]], **extra: object
+) -> Path:
     """Write atomically; ``shards`` entries need ``path`` (relative) and ``num_samples``."""
     if kind not in SHARD_KINDS:
         raise ValueError(f"shard kind {kind!r} is not one of {SHARD_KINDS}")
     file = manifest_file(path)
-    payload = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "kind": kind,
-               "shards": shards, **extra}
+    payload = {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "kind": kind,
+        "shards": shards,
+        **extra,
+    }
     temporary = file.with_name(file.name + ".tmp")
     temporary.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
     os.replace(temporary, file)
     return file
 
 
-def index_existing_shards(tar_paths: List[Union[str, Path]], manifest_path: Union[str, Path],
-                          kind: str) -> Path:
+def index_existing_shards(
+    tar_paths: List[Union[str, Path]], manifest_path: Union[str, Path], kind: str
+) -> Path:
     """A manifest for shards written by other tools (e.g. img2dataset): scans each once."""
     file = manifest_file(manifest_path)
     entries = []

@@ -27,8 +27,14 @@ from mm1_megatron.data.shards.skips import BadSample
 from mm1_megatron.data.tokenizers.base import Tokenizer
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
-IMAGE_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"GIF8", "gif"),
-               (b"BM", "bmp"), (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
+IMAGE_MAGIC = (
+    (b"\xff\xd8\xff", "jpg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF8", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tif"),
+    (b"MM\x00*", "tif"),
+)
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,10 @@ def parse_segments(members: Dict[str, int], read: Callable[[str], bytes]) -> Lis
     for segment in segments:
         if isinstance(segment, ImageRef):
             if segment.extension not in members:
-                raise BadSample("missing_image", f"record names image {segment.extension!r}, "
-                                                 f"members are {sorted(members)}")
+                raise BadSample(
+                    "missing_image",
+                    f"record names image {segment.extension!r}, members are {sorted(members)}",
+                )
             if members[segment.extension] == 0:
                 raise BadSample("empty_file", f"zero-byte image {segment.extension!r}")
     return segments
@@ -88,12 +96,17 @@ def parse_segments(members: Dict[str, int], read: Callable[[str], bytes]) -> Lis
 
 def _caption_pair(members: Dict[str, int], read: Callable[[str], bytes]) -> List[Segment]:
     if "txt" not in members:
-        raise BadSample("bad_record", f"neither a json record with segments nor a txt caption "
-                                      f"among members {sorted(members)}")
+        raise BadSample(
+            "bad_record",
+            f"neither a json record with segments nor a txt caption "
+            f"among members {sorted(members)}",
+        )
     images = [ext for ext in members if is_image_extension(ext)]
     if len(images) != 1:
-        raise BadSample("bad_record" if images else "missing_image",
-                        f"a txt caption needs exactly one image member, found {images}")
+        raise BadSample(
+            "bad_record" if images else "missing_image",
+            f"a txt caption needs exactly one image member, found {images}",
+        )
     return [ImageRef(images[0]), decode_text(read("txt"))]
 
 
@@ -114,8 +127,9 @@ def _segments_from_json(data: bytes) -> Optional[List[Segment]]:
         elif isinstance(item, dict) and set(item) == {"image"} and isinstance(item["image"], str):
             segments.append(ImageRef(item["image"].lower()))
         else:
-            raise BadSample("bad_record", f"segment {item!r} is neither {{'text': str}} nor "
-                                          f"{{'image': str}}")
+            raise BadSample(
+                "bad_record", f"segment {item!r} is neither {{'text': str}} nor {{'image': str}}"
+            )
     return segments
 
 

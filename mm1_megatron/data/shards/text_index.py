@@ -24,8 +24,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from mm1_megatron.data.tokenizers.text import tokenizer_fingerprint
 from mm1_megatron.data.tokenizers.base import Tokenizer
+from mm1_megatron.data.tokenizers.text import tokenizer_fingerprint
 from mm1_megatron.utils.progress import ProgressLine
 
 logger = logging.getLogger(__name__)
@@ -45,9 +45,15 @@ def _token_dtype(vocab_size: int):
     return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
 
 
-def build_text_index(texts: Iterable[str], out_prefix: Union[str, Path], tokenizer: Tokenizer,
-                     *, docs_per_part: int = 100_000, total: Optional[int] = None,
-                     progress: bool = True) -> Dict[str, int]:
+def build_text_index(
+    texts: Iterable[str],
+    out_prefix: Union[str, Path],
+    tokenizer: Tokenizer,
+    *,
+    docs_per_part: int = 100_000,
+    total: Optional[int] = None,
+    progress: bool = True,
+) -> Dict[str, int]:
     """Write ``<out_prefix>.bin/.idx/.meta.json``; returns document and token counts."""
     ix = _indexed_dataset()
     out_prefix = Path(out_prefix)
@@ -65,8 +71,9 @@ def build_text_index(texts: Iterable[str], out_prefix: Union[str, Path], tokeniz
         if position < skip:
             continue
         if builder is None:
-            builder = ix.IndexedDatasetBuilder(str(parts_dir / f"part-{len(done):05d}.bin.tmp"),
-                                               dtype=dtype)
+            builder = ix.IndexedDatasetBuilder(
+                str(parts_dir / f"part-{len(done):05d}.bin.tmp"), dtype=dtype
+            )
         ids = [token for token in tokenizer.encode(text) if token not in dropped]
         if not ids:
             counts["empty"] += 1
@@ -108,16 +115,21 @@ def check_text_meta(prefix: str, tokenizer: Tokenizer) -> None:
     """``ValueError`` when ``<prefix>.meta.json`` names a different tokenizer."""
     meta_path = Path(f"{prefix}.meta.json")
     if not meta_path.exists():
-        logger.warning("%s has no .meta.json (not built by tools/build_text_index.py): "
-                       "cannot check that it was tokenized with this tokenizer", prefix)
+        logger.warning(
+            "%s has no .meta.json (not built by tools/build_text_index.py): "
+            "cannot check that it was tokenized with this tokenizer",
+            prefix,
+        )
         return
     saved = json.loads(meta_path.read_text())["tokenizer"]
     current = tokenizer_fingerprint(tokenizer)
     for key in ("vocab_size", "special_ids", "sha256"):
         if key in saved and key in current and saved[key] != current[key]:
-            raise ValueError(f"text corpus {prefix} was tokenized with another tokenizer "
-                             f"({key} {saved[key]} vs {current[key]}); rebuild it with "
-                             f"tools/build_text_index.py and this data.tokenizer.path")
+            raise ValueError(
+                f"text corpus {prefix} was tokenized with another tokenizer "
+                f"({key} {saved[key]} vs {current[key]}); rebuild it with "
+                f"tools/build_text_index.py and this data.tokenizer.path"
+            )
 
 
 class TextCorpus:
@@ -130,23 +142,28 @@ class TextCorpus:
         self.prefixes = [str(p) for p in prefixes]
         for prefix in self.prefixes:
             if not ix.IndexedDataset.exists(prefix):
-                raise ValueError(f"no indexed dataset at {prefix} (.bin and .idx); build one "
-                                 f"with tools/build_text_index.py")
+                raise ValueError(
+                    f"no indexed dataset at {prefix} (.bin and .idx); build one "
+                    f"with tools/build_text_index.py"
+                )
         self.seq_length, self.seed = seq_length, seed
         self._datasets = [ix.IndexedDataset(prefix) for prefix in self.prefixes]
         lengths = [self._document_lengths(ds) for ds in self._datasets]
-        self.doc_offsets = np.cumsum([0] + [len(l) for l in lengths])
+        self.doc_offsets = np.cumsum([0] + [len(doc_lengths) for doc_lengths in lengths])
         self.doc_lengths = np.concatenate(lengths).astype(np.int32)
         self.num_documents = len(self.doc_lengths)
         starts = np.arange(0, self.num_documents, DOC_BLOCK)
-        self.block_tokens = np.add.reduceat(self.doc_lengths.astype(np.int64), starts) \
-            if self.num_documents else np.zeros(0, dtype=np.int64)
+        self.block_tokens = (
+            np.add.reduceat(self.doc_lengths.astype(np.int64), starts)
+            if self.num_documents
+            else np.zeros(0, dtype=np.int64)
+        )
         self.tokens_per_epoch = int(self.block_tokens.sum())
         if self.tokens_per_epoch == 0:
             raise ValueError(f"text corpora {self.prefixes} hold no tokens")
         self.chunks_per_epoch = -(-self.tokens_per_epoch // seq_length)
-        self._epochs: "OrderedDict[int, Tuple[np.ndarray, np.ndarray]]" = OrderedDict()
-        self._blocks: "OrderedDict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]]" = OrderedDict()
+        self._epochs: OrderedDict[int, Tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._blocks: OrderedDict[Tuple[int, int], Tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     @staticmethod
     def _document_lengths(dataset) -> np.ndarray:
@@ -181,7 +198,8 @@ class TextCorpus:
     def _epoch(self, epoch: int) -> Tuple[np.ndarray, np.ndarray]:
         if epoch not in self._epochs:
             order = np.random.default_rng([self.seed, TEXT_STREAM, epoch]).permutation(
-                len(self.block_tokens))
+                len(self.block_tokens)
+            )
             self._epochs[epoch] = (order, np.cumsum(self.block_tokens[order]))
             while len(self._epochs) > 2:
                 self._epochs.popitem(last=False)
@@ -208,4 +226,4 @@ class TextCorpus:
         if last - first == 1:
             return np.asarray(dataset.get(first, offset=offset, length=length), dtype=np.int64)
         tokens = np.concatenate(dataset[first:last])
-        return tokens[offset:offset + length].astype(np.int64)
+        return tokens[offset : offset + length].astype(np.int64)

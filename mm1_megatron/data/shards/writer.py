@@ -24,9 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
+from mm1_megatron.data.shards.reader import (
+    MANIFEST_NAME,
+    SHARD_KINDS,
+    load_manifest,
+    manifest_file,
+    write_manifest,
+)
 from mm1_megatron.data.shards.records import image_extension_of, record_members
-from mm1_megatron.data.shards.reader import (MANIFEST_NAME, SHARD_KINDS, load_manifest, manifest_file,
-                                          write_manifest)
 from mm1_megatron.utils.progress import ProgressLine
 
 logger = logging.getLogger(__name__)
@@ -50,8 +55,15 @@ class SkipItem(Exception):
 class ShardWriter:
     """Appends samples to the current shard; see the module docstring for resuming."""
 
-    def __init__(self, out_dir: Union[str, Path], *, kind: str, samples_per_shard: int,
-                 input_id: str, prefix: Optional[str] = None):
+    def __init__(
+        self,
+        out_dir: Union[str, Path],
+        *,
+        kind: str,
+        samples_per_shard: int,
+        input_id: str,
+        prefix: Optional[str] = None,
+    ):
         if kind not in SHARD_KINDS:
             raise ValueError(f"kind {kind!r} is not one of {SHARD_KINDS}")
         if samples_per_shard < 1:
@@ -71,8 +83,10 @@ class ShardWriter:
         if file.exists():
             manifest = load_manifest(file)
             if manifest.kind != self.kind or manifest.extra.get("input_id") != self.input_id:
-                raise ValueError(f"{self.out_dir} already holds {manifest.kind} shards built "
-                                 f"from other inputs or options; use a new output folder")
+                raise ValueError(
+                    f"{self.out_dir} already holds {manifest.kind} shards built "
+                    f"from other inputs or options; use a new output folder"
+                )
             self.shards = list(manifest.extra.get("shard_inputs", []))
             self.resume_from = int(self.shards[-1]["input_end"]) if self.shards else 0
         for stale in self.out_dir.glob("*.tar.partial"):
@@ -84,8 +98,9 @@ class ShardWriter:
 
     def add(self, key: str, members: Dict[str, bytes], input_position: int) -> None:
         if self._tar is None:
-            self._tar = tarfile.open(self.out_dir / (self._shard_name + ".partial"), "w",
-                                     format=tarfile.PAX_FORMAT)
+            self._tar = tarfile.open(
+                self.out_dir / (self._shard_name + ".partial"), "w", format=tarfile.PAX_FORMAT
+            )
         for extension, data in members.items():
             info = tarfile.TarInfo(name=f"{key}.{extension}")
             info.size, info.mode, info.mtime = len(data), 0o644, 0
@@ -104,16 +119,22 @@ class ShardWriter:
         self._tar.close()
         name = self._shard_name
         os.replace(self.out_dir / (name + ".partial"), self.out_dir / name)
-        self.shards.append({"path": name, "num_samples": self._num_in_shard,
-                            "input_end": input_end})
+        self.shards.append(
+            {"path": name, "num_samples": self._num_in_shard, "input_end": input_end}
+        )
         self._tar, self._num_in_shard = None, 0
         self._write_manifest(complete=False)
 
     def _write_manifest(self, complete: bool) -> Path:
         entries = [{"path": s["path"], "num_samples": s["num_samples"]} for s in self.shards]
-        return write_manifest(self.out_dir / MANIFEST_NAME, self.kind, entries,
-                              input_id=self.input_id, complete=complete,
-                              shard_inputs=self.shards)
+        return write_manifest(
+            self.out_dir / MANIFEST_NAME,
+            self.kind,
+            entries,
+            input_id=self.input_id,
+            complete=complete,
+            shard_inputs=self.shards,
+        )
 
 
 def inputs_id(*parts: object) -> str:
@@ -148,19 +169,29 @@ def _verify(data: bytes, path: Path) -> None:
         raise SkipItem("corrupt_image", f"image {path}: {exc}") from exc
 
 
-def build_shards(items: Iterable[Sequence[InputSegment]], out_dir: Union[str, Path], *,
-                 kind: str, samples_per_shard: int, input_id: str, verify_images: bool = False,
-                 total: Optional[int] = None, progress: bool = True) -> Dict[str, int]:
+def build_shards(
+    items: Iterable[Sequence[InputSegment]],
+    out_dir: Union[str, Path],
+    *,
+    kind: str,
+    samples_per_shard: int,
+    input_id: str,
+    verify_images: bool = False,
+    total: Optional[int] = None,
+    progress: bool = True,
+) -> Dict[str, int]:
     """Write every item as one sample; returns counts (``written`` and skip reasons)."""
-    writer = ShardWriter(out_dir, kind=kind, samples_per_shard=samples_per_shard,
-                         input_id=input_id)
+    writer = ShardWriter(out_dir, kind=kind, samples_per_shard=samples_per_shard, input_id=input_id)
     counts: Counter = Counter()
     bar = ProgressLine(f"{kind} shards", total, unit="items") if progress else None
     if bar is not None:
         bar.count = writer.resume_from
     if writer.resume_from:
-        logger.info("resuming: %d finished shards cover the first %d items",
-                    len(writer.shards), writer.resume_from)
+        logger.info(
+            "resuming: %d finished shards cover the first %d items",
+            len(writer.shards),
+            writer.resume_from,
+        )
     position = -1
     for position, segments in enumerate(items):
         if position < writer.resume_from:

@@ -15,8 +15,11 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from mm1_megatron.data.pipeline.mixture import mixture_probabilities
-from mm1_megatron.data.pipeline.packing import (PackedSequence, check_packing_arguments,
-                                                pack_sequence)
+from mm1_megatron.data.pipeline.packing import (
+    PackedSequence,
+    check_packing_arguments,
+    pack_sequence,
+)
 from mm1_megatron.data.shards.skips import DataStats
 from mm1_megatron.data.synthetic.world import SyntheticGenerator
 from mm1_megatron.data.tokenizers.base import SyntheticTokenizer, Tokenizer
@@ -27,21 +30,39 @@ logger = logging.getLogger(__name__)
 class SyntheticSequences:
     """``sequence(g) -> (PackedSequence, DataStats)`` drawn from the synthetic world."""
 
-    def __init__(self, mixture: dict, *, seq_length: int, num_image_tokens: int,
-                 max_images: int, image_size: int, image_mean: Sequence[float],
-                 image_std: Sequence[float], seed: int, tokenizer: Optional[Tokenizer] = None):
+    def __init__(
+        self,
+        mixture: dict,
+        *,
+        seq_length: int,
+        num_image_tokens: int,
+        max_images: int,
+        image_size: int,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+        seed: int,
+        tokenizer: Optional[Tokenizer] = None,
+    ):
         if seed < 0:
             raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's SeedSequence)")
         check_packing_arguments(seq_length, num_image_tokens, max_images, image_mean, image_std)
         self.probabilities = mixture_probabilities(mixture)
         self.tokenizer = tokenizer if tokenizer is not None else SyntheticTokenizer()
         self.generator = SyntheticGenerator(self.tokenizer, image_size)
-        self.packing = dict(seq_length=seq_length, num_image_tokens=num_image_tokens,
-                            max_images=max_images, image_size=image_size,
-                            image_mean=list(image_mean), image_std=list(image_std))
+        self.packing = dict(
+            seq_length=seq_length,
+            num_image_tokens=num_image_tokens,
+            max_images=max_images,
+            image_size=image_size,
+            image_mean=list(image_mean),
+            image_std=list(image_std),
+        )
         self.seed = seed
-        logger.info("synthetic data: mixture %s, seed %d",
-                    {k: round(v, 4) for k, v in self.probabilities.items()}, seed)
+        logger.info(
+            "synthetic data: mixture %s, seed %d",
+            {k: round(v, 4) for k, v in self.probabilities.items()},
+            seed,
+        )
 
     def source_of(self, global_index: int) -> str:
         """The source of sequence ``global_index`` (cheap: draws no content)."""
@@ -51,8 +72,9 @@ class SyntheticSequences:
         """Sequence ``global_index``; the synthetic world has no bad samples to count."""
         rng = self._rng(global_index)
         source = self._draw_source(rng)
-        packed = pack_sequence(self.generator.stream(source, rng), tokenizer=self.tokenizer,
-                               **self.packing)
+        packed = pack_sequence(
+            self.generator.stream(source, rng), tokenizer=self.tokenizer, **self.packing
+        )
         return packed, DataStats()
 
     def _rng(self, global_index: int) -> np.random.Generator:

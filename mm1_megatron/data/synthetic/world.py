@@ -24,26 +24,38 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from mm1_megatron.data.tokenizers import base as vocab
 from mm1_megatron.data.pipeline.packing import Sample
+from mm1_megatron.data.tokenizers import base as vocab
 from mm1_megatron.data.tokenizers.base import Tokenizer
 
 SOURCES = ("caption", "interleaved", "text")
 MIN_IMAGE_SIZE = 12
 
 COLOUR_RGB: Dict[str, Tuple[float, float, float]] = {
-    "red": (1.0, 0.0, 0.0), "green": (0.0, 0.8, 0.0), "blue": (0.0, 0.0, 1.0),
-    "yellow": (1.0, 1.0, 0.0), "purple": (0.6, 0.0, 0.8), "orange": (1.0, 0.55, 0.0),
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 0.8, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+    "purple": (0.6, 0.0, 0.8),
+    "orange": (1.0, 0.55, 0.0),
     "cyan": (0.0, 1.0, 1.0),
 }
 BACKGROUND_RGB: Dict[str, Tuple[float, float, float]] = {
-    "black": (0.0, 0.0, 0.0), "white": (1.0, 1.0, 1.0), "gray": (0.5, 0.5, 0.5),
+    "black": (0.0, 0.0, 0.0),
+    "white": (1.0, 1.0, 1.0),
+    "gray": (0.5, 0.5, 0.5),
 }
 # Cell index (row-major over the 3x3 grid) -> the words naming it.
 CELL_NAMES: Tuple[Tuple[str, ...], ...] = (
-    ("top", "left"), ("top", "center"), ("top", "right"),
-    ("middle", "left"), ("center",), ("middle", "right"),
-    ("bottom", "left"), ("bottom", "center"), ("bottom", "right"),
+    ("top", "left"),
+    ("top", "center"),
+    ("top", "right"),
+    ("middle", "left"),
+    ("center",),
+    ("middle", "right"),
+    ("bottom", "left"),
+    ("bottom", "center"),
+    ("bottom", "right"),
 )
 assert tuple(COLOUR_RGB) == vocab.SHAPE_COLOUR_WORDS
 assert tuple(BACKGROUND_RGB) == vocab.BACKGROUND_WORDS
@@ -74,12 +86,16 @@ def random_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
     num_shapes = int(rng.integers(1, max_shapes + 1))
     cells = sorted(int(c) for c in rng.choice(len(CELL_NAMES), num_shapes, replace=False))
     shapes = tuple(
-        ShapeSpec(colour=vocab.SHAPE_COLOUR_WORDS[rng.integers(len(vocab.SHAPE_COLOUR_WORDS))],
-                  shape=vocab.SHAPE_WORDS[rng.integers(len(vocab.SHAPE_WORDS))], cell=cell,
-                  offset_x=float(rng.uniform(-0.1, 0.1)),
-                  offset_y=float(rng.uniform(-0.1, 0.1)),
-                  radius=float(rng.uniform(0.28, 0.38)))
-        for cell in cells)
+        ShapeSpec(
+            colour=vocab.SHAPE_COLOUR_WORDS[rng.integers(len(vocab.SHAPE_COLOUR_WORDS))],
+            shape=vocab.SHAPE_WORDS[rng.integers(len(vocab.SHAPE_WORDS))],
+            cell=cell,
+            offset_x=float(rng.uniform(-0.1, 0.1)),
+            offset_y=float(rng.uniform(-0.1, 0.1)),
+            radius=float(rng.uniform(0.28, 0.38)),
+        )
+        for cell in cells
+    )
     background = vocab.BACKGROUND_WORDS[rng.integers(len(vocab.BACKGROUND_WORDS))]
     return Scene(background=background, shapes=shapes)
 
@@ -91,7 +107,7 @@ def shape_mask(spec: ShapeSpec, image_size: int) -> np.ndarray:
     row, col = divmod(spec.cell, 3)
     cx, cy, r = col + 0.5 + spec.offset_x, row + 0.5 + spec.offset_y, spec.radius
     if spec.shape == "circle":
-        mask = (xs - cx) ** 2 + (ys - cy) ** 2 <= r ** 2
+        mask = (xs - cx) ** 2 + (ys - cy) ** 2 <= r**2
     elif spec.shape == "square":
         half = 0.85 * r
         mask = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
@@ -108,8 +124,10 @@ def shape_mask(spec: ShapeSpec, image_size: int) -> np.ndarray:
 def draw_scene(scene: Scene, image_size: int) -> torch.Tensor:
     """Render ``scene`` as a ``[3, image_size, image_size]`` float32 tensor in [0, 1]."""
     if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size={image_size} is too small; the 3x3 grid of shapes "
-                         f"needs at least {MIN_IMAGE_SIZE} px")
+        raise ValueError(
+            f"image_size={image_size} is too small; the 3x3 grid of shapes "
+            f"needs at least {MIN_IMAGE_SIZE} px"
+        )
     image = np.empty((image_size, image_size, 3), dtype=np.float32)
     image[:] = BACKGROUND_RGB[scene.background]
     for spec in scene.shapes:
@@ -139,21 +157,38 @@ def count_words(count: int, noun: str = "shape") -> List[str]:
 
 
 def caption_words(scene: Scene) -> List[str]:
-    return [*count_words(len(scene.shapes)), "on", "a", scene.background, "background", ":",
-            *describe_shapes(scene), "."]
+    return [
+        *count_words(len(scene.shapes)),
+        "on",
+        "a",
+        scene.background,
+        "background",
+        ":",
+        *describe_shapes(scene),
+        ".",
+    ]
 
 
 class SyntheticGenerator:
     """Draws ``Sample``s of the three sources; see the module docstring for the formats."""
 
-    def __init__(self, tokenizer: Tokenizer, image_size: int, *, max_shapes: int = 3,
-                 min_interleaved_images: int = 2, max_interleaved_images: int = 4):
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        image_size: int,
+        *,
+        max_shapes: int = 3,
+        min_interleaved_images: int = 2,
+        max_interleaved_images: int = 4,
+    ):
         if not 1 <= max_shapes <= len(CELL_NAMES):
             raise ValueError(f"max_shapes={max_shapes} must be in [1, {len(CELL_NAMES)}]")
         if not 1 <= min_interleaved_images <= max_interleaved_images <= len(vocab.ORDINAL_WORDS):
-            raise ValueError(f"need 1 <= min_interleaved_images <= max_interleaved_images <= "
-                             f"{len(vocab.ORDINAL_WORDS)}, got {min_interleaved_images} "
-                             f"and {max_interleaved_images}")
+            raise ValueError(
+                f"need 1 <= min_interleaved_images <= max_interleaved_images <= "
+                f"{len(vocab.ORDINAL_WORDS)}, got {min_interleaved_images} "
+                f"and {max_interleaved_images}"
+            )
         if image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"image_size={image_size} must be >= {MIN_IMAGE_SIZE}")
         self.tokenizer = tokenizer
@@ -181,18 +216,32 @@ class SyntheticGenerator:
         return self._sample("caption", [ImageSlot, *caption_words(scene)], [scene])
 
     def interleaved(self, rng: np.random.Generator) -> Sample:
-        num_images = int(rng.integers(self.min_interleaved_images,
-                                      self.max_interleaved_images + 1))
+        num_images = int(rng.integers(self.min_interleaved_images, self.max_interleaved_images + 1))
         scenes = [random_scene(rng, self.max_shapes) for _ in range(num_images)]
         words: List[Optional[str]] = []
         for i, scene in enumerate(scenes):
             if rng.random() < 0.5:  # introduce, then describe after the image
                 intro = ["here", "is", "a"] if i == 0 else ["next", ",", "another"]
-                words += [*intro, "picture", ":", ImageSlot, "it", "shows",
-                          *describe_shapes(scene), "."]
+                words += [
+                    *intro,
+                    "picture",
+                    ":",
+                    ImageSlot,
+                    "it",
+                    "shows",
+                    *describe_shapes(scene),
+                    ".",
+                ]
             else:  # describe first, the image follows
-                words += ["the", vocab.ORDINAL_WORDS[i], "picture", "shows",
-                          *describe_shapes(scene), ":", ImageSlot]
+                words += [
+                    "the",
+                    vocab.ORDINAL_WORDS[i],
+                    "picture",
+                    "shows",
+                    *describe_shapes(scene),
+                    ":",
+                    ImageSlot,
+                ]
         total = sum(len(scene.shapes) for scene in scenes)
         words += ["in", "total", *count_words(total), "."]
         return self._sample("interleaved", words, scenes)
@@ -203,8 +252,9 @@ class SyntheticGenerator:
             words += text_sentence(rng)
         return self._sample("text", words, [])
 
-    def _sample(self, source: str, words: Sequence[Optional[str]],
-                scenes: Sequence[Scene]) -> Sample:
+    def _sample(
+        self, source: str, words: Sequence[Optional[str]], scenes: Sequence[Scene]
+    ) -> Sample:
         tok = self.tokenizer
         ids, chunk = [tok.bos_token_id], []
         for word in words:
@@ -227,7 +277,7 @@ def text_sentence(rng: np.random.Generator) -> List[str]:
     if kind == 0:
         length = int(rng.integers(3, 9))
         start = int(rng.integers(len(numbers) - length + 1))
-        return ["let", "us", "count", ":", *numbers[start:start + length], "."]
+        return ["let", "us", "count", ":", *numbers[start : start + length], "."]
     if kind == 1:
         length, start = int(rng.integers(3, 8)), int(rng.integers(len(days)))
         run = [days[(start + i) % len(days)] for i in range(length)]

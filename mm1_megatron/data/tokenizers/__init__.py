@@ -1,1 +1,2 @@
-"""Tokenizers: the interface and synthetic vocabulary (``base``), SentencePiece and Hugging Face (``text``)."""
+"""Tokenizers: the interface and the synthetic vocabulary (``base``), SentencePiece and
+Hugging Face (``text``)."""

@@ -19,22 +19,72 @@ SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<image>")
 SHAPE_COLOUR_WORDS = ("red", "green", "blue", "yellow", "purple", "orange", "cyan")
 BACKGROUND_WORDS = ("black", "white", "gray")
 SHAPE_WORDS = ("circle", "square", "triangle")
-NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-                "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
-                "seventeen", "eighteen", "nineteen", "twenty")
+NUMBER_WORDS = (
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+)
 ORDINAL_WORDS = ("first", "second", "third", "fourth")
 POSITION_WORDS = ("top", "middle", "bottom", "left", "center", "right")
-WEEKDAY_WORDS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday",
-                 "sunday")
-FUNCTION_WORDS = ("a", "an", "the", "and", "at", "on", "is", "are", "there", "it", "of",
-                  "in", "shape", "shapes", "background", "here", "picture", "shows",
-                  "next", "another", "total", "let", "us", "count", "days", "week",
-                  "plus")
+WEEKDAY_WORDS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+FUNCTION_WORDS = (
+    "a",
+    "an",
+    "the",
+    "and",
+    "at",
+    "on",
+    "is",
+    "are",
+    "there",
+    "it",
+    "of",
+    "in",
+    "shape",
+    "shapes",
+    "background",
+    "here",
+    "picture",
+    "shows",
+    "next",
+    "another",
+    "total",
+    "let",
+    "us",
+    "count",
+    "days",
+    "week",
+    "plus",
+)
 PUNCTUATION = (".", ",", ":")
 
 WORD_GROUPS: Tuple[Tuple[str, ...], ...] = (
-    SHAPE_COLOUR_WORDS, BACKGROUND_WORDS, SHAPE_WORDS, NUMBER_WORDS, ORDINAL_WORDS,
-    POSITION_WORDS, WEEKDAY_WORDS, FUNCTION_WORDS, PUNCTUATION,
+    SHAPE_COLOUR_WORDS,
+    BACKGROUND_WORDS,
+    SHAPE_WORDS,
+    NUMBER_WORDS,
+    ORDINAL_WORDS,
+    POSITION_WORDS,
+    WEEKDAY_WORDS,
+    FUNCTION_WORDS,
+    PUNCTUATION,
 )
 
 # A special token, a run of word characters, or one punctuation character.
@@ -54,11 +104,9 @@ class Tokenizer(Protocol):
     eos_token_id: int
     image_token_id: int
 
-    def encode(self, text: str) -> List[int]:
-        ...
+    def encode(self, text: str) -> List[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str:
-        ...
+    def decode(self, ids: Sequence[int]) -> str: ...
 
 
 def build_vocabulary() -> Tuple[str, ...]:
@@ -89,9 +137,11 @@ class SyntheticTokenizer:
         ids = []
         for piece in _PIECE.findall(text):
             if piece not in self._ids:
-                raise ValueError(f"word {piece!r} is not in the synthetic vocabulary "
-                                 f"({self.vocab_size} words); SyntheticTokenizer only "
-                                 f"knows the words the synthetic generator emits")
+                raise ValueError(
+                    f"word {piece!r} is not in the synthetic vocabulary "
+                    f"({self.vocab_size} words); SyntheticTokenizer only "
+                    f"knows the words the synthetic generator emits"
+                )
             ids.append(self._ids[piece])
         return ids
 
@@ -101,7 +151,8 @@ class SyntheticTokenizer:
         for token in ids:
             token = int(token)
             if not 0 <= token < self.vocab_size:
-                raise ValueError(f"token id {token} is outside the vocabulary "
-                                 f"[0, {self.vocab_size})")
+                raise ValueError(
+                    f"token id {token} is outside the vocabulary [0, {self.vocab_size})"
+                )
             words.append(self.vocabulary[token])
         return " ".join(words)

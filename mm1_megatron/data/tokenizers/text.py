@@ -112,7 +112,9 @@ class HuggingFaceTokenizer:
         self.eos_token_id = eos if eos is not None else self._added.add("<eos>")
         pad = self.hf.pad_token_id
         taken = {self.image_token_id, self.bos_token_id, self.eos_token_id}
-        self.pad_token_id = pad if pad is not None and pad not in taken else self._added.add("<pad>")
+        self.pad_token_id = (
+            pad if pad is not None and pad not in taken else self._added.add("<pad>")
+        )
         self.vocab_size = size + len(self._added.pieces)
 
     def encode(self, text: str) -> List[int]:
@@ -131,8 +133,10 @@ def build_tokenizer(kind: str, path: Optional[str] = None) -> Tokenizer:
             raise ValueError("the synthetic tokenizer takes no path; set data.tokenizer.path=null")
         return SyntheticTokenizer()
     if not path or not Path(path).exists():
-        raise ValueError(f"data.tokenizer.kind={kind} needs data.tokenizer.path to name an existing "
-                         f"{'.model file' if kind == 'sentencepiece' else 'folder'}, got {path!r}")
+        raise ValueError(
+            f"data.tokenizer.kind={kind} needs data.tokenizer.path to name an existing "
+            f"{'.model file' if kind == 'sentencepiece' else 'folder'}, got {path!r}"
+        )
     if kind == "sentencepiece":
         return SentencePieceTokenizer(path)
     return HuggingFaceTokenizer(path)
@@ -143,8 +147,12 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> Dict[str, object]:
     fingerprint: Dict[str, object] = {
         "kind": getattr(tokenizer, "kind", type(tokenizer).__name__),
         "vocab_size": tokenizer.vocab_size,
-        "special_ids": [tokenizer.pad_token_id, tokenizer.bos_token_id,
-                        tokenizer.eos_token_id, tokenizer.image_token_id],
+        "special_ids": [
+            tokenizer.pad_token_id,
+            tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
+            tokenizer.image_token_id,
+        ],
     }
     model_path = getattr(tokenizer, "model_path", None)
     if model_path and Path(model_path).is_file():
@@ -152,9 +160,14 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> Dict[str, object]:
     return fingerprint
 
 
-def train_sentencepiece(texts: Iterable[str], model_prefix: Union[str, Path], *,
-                        vocab_size: int, model_type: str = "bpe",
-                        character_coverage: float = 0.9995) -> Path:
+def train_sentencepiece(
+    texts: Iterable[str],
+    model_prefix: Union[str, Path],
+    *,
+    vocab_size: int,
+    model_type: str = "bpe",
+    character_coverage: float = 0.9995,
+) -> Path:
     """Train on ``texts`` (one sentence or document each); returns ``<prefix>.model``.
 
     ``vocab_size`` is an upper bound: a small corpus yields fewer pieces rather than failing.
@@ -162,15 +175,24 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: Union[str, Path], *,
     import sentencepiece
 
     if vocab_size < len(TRAINED_SPECIAL_IDS) + 1:
-        raise ValueError(f"vocab_size={vocab_size} leaves no room beyond the "
-                         f"{len(TRAINED_SPECIAL_IDS)} special tokens")
+        raise ValueError(
+            f"vocab_size={vocab_size} leaves no room beyond the "
+            f"{len(TRAINED_SPECIAL_IDS)} special tokens"
+        )
     prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=(text for text in texts if text.strip()),
-        model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
-        character_coverage=character_coverage, hard_vocab_limit=False,
-        pad_id=TRAINED_SPECIAL_IDS["pad"], unk_id=TRAINED_SPECIAL_IDS["unk"],
-        bos_id=TRAINED_SPECIAL_IDS["bos"], eos_id=TRAINED_SPECIAL_IDS["eos"],
-        user_defined_symbols=[IMAGE_TOKEN], minloglevel=2)
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        hard_vocab_limit=False,
+        pad_id=TRAINED_SPECIAL_IDS["pad"],
+        unk_id=TRAINED_SPECIAL_IDS["unk"],
+        bos_id=TRAINED_SPECIAL_IDS["bos"],
+        eos_id=TRAINED_SPECIAL_IDS["eos"],
+        user_defined_symbols=[IMAGE_TOKEN],
+        minloglevel=2,
+    )
     return Path(f"{prefix}.model")
