@@ -92,7 +92,7 @@ def vision_encoder_config(vision: VisionEncoderConfig, dtype: str):
 def mm1_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
     from dataclasses import asdict
 
-    from mm1_megatron.conversion.hf_model import MM1HFConfig
+    from mm1_megatron.hf_model.configuration_mm1 import MM1HFConfig
 
     config = MM1HFConfig(
         vision_config=hf_vision_config(cfg.model.vision, dtype=dtype).to_dict(),
