@@ -90,8 +90,11 @@ def vision_encoder_config(vision: VisionEncoderConfig, dtype: str):
 
 
 def mm1_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
+    """``MM1HFConfig`` naming the model code the exporter copies into the folder
+    (``auto_map``), so the folder loads with ``trust_remote_code=True`` without our package."""
     from dataclasses import asdict
 
+    from mm1_megatron.hf_model import AUTO_MAP
     from mm1_megatron.hf_model.configuration_mm1 import MM1HFConfig
 
     config = MM1HFConfig(
@@ -102,6 +105,7 @@ def mm1_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
         bos_token_id=special.get("bos"), eos_token_id=special.get("eos"),
         pad_token_id=special.get("pad"))
     config.architectures = ["MM1ForConditionalGeneration"]
+    config.auto_map = dict(AUTO_MAP)
     return config
 
 
