@@ -3,7 +3,8 @@
 - ``importer``: Llama / Mistral / Qwen2 / Mixtral language models and CLIP vision towers
   into a model-only checkpoint that loads at any TP/PP/EP layout.
 - ``exporter``: a checkpoint of any layout to ``transformers`` folders: the whole model
-  (``hf_model.MM1ForConditionalGeneration``), LLaVA, the decoder alone or the ViT alone.
+  (``MM1ForConditionalGeneration``, from ``mm1_megatron.hf_model``), LLaVA, the decoder
+  alone or the ViT alone.
 - ``mapping``: which tensor goes where, shared by both directions.
 
 Exports resolve lazily, so importing this package does not load Megatron-Core or

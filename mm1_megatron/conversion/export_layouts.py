@@ -108,9 +108,12 @@ def vision_encoder_config(vision: VisionEncoderConfig, dtype: str):
 
 
 def mm1_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
+    """``MM1HFConfig`` naming the model code the exporter copies into the folder
+    (``auto_map``), so the folder loads with ``trust_remote_code=True`` without our package."""
     from dataclasses import asdict
 
-    from mm1_megatron.conversion.hf_model import MM1HFConfig
+    from mm1_megatron.hf_model import AUTO_MAP
+    from mm1_megatron.hf_model.configuration_mm1 import MM1HFConfig
 
     config = MM1HFConfig(
         vision_config=hf_vision_config(cfg.model.vision, dtype=dtype).to_dict(),
@@ -124,6 +127,7 @@ def mm1_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
         pad_token_id=special.get("pad"),
     )
     config.architectures = ["MM1ForConditionalGeneration"]
+    config.auto_map = dict(AUTO_MAP)
     return config
 
 

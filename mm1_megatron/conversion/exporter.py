@@ -2,7 +2,8 @@
 
     export_checkpoint(ExportRequest(checkpoint="runs/x/ckpt", output="exports/x"))
 
-Formats: ``mm1`` (the whole model, ``MM1ForConditionalGeneration``), ``llava``
+Formats: ``mm1`` (the whole model, ``MM1ForConditionalGeneration``, with its code:
+it loads with ``trust_remote_code=True`` where our package is not installed), ``llava``
 (``LlavaForConditionalGeneration``, MLP connector only, loads without this package),
 ``language-model`` (``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MixtralForCausalLM`` /
 ``Qwen2MoeForCausalLM``) and ``vision-encoder`` (``CLIPVisionModel`` or, for a SigLIP
@@ -10,7 +11,8 @@ tower, ``SiglipVisionModel`` without the pooling head). The checkpoint is read o
 (embedding, decoder layer, ...) at a time (``CheckpointTensors``) and written as
 safetensors shards with an index, so memory holds one unit plus one shard, never the
 whole model. Next to the shards: ``config.json``, tokenizer files, the image-processor
-and generation configs and a model card with the training config.
+and generation configs, a model card with the training config and, for ``mm1``, the
+model's code (``mm1_megatron/hf_model``).
 """
 
 from __future__ import annotations
@@ -140,6 +142,10 @@ def _write_side_files(
         write_generation_config(folder, special)
     if fmt != "language-model":
         write_image_processor_config(folder, cfg.model.vision)
+    if fmt == "mm1":  # the code config.json's auto_map names
+        from mm1_megatron.hf_model import write_model_code
+
+        write_model_code(folder)
     if fmt == "llava":
         from mm1_megatron.conversion.llava_processor import write_llava_processor
 

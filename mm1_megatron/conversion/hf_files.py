@@ -13,12 +13,15 @@ from mm1_megatron.conversion.target_configs import image_processor_config
 
 USAGE = {
     "mm1": """```python
-import mm1_megatron.conversion.hf_model  # registers model_type "mm1" (no trust_remote_code)
 from transformers import AutoModelForImageTextToText, AutoTokenizer
-model = AutoModelForImageTextToText.from_pretrained("{path}")
+# The model's code ships in this folder (auto_map): only torch and transformers are needed.
+model = AutoModelForImageTextToText.from_pretrained("{path}", trust_remote_code=True)
 # input_ids: each image is {num_image_tokens} copies of token {image_token_id}
 output = model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=20)
-```""",
+```
+
+With `mm1_megatron` installed, `import mm1_megatron.hf_model.register` first and drop
+`trust_remote_code`: the package's own copy of the same code is used.""",
     "llava": """```python
 from transformers import LlavaForConditionalGeneration
 model = LlavaForConditionalGeneration.from_pretrained("{path}")  # no mm1_megatron needed

@@ -1,6 +1,6 @@
-"""Session fixtures of the conversion tests: tiny Hugging Face sources, their imports, and
+"""Session fixtures of the conversion tests: tiny Hugging Face sources, their imports,
 one torchrun run (2 processes) that loads the imports at TP=2 / EP=2 and trains the debug
-model at TP=2 (dense) and EP=2 (MoE)."""
+model at TP=2 (dense) and EP=2 (MoE), and the exports of those two trained models."""
 
 from __future__ import annotations
 
@@ -116,3 +116,19 @@ def worker_outputs(imported, inputs, conversion_dir) -> Path:
     result = run([*launcher(2), str(WORKER), str(spec), str(out)], timeout=900)
     assert result.returncode == 0, result.stderr[-6000:]
     return out
+
+
+def export_to(checkpoint, output, **kwargs) -> Path:
+    """``export_checkpoint`` with ``ExportRequest`` fields as keywords."""
+    from mm1_megatron.conversion import ExportRequest, export_checkpoint
+
+    return export_checkpoint(ExportRequest(checkpoint=checkpoint, output=output, **kwargs))
+
+
+@pytest.fixture(scope="session")
+def trained_exports(worker_outputs, conversion_dir, megatron_single_process):
+    """name -> MM1 export folder of each model trained in ``worker_outputs``."""
+    return {
+        name: export_to(worker_outputs / name / "ckpt", conversion_dir / "trained" / name)
+        for name in TRAINS
+    }

@@ -17,22 +17,17 @@ import sys
 import pytest
 import torch
 
-from tests.conversion.conftest import TOLERANCE, TRAINS
+from tests.conversion.conftest import TOLERANCE, TRAINS, export_to
 
 logger = logging.getLogger(__name__)
 ROUND_TRIPS = ("llama", "qwen2", "mixtral", "clip_vision", "clip", "siglip_vision")
 
 
-def _export(checkpoint, output, **kwargs):
-    from mm1_megatron.conversion import ExportRequest, export_checkpoint
-
-    return export_checkpoint(ExportRequest(checkpoint=checkpoint, output=output, **kwargs))
-
-
 @pytest.fixture(scope="module")
 def round_trips(imported, conversion_dir, megatron_single_process):
     return {
-        name: _export(imported[name], conversion_dir / "round_trip" / name) for name in ROUND_TRIPS
+        name: export_to(imported[name], conversion_dir / "round_trip" / name)
+        for name in ROUND_TRIPS
     }
 
 
@@ -73,21 +68,13 @@ def _trained(worker_outputs, name):
     return load_file(str(worker_outputs / f"{name}.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def trained_exports(worker_outputs, conversion_dir, megatron_single_process):
-    return {
-        name: _export(worker_outputs / name / "ckpt", conversion_dir / "trained" / name)
-        for name in TRAINS
-    }
-
-
 @pytest.mark.parametrize("name", sorted(TRAINS))
 def test_trained_model_export_matches_logits_and_greedy_generation(
     name, worker_outputs, trained_exports
 ):
     from transformers import AutoModelForImageTextToText
 
-    import mm1_megatron.conversion.hf_model  # noqa: F401  registers model_type "mm1"
+    import mm1_megatron.hf_model.register  # noqa: F401  registers model_type "mm1"
 
     reference = _trained(worker_outputs, name)
     model, info = AutoModelForImageTextToText.from_pretrained(
@@ -122,7 +109,7 @@ def test_moe_every_second_layer_exports_as_qwen2_moe(
     assert text["model_type"] == "qwen2_moe" and text["mlp_only_layers"] == [1, 3]
     assert text["shared_expert_intermediate_size"] == 0 and text["norm_topk_prob"]
     assert "Qwen2MoeForCausalLM" in (trained_exports["moe_ep2"] / "README.md").read_text()
-    folder = _export(
+    folder = export_to(
         worker_outputs / "moe_ep2" / "ckpt", conversion_dir / "moe_lm", format="language-model"
     )
     model = AutoModelForCausalLM.from_pretrained(folder)
@@ -199,7 +186,7 @@ def test_llava_export_loads_without_our_package(
         )
     reference = conversion_dir / "llava_reference.safetensors"
     save_file({"tokens": tokens, "images": images, "logits": logits}, str(reference))
-    folder = _export(checkpoint, conversion_dir / "llava", format="llava")
+    folder = export_to(checkpoint, conversion_dir / "llava", format="llava")
     result = subprocess.run(
         [sys.executable, "-c", LLAVA_CHECK, str(folder), str(reference)],
         cwd=conversion_dir,
@@ -217,7 +204,7 @@ def test_llava_export_loads_without_our_package(
 def test_mixtral_style_mm1_export_matches(tiny_config, conversion_dir, megatron_single_process):
     from transformers import AutoModelForImageTextToText
 
-    import mm1_megatron.conversion.hf_model  # noqa: F401
+    import mm1_megatron.hf_model.register  # noqa: F401
     from mm1_megatron.batch.contract import document_causal_mask
     from mm1_megatron.config import save_config
     from mm1_megatron.conversion import megatron_io
@@ -231,7 +218,7 @@ def test_mixtral_style_mm1_export_matches(tiny_config, conversion_dir, megatron_
     megatron_io.save_parts(model, step, megatron_io.PARTS)
     save_config(cfg, step / "config.yaml")
     megatron_io.write_published_checkpoint(checkpoint, step.name)
-    folder = _export(checkpoint, conversion_dir / "mixtral_mm1")
+    folder = export_to(checkpoint, conversion_dir / "mixtral_mm1")
     exported = AutoModelForImageTextToText.from_pretrained(folder).eval()
     assert type(exported.language_model).__name__ == "MixtralForCausalLM"
     tokens = torch.tensor([[1] + [3] * 4 + list(range(10, 30))])
@@ -271,7 +258,7 @@ def test_exported_model_merges_images_across_devices(trained_exports, monkeypatc
     available here, so the move is observed on a stand-in for the features)."""
     from transformers import AutoModelForImageTextToText
 
-    import mm1_megatron.conversion.hf_model  # noqa: F401  registers model_type "mm1"
+    import mm1_megatron.hf_model.register  # noqa: F401  registers model_type "mm1"
 
     model = AutoModelForImageTextToText.from_pretrained(trained_exports["dense_tp2"])
     no_split = model._no_split_modules  # post_init gathers the submodels' lists

@@ -1,12 +1,16 @@
-"""Connectors: output shapes, gradient flow, and what each one computes."""
+"""Connectors: output shapes, gradient flow, what each one computes, and the one table
+that builds them for training and for the exported model."""
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 import torch
 
+from mm1_megatron.config.schema import ConnectorType
+from mm1_megatron.hf_model.connectors_mm1 import CONNECTORS, build_connector_net
 from mm1_megatron.models import RuntimeOptions
 from mm1_megatron.models.connectors import Connector
 from mm1_megatron.models.transformer_configs import vision_transformer_config
@@ -145,6 +149,22 @@ def test_pooling_connectors_reject_non_square_patch_count(vision_config, connect
 def test_unknown_type_raises(vision_config, connector_cfg):
     with pytest.raises(ValueError, match="qformer"):
         _connector(vision_config, connector_cfg(type="qformer"))
+
+
+def test_the_table_builds_exactly_the_config_choices():
+    assert set(typing.get_args(ConnectorType)) == set(CONNECTORS)
+    assert len(typing.get_args(ConnectorType)) == len(CONNECTORS)
+
+
+def test_a_connector_config_missing_a_field_names_it():
+    with pytest.raises(ValueError, match="num_blocks_per_stage"):
+        build_connector_net(
+            {"type": "c_abstractor", "num_output_tokens": 4},
+            vision_hidden=VISION_HIDDEN,
+            llm_hidden=LLM_HIDDEN,
+            num_patches=NUM_PATCHES,
+            init_std=0.02,
+        )
 
 
 def test_connector_params_are_float32_and_deterministic(vision_config, connector_cfg, seeded):

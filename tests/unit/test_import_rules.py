@@ -1,6 +1,7 @@
 """The library's import rules, checked on every import statement (also those inside
 functions): data and models stay independent of training; the batch contract sits
-below both; nothing imports the tests."""
+below both; the transformers model (hf_model) depends on nothing else of ours; nothing
+imports the tests."""
 
 from __future__ import annotations
 
@@ -16,6 +17,19 @@ FORBIDDEN = {
     "models": ("data", "training", "checkpoint", "conversion"),
     "batch": ("data", "models", "training", "checkpoint", "conversion"),
     "compat": ("data", "models", "training", "checkpoint", "conversion", "parallel"),
+    # Its model files also ship alone in exports (tests/conversion/test_standalone_model.py).
+    "hf_model": (
+        "batch",
+        "checkpoint",
+        "compat",
+        "config",
+        "conversion",
+        "data",
+        "models",
+        "parallel",
+        "training",
+        "utils",
+    ),
 }
 
 

@@ -1,4 +1,8 @@
-"""``MM1Config`` for ``transformers``: a CLIP vision tower, our connector, a causal LM."""
+"""``MM1HFConfig``: the ``transformers`` config of an exported MM1 model.
+
+A CLIP or SigLIP vision tower, our connector, a causal LM. Copied into every exported MM1
+folder (``auto_map``), so it imports only the standard library and ``transformers``.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,10 @@ class MM1HFConfig(PreTrainedConfig):
     """
 
     model_type = "mm1"
+    # As transformers marks a class loaded with trust_remote_code: save_pretrained() then
+    # writes this file next to config.json and names it in auto_map, so a folder saved from
+    # a model loaded through our package also loads where the package is not installed.
+    _auto_class = "AutoConfig"
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),

@@ -2,11 +2,17 @@
 
 The vision tower is a ``CLIPVisionModel`` or a ``SiglipVisionModel`` (its
 ``last_hidden_state``, without CLIP's class token, is what our ViT returns), the
-connector is the very module our training uses (``mm1_megatron.models.connectors``), and
-the language model is the standard causal LM the decoder exports to. ``generate()``
+connector is built by the very table training uses (``connectors_mm1.build_connector_net``),
+and the language model is the standard causal LM the decoder exports to. ``generate()``
 takes ``input_ids`` in which each image is a run of ``num_image_tokens`` image tokens,
 plus ``pixel_values``; the images are encoded once, in the prefill step, and the KV
 cache does the rest.
+
+This file, ``configuration_mm1.py`` and ``connectors_mm1.py`` are copied into every
+exported MM1 folder, whose ``config.json`` names them in ``auto_map``: the folder then
+loads with ``trust_remote_code=True`` where only torch and transformers are installed.
+So they import nothing but the standard library, torch, transformers and each other
+(relatively: transformers' remote-code loader copies them into a package of its own).
 """
 
 from __future__ import annotations
@@ -16,29 +22,8 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mm1_megatron.config.schema import ConnectorConfig
-from mm1_megatron.conversion.hf_model.configuration_mm1 import MM1HFConfig
-from mm1_megatron.models.connectors import (
-    AttnPoolConnector,
-    AvgPoolConnector,
-    CAbstractor,
-    MLPConnector,
-)
-
-
-def build_connector_net(
-    cfg: ConnectorConfig, *, vision_hidden: int, llm_hidden: int, num_patches: int, init_std: float
-) -> nn.Module:
-    """The module our Megatron ``Connector`` holds as ``.net``, chosen by ``cfg.type``."""
-    if cfg.type == "c_abstractor":
-        return CAbstractor(cfg, vision_hidden, llm_hidden, num_patches, init_std)
-    if cfg.type == "avg_pool":
-        return AvgPoolConnector(cfg, vision_hidden, llm_hidden)
-    if cfg.type == "attn_pool":
-        return AttnPoolConnector(cfg, vision_hidden, llm_hidden, init_std)
-    if cfg.type == "mlp":
-        return MLPConnector(cfg, vision_hidden, llm_hidden)
-    raise ValueError(f"connector type {cfg.type!r} is not a known connector")
+from .configuration_mm1 import MM1HFConfig
+from .connectors_mm1 import CONNECTORS, AttnPoolConnector, CAbstractor, build_connector_net
 
 
 class MM1PreTrainedModel(PreTrainedModel):
@@ -52,7 +37,7 @@ class MM1PreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
     # device_map="auto" keeps each of these whole on one device; the vision tower's and the
     # language model's own layer classes are added by transformers from their models.
-    _no_split_modules = ["CAbstractor", "AvgPoolConnector", "AttnPoolConnector", "MLPConnector"]
+    _no_split_modules = [connector.__name__ for connector in CONNECTORS.values()]
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -64,13 +49,17 @@ class MM1PreTrainedModel(PreTrainedModel):
 
 
 class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
+    # As transformers marks a class loaded with trust_remote_code (see MM1HFConfig):
+    # save_pretrained() then also writes this file and the two it imports.
+    _auto_class = "AutoModelForImageTextToText"
+
     def __init__(self, config: MM1HFConfig):
         super().__init__(config)
         vision, text = config.vision_config, config.text_config
         self.vision_tower = AutoModel.from_config(vision)
         num_patches = (vision.image_size // vision.patch_size) ** 2
         self.connector = build_connector_net(
-            ConnectorConfig(**config.connector_config),
+            config.connector_config,
             vision_hidden=vision.hidden_size,
             llm_hidden=text.hidden_size,
             num_patches=num_patches,
