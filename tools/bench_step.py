@@ -63,7 +63,7 @@ def main() -> None:
     lm_config = language_transformer_config(cfg.model, cfg.parallel, RuntimeOptions())
     gpt = GPTModel(
         lm_config,
-        language_block_spec(lm_config, cfg.model.transformer_impl),
+        language_block_spec(lm_config, cfg.model.transformer_impl, attention=cfg.model.attention),
         vocab_size=cfg.model.llm.vocab_size,
         max_sequence_length=cfg.model.llm.max_sequence_length,
         share_embeddings_and_output_weights=cfg.model.llm.tie_embeddings,
@@ -90,7 +90,7 @@ def main() -> None:
         return run_model(model, b)
 
     def run_gpt(model, b):
-        return model(b["tokens"], b["position_ids"], b["attention_mask"], labels=b["labels"])
+        return model(b["tokens"], b["position_ids"], b["document_ids"], labels=b["labels"])
 
     contenders = {
         "GPTModel (Megatron-Core)": (gpt, torch.optim.AdamW(gpt.parameters(), lr=1e-4), run_gpt),

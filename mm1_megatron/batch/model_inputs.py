@@ -12,17 +12,13 @@ from typing import Dict
 
 import torch
 
-from mm1_megatron.batch.contract import document_causal_mask
-
 Batch = Dict[str, torch.Tensor]
 
 
 def model_inputs(batch: Batch, device: torch.device) -> Batch:
-    """The micro-batch on ``device`` plus what the model needs beyond the data:
-    ``attention_mask`` (per-document causal, built from ``document_ids``)."""
-    inputs = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-    inputs["attention_mask"] = document_causal_mask(inputs["document_ids"])
-    return inputs
+    """The micro-batch on ``device``. Attention needs nothing more: the decoder reads the
+    packed documents from ``document_ids`` (no ``[b, 1, s, s]`` mask is built)."""
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 def run_model(model, inputs: Batch, *, with_labels: bool = True) -> torch.Tensor:
@@ -31,7 +27,7 @@ def run_model(model, inputs: Batch, *, with_labels: bool = True) -> torch.Tensor
     return model(
         inputs["tokens"],
         inputs["position_ids"],
-        inputs["attention_mask"],
+        inputs["document_ids"],
         images=inputs.get("images"),
         labels=inputs["labels"] if with_labels else None,
     )

@@ -19,6 +19,8 @@ CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 ConnectorType = Literal["c_abstractor", "avg_pool", "attn_pool", "mlp"]
 VisionActivation = Literal["gelu", "quick_gelu", "gelu_tanh"]
 TransformerImpl = Literal["local", "transformer_engine"]
+# Decoder core attention over packed documents (mm1_megatron/models/attention.py).
+AttentionKind = Literal["per_document", "dense_mask_reference"]
 FP8Format = Literal["hybrid", "e4m3"]
 FP8Recipe = Literal["delayed", "current"]
 Precision = Literal["auto", "bf16", "fp32"]
@@ -126,6 +128,9 @@ class ModelConfig:
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
     transformer_impl: TransformerImpl = "local"  # "transformer_engine" needs TE installed
+    # per_document: attention per packed document, no s x s mask (flash/fused kernels).
+    # dense_mask_reference: the explicit [b, 1, s, s] mask, local only; what tests compare to.
+    attention: AttentionKind = "per_document"
     fp8: Optional[FP8Format] = None  # None, "hybrid" or "e4m3"; needs transformer_engine
     fp8_recipe: FP8Recipe = "delayed"  # "delayed" or "current" scaling
     init_method_std: float = 0.02

@@ -358,6 +358,11 @@ def _check_model_impl(cfg: MM1Config, err: _Errors) -> None:
             "model.fp8 needs model.transformer_impl=transformer_engine",
         )
     err.check(m.init_method_std > 0, "model.init_method_std must be > 0")
+    err.check(
+        m.attention == "per_document" or m.transformer_impl == "local",
+        "model.attention=dense_mask_reference (the test reference) runs on "
+        "model.transformer_impl=local only; use model.attention=per_document",
+    )
 
 
 def _check_checkpoint(cfg: MM1Config, err: _Errors) -> None:

@@ -80,7 +80,7 @@ class MM1Model(MegatronModule):
         return GPTModel(
             config=config,
             transformer_layer_spec=language_block_spec(
-                config, model.transformer_impl, init_seed=init_seed
+                config, model.transformer_impl, attention=model.attention, init_seed=init_seed
             ),
             vocab_size=model.llm.vocab_size,
             max_sequence_length=model.llm.max_sequence_length,
@@ -132,7 +132,7 @@ class MM1Model(MegatronModule):
         self,
         tokens: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        document_ids: torch.Tensor,
         images: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
@@ -140,5 +140,5 @@ class MM1Model(MegatronModule):
         (last stage) or hidden states (other stages)."""
         decoder_input = self.embed(tokens, images) if self.pre_process else None
         return self.language_model(
-            tokens, position_ids, attention_mask, decoder_input=decoder_input, labels=labels
+            tokens, position_ids, document_ids, decoder_input=decoder_input, labels=labels
         )

@@ -29,6 +29,11 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from mm1_megatron.compat import specs as compat_specs
+from mm1_megatron.models.attention import (
+    DenseMaskAttention,
+    DocumentAttention,
+    te_document_attention_class,
+)
 from mm1_megatron.models.norms import TorchNorm
 from mm1_megatron.models.seeding import seeded_experts_class, seeded_layer_class
 
@@ -99,12 +104,28 @@ def _with_torch_norms(layer: ModuleSpec) -> ModuleSpec:
     )
 
 
-def _with_arbitrary_mask(layer: ModuleSpec) -> ModuleSpec:
-    attention = compat_specs.with_params(
-        layer.submodules.self_attention, attn_mask_type=AttnMaskType.arbitrary
+def core_attention_class(transformer_impl: str, attention: str):
+    """The decoder's core attention: per packed document, or the dense-mask reference."""
+    if attention == "dense_mask_reference":
+        if transformer_impl != "local":
+            raise ValueError(
+                "model.attention=dense_mask_reference runs on the local implementation only; "
+                "set model.transformer_impl=local"
+            )
+        return DenseMaskAttention
+    if transformer_impl == "transformer_engine":
+        return te_document_attention_class()
+    return DocumentAttention
+
+
+def _with_core_attention(layer: ModuleSpec, core_attention) -> ModuleSpec:
+    self_attention = layer.submodules.self_attention
+    submodules = compat_specs.replace_fields(
+        compat_specs.spec_submodules(self_attention), core_attention=core_attention
     )
+    self_attention = compat_specs.with_submodules(self_attention, submodules)
     return compat_specs.with_submodules(
-        layer, compat_specs.replace_fields(layer.submodules, self_attention=attention)
+        layer, compat_specs.replace_fields(layer.submodules, self_attention=self_attention)
     )
 
 
@@ -129,16 +150,18 @@ def language_block_spec(
     config: TransformerConfig,
     transformer_impl: str,
     *,
+    attention: str = "per_document",
     vp_stage=None,
     init_seed: Optional[int] = None,
 ):
     """Llama-style decoder block (RMSNorm, SwiGLU, RoPE), dense or MoE per ``moe_layer_freq``.
 
-    Only the layers of the current pipeline stage are built. Packed documents need the
-    explicit per-document mask: the local attention applies any mask it is given, but
-    Transformer Engine ignores the mask under its ``causal`` type, so TE layers are
-    switched to ``arbitrary`` (which honours it).
+    Only the layers of the current pipeline stage are built. The core attention takes the
+    packed documents' ids (``models/attention.py``) and stays causal inside each one, with
+    TE's varlen kernels under Transformer Engine and ``scaled_dot_product_attention`` per
+    document otherwise; ``attention="dense_mask_reference"`` is the explicit-mask reference.
     """
+    core_attention = core_attention_class(transformer_impl, attention)
     use_te = transformer_impl == "transformer_engine"
     block = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage
@@ -147,7 +170,8 @@ def language_block_spec(
     def transform(layer: ModuleSpec) -> ModuleSpec:
         if init_seed is not None:
             layer = _seeded(layer, init_seed)
-        return _with_arbitrary_mask(layer) if use_te else _with_torch_norms(layer)
+        layer = _with_core_attention(layer, core_attention)
+        return layer if use_te else _with_torch_norms(layer)
 
     final_norm = block.layer_norm
     if not use_te and final_norm is WrappedTorchNorm:

@@ -2,15 +2,19 @@
 
 Counts matrix multiplies only (2 FLOPs per multiply-add) in the forward pass and
 multiplies by 3 for forward + backward (no recomputation counted, as in the PaLM/MFU
-convention). Attention scores are counted for the full ``s x s`` matrix, without a causal
-discount, as Megatron-LM does. The image encoder and connector are included: at MM1's
-shapes a ViT-H over 16 images per sequence is a large share of the work.
+convention). Decoder attention counts what per-document attention runs: the query-key
+pairs a packed sequence allows, causal within each document, ``sum_d L_d (L_d + 1) / 2``
+(``causal_attention_pairs``), not the ``s x s`` matrix; the ViT's attention is
+bidirectional over each image's patches. The image encoder and connector are included: at
+MM1's shapes a ViT-H over 16 images per sequence is a large share of the work.
 """
 
 from __future__ import annotations
 
 import math
 from typing import Optional
+
+import torch
 
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.models import param_count
@@ -58,23 +62,60 @@ def connector_forward_flops(model: ModelConfig) -> float:
     return 2 * readout * num_out  # avg_pool
 
 
-def language_model_forward_flops(model: ModelConfig, seq_length: int) -> float:
-    """Forward FLOPs of the decoder for one sequence (active experts only)."""
+def causal_attention_pairs(document_ids: torch.Tensor) -> int:
+    """Query-key pairs that causal attention within each packed document computes:
+    ``sum over documents of L (L + 1) / 2`` for ``[b, s]`` (or ``[s]``) document ids.
+
+    Documents are contiguous runs of one id; a run is a document even when its id repeats
+    elsewhere in the row.
+    """
+    ids = document_ids.reshape(-1, document_ids.shape[-1]).cpu()
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    run_number = torch.cumsum(starts.flatten().long(), 0)  # a distinct number per run
+    lengths = torch.bincount(run_number)[1:]
+    return int((lengths * (lengths + 1) // 2).sum())
+
+
+def one_document_pairs(seq_length: int) -> int:
+    """``causal_attention_pairs`` of a sequence that is a single document."""
+    return seq_length * (seq_length + 1) // 2
+
+
+def language_model_forward_flops(
+    model: ModelConfig, seq_length: int, attention_pairs: Optional[int] = None
+) -> float:
+    """Forward FLOPs of the decoder for one sequence (active experts only), whose documents
+    give ``attention_pairs`` causal query-key pairs (default: one document)."""
     llm = model.llm
     counts = param_count.count_parameters(model)
+    if attention_pairs is None:
+        attention_pairs = one_document_pairs(seq_length)
     # Active non-embedding weights are all matmul weights except norms and the router's
     # tiny share; the output layer is a matmul even when tied.
     matmul_params = counts.llm_active_non_embedding + llm.vocab_size * llm.hidden_size
-    attention = llm.num_layers * 2 * seq_length * llm.hidden_size
-    return 2 * seq_length * (matmul_params + attention)
+    # Q K^T and (scores x V): 2 x hidden multiply-adds per pair, per layer.
+    attention = llm.num_layers * 2 * llm.hidden_size * attention_pairs
+    return 2 * (seq_length * matmul_params + attention)
 
 
 def training_flops_per_step(
-    model: ModelConfig, *, num_sequences: int, seq_length: int, num_images: int
+    model: ModelConfig,
+    *,
+    num_sequences: int,
+    seq_length: int,
+    num_images: int,
+    attention_pairs: Optional[int] = None,
 ) -> float:
+    """FLOPs of a step of ``num_sequences`` sequences; ``attention_pairs`` is the total
+    ``causal_attention_pairs`` over all of them (default: one document each)."""
+    if attention_pairs is None:
+        attention_pairs = num_sequences * one_document_pairs(seq_length)
     per_image = vision_encoder_forward_flops(model) + connector_forward_flops(model)
     forward = (
-        num_sequences * language_model_forward_flops(model, seq_length) + num_images * per_image
+        num_sequences * language_model_forward_flops(model, seq_length, attention_pairs=0)
+        + 2 * model.llm.num_layers * 2 * model.llm.hidden_size * attention_pairs
+        + num_images * per_image
     )
     return FORWARD_AND_BACKWARD * forward
 

@@ -33,6 +33,7 @@ from mm1_megatron.parallel import init_distributed, seed_everything
 from mm1_megatron.parallel.collectives import all_reduce_, all_reduce_values, barrier
 from mm1_megatron.parallel.wrapping import wrap_for_training
 from mm1_megatron.training.flops import (
+    causal_attention_pairs,
     dense_bf16_peak_flops,
     model_flops_utilization,
     training_flops_per_step,
@@ -266,15 +267,17 @@ class Trainer:
         metrics.update(
             data_metrics(self.data, host_batches, group=parallel_state.get_data_parallel_group())
         )
-        # One all-reduce for both counts, summed over the data-parallel group (TP/PP
+        # One all-reduce for the counts, summed over the data-parallel group (TP/PP
         # replicas hold the same batches and would count them twice).
-        metrics["num_images"], metrics["num_text_tokens"] = all_reduce_values(
+        counts = all_reduce_values(
             [
                 sum(int(b["images"].shape[0]) for b in host_batches),
                 sum(int(b["loss_mask"].sum()) for b in host_batches),
+                sum(causal_attention_pairs(b["document_ids"]) for b in host_batches),
             ],
             group=parallel_state.get_data_parallel_group(),
         )
+        metrics["num_images"], metrics["num_text_tokens"], metrics["attention_pairs"] = counts
         return metrics
 
     def _loss_is_finite(self, metrics: Dict[str, float]) -> bool:
@@ -327,6 +330,7 @@ class Trainer:
             num_sequences=t.global_batch_size,
             seq_length=t.seq_length,
             num_images=int(metrics["num_images"]),
+            attention_pairs=int(metrics["attention_pairs"]),
         )
         peak = self.peak_flops
         return {

@@ -72,7 +72,6 @@ def _run_load(spec: dict, out: Path) -> None:
     from megatron.core import parallel_state
     from safetensors.torch import load_file, save_file
 
-    from mm1_megatron.batch.contract import document_causal_mask
     from mm1_megatron.checkpoint import CheckpointManager
     from mm1_megatron.config import CheckpointConfig, ParallelConfig, load_config
     from mm1_megatron.models import build_mm1_model
@@ -101,7 +100,7 @@ def _run_load(spec: dict, out: Path) -> None:
         else:
             tokens = inputs["tokens"]
             positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-            mask = document_causal_mask(torch.zeros_like(tokens))
+            mask = torch.zeros_like(tokens)
             output = _full_logits(model(tokens, positions, mask))
     writer = (
         parallel_state.is_pipeline_last_stage()
@@ -118,12 +117,10 @@ def _pipelined_logits(model, tokens):
     import torch
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from mm1_megatron.batch.contract import document_causal_mask
-
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
         positions = torch.arange(batch.shape[1]).expand_as(batch)
-        logits = chunk(batch, positions, document_causal_mask(torch.zeros_like(batch)))
+        logits = chunk(batch, positions, torch.zeros_like(batch))
         return logits, lambda output, non_loss_data=False: output
 
     collected = get_forward_backward_func()(
@@ -153,12 +150,10 @@ def _greedy(model, tokens, images, eos_id: int):
     """``NUM_GENERATED`` greedy tokens, recomputing the whole sequence each step."""
     import torch
 
-    from mm1_megatron.batch.contract import document_causal_mask
-
     first_logits = None
     for _ in range(NUM_GENERATED):
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        mask = document_causal_mask(torch.zeros_like(tokens))
+        mask = torch.zeros_like(tokens)
         logits = _full_logits(model(tokens, positions, mask, images=images))
         first_logits = logits if first_logits is None else first_logits
         last = logits[0, -1].clone()

@@ -178,12 +178,8 @@ def test_llava_export_loads_without_our_package(
     tokens = torch.tensor([[1] + [3] * 16 + list(range(10, 20))])
     images = torch.randn(1, 3, 56, 56)
     with torch.no_grad():
-        from mm1_megatron.batch.contract import document_causal_mask
-
         positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-        logits = model(
-            tokens, positions, document_causal_mask(torch.zeros_like(tokens)), images=images
-        )
+        logits = model(tokens, positions, torch.zeros_like(tokens), images=images)
     reference = conversion_dir / "llava_reference.safetensors"
     save_file({"tokens": tokens, "images": images, "logits": logits}, str(reference))
     folder = export_to(checkpoint, conversion_dir / "llava", format="llava")
@@ -205,7 +201,6 @@ def test_mixtral_style_mm1_export_matches(tiny_config, conversion_dir, megatron_
     from transformers import AutoModelForImageTextToText
 
     import mm1_megatron.hf_model.register  # noqa: F401
-    from mm1_megatron.batch.contract import document_causal_mask
     from mm1_megatron.config import save_config
     from mm1_megatron.conversion import megatron_io
     from tests.conversion.hf_sources import randomize
@@ -225,9 +220,7 @@ def test_mixtral_style_mm1_export_matches(tiny_config, conversion_dir, megatron_
     images = torch.randn(1, 3, 56, 56)
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
-        ours = model(
-            tokens, positions, document_causal_mask(torch.zeros_like(tokens)), images=images
-        )
+        ours = model(tokens, positions, torch.zeros_like(tokens), images=images)
         theirs = exported(input_ids=tokens, pixel_values=images).logits
     assert (ours - theirs).abs().max() <= TOLERANCE
 

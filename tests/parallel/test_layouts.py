@@ -41,7 +41,10 @@ TP2 = ["parallel.tensor_parallel_size=2"]
 SP = ["parallel.sequence_parallel=true"]
 PP2 = ["parallel.pipeline_parallel_size=2"]
 
-REFERENCES = {"dense": [], "moe": MOE}
+# The single-process references attend through the explicit [b, 1, s, s] mask; every
+# layout through per-document attention: each comparison also checks the attention path.
+DENSE_MASK = ["model.attention=dense_mask_reference"]
+REFERENCES = {"dense": DENSE_MASK, "moe": MOE + DENSE_MASK}
 
 # name -> (world size, reference, overrides)
 LAYOUTS = {

@@ -324,6 +324,11 @@ INVALID = [
     ),
     ("image_mean_wrong_length", ["model.vision.image_mean=[0.5]"], ["model.vision.image_mean"]),
     ("fp8_without_te", ["model.fp8=hybrid"], ["model.fp8", "model.transformer_impl"]),
+    (
+        "dense_mask_reference_with_te",
+        ["model.attention=dense_mask_reference", "model.transformer_impl=transformer_engine"],
+        ["model.attention=dense_mask_reference", "model.transformer_impl=local"],
+    ),
     ("fixed_lr_without_lr", ["optimizer.lr=null"], ["optimizer.lr_rule=fixed", "optimizer.lr"]),
     (
         "unknown_lr_multiplier_module",

@@ -2,9 +2,13 @@
 on one real forward and backward of a tiny model.
 
 Conventions, as ``training/flops.py`` states them: matmuls and convolutions only, 2 FLOPs
-per multiply-add; attention scores over the full ``s x s`` matrix (no causal halving),
-which is what the local attention computes (a masked dense matrix); a training step is
-3x the forward (the PaLM/Megatron MFU convention).
+per multiply-add; decoder attention over the query-key pairs that per-document causal
+attention computes (``sum_d L_d (L_d + 1) / 2``), the ViT's over all patch pairs; a training
+step is 3x the forward (the PaLM/Megatron MFU convention).
+
+torch's counter does not see the CPU flash-attention kernel, so the model is counted with
+the dense-mask reference attention, whose score matmuls it sees (full ``s x s``); those are
+swapped for the per-document causal pairs, counted by brute force from the mask itself.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ def one_step(tiny_config, build_tiny_model):
     from mm1_megatron.batch import model_inputs
     from mm1_megatron.data.build import build_data
 
-    cfg = tiny_config()
+    cfg = tiny_config("model.attention=dense_mask_reference")
     model = build_tiny_model(cfg)
     v = cfg.model.vision
     data, _ = build_data(
@@ -69,19 +73,34 @@ def test_flops_per_step_match_torchs_flop_counter(one_step):
     )
     assert by_op["aten.bmm"] + by_op["aten.baddbmm"] == attention
 
-    formula_forward = num_sequences * flops.language_model_forward_flops(
-        cfg.model, seq_length
+    # Per-document causal pairs: the entries the reference's mask leaves open.
+    from mm1_megatron.batch.contract import document_causal_mask
+
+    pairs = flops.causal_attention_pairs(batch["document_ids"])
+    assert pairs == int((~document_causal_mask(batch["document_ids"])).sum())
+    assert pairs < num_sequences * seq_length**2 // 2  # packed: well below one document's
+    decoder_attention = 4 * llm.num_layers * llm.hidden_size * pairs
+    counted_forward = forward.get_total_flops()
+    counted_decoder_attention = 4 * llm.num_layers * seq_length**2 * llm.hidden_size * num_sequences
+    per_document_forward = counted_forward - counted_decoder_attention + decoder_attention
+
+    formula_forward = sum(
+        flops.language_model_forward_flops(cfg.model, seq_length, flops.causal_attention_pairs(row))
+        for row in batch["document_ids"]
     ) + num_images * (
         flops.vision_encoder_forward_flops(cfg.model) + flops.connector_forward_flops(cfg.model)
     )
-    counted_forward = forward.get_total_flops()
     # The formula counts norm and bias parameters as matmul weights: a small over-count.
-    assert counted_forward <= formula_forward <= 1.015 * counted_forward
+    assert per_document_forward <= formula_forward <= 1.015 * per_document_forward
 
     step = flops.training_flops_per_step(
-        cfg.model, num_sequences=num_sequences, seq_length=seq_length, num_images=num_images
+        cfg.model,
+        num_sequences=num_sequences,
+        seq_length=seq_length,
+        num_images=num_images,
+        attention_pairs=pairs,
     )
-    assert step == 3 * formula_forward
+    assert step == pytest.approx(3 * formula_forward, rel=1e-12)
     # The backward is 2x the forward except for the patch embedding, whose input (the
     # pixels) needs no gradient: the 3x convention counts it anyway.
     model.zero_grad()
@@ -95,3 +114,13 @@ def test_flops_per_step_match_torchs_flop_counter(one_step):
         * v.hidden_size
     )
     assert counted_step == 3 * counted_forward - patch_forward
+
+
+def test_causal_pairs_count_each_run_of_an_id_as_a_document():
+    from mm1_megatron.training.flops import causal_attention_pairs, one_document_pairs
+
+    # Runs of 2, 3, 1 tokens; the id 0 returns but is a new document (packing never does
+    # this, the count must not merge them).
+    assert causal_attention_pairs(torch.tensor([0, 0, 1, 1, 1, 0])) == 3 + 6 + 1
+    assert causal_attention_pairs(torch.zeros(2, 5, dtype=torch.long)) == 2 * 15
+    assert one_document_pairs(5) == 15

@@ -9,7 +9,6 @@ import pytest
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from mm1_megatron.batch.contract import document_causal_mask
 from mm1_megatron.config import OptimizerConfig, load_config
 from mm1_megatron.models.param_count import count_parameters
 from mm1_megatron.training.lr import mm1_peak_lr, resolve_peak_lr
@@ -210,11 +209,11 @@ def _one_step_update(model, ddp, optimizer):
     tokens[:, 2:6] = 3  # one image of 4 connector tokens per row
     images = torch.randn(2, 3, 56, 56, generator=gen)
     labels = torch.randint(10, 256, (2, 12), generator=gen)
-    mask = document_causal_mask(torch.zeros(2, 12, dtype=torch.long))
+    documents = torch.zeros(2, 12, dtype=torch.long)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    ddp(tokens, None, mask, images=images, labels=labels).sum().backward()
+    ddp(tokens, None, documents, images=images, labels=labels).sum().backward()
     ddp.finish_grad_sync()
     ok, _, _ = optimizer.step()
     assert ok

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm1_megatron.batch.contract import document_causal_mask, position_ids_from_documents
+from mm1_megatron.batch.contract import position_ids_from_documents
 
 LEN_A, LEN_B, VOCAB = 6, 10, 256
 
@@ -19,7 +19,7 @@ def model(tiny_config, build_tiny_model):
 
 def _logits(model, tokens, docs):
     with torch.no_grad():
-        return model(tokens, position_ids_from_documents(docs), document_causal_mask(docs))
+        return model(tokens, position_ids_from_documents(docs), docs)
 
 
 def _packed(a, b):
@@ -120,7 +120,7 @@ def test_images_only_affect_their_own_document(model):
     tokens, docs = _packed(a, b)
     image = torch.randn(1, 3, 56, 56, generator=gen)
     with torch.no_grad():
-        args = (position_ids_from_documents(docs), document_causal_mask(docs))
+        args = (position_ids_from_documents(docs), docs)
         out = model(tokens, *args, images=image)
         out_other = model(tokens, *args, images=torch.randn(1, 3, 56, 56, generator=gen))
     assert (out[0, 5:LEN_A] - out_other[0, 5:LEN_A]).abs().max() > 1e-4
@@ -133,9 +133,7 @@ def test_per_token_loss_with_labels(model):
     labels = torch.roll(tokens, -1, dims=1)
     logits = _logits(model, tokens, docs)
     with torch.no_grad():
-        loss = model(
-            tokens, position_ids_from_documents(docs), document_causal_mask(docs), labels=labels
-        )
+        loss = model(tokens, position_ids_from_documents(docs), docs, labels=labels)
     assert loss.shape == (1, LEN_A + LEN_B)
     expected = torch.nn.functional.cross_entropy(logits[0], labels[0], reduction="none")
     torch.testing.assert_close(loss[0], expected, rtol=1e-5, atol=1e-5)

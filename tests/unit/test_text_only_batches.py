@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-from mm1_megatron.batch.contract import document_causal_mask
 from mm1_megatron.data import build_data
 
 
@@ -26,7 +25,6 @@ def _batch(cfg, mixture):
         dp_size=1,
     )
     batch = next(loader)
-    batch["attention_mask"] = document_causal_mask(batch["document_ids"])
     return batch
 
 
@@ -34,7 +32,7 @@ def _loss(model, batch):
     per_token = model(
         batch["tokens"],
         batch["position_ids"],
-        batch["attention_mask"],
+        batch["document_ids"],
         images=batch["images"],
         labels=batch["labels"],
     )
