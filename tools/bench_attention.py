@@ -132,13 +132,12 @@ def _peak_resident() -> int:
 def measure(kind: str, path: str, packing: str, shape: dict, repeats: int) -> dict:
     """In this (fresh) process: peak-memory growth of one run, then the median time."""
     import psutil
-    import torch
 
     from mm1_megatron.config import ParallelConfig
-    from mm1_megatron.parallel import init_distributed
+    from mm1_megatron.parallel import init_distributed, seed_everything
 
     init_distributed(ParallelConfig())
-    torch.manual_seed(0)
+    seed_everything(0)
     run = (_core_attention if kind == "core_attention" else _decoder_layer)(path, shape)
     ids = document_ids(packing, shape["seq"])
     resident_before = psutil.Process().memory_info().rss

@@ -15,10 +15,18 @@ import torch
 Batch = Dict[str, torch.Tensor]
 
 
-def model_inputs(batch: Batch, device: torch.device) -> Batch:
+def model_inputs(batch: Batch, device: torch.device, *, images: bool = True) -> Batch:
     """The micro-batch on ``device``. Attention needs nothing more: the decoder reads the
-    packed documents from ``document_ids`` (no ``[b, 1, s, s]`` mask is built)."""
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    packed documents from ``document_ids`` (no ``[b, 1, s, s]`` mask is built).
+
+    ``images=False`` leaves the pixels on the host: pipeline stages after the first never
+    encode images, so they need not receive them.
+    """
+    return {
+        key: value.to(device, non_blocking=True)
+        for key, value in batch.items()
+        if images or key != "images"
+    }
 
 
 def run_model(model, inputs: Batch, *, with_labels: bool = True) -> torch.Tensor:

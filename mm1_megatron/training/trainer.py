@@ -240,10 +240,13 @@ class Trainer:
         self.optimizer.zero_grad()
         # Counts are read from the host copies, so reading them costs no device sync.
         host_batches = [self._checked(next(self.data)) for _ in range(self.num_microbatches)]
-        batches = [model_inputs(batch, self.ctx.device) for batch in host_batches]
+        # Each micro-batch reaches the device when the schedule takes it (not all of a
+        # step's up front), and its images only on the stage that encodes them.
+        with_images = parallel_state.is_pipeline_first_stage()
+        batches = (model_inputs(b, self.ctx.device, images=with_images) for b in host_batches)
         reports = get_forward_backward_func()(
             forward_step_func=self._forward_step,
-            data_iterator=iter(batches),
+            data_iterator=batches,
             model=self.model_chunks,
             num_microbatches=self.num_microbatches,
             seq_length=self.cfg.training.seq_length,

@@ -162,6 +162,8 @@ class MicroBatchLoader:
             prefetch_factor=self.prefetch_factor,
             collate_fn=_no_collate,
             multiprocessing_context=self.multiprocessing_context,
+            # Page-locked batches make the trainer's non_blocking copies truly asynchronous.
+            pin_memory=torch.cuda.is_available(),
         )
         return iter(loader)
 
