@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # On CUDA machines run `make setup TORCH_SPEC=torch` (or pre-install your CUDA torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup check lint format test test-fast train-debug bench
+.PHONY: setup check lint format test test-fast train-debug bench gpu-check
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -39,3 +39,7 @@ train-debug:
 
 bench:
 	$(PY) tools/bench_step.py
+
+# On a machine with one GPU (see docs/gpu.md): figures in gpu_check.json, table on stdout.
+gpu-check:
+	$(PY) tools/gpu_check.py --output gpu_check.json

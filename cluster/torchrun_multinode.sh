@@ -15,6 +15,9 @@ if [ -z "${MASTER_ADDR:-}" ]; then
   fi
   MASTER_ADDR=127.0.0.1
 fi
+# Megatron-Core's tensor/sequence-parallel communication overlap relies on one hardware
+# queue per GPU to keep its collectives ahead of the compute that waits for them.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 exec torchrun \
   --nnodes "${NNODES}" \
   --nproc-per-node "${GPUS_PER_NODE}" \

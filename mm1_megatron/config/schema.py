@@ -151,6 +151,11 @@ class ParallelConfig:
     num_decoder_layers_on_last_stage: Optional[int] = None
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
+    # Overlap the gradient reduce(-scatter) with the backward pass, and the distributed
+    # optimizer's parameter all-gather with the next forward. None: on for GPU runs, off on
+    # CPU (gloo gains nothing from it).
+    overlap_grad_reduce: Optional[bool] = None
+    overlap_param_gather: Optional[bool] = None
     recompute: RecomputeMode = "none"
     launcher: Launcher = "auto"
     # Collectives that wait longer than this fail, so a dead rank ends the job promptly.

@@ -358,6 +358,12 @@ def _check_model_impl(cfg: MM1Config, err: _Errors) -> None:
             "model.fp8 needs model.transformer_impl=transformer_engine",
         )
     err.check(m.init_method_std > 0, "model.init_method_std must be > 0")
+    p = cfg.parallel
+    err.check(
+        not p.overlap_param_gather or p.use_distributed_optimizer,
+        "parallel.overlap_param_gather=true needs parallel.use_distributed_optimizer=true "
+        "(it overlaps that optimizer's parameter all-gather)",
+    )
     err.check(
         m.attention == "per_document" or m.transformer_impl == "local",
         "model.attention=dense_mask_reference (the test reference) runs on "

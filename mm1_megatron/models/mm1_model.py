@@ -124,9 +124,31 @@ class MM1Model(MegatronModule):
             # Not on GPU, where reading the result would stall every micro-batch; the
             # trainer checks its batches on the host instead.
             raise ValueError("tokens contain image placeholders but no images were given")
+        elif self.training and torch.is_grad_enabled():
+            embeddings = embeddings + self._zero_through_image_parts()
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
+
+    def _zero_through_image_parts(self) -> torch.Tensor:
+        """0, computed from every trainable encoder and connector parameter.
+
+        A text-only micro-batch skips the encoder; adding this keeps its parameters in the
+        backward pass with exactly zero gradient, so Megatron-Core's overlapped gradient
+        reduction sees every bucket complete (it asserts so) and nothing changes
+        numerically. Reading the weights once costs far less than encoding an image.
+        """
+        params = [
+            p
+            for part in (self.vision_encoder, self.connector)
+            for p in part.parameters()
+            if p.requires_grad
+        ]
+        if not params:
+            return torch.zeros(
+                (), device=self.language_model.embedding.word_embeddings.weight.device
+            )
+        return sum(p.reshape(-1)[0] for p in params) * 0.0
 
     def forward(
         self,

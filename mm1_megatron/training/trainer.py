@@ -31,7 +31,7 @@ from mm1_megatron.models import RuntimeOptions, build_mm1_model
 from mm1_megatron.models.param_count import count_parameters, moe_layer_flags
 from mm1_megatron.parallel import init_distributed, seed_everything
 from mm1_megatron.parallel.collectives import all_reduce_, all_reduce_values, barrier
-from mm1_megatron.parallel.wrapping import wrap_for_training
+from mm1_megatron.parallel.wrapping import resolve_overlap, wrap_for_training
 from mm1_megatron.training.flops import (
     causal_attention_pairs,
     dense_bf16_peak_flops,
@@ -141,12 +141,17 @@ class Trainer:
             post_process=parallel_state.is_pipeline_last_stage(),
             init_seed=cfg.training.seed,
         )
+        overlap_grad, self.overlap_param_gather = resolve_overlap(
+            cfg.parallel, cuda=self.ctx.device.type == "cuda"
+        )
         return wrap_for_training(
             model,
             device=self.ctx.device,
             freeze=cfg.model.freeze,
             bf16=self.bf16,
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            overlap_grad_reduce=overlap_grad,
+            overlap_param_gather=self.overlap_param_gather,
         )
 
     def _peak_flops_per_device(self) -> Optional[float]:
@@ -196,6 +201,11 @@ class Trainer:
         self.data.load_state_dict(trainer_state["data"])
 
     def save_checkpoint(self, *, blocking: bool = False) -> None:
+        if self.overlap_param_gather:
+            # The last step's all-gather waits for the next forward; gather now, so every
+            # rank (and the data-parallel replica that writes) saves the updated weights.
+            for chunk in self.model_chunks:
+                chunk.start_param_sync(force_sync=True)
         self.checkpoints.save(self._training_state(), blocking=blocking)
 
     def _wire_model_config(self) -> None:
@@ -336,13 +346,16 @@ class Trainer:
             attention_pairs=int(metrics["attention_pairs"]),
         )
         peak = self.peak_flops
-        return {
+        figures = {
             "step_time_s": seconds,
             "tokens_per_s": t.global_batch_size * t.seq_length / seconds,
             "images_per_s": metrics["num_images"] / seconds,
             "tflops_per_s_per_device": flops / seconds / self.ctx.world_size / 1e12,
             "mfu": model_flops_utilization(flops, seconds, self.ctx.world_size, peak or 0.0),
         }
+        if self.ctx.device.type == "cuda":  # this rank's high-water mark since start-up
+            figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
+        return figures
 
     def _checkpoint_and_stop(self) -> None:
         """After a stop signal: save, leave the requeue marker, raise ``Preempted``; or,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.parallel.test_layouts import MOE, PP2, TP2, _run_worker
+from tests.parallel.test_layouts import MOE, OVERLAP, PP2, TP2, _run_worker
 
 N = 2
 
@@ -25,6 +25,9 @@ RESUME_LAYOUTS = {
     "pp2_vision_stage": PP2,
     "moe_ep2": MOE + ["parallel.expert_parallel_size=2"],
     "dp2_distopt": ["training.micro_batch_size=2"],
+    # Both overlaps on: resume stays bitwise exact (it restores the weights from the
+    # optimizer's fp32 shards, so it cannot tell whether the save gathered them first).
+    "dp2_distopt_overlapped": ["training.micro_batch_size=2"] + OVERLAP,
 }
 
 

@@ -40,6 +40,7 @@ TEXT_ONLY = ["data.mixture={text: 1.0}"]
 TP2 = ["parallel.tensor_parallel_size=2"]
 SP = ["parallel.sequence_parallel=true"]
 PP2 = ["parallel.pipeline_parallel_size=2"]
+OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
 
 # The single-process references attend through the explicit [b, 1, s, s] mask; every
 # layout through per-document attention: each comparison also checks the attention path.
@@ -67,6 +68,11 @@ LAYOUTS = {
     ),
     "ep2": (2, "moe", MOE + ["parallel.expert_parallel_size=2"]),
     "dp2_distopt_accumulation": (2, "dense", ["training.micro_batch_size=2"]),
+    "dp2_overlapped_grad_reduce_and_param_gather": (
+        2,
+        "dense",
+        ["training.micro_batch_size=1"] + OVERLAP,
+    ),
     "tp2_recompute_full": (2, "dense", TP2 + ["parallel.recompute=full"]),
     "dp2_recompute_selective": (2, "dense", ["parallel.recompute=selective"]),
     "ep2_tp2_sp": (4, "moe", MOE + TP2 + SP + ["parallel.expert_parallel_size=2"]),
