@@ -47,7 +47,8 @@ def main() -> None:
 
     from mm1_megatron.batch import model_inputs, run_model
     from mm1_megatron.config import ParallelConfig, load_config, validate_config
-    from mm1_megatron.data import SyntheticTokenizer, build_data
+    from mm1_megatron.data import SyntheticTokenizer
+    from mm1_megatron.data.build import build_run_data
     from mm1_megatron.models import RuntimeOptions, build_mm1_model
     from mm1_megatron.models.specs import language_block_spec
     from mm1_megatron.models.transformer_configs import language_transformer_config
@@ -71,19 +72,7 @@ def main() -> None:
         rotary_base=cfg.model.llm.rotary_base,
     )
 
-    v = cfg.model.vision
-    data, _ = build_data(
-        cfg.data,
-        seq_length=cfg.training.seq_length,
-        micro_batch_size=cfg.training.micro_batch_size,
-        num_image_tokens=cfg.model.connector.num_output_tokens,
-        image_size=v.image_size,
-        image_mean=v.image_mean,
-        image_std=v.image_std,
-        seed=cfg.training.seed,
-        dp_rank=0,
-        dp_size=1,
-    )
+    data, _ = build_run_data(cfg)
     batch = model_inputs(next(data), torch.device("cpu"))
 
     def run_mm1(model, b):

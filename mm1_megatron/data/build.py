@@ -22,7 +22,7 @@ from typing import Dict, Sequence, Tuple
 
 import torch
 
-from mm1_megatron.config.schema import DataConfig
+from mm1_megatron.config.schema import DataConfig, MM1Config
 from mm1_megatron.data.pipeline.images import build_image_decoder, check_image_options
 from mm1_megatron.data.pipeline.loader import MicroBatchLoader
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
@@ -107,6 +107,26 @@ def build_data(
         data_cfg.num_workers,
     )
     return loader, tokenizer
+
+
+def build_run_data(
+    cfg: MM1Config, *, dp_rank: int = 0, dp_size: int = 1
+) -> Tuple[MicroBatchLoader, Tokenizer]:
+    """``build_data`` with the packing a whole run's config implies (sequence length,
+    micro-batch size, image tokens, the encoder's image size and normalisation, seed)."""
+    vision = cfg.model.vision
+    return build_data(
+        cfg.data,
+        seq_length=cfg.training.seq_length,
+        micro_batch_size=cfg.training.micro_batch_size,
+        num_image_tokens=cfg.model.connector.num_output_tokens,
+        image_size=vision.image_size,
+        image_mean=vision.image_mean,
+        image_std=vision.image_std,
+        seed=cfg.training.seed,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+    )
 
 
 def _webdataset_builder(

@@ -25,7 +25,7 @@ from mm1_megatron.checkpoint import CheckpointManager, TrainingState
 from mm1_megatron.compat.moe import collect_moe_aux_losses
 from mm1_megatron.config import MM1Config, save_config, validate_config, validate_environment
 from mm1_megatron.data import SOURCE_IDS
-from mm1_megatron.data.build import build_data
+from mm1_megatron.data.build import build_run_data
 from mm1_megatron.data.pipeline.reporting import data_metrics
 from mm1_megatron.models import RuntimeOptions, build_mm1_model
 from mm1_megatron.models.param_count import count_parameters, moe_layer_flags
@@ -217,18 +217,8 @@ class Trainer:
 
     def _build_data(self):
         """The micro-batch loader and tokenizer from ``data.*`` (this DP rank's share)."""
-        cfg, v = self.cfg, self.cfg.model.vision
-        return build_data(
-            cfg.data,
-            seq_length=cfg.training.seq_length,
-            micro_batch_size=cfg.training.micro_batch_size,
-            num_image_tokens=cfg.model.connector.num_output_tokens,
-            image_size=v.image_size,
-            image_mean=v.image_mean,
-            image_std=v.image_std,
-            seed=cfg.training.seed,
-            dp_rank=parallel_state.get_data_parallel_rank(),
-            dp_size=self.dp_size,
+        return build_run_data(
+            self.cfg, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.dp_size
         )
 
     # ---- one step -----------------------------------------------------------------------
