@@ -41,6 +41,8 @@ setup(
             "transformers>=5",
             "safetensors",
             "ruff==0.17.6",
+            # The reference the CIDEr-D tests compare against (its PTB tokenizer needs java).
+            "pycocoevalcap==1.2",
             "nvidia-dali-cuda120; platform_system == 'Linux' and "
             "(platform_machine == 'x86_64' or platform_machine == 'aarch64')",
         ],
