@@ -1,0 +1,1 @@
+"""Few-shot evaluation: tasks read from their official files, metrics, generation, the CLI."""
