@@ -196,8 +196,11 @@ def test_malformed_karpathy_and_vizwiz_entries(fresh_yaml):
         root / "coco/karpathy/dataset_coco.json",
         lambda d: d["images"][1]["sentences"][0].pop("raw"),
     )
+    _edit_json(root / "coco/karpathy/dataset_coco.json", lambda d: d["images"][2].pop("split"))
     with pytest.raises(ValueError, match=r"cocoid 73 has a 'sentences' item that has no key 'raw'"):
         load_task("coco_karpathy", fresh_yaml)
+    task = load_task("coco_karpathy", fresh_yaml, on_bad="skip")
+    assert ids(task.eval_examples) == ("42",) and task.skipped == {"eval: malformed entry": 2}
     _edit_json(root / "vizwiz/Annotations/val.json", lambda d: d[0]["answers"].pop(0))  # 9: fine
     _edit_json(root / "vizwiz/Annotations/train.json", lambda d: d[1].update(question=3))
     with pytest.raises(ValueError, match="'VizWiz_train_00000001.jpg' has 'question' = 3"):

@@ -29,6 +29,7 @@ KARPATHY_DEMO_SPLITS = ("train", "restval")
 
 
 def _karpathy_example(entry: Any, folders: Dict[str, Path]) -> EvalExample:
+    get_field(entry, "split", str)  # a wanted split, or malformed: see _karpathy_role
     filepath = get_field(entry, "filepath", str)
     if filepath not in folders:
         raise MalformedEntry(f"has filepath {filepath!r}, not one of {sorted(folders)}")
