@@ -31,6 +31,7 @@ TokenDispatcher = Literal["alltoall", "allgather"]
 DataSource = Literal["synthetic", "webdataset"]
 TokenizerKind = Literal["synthetic", "sentencepiece", "huggingface"]
 ImageDecoder = Literal["pil", "dali"]
+InitDevice = Literal["auto", "cpu", "gpu"]
 ImageResizeMode = Literal["squash", "crop", "pad"]
 ImageDtype = Literal["fp32", "bf16"]
 OptimizerSharding = Literal["fully_reshardable", "dp_reshardable"]
@@ -99,6 +100,9 @@ class MoEConfig:
     aux_loss_coeff: float = 0.01
     z_loss_coeff: float = 0.001
     token_dispatcher: TokenDispatcher = "alltoall"
+    # Experts as one grouped GEMM (Transformer Engine's TEGroupedMLP) instead of a loop
+    # over experts. None: on with model.transformer_impl=transformer_engine, else off.
+    grouped_gemm: Optional[bool] = None
 
 
 @dataclass
@@ -191,6 +195,13 @@ class TrainingConfig:
     max_nonfinite_steps: int = 3
     # Log a warning when a step's loss exceeds this multiple of the recent average.
     loss_spike_ratio: float = 1.5
+    # Fused GPU kernels (SwiGLU, bias-dropout-add, cross-entropy; RoPE with Transformer
+    # Engine; weight-gradient accumulation with apex). None: on with CUDA, off on CPU.
+    fused_kernels: Optional[bool] = None
+    # Where weights are first drawn. cpu: the same weights for every layout (models/
+    # seeding.py); gpu: on the device, per tensor-parallel shard (fast, layout-dependent);
+    # auto: gpu when the run resumes from a checkpoint (its weights replace them), else cpu.
+    init_device: InitDevice = "auto"
 
 
 @dataclass
@@ -208,6 +219,7 @@ class ImagePipelineConfig:
     decoder: ImageDecoder = "pil"  # "dali": nvJPEG on GPU, DALI's CPU operators otherwise
     resize: ImageResizeMode = "crop"  # squash, crop (shorter side + centre crop) or pad
     dtype: ImageDtype = "fp32"  # fp32 or bf16 images out of the pipeline
+    dali_threads: int = 2  # CPU threads of each DALI pipeline (one per data worker)
 
 
 @dataclass
@@ -230,7 +242,9 @@ class DataConfig:
     # Caption shards: sequence k reads samples k*W .. k*W+W-1 and packs those that fit (MM1
     # packs up to 16 image-caption pairs). The synthetic world fills each caption sequence.
     caption_window: int = 16
-    num_workers: int = 0  # background processes building micro-batches (0: the caller)
+    # Background processes building micro-batches (0: the training process). None: 2 with
+    # CUDA (the GPU must not wait for the host), 0 on CPU (workers would compete for cores).
+    num_workers: Optional[int] = None
     prefetch_factor: int = 2  # micro-batches each worker builds ahead
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     images: ImagePipelineConfig = field(default_factory=ImagePipelineConfig)

@@ -154,6 +154,11 @@ def _check_llm(cfg: MM1Config, err: _Errors) -> None:
             moe.aux_loss_coeff >= 0 and moe.z_loss_coeff >= 0,
             f"{q}.aux_loss_coeff and {q}.z_loss_coeff must be >= 0",
         )
+        err.check(
+            not moe.grouped_gemm or cfg.model.transformer_impl == "transformer_engine",
+            f"{q}.grouped_gemm=true needs Transformer Engine's grouped linear layers: set "
+            f"model.transformer_impl=transformer_engine, or {q}.grouped_gemm=null",
+        )
     else:
         err.check(moe.num_experts == 0, f"{p}.moe.num_experts must be >= 0")
 
@@ -304,7 +309,11 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
         f"data.caption_window={d.caption_window} must be >= 1 "
         f"(caption samples read per caption sequence)",
     )
-    err.check(d.num_workers >= 0, "data.num_workers must be >= 0")
+    err.check(
+        d.num_workers is None or d.num_workers >= 0,
+        "data.num_workers must be >= 0 (or null: 2 with CUDA, 0 on CPU)",
+    )
+    err.check(d.images.dali_threads >= 1, "data.images.dali_threads must be >= 1")
     err.check(d.prefetch_factor >= 1, "data.prefetch_factor must be >= 1")
     if d.tokenizer.kind == "synthetic":
         err.check(
@@ -458,6 +467,10 @@ def validate_environment(
         messages.append(
             "model.fp8 needs an NVIDIA GPU with FP8 support (Hopper or newer); "
             "set model.fp8=null to run on this machine"
+        )
+    if cfg.training.init_device == "gpu" and not cuda_available:
+        messages.append(
+            "training.init_device=gpu needs a GPU; use training.init_device=auto or cpu"
         )
     if cfg.training.precision == "bf16" and not cuda_available:
         messages.append(

@@ -18,7 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -85,6 +85,7 @@ def build_data(
         context = "spawn" if gpu_dali else None  # CUDA does not survive a fork
     else:
         raise ValueError(f"data.source={data_cfg.source!r} is not one of synthetic, webdataset")
+    num_workers = resolve_num_workers(data_cfg.num_workers, cuda=torch.cuda.is_available())
     loader = MicroBatchLoader(
         builder,
         tokenizer=tokenizer,
@@ -92,7 +93,7 @@ def build_data(
         seed=seed,
         dp_rank=dp_rank,
         dp_size=dp_size,
-        num_workers=data_cfg.num_workers,
+        num_workers=num_workers,
         prefetch_factor=data_cfg.prefetch_factor,
         fingerprint=_fingerprint(data_cfg, tokenizer, packing),
         multiprocessing_context=context,
@@ -104,9 +105,18 @@ def build_data(
         tokenizer.vocab_size,
         dp_rank,
         dp_size,
-        data_cfg.num_workers,
+        num_workers,
     )
     return loader, tokenizer
+
+
+def resolve_num_workers(setting: Optional[int], *, cuda: bool) -> int:
+    """``data.num_workers``; null means 2 background workers with CUDA (so the GPU never
+    waits for the host to build a micro-batch) and 0 on CPU (workers would take the
+    cores the model computes on)."""
+    if setting is None:
+        return 2 if cuda else 0
+    return setting
 
 
 def build_run_data(
@@ -149,6 +159,7 @@ def _webdataset_builder(
         std=image_std,
         resize_mode=images.resize,
         dtype=images.dtype,
+        dali_threads=images.dali_threads,
     )
     schedule = MixtureSchedule(data_cfg.mixture, seed)
     shard_options = dict(
@@ -187,12 +198,14 @@ def _webdataset_builder(
 
 
 def _fingerprint(data_cfg: DataConfig, tokenizer: Tokenizer, packing: Dict) -> str:
-    """Changes when anything that decides the batches changes (not num_workers)."""
+    """Changes when anything that decides the batches changes (not how many workers or
+    threads build them)."""
     relevant = {
         key: value
         for key, value in dataclasses.asdict(data_cfg).items()
         if key not in ("num_workers", "prefetch_factor")
     }
+    relevant["images"].pop("dali_threads")
     payload = json.dumps(
         {"data": relevant, "packing": packing, "tokenizer": tokenizer_fingerprint(tokenizer)},
         sort_keys=True,

@@ -22,7 +22,11 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from mm1_megatron.compat.experts import sequential_mlp_with_expert_hook
+from mm1_megatron.compat.experts import (
+    grouped_mlp_with_expert_init,
+    initialize_affine_weight_cpu,
+    sequential_mlp_with_expert_hook,
+)
 
 
 def component_seed(seed: int, *keys) -> int:
@@ -55,19 +59,70 @@ def seeded_layer_class(seed: int, base=TransformerLayer):
     return SeededTransformerLayer
 
 
+def _draw_layer_key() -> int:
+    # The layer's generator is in the same state on every EP rank here (the layer was
+    # reseeded and the router drawn identically), so one draw keys the layer.
+    return int(torch.randint(2**62, (1,), device="cpu").item())
+
+
+def _reseed_for_expert(layer_key: int, global_index: int) -> None:
+    torch.default_generator.manual_seed(component_seed(layer_key, "expert", global_index))
+
+
 def seeded_experts_class() -> type:
     """Megatron's ``SequentialMLP`` with each expert drawn from a stream keyed by its global
     index, so expert parallelism (which builds only this rank's experts) starts from the
     same experts as a single-process run."""
 
     def make_hook():
-        # The layer's generator is in the same state on every EP rank here (the layer
-        # was reseeded and the router drawn identically), so one draw keys the layer.
-        layer_key = int(torch.randint(2**62, (1,), device="cpu").item())
-
-        def before_expert(global_index: int) -> None:
-            torch.default_generator.manual_seed(component_seed(layer_key, "expert", global_index))
-
-        return before_expert
+        layer_key = _draw_layer_key()
+        return lambda global_index: _reseed_for_expert(layer_key, global_index)
 
     return sequential_mlp_with_expert_hook(make_hook)
+
+
+def draw_expert_weights(
+    config, layer_key: int, global_index: int, fc1: torch.Tensor, fc2: torch.Tensor
+) -> None:
+    """Fill one expert's ``fc1`` and ``fc2`` (this expert-TP rank's slices) with the values a
+    seeded ``SequentialMLP`` expert gets: Megatron's CPU initialisation of ``linear_fc1``
+    (column-parallel, ``init_method``) and then ``linear_fc2`` (row-parallel,
+    ``output_layer_init_method``) from the expert's own stream."""
+    rank = parallel_state.get_expert_tensor_parallel_rank()
+    world = parallel_state.get_expert_tensor_parallel_world_size()
+    ffn = config.moe_ffn_hidden_size * (2 if config.gated_linear_unit else 1)
+    _reseed_for_expert(layer_key, global_index)
+    for weight, full_shape, dim, init in (
+        (fc1, (ffn, config.hidden_size), 0, config.init_method),
+        (fc2, (config.hidden_size, config.moe_ffn_hidden_size), 1, config.output_layer_init_method),
+    ):
+        drawn = torch.empty(weight.shape, dtype=weight.dtype)
+        initialize_affine_weight_cpu(
+            drawn,
+            *full_shape,
+            weight.shape[dim],
+            dim,
+            init,
+            params_dtype=weight.dtype,
+            rank=rank,
+            world_size=world,
+            skip_set_tensor_parallel_attributes=True,
+        )
+        with torch.no_grad():
+            weight.copy_(drawn)
+
+
+def seeded_grouped_experts_class() -> type:
+    """Transformer Engine's ``TEGroupedMLP`` with each expert redrawn as
+    ``seeded_experts_class`` draws it, so grouped and sequential experts, at any expert
+    layout, start from the same weights."""
+
+    def make_init():
+        layer_key = _draw_layer_key()
+
+        def init_expert(config, global_index: int, fc1: torch.Tensor, fc2: torch.Tensor) -> None:
+            draw_expert_weights(config, layer_key, global_index, fc1, fc2)
+
+        return init_expert
+
+    return grouped_mlp_with_expert_init(make_init)

@@ -19,7 +19,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.transformer.moe.experts import SequentialMLP, TEGroupedMLP
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -35,7 +35,11 @@ from mm1_megatron.models.attention import (
     te_document_attention_class,
 )
 from mm1_megatron.models.norms import TorchNorm
-from mm1_megatron.models.seeding import seeded_experts_class, seeded_layer_class
+from mm1_megatron.models.seeding import (
+    seeded_experts_class,
+    seeded_grouped_experts_class,
+    seeded_layer_class,
+)
 
 
 def backend_provider(transformer_impl: str) -> BackendSpecProvider:
@@ -136,9 +140,14 @@ def _seeded(layer: ModuleSpec, init_seed: int) -> ModuleSpec:
     )
 
     def seed_experts(experts):
-        if compat_specs.spec_module(experts) is not SequentialMLP:
-            return experts
-        return compat_specs.with_module(experts, seeded_experts_class())
+        module = compat_specs.spec_module(experts)
+        if module is SequentialMLP:
+            return compat_specs.with_module(experts, seeded_experts_class())
+        if module is TEGroupedMLP:
+            return compat_specs.with_module(experts, seeded_grouped_experts_class())
+        raise ValueError(
+            f"no layout-independent initialisation for MoE experts of type {module.__name__}"
+        )
 
     mlp = compat_specs.map_experts(layer.submodules.mlp, seed_experts)
     return compat_specs.with_submodules(

@@ -21,10 +21,17 @@ VISION_ACTIVATION_FUNCS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_tanh"
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """What the machine decides rather than the model: dtype and where weights start."""
+    """What the machine decides rather than the model: dtype, where weights start, and
+    which fused kernels run (they change speed and rounding, not the model)."""
 
     params_dtype: torch.dtype = torch.float32
     use_cpu_initialization: bool = True
+    # SwiGLU, bias-dropout-add and vocab-parallel cross-entropy as fused (jit) kernels.
+    fused_kernels: bool = False
+    apply_rope_fusion: bool = False  # Transformer Engine's fused RoPE
+    # Weight gradients accumulated straight into the fp32 main_grad (needs apex's
+    # fused_weight_gradient_mlp_cuda and Megatron's DDP buffers: training only).
+    gradient_accumulation_fusion: bool = False
 
 
 def _shared_kwargs(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeOptions) -> dict:
@@ -38,11 +45,14 @@ def _shared_kwargs(model: ModelConfig, parallel: ParallelConfig, runtime: Runtim
         init_method_std=model.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        bias_activation_fusion=False,
+        bias_dropout_fusion=runtime.fused_kernels,
+        # The per-document attention runs torch SDPA (fused softmax inside); Megatron's
+        # masked-softmax kernel serves only the dense reference, which never runs fused.
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=runtime.apply_rope_fusion,
+        # apex's persistent LayerNorm kernel: left to Megatron-Core's own LayerNorm choice.
         persist_layer_norm=False,
+        gradient_accumulation_fusion=runtime.gradient_accumulation_fusion,
         calculate_per_token_loss=True,
     )
     if parallel.recompute != "none":
@@ -50,6 +60,14 @@ def _shared_kwargs(model: ModelConfig, parallel: ParallelConfig, runtime: Runtim
         if parallel.recompute == "full":
             kwargs.update(recompute_method="uniform", recompute_num_layers=1)
     return kwargs
+
+
+def uses_grouped_gemm(model: ModelConfig) -> bool:
+    """``moe.grouped_gemm``, defaulting to on exactly when Transformer Engine is the impl."""
+    setting = model.llm.moe.grouped_gemm
+    if setting is None:
+        return model.transformer_impl == "transformer_engine"
+    return setting
 
 
 def language_transformer_config(
@@ -71,6 +89,12 @@ def language_transformer_config(
         add_qkv_bias=llm.qkv_bias,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        # Fused SwiGLU (bias-free) and the fused vocab-parallel cross-entropy. The latter
+        # returns its logit gradients in bf16 whatever the dtype (megatron-core 0.16-0.19),
+        # which would round an fp32 run's gradients (0.16% measured): bf16 runs only.
+        bias_activation_fusion=runtime.fused_kernels,
+        cross_entropy_loss_fusion=runtime.fused_kernels and runtime.params_dtype == torch.bfloat16,
+        cross_entropy_fusion_impl="native",
     )
     if model.fp8 is not None:
         # The decoder only: FP8 GEMMs need the token count divisible by 8 (16 for the
@@ -101,6 +125,7 @@ def language_transformer_config(
             moe_router_dtype="fp32",
             # With one expert per token, softmax after top-k would always give weight 1.
             moe_router_pre_softmax=moe.top_k == 1,
+            moe_grouped_gemm=uses_grouped_gemm(model),
         )
     return TransformerConfig(**kwargs)
 
@@ -108,7 +133,11 @@ def language_transformer_config(
 def vision_transformer_config(
     model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeOptions
 ) -> TransformerConfig:
-    """The ViT lives whole on the first pipeline stage and is split only by TP."""
+    """The ViT lives whole on the first pipeline stage and is split only by TP.
+
+    Its MLP is never bias-activation fused: Megatron-Core's fused bias-GELU is the tanh
+    approximation (a different function from the exact GELU a CLIP ViT is trained with),
+    and its quick-GELU fusion exists only for gated units."""
     vision = model.vision
     kwargs = _shared_kwargs(model, parallel, runtime)
     kwargs.update(

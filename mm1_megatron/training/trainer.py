@@ -27,7 +27,7 @@ from mm1_megatron.config import MM1Config, save_config, validate_config, validat
 from mm1_megatron.data import SOURCE_IDS
 from mm1_megatron.data.build import build_run_data
 from mm1_megatron.data.pipeline.reporting import data_metrics
-from mm1_megatron.models import RuntimeOptions, build_mm1_model
+from mm1_megatron.models import build_mm1_model
 from mm1_megatron.models.param_count import count_parameters, moe_layer_flags
 from mm1_megatron.parallel import init_distributed, seed_everything
 from mm1_megatron.parallel.collectives import all_reduce_, all_reduce_values, barrier
@@ -48,6 +48,7 @@ from mm1_megatron.training.preemption import (
     StoppedWithoutCheckpoint,
     write_preemption_marker,
 )
+from mm1_megatron.training.runtime import resolve_build_choices
 from mm1_megatron.training.step import forward_step, loss_and_report
 from mm1_megatron.utils.logging_setup import log_info_on_this_rank
 
@@ -79,8 +80,9 @@ class Trainer:
                 f"model.llm.vocab_size={cfg.model.llm.vocab_size} is smaller than "
                 f"the tokenizer's {self.tokenizer.vocab_size} tokens"
             )
-        self.model_chunks = [self._build_model()]
         self.checkpoints = CheckpointManager(cfg.checkpoint)
+        resume_path = self.checkpoints.resolve_resume_path()
+        self.model_chunks = [self._build_model(resuming=resume_path is not None)]
         self._load_pretrained_parts()
         self.peak_flops = self._peak_flops_per_device()
         self.param_counts = count_parameters(cfg.model)
@@ -106,7 +108,7 @@ class Trainer:
             max_nonfinite_steps=cfg.training.max_nonfinite_steps,
             spike_ratio=cfg.training.loss_spike_ratio,
         )
-        self._resume()
+        self._resume(resume_path)
         self.is_logging_rank = (
             parallel_state.is_pipeline_last_stage()
             and parallel_state.get_tensor_model_parallel_rank() == 0
@@ -127,19 +129,19 @@ class Trainer:
             )
         return t.global_batch_size // per_step
 
-    def _build_model(self):
+    def _build_model(self, *, resuming: bool):
         cfg = self.cfg
-        runtime = RuntimeOptions(
-            params_dtype=torch.bfloat16 if self.bf16 else torch.float32, use_cpu_initialization=True
+        choices = resolve_build_choices(
+            cfg, cuda=self.ctx.device.type == "cuda", bf16=self.bf16, resuming=resuming
         )
         model = build_mm1_model(
             cfg.model,
             cfg.parallel,
             image_token_id=self.tokenizer.image_token_id,
-            runtime=runtime,
+            runtime=choices.runtime,
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
-            init_seed=cfg.training.seed,
+            init_seed=choices.init_seed,
         )
         overlap_grad, self.overlap_param_gather = resolve_overlap(
             cfg.parallel, cuda=self.ctx.device.type == "cuda"
@@ -189,8 +191,7 @@ class Trainer:
             self.cfg,
         )
 
-    def _resume(self) -> None:
-        path = self.checkpoints.resolve_resume_path()
+    def _resume(self, path: Optional[Path]) -> None:
         if path is None:
             return
         trainer_state = self.checkpoints.load(self._training_state(), path)

@@ -321,11 +321,13 @@ def build_image_decoder(
     std: Sequence[float],
     resize_mode: str = "crop",
     dtype: str = "fp32",
+    dali_threads: int = 2,
 ) -> ImageDecoder:
-    """``pil`` or ``dali`` (GPU decoding when CUDA is available, else DALI's CPU operators)."""
+    """``pil`` or ``dali`` (GPU decoding when CUDA is available, else DALI's CPU operators;
+    ``dali_threads`` CPU threads per pipeline)."""
     check_image_options(decoder, resize_mode, dtype)
     kwargs = dict(image_size=image_size, mean=mean, std=std, resize_mode=resize_mode, dtype=dtype)
     if decoder == "pil":
         return PILImageDecoder(**kwargs)
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None
-    return DALIImageDecoder(device_id=device_id, **kwargs)
+    return DALIImageDecoder(device_id=device_id, num_threads=dali_threads, **kwargs)
