@@ -126,7 +126,9 @@ class DocumentAttention(DotProductAttention):
         dropout = self.attention_dropout.p if self.training else 0.0
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         with self._dropout_rng(dropout):
-            if attention_mask is None:
+            if q.shape[2] != k.shape[2]:  # decoding: new queries against cached keys
+                context = self._against_cache(q, k, v, attention_mask, grouped)
+            elif attention_mask is None:
                 context = F.scaled_dot_product_attention(
                     q,
                     k,
@@ -163,6 +165,24 @@ class DocumentAttention(DotProductAttention):
             ]
             rows.append(torch.cat(pieces, dim=2))
         return torch.cat(rows, dim=0)
+
+    def _against_cache(self, q, k, v, document_ids, grouped: bool) -> torch.Tensor:
+        """The last ``sq`` of ``sk`` positions (generation with a KV cache) attend to every
+        earlier key of their own document. The mask is ``[b, 1, sq, sk]``: one row per new
+        token, never ``sk x sk``."""
+        sq, sk = q.shape[2], k.shape[2]
+        if document_ids is None or document_ids.shape[-1] != sk:
+            raise ValueError(
+                f"decoding {sq} new positions against {sk} cached ones needs the document "
+                f"ids of all {sk} positions"
+            )
+        positions = torch.arange(sk, device=q.device)
+        causal = positions[None, :] <= positions[sk - sq :, None]  # [sq, sk]
+        same_document = document_ids[:, sk - sq :, None] == document_ids[:, None, :]
+        mask = (same_document & causal)[:, None]  # [b, 1, sq, sk]
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=grouped
+        )
 
     def _dropout_rng(self, dropout: float):
         """Attention dropout draws from the tensor-parallel RNG stream, as Megatron's does."""

@@ -157,10 +157,23 @@ class MM1Model(MegatronModule):
         document_ids: torch.Tensor,
         images: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
+        inference_context=None,
     ) -> torch.Tensor:
         """Per-token loss ``[b, s]`` when ``labels`` is given (last stage), else logits
-        (last stage) or hidden states (other stages)."""
+        (last stage) or hidden states (other stages).
+
+        With Megatron-Core's ``inference_context`` (generation with a KV cache) ``tokens``
+        are the new positions only, while ``document_ids`` cover every cached position
+        too, so attention knows which earlier keys each new token may see.
+        """
         decoder_input = self.embed(tokens, images) if self.pre_process else None
         return self.language_model(
-            tokens, position_ids, document_ids, decoder_input=decoder_input, labels=labels
+            tokens,
+            position_ids,
+            document_ids,
+            decoder_input=decoder_input,
+            labels=labels,
+            inference_context=inference_context,
+            # Generation takes whole-vocabulary logits (Megatron-Core requires it).
+            runtime_gather_output=True if inference_context is not None else None,
         )

@@ -76,3 +76,34 @@ def barrier(group=None) -> None:
     device = group_device(group)
     device_ids: Optional[List[int]] = [device.index] if device.type == "cuda" else None
     dist.barrier(group=group, device_ids=device_ids)
+
+
+def broadcast_(tensor: torch.Tensor, *, src: int, group=None) -> torch.Tensor:
+    """In-place broadcast from global rank ``src`` of a tensor on the group's device."""
+    if _initialized():
+        check_on_group_device(tensor, group)
+        dist.broadcast(tensor, src=src, group=group)
+    return tensor
+
+
+def send(tensor: torch.Tensor, *, dst: int, group=None) -> None:
+    """Point-to-point send to global rank ``dst`` (pipeline stages during generation)."""
+    check_on_group_device(tensor, group)
+    dist.send(tensor.contiguous(), dst=dst, group=group)
+
+
+def recv_(tensor: torch.Tensor, *, src: int, group=None) -> torch.Tensor:
+    """Receive into ``tensor`` from global rank ``src``."""
+    check_on_group_device(tensor, group)
+    dist.recv(tensor, src=src, group=group)
+    return tensor
+
+
+def all_gather_objects(value, group=None) -> list:
+    """Every rank's picklable ``value``, in rank order (a one-element list without a
+    process group). For small results, such as evaluation predictions."""
+    if not _initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, value, group=group)
+    return gathered

@@ -1,0 +1,100 @@
+"""``generate``: prompts in, generated token ids out, on every rank of the model.
+
+One prefill encodes each prompt's images once and fills the KV cache; for beam search the
+cache rows are then copied to the beams, and every step decodes one token per row. All
+ranks of a pipeline take the same steps: the last stage decides the tokens and the
+others receive them. With expert parallelism the data-parallel ranks (which hold
+different prompts) must also step together, since every MoE layer exchanges tokens
+across them: pass their group as ``lockstep_group``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from megatron.core import parallel_state
+
+from mm1_megatron.compat.inference import generation_mode
+from mm1_megatron.inference.prompts import PROMPT_DOCUMENT, Prompt, left_pad
+from mm1_megatron.inference.runner import CachedModelRunner
+from mm1_megatron.inference.search import BeamSearch, GreedySearch
+from mm1_megatron.parallel.collectives import all_gather_objects, all_reduce_values
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 20
+    num_beams: int = 1  # 1: greedy
+    length_penalty: float = 0.0  # beam hypotheses score sum(log p) / length**this
+    stop_token_ids: Tuple[int, ...] = ()  # end a row; not part of the output
+    banned_token_ids: Tuple[int, ...] = ()  # never generated (image placeholder, padding)
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams={self.num_beams} must be >= 1")
+
+
+def _search(config: GenerationConfig, num_prompts: int, pad_token_id: int):
+    common = dict(
+        stop_ids=config.stop_token_ids, banned_ids=config.banned_token_ids, pad_id=pad_token_id
+    )
+    if config.num_beams == 1:
+        return GreedySearch(num_prompts, **common)
+    return BeamSearch(num_prompts, config.num_beams, length_penalty=config.length_penalty, **common)
+
+
+def generate(
+    model,
+    prompts: Sequence[Prompt],
+    config: GenerationConfig,
+    *,
+    pad_token_id: int,
+    lockstep_group=None,
+) -> List[List[int]]:
+    """The generated ids per prompt (stop token excluded), on every rank of the model."""
+    with torch.no_grad(), generation_mode():
+        return _generate(model, prompts, config, pad_token_id, lockstep_group)
+
+
+def _generate(model, prompts, config, pad_token_id, lockstep_group) -> List[List[int]]:
+    batch = left_pad(prompts, pad_token_id=pad_token_id)
+    search = _search(config, len(prompts), pad_token_id)
+    prompt_length = batch.tokens.shape[1]
+    total = prompt_length + config.max_new_tokens
+    runner = CachedModelRunner(model, max_batch_size=search.rows, max_sequence_length=total)
+    logprobs = runner.forward(batch.tokens, batch.document_ids, batch.images)
+    rows = search.expansion()
+    if search.rows != len(prompts):
+        runner.reorder(rows)
+    documents = torch.full((search.rows, total), PROMPT_DOCUMENT, dtype=torch.long)
+    documents[:, :prompt_length] = batch.document_ids[rows]
+    if logprobs is not None:
+        logprobs = logprobs[rows.to(logprobs.device)]
+    for step in range(config.max_new_tokens):
+        decision = torch.zeros(2 * search.rows + 1, dtype=torch.long)
+        if runner.is_last:
+            tokens, sources, done = search.step(logprobs.cpu())
+            decision = torch.cat([tokens, sources, torch.tensor([int(done)])])
+        decision = runner.broadcast_from_last_stage(decision)
+        tokens, sources = decision[: search.rows], decision[search.rows : -1]
+        done = bool(decision[-1])
+        if lockstep_group is not None:
+            done = all_reduce_values([float(done)], op="min", group=lockstep_group)[0] > 0
+        if done or step == config.max_new_tokens - 1:
+            break
+        if config.num_beams > 1:
+            runner.reorder(sources)
+        logprobs = runner.forward(tokens[:, None], documents)
+    return _results_on_every_stage(search if runner.is_last else None, runner)
+
+
+def _results_on_every_stage(search, runner: CachedModelRunner) -> List[List[int]]:
+    results: Optional[List[List[int]]] = search.results() if search is not None else None
+    if runner.pp_size == 1:
+        return results
+    gathered = all_gather_objects(results, group=parallel_state.get_pipeline_model_parallel_group())
+    return gathered[-1]
