@@ -107,9 +107,7 @@ def test_one_beam_is_greedy(tiny_model):
     cfg, model = tiny_model
     prompts = _prompts(cfg, 4)
     greedy = generate(model, prompts, _config(), pad_token_id=TOKENIZER.pad_token_id)
-    one_beam = generate(
-        model, prompts, _config(num_beams=1), pad_token_id=TOKENIZER.pad_token_id
-    )
+    one_beam = generate(model, prompts, _config(num_beams=1), pad_token_id=TOKENIZER.pad_token_id)
     assert one_beam == greedy
 
 
