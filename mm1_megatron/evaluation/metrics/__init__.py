@@ -1,0 +1,5 @@
+"""Caption and VQA metrics computed as the reference evaluation code computes them."""
+
+from mm1_megatron.evaluation.metrics.ptb_tokenizer import ptb_tokenize
+
+__all__ = ["ptb_tokenize"]
