@@ -1,0 +1,29 @@
+"""``tools/bench_generate.py`` runs end to end (tiny model), so the benchmark cannot rot."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from tests.launch import run
+
+
+def test_bench_generate_prints_matching_tokens_and_timings_as_json():
+    result = run([sys.executable, "tools/bench_generate.py", "--tiny"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in ("prompt_tokens", "new_tokens", "images", "repeats", "torch_threads"):
+        assert summary[key] >= 1
+    assert summary["all_tokens_match"] is True
+    figures = summary["results"]["tiny"]
+    assert figures["tokens_match"] is True and figures["first_mismatch"] is None
+    # No stop token: both methods generate exactly the requested number of tokens.
+    new = summary["new_tokens"]
+    assert figures["generated_tokens"] == {"cached": new, "recompute": new}
+    for method in ("cached", "recompute"):
+        assert figures[method]["seconds"] > 0
+        assert figures[method]["tokens_per_s"] > 0
+        assert len(figures[method]["samples"]) == summary["repeats"]
+    assert figures["cached"]["prefill_seconds"] > 0
+    assert "decode_ms_per_token" in figures["cached"]
+    assert figures["speedup"] > 0
