@@ -51,6 +51,7 @@ setup(
         "console_scripts": [
             "mm1-train=mm1_megatron.train:main",
             "mm1-convert=mm1_megatron.conversion.cli:main",
+            "mm1-eval=mm1_megatron.evaluation.cli:main",
         ]
     },
 )

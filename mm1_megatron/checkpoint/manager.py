@@ -236,20 +236,40 @@ class CheckpointManager:
     def load_pretrained_part(self, model_chunk, prefix: str, path: Path) -> None:
         """Load only the parameters under ``prefix`` (e.g. ``vision_encoder.``) from another
         checkpoint; the rest of the model keeps its fresh initialisation."""
-        if layout.read_latest(path) is not None:  # a save folder: take its newest checkpoint
-            path = layout.read_latest(path)
-        model = unwrap(model_chunk)
-        wanted = {
-            key: value
-            for key, value in model.sharded_state_dict().items()
-            if key.startswith(prefix)
-        }
-        folder = path / MODEL_OPTIM_DIR if (path / MODEL_OPTIM_DIR).is_dir() else path
-        loaded = dist_checkpointing.load({"model": wanted}, str(folder))["model"]
-        result = model.load_state_dict(loaded, strict=False)
-        missing = [key for key in result.missing_keys if key.startswith(prefix)]
-        if missing:
-            raise ValueError(
-                f"{path} lacks {len(missing)} tensors of {prefix.rstrip('.')}, e.g. {missing[0]}"
-            )
-        logger.info("loaded %d tensors of %s from %s", len(loaded), prefix.rstrip("."), path)
+        load_model_weights(model_chunk, path, prefix=prefix)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or a save folder's newest complete checkpoint."""
+    path = Path(path)
+    latest = layout.read_latest(path)
+    if latest is not None:
+        return latest
+    if not (path / MODEL_OPTIM_DIR).is_dir() and not (path / "metadata.json").is_file():
+        raise ValueError(
+            f"{path} is neither a checkpoint (no {MODEL_OPTIM_DIR}/) nor a save folder with "
+            f"a 'latest' checkpoint"
+        )
+    return path
+
+
+def load_model_weights(model_chunk, path: Path, *, prefix: str = "") -> Path:
+    """Load the model tensors under ``prefix`` (all by default) from a checkpoint written at
+    any TP/PP/EP layout into this rank's part of ``model_chunk``; no optimizer state.
+    Returns the checkpoint folder read."""
+    path = resolve_checkpoint(path)
+    model = unwrap(model_chunk)
+    wanted = {
+        key: value for key, value in model.sharded_state_dict().items() if key.startswith(prefix)
+    }
+    folder = path / MODEL_OPTIM_DIR if (path / MODEL_OPTIM_DIR).is_dir() else path
+    loaded = dist_checkpointing.load({"model": wanted}, str(folder))["model"]
+    result = model.load_state_dict(loaded, strict=False)
+    missing = [key for key in result.missing_keys if key.startswith(prefix)]
+    if missing:
+        what = prefix.rstrip(".") or "the model"
+        raise ValueError(f"{path} lacks {len(missing)} tensors of {what}, e.g. {missing[0]}")
+    logger.info(
+        "loaded %d tensors of %s from %s", len(loaded), prefix.rstrip(".") or "the model", path
+    )
+    return path

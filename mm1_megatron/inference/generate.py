@@ -30,6 +30,7 @@ class GenerationConfig:
     length_penalty: float = 0.0  # beam hypotheses score sum(log p) / length**this
     stop_token_ids: Tuple[int, ...] = ()  # end a row; not part of the output
     banned_token_ids: Tuple[int, ...] = ()  # never generated (image placeholder, padding)
+    vocab_limit: Optional[int] = None  # ids from here on never generated (padded vocabulary)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -40,7 +41,10 @@ class GenerationConfig:
 
 def _search(config: GenerationConfig, num_prompts: int, pad_token_id: int):
     common = dict(
-        stop_ids=config.stop_token_ids, banned_ids=config.banned_token_ids, pad_id=pad_token_id
+        stop_ids=config.stop_token_ids,
+        banned_ids=config.banned_token_ids,
+        pad_id=pad_token_id,
+        vocab_limit=config.vocab_limit,
     )
     if config.num_beams == 1:
         return GreedySearch(num_prompts, **common)
@@ -61,6 +65,17 @@ def generate(
 
 
 def _generate(model, prompts, config, pad_token_id, lockstep_group) -> List[List[int]]:
+    if lockstep_group is not None:
+        # Steps must pair up across the group: the same bound everywhere.
+        low, high = (
+            all_reduce_values([config.max_new_tokens], op=op, group=lockstep_group)[0]
+            for op in ("min", "max")
+        )
+        if low != high:
+            raise ValueError(
+                f"ranks generating in lockstep need the same max_new_tokens; got {low:.0f} "
+                f"to {high:.0f}"
+            )
     batch = left_pad(prompts, pad_token_id=pad_token_id)
     search = _search(config, len(prompts), pad_token_id)
     prompt_length = batch.tokens.shape[1]

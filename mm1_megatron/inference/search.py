@@ -16,23 +16,36 @@ can beat the worst of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 NEG_INF = float("-inf")
 
 
-def ban(logprobs: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
-    if banned:
+def ban(logprobs: torch.Tensor, banned: Sequence[int], vocab_limit: Optional[int] = None):
+    """``banned`` ids, and every id from ``vocab_limit`` on (the model's vocabulary is
+    padded beyond the tokenizer's), can never be chosen."""
+    if banned or (vocab_limit is not None and vocab_limit < logprobs.shape[-1]):
         logprobs = logprobs.clone()
         logprobs[:, list(banned)] = NEG_INF
+        if vocab_limit is not None:
+            logprobs[:, vocab_limit:] = NEG_INF
     return logprobs
 
 
 class GreedySearch:
-    def __init__(self, num_prompts: int, *, stop_ids: Sequence[int], banned_ids, pad_id: int):
+    def __init__(
+        self,
+        num_prompts: int,
+        *,
+        stop_ids: Sequence[int],
+        banned_ids: Sequence[int],
+        pad_id: int,
+        vocab_limit: Optional[int] = None,
+    ):
         self.stop_ids, self.banned_ids, self.pad_id = set(stop_ids), list(banned_ids), pad_id
+        self.vocab_limit = vocab_limit
         self.outputs: List[List[int]] = [[] for _ in range(num_prompts)]
         self.finished = [False] * num_prompts
 
@@ -45,7 +58,7 @@ class GreedySearch:
 
     def step(self, logprobs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
         """``(next tokens [rows], cache rows to keep [rows], all done)``."""
-        chosen = ban(logprobs, self.banned_ids).argmax(dim=-1).tolist()
+        chosen = ban(logprobs, self.banned_ids, self.vocab_limit).argmax(dim=-1).tolist()
         tokens = []
         for row, token in enumerate(chosen):
             if self.finished[row]:
@@ -96,9 +109,11 @@ class BeamSearch:
         banned_ids: Sequence[int],
         pad_id: int,
         length_penalty: float = 0.0,
+        vocab_limit: Optional[int] = None,
     ):
         self.num_prompts, self.num_beams = num_prompts, num_beams
         self.stop_ids, self.banned_ids, self.pad_id = set(stop_ids), list(banned_ids), pad_id
+        self.vocab_limit = vocab_limit
         self.hypotheses = [_Hypotheses(num_beams, length_penalty, []) for _ in range(num_prompts)]
         self.done = [False] * num_prompts
         # Only the first beam of each prompt is live at the start: the first step then
@@ -118,7 +133,8 @@ class BeamSearch:
     def step(self, logprobs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
         k = self.num_beams
         vocab = logprobs.shape[-1]
-        candidates = ban(logprobs, self.banned_ids).double() + self.scores.reshape(-1, 1)
+        candidates = ban(logprobs, self.banned_ids, self.vocab_limit).double()
+        candidates = candidates + self.scores.reshape(-1, 1)
         top_scores, top_ids = candidates.reshape(self.num_prompts, k * vocab).topk(2 * k, dim=-1)
         tokens, source_rows = [], []
         new_scores = torch.full_like(self.scores, NEG_INF)

@@ -1,0 +1,95 @@
+"""The model an evaluation runs: a training checkpoint's weights at any layout.
+
+The checkpoint's own resolved ``config.yaml`` describes the model; command-line overrides
+choose the layout (``parallel.tensor_parallel_size=2`` ...). Sequence parallelism is
+turned off (a generated token cannot be split across TP ranks), and weights are drawn
+nowhere special since the checkpoint replaces them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from megatron.core import parallel_state
+
+from mm1_megatron.checkpoint import layout, load_model_weights, resolve_checkpoint
+from mm1_megatron.config import MM1Config, load_config, validate_config
+from mm1_megatron.data.tokenizers.base import Tokenizer
+from mm1_megatron.data.tokenizers.text import build_tokenizer
+from mm1_megatron.models import RuntimeOptions, build_mm1_model
+from mm1_megatron.parallel import init_distributed, seed_everything
+from mm1_megatron.parallel.distributed import DistributedContext
+
+logger = logging.getLogger(__name__)
+
+EVAL_OVERRIDES = ("parallel.sequence_parallel=false", "model.attention=per_document")
+
+
+@dataclass
+class EvalModel:
+    cfg: MM1Config
+    model: torch.nn.Module  # this rank's pipeline stage, in eval mode
+    tokenizer: Tokenizer
+    ctx: DistributedContext
+    checkpoint: Path
+    step: int
+
+
+def checkpoint_config(checkpoint: Path, overrides: Sequence[str] = ()) -> MM1Config:
+    folder = resolve_checkpoint(checkpoint)
+    config_file = folder / "config.yaml"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} has no config.yaml: not a checkpoint written by mm1-train")
+    return validate_config(load_config(config_file, [*overrides, *EVAL_OVERRIDES]))
+
+
+def _check_layout_fits(cfg: MM1Config) -> None:
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("OMPI_COMM_WORLD_SIZE", "1")))
+    p = cfg.parallel
+    model_parallel = p.tensor_parallel_size * p.pipeline_parallel_size
+    if world % model_parallel:
+        raise ValueError(
+            f"the checkpoint's layout ({describe_layout(cfg)}) needs a multiple of "
+            f"{model_parallel} processes, and {world} were started; evaluate at another "
+            f"layout with overrides, e.g. parallel.tensor_parallel_size=1 "
+            f"parallel.pipeline_parallel_size=1 parallel.expert_parallel_size=1"
+        )
+
+
+def load_eval_model(checkpoint: Path, overrides: Sequence[str] = ()) -> EvalModel:
+    folder = resolve_checkpoint(checkpoint)
+    cfg = checkpoint_config(folder, overrides)
+    _check_layout_fits(cfg)
+    ctx = init_distributed(cfg.parallel, timeout_minutes=cfg.parallel.collective_timeout_minutes)
+    seed_everything(cfg.training.seed)  # Megatron's RNG tracker must exist, even without dropout
+    tokenizer = build_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path)
+    cuda = ctx.device.type == "cuda"
+    bf16 = cuda and cfg.training.precision in ("auto", "bf16")
+    runtime = RuntimeOptions(
+        params_dtype=torch.bfloat16 if bf16 else torch.float32, use_cpu_initialization=not cuda
+    )
+    model = build_mm1_model(
+        cfg.model,
+        cfg.parallel,
+        image_token_id=tokenizer.image_token_id,
+        runtime=runtime,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    model.to(ctx.device)
+    load_model_weights(model, folder)
+    model.eval()
+    step = layout.step_of(folder)
+    step = -1 if step is None else step
+    logger.info("evaluating %s (step %d) at %s", folder, step, describe_layout(cfg))
+    return EvalModel(cfg, model, tokenizer, ctx, folder, step)
+
+
+def describe_layout(cfg: MM1Config) -> str:
+    p = cfg.parallel
+    return f"TP={p.tensor_parallel_size} PP={p.pipeline_parallel_size} EP={p.expert_parallel_size}"

@@ -1,0 +1,137 @@
+"""``mm1-eval`` end to end: a training checkpoint, official-format fixture files with
+generated images, two data-parallel ranks, and the files it writes; and the input
+mistakes it must refuse before generating anything."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_OVERRIDES
+from tests.evaluation.official_fixtures import EXPECTED_EVAL_IDS, write_official_fixtures
+from tests.launch import clean_env, launcher, run, run_train
+
+OFFICIAL = ("coco_karpathy", "vqav2", "textvqa", "vizwiz")
+TASKS = (*OFFICIAL, "synthetic_caption", "synthetic_vqa")
+SHOTS = (0, 2)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A 2-step tiny run with a SentencePiece tokenizer (the official templates' words are
+    not in the synthetic vocabulary)."""
+    from mm1_megatron.data.tokenizers.base import build_vocabulary
+    from mm1_megatron.data.tokenizers.text import train_sentencepiece
+
+    root = tmp_path_factory.mktemp("eval_ckpt")
+    words = " ".join(w for w in build_vocabulary() if not w.startswith("<"))
+    corpus = [
+        words,
+        "Output: photo 42 caption 0",
+        "Question: what is it? Short answer: answer 42000 other 7 unanswerable",
+        "VizWiz val train 0 1 2 3 4 5 6 7 8 9",
+    ] * 20
+    model = train_sentencepiece(corpus, root / "sp", vocab_size=200)
+    result = run_train(
+        *TINY_OVERRIDES,
+        "training.train_steps=2",
+        "data.tokenizer.kind=sentencepiece",
+        f"data.tokenizer.path={model}",
+        f"checkpoint.save_dir={root / 'ckpt'}",
+        "checkpoint.save_interval=2",
+        f"logging.output_dir={root / 'run'}",
+        "logging.tensorboard=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "ckpt"
+
+
+def _eval(checkpoint: Path, output: Path, *args: str, nproc: int = 1):
+    command = [
+        *launcher(nproc),
+        "-m",
+        "mm1_megatron.evaluation.cli",
+        "--checkpoint",
+        str(checkpoint),
+        "--output-dir",
+        str(output),
+        *args,
+    ]
+    return run(command, env=clean_env(), timeout=600)
+
+
+def test_official_and_synthetic_tasks_on_two_ranks(checkpoint, tmp_path):
+    paths = write_official_fixtures(tmp_path / "data", OFFICIAL)
+    result = _eval(
+        checkpoint,
+        tmp_path / "eval",
+        "--tasks", ",".join(TASKS),
+        "--shots", ",".join(map(str, SHOTS)),
+        "--task-paths", str(paths),
+        "--limit", "6",
+        "--max-new-tokens", "4",
+        nproc=2,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    document = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert document["step"] == 2 and document["protocol"]["version"]
+    assert set(document["tasks"]) == set(TASKS)
+    for task in TASKS:
+        entry = document["tasks"][task]
+        assert set(entry["shots"]) == {str(s) for s in SHOTS}
+        expected = len(EXPECTED_EVAL_IDS[task]) if task in OFFICIAL else 6
+        for shots in SHOTS:
+            cell = entry["shots"][str(shots)]
+            assert cell["num_examples"] == expected
+            assert 0.0 <= cell["score"] <= (10.0 if entry["metric"] == "cider" else 1.0)
+            lines = (tmp_path / "eval" / "predictions" / f"{task}_{shots}shot.jsonl").read_text()
+            records = [json.loads(line) for line in lines.splitlines()]
+            assert len(records) == expected
+            assert all(len(r["demos"]) == shots for r in records)
+            if task in OFFICIAL:
+                assert [r["id"] for r in records] == list(EXPECTED_EVAL_IDS[task])
+    table = (tmp_path / "eval" / "results.md").read_text()
+    assert "| task | metric | 0-shot | 2-shot |" in table
+    assert all(f"| {task} |" in table for task in TASKS)
+    assert any((tmp_path / "eval" / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--tasks", "coco_karpaty"], "unknown task 'coco_karpaty'. Did you mean 'coco_karpathy'"),
+        (["--tasks", "synthetic_vqa", "--shots", "600"], "600 shots need"),
+    ],
+)
+def test_bad_requests_are_refused_before_loading_the_model(checkpoint, tmp_path, args, message):
+    result = _eval(checkpoint, tmp_path / "eval", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "loaded" not in result.stderr  # no checkpoint tensors were read
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
+def test_a_missing_image_stops_the_run_unless_skipping_is_asked_for(checkpoint, tmp_path):
+    paths = write_official_fixtures(tmp_path / "data", ["vqav2"])
+    images = sorted((tmp_path / "data").rglob("COCO_val2014_000000000073.jpg"))
+    assert images
+    for image in images:
+        image.unlink()
+    stopped = _eval(checkpoint, tmp_path / "stop", "--tasks", "vqav2", "--task-paths", str(paths))
+    assert stopped.returncode == 2
+    assert "COCO_val2014_000000000073.jpg" in stopped.stderr and "73000" in stopped.stderr
+    assert not (tmp_path / "stop" / "results.json").exists()
+    skipped = _eval(
+        checkpoint,
+        tmp_path / "skip",
+        "--tasks", "vqav2", "--task-paths", str(paths), "--on-bad", "skip",
+        "--max-new-tokens", "2",
+    )  # fmt: skip
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    document = json.loads((tmp_path / "skip" / "results.json").read_text())
+    assert document["tasks"]["vqav2"]["shots"]["0"]["num_examples"] == 2
+    assert sum(document["skipped"]["vqav2"].values()) >= 1
+    shutil.rmtree(tmp_path / "data")
