@@ -17,6 +17,10 @@ FORBIDDEN = {
     "models": ("data", "training", "checkpoint", "conversion"),
     "batch": ("data", "models", "training", "checkpoint", "conversion"),
     "compat": ("data", "models", "training", "checkpoint", "conversion", "parallel"),
+    # Generation runs any model it is given: no data pipeline, no trainer, no evaluation.
+    "inference": ("data", "training", "checkpoint", "conversion", "evaluation"),
+    # Evaluation reads checkpoints and generates; it never reaches into the trainer.
+    "evaluation": ("training", "conversion"),
     # Its model files also ship alone in exports (tests/conversion/test_standalone_model.py).
     "hf_model": (
         "batch",
