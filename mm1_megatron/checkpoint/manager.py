@@ -52,6 +52,7 @@ class TrainingState:
     step: int
     consumed_sequences: int
     config: MM1Config
+    last_evaluation: Optional[Dict[str, Any]] = None  # eval.interval's latest results
 
 
 def _rank() -> int:
@@ -115,6 +116,7 @@ class CheckpointManager:
             "data": state.data.state_dict(),
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "data_parallel_size": parallel_state.get_data_parallel_world_size(),
+            "last_evaluation": state.last_evaluation,
         }
         (folder / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         save_config(state.config, folder / "config.yaml")

@@ -296,6 +296,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation during training (docs/evaluation.md); ``mm1-eval`` scores checkpoints."""
+
+    interval: int = 0  # every N steps and after the last one (0: never)
+    # Held-out loss per source over this many micro-batches per data-parallel rank: a
+    # synthetic stream the run never trains on, or heldout_shards for webdataset runs.
+    heldout_batches: int = 4
+    heldout_shards: ShardsConfig = field(default_factory=ShardsConfig)
+    tasks: List[str] = field(default_factory=list)  # few-shot tasks, e.g. [synthetic_vqa]
+    shots: List[int] = field(default_factory=lambda: [0])
+    limit: int = 16  # a fixed, seeded subset of each task
+    task_paths: Optional[str] = None  # the dataset files YAML of the official tasks
+    batch_size: int = 8
+
+
+@dataclass
 class MM1Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -304,3 +320,4 @@ class MM1Config:
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -425,6 +425,36 @@ def _check_choices(cfg: MM1Config, err: _Errors) -> None:
         err.check(value in choices, choice_error(path, value, choices))
 
 
+def _check_eval(cfg: MM1Config, err: _Errors) -> None:
+    e = cfg.eval
+    err.check(e.interval >= 0, f"eval.interval={e.interval} must be >= 0 (0: never)")
+    err.check(e.heldout_batches >= 0, f"eval.heldout_batches={e.heldout_batches} must be >= 0")
+    err.check(e.limit >= 1, f"eval.limit={e.limit} must be >= 1")
+    err.check(e.batch_size >= 1, f"eval.batch_size={e.batch_size} must be >= 1")
+    err.check(
+        bool(e.shots) and min(e.shots, default=0) >= 0,
+        f"eval.shots={e.shots} needs at least one shot count, each >= 0",
+    )
+    if e.interval == 0:
+        return
+    if e.tasks:
+        err.check(
+            not cfg.parallel.sequence_parallel,
+            "eval.tasks generate text, which sequence parallelism cannot split; set "
+            "eval.tasks=[] and score checkpoints with mm1-eval, or "
+            "parallel.sequence_parallel=false",
+        )
+    if cfg.data.source == "webdataset" and e.heldout_batches > 0:
+        mixture = {name: w for name, w in cfg.data.mixture.items() if w > 0}
+        missing = [name for name in mixture if not getattr(e.heldout_shards, name)]
+        err.check(
+            not missing,
+            f"eval.heldout_shards.{{{','.join(missing)}}} are empty: a webdataset run's "
+            f"held-out loss reads held-out shards of every source it trains on (or set "
+            f"eval.heldout_batches=0)",
+        )
+
+
 def validate_config(cfg: MM1Config) -> MM1Config:
     """Raise ``ValueError`` listing every problem in ``cfg``; return it unchanged if none."""
     err = _Errors()
@@ -438,6 +468,7 @@ def validate_config(cfg: MM1Config) -> MM1Config:
         _check_data,
         _check_model_impl,
         _check_checkpoint,
+        _check_eval,
     ):
         check(cfg, err)
     if err.messages:

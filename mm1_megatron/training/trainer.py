@@ -42,6 +42,7 @@ from mm1_megatron.training.health import LossMonitor
 from mm1_megatron.training.lr import resolve_peak_lr
 from mm1_megatron.training.metrics import MetricsLogger
 from mm1_megatron.training.optimizer import build_optimizer, build_scheduler
+from mm1_megatron.training.periodic_eval import PeriodicEvaluation
 from mm1_megatron.training.preemption import (
     Preempted,
     PreemptionHandler,
@@ -108,6 +109,7 @@ class Trainer:
             max_nonfinite_steps=cfg.training.max_nonfinite_steps,
             spike_ratio=cfg.training.loss_spike_ratio,
         )
+        self.periodic_eval = self._periodic_evaluation()
         self._resume(resume_path)
         self.is_logging_rank = (
             parallel_state.is_pipeline_last_stage()
@@ -189,6 +191,20 @@ class Trainer:
             self.step,
             self.consumed_sequences,
             self.cfg,
+            self.periodic_eval.last if self.periodic_eval is not None else None,
+        )
+
+    def _periodic_evaluation(self) -> Optional[PeriodicEvaluation]:
+        if self.cfg.eval.interval == 0:
+            return None
+        return PeriodicEvaluation(
+            self.cfg,
+            self.tokenizer,
+            self.model_chunks,
+            self._forward_step,
+            self._reduce_reports,
+            self.ctx.device,
+            overlap_param_gather=self.overlap_param_gather,
         )
 
     def _resume(self, path: Optional[Path]) -> None:
@@ -200,6 +216,8 @@ class Trainer:
         # The loader state is global (the same on every rank); a changed DP size
         # continues at the first sequence no rank has consumed.
         self.data.load_state_dict(trainer_state["data"])
+        if self.periodic_eval is not None:
+            self.periodic_eval.last = trainer_state.get("last_evaluation") or {}
 
     def save_checkpoint(self, *, blocking: bool = False) -> None:
         if self.overlap_param_gather:
@@ -402,6 +420,8 @@ class Trainer:
                     start = time.perf_counter()
                     metrics = self.train_step()
                     metrics.update(self._throughput(metrics, time.perf_counter() - start))
+                    if self.periodic_eval is not None and self.periodic_eval.due(self.step):
+                        metrics.update(self.periodic_eval.run(self.step))
                     if self.is_logging_rank and self.loss_monitor.is_spike(
                         self.step, metrics["loss"]
                     ):
