@@ -120,20 +120,26 @@ def resolve_num_workers(setting: Optional[int], *, cuda: bool) -> int:
 
 
 def build_run_data(
-    cfg: MM1Config, *, dp_rank: int = 0, dp_size: int = 1
+    cfg: MM1Config,
+    *,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    data: Optional[DataConfig] = None,
+    seed: Optional[int] = None,
 ) -> Tuple[MicroBatchLoader, Tokenizer]:
     """``build_data`` with the packing a whole run's config implies (sequence length,
-    micro-batch size, image tokens, the encoder's image size and normalisation, seed)."""
+    micro-batch size, image tokens, the encoder's image size and normalisation, seed);
+    ``data`` and ``seed`` replace the run's (held-out data)."""
     vision = cfg.model.vision
     return build_data(
-        cfg.data,
+        data if data is not None else cfg.data,
         seq_length=cfg.training.seq_length,
         micro_batch_size=cfg.training.micro_batch_size,
         num_image_tokens=cfg.model.connector.num_output_tokens,
         image_size=vision.image_size,
         image_mean=vision.image_mean,
         image_std=vision.image_std,
-        seed=cfg.training.seed,
+        seed=cfg.training.seed if seed is None else seed,
         dp_rank=dp_rank,
         dp_size=dp_size,
     )

@@ -25,7 +25,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from mm1_megatron.batch import model_inputs
 from mm1_megatron.checkpoint import unwrap
 from mm1_megatron.config import MM1Config
-from mm1_megatron.data.build import build_data
+from mm1_megatron.data.build import build_run_data
 from mm1_megatron.data.tokenizers.base import Tokenizer
 from mm1_megatron.evaluation.evaluator import DecodeSettings, ShotEvaluator
 from mm1_megatron.evaluation.prompting import PromptBuilder
@@ -90,18 +90,12 @@ class PeriodicEvaluation:
         cfg = self.cfg
         shards = cfg.eval.heldout_shards if cfg.data.source == "webdataset" else cfg.data.shards
         data = dataclasses.replace(cfg.data, shards=shards, num_workers=0)
-        vision = cfg.model.vision
-        loader, _ = build_data(
-            data,
-            seq_length=cfg.training.seq_length,
-            micro_batch_size=cfg.training.micro_batch_size,
-            num_image_tokens=cfg.model.connector.num_output_tokens,
-            image_size=vision.image_size,
-            image_mean=vision.image_mean,
-            image_std=vision.image_std,
-            seed=cfg.training.seed + HELDOUT_SEED_OFFSET,
+        loader, _ = build_run_data(
+            cfg,
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=parallel_state.get_data_parallel_world_size(),
+            data=data,
+            seed=cfg.training.seed + HELDOUT_SEED_OFFSET,
         )
         return loader
 

@@ -59,7 +59,7 @@ def _independent_heldout_loss(checkpoint, overrides) -> float:
 
     from mm1_megatron.checkpoint import load_model_weights
     from mm1_megatron.config import load_config
-    from mm1_megatron.data.build import build_data
+    from mm1_megatron.data.build import build_run_data
     from mm1_megatron.models import build_mm1_model
     from mm1_megatron.parallel import init_distributed, seed_everything
     from mm1_megatron.training.periodic_eval import HELDOUT_SEED_OFFSET
@@ -70,19 +70,7 @@ def _independent_heldout_loss(checkpoint, overrides) -> float:
         init_distributed(cfg.parallel)
     seed_everything(cfg.training.seed)
     assert parallel_state.get_data_parallel_world_size() == 1
-    vision = cfg.model.vision
-    loader, tokenizer = build_data(
-        cfg.data,
-        seq_length=cfg.training.seq_length,
-        micro_batch_size=cfg.training.micro_batch_size,
-        num_image_tokens=cfg.model.connector.num_output_tokens,
-        image_size=vision.image_size,
-        image_mean=vision.image_mean,
-        image_std=vision.image_std,
-        seed=cfg.training.seed + HELDOUT_SEED_OFFSET,
-        dp_rank=0,
-        dp_size=1,
-    )
+    loader, tokenizer = build_run_data(cfg, seed=cfg.training.seed + HELDOUT_SEED_OFFSET)
     model = build_mm1_model(cfg.model, cfg.parallel, image_token_id=tokenizer.image_token_id)
     load_model_weights(model, checkpoint)
     model.eval()
