@@ -53,6 +53,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, help="default: per task")
     parser.add_argument("--seed", type=int, default=0, help="demonstration draw")
     parser.add_argument(
+        "--demos",
+        choices=("random", "similar"),
+        default="random",
+        help="demonstrations drawn at random, or the most similar images by the model's own "
+        "encoder (RICES)",
+    )
+    parser.add_argument(
         "--on-bad",
         choices=("stop", "skip"),
         default="stop",
@@ -106,7 +113,11 @@ def run(args: argparse.Namespace) -> int:
             )
     loaded = load_eval_model(args.checkpoint, args.overrides)
     try:
-        protocol = Protocol(seed=args.seed, text_demos_at_zero=args.text_demos_at_zero)
+        protocol = Protocol(
+            seed=args.seed,
+            demo_selection=args.demos,
+            text_demos_at_zero=args.text_demos_at_zero,
+        )
         settings = DecodeSettings(
             batch_size=args.batch_size,
             num_beams=args.num_beams,

@@ -22,6 +22,7 @@ from mm1_megatron.data.tokenizers.base import Tokenizer
 from mm1_megatron.evaluation.metrics import cider_d, vqa_corpus_accuracy
 from mm1_megatron.evaluation.prompting import PromptBuilder
 from mm1_megatron.evaluation.protocol import GENERATION, Protocol, choose_demos
+from mm1_megatron.evaluation.retrieval import image_features, most_similar
 from mm1_megatron.evaluation.tasks.records import EvalExample, Task
 from mm1_megatron.inference import GenerationConfig, generate
 from mm1_megatron.parallel.collectives import all_gather_objects
@@ -86,6 +87,7 @@ class ShotEvaluator:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_group = parallel_state.get_data_parallel_group()
+        self._pool_features = {}
         ep = parallel_state.get_expert_model_parallel_world_size()
         self.lockstep_group = self.dp_group if ep > 1 else None
 
@@ -132,16 +134,30 @@ class ShotEvaluator:
             time.perf_counter() - start,
         )
 
+    def _ranked_pools(self, task: Task, queries: Sequence[EvalExample], shots: int):
+        """Per query, pool indices by image similarity (``demo_selection="similar"``)."""
+        if self.protocol.demo_selection != "similar" or shots == 0:
+            return [None] * len(queries)
+        if task.name not in self._pool_features:
+            self._pool_features[task.name] = image_features(
+                self.model, task.demo_examples, self.builder.image
+            )
+        query_features = image_features(self.model, queries, self.builder.image)
+        return most_similar(query_features, self._pool_features[task.name], shots + 1)
+
     def _generate(self, task, shots, template, key, queries: Sequence[EvalExample], config):
         prompts, demo_ids = [], []
-        for query in queries:
+        for query, ranked in zip(queries, self._ranked_pools(task, queries, shots)):
             demos = choose_demos(
                 task.demo_examples,
                 shots,
                 seed=self.protocol.seed,
                 task_name=task.name,
                 query=query,
+                ranked=ranked,
             )
+            if ranked is not None:
+                demos = demos[::-1]  # the most similar demonstration next to the query
             text_demos = []
             if shots == 0 and self.protocol.text_demos_at_zero:
                 text_demos = choose_demos(

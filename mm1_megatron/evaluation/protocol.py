@@ -12,7 +12,9 @@ any of it. MM1 does not publish its templates; the defaults are OpenFlamingo's:
 A demonstration's answer is its first reference caption, or for VQA the answer most
 annotators gave (ties: the first given). Demonstrations are drawn per query, without
 replacement, from the task's train split by a generator seeded with (seed, task, query
-id), so a query's prompt does not depend on how queries are sharded or batched. Zero-shot
+id), so a query's prompt does not depend on how queries are sharded or batched; or, with
+``demo_selection="similar"``, the train images most similar to the query's by the model's
+own encoder (``retrieval.py``). Zero-shot
 prompts can carry OpenFlamingo's two text-only demonstrations (``text_demos_at_zero``).
 """
 
@@ -28,6 +30,7 @@ import numpy as np
 from mm1_megatron.evaluation.tasks.records import EvalExample
 
 PROTOCOL_VERSION = "mm1-fewshot-1"
+DEMO_SELECTIONS = ("random", "similar")
 IMAGE = "<image>"
 
 
@@ -66,10 +69,16 @@ GENERATION: Dict[str, Dict[str, int]] = {
 @dataclass(frozen=True)
 class Protocol:
     seed: int = 0
-    demo_selection: str = "random"
+    demo_selection: str = "random"  # or "similar": by image similarity (evaluation/retrieval.py)
     text_demos_at_zero: bool = False
     templates: Dict[str, Template] = field(default_factory=lambda: dict(TEMPLATES))
     version: str = PROTOCOL_VERSION
+
+    def __post_init__(self):
+        if self.demo_selection not in DEMO_SELECTIONS:
+            raise ValueError(
+                f"demo_selection={self.demo_selection!r}; expected one of {DEMO_SELECTIONS}"
+            )
 
     def template_key(self, task_name: str, family: str) -> str:
         return task_name if task_name in self.templates else family
