@@ -15,7 +15,7 @@ from tests.evaluation.official_fixtures import EXPECTED_EVAL_IDS, write_official
 from tests.launch import clean_env, launcher, run, run_train
 
 OFFICIAL = ("coco_karpathy", "vqav2", "textvqa", "vizwiz")
-TASKS = (*OFFICIAL, "synthetic_caption", "synthetic_vqa")
+TASKS = (*OFFICIAL, "synthetic_vqa")  # the synthetic tasks also run in test_eval_during_training
 SHOTS = (0, 2)
 
 

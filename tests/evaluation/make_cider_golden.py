@@ -13,10 +13,14 @@ The inputs are deterministic (seeded), so the file only changes if pycocoevalcap
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import random
+import shutil
 import sys
 from pathlib import Path
+from typing import Optional
 
 FIXTURE = Path(__file__).with_name("fixtures") / "cider_golden.json"
 
@@ -71,6 +75,19 @@ def build_examples(count: int, seed: int) -> tuple:
         else:
             predictions[key] = _caption(rng)
     return references, predictions
+
+
+def reference_unavailable() -> Optional[str]:
+    """Why pycocoevalcap's Java tokenizer cannot run here, or None when it can."""
+    spec = importlib.util.find_spec("pycocoevalcap")
+    if spec is None or not spec.submodule_search_locations:
+        return "pycocoevalcap is not installed"
+    if shutil.which("java") is None:
+        return "java is not installed"
+    tokenizer_dir = Path(list(spec.submodule_search_locations)[0]) / "tokenizer"
+    if not os.access(tokenizer_dir, os.W_OK):  # it writes its input file next to the jar
+        return f"{tokenizer_dir} is not writable"
+    return None
 
 
 def reference_cider(references: dict, predictions: dict) -> dict:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from mm1_megatron.evaluation.metrics import cider_d
 from mm1_megatron.evaluation.metrics.ptb_tokenizer import ptb_tokenize_batch
-from tests.evaluation.make_cider_golden import FIXTURE, build_examples, reference_cider
+from tests.evaluation.make_cider_golden import (
+    FIXTURE,
+    build_examples,
+    reference_cider,
+    reference_unavailable,
+)
 
 TOLERANCE = 1e-6
 
@@ -38,9 +42,8 @@ def test_golden_tokenization(golden):
 
 
 def test_matches_pycocoevalcap_live():
-    pytest.importorskip("pycocoevalcap")
-    if shutil.which("java") is None:
-        pytest.skip("java is not installed")
+    if reference_unavailable():
+        pytest.skip(reference_unavailable())
     references, predictions = build_examples(300, seed=7)
     expected = reference_cider(references, predictions)
     score, per_id = cider_d(references, predictions)

@@ -7,12 +7,12 @@ The hand-picked expectations were produced by the Java tokenizer; the live test 
 from __future__ import annotations
 
 import random
-import shutil
 
 import pytest
 
 from mm1_megatron.evaluation.metrics import ptb_tokenize
 from mm1_megatron.evaluation.metrics.ptb_tokenizer import ptb_tokenize_batch
+from tests.evaluation.make_cider_golden import reference_unavailable
 
 CASES = [
     ("A man riding a wave on top of a surfboard.", "a man riding a wave on top of a surfboard"),
@@ -190,12 +190,11 @@ def caption_corpus(count: int, seed: int = 0) -> list:
 
 def reference_tokenize(captions: list) -> list:
     """pycocoevalcap's PTBTokenizer (one Java call) on the captions, in order."""
-    tokenizer_module = pytest.importorskip("pycocoevalcap.tokenizer.ptbtokenizer")
-    if shutil.which("java") is None:
-        pytest.skip("java is not installed")
-    out = tokenizer_module.PTBTokenizer().tokenize(
-        {i: [{"caption": c}] for i, c in enumerate(captions)}
-    )
+    if reference_unavailable():
+        pytest.skip(reference_unavailable())
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    out = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(captions)})
     return [out[i][0] for i in range(len(captions))]
 
 

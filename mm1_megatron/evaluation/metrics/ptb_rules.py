@@ -56,8 +56,11 @@ SGML = (
     " */?) *>"
 )
 HTHING = f"[A-Za-z0-9][A-Za-z0-9.,\u00ad]*(?:-(?:{ACRO2}\\.|[A-Za-z0-9\u00ad]+))+"
+_FILE = f"[{_LETTERS}{_DIGITS}\u00ad]"
 _THING1 = f"(?:[dDoOlL]{APOSETC}{LD})?{LD}+"
 THING = f"{_THING1}(?:[-_\u058a\u2010\u2011]{_THING1})*"
+THINGA = "[A-Z]+(?:(?:[+&]|(?i:&amp;))[A-Z]+)+"
+WHITESPACE = f"(?:{SPACE}|[\u0000\u200b\u200e\u200f\ufeff]|(?i:&nbsp;))+"
 SENTEND = f"{SPACENL}(?:{SPACENL}|{UPPER}|{SGML}|\\Z)"
 
 
@@ -123,22 +126,12 @@ def acronym_end(text: str) -> Tuple[List[str], int]:
     return [text[:-1] if len(text) == 2 else text], len(text) - 1
 
 
+# Curly, CP1252 and angle quotes as the LaTeX-style ASCII ones the lexer writes.
 _QUOTE_MAP = str.maketrans(
-    {
-        "\u2018": "`",
-        "\u201b": "`",
-        "\u0091": "`",
-        "\u2039": "`",
-        "\u2019": "'",
-        "\u0092": "'",
-        "\u203a": "'",
-        "\u201c": "``",
-        "\u0093": "``",
-        "\u00ab": "``",
-        "\u201d": "''",
-        "\u0094": "''",
-        "\u00bb": "''",
-    }
+    dict.fromkeys("\u2018\u201b\u0091\u2039", "`")
+    | dict.fromkeys("\u2019\u0092\u203a", "'")
+    | dict.fromkeys("\u201c\u0093\u00ab", "``")
+    | dict.fromkeys("\u201d\u0094\u00bb", "''")
 )
 
 
@@ -155,8 +148,13 @@ def word(text: str) -> Tuple[List[str], int]:
     return [text.replace("\u00ad", "") or "-"], len(text)
 
 
+def ampersand(text: str) -> Tuple[List[str], int]:
+    return [re.sub("(?i)&amp;", "&", text)], len(text)
+
+
 def hyphens(text: str) -> Tuple[List[str], int]:
-    return ["-" if text == "-" else "--"], len(text)
+    """One hyphen stays, two to four make a dash ``--``, longer runs stay as they are."""
+    return ["-" if len(text) == 1 else "--" if len(text) <= 4 else text], len(text)
 
 
 def smiley(text: str) -> Tuple[List[str], int]:
@@ -197,6 +195,7 @@ RULES: List[Rule] = [
     _rule(SGML, nbsp),
     _rule("&(?:(?i:MD|mdash|ndash));|[\u0096\u0097\u2013\u2014\u2015]", const("--")),
     _rule("(?i:&amp;)", const("&")),
+    _rule("&(?:(?i:HT|TL|UR|LR|QC|QL|QR|odq|cdq)|#[0-9]+);"),
     _rule("(?i:cannot)", split_at(3)),
     _rule("(?i:gonna|gotta|wanna|lemme|gimme)", split_at(3)),
     _rule(f"{APOS}(?i:t)", trail="(?i:is|was)"),
@@ -224,7 +223,7 @@ RULES: List[Rule] = [
     _rule(f"{APOS}(?:[msdMSD]|(?i:re|ve|ll))", quotes, "(?:[^A-Za-z]|\\Z)"),
     _rule(f"(?i:n){APOSETC}(?i:t)", quotes, "(?:[^A-Za-z]|\\Z)"),
     _rule(f"{D}{{1,2}}[-/]{D}{{1,2}}[-/]{D}{{2,4}}"),
-    _rule(f"[-+]?(?:{D}*(?:[.:,\u00ad\u066b\u066c]{D}+)+|{D}+)"),
+    _rule(f"[-+]?(?:{D}*(?:[.:,\u00ad\u066b\u066c]{D}+)+|{D}+)", word),
     _rule(
         "[\u207a\u207b\u208a\u208b]?(?:[\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+|[\u2080-\u2089]+)"
     ),
@@ -242,12 +241,15 @@ RULES: List[Rule] = [
         "[\u00a2\u00a3\u00a4\u00a5\u0080\u20a0\u20ac\u060b\u0e3f\u20a4\uffe0\uffe1\uffe5\uffe6]",
         lambda t: ([_CURRENCY.get(t, t)], 1),
     ),
-    _rule(f"{ACRO}\\.", acronym_end, f"{SPACENL}+(?:{STARTERS}{SPACENL}|{SGML})"),
+    _rule(f"{ACRO}\\.", acronym_end, f"{SPACENL}+(?:{STARTERS}|{SGML}){SPACENL}"),
     _rule(f"{ABBREV1}\\.", reread_period, SENTEND),
     _rule(f"{ABBREV1}\\.", trail="[\\s\\S]{0,2}"),
     _rule(f"(?:{ABBREV2}|{ACRO})\\."),
     _rule(f"{ABBREV3}\\.", trail=f"{SPACENL}?{D}"),
-    _rule(f"(?:{WORD}|{HTHING}|{THING})\\.", word, "[,;:\u3001]"),
+    _rule(f"{WORD}\\.", word, "[,;:\u3001]"),
+    _rule(f"{HTHING}\\.", word, "[,;:\u3001]"),
+    _rule(f"{THING}\\.", word, "[,;:\u3001]"),
+    _rule(f"{THINGA}\\.", ampersand, "[,;:\u3001]"),
     _rule(
         "(?:\\([0-9]{2,3}\\)[ \u00a0]?|(?:\\+\\+?)?(?:[0-9]{2,4}[- \u00a0])?[0-9]{2,4}[- \u00a0])"
         "[0-9]{3,4}[- \u00a0]?[0-9]{3,5}|(?:(?:\\+\\+?)?[0-9]{2,4}\\.)?[0-9]{2,4}\\.[0-9]{3,4}"
@@ -271,19 +273,19 @@ RULES: List[Rule] = [
     _rule("@+|#+|_+|\\*+|(?:\\\\\\*){1,3}"),
     _rule("[,;:\u3001]|[?!]+|[.\u00bf\u00a1\u037e\u0589\u061f\u06d4\u0700-\u0702\u07fa\u3002]"),
     _rule("[=/]"),
-    _rule(f"{LD}+(?:\\.{LD}+)*\\.{FILE_EXT}", trail=f"{SPACENL}|[.!?,]"),
+    _rule(f"{_FILE}+(?:\\.{_FILE}+)*\\.{FILE_EXT}", trail=f"{SPACENL}|[.!?,]"),
     _rule(HTHING, word),
     _rule(THING, word),
-    _rule("[A-Z]+(?:(?:[+&]|(?i:&amp;))[A-Z]+)+"),
+    _rule(THINGA, ampersand),
     _rule("'", const("`"), "[A-Za-z][^ \t\n\r\u00a0]"),
     _rule(f"{APOS}(?:[msdMSD]|(?i:re|ve|ll))", quotes),
     _rule(
         "''|[`\u2018\u2019\u201a\u201b\u201c\u201d\u0091-\u0094\u201e\u201f\u2039"
-        "\u203a\u00ab\u00bb]{1,2}|{APOS}",
+        f"\u203a\u00ab\u00bb]{{1,2}}|{APOS}",
         quotes,
     ),
     _rule(f"[+%&~^|\\\\{MISC}]"),
-    _rule(f"(?:{SPACE}|[\u0000\u200b\u200e\u200f\ufeff])+", lambda t: ([], len(t))),
+    _rule(WHITESPACE, lambda t: ([], len(t))),
     # Only "\n" separates captions; other line breaks (pycocoevalcap would misalign on them)
     # separate tokens.
     _rule(NEWLINE, lambda t: (["\n"] if t.endswith("\n") else [], len(t))),

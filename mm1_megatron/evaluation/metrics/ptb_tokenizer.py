@@ -56,9 +56,10 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from typing import List, Sequence
 
-from mm1_megatron.evaluation.metrics.ptb_rules import RULES
+from mm1_megatron.evaluation.metrics.ptb_rules import RULES, WHITESPACE
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ PUNCTUATIONS = frozenset(
 )
 
 
-# A run of spaces, or an ASCII word before a space or line end: no rule reads further.
-_PLAIN = re.compile("([A-Za-z]+)(?: +|(?=\\n)|\\Z)| +")
+# Whitespace, or an ASCII word before whitespace or a line end: no rule reads further.
+_PLAIN = re.compile(f"([A-Za-z]+)(?:{WHITESPACE}|(?=\\n)|\\Z)|{WHITESPACE}")
 _SPLIT_WORDS = frozenset(["cannot", "gonna", "gotta", "wanna", "lemme", "gimme"])
 
 
@@ -100,24 +101,31 @@ def _lex(text: str) -> List[str]:
     return tokens
 
 
-def _cased_run(chars: Sequence[str]) -> bool:
-    """Whether a cased letter comes in ``chars`` before the edge of Java's word."""
-    for char in chars:
-        if char.lower() != char.upper():
-            return True
-        if "\u3040" <= char <= "\u30ff" or "\u3400" <= char <= "\u9fff" or "\uf900" <= char:
-            return False  # kana and ideographs stand alone as words
-    return False
+def _word_edge(token: str, j: int) -> bool:
+    """Whether Java's word ends at ``token[j]`` (as observed): kana, ideographs, a hyphen
+    next to a digit, punctuation other than hyphens, periods and apostrophes."""
+    char = token[j]
+    if "\u3040" <= char <= "\u30ff" or "\u3400" <= char <= "\u9fff" or char >= "\uf900":
+        return True
+    if char in "-\u2010\u2011":
+        return any(c.isdigit() for c in token[max(j - 1, 0) : j + 2])
+    return not (char.isalnum() or char in ".'\u2019" or unicodedata.category(char)[0] == "M")
+
+
+def _final_sigma(token: str, i: int) -> bool:
+    """Java's final sigma: a cased letter before it in its word and none after."""
+    cased = [c.lower() != c.upper() for c in token]
+    before = next((j for j in range(i - 1, -1, -1) if cased[j] or _word_edge(token, j)), None)
+    after = next((j for j in range(i + 1, len(token)) if cased[j] or _word_edge(token, j)), None)
+    return before is not None and cased[before] and (after is None or not cased[after])
 
 
 def _lower(token: str) -> str:
-    """Java's lower-casing: a capital sigma after a cased letter and before none is final."""
+    """Java's lower-casing (a capital sigma ending a word becomes a final sigma)."""
     if "\u03a3" not in token:
         return token.lower()
     return "".join(
-        "\u03c2"
-        if c == "\u03a3" and _cased_run(token[:i][::-1]) and not _cased_run(token[i + 1 :])
-        else c.lower()
+        "\u03c2" if c == "\u03a3" and _final_sigma(token, i) else c.lower()
         for i, c in enumerate(token)
     )
 

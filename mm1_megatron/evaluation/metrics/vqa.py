@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Dict, Hashable, List, Tuple
+from typing import Dict, Hashable, Tuple
+
+__all__ = ["normalize_answer", "vqa_accuracy", "vqa_corpus_accuracy"]
 
 MODES = ("official", "openflamingo")
 _PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'
@@ -139,6 +141,3 @@ def vqa_corpus_accuracy(
         _check(predictions[key], truths, mode, where=f" of question {key!r}")
         per_id[key] = vqa_accuracy(predictions[key], truths, mode)
     return sum(per_id.values()) / len(per_id), per_id
-
-
-__all__: List[str] = ["normalize_answer", "vqa_accuracy", "vqa_corpus_accuracy"]
