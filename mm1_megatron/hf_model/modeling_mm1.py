@@ -17,6 +17,8 @@ So they import nothing but the standard library, torch, transformers and each ot
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
@@ -120,6 +122,11 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
     ) -> CausalLMOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
+        # transformers 5 hands generate()'s cache over as ``cache``; older releases (and
+        # callers) as ``past_key_values``. One cache, whichever name it came under.
+        cache = kwargs.pop("cache", None)
+        if past_key_values is None:
+            past_key_values = cache
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
             if pixel_values is not None:
@@ -128,11 +135,16 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
                 )
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (to find the image tokens)")
+        cache_argument = (
+            "cache"
+            if "cache" in inspect.signature(self.language_model.forward).parameters
+            else "past_key_values"
+        )
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **{cache_argument: past_key_values},
             labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
