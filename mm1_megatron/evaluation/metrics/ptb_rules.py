@@ -60,7 +60,6 @@ _FILE = f"[{_LETTERS}{_DIGITS}\u00ad]"
 _THING1 = f"(?:[dDoOlL]{APOSETC}{LD})?{LD}+"
 THING = f"{_THING1}(?:[-_\u058a\u2010\u2011]{_THING1})*"
 THINGA = "[A-Z]+(?:(?:[+&]|(?i:&amp;))[A-Z]+)+"
-WHITESPACE = f"(?:{SPACE}|[\u0000\u200b\u200e\u200f\ufeff]|(?i:&nbsp;))+"
 SENTEND = f"{SPACENL}(?:{SPACENL}|{UPPER}|{SGML}|\\Z)"
 
 
@@ -285,7 +284,7 @@ RULES: List[Rule] = [
         quotes,
     ),
     _rule(f"[+%&~^|\\\\{MISC}]"),
-    _rule(WHITESPACE, lambda t: ([], len(t))),
+    _rule(f"{SPACE}+|[\u0000\u200b\u200e\u200f\ufeff]|(?i:&nbsp;)", lambda t: ([], len(t))),
     # Only "\n" separates captions; other line breaks (pycocoevalcap would misalign on them)
     # separate tokens.
     _rule(NEWLINE, lambda t: (["\n"] if t.endswith("\n") else [], len(t))),
