@@ -246,6 +246,11 @@ def te_document_attention_class():
                     query, key, value, None, mask_type, attention_bias=attention_bias, **kwargs
                 )
             sq, b = query.shape[0], query.shape[1]
+            if key.shape[0] != sq:
+                raise NotImplementedError(
+                    "generation with a KV cache has not been written for Transformer "
+                    "Engine's packed attention; evaluate with model.transformer_impl=local"
+                )
             cu, longest = cu_seqlens(document_segments(attention_mask), sq, query.device)
             params = PackedSeqParams(
                 qkv_format="thd",
