@@ -248,8 +248,9 @@ def te_document_attention_class():
             sq, b = query.shape[0], query.shape[1]
             if key.shape[0] != sq:
                 raise NotImplementedError(
-                    "generation with a KV cache has not been written for Transformer "
-                    "Engine's packed attention; evaluate with model.transformer_impl=local"
+                    "generation with a KV cache is written for the local layer spec only "
+                    "(model.transformer_impl=local), not yet for Transformer Engine's "
+                    "packed attention"
                 )
             cu, longest = cu_seqlens(document_segments(attention_mask), sq, query.device)
             params = PackedSeqParams(
