@@ -23,23 +23,11 @@ from tests.conftest import IMAGE_TOKEN_ID
 @pytest.fixture
 def one_step(tiny_config, build_tiny_model):
     from mm1_megatron.batch import model_inputs
-    from mm1_megatron.data.build import build_data
+    from mm1_megatron.data.build import build_run_data
 
     cfg = tiny_config("model.attention=dense_mask_reference")
     model = build_tiny_model(cfg)
-    v = cfg.model.vision
-    data, _ = build_data(
-        cfg.data,
-        seq_length=cfg.training.seq_length,
-        micro_batch_size=cfg.training.micro_batch_size,
-        num_image_tokens=cfg.model.connector.num_output_tokens,
-        image_size=v.image_size,
-        image_mean=v.image_mean,
-        image_std=v.image_std,
-        seed=1,
-        dp_rank=0,
-        dp_size=1,
-    )
+    data, _ = build_run_data(cfg, seed=1)
     batch = model_inputs(next(data), torch.device("cpu"))
     assert batch["images"].shape[0] > 0 and IMAGE_TOKEN_ID in batch["tokens"]
     return cfg, model, batch

@@ -9,7 +9,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mm1_megatron.batch import model_inputs, run_model
-from mm1_megatron.data import build_data
+from mm1_megatron.data.build import build_run_data
 from mm1_megatron.models.attention import (
     DenseMaskAttention,
     DocumentAttention,
@@ -115,19 +115,7 @@ def test_a_packed_4096_token_step_has_no_s_by_s_tensor(build_tiny_model, attenti
         f"model.attention={attention}",
     )
     model = build_tiny_model(cfg)
-    vision = cfg.model.vision
-    loader, _ = build_data(
-        cfg.data,
-        seq_length=seq,
-        micro_batch_size=1,
-        num_image_tokens=cfg.model.connector.num_output_tokens,
-        image_size=vision.image_size,
-        image_mean=vision.image_mean,
-        image_std=vision.image_std,
-        seed=0,
-        dp_rank=0,
-        dp_size=1,
-    )
+    loader, _ = build_run_data(cfg, seed=0)
     inputs = model_inputs(next(loader), torch.device("cpu"))
     assert int(inputs["document_ids"].max()) >= 8  # a packed sequence of many documents
     tracker = _LargestTensor()
