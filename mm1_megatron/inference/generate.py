@@ -85,8 +85,10 @@ def _generate(model, prompts, config, pad_token_id, lockstep_group) -> List[List
     rows = search.expansion()
     if search.rows != len(prompts):
         runner.reorder(rows)
+    # On the model's device once: every decode step reads a prefix of it.
     documents = torch.full((search.rows, total), PROMPT_DOCUMENT, dtype=torch.long)
     documents[:, :prompt_length] = batch.document_ids[rows]
+    documents = documents.to(runner.device)
     if logprobs is not None:
         logprobs = logprobs[rows.to(logprobs.device)]
     for step in range(config.max_new_tokens):
