@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from mm1_megatron.compat import specs as compat_specs
+from mm1_megatron.compat.inference import RotatedKeyCacheSelfAttention
 from mm1_megatron.models.attention import (
     DenseMaskAttention,
     DocumentAttention,
@@ -123,11 +124,18 @@ def core_attention_class(transformer_impl: str, attention: str):
 
 
 def _with_core_attention(layer: ModuleSpec, core_attention) -> ModuleSpec:
+    """The decoder's self-attention: our core attention, and RoPE-rotated cached keys."""
     self_attention = layer.submodules.self_attention
+    if compat_specs.spec_module(self_attention) is not SelfAttention:
+        raise ValueError(
+            "the decoder spec's self-attention is "
+            f"{compat_specs.spec_module(self_attention).__name__}, not SelfAttention"
+        )
     submodules = compat_specs.replace_fields(
         compat_specs.spec_submodules(self_attention), core_attention=core_attention
     )
     self_attention = compat_specs.with_submodules(self_attention, submodules)
+    self_attention = compat_specs.with_module(self_attention, RotatedKeyCacheSelfAttention)
     return compat_specs.with_submodules(
         layer, compat_specs.replace_fields(layer.submodules, self_attention=self_attention)
     )
