@@ -68,19 +68,28 @@ _CUDA_TYPE_NAMES = {
 class _CudaToCpuMode(TorchFunctionMode):
     """Maps CUDA device arguments to CPU for every torch call made while active."""
 
+    # Every torch call on CPU runs through here (tens of thousands per training step), so
+    # the common case, no device argument and none of the three methods below, is kept
+    # to a set lookup and a dict test.
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            tensor = args[0]
-            if tensor.dtype in _CUDA_TYPE_NAMES:
-                return _CUDA_TYPE_NAMES[tensor.dtype]
+        if func in _DEVICE_METHODS:
+            if func is torch.Tensor.cuda:
+                return args[0]
+            if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+                tensor = args[0]
+                if tensor.dtype in _CUDA_TYPE_NAMES:
+                    return _CUDA_TYPE_NAMES[tensor.dtype]
+            if func is torch.Tensor.to and len(args) > 1:
+                args = (args[0], _to_cpu_device(args[1])) + tuple(args[2:])
+        if not kwargs:
+            return func(*args)
         if "device" in kwargs:
+            kwargs = dict(kwargs)
             kwargs["device"] = _to_cpu_device(kwargs["device"])
-        if func is torch.Tensor.to and len(args) > 1:
-            args = (args[0], _to_cpu_device(args[1])) + tuple(args[2:])
         return func(*args, **kwargs)
+
+
+_DEVICE_METHODS = frozenset((torch.Tensor.cuda, torch.Tensor.type, torch.Tensor.to))
 
 
 class _NoOpStream:
