@@ -46,8 +46,7 @@ def generation_mode():
 _ROTATED_KEYS_WRITTEN_FOR = "megatron-core 0.16.1-0.19.2"
 
 register_patch(
-    "megatron.core.transformer.attention.SelfAttention._adjust_key_value_for_inference "
-    "(subclass)",
+    "megatron.core.transformer.attention.SelfAttention._adjust_key_value_for_inference (subclass)",
     reason="store RoPE-rotated keys in the static KV cache instead of re-rotating it per token",
     written_for=_ROTATED_KEYS_WRITTEN_FOR,
 )
