@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 def _field(config: Mapping[str, Any], key: str) -> Any:
@@ -53,6 +54,23 @@ def _to_grid(features: torch.Tensor) -> torch.Tensor:
     if side * side != num_patches:
         raise ValueError(f"{num_patches} patches do not form a square grid")
     return features.transpose(1, 2).reshape(n, channels, side, side)
+
+
+def resize_grid_table(table: torch.Tensor, side: int) -> torch.Tensor:
+    """A ``[g*g, c]`` table of a ``g x g`` grid, resized bicubically to ``side x side``.
+
+    How a model pre-trained at one resolution reads its position tables at another (CLIP
+    and MM1 move 378 px to 672 px this way); the table itself keeps its shape, so the
+    checkpoint loads unchanged. At ``side == g`` the table is returned as it is.
+    """
+    old_side = math.isqrt(table.shape[0])
+    if old_side * old_side != table.shape[0]:
+        raise ValueError(f"position table has {table.shape[0]} rows, not a square grid")
+    if old_side == side:
+        return table
+    grid = table.reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(side, side), mode="bicubic", align_corners=False)
+    return grid.to(table.dtype).permute(0, 2, 3, 1).reshape(side * side, -1)
 
 
 def _from_grid(grid: torch.Tensor) -> torch.Tensor:
@@ -140,12 +158,12 @@ class CAbstractor(nn.Module):
         self.readout = readout_mlp(width, llm_hidden, _field(config, "num_readout_layers"))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if features.shape[1] != self.position_embedding.shape[0]:
-            raise ValueError(
-                f"C-Abstractor was built for {self.position_embedding.shape[0]} "
-                f"patches, got {features.shape[1]}"
-            )
-        grid = _to_grid(features + self.position_embedding)
+        side = math.isqrt(features.shape[1])
+        if side * side != features.shape[1]:
+            raise ValueError(f"{features.shape[1]} patches do not form a square grid")
+        # Another resolution (e.g. 672 px tiles after pre-training at 378 px) reads the
+        # learned table resized to its grid.
+        grid = _to_grid(features + resize_grid_table(self.position_embedding, side))
         grid = self.stage2(self.pool(self.stage1(grid)))
         return self.readout(_from_grid(grid))
 

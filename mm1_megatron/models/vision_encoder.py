@@ -12,15 +12,13 @@ pre-LayerNorm and a post-LayerNorm on every output token (``patch_embedding_bias
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm1_megatron.config.schema import VisionEncoderConfig
+from mm1_megatron.hf_model.connectors_mm1 import resize_grid_table
 from mm1_megatron.models.specs import vision_layer_spec
 
 
@@ -33,18 +31,10 @@ def interpolate_position_embedding(
     MM1 do when moving from 378 px to 672 px); prefix rows (class token) are kept.
     """
     prefix, grid_rows = pos_embed[:num_prefix_tokens], pos_embed[num_prefix_tokens:]
-    old_grid = math.isqrt(grid_rows.shape[0])
-    if old_grid * old_grid != grid_rows.shape[0]:
-        raise ValueError(f"position table has {grid_rows.shape[0]} patch rows, not a square")
-    if old_grid == new_grid:
+    resized = resize_grid_table(grid_rows, new_grid)
+    if resized is grid_rows:
         return pos_embed
-    hidden = grid_rows.shape[1]
-    grid = grid_rows.reshape(1, old_grid, old_grid, hidden).permute(0, 3, 1, 2)
-    grid = F.interpolate(
-        grid.float(), size=(new_grid, new_grid), mode="bicubic", align_corners=False
-    ).to(pos_embed.dtype)
-    grid_rows = grid.permute(0, 2, 3, 1).reshape(new_grid * new_grid, hidden)
-    return torch.cat([prefix, grid_rows], dim=0)
+    return torch.cat([prefix, resized], dim=0)
 
 
 class VisionEncoder(MegatronModule):

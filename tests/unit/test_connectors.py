@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mm1_megatron.config.schema import ConnectorType
-from mm1_megatron.hf_model.connectors_mm1 import CONNECTORS, build_connector_net
+from mm1_megatron.hf_model.connectors_mm1 import CONNECTORS, build_connector_net, resize_grid_table
 from mm1_megatron.models import RuntimeOptions
 from mm1_megatron.models.connectors import Connector
 from mm1_megatron.models.transformer_configs import vision_transformer_config
@@ -134,10 +134,39 @@ def test_c_abstractor_depends_on_patch_position(vision_config, connector_cfg, se
     assert not torch.allclose(connector(features), connector(features[:, perm]), atol=1e-6)
 
 
-def test_c_abstractor_rejects_wrong_patch_count(vision_config, connector_cfg, seeded):
+def test_c_abstractor_reads_its_position_table_at_other_grids(vision_config, connector_cfg, seeded):
+    # Pre-trained on a 4x4 patch grid, fed a 7x7 grid (a larger tile): the learned table
+    # resized bicubically to 7x7 is added, the same output tokens come out, and the
+    # parameter keeps its shape (the pre-training checkpoint loads as it is).
     connector = _connector(vision_config, connector_cfg(num_output_tokens=4))
-    with pytest.raises(ValueError, match="16 patches"):
-        connector(torch.randn(1, 25, VISION_HIDDEN))
+    net = connector.net
+    table = net.position_embedding
+    assert resize_grid_table(table, GRID) is table  # the original grid: untouched
+    features = torch.randn(2, 49, VISION_HIDDEN)
+    out = connector(features)
+    assert out.shape == (2, 4, LLM_HIDDEN)
+    resized = torch.nn.functional.interpolate(
+        table.detach().reshape(1, GRID, GRID, -1).permute(0, 3, 1, 2),
+        size=(7, 7),
+        mode="bicubic",
+        align_corners=False,
+    )
+    expected = resized.permute(0, 2, 3, 1).reshape(49, -1)
+    torch.testing.assert_close(resize_grid_table(table, 7), expected, rtol=0, atol=0)
+    # Without the position table's contribution the output would differ.
+    with torch.no_grad():
+        net.position_embedding.zero_()
+    assert not torch.allclose(connector(features), out)
+    assert dict(connector.state_dict())["net.position_embedding"].shape == (
+        NUM_PATCHES,
+        VISION_HIDDEN,
+    )
+
+
+def test_c_abstractor_rejects_a_non_square_patch_count(vision_config, connector_cfg, seeded):
+    connector = _connector(vision_config, connector_cfg(num_output_tokens=4))
+    with pytest.raises(ValueError, match="square"):
+        connector(torch.randn(1, 24, VISION_HIDDEN))
 
 
 def test_pooling_connectors_reject_non_square_patch_count(vision_config, connector_cfg, seeded):

@@ -3,7 +3,7 @@
 ``SyntheticTokenizer`` knows exactly the words the synthetic generator emits, one id per
 word, so a tiny model learns the synthetic data without a subword vocabulary. It cannot
 tokenize arbitrary text: it is case-sensitive, splits only on whitespace and on the
-punctuation marks ``.``, ``,`` and ``:``, and raises ``ValueError`` on any other word.
+punctuation marks ``.``, ``,``, ``:`` and ``?``, and raises ``ValueError`` on any other word.
 A sentencepiece or Hugging Face tokenizer can replace it by implementing ``Tokenizer``.
 """
 
@@ -74,6 +74,23 @@ FUNCTION_WORDS = (
     "plus",
 )
 PUNCTUATION = (".", ",", ":")
+# The default chat template's markers (``data/pipeline/conversations.py``), and words of
+# the synthetic conversations. Last, so the ids of the words above never move.
+CHAT_WORDS = (
+    "<system>",
+    "<user>",
+    "<assistant>",
+    "<end_turn>",
+    "?",
+    "what",
+    "how",
+    "many",
+    "where",
+    "nothing",
+    "describe",
+    "yes",
+    "no",
+)
 
 WORD_GROUPS: Tuple[Tuple[str, ...], ...] = (
     SHAPE_COLOUR_WORDS,
@@ -85,6 +102,7 @@ WORD_GROUPS: Tuple[Tuple[str, ...], ...] = (
     WEEKDAY_WORDS,
     FUNCTION_WORDS,
     PUNCTUATION,
+    CHAT_WORDS,
 )
 
 # A special token, a run of word characters, or one punctuation character.

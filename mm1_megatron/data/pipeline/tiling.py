@@ -1,0 +1,152 @@
+"""High-resolution tiling plans: which tiles an image becomes (pure, no pixels).
+
+MM1 fine-tunes at 1344x1344 as four 672x672 crops plus a 672x672 overview of the whole
+image; MM1.5 picks the grid per image. Both are plans here: a grid of ``cols x rows``
+tiles of ``tile_size`` pixels cut in row-major order from a canvas of ``cols * tile_size``
+by ``rows * tile_size`` pixels, and an overview (the whole image at ``tile_size``) placed
+before or after the sub-images, or left out.
+
+**Dynamic grid selection** (MM1.5: "the grid that covers the image with least padding,
+else least down-scaling"), for an image of ``w x h`` pixels and tile side ``T``, over the
+grids with ``min_tiles <= cols * rows <= max_tiles``:
+
+- the image is resized by ``s = min(cols T / w, rows T / h)`` (aspect ratio kept, up or
+  down) onto the canvas, and the rest of the canvas is padding;
+- a grid *covers* the image when ``s >= 1`` (no pixel lost). If some grid covers it, the
+  chosen one has the smallest canvas (least padding at the image's own resolution); ties
+  go to the least padding after the resize (the best aspect match), then to fewer rows;
+- otherwise the chosen grid has the largest ``s`` (least down-scaling); ties (grids
+  whose other side has room to spare) go to fewer tiles, which is also less padding,
+  then fewer rows.
+
+Arithmetic is exact (fractions), so ties are real ties and the choice does not depend
+on rounding. ``tests/data/test_tiling.py`` checks it against a brute-force search.
+
+**Splitting off:** a sample with ``max_images_to_split`` or more images is not split:
+each of its images is one ``tile_size`` tile (MM1.5 turns splitting off at 3 images).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import List, Optional, Sequence, Tuple
+
+TILING_MODES = ("none", "static", "dynamic")
+OVERVIEW_PLACEMENTS = ("after", "before", "none")
+
+
+@dataclass(frozen=True)
+class Grid:
+    cols: int
+    rows: int
+
+    @property
+    def num_tiles(self) -> int:
+        return self.cols * self.rows
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The tiles of one image, in the order the model sees them."""
+
+    grid: Optional[Grid]  # None: not split, the image is one tile (its overview)
+    overview: str  # "after", "before" or "none" (only meaningful with a grid)
+
+    @property
+    def num_tiles(self) -> int:
+        if self.grid is None:
+            return 1
+        return self.grid.num_tiles + (0 if self.overview == "none" else 1)
+
+    def order(self) -> List[str]:
+        """``"overview"`` and ``"tile r,c"`` names in model order (row-major tiles)."""
+        if self.grid is None:
+            return ["overview"]
+        tiles = [f"tile {r},{c}" for r in range(self.grid.rows) for c in range(self.grid.cols)]
+        if self.overview == "before":
+            return ["overview", *tiles]
+        if self.overview == "after":
+            return [*tiles, "overview"]
+        return tiles
+
+
+@dataclass(frozen=True)
+class TilingSettings:
+    mode: str = "none"  # "none" | "static" | "dynamic"
+    tile_size: int = 672
+    static_grid: Tuple[int, int] = (2, 2)  # (cols, rows): MM1's 1344 = 2 x 672
+    min_tiles: int = 4
+    max_tiles: int = 9
+    overview: str = "after"
+    max_images_to_split: int = 3  # samples with this many images or more are not split
+
+    def __post_init__(self):
+        if self.mode not in TILING_MODES:
+            raise ValueError(f"tiling mode {self.mode!r}; expected one of {TILING_MODES}")
+        if self.overview not in OVERVIEW_PLACEMENTS:
+            raise ValueError(
+                f"tiling overview {self.overview!r}; expected one of {OVERVIEW_PLACEMENTS}"
+            )
+        if self.tile_size < 1:
+            raise ValueError(f"tiling tile_size={self.tile_size} must be positive")
+        if min(self.static_grid) < 1:
+            raise ValueError(f"tiling static_grid={self.static_grid} needs positive sides")
+        if not 1 <= self.min_tiles <= self.max_tiles:
+            raise ValueError(
+                f"tiling needs 1 <= min_tiles <= max_tiles, got {self.min_tiles} and "
+                f"{self.max_tiles}"
+            )
+        if self.max_images_to_split < 2:
+            raise ValueError(
+                f"tiling max_images_to_split={self.max_images_to_split} must be at least 2 "
+                "(a sample with one image is always split)"
+            )
+
+
+def resize_scale(width: int, height: int, grid: Grid, tile_size: int) -> Fraction:
+    """The aspect-preserving scale that fits a ``width x height`` image on the canvas."""
+    if width < 1 or height < 1:
+        raise ValueError(f"image size {width}x{height} must be positive")
+    return min(Fraction(grid.cols * tile_size, width), Fraction(grid.rows * tile_size, height))
+
+
+def candidate_grids(min_tiles: int, max_tiles: int) -> List[Grid]:
+    return [
+        Grid(cols, rows)
+        for rows in range(1, max_tiles + 1)
+        for cols in range(1, max_tiles // rows + 1)
+        if cols * rows >= min_tiles
+    ]
+
+
+def select_grid(width: int, height: int, tile_size: int, min_tiles: int, max_tiles: int) -> Grid:
+    """MM1.5's dynamic grid for one image (rules in the module docstring)."""
+    grids = candidate_grids(min_tiles, max_tiles)
+    area = width * height
+    scales = {grid: resize_scale(width, height, grid, tile_size) for grid in grids}
+
+    def padding_after_resize(grid: Grid) -> Fraction:
+        return grid.num_tiles * tile_size**2 - scales[grid] ** 2 * area
+
+    covering = [grid for grid in grids if scales[grid] >= 1]
+    if covering:
+        return min(covering, key=lambda g: (g.num_tiles, padding_after_resize(g), g.rows))
+    return min(grids, key=lambda g: (-scales[g], padding_after_resize(g), g.num_tiles, g.rows))
+
+
+def plan_tiles(sizes: Sequence[Tuple[int, int]], settings: TilingSettings) -> List[TilePlan]:
+    """The tile plan of every image of one sample, given each image's ``(width, height)``."""
+    unsplit = TilePlan(grid=None, overview="after")
+    if settings.mode == "none" or len(sizes) >= settings.max_images_to_split:
+        return [unsplit for _ in sizes]
+    if settings.mode == "static":
+        grid = Grid(*settings.static_grid)
+        return [TilePlan(grid, settings.overview) for _ in sizes]
+    return [
+        TilePlan(
+            select_grid(w, h, settings.tile_size, settings.min_tiles, settings.max_tiles),
+            settings.overview,
+        )
+        for w, h in sizes
+    ]
