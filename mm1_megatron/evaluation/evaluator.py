@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from mm1_megatron.data.tokenizers.base import Tokenizer
 from mm1_megatron.evaluation.metrics import cider_d, vqa_corpus_accuracy
 from mm1_megatron.evaluation.prompting import PromptBuilder
-from mm1_megatron.evaluation.protocol import GENERATION, Protocol, choose_demos
+from mm1_megatron.evaluation.protocol import GENERATION, STOP_TEXT, Protocol, choose_demos
 from mm1_megatron.evaluation.retrieval import image_features, most_similar
 from mm1_megatron.evaluation.tasks.records import EvalExample, Task
 from mm1_megatron.inference import GenerationConfig, generate
@@ -51,8 +51,8 @@ class ShotResult:
 
 def generation_config(key: str, settings: DecodeSettings, tokenizer: Tokenizer) -> GenerationConfig:
     defaults = GENERATION.get(key, GENERATION["caption"])
-    newline = tokenizer.encode("\n") if key in ("caption", "vqa") else []
-    stops = [tokenizer.eos_token_id] + (newline if len(newline) == 1 else [])
+    stop_ids = tokenizer.encode(STOP_TEXT[key]) if key in STOP_TEXT else []
+    stops = [tokenizer.eos_token_id] + (stop_ids if len(stop_ids) == 1 else [])
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens or defaults["max_new_tokens"],
         num_beams=settings.num_beams or defaults["num_beams"],

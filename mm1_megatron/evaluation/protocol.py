@@ -29,7 +29,7 @@ import numpy as np
 
 from mm1_megatron.evaluation.tasks.records import EvalExample
 
-PROTOCOL_VERSION = "mm1-fewshot-1"
+PROTOCOL_VERSION = "mm1-fewshot-2"
 DEMO_SELECTIONS = ("random", "similar")
 IMAGE = "<image>"
 
@@ -65,6 +65,12 @@ GENERATION: Dict[str, Dict[str, int]] = {
     "synthetic_vqa": {"max_new_tokens": 1, "num_beams": 1},
 }
 
+# Text that ends an answer (the stop token itself is not part of it), besides the end of
+# sequence. OpenFlamingo stops at a line break. A synthetic caption is one sentence ending
+# with its only "." (``data/synthetic/world.py``); after it, a model that has seen several
+# captioned pictures in one document may well go on to the next picture.
+STOP_TEXT: Dict[str, str] = {"caption": "\n", "vqa": "\n", "synthetic_caption": "."}
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -90,6 +96,8 @@ class Protocol:
             "demo_selection": self.demo_selection,
             "text_demos_at_zero": self.text_demos_at_zero,
             "templates": {k: {"demo": t.demo, "query": t.query} for k, t in self.templates.items()},
+            "generation": GENERATION,
+            "stop_text": STOP_TEXT,
         }
 
 

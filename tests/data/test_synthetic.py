@@ -53,7 +53,7 @@ def test_tokenizer_round_trip():
 
 
 @pytest.mark.parametrize(
-    "text, bad", [("a red elephant", "elephant"), ("Red", "Red"), ("is it ?", "?")]
+    "text, bad", [("a red elephant", "elephant"), ("Red", "Red"), ("is it !", "!")]
 )
 def test_tokenizer_unknown_word_raises(text, bad):
     with pytest.raises(ValueError, match=repr(bad)):
@@ -104,6 +104,11 @@ def _parse_shapes(words):
                 end += 1
             found.append((word, words[i + 1], CELL_OF_WORDS[tuple(words[j:end])]))
     return found
+
+
+def _caption_count(caption: str) -> int:
+    """The shape count a caption states: 'there is one shape' / 'there are two shapes'."""
+    return list(synthetic.vocab.NUMBER_WORDS).index(caption.split()[2]) + 1
 
 
 def _cell_pixels(image, cell, image_size):
@@ -176,6 +181,7 @@ def test_tiny_image_keeps_every_shape_visible():
 
 def test_interleaved_text_describes_each_image():
     rng = np.random.default_rng(5)
+    layouts_seen = set()
     for _ in range(20):
         sample = _gen().interleaved(rng)
         words = TOK.decode(sample.token_ids).split()
@@ -183,16 +189,26 @@ def test_interleaved_text_describes_each_image():
         all_shapes = _parse_shapes(words)
         total = synthetic.vocab.NUMBER_WORDS[len(all_shapes) - 1]
         assert words[-8:] == ["in", "total", "there", "are", total, "shapes", ".", "<eos>"]
-        segments = " ".join(words).split(" <image> ")
+        # Never adjacent: a captioned picture after "... : <image>" starts with "next ,".
+        assert "<image> <image>" not in " ".join(words)
+        segments = [segment.strip() for segment in " ".join(words).split("<image>")]
         assert len(segments) == len(sample.images) + 1
         for i, image in enumerate(sample.images):
             before, after = segments[i], segments[i + 1]
             if after.startswith("it shows"):  # described after the image
+                layouts_seen.add("introduced")
                 described = after[: after.index(" .") + 2]
+            elif after.startswith("there"):  # captioned: "there are ... : <shapes> ."
+                caption = after[: after.index(" .") + 2]
+                described = caption[caption.index(" : ") + 3 :]
+                assert _caption_count(caption) == len(_parse_shapes(described.split()))
+                layouts_seen.add("captioned")
             else:  # described before: "the <ordinal> picture shows ... :"
                 assert before.endswith(":")
                 described = before[before.rindex("the " + synthetic.vocab.ORDINAL_WORDS[i]) :]
+                layouts_seen.add("described_before")
             _assert_image_shows(image, _parse_shapes(described.split()), 28)
+    assert layouts_seen == {"introduced", "captioned", "described_before"}
 
 
 def test_text_sentences_are_consistent():

@@ -6,7 +6,8 @@ A tiny debug model (4 decoder layers) is trained at TP=2 on 2 processes and expo
 prompt is rebuilt as mm1-eval built it (the demonstrations it recorded, the same
 templates and image preprocessing) and given, one prompt at a time and so without any
 padding, to the exported ``MM1ForConditionalGeneration.generate()`` with the same
-decoding rules: greedy, stop at the end of sequence, never the image, pad or bos tokens
+decoding rules: greedy, stop at the end of sequence or at the task's stop text (a full
+stop for synthetic captions), never the image, pad or bos tokens
 nor an id past the tokenizer's vocabulary. The generated ids must be equal, token for
 token: an independent check of mm1-eval's left-padded, KV-cached, model-parallel batches.
 """
@@ -22,13 +23,14 @@ from typing import Dict, List, Tuple
 import pytest
 import torch
 
+from mm1_megatron.evaluation.protocol import STOP_TEXT
 from tests.conftest import TINY_OVERRIDES
 from tests.launch import REPO, clean_env, launcher, run, run_train
 
 TASK = "synthetic_caption"
 LIMIT = 12
 SHOTS = (0, 2)
-MAX_NEW_TOKENS = 12
+MAX_NEW_TOKENS = 24  # a synthetic caption is 10 to 30 tokens: some rows stop before
 NUM_IMAGE_TOKENS = 4  # configs/debug.yaml: model.connector.num_output_tokens
 LAYOUTS = {
     "tp2": ("parallel.tensor_parallel_size=2",),
@@ -113,6 +115,8 @@ class Reference:
         assert padded_vocab > tok.vocab_size  # so the ban past the vocabulary matters
         banned = {tok.image_token_id, tok.pad_token_id, tok.bos_token_id}
         self.suppress = sorted(banned | set(range(tok.vocab_size, padded_vocab)))
+        # mm1-eval's stops for the task: end of sequence, and its stop text (protocol.py).
+        self.stops = (tok.eos_token_id, *tok.encode(STOP_TEXT[TASK]))
         self.cache: Dict[Tuple[int, str, Tuple[str, ...]], Tuple[List[int], List[float]]] = {}
 
     def prompt(self, shots: int, record: Dict):
@@ -150,7 +154,7 @@ class Reference:
                         max_new_tokens=MAX_NEW_TOKENS,
                         do_sample=False,
                         num_beams=1,
-                        eos_token_id=self.tokenizer.eos_token_id,
+                        eos_token_id=list(self.stops),
                         pad_token_id=self.tokenizer.pad_token_id,
                         suppress_tokens=self.suppress,
                         output_scores=True,
@@ -159,7 +163,7 @@ class Reference:
             finally:
                 torch.set_num_threads(threads)
             generated = out.sequences[0, ids.shape[1] :].tolist()
-            if generated and generated[-1] == self.tokenizer.eos_token_id:
+            if generated and generated[-1] in self.stops:
                 generated = generated[:-1]
             margins = []
             for scores in out.scores:
@@ -236,8 +240,8 @@ def test_greedy_eval_equals_transformers_generate_on_the_export(
     )
     # The comparison means something: prompts with images in their demonstrations (checked
     # per prompt above: shots + 1 images) and of different lengths (mm1-eval's batches of 8
-    # were left-padded), captions that are not all one, and rows that stopped at the
-    # end-of-sequence token while others went on.
+    # were left-padded), captions that are not all one, and rows that stopped at a stop
+    # token while others went on.
     assert compared >= 20
     assert len(lengths) > 2, lengths
     assert len(outputs) > 1, outputs

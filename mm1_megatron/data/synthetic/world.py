@@ -6,8 +6,10 @@ An image is a plain background (black, white or gray) with 1-3 flat-coloured sha
 
 - ``caption``: ``<bos> <image> there are two shapes on a gray background : a red circle
   at the top left and a blue square at the center . <eos>``.
-- ``interleaved``: 2-4 images, each introduced before or described after its placeholder,
+- ``interleaved``: 2-4 images, each introduced before and described after its
+  placeholder, described before it, or followed by its caption (as in a photo album),
   ending with the total shape count over all images (so text depends on every image).
+  Runs of captioned pictures are what few-shot captioning prompts look like.
 - ``text``: 1-4 templated sentences (counting, weekdays, small sums, colour facts).
 
 All randomness comes from the ``numpy.random.Generator`` passed in, so a sample is a pure
@@ -220,7 +222,8 @@ class SyntheticGenerator:
         scenes = [random_scene(rng, self.max_shapes) for _ in range(num_images)]
         words: List[Optional[str]] = []
         for i, scene in enumerate(scenes):
-            if rng.random() < 0.5:  # introduce, then describe after the image
+            layout = rng.random()
+            if layout < 1 / 3:  # introduce, then describe after the image
                 intro = ["here", "is", "a"] if i == 0 else ["next", ",", "another"]
                 words += [
                     *intro,
@@ -232,7 +235,7 @@ class SyntheticGenerator:
                     *describe_shapes(scene),
                     ".",
                 ]
-            else:  # describe first, the image follows
+            elif layout < 2 / 3:  # describe first, the image follows
                 words += [
                     "the",
                     vocab.ORDINAL_WORDS[i],
@@ -242,6 +245,10 @@ class SyntheticGenerator:
                     ":",
                     ImageSlot,
                 ]
+            else:  # a captioned picture, as in a photo album
+                if words and words[-1] is ImageSlot:  # keep images apart: "... : <image>"
+                    words += ["next", ","]
+                words += [ImageSlot, *caption_words(scene)]
         total = sum(len(scene.shapes) for scene in scenes)
         words += ["in", "total", *count_words(total), "."]
         return self._sample("interleaved", words, scenes)
