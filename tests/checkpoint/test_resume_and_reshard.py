@@ -24,9 +24,10 @@ RESUME_LAYOUTS = {
     "tp2": TP2,
     "pp2_vision_stage": PP2,
     "moe_ep2": MOE + ["parallel.expert_parallel_size=2"],
-    "dp2_distopt": ["training.micro_batch_size=2"],
-    # Both overlaps on: resume stays bitwise exact (it restores the weights from the
-    # optimizer's fp32 shards, so it cannot tell whether the save gathered them first).
+    # The distributed optimizer with both overlaps on: resume stays bitwise exact (it
+    # restores the weights from the optimizer's fp32 shards, so it cannot tell whether
+    # the save gathered them first). Without the overlaps the load is the same code; the
+    # saved weights equal a non-overlapped run's (test_overlap_param_gather_save.py).
     "dp2_distopt_overlapped": ["training.micro_batch_size=2"] + OVERLAP,
 }
 
