@@ -55,7 +55,11 @@ def run(
 
 
 def run_train(
-    *overrides: str, nproc: int = 1, env: Optional[dict] = None, timeout: float = 600
+    *overrides: str,
+    nproc: int = 1,
+    env: Optional[dict] = None,
+    timeout: float = 600,
+    config: str = "configs/debug.yaml",
 ) -> subprocess.CompletedProcess:
-    """``mm1-train --config configs/debug.yaml <overrides>`` on ``nproc`` processes."""
-    return run(train_command(*overrides, nproc=nproc), env=env, timeout=timeout)
+    """``mm1-train --config <config> <overrides>`` on ``nproc`` processes."""
+    return run(train_command(*overrides, config=config, nproc=nproc), env=env, timeout=timeout)

@@ -17,7 +17,7 @@ and the model (which merges image embeddings); this package imports neither.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -38,14 +38,43 @@ def labels_and_loss_mask(
     *,
     image_token_id: int,
     pad_token_id: int,
+    trainable: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Next-token labels and a loss mask that is 1 only for text targets in the same doc."""
+    """Next-token labels and a loss mask that is 1 only for text targets in the same doc.
+
+    ``trainable`` (bool, like ``tokens``), when given, also limits the loss to targets
+    whose token is marked trainable: a conversation's assistant turns, say.
+    """
     labels = torch.full_like(tokens, pad_token_id)
     labels[..., :-1] = tokens[..., 1:]
     same_document = torch.zeros_like(tokens, dtype=torch.bool)
     same_document[..., :-1] = document_ids[..., 1:] == document_ids[..., :-1]
     text_target = (labels != image_token_id) & (labels != pad_token_id)
-    return labels, (same_document & text_target).float()
+    mask = same_document & text_target
+    if trainable is not None:
+        target_trainable = torch.zeros_like(mask)
+        target_trainable[..., :-1] = trainable[..., 1:]
+        mask &= target_trainable
+    return labels, mask.float()
+
+
+def expand_trainable(
+    token_ids: Sequence[int],
+    trainable: Sequence[bool],
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+) -> List[bool]:
+    """``trainable`` flags following ``expand_image_placeholders`` (images: never)."""
+    if len(trainable) != len(token_ids):
+        raise AssertionError(f"{len(trainable)} flags for {len(token_ids)} tokens")
+    expanded: List[bool] = []
+    for token, flag in zip(token_ids, trainable):
+        if token == image_token_id:
+            expanded.extend([False] * num_image_tokens)
+        else:
+            expanded.append(bool(flag))
+    return expanded
 
 
 def position_ids_from_documents(document_ids: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,10 @@ ImageDecoder = Literal["pil", "dali"]
 InitDevice = Literal["auto", "cpu", "gpu"]
 ImageResizeMode = Literal["squash", "crop", "pad"]
 ImageDtype = Literal["fp32", "bf16"]
+TilingMode = Literal["none", "static", "dynamic"]
+OverviewPlacement = Literal["after", "before", "none"]
+ConversationPacking = Literal["packed", "one_per_sequence"]
+OverlongConversation = Literal["truncate", "drop"]
 OptimizerSharding = Literal["fully_reshardable", "dp_reshardable"]
 
 CONNECTOR_TYPES = get_args(ConnectorType)
@@ -50,6 +54,8 @@ TOKENIZER_KINDS = get_args(TokenizerKind)
 IMAGE_DECODERS = get_args(ImageDecoder)
 IMAGE_RESIZE_MODES = get_args(ImageResizeMode)
 IMAGE_DTYPES = get_args(ImageDtype)
+TILING_MODES = get_args(TilingMode)
+OVERVIEW_PLACEMENTS = get_args(OverviewPlacement)
 
 
 @dataclass
@@ -232,6 +238,44 @@ class ShardsConfig:
 
 
 @dataclass
+class TilingConfig:
+    """High-resolution tiles (``data/pipeline/tiling.py`` has the rules). Each tile goes
+    through the vision encoder alone, at ``tile_size`` pixels: the encoder and connector
+    read their position tables resized to its patch grid."""
+
+    mode: TilingMode = "none"  # static: MM1's fixed grid; dynamic: MM1.5's per-image grid
+    tile_size: int = 672
+    static_grid: List[int] = field(default_factory=lambda: [2, 2])  # [cols, rows]
+    min_tiles: int = 4  # dynamic grids hold min_tiles..max_tiles sub-images
+    max_tiles: int = 9  # MM1.5: 9 in training, 16 at inference
+    overview: OverviewPlacement = "after"  # the whole image at tile_size, after the tiles
+    max_images_to_split: int = 3  # samples with this many images or more are not split
+
+
+@dataclass
+class ChatTemplateConfig:
+    """Markers of the chat template (``data/pipeline/conversations.py``); each must be a
+    single token of the run's tokenizer. Saved with the run, versioned by ``version``."""
+
+    version: str = "mm1-chat-1"
+    system: str = "<system>"
+    user: str = "<user>"
+    assistant: str = "<assistant>"
+    end_of_turn: str = "<end_turn>"
+
+
+@dataclass
+class ConversationConfig:
+    # packed: whole conversations fill a sequence (no attention across them);
+    # one_per_sequence: one conversation and padding.
+    packing: ConversationPacking = "packed"
+    # A conversation longer than a sequence: cut after its last whole assistant turn that
+    # fits (truncate) or skipped (drop); counted either way, never cut inside an image.
+    overlong: OverlongConversation = "truncate"
+    chat_template: ChatTemplateConfig = field(default_factory=ChatTemplateConfig)
+
+
+@dataclass
 class DataConfig:
     source: DataSource = "synthetic"
     # Share of sequences drawn from each source (normalised): MM1's 45/45/10.
@@ -249,6 +293,8 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     images: ImagePipelineConfig = field(default_factory=ImagePipelineConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    conversations: ConversationConfig = field(default_factory=ConversationConfig)
 
 
 # Keys that moved: a config using the old name is refused with the new one in the message.
@@ -293,6 +339,10 @@ class CheckpointConfig:
     # Start from pretrained parts (the connector stays freshly initialised).
     pretrained_vision_encoder: Optional[str] = None
     pretrained_language_model: Optional[str] = None
+    # Start a fresh run from a whole MM1 checkpoint's model weights (saved at any layout),
+    # with a new optimizer, schedule and data position: pre-training -> SFT. Not read when
+    # the run resumes from its own checkpoints.
+    initial_weights: Optional[str] = None
 
 
 @dataclass

@@ -298,10 +298,15 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
     d = cfg.data
     for name, weight in d.mixture.items():
         err.check(
-            name in ("interleaved", "caption", "text"),
-            f"data.mixture.{name}: unknown source; use interleaved, caption or text",
+            name in ("interleaved", "caption", "text", "conversation"),
+            f"data.mixture.{name}: unknown source; use interleaved, caption, text or conversation",
         )
         err.check(weight >= 0, f"data.mixture.{name}={weight} must be >= 0")
+    err.check(
+        not (d.source == "webdataset" and d.mixture.get("conversation", 0) > 0),
+        "data.mixture.conversation: conversations come from the synthetic world only so far "
+        "(data.source=synthetic); set its weight to 0 for a webdataset run",
+    )
     err.check(sum(d.mixture.values()) > 0, "data.mixture needs at least one positive weight")
     err.check(d.max_images_per_sequence >= 0, "data.max_images_per_sequence must be >= 0")
     err.check(
@@ -344,7 +349,9 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
                 f"{field_name} is only read with data.source=webdataset; "
                 f"unset it or set data.source=webdataset",
             )
-    image_weight = d.mixture.get("interleaved", 0) + d.mixture.get("caption", 0)
+    image_weight = sum(
+        d.mixture.get(name, 0) for name in ("interleaved", "caption", "conversation")
+    )
     if image_weight > 0:
         err.check(
             d.max_images_per_sequence >= 1,
@@ -389,6 +396,12 @@ def _check_checkpoint(cfg: MM1Config, err: _Errors) -> None:
     )
     err.check(c.keep_last >= 1, "checkpoint.keep_last must be >= 1")
     err.check(c.keep_every >= 0, "checkpoint.keep_every must be >= 0")
+    err.check(
+        c.initial_weights is None
+        or (c.pretrained_vision_encoder is None and c.pretrained_language_model is None),
+        "checkpoint.initial_weights already sets every weight; unset "
+        "checkpoint.pretrained_vision_encoder and checkpoint.pretrained_language_model",
+    )
     for name in cfg.model.freeze:
         err.check(
             name in LR_MULTIPLIER_MODULES,
@@ -455,6 +468,37 @@ def _check_eval(cfg: MM1Config, err: _Errors) -> None:
         )
 
 
+def _check_tiling_and_conversations(cfg: MM1Config, err: _Errors) -> None:
+    t, p = cfg.data.tiling, "data.tiling"
+    err.positive(t, ["tile_size", "min_tiles", "max_tiles"], p)
+    err.check(
+        len(t.static_grid) == 2 and min(t.static_grid) >= 1,
+        f"{p}.static_grid={t.static_grid} must be [cols, rows], both >= 1 (MM1: [2, 2])",
+    )
+    err.check(
+        t.min_tiles <= t.max_tiles,
+        f"{p}.min_tiles={t.min_tiles} must be <= {p}.max_tiles={t.max_tiles}",
+    )
+    err.check(
+        t.max_images_to_split >= 2,
+        f"{p}.max_images_to_split={t.max_images_to_split} must be >= 2 (a sample with one "
+        f"image is always split; MM1.5 stops splitting at 3)",
+    )
+    if t.mode != "none":
+        patch = cfg.model.vision.patch_size
+        err.check(
+            t.tile_size % patch == 0,
+            f"{p}.tile_size={t.tile_size} must be a multiple of model.vision.patch_size="
+            f"{patch} (each tile is a patch grid)",
+        )
+    template = cfg.data.conversations.chat_template
+    markers = [template.system, template.user, template.assistant, template.end_of_turn]
+    err.check(
+        all(markers) and len(set(markers)) == len(markers),
+        f"data.conversations.chat_template markers must be distinct and non-empty: {markers}",
+    )
+
+
 def validate_config(cfg: MM1Config) -> MM1Config:
     """Raise ``ValueError`` listing every problem in ``cfg``; return it unchanged if none."""
     err = _Errors()
@@ -466,6 +510,7 @@ def validate_config(cfg: MM1Config) -> MM1Config:
         _check_parallel,
         _check_optimizer_and_training,
         _check_data,
+        _check_tiling_and_conversations,
         _check_model_impl,
         _check_checkpoint,
         _check_eval,

@@ -77,6 +77,8 @@ def build_data(
             seed=seed,
             tokenizer=tokenizer,
             max_images=data_cfg.max_images_per_sequence,
+            tiling=data_cfg.tiling,
+            conversations=data_cfg.conversations,
             **packing,
         )
     elif data_cfg.source == "webdataset":
@@ -136,7 +138,10 @@ def build_run_data(
         seq_length=cfg.training.seq_length,
         micro_batch_size=cfg.training.micro_batch_size,
         num_image_tokens=cfg.model.connector.num_output_tokens,
-        image_size=vision.image_size,
+        # Tiles are what the encoder sees (their position tables are resized to fit).
+        image_size=cfg.data.tiling.tile_size
+        if cfg.data.tiling.mode != "none"
+        else vision.image_size,
         image_mean=vision.image_mean,
         image_std=vision.image_std,
         seed=cfg.training.seed if seed is None else seed,

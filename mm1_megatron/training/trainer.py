@@ -84,7 +84,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint)
         resume_path = self.checkpoints.resolve_resume_path()
         self.model_chunks = [self._build_model(resuming=resume_path is not None)]
-        self._load_pretrained_parts()
+        self._load_pretrained_parts(resuming=resume_path is not None)
         self.peak_flops = self._peak_flops_per_device()
         self.param_counts = count_parameters(cfg.model)
         self.peak_lr = resolve_peak_lr(cfg.optimizer, self.param_counts.llm_active_non_embedding)
@@ -173,7 +173,11 @@ class Trainer:
             )
         return peak
 
-    def _load_pretrained_parts(self) -> None:
+    def _load_pretrained_parts(self, *, resuming: bool) -> None:
+        initial = self.cfg.checkpoint.initial_weights
+        if initial is not None and not resuming:
+            for chunk in self.model_chunks:
+                self.checkpoints.load_pretrained_part(chunk, "", Path(initial))
         parts = {
             "vision_encoder.": self.cfg.checkpoint.pretrained_vision_encoder,
             "language_model.": self.cfg.checkpoint.pretrained_language_model,

@@ -4,17 +4,23 @@ overview placement, splitting off for samples with many images."""
 from __future__ import annotations
 
 import itertools
+import re
 from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 
+from mm1_megatron.config import load_config, validate_config
+from mm1_megatron.config.schema import TilingConfig
+from mm1_megatron.data.pipeline.packing import Sample
 from mm1_megatron.data.pipeline.tiling import (
     Grid,
     TilePlan,
-    TilingSettings,
     plan_tiles,
     select_grid,
+    tile_image,
+    tile_sample,
 )
 
 
@@ -61,18 +67,18 @@ def test_dynamic_grid_examples(size, grid):
 
 
 def test_static_split_of_1344_is_four_row_major_crops_then_the_overview():
-    settings = TilingSettings(mode="static", tile_size=672)
+    settings = TilingConfig(mode="static", tile_size=672)
     (plan,) = plan_tiles([(1344, 1344)], settings)
     assert plan.grid == Grid(2, 2) and plan.num_tiles == 5
     assert plan.order() == ["tile 0,0", "tile 0,1", "tile 1,0", "tile 1,1", "overview"]
-    before = plan_tiles([(1344, 1344)], TilingSettings(mode="static", overview="before"))[0]
+    before = plan_tiles([(1344, 1344)], TilingConfig(mode="static", overview="before"))[0]
     assert before.order()[0] == "overview" and before.num_tiles == 5
-    none = plan_tiles([(1344, 1344)], TilingSettings(mode="static", overview="none"))[0]
+    none = plan_tiles([(1344, 1344)], TilingConfig(mode="static", overview="none"))[0]
     assert none.num_tiles == 4 and "overview" not in none.order()
 
 
 def test_a_sample_over_the_image_threshold_is_not_split():
-    settings = TilingSettings(mode="dynamic", max_images_to_split=3)
+    settings = TilingConfig(mode="dynamic", max_images_to_split=3)
     two = plan_tiles([(1344, 1344)] * 2, settings)
     assert all(plan.grid is not None for plan in two)
     three = plan_tiles([(1344, 1344)] * 3, settings)
@@ -81,22 +87,24 @@ def test_a_sample_over_the_image_threshold_is_not_split():
 
 
 def test_no_tiling_is_one_tile_per_image():
-    assert [p.num_tiles for p in plan_tiles([(10, 10), (5000, 20)], TilingSettings())] == [1, 1]
+    assert [p.num_tiles for p in plan_tiles([(10, 10), (5000, 20)], TilingConfig())] == [1, 1]
 
 
 @pytest.mark.parametrize(
-    "kwargs, field",
+    "override, field",
     [
-        ({"mode": "grid"}, "tiling mode"),
-        ({"overview": "middle"}, "overview"),
-        ({"min_tiles": 10, "max_tiles": 9}, "min_tiles"),
-        ({"static_grid": (0, 2)}, "static_grid"),
-        ({"max_images_to_split": 1}, "max_images_to_split"),
+        ("data.tiling.mode=grid", "data.tiling.mode"),
+        ("data.tiling.overview=middle", "data.tiling.overview"),
+        ("data.tiling.min_tiles=10", "data.tiling.min_tiles=10 must be <="),
+        ("data.tiling.static_grid=[0, 2]", "data.tiling.static_grid"),
+        ("data.tiling.max_images_to_split=1", "data.tiling.max_images_to_split"),
+        ("data.tiling.tile_size=100", "multiple of model.vision.patch_size"),
     ],
 )
-def test_bad_settings_are_refused_by_name(kwargs, field):
-    with pytest.raises(ValueError, match=field):
-        TilingSettings(**kwargs)
+def test_bad_tiling_settings_are_refused_by_name(override, field):
+    overrides = ["data.tiling.mode=static", override]
+    with pytest.raises(ValueError, match=re.escape(field)):
+        validate_config(load_config("configs/debug.yaml", overrides))
 
 
 def test_grid_counts_stay_within_bounds():
@@ -104,3 +112,67 @@ def test_grid_counts_stay_within_bounds():
         grid = select_grid(width, height, 672, 4, 9)
         assert 4 <= grid.num_tiles <= 9
     assert select_grid(5000, 5000, 672, 1, 16) == Grid(4, 4)  # inference allows 16
+
+
+def test_static_tiles_are_the_image_quadrants_in_row_major_order_then_the_overview():
+    image = torch.rand(3, 1344, 1344)
+    (plan,) = plan_tiles([(1344, 1344)], TilingConfig(mode="static", tile_size=672))
+    tiles = tile_image(image, plan, 672, fill=[0.5, 0.5, 0.5])
+    assert len(tiles) == 5
+    quadrants = [
+        image[:, r * 672 : (r + 1) * 672, c * 672 : (c + 1) * 672] for r in (0, 1) for c in (0, 1)
+    ]
+    for tile, quadrant in zip(tiles[:4], quadrants):
+        assert torch.equal(tile, quadrant)  # 1344 px on a 2x2 grid of 672: no resize
+    expected = torch.nn.functional.interpolate(
+        image[None], size=(672, 672), mode="bilinear", antialias=True, align_corners=False
+    )[0]
+    torch.testing.assert_close(tiles[4], expected)
+
+
+def test_a_wide_image_is_centred_on_its_canvas_with_the_fill_colour():
+    image = torch.rand(3, 100, 400)  # 4:1; dynamic 4x1 grid of 100 px tiles, no resize
+    (plan,) = plan_tiles([(400, 100)], TilingConfig(mode="dynamic", tile_size=100))
+    assert plan.grid == Grid(4, 1)
+    tiles = tile_image(image, plan, 100, fill=[0.1, 0.2, 0.3])
+    assert torch.equal(torch.cat(tiles[:4], dim=2), image)
+    image = torch.rand(3, 100, 300)  # 3:1 on the same 4x1 grid: padded on both sides
+    tiles = tile_image(
+        image,
+        plan_tiles([(300, 100)], TilingConfig(mode="dynamic", tile_size=100))[0],
+        100,
+        fill=[0.1, 0.2, 0.3],
+    )
+    canvas = torch.cat(tiles[:4], dim=2)
+    assert torch.equal(canvas[:, :, 50:350], image)
+    assert torch.equal(
+        canvas[:, :, :50], torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1).expand(3, 100, 50)
+    )
+
+
+def test_tile_sample_gives_each_tile_a_placeholder_and_no_loss():
+    image_token = 3
+    sample = Sample(
+        "conversation",
+        [1, 7, image_token, 8, 9, 2],
+        [torch.rand(3, 224, 224)],
+        trainable=[False, False, False, True, True, False],
+    )
+    tiled = tile_sample(
+        sample,
+        TilingConfig(mode="static", tile_size=112),
+        image_token_id=image_token,
+        fill=[0.5] * 3,
+    )
+    assert tiled.token_ids == [1, 7, *[image_token] * 5, 8, 9, 2]
+    assert tiled.trainable == [False, False, *[False] * 5, True, True, False]
+    assert len(tiled.images) == 5 and all(t.shape == (3, 112, 112) for t in tiled.images)
+    three = Sample("interleaved", [image_token] * 3, [torch.rand(3, 224, 224)] * 3)
+    kept = tile_sample(
+        three,
+        TilingConfig(mode="static", tile_size=112),
+        image_token_id=image_token,
+        fill=[0.5] * 3,
+    )
+    assert kept.token_ids == [image_token] * 3 and len(kept.images) == 3  # not split
+    assert kept.trainable is None

@@ -25,7 +25,7 @@ a turn that is not text.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from mm1_megatron.data.shards.skips import BadSample
 from mm1_megatron.data.tokenizers.base import Tokenizer
@@ -154,3 +154,33 @@ def _text_ids(text: str, tokenizer: Tokenizer) -> List[int]:
 def target_tokens(ids: Sequence[int], targets: Sequence[bool]) -> List[int]:
     """The trained tokens in order (for tests and logging)."""
     return [token for token, trained in zip(ids, targets) if trained]
+
+
+def truncate_conversation(
+    tokens: Sequence[int],
+    trainable: Sequence[bool],
+    *,
+    max_length: int,
+    max_images: int,
+    image_token_id: int,
+    num_image_tokens: int,
+    end_of_turn_id: int,
+    eos_id: int,
+) -> Optional[Tuple[List[int], List[bool]]]:
+    """The longest prefix of an (image-expanded) conversation that ends with a whole
+    assistant turn, fits ``max_length`` tokens with an eos after it, and holds at most
+    ``max_images`` images; ``None`` when not even the first answer fits. A cut falls only
+    right after an assistant's end-of-turn token, so never inside an image."""
+    best, image_tokens = None, 0
+    for index, (token, flag) in enumerate(zip(tokens, trainable)):
+        if token == image_token_id:
+            image_tokens += 1
+            if image_tokens > max_images * num_image_tokens:
+                break
+        if index + 2 > max_length:  # the prefix up to here, then eos
+            break
+        if token == end_of_turn_id and flag:
+            best = index + 1
+    if best is None:
+        return None
+    return [*tokens[:best], eos_id], [*trainable[:best], False]

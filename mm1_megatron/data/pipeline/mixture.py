@@ -18,7 +18,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-SOURCE_IDS: Dict[str, int] = {"caption": 0, "interleaved": 1, "text": 2}
+SOURCE_IDS: Dict[str, int] = {"caption": 0, "interleaved": 1, "text": 2, "conversation": 3}
 MIXTURE_BLOCK = 1000
 MIXTURE_STREAM = 7  # keeps these draws apart from the sources' own streams
 

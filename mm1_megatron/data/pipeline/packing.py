@@ -26,22 +26,27 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from mm1_megatron.batch.contract import (
     expand_image_placeholders,
+    expand_trainable,
     labels_and_loss_mask,
     position_ids_from_documents,
 )
+from mm1_megatron.data.shards.skips import DataStats
 from mm1_megatron.data.tokenizers.base import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_SKIPS = 100
 
-Document = Tuple[List[int], List[torch.Tensor]]  # expanded token ids, images
+# (expanded tokens, their trainable flags) -> a shorter version that fits, or None.
+FitOverlong = Callable[[List[int], List[bool]], Optional[Tuple[List[int], List[bool]]]]
+# Expanded token ids, images, and per-token trainable flags (None: every text token).
+Document = Tuple[List[int], List[torch.Tensor], Optional[List[bool]]]
 
 
 @dataclass
@@ -51,6 +56,9 @@ class Sample:
     source: str
     token_ids: List[int]
     images: List[torch.Tensor]  # each [3, H, W] float32 in [0, 1]
+    # Per entry of token_ids: may it be a loss target (a conversation's assistant turns)?
+    # None: every text token may, as in pre-training.
+    trainable: Optional[List[bool]] = None
 
 
 @dataclass
@@ -79,10 +87,16 @@ def pack_sequence(
     image_size: int,
     image_mean: Sequence[float],
     image_std: Sequence[float],
+    one_per_sequence: bool = False,
+    fit_overlong: Optional[FitOverlong] = None,
+    stats: Optional[DataStats] = None,
 ) -> PackedSequence:
     """Pack samples drawn from ``samples`` (all of one source) into one sequence.
 
     Reads only as many samples as the sequence needs; see the module docstring for rules.
+    ``one_per_sequence`` packs a single sample. ``fit_overlong`` shortens a sample with
+    trainable flags (a conversation) that does not fit an empty sequence, or returns None
+    to skip it. ``stats`` counts skipped (``too_long``) and shortened samples.
     """
     check_packing_arguments(seq_length, num_image_tokens, max_images, image_mean, image_std)
     iterator = iter(samples)
@@ -95,7 +109,12 @@ def pack_sequence(
         ]
     else:
         documents = _fill_with_whole_samples(
-            first, iterator, seq_length, num_image_tokens, max_images, tokenizer.image_token_id
+            first,
+            iterator,
+            _Limits(seq_length, num_image_tokens, max_images, tokenizer.image_token_id),
+            one_per_sequence=one_per_sequence,
+            fit_overlong=fit_overlong,
+            stats=stats if stats is not None else DataStats(),
         )
     return _assemble(
         documents, first.source, seq_length, tokenizer, image_size, image_mean, image_std
@@ -125,14 +144,29 @@ def check_packing_arguments(
         raise ValueError(f"image_std={list(image_std)} must be > 0")
 
 
+@dataclass(frozen=True)
+class _Limits:
+    seq_length: int
+    num_image_tokens: int
+    max_images: int
+    image_token_id: int
+
+
 def _fill_with_whole_samples(
     first: Sample,
     rest: Iterator[Sample],
-    seq_length: int,
-    num_image_tokens: int,
-    max_images: int,
-    image_token_id: int,
+    limits: _Limits,
+    *,
+    one_per_sequence: bool,
+    fit_overlong: Optional[FitOverlong],
+    stats: DataStats,
 ) -> List[Document]:
+    seq_length, num_image_tokens, max_images, image_token_id = (
+        limits.seq_length,
+        limits.num_image_tokens,
+        limits.max_images,
+        limits.image_token_id,
+    )
     documents: List[Document] = []
     num_tokens = num_images = num_skips = 0
     sample = first
@@ -141,11 +175,12 @@ def _fill_with_whole_samples(
         tokens = expand_image_placeholders(
             sample.token_ids, image_token_id=image_token_id, num_image_tokens=num_image_tokens
         )
+        trainable = _expanded_trainable(sample, image_token_id, num_image_tokens)
         fits = (
             num_tokens + len(tokens) <= seq_length and num_images + len(sample.images) <= max_images
         )
         if fits:
-            documents.append((tokens, list(sample.images)))
+            documents.append((tokens, list(sample.images), trainable))
             num_tokens, num_images, num_skips = (
                 num_tokens + len(tokens),
                 num_images + len(sample.images),
@@ -153,12 +188,21 @@ def _fill_with_whole_samples(
             )
         elif documents:
             return documents  # the sample that does not fit is dropped
+        elif trainable is not None and fit_overlong is not None:
+            fitted = fit_overlong(tokens, trainable)
+            if fitted is not None:
+                stats.add("shortened_conversations")
+                kept_images = fitted[0].count(image_token_id) // num_image_tokens
+                return [(fitted[0], list(sample.images[:kept_images]), fitted[1])]
+            stats.add("too_long")
+            num_skips += 1
         elif not sample.images:
             logger.debug(
                 "truncating a %d-token %s sample to %d", len(tokens), sample.source, seq_length
             )
-            return [(tokens[:seq_length], [])]
+            return [(tokens[:seq_length], [], trainable and trainable[:seq_length])]
         else:
+            stats.add("too_long")
             logger.debug(
                 "skipping a %s sample: %d tokens, %d images",
                 sample.source,
@@ -166,16 +210,33 @@ def _fill_with_whole_samples(
                 len(sample.images),
             )
             num_skips += 1
-            if num_skips >= MAX_CONSECUTIVE_SKIPS:
-                raise ValueError(
-                    f"{num_skips} {sample.source} samples in a row did not fit in an empty "
-                    f"sequence (seq_length={seq_length}, max_images={max_images}, "
-                    f"num_image_tokens={num_image_tokens}); raise seq_length or "
-                    f"max_images_per_sequence"
-                )
-        if num_tokens == seq_length:
+        if documents and (one_per_sequence or num_tokens == seq_length):
             return documents
+        _check_skips(num_skips, sample, limits)
         sample = next(rest)
+
+
+def _check_skips(num_skips: int, sample: Sample, limits: _Limits) -> None:
+    if num_skips >= MAX_CONSECUTIVE_SKIPS:
+        raise ValueError(
+            f"{num_skips} {sample.source} samples in a row did not fit in an empty "
+            f"sequence (seq_length={limits.seq_length}, max_images={limits.max_images}, "
+            f"num_image_tokens={limits.num_image_tokens}); raise seq_length or "
+            f"max_images_per_sequence"
+        )
+
+
+def _expanded_trainable(
+    sample: Sample, image_token_id: int, num_image_tokens: int
+) -> Optional[List[bool]]:
+    if sample.trainable is None:
+        return None
+    return expand_trainable(
+        sample.token_ids,
+        sample.trainable,
+        image_token_id=image_token_id,
+        num_image_tokens=num_image_tokens,
+    )
 
 
 def _check_same_source(first: Sample, sample: Sample) -> None:
@@ -189,6 +250,8 @@ def _check_same_source(first: Sample, sample: Sample) -> None:
 def _fit_interleaved(
     sample: Sample, seq_length: int, num_image_tokens: int, max_images: int, image_token_id: int
 ) -> Document:
+    if sample.trainable is not None:
+        raise AssertionError("interleaved samples train on every text token")
     kept, num_images = cut_interleaved(
         sample.token_ids,
         seq_length=seq_length,
@@ -199,7 +262,7 @@ def _fit_interleaved(
     tokens = expand_image_placeholders(
         kept, image_token_id=image_token_id, num_image_tokens=num_image_tokens
     )
-    return tokens, list(sample.images[:num_images])
+    return tokens, list(sample.images[:num_images]), None
 
 
 def cut_interleaved(
@@ -239,13 +302,14 @@ def _assemble(
     image_mean: Sequence[float],
     image_std: Sequence[float],
 ) -> PackedSequence:
-    images = [image for _, document_images in documents for image in document_images]
+    images = [image for _, document_images, _ in documents for image in document_images]
     return assemble(
-        [tokens for tokens, _ in documents],
+        [tokens for tokens, _, _ in documents],
         source=source,
         seq_length=seq_length,
         tokenizer=tokenizer,
         images=normalise_images(images, image_size, image_mean, image_std),
+        trainable=[flags for _, _, flags in documents],
     )
 
 
@@ -256,10 +320,12 @@ def assemble(
     seq_length: int,
     tokenizer: Tokenizer,
     images: torch.Tensor,
+    trainable: Optional[Sequence[Optional[List[bool]]]] = None,
 ) -> PackedSequence:
     """One sequence from documents of expanded token ids and their ``[n, 3, H, W]`` images.
 
     ``images`` are already normalised, in order of appearance. Padding fills the rest.
+    ``trainable`` gives, per document, its tokens' trainable flags (None: all of them).
     """
     token_list: List[int] = []
     document_list: List[int] = []
@@ -279,6 +345,7 @@ def assemble(
         document_ids,
         image_token_id=tokenizer.image_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        trainable=_trainable_tensor(documents, trainable, seq_length),
     )
     return PackedSequence(
         tokens=tokens,
@@ -311,3 +378,18 @@ def normalise_images(
     mean = torch.tensor(image_mean, dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(image_std, dtype=torch.float32).view(3, 1, 1)
     return (torch.stack(images).float() - mean) / std
+
+
+def _trainable_tensor(
+    documents: Sequence[Sequence[int]],
+    trainable: Optional[Sequence[Optional[List[bool]]]],
+    seq_length: int,
+) -> Optional[torch.Tensor]:
+    """Per-position flags when some document has its own; None when none has."""
+    if trainable is None or all(flags is None for flags in trainable):
+        return None
+    flat: List[bool] = []
+    for tokens, flags in zip(documents, trainable):
+        flat += [True] * len(tokens) if flags is None else list(flags)
+    flat += [False] * (seq_length - len(flat))
+    return torch.tensor(flat, dtype=torch.bool)

@@ -20,8 +20,9 @@ def data_metrics(
     loader, batches: Sequence[Dict[str, torch.Tensor]], *, group=None
 ) -> Dict[str, float]:
     """``data/skipped/<reason>`` and ``data/skipped`` (cumulative since the loader was
-    built), ``data/unused_samples`` (cumulative) and ``data/packing_efficiency`` (real
-    tokens / token slots over ``batches``, this step's micro-batches)."""
+    built), ``data/unused_samples`` and ``data/shortened_conversations`` (cumulative), and
+    ``data/packing_efficiency`` (real tokens / token slots over ``batches``, this step's
+    micro-batches)."""
     real = sum(int(batch["num_real_tokens"].sum()) for batch in batches)
     slots = sum(int(batch["tokens"].numel()) for batch in batches)
     values = all_reduce_values(stats_vector(loader) + [real, slots], group=group)
@@ -29,6 +30,7 @@ def data_metrics(
     metrics = {f"data/skipped/{reason}": counts[reason] for reason in SKIP_REASONS}
     metrics["data/skipped"] = sum(counts[reason] for reason in SKIP_REASONS)
     metrics["data/unused_samples"] = counts["unused_samples"]
+    metrics["data/shortened_conversations"] = counts["shortened_conversations"]
     total_real, total_slots = values[-2], values[-1]
     metrics["data/packing_efficiency"] = total_real / total_slots if total_slots else float("nan")
     return metrics

@@ -32,8 +32,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import List, Optional, Sequence, Tuple
 
-TILING_MODES = ("none", "static", "dynamic")
-OVERVIEW_PLACEMENTS = ("after", "before", "none")
+import torch
+from torch.nn import functional as F
+
+from mm1_megatron.config.schema import TilingConfig
+from mm1_megatron.data.pipeline.packing import Sample
 
 
 @dataclass(frozen=True)
@@ -71,39 +74,6 @@ class TilePlan:
         return tiles
 
 
-@dataclass(frozen=True)
-class TilingSettings:
-    mode: str = "none"  # "none" | "static" | "dynamic"
-    tile_size: int = 672
-    static_grid: Tuple[int, int] = (2, 2)  # (cols, rows): MM1's 1344 = 2 x 672
-    min_tiles: int = 4
-    max_tiles: int = 9
-    overview: str = "after"
-    max_images_to_split: int = 3  # samples with this many images or more are not split
-
-    def __post_init__(self):
-        if self.mode not in TILING_MODES:
-            raise ValueError(f"tiling mode {self.mode!r}; expected one of {TILING_MODES}")
-        if self.overview not in OVERVIEW_PLACEMENTS:
-            raise ValueError(
-                f"tiling overview {self.overview!r}; expected one of {OVERVIEW_PLACEMENTS}"
-            )
-        if self.tile_size < 1:
-            raise ValueError(f"tiling tile_size={self.tile_size} must be positive")
-        if min(self.static_grid) < 1:
-            raise ValueError(f"tiling static_grid={self.static_grid} needs positive sides")
-        if not 1 <= self.min_tiles <= self.max_tiles:
-            raise ValueError(
-                f"tiling needs 1 <= min_tiles <= max_tiles, got {self.min_tiles} and "
-                f"{self.max_tiles}"
-            )
-        if self.max_images_to_split < 2:
-            raise ValueError(
-                f"tiling max_images_to_split={self.max_images_to_split} must be at least 2 "
-                "(a sample with one image is always split)"
-            )
-
-
 def resize_scale(width: int, height: int, grid: Grid, tile_size: int) -> Fraction:
     """The aspect-preserving scale that fits a ``width x height`` image on the canvas."""
     if width < 1 or height < 1:
@@ -135,7 +105,7 @@ def select_grid(width: int, height: int, tile_size: int, min_tiles: int, max_til
     return min(grids, key=lambda g: (-scales[g], padding_after_resize(g), g.num_tiles, g.rows))
 
 
-def plan_tiles(sizes: Sequence[Tuple[int, int]], settings: TilingSettings) -> List[TilePlan]:
+def plan_tiles(sizes: Sequence[Tuple[int, int]], settings: TilingConfig) -> List[TilePlan]:
     """The tile plan of every image of one sample, given each image's ``(width, height)``."""
     unsplit = TilePlan(grid=None, overview="after")
     if settings.mode == "none" or len(sizes) >= settings.max_images_to_split:
@@ -150,3 +120,77 @@ def plan_tiles(sizes: Sequence[Tuple[int, int]], settings: TilingSettings) -> Li
         )
         for w, h in sizes
     ]
+
+
+def tile_image(
+    image: torch.Tensor, plan: TilePlan, tile_size: int, fill: Sequence[float]
+) -> List[torch.Tensor]:
+    """A ``[3, H, W]`` image in [0, 1] as ``[3, T, T]`` tiles in ``plan.order()``.
+
+    The sub-images come from the image resized by ``resize_scale`` (aspect kept) and
+    centred on the grid's canvas, whose rest is ``fill`` (the encoder's mean colour, so 0
+    after normalisation); the overview is the whole image resized to ``T x T``.
+    Resizing is bilinear with antialiasing.
+    """
+    overview = _resize(image, tile_size, tile_size)
+    if plan.grid is None:
+        return [overview]
+    grid, (height, width) = plan.grid, image.shape[1:]
+    scale = resize_scale(width, height, grid, tile_size)
+    new_width = max(1, round(width * scale))
+    new_height = max(1, round(height * scale))
+    canvas_width, canvas_height = grid.cols * tile_size, grid.rows * tile_size
+    canvas = (
+        torch.tensor(fill, dtype=image.dtype).view(3, 1, 1).repeat(1, canvas_height, canvas_width)
+    )
+    left, top = (canvas_width - new_width + 1) // 2, (canvas_height - new_height + 1) // 2
+    canvas[:, top : top + new_height, left : left + new_width] = _resize(
+        image, new_height, new_width
+    )
+    tiles = [
+        canvas[:, r * tile_size : (r + 1) * tile_size, c * tile_size : (c + 1) * tile_size]
+        for r in range(grid.rows)
+        for c in range(grid.cols)
+    ]
+    if plan.overview == "before":
+        return [overview, *tiles]
+    if plan.overview == "after":
+        return [*tiles, overview]
+    return tiles
+
+
+def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if tuple(image.shape[1:]) == (height, width):
+        return image
+    resized = F.interpolate(
+        image[None].float(),
+        size=(height, width),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )
+    return resized[0].clamp(0, 1).to(image.dtype)
+
+
+def tile_sample(
+    sample: Sample, settings: TilingConfig, *, image_token_id: int, fill: Sequence[float]
+) -> Sample:
+    """``sample`` with every image replaced by its tiles, each with its own placeholder
+    (never a loss target); a sample with ``max_images_to_split`` images or more, or with
+    tiling off, keeps one tile per image (the image at ``tile_size``)."""
+    sizes = [(int(image.shape[2]), int(image.shape[1])) for image in sample.images]
+    plans = plan_tiles(sizes, settings)
+    images: List[torch.Tensor] = []
+    for image, plan in zip(sample.images, plans):
+        images += tile_image(image, plan, settings.tile_size, fill)
+    token_ids: List[int] = []
+    trainable: Optional[List[bool]] = [] if sample.trainable is not None else None
+    image_token = image_token_id
+    plan_of_image = iter(plans)
+    flags = sample.trainable if sample.trainable is not None else [True] * len(sample.token_ids)
+    for token, flag in zip(sample.token_ids, flags):
+        count = next(plan_of_image).num_tiles if token == image_token else 1
+        token_ids += [token] * count
+        if trainable is not None:
+            trainable += [flag and token != image_token] * count
+    return Sample(sample.source, token_ids, images, trainable=trainable)

@@ -22,8 +22,9 @@ SKIP_REASONS = (
     "truncated_tar",  # a member or sample beyond the readable end of its shard
     "too_long",  # a caption pair longer than a whole sequence
 )
-# Not failures: samples of a caption window that did not fit next to the others.
-PACKING_STATS = ("unused_samples",)
+# Not failures: samples of a caption window that did not fit next to the others, and
+# conversations cut after their last whole assistant turn that fit a sequence.
+PACKING_STATS = ("unused_samples", "shortened_conversations")
 STAT_NAMES = SKIP_REASONS + PACKING_STATS
 
 

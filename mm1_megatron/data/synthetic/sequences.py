@@ -9,19 +9,30 @@ builder exactly as it serves shards.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from mm1_megatron.config.schema import ConversationConfig, TilingConfig
+from mm1_megatron.data.pipeline.conversations import (
+    ChatTemplate,
+    template_token,
+    tokenize_conversation,
+    truncate_conversation,
+)
 from mm1_megatron.data.pipeline.mixture import mixture_probabilities
 from mm1_megatron.data.pipeline.packing import (
     PackedSequence,
+    Sample,
     check_packing_arguments,
     pack_sequence,
 )
+from mm1_megatron.data.pipeline.tiling import tile_sample
 from mm1_megatron.data.shards.skips import DataStats
-from mm1_megatron.data.synthetic.world import SyntheticGenerator
+from mm1_megatron.data.synthetic.conversations import synthetic_conversation
+from mm1_megatron.data.synthetic.world import SyntheticGenerator, draw_scene
 from mm1_megatron.data.tokenizers.base import SyntheticTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -42,13 +53,21 @@ class SyntheticSequences:
         image_std: Sequence[float],
         seed: int,
         tokenizer: Optional[Tokenizer] = None,
+        tiling: Optional[TilingConfig] = None,
+        conversations: Optional[ConversationConfig] = None,
     ):
         if seed < 0:
             raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's SeedSequence)")
         check_packing_arguments(seq_length, num_image_tokens, max_images, image_mean, image_std)
         self.probabilities = mixture_probabilities(mixture)
         self.tokenizer = tokenizer if tokenizer is not None else SyntheticTokenizer()
-        self.generator = SyntheticGenerator(self.tokenizer, image_size)
+        self.tiling = tiling if tiling is not None else TilingConfig()
+        self.conversations = conversations if conversations is not None else ConversationConfig()
+        self.template = ChatTemplate(**dataclasses.asdict(self.conversations.chat_template))
+        # With tiling, scenes are drawn at twice the tile size and tiled like any image;
+        # ``image_size`` is then the tile size the encoder sees.
+        self.draw_size = image_size if self.tiling.mode == "none" else 2 * image_size
+        self.generator = SyntheticGenerator(self.tokenizer, self.draw_size)
         self.packing = dict(
             seq_length=seq_length,
             num_image_tokens=num_image_tokens,
@@ -72,10 +91,54 @@ class SyntheticSequences:
         """Sequence ``global_index``; the synthetic world has no bad samples to count."""
         rng = self._rng(global_index)
         source = self._draw_source(rng)
+        stats = DataStats()
+        samples = self._stream(source, rng)
+        if self.tiling.mode != "none":
+            samples = (
+                tile_sample(
+                    sample,
+                    self.tiling,
+                    image_token_id=self.tokenizer.image_token_id,
+                    fill=self.packing["image_mean"],
+                )
+                for sample in samples
+            )
+        conversation = source == "conversation"
         packed = pack_sequence(
-            self.generator.stream(source, rng), tokenizer=self.tokenizer, **self.packing
+            samples,
+            tokenizer=self.tokenizer,
+            one_per_sequence=conversation and self.conversations.packing == "one_per_sequence",
+            fit_overlong=self._fit_overlong if conversation else None,
+            stats=stats,
+            **self.packing,
         )
-        return packed, DataStats()
+        return packed, stats
+
+    def _stream(self, source: str, rng: np.random.Generator) -> Iterator[Sample]:
+        if source != "conversation":
+            return self.generator.stream(source, rng)
+        return self._conversations(rng)
+
+    def _conversations(self, rng: np.random.Generator) -> Iterator[Sample]:
+        while True:
+            conversation, scene = synthetic_conversation(rng)
+            ids, targets = tokenize_conversation(conversation, self.template, self.tokenizer)
+            image = draw_scene(scene, self.draw_size)
+            yield Sample("conversation", ids, [image], trainable=targets)
+
+    def _fit_overlong(self, tokens: List[int], trainable: List[bool]):
+        if self.conversations.overlong == "drop":
+            return None
+        return truncate_conversation(
+            tokens,
+            trainable,
+            max_length=self.packing["seq_length"],
+            max_images=self.packing["max_images"],
+            image_token_id=self.tokenizer.image_token_id,
+            num_image_tokens=self.packing["num_image_tokens"],
+            end_of_turn_id=template_token(self.tokenizer, self.template.end_of_turn),
+            eos_id=self.tokenizer.eos_token_id,
+        )
 
     def _rng(self, global_index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, global_index])
