@@ -161,23 +161,21 @@ def _fill_with_whole_samples(
     fit_overlong: Optional[FitOverlong],
     stats: DataStats,
 ) -> List[Document]:
-    seq_length, num_image_tokens, max_images, image_token_id = (
-        limits.seq_length,
-        limits.num_image_tokens,
-        limits.max_images,
-        limits.image_token_id,
-    )
+    seq_length, image_token_id = limits.seq_length, limits.image_token_id
     documents: List[Document] = []
     num_tokens = num_images = num_skips = 0
     sample = first
     while True:
         _check_same_source(first, sample)
         tokens = expand_image_placeholders(
-            sample.token_ids, image_token_id=image_token_id, num_image_tokens=num_image_tokens
+            sample.token_ids,
+            image_token_id=image_token_id,
+            num_image_tokens=limits.num_image_tokens,
         )
-        trainable = _expanded_trainable(sample, image_token_id, num_image_tokens)
+        trainable = _expanded_trainable(sample, image_token_id, limits.num_image_tokens)
         fits = (
-            num_tokens + len(tokens) <= seq_length and num_images + len(sample.images) <= max_images
+            num_tokens + len(tokens) <= seq_length
+            and num_images + len(sample.images) <= limits.max_images
         )
         if fits:
             documents.append((tokens, list(sample.images), trainable))
@@ -192,7 +190,7 @@ def _fill_with_whole_samples(
             fitted = fit_overlong(tokens, trainable)
             if fitted is not None:
                 stats.add("shortened_conversations")
-                kept_images = fitted[0].count(image_token_id) // num_image_tokens
+                kept_images = fitted[0].count(image_token_id) // limits.num_image_tokens
                 return [(fitted[0], list(sample.images[:kept_images]), fitted[1])]
             stats.add("too_long")
             num_skips += 1
