@@ -34,6 +34,7 @@ from mm1_megatron.data.pipeline.sources import (
     ShardCorpus,
     TextSource,
 )
+from mm1_megatron.data.pipeline.tiling import tile_size
 from mm1_megatron.data.shards.reader import load_manifest
 from mm1_megatron.data.shards.text_index import TextCorpus, check_text_meta
 from mm1_megatron.data.synthetic.sequences import SyntheticSequences
@@ -138,10 +139,8 @@ def build_run_data(
         seq_length=cfg.training.seq_length,
         micro_batch_size=cfg.training.micro_batch_size,
         num_image_tokens=cfg.model.connector.num_output_tokens,
-        # Tiles are what the encoder sees (their position tables are resized to fit).
-        image_size=cfg.data.tiling.tile_size
-        if cfg.data.tiling.mode != "none"
-        else vision.image_size,
+        # Tiles are what the encoder sees (its position tables are resized to fit them).
+        image_size=tile_size(cfg.data.tiling) or vision.image_size,
         image_mean=vision.image_mean,
         image_std=vision.image_std,
         seed=cfg.training.seed if seed is None else seed,

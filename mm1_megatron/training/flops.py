@@ -22,10 +22,11 @@ from mm1_megatron.models import param_count
 FORWARD_AND_BACKWARD = 3
 
 
-def vision_encoder_forward_flops(model: ModelConfig) -> float:
-    """Forward FLOPs of the ViT for one image."""
+def vision_encoder_forward_flops(model: ModelConfig, image_size: Optional[int] = None) -> float:
+    """Forward FLOPs of the ViT for one image (or tile) of ``image_size`` pixels (default:
+    the encoder's own ``image_size``)."""
     v = model.vision
-    num_patches = (v.image_size // v.patch_size) ** 2
+    num_patches = ((image_size or v.image_size) // v.patch_size) ** 2
     num_tokens = num_patches + (1 if v.use_class_token else 0)
     h, f = v.hidden_size, v.ffn_hidden_size
     per_layer_matmul = 4 * h * h + 2 * h * f  # QKV + proj + MLP, per token
@@ -34,10 +35,10 @@ def vision_encoder_forward_flops(model: ModelConfig) -> float:
     return 2 * (patch_embed + v.num_layers * num_tokens * (per_layer_matmul + attention))
 
 
-def connector_forward_flops(model: ModelConfig) -> float:
+def connector_forward_flops(model: ModelConfig, image_size: Optional[int] = None) -> float:
     """Forward FLOPs of the connector for one image (weights x positions they touch)."""
     c, v, h_llm = model.connector, model.vision, model.llm.hidden_size
-    grid = v.image_size // v.patch_size
+    grid = (image_size or v.image_size) // v.patch_size
     num_out = c.num_output_tokens
     readout_in = {
         "c_abstractor": c.hidden_size if c.num_blocks_per_stage else v.hidden_size,
@@ -106,12 +107,16 @@ def training_flops_per_step(
     seq_length: int,
     num_images: int,
     attention_pairs: Optional[int] = None,
+    image_size: Optional[int] = None,
 ) -> float:
     """FLOPs of a step of ``num_sequences`` sequences; ``attention_pairs`` is the total
-    ``causal_attention_pairs`` over all of them (default: one document each)."""
+    ``causal_attention_pairs`` over all of them (default: one document each);
+    ``num_images`` images (or tiles) of ``image_size`` pixels."""
     if attention_pairs is None:
         attention_pairs = num_sequences * one_document_pairs(seq_length)
-    per_image = vision_encoder_forward_flops(model) + connector_forward_flops(model)
+    per_image = vision_encoder_forward_flops(model, image_size) + connector_forward_flops(
+        model, image_size
+    )
     forward = (
         num_sequences * language_model_forward_flops(model, seq_length, attention_pairs=0)
         + 2 * model.llm.num_layers * 2 * model.llm.hidden_size * attention_pairs

@@ -27,6 +27,7 @@ from mm1_megatron.config import MM1Config, save_config, validate_config, validat
 from mm1_megatron.data import SOURCE_IDS
 from mm1_megatron.data.build import build_run_data
 from mm1_megatron.data.pipeline.reporting import data_metrics
+from mm1_megatron.data.pipeline.tiling import tile_size
 from mm1_megatron.models import build_mm1_model
 from mm1_megatron.models.param_count import count_parameters, moe_layer_flags
 from mm1_megatron.parallel import init_distributed, seed_everything
@@ -357,6 +358,7 @@ class Trainer:
             seq_length=t.seq_length,
             num_images=int(metrics["num_images"]),
             attention_pairs=int(metrics["attention_pairs"]),
+            image_size=tile_size(self.cfg.data.tiling),
         )
         peak = self.peak_flops
         figures = {

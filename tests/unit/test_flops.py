@@ -19,13 +19,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tests.conftest import IMAGE_TOKEN_ID
 
+# Tiled: 112 px tiles (an 8x8 patch grid) for an encoder built at 56 px (4x4).
+TILED = ("data.tiling.mode=static", "data.tiling.tile_size=112", "data.max_images_per_sequence=20")
 
-@pytest.fixture
-def one_step(tiny_config, build_tiny_model):
+
+@pytest.fixture(params=[(), TILED], ids=["images", "tiles"])
+def one_step(request, tiny_config, build_tiny_model):
     from mm1_megatron.batch import model_inputs
     from mm1_megatron.data.build import build_run_data
 
-    cfg = tiny_config("model.attention=dense_mask_reference")
+    cfg = tiny_config("model.attention=dense_mask_reference", *request.param)
     model = build_tiny_model(cfg)
     data, _ = build_run_data(cfg, seed=1)
     batch = model_inputs(next(data), torch.device("cpu"))
@@ -48,13 +51,13 @@ def test_flops_per_step_match_torchs_flop_counter(one_step):
 
     cfg, model, batch = one_step
     num_sequences, seq_length = batch["tokens"].shape
-    num_images = batch["images"].shape[0]
+    num_images, size = batch["images"].shape[0], batch["images"].shape[-1]
     v, llm = cfg.model.vision, cfg.model.llm
 
     forward = _count(model, batch, backward=False)
     by_op = {str(op): count for op, count in forward.get_flop_counts()["Global"].items()}
     # Attention: QK^T and (scores x V), full matrices, decoder and ViT, exactly.
-    vit_tokens = (v.image_size // v.patch_size) ** 2 + (1 if v.use_class_token else 0)
+    vit_tokens = (size // v.patch_size) ** 2 + (1 if v.use_class_token else 0)
     attention = (
         4 * llm.num_layers * seq_length**2 * llm.hidden_size * num_sequences
         + 4 * v.num_layers * vit_tokens**2 * v.hidden_size * num_images
@@ -76,10 +79,13 @@ def test_flops_per_step_match_torchs_flop_counter(one_step):
         flops.language_model_forward_flops(cfg.model, seq_length, flops.causal_attention_pairs(row))
         for row in batch["document_ids"]
     ) + num_images * (
-        flops.vision_encoder_forward_flops(cfg.model) + flops.connector_forward_flops(cfg.model)
+        flops.vision_encoder_forward_flops(cfg.model, size)
+        + flops.connector_forward_flops(cfg.model, size)
     )
-    # The formula counts norm and bias parameters as matmul weights: a small over-count.
-    assert per_document_forward <= formula_forward <= 1.015 * per_document_forward
+    # The formula counts norm and bias parameters as matmul weights, and the C-Abstractor's
+    # squeeze-excite weights at every grid position (they run once per image): a small
+    # over-count, which grows with the patch grid (1.6% with the 8x8 tiles here).
+    assert per_document_forward <= formula_forward <= 1.02 * per_document_forward
 
     step = flops.training_flops_per_step(
         cfg.model,
@@ -87,6 +93,7 @@ def test_flops_per_step_match_torchs_flop_counter(one_step):
         seq_length=seq_length,
         num_images=num_images,
         attention_pairs=pairs,
+        image_size=size,
     )
     assert step == pytest.approx(3 * formula_forward, rel=1e-12)
     # The backward is 2x the forward except for the patch embedding, whose input (the
@@ -96,7 +103,7 @@ def test_flops_per_step_match_torchs_flop_counter(one_step):
     patch_forward = (
         2
         * num_images
-        * (v.image_size // v.patch_size) ** 2
+        * (size // v.patch_size) ** 2
         * v.num_channels
         * v.patch_size**2
         * v.hidden_size

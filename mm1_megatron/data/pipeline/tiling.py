@@ -74,6 +74,11 @@ class TilePlan:
         return tiles
 
 
+def tile_size(settings: TilingConfig) -> Optional[int]:
+    """The side of the images the encoder sees when tiling is on; None when it is off."""
+    return None if settings.mode == "none" else settings.tile_size
+
+
 def resize_scale(width: int, height: int, grid: Grid, tile_size: int) -> Fraction:
     """The aspect-preserving scale that fits a ``width x height`` image on the canvas."""
     if width < 1 or height < 1:
