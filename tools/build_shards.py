@@ -5,6 +5,8 @@
         --images train2017/ --out shards/coco
     python tools/build_shards.py llava --json blip_laion_cc_sbu_558k.json \
         --images llava_pretrain/images --out shards/llava
+    python tools/build_shards.py conversations --json llava_v1_5_mix665k.json \
+        --images llava_sft/ --out shards/sft      # multi-turn conversations, for SFT
     python tools/build_shards.py interleaved --jsonl docs-*.jsonl --images doc_images/ \
         [--url-map downloaded.tsv] --out shards/docs
     python tools/build_shards.py index --kind caption --out shards/laion/manifest.json \
@@ -19,7 +21,13 @@ import argparse
 import logging
 import sys
 
-from mm1_megatron.data.shards.ingest import coco_items, interleaved_items, llava_items, load_url_map
+from mm1_megatron.data.shards.ingest import (
+    coco_items,
+    interleaved_items,
+    llava_conversation_items,
+    llava_items,
+    load_url_map,
+)
 from mm1_megatron.data.shards.reader import SHARD_KINDS, index_existing_shards
 from mm1_megatron.data.shards.writer import build_shards, inputs_id
 from mm1_megatron.utils.logging_setup import setup_logging
@@ -54,6 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     llava.add_argument("--json", required=True)
     llava.add_argument("--images", required=True)
     _common(llava)
+    conv = sub.add_parser("conversations", help="LLaVA instruction JSON + image folder")
+    conv.add_argument("--json", required=True)
+    conv.add_argument("--images", default=".", help="folder the entries' image paths are in")
+    _common(conv)
     inter = sub.add_parser("interleaved", help="interleaved documents as JSONL + images")
     inter.add_argument("--jsonl", nargs="+", required=True)
     inter.add_argument("--images", default=".", help="folder for relative image paths")
@@ -80,6 +92,9 @@ def main(argv=None) -> int:
         elif args.command == "llava":
             items, kind = llava_items(args.json, args.images), "caption"
             source = ("llava", args.json, args.images)
+        elif args.command == "conversations":
+            items, kind = llava_conversation_items(args.json, args.images), "conversation"
+            source = ("conversations", args.json, args.images)
         else:
             items = interleaved_items(args.jsonl, args.images, url_map=load_url_map(args.url_map))
             kind, source = "interleaved", ("interleaved", args.jsonl, args.images, args.url_map)

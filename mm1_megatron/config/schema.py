@@ -235,6 +235,7 @@ class ShardsConfig:
     caption: List[str] = field(default_factory=list)  # shard manifests (manifest.json or folder)
     interleaved: List[str] = field(default_factory=list)  # shard manifests
     text: List[str] = field(default_factory=list)  # indexed-dataset prefixes (<prefix>.bin/.idx)
+    conversation: List[str] = field(default_factory=list)  # conversation shard manifests
 
 
 @dataclass
@@ -254,7 +255,7 @@ class TilingConfig:
 
 @dataclass
 class ChatTemplateConfig:
-    """Markers of the chat template (``data/pipeline/conversations.py``); each must be a
+    """Markers of the chat template (``data/shards/conversations.py``); each must be a
     single token of the run's tokenizer. Saved with the run, versioned by ``version``."""
 
     version: str = "mm1-chat-1"

@@ -303,9 +303,9 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
         )
         err.check(weight >= 0, f"data.mixture.{name}={weight} must be >= 0")
     err.check(
-        not (d.source == "webdataset" and d.mixture.get("conversation", 0) > 0),
-        "data.mixture.conversation: conversations come from the synthetic world only so far "
-        "(data.source=synthetic); set its weight to 0 for a webdataset run",
+        not (d.source == "webdataset" and d.tiling.mode != "none"),
+        "data.tiling: tiles are cut from synthetic scenes only so far, not from image files; "
+        "set data.tiling.mode=none for a webdataset run (or data.source=synthetic)",
     )
     err.check(sum(d.mixture.values()) > 0, "data.mixture needs at least one positive weight")
     err.check(d.max_images_per_sequence >= 0, "data.max_images_per_sequence must be >= 0")
@@ -334,7 +334,7 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
             f"data.tokenizer.path (a .model file or a tokenizer "
             f"folder)",
         )
-    for name in ("caption", "interleaved", "text"):
+    for name in ("caption", "interleaved", "text", "conversation"):
         listed, field_name = getattr(d.shards, name), f"data.shards.{name}"
         if d.source == "webdataset":
             err.check(

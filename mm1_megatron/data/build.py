@@ -23,6 +23,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from mm1_megatron.config.schema import DataConfig, MM1Config
+from mm1_megatron.data.pipeline.conversation_source import ConversationSource
 from mm1_megatron.data.pipeline.images import build_image_decoder, check_image_options
 from mm1_megatron.data.pipeline.loader import MicroBatchLoader
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
@@ -35,6 +36,7 @@ from mm1_megatron.data.pipeline.sources import (
     TextSource,
 )
 from mm1_megatron.data.pipeline.tiling import tile_size
+from mm1_megatron.data.shards.conversations import ChatTemplate
 from mm1_megatron.data.shards.reader import load_manifest
 from mm1_megatron.data.shards.text_index import TextCorpus, check_text_meta
 from mm1_megatron.data.synthetic.sequences import SyntheticSequences
@@ -180,17 +182,28 @@ def _webdataset_builder(
         max_images=data_cfg.max_images_per_sequence,
         seed=seed,
     )
+    conversations = data_cfg.conversations
+    extra_options = {
+        "caption": dict(window=data_cfg.caption_window),
+        "interleaved": {},
+        "conversation": dict(
+            window=data_cfg.caption_window,
+            template=ChatTemplate(**dataclasses.asdict(conversations.chat_template)),
+            overlong=conversations.overlong,
+            one_per_sequence=conversations.packing == "one_per_sequence",
+        ),
+    }
+    classes = {
+        "caption": CaptionSource,
+        "interleaved": InterleavedSource,
+        "conversation": ConversationSource,
+    }
     sources: Dict[str, object] = {}
-    for name, cls in (("caption", CaptionSource), ("interleaved", InterleavedSource)):
+    for name, cls in classes.items():
         if schedule.probabilities[name] > 0:
             manifests = [load_manifest(path, kind=name) for path in getattr(data_cfg.shards, name)]
             corpus = ShardCorpus(manifests, seed=seed, stream=SOURCE_IDS[name])
-            options = (
-                dict(shard_options, window=data_cfg.caption_window)
-                if name == "caption"
-                else shard_options
-            )
-            sources[name] = cls(name, corpus, **options)
+            sources[name] = cls(name, corpus, **shard_options, **extra_options[name])
             logger.info(
                 "%s: %d samples in %d shards", name, corpus.num_samples, len(corpus.shard_paths)
             )

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mm1_megatron.data.pipeline.conversations import (
+from mm1_megatron.data.pipeline.packing import Sample, pack_sequence
+from mm1_megatron.data.shards.conversations import (
     ChatTemplate,
     Conversation,
     Turn,
@@ -17,7 +18,6 @@ from mm1_megatron.data.pipeline.conversations import (
     tokenize_conversation,
     truncate_conversation,
 )
-from mm1_megatron.data.pipeline.packing import Sample, pack_sequence
 from mm1_megatron.data.shards.skips import BadSample, DataStats
 from mm1_megatron.data.synthetic.conversations import synthetic_conversation
 from mm1_megatron.data.synthetic.world import draw_scene

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mm1_megatron.data.pipeline.conversations import (
+from mm1_megatron.data.shards.conversations import (
     ChatTemplate,
     target_tokens,
     tokenize_conversation,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -38,7 +38,13 @@ from mm1_megatron.batch.contract import expand_image_placeholders
 from mm1_megatron.data.pipeline.images import ImageDecoder
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
 from mm1_megatron.data.pipeline.packing import PackedSequence, assemble, cut_interleaved
-from mm1_megatron.data.shards.reader import Manifest, MemberRange, ShardReader, check_plain_tar
+from mm1_megatron.data.shards.reader import (
+    Manifest,
+    MemberRange,
+    ShardReader,
+    ShardSample,
+    check_plain_tar,
+)
 from mm1_megatron.data.shards.records import parse_segments, tokenize_segments
 from mm1_megatron.data.shards.skips import BadSample, DataStats
 from mm1_megatron.data.shards.text_index import TextCorpus
@@ -57,10 +63,12 @@ class LoadedSample:
 
 
 @dataclass
-class _Document:
+class ShardDocument:
     tokens: List[int]  # expanded
     sample: LoadedSample
     pixels: List[torch.Tensor] = field(default_factory=list)
+    trainable: Optional[List[bool]] = None  # expanded, like tokens (None: all text)
+    shortened: bool = False  # an overlong conversation cut at a turn boundary
 
 
 class ShardCorpus:
@@ -93,16 +101,23 @@ class ShardCorpus:
         inner = offset - int(ends[slot] - self.shard_sizes[shard])
         return self.shard_paths[shard], int(self._shard_order(epoch, shard)[inner])
 
-    def load(self, position: int, tokenizer: Tokenizer) -> LoadedSample:
-        """Parse and tokenize a sample (images are not read yet); raises ``BadSample``."""
+    def open(self, position: int) -> Tuple[str, ShardSample]:
+        """The shard and the member index of sample ``position``; raises ``BadSample``."""
         shard, number = self.locate(position)
         sample = self.reader.sample(shard, number)
         if sample.truncated:
             raise BadSample("truncated_tar", "a member's data is cut off by the end of the tar")
+        return shard, sample
+
+    def reader_of(self, shard: str, sample: ShardSample) -> Callable[[str], bytes]:
+        return lambda extension: self.reader.read(shard, sample.members[extension])
+
+    def load(self, position: int, tokenizer: Tokenizer) -> LoadedSample:
+        """Parse and tokenize a sample (images are not read yet); raises ``BadSample``."""
+        shard, sample = self.open(position)
         members = sample.members
         segments = parse_segments(
-            {ext: size for ext, (_, size) in members.items()},
-            lambda ext: self.reader.read(shard, members[ext]),
+            {ext: size for ext, (_, size) in members.items()}, self.reader_of(shard, sample)
         )
         tokenized = tokenize_segments(segments, tokenizer)
         return LoadedSample(
@@ -168,9 +183,9 @@ class _ShardSource:
 
     def _decode(
         self,
-        documents: List[Tuple[int, _Document]],
+        documents: List[Tuple[int, ShardDocument]],
         stats: DataStats,
-    ) -> Tuple[List[_Document], List[_Document]]:
+    ) -> Tuple[List[ShardDocument], List[ShardDocument]]:
         """Read and decode the images of ``(position, document)`` pairs in one batch.
 
         Returns the documents whose images all decoded, and those that failed (counted).
@@ -195,7 +210,7 @@ class _ShardSource:
         good = [doc for number, (_, doc) in enumerate(documents) if number not in failed]
         return good, [documents[number][1] for number in failed]
 
-    def _assemble(self, documents: List[_Document]) -> PackedSequence:
+    def _assemble(self, documents: List[ShardDocument]) -> PackedSequence:
         pixels = [p for doc in documents for p in doc.pixels]
         images = torch.stack(pixels) if pixels else self.decoder.empty()
         return assemble(
@@ -204,6 +219,7 @@ class _ShardSource:
             seq_length=self.seq_length,
             tokenizer=self.tokenizer,
             images=images,
+            trainable=[doc.trainable for doc in documents],
         )
 
     def _expand(self, token_ids: List[int]) -> List[int]:
@@ -231,7 +247,7 @@ class CaptionSource(_ShardSource):
         num_replacements, kept = 0, []
         num_tokens = num_images = 0
         while queue:
-            accepted: List[Tuple[int, _Document]] = []
+            accepted: List[Tuple[int, ShardDocument]] = []
             while queue:
                 position = queue.popleft()
                 try:
@@ -242,6 +258,8 @@ class CaptionSource(_ShardSource):
                         num_replacements += 1
                         queue.append(self.corpus.replacement(rng, index * window))
                     continue
+                if document.shortened:
+                    stats.add("shortened_conversations")
                 cost, count = len(document.tokens), len(document.sample.images)
                 if num_tokens + cost <= self.seq_length and num_images + count <= self.max_images:
                     accepted.append((position, document))
@@ -258,7 +276,7 @@ class CaptionSource(_ShardSource):
                     queue.append(self.corpus.replacement(rng, index * window))
         return self._assemble(kept), stats
 
-    def _load(self, position: int) -> _Document:
+    def _load(self, position: int) -> ShardDocument:
         sample = self.corpus.load(position, self.tokenizer)
         tokens = self._expand(sample.token_ids)
         if len(tokens) > self.seq_length or len(sample.images) > self.max_images:
@@ -268,7 +286,7 @@ class CaptionSource(_ShardSource):
                 f"exceed seq_length={self.seq_length} / "
                 f"max_images={self.max_images}",
             )
-        return _Document(tokens=tokens, sample=sample)
+        return ShardDocument(tokens=tokens, sample=sample)
 
 
 class InterleavedSource(_ShardSource):
@@ -289,7 +307,7 @@ class InterleavedSource(_ShardSource):
             position = self.corpus.replacement(rng, index)
         return self._assemble([]), stats
 
-    def _load(self, position: int) -> _Document:
+    def _load(self, position: int) -> ShardDocument:
         sample = self.corpus.load(position, self.tokenizer)
         kept, num_images = cut_interleaved(
             sample.token_ids,
@@ -299,7 +317,7 @@ class InterleavedSource(_ShardSource):
             image_token_id=self.tokenizer.image_token_id,
         )
         sample.images = sample.images[:num_images]  # later images are never read
-        return _Document(tokens=self._expand(kept), sample=sample)
+        return ShardDocument(tokens=self._expand(kept), sample=sample)
 
 
 class TextSource:

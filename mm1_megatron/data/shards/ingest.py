@@ -9,6 +9,8 @@ an item is a list of text strings and ``ImageFile``s:
 - ``llava_items``: LLaVA-pretrain JSON, a list of ``{"image": path, "conversations":
   [{"from": "human", ...}, {"from": "gpt", "value": caption}]}``; the caption is the
   first ``gpt`` turn.
+- ``llava_conversation_items``: LLaVA instruction JSON (the same layout, ``image`` one
+  path, a list of paths or absent): one conversation sample per entry, all its turns.
 - ``interleaved_items``: JSONL documents, either ``{"segments": [{"text": ...},
   {"image": path-or-url}, ...]}`` or OBELICS-style parallel lists ``{"texts": [str|null],
   "images": [path-or-url|null]}``. URLs are looked up in a map of already downloaded
@@ -25,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Union
 
-from mm1_megatron.data.shards.writer import ImageFile, InputSegment
+from mm1_megatron.data.shards.writer import ConversationItem, ImageFile, InputSegment
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,22 @@ def llava_items(json_path: PathLike, image_root: PathLike) -> Iterator[List[Inpu
         )
         name = entry.get("image", "")
         yield [ImageFile(root / name if name else None, name), caption.strip()]
+
+
+def llava_conversation_items(
+    json_path: PathLike, image_root: PathLike
+) -> Iterator[ConversationItem]:
+    data = _read_json(json_path)
+    if not isinstance(data, list):
+        raise ValueError(f"{json_path} is not a LLaVA file (a JSON list of conversations)")
+    root = Path(image_root)
+    for entry in data:
+        if not isinstance(entry, dict):
+            entry = {"conversations": None}  # skipped as a bad record by the writer
+        names = entry.get("image", [])
+        names = [names] if isinstance(names, str) else names if isinstance(names, list) else []
+        images = tuple(ImageFile(root / str(name), str(name)) for name in names)
+        yield ConversationItem(dict(entry), images)
 
 
 def load_url_map(path: Optional[PathLike]) -> Dict[str, Path]:

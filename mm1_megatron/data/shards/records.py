@@ -172,3 +172,42 @@ def record_members(segments: Sequence[Union[str, Tuple[bytes, str]]]) -> Dict[st
             record.append({"image": name})
     members["json"] = json.dumps({"segments": record}, ensure_ascii=False).encode("utf-8")
     return members
+
+
+def conversation_members(
+    record: Dict[str, object], images: Sequence[Tuple[bytes, str]]
+) -> Dict[str, bytes]:
+    """Members of one conversation sample: ``<n>.<extension>`` images and a ``json``
+    member, the LLaVA record with ``image`` naming those members in order."""
+    members: Dict[str, bytes] = {}
+    names = []
+    for number, (data, extension) in enumerate(images):
+        names.append(f"{number}.{extension}")
+        members[names[-1]] = data
+    stored = {key: value for key, value in record.items() if key != "image"}
+    stored["image"] = names
+    members["json"] = json.dumps(stored, ensure_ascii=False).encode("utf-8")
+    return members
+
+
+def read_conversation_record(
+    members: Dict[str, int], read: Callable[[str], bytes]
+) -> Dict[str, object]:
+    """The ``json`` record of a conversation sample, its images checked to be members."""
+    if "json" not in members:
+        raise BadSample("bad_record", f"no json member among {sorted(members)}")
+    try:
+        record = json.loads(decode_text(read("json")))
+    except ValueError as exc:
+        raise BadSample("bad_text", f"json member is not valid JSON ({exc})") from exc
+    if not isinstance(record, dict):
+        raise BadSample("bad_record", "the json member is not an object")
+    images = record.get("image", [])
+    for name in [images] if isinstance(images, str) else images if isinstance(images, list) else []:
+        if name not in members:
+            raise BadSample(
+                "missing_image", f"record names image {name!r}, members are {sorted(members)}"
+            )
+        if members[name] == 0:
+            raise BadSample("empty_file", f"zero-byte image {name!r}")
+    return record

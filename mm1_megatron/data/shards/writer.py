@@ -22,8 +22,9 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from mm1_megatron.data.shards.conversations import parse_llava_record
 from mm1_megatron.data.shards.reader import (
     MANIFEST_NAME,
     SHARD_KINDS,
@@ -31,7 +32,12 @@ from mm1_megatron.data.shards.reader import (
     manifest_file,
     write_manifest,
 )
-from mm1_megatron.data.shards.records import image_extension_of, record_members
+from mm1_megatron.data.shards.records import (
+    conversation_members,
+    image_extension_of,
+    record_members,
+)
+from mm1_megatron.data.shards.skips import BadSample
 from mm1_megatron.utils.progress import ProgressLine
 
 logger = logging.getLogger(__name__)
@@ -44,6 +50,18 @@ class ImageFile:
 
 
 InputSegment = Union[str, ImageFile]
+
+
+@dataclass(frozen=True)
+class ConversationItem:
+    """A LLaVA-style conversation record and its image files (in marker order); in the
+    shard its ``image`` names the sample's image members."""
+
+    record: Dict[str, object]
+    images: Tuple[ImageFile, ...]
+
+
+Item = Union[Sequence[InputSegment], ConversationItem]
 
 
 class SkipItem(Exception):
@@ -142,21 +160,30 @@ def inputs_id(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()[:16]
 
 
-def _members_of(segments: Sequence[InputSegment], verify_images: bool) -> Dict[str, bytes]:
-    resolved: List[Union[str, tuple]] = []
-    for segment in segments:
-        if isinstance(segment, str):
-            resolved.append(segment)
-            continue
-        if segment.path is None or not segment.path.is_file():
-            raise SkipItem("missing_image", f"image {segment.name or segment.path} not found")
-        data = segment.path.read_bytes()
-        if not data:
-            raise SkipItem("empty_file", f"image {segment.path} is empty")
-        if verify_images:
-            _verify(data, segment.path)
-        resolved.append((data, image_extension_of(data, segment.path.suffix.lstrip(".") or "jpg")))
+def _members_of(item: Item, verify_images: bool) -> Dict[str, bytes]:
+    if isinstance(item, ConversationItem):
+        try:
+            parse_llava_record({**item.record, "image": [f.name for f in item.images]})
+        except BadSample as error:
+            raise SkipItem(error.reason, error.detail) from error
+        images = [_image_bytes(image, verify_images) for image in item.images]
+        return conversation_members(item.record, images)
+    resolved: List[Union[str, tuple]] = [
+        segment if isinstance(segment, str) else _image_bytes(segment, verify_images)
+        for segment in item
+    ]
     return record_members(resolved)
+
+
+def _image_bytes(image: ImageFile, verify_images: bool) -> Tuple[bytes, str]:
+    if image.path is None or not image.path.is_file():
+        raise SkipItem("missing_image", f"image {image.name or image.path} not found")
+    data = image.path.read_bytes()
+    if not data:
+        raise SkipItem("empty_file", f"image {image.path} is empty")
+    if verify_images:
+        _verify(data, image.path)
+    return data, image_extension_of(data, image.path.suffix.lstrip(".") or "jpg")
 
 
 def _verify(data: bytes, path: Path) -> None:
@@ -170,7 +197,7 @@ def _verify(data: bytes, path: Path) -> None:
 
 
 def build_shards(
-    items: Iterable[Sequence[InputSegment]],
+    items: Iterable[Item],
     out_dir: Union[str, Path],
     *,
     kind: str,
@@ -193,11 +220,11 @@ def build_shards(
             writer.resume_from,
         )
     position = -1
-    for position, segments in enumerate(items):
+    for position, item in enumerate(items):
         if position < writer.resume_from:
             continue
         try:
-            members = _members_of(segments, verify_images)
+            members = _members_of(item, verify_images)
         except SkipItem as skip:
             counts[skip.reason] += 1
             logger.warning("item %d skipped: %s", position, skip)

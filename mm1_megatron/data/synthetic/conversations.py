@@ -20,7 +20,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from mm1_megatron.data.pipeline.conversations import IMAGE_MARKER, Conversation, Turn
+from mm1_megatron.data.shards.conversations import IMAGE_MARKER, Conversation, Turn
 from mm1_megatron.data.synthetic.world import (
     CELL_NAMES,
     COLOUR_RGB,

@@ -16,12 +16,6 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mm1_megatron.config.schema import ConversationConfig, TilingConfig
-from mm1_megatron.data.pipeline.conversations import (
-    ChatTemplate,
-    template_token,
-    tokenize_conversation,
-    truncate_conversation,
-)
 from mm1_megatron.data.pipeline.mixture import mixture_probabilities
 from mm1_megatron.data.pipeline.packing import (
     PackedSequence,
@@ -30,6 +24,12 @@ from mm1_megatron.data.pipeline.packing import (
     pack_sequence,
 )
 from mm1_megatron.data.pipeline.tiling import tile_sample
+from mm1_megatron.data.shards.conversations import (
+    ChatTemplate,
+    template_token,
+    tokenize_conversation,
+    truncate_conversation,
+)
 from mm1_megatron.data.shards.skips import DataStats
 from mm1_megatron.data.synthetic.conversations import synthetic_conversation
 from mm1_megatron.data.synthetic.world import SyntheticGenerator, draw_scene

@@ -74,7 +74,7 @@ FUNCTION_WORDS = (
     "plus",
 )
 PUNCTUATION = (".", ",", ":")
-# The default chat template's markers (``data/pipeline/conversations.py``), and words of
+# The default chat template's markers (``data/shards/conversations.py``), and words of
 # the synthetic conversations. Last, so the ids of the words above never move.
 CHAT_WORDS = (
     "<system>",

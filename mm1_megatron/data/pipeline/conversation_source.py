@@ -1,0 +1,99 @@
+"""Conversation shards as a source of packed sequences (``data.shards.conversation``).
+
+A conversation sample is a ``json`` member holding a LLaVA-style record, whose ``image``
+names the sample's image members in marker order, plus those images
+(``tools/build_shards.py conversations`` writes them from LLaVA JSON and an image folder).
+
+Sequence ``k`` reads a window of samples like the caption source (``data.caption_window``
+of them, or one with ``data.conversations.packing=one_per_sequence``) and packs those that
+fit, each conversation its own document, the loss on its assistant turns only. A
+conversation too long for an empty sequence is cut after its last whole answer that fits
+(``overlong: truncate``, counted as ``shortened_conversations``) or skipped as
+``too_long``; a malformed record is skipped as ``bad_record`` with the reason.
+"""
+
+from __future__ import annotations
+
+from mm1_megatron.batch.contract import expand_trainable
+from mm1_megatron.data.pipeline.sources import (
+    CaptionSource,
+    LoadedSample,
+    ShardCorpus,
+    ShardDocument,
+)
+from mm1_megatron.data.shards.conversations import (
+    ChatTemplate,
+    parse_llava_record,
+    template_token,
+    tokenize_conversation,
+    truncate_conversation,
+)
+from mm1_megatron.data.shards.records import read_conversation_record
+from mm1_megatron.data.shards.skips import BadSample
+
+
+class ConversationSource(CaptionSource):
+    def __init__(
+        self,
+        name: str,
+        corpus: ShardCorpus,
+        *,
+        window: int,
+        template: ChatTemplate,
+        overlong: str,
+        one_per_sequence: bool,
+        **options,
+    ):
+        super().__init__(name, corpus, window=1 if one_per_sequence else window, **options)
+        self.template, self.overlong = template, overlong
+        self.end_of_turn_id = template_token(self.tokenizer, template.end_of_turn)
+
+    def _load(self, position: int) -> ShardDocument:
+        shard, sample = self.corpus.open(position)
+        sizes = {extension: size for extension, (_, size) in sample.members.items()}
+        record = read_conversation_record(sizes, self.corpus.reader_of(shard, sample))
+        conversation = parse_llava_record(record)
+        try:
+            ids, targets = tokenize_conversation(conversation, self.template, self.tokenizer)
+        except ValueError as exc:  # a word the tokenizer cannot encode
+            raise BadSample("bad_text", str(exc)) from exc
+        loaded = LoadedSample(
+            shard=shard,
+            key=sample.key,
+            token_ids=ids,
+            images=[sample.members[name] for name in conversation.images],
+        )
+        tokens = self._expand(ids)
+        flags = expand_trainable(
+            ids,
+            targets,
+            image_token_id=self.tokenizer.image_token_id,
+            num_image_tokens=self.num_image_tokens,
+        )
+        if len(tokens) <= self.seq_length and len(loaded.images) <= self.max_images:
+            return ShardDocument(tokens=tokens, sample=loaded, trainable=flags)
+        return self._shortened(tokens, flags, loaded)
+
+    def _shortened(self, tokens, flags, loaded: LoadedSample) -> ShardDocument:
+        fitted = None
+        if self.overlong == "truncate":
+            fitted = truncate_conversation(
+                tokens,
+                flags,
+                max_length=self.seq_length,
+                max_images=self.max_images,
+                image_token_id=self.tokenizer.image_token_id,
+                num_image_tokens=self.num_image_tokens,
+                end_of_turn_id=self.end_of_turn_id,
+                eos_id=self.tokenizer.eos_token_id,
+            )
+        if fitted is None:
+            raise BadSample(
+                "too_long",
+                f"{len(tokens)} tokens and {len(loaded.images)} images exceed "
+                f"seq_length={self.seq_length} / max_images={self.max_images}"
+                + ("" if self.overlong == "drop" else " even after the first answer"),
+            )
+        kept_images = fitted[0].count(self.tokenizer.image_token_id) // self.num_image_tokens
+        loaded.images = loaded.images[:kept_images]  # later images are never read
+        return ShardDocument(tokens=fitted[0], sample=loaded, trainable=fitted[1], shortened=True)
