@@ -115,3 +115,18 @@ def test_grouped_gemm_without_transformer_engine_is_refused():
 )
 def test_data_workers_default_to_two_with_cuda_and_none_on_cpu(setting, cuda, expected):
     assert resolve_num_workers(setting, cuda=cuda) == expected
+
+
+def test_the_vit_quick_gelu_is_compiled_only_with_fused_kernels():
+    # Megatron-Core's quick_gelu runs under torch.compile; on CPU (no fused kernels) the
+    # eager function takes its place: the same values, no C++ compile in every process.
+    from megatron.core.activations import quick_gelu
+
+    from mm1_megatron.models.transformer_configs import vision_activation
+
+    eager = vision_activation("quick_gelu", fused_kernels=False)
+    assert eager is not quick_gelu
+    assert vision_activation("quick_gelu", fused_kernels=True) is quick_gelu
+    x = torch.randn(64, 32)
+    torch.testing.assert_close(eager(x), x * torch.sigmoid(1.702 * x), rtol=0, atol=0)
+    torch.testing.assert_close(quick_gelu(x), eager(x))
