@@ -88,7 +88,8 @@ class SyntheticSequences:
         return self._draw_source(self._rng(global_index))
 
     def sequence(self, global_index: int) -> Tuple[PackedSequence, DataStats]:
-        """Sequence ``global_index``; the synthetic world has no bad samples to count."""
+        """Sequence ``global_index``; its stats count only conversations shortened or
+        skipped for length (the synthetic world has no bad samples)."""
         rng = self._rng(global_index)
         source = self._draw_source(rng)
         stats = DataStats()
