@@ -4,9 +4,10 @@ Exactness: a run of 2N steps that saves at step N, and a *new process* that resu
 that checkpoint and runs steps N+1..2N, give bitwise identical losses and gradient norms
 (fp32 on CPU: same weights, optimizer state, schedule and data position, same ops).
 
-Resharding: a checkpoint saved at TP=2 x PP=2 (and an MoE one at EP=2) loads into a
-single process; the next step's loss matches the original layout's next step within
-1e-5 relative (the layouts differ only in summation order, as in test_layouts.py).
+Resharding: checkpoints saved at TP=2, at PP=2 (the vision stage) and at MoE EP=2 load
+into a single process; the next step's loss matches the original layout's next step
+within 1e-5 relative (the layouts differ only in summation order, as in test_layouts.py).
+(A TP=2 checkpoint also loads at PP=2 in mm1-eval's parity test with transformers.)
 """
 
 from __future__ import annotations
@@ -51,24 +52,13 @@ def runs(tmp_path_factory):
         for name, overrides in RESUME_LAYOUTS.items()
     }
     _run_worker(2, resumed, out, steps=2 * N)
-    # Resharding: TP2 x PP2 (world 4) -> TP1 x PP1, and MoE EP2 (world 2) -> EP1.
-    _run_worker(
-        4,
-        {
-            "tp2_pp2_full": TP2
-            + PP2
-            + [f"checkpoint.save_dir={out / 'ckpt' / 'tp2_pp2'}", f"checkpoint.save_interval={N}"]
-        },
-        out,
-        steps=N + 1,
-    )
+    # Resharding the step-N checkpoints of the full runs: TP=2, PP=2 (vision stage) and
+    # MoE EP=2, each into a single process.
     _run_worker(
         1,
         {
-            "tp2_pp2_to_single": [
-                f"checkpoint.load_dir={out / 'ckpt' / 'tp2_pp2' / f'step_{N:08d}'}"
-            ],
-            "moe_ep2_to_single": MOE + [f"checkpoint.load_dir={save['moe_ep2'] / f'step_{N:08d}'}"],
+            f"{name}_to_single": overrides + [f"checkpoint.load_dir={save[name] / f'step_{N:08d}'}"]
+            for name, overrides in (("tp2", []), ("pp2_vision_stage", []), ("moe_ep2", MOE))
         },
         out,
         steps=N + 1,
@@ -87,10 +77,9 @@ def test_resume_is_bitwise_exact(runs, layout):
         assert got["grad_norm"] == expected["grad_norm"], f"step {step}"
 
 
-@pytest.mark.parametrize(
-    "source, target", [("tp2_pp2_full", "tp2_pp2_to_single"), ("moe_ep2_full", "moe_ep2_to_single")]
-)
-def test_checkpoint_reshards_to_a_single_process(runs, source, target):
+@pytest.mark.parametrize("layout", ["tp2", "pp2_vision_stage", "moe_ep2"])
+def test_checkpoint_reshards_to_a_single_process(runs, layout):
+    source, target = f"{layout}_full", f"{layout}_to_single"
     original = _load(runs, source)
     resharded = _load(runs, target)
     assert len(resharded) == 1
