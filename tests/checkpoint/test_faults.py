@@ -14,6 +14,7 @@ import pytest
 
 from mm1_megatron.checkpoint import layout
 from mm1_megatron.training.preemption import EXIT_PREEMPTED
+from tests.checkpoint.conftest import REFERENCE_STEPS
 from tests.launch import clean_env, run_train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,21 +39,6 @@ def _run(*overrides: str, nproc: int = 1, timeout=600) -> subprocess.CompletedPr
 def _losses(output_dir: Path) -> dict:
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
     return {json.loads(line)["step"]: json.loads(line)["loss"] for line in lines}
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted 6-step run that saves every 2 steps."""
-    out = tmp_path_factory.mktemp("reference")
-    result = _run(
-        "training.train_steps=6",
-        f"logging.output_dir={out / 'run'}",
-        f"checkpoint.save_dir={out / 'ckpt'}",
-        "checkpoint.save_interval=2",
-        "checkpoint.keep_last=5",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(reference, tmp_path):
@@ -113,17 +99,15 @@ def _sigterm_after_two_steps(tmp_path: Path, marker: Path, *overrides: str) -> t
     return process.returncode, log_path.read_text()
 
 
-def test_sigterm_saves_exits_75_and_resume_continues_exactly(tmp_path):
-    steps = "training.train_steps=10"
-    reference = _run(steps, f"logging.output_dir={tmp_path / 'reference'}")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def test_sigterm_saves_exits_75_and_resume_continues_exactly(reference, tmp_path):
+    steps = f"training.train_steps={REFERENCE_STEPS}"
     ckpt, run, marker = tmp_path / "ckpt", tmp_path / "run", tmp_path / "preempted.json"
     returncode, output = _sigterm_after_two_steps(
         tmp_path, marker, steps, f"logging.output_dir={run}", f"checkpoint.save_dir={ckpt}"
     )
     assert returncode == EXIT_PREEMPTED, output[-3000:]
     stopped_at = layout.step_of(layout.read_latest(ckpt))
-    assert 2 <= stopped_at < 10
+    assert 2 <= stopped_at < REFERENCE_STEPS
     # The marker a batch script requeues on (torchrun hides the exit code 75).
     assert json.loads(marker.read_text()) == {"step": stopped_at, "checkpoint_dir": str(ckpt)}
     layout.verify_manifest(layout.read_latest(ckpt))
@@ -131,8 +115,8 @@ def test_sigterm_saves_exits_75_and_resume_continues_exactly(tmp_path):
         steps, f"logging.output_dir={run}", f"checkpoint.save_dir={ckpt}"
     )  # auto-resume from save_dir
     assert result.returncode == 0, result.stderr[-3000:]
-    # Steps 1..10, before and after the preemption, equal the uninterrupted run's.
-    assert _losses(run) == _losses(tmp_path / "reference")
+    # Every step, before and after the preemption, equals the uninterrupted run's.
+    assert _losses(run) == _losses(reference / "run")
 
 
 @pytest.mark.parametrize("moment", ["step", "checkpoint_write"])

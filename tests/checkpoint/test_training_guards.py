@@ -8,6 +8,7 @@ import torch
 from mm1_megatron.config import load_config
 from mm1_megatron.training.preemption import TrainingDiverged
 from mm1_megatron.training.trainer import Trainer
+from tests.checkpoint.conftest import REFERENCE_STEPS
 from tests.checkpoint.test_faults import REPO, _losses, _run
 
 
@@ -101,12 +102,10 @@ def test_pretrained_encoder_loads_and_frozen_modules_do_not_move(megatron_single
     assert not all(torch.equal(after[n], loaded[n]) for n in after if n.startswith("connector."))
 
 
-def test_async_save_resumes_exactly(tmp_path):
-    reference = _run("training.train_steps=6", f"logging.output_dir={tmp_path / 'ref'}")
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def test_async_save_resumes_exactly(reference, tmp_path):
     ckpt = tmp_path / "ckpt"
     first = _run(
-        "training.train_steps=6",
+        f"training.train_steps={REFERENCE_STEPS}",
         f"logging.output_dir={tmp_path / 'a'}",
         f"checkpoint.save_dir={ckpt}",
         "checkpoint.save_interval=2",
@@ -116,11 +115,11 @@ def test_async_save_resumes_exactly(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "being written in the background" in first.stderr
     resumed = _run(
-        "training.train_steps=6",
+        f"training.train_steps={REFERENCE_STEPS}",
         f"logging.output_dir={tmp_path / 'b'}",
         f"checkpoint.load_dir={ckpt / 'step_00000004'}",
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    expected = _losses(tmp_path / "ref")
+    expected = _losses(reference / "run")
     assert _losses(tmp_path / "a") == expected  # background saves do not disturb training
     assert _losses(tmp_path / "b") == {5: expected[5], 6: expected[6]}
