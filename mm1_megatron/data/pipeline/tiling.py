@@ -190,12 +190,11 @@ def tile_sample(
         images += tile_image(image, plan, settings.tile_size, fill)
     token_ids: List[int] = []
     trainable: Optional[List[bool]] = [] if sample.trainable is not None else None
-    image_token = image_token_id
     plan_of_image = iter(plans)
     flags = sample.trainable if sample.trainable is not None else [True] * len(sample.token_ids)
     for token, flag in zip(sample.token_ids, flags):
-        count = next(plan_of_image).num_tiles if token == image_token else 1
+        count = next(plan_of_image).num_tiles if token == image_token_id else 1
         token_ids += [token] * count
         if trainable is not None:
-            trainable += [flag and token != image_token] * count
+            trainable += [flag and token != image_token_id] * count
     return Sample(sample.source, token_ids, images, trainable=trainable)

@@ -64,6 +64,11 @@ class SyntheticSequences:
         self.tiling = tiling if tiling is not None else TilingConfig()
         self.conversations = conversations if conversations is not None else ConversationConfig()
         self.template = ChatTemplate(**dataclasses.asdict(self.conversations.chat_template))
+        self.end_of_turn_id = (
+            template_token(self.tokenizer, self.template.end_of_turn)
+            if self.probabilities["conversation"] > 0
+            else None
+        )
         # With tiling, scenes are drawn at twice the tile size and tiled like any image;
         # ``image_size`` is then the tile size the encoder sees.
         self.draw_size = image_size if self.tiling.mode == "none" else 2 * image_size
@@ -137,7 +142,7 @@ class SyntheticSequences:
             max_images=self.packing["max_images"],
             image_token_id=self.tokenizer.image_token_id,
             num_image_tokens=self.packing["num_image_tokens"],
-            end_of_turn_id=template_token(self.tokenizer, self.template.end_of_turn),
+            end_of_turn_id=self.end_of_turn_id,
             eos_id=self.tokenizer.eos_token_id,
         )
 
