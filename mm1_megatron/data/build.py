@@ -37,7 +37,7 @@ from mm1_megatron.data.pipeline.sources import (
 )
 from mm1_megatron.data.pipeline.tiling import tile_size
 from mm1_megatron.data.shards.conversations import ChatTemplate
-from mm1_megatron.data.shards.reader import load_manifest
+from mm1_megatron.data.shards.energon import load_source_manifest
 from mm1_megatron.data.shards.text_index import TextCorpus, check_text_meta
 from mm1_megatron.data.synthetic.sequences import SyntheticSequences
 from mm1_megatron.data.tokenizers.base import Tokenizer
@@ -201,7 +201,9 @@ def _webdataset_builder(
     sources: Dict[str, object] = {}
     for name, cls in classes.items():
         if schedule.probabilities[name] > 0:
-            manifests = [load_manifest(path, kind=name) for path in getattr(data_cfg.shards, name)]
+            manifests = [
+                load_source_manifest(path, name) for path in getattr(data_cfg.shards, name)
+            ]
             corpus = ShardCorpus(manifests, seed=seed, stream=SOURCE_IDS[name])
             sources[name] = cls(name, corpus, **shard_options, **extra_options[name])
             logger.info(

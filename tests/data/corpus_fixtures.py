@@ -219,3 +219,45 @@ def cut_inside_third_image(path: Path) -> None:
     offset, size = scan_shard(path).samples[2].members["jpg"]
     with open(path, "r+b") as file:
         file.truncate(offset + size // 2)
+
+
+# ---- Megatron-Energon datasets ----------------------------------------------------------
+def energon_prepare(folder: Path, sample_type: str, field_map=None) -> None:
+    """``energon prepare`` (its command line, as a user runs it), answering no questions."""
+    import subprocess
+    import sys
+
+    command = [
+        str(Path(sys.executable).with_name("energon")),
+        "prepare",
+        str(folder),
+        "--non-interactive",
+        "--split-ratio",
+        "1,0,0",
+        "--num-workers",
+        "1",
+        "--sample-type",
+        sample_type,
+        "--no-progress",
+    ]
+    if field_map is not None:
+        command += ["--field-map", json.dumps(field_map)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def make_energon_captions(folder: Path, shards: int, per_shard: int, seed: int = 0) -> dict:
+    """Tars of ``jpg`` + ``txt`` pairs prepared by energon as ``CaptioningSample``s;
+    returns ``{key: (image bytes, caption)}``."""
+    rng = np.random.default_rng(seed)
+    expected = {}
+    for shard in range(shards):
+        samples = []
+        for number in range(per_shard):
+            data, caption = image_bytes(rng)
+            key = f"s{shard}_{number:03d}"
+            samples.append((key, {"jpg": data, "txt": caption.encode()}))
+            expected[key] = (data, caption)
+        write_tar(folder / f"part-{shard:02d}.tar", samples)
+    energon_prepare(folder, "CaptioningSample", {"image": "jpg", "caption": "txt"})
+    return expected

@@ -17,6 +17,7 @@ import torch
 
 from tests.data.corpus_fixtures import (
     make_coco,
+    make_energon_captions,
     make_interleaved,
     make_llava,
     make_text_jsonl,
@@ -61,6 +62,7 @@ def built(tmp_path_factory):
     jsonl, doc_images, urls = make_interleaved(root / "docs", 8)
     text = make_text_jsonl(root / "text", 120)
     out = root / "built"
+    make_energon_captions(out / "energon", shards=2, per_shard=6)
     _wait(
         _tool(
             "tools/build_shards.py",
@@ -130,7 +132,7 @@ def built(tmp_path_factory):
 def _data_overrides(out: Path):
     return [
         "data.source=webdataset",
-        f"data.shards.caption=[{out / 'coco'}, {out / 'llava'}]",
+        f"data.shards.caption=[{out / 'coco'}, {out / 'llava'}, {out / 'energon'}]",
         f"data.shards.interleaved=[{out / 'docs'}]",
         f"data.shards.text=[{out / 'text' / 'corpus'}]",
         "data.tokenizer.kind=sentencepiece",

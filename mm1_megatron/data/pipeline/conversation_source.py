@@ -28,7 +28,6 @@ from mm1_megatron.data.shards.conversations import (
     tokenize_conversation,
     truncate_conversation,
 )
-from mm1_megatron.data.shards.records import read_conversation_record
 from mm1_megatron.data.shards.skips import BadSample
 
 
@@ -50,8 +49,7 @@ class ConversationSource(CaptionSource):
 
     def _load(self, position: int) -> ShardDocument:
         shard, sample = self.corpus.open(position)
-        sizes = {extension: size for extension, (_, size) in sample.members.items()}
-        record = read_conversation_record(sizes, self.corpus.reader_of(shard, sample))
+        record = self.corpus.conversation_record(shard, sample)
         conversation = parse_llava_record(record)
         try:
             ids, targets = tokenize_conversation(conversation, self.template, self.tokenizer)

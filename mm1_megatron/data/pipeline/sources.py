@@ -45,7 +45,7 @@ from mm1_megatron.data.shards.reader import (
     ShardSample,
     check_plain_tar,
 )
-from mm1_megatron.data.shards.records import parse_segments, tokenize_segments
+from mm1_megatron.data.shards.records import tokenize_segments
 from mm1_megatron.data.shards.skips import BadSample, DataStats
 from mm1_megatron.data.shards.text_index import TextCorpus
 from mm1_megatron.data.tokenizers.base import Tokenizer
@@ -89,6 +89,8 @@ class ShardCorpus:
         check_plain_tar(self.shard_paths[0])
         self.seed, self.stream = seed, stream
         self.reader = ShardReader()
+        self.formats = {p: m.records for m in manifests for p in m.shard_paths}
+        self.excluded = frozenset().union(*(m.excluded for m in manifests))
         self._epoch_cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         self._shard_orders: Dict[Tuple[int, int], np.ndarray] = {}
 
@@ -104,6 +106,8 @@ class ShardCorpus:
     def open(self, position: int) -> Tuple[str, ShardSample]:
         """The shard and the member index of sample ``position``; raises ``BadSample``."""
         shard, number = self.locate(position)
+        if (shard, number) in self.excluded:
+            raise BadSample("excluded", f"sample {number} is excluded by the dataset's split")
         sample = self.reader.sample(shard, number)
         if sample.truncated:
             raise BadSample("truncated_tar", "a member's data is cut off by the end of the tar")
@@ -112,11 +116,16 @@ class ShardCorpus:
     def reader_of(self, shard: str, sample: ShardSample) -> Callable[[str], bytes]:
         return lambda extension: self.reader.read(shard, sample.members[extension])
 
+    def conversation_record(self, shard: str, sample: ShardSample) -> Dict[str, object]:
+        """The LLaVA-style record of a sample, in its shard's record format."""
+        sizes = {extension: size for extension, (_, size) in sample.members.items()}
+        return self.formats[shard].conversation(sizes, self.reader_of(shard, sample))
+
     def load(self, position: int, tokenizer: Tokenizer) -> LoadedSample:
         """Parse and tokenize a sample (images are not read yet); raises ``BadSample``."""
         shard, sample = self.open(position)
         members = sample.members
-        segments = parse_segments(
+        segments = self.formats[shard].segments(
             {ext: size for ext, (_, size) in members.items()}, self.reader_of(shard, sample)
         )
         tokenized = tokenize_segments(segments, tokenizer)

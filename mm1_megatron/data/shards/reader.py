@@ -29,8 +29,9 @@ import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, FrozenSet, List, Optional, Tuple, Union
 
+from mm1_megatron.data.shards.records import NATIVE_RECORDS, RecordFormat
 from mm1_megatron.data.shards.skips import BadSample
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Manifest:
     shard_sizes: List[int]  # samples per shard, as the manifest states
     path: str = ""
     extra: Dict[str, object] = field(default_factory=dict)
+    records: RecordFormat = NATIVE_RECORDS  # how its samples are read
+    excluded: FrozenSet[Tuple[str, int]] = frozenset()  # (shard path, sample number) left out
 
     @property
     def num_samples(self) -> int:

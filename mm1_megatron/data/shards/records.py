@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from mm1_megatron.data.shards.skips import BadSample
 from mm1_megatron.data.tokenizers.base import Tokenizer
 
+ReadMember = Callable[[str], bytes]
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 IMAGE_MAGIC = (
     (b"\xff\xd8\xff", "jpg"),
@@ -211,3 +212,23 @@ def read_conversation_record(
         if members[name] == 0:
             raise BadSample("empty_file", f"zero-byte image {name!r}")
     return record
+
+
+class RecordFormat:
+    """How the samples of a shard become segments or conversation records: our own
+    format (this class); Megatron-Energon datasets bring theirs (``energon.py``).
+
+    ``members`` maps each member's extension to its size, ``read(extension)`` returns its
+    bytes; images are named by extension and read later, so nothing decodes them here.
+    """
+
+    name = "mm1_megatron"
+
+    def segments(self, members: Dict[str, int], read: ReadMember) -> List[Segment]:
+        return parse_segments(members, read)
+
+    def conversation(self, members: Dict[str, int], read: ReadMember) -> Dict[str, object]:
+        return read_conversation_record(members, read)
+
+
+NATIVE_RECORDS = RecordFormat()

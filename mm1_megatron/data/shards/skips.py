@@ -21,6 +21,7 @@ SKIP_REASONS = (
     "bad_record",  # valid JSON that does not follow the sample schema
     "truncated_tar",  # a member or sample beyond the readable end of its shard
     "too_long",  # a caption pair longer than a whole sequence
+    "excluded",  # a sample a Megatron-Energon dataset's split excludes
 )
 # Not failures: samples of a caption window that did not fit next to the others, and
 # conversations cut after their last whole assistant turn that fit a sequence.
