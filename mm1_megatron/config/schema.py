@@ -251,6 +251,7 @@ class TilingConfig:
     max_tiles: int = 9  # MM1.5: 9 in training, 16 at inference
     overview: OverviewPlacement = "after"  # the whole image at tile_size, after the tiles
     max_images_to_split: int = 3  # samples with this many images or more are not split
+    min_image_side: int = 16  # image files with a shorter side are skipped (too_small)
 
 
 @dataclass

@@ -302,11 +302,6 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
             f"data.mixture.{name}: unknown source; use interleaved, caption, text or conversation",
         )
         err.check(weight >= 0, f"data.mixture.{name}={weight} must be >= 0")
-    err.check(
-        not (d.source == "webdataset" and d.tiling.mode != "none"),
-        "data.tiling: tiles are cut from synthetic scenes only so far, not from image files; "
-        "set data.tiling.mode=none for a webdataset run (or data.source=synthetic)",
-    )
     err.check(sum(d.mixture.values()) > 0, "data.mixture needs at least one positive weight")
     err.check(d.max_images_per_sequence >= 0, "data.max_images_per_sequence must be >= 0")
     err.check(
@@ -470,7 +465,7 @@ def _check_eval(cfg: MM1Config, err: _Errors) -> None:
 
 def _check_tiling_and_conversations(cfg: MM1Config, err: _Errors) -> None:
     t, p = cfg.data.tiling, "data.tiling"
-    err.positive(t, ["tile_size", "min_tiles", "max_tiles"], p)
+    err.positive(t, ["tile_size", "min_tiles", "max_tiles", "min_image_side"], p)
     err.check(
         len(t.static_grid) == 2 and min(t.static_grid) >= 1,
         f"{p}.static_grid={t.static_grid} must be [cols, rows], both >= 1 (MM1: [2, 2])",
@@ -485,6 +480,11 @@ def _check_tiling_and_conversations(cfg: MM1Config, err: _Errors) -> None:
         f"image is always split; MM1.5 stops splitting at 3)",
     )
     if t.mode != "none":
+        err.check(
+            cfg.data.source != "webdataset" or cfg.data.images.decoder == "pil",
+            f"{p}.mode={t.mode} cuts tiles with the PIL decoder only: set "
+            f"data.images.decoder=pil (DALI tiling is not written yet)",
+        )
         patch = cfg.model.vision.patch_size
         err.check(
             t.tile_size % patch == 0,

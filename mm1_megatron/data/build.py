@@ -181,6 +181,7 @@ def _webdataset_builder(
         num_image_tokens=num_image_tokens,
         max_images=data_cfg.max_images_per_sequence,
         seed=seed,
+        tiling=data_cfg.tiling,
     )
     conversations = data_cfg.conversations
     extra_options = {

@@ -61,6 +61,7 @@ class ConversationSource(CaptionSource):
             token_ids=ids,
             images=[sample.members[name] for name in conversation.images],
         )
+        ids, targets = self._tile(loaded, ids, targets)
         tokens = self._expand(ids)
         flags = expand_trainable(
             ids,
@@ -68,7 +69,7 @@ class ConversationSource(CaptionSource):
             image_token_id=self.tokenizer.image_token_id,
             num_image_tokens=self.num_image_tokens,
         )
-        if len(tokens) <= self.seq_length and len(loaded.images) <= self.max_images:
+        if len(tokens) <= self.seq_length and loaded.num_tiles <= self.max_images:
             return ShardDocument(tokens=tokens, sample=loaded, trainable=flags)
         return self._shortened(tokens, flags, loaded)
 
@@ -88,10 +89,10 @@ class ConversationSource(CaptionSource):
         if fitted is None:
             raise BadSample(
                 "too_long",
-                f"{len(tokens)} tokens and {len(loaded.images)} images exceed "
+                f"{len(tokens)} tokens and {loaded.num_tiles} images (tiles) exceed "
                 f"seq_length={self.seq_length} / max_images={self.max_images}"
                 + ("" if self.overlong == "drop" else " even after the first answer"),
             )
-        kept_images = fitted[0].count(self.tokenizer.image_token_id) // self.num_image_tokens
-        loaded.images = loaded.images[:kept_images]  # later images are never read
+        kept_tiles = fitted[0].count(self.tokenizer.image_token_id) // self.num_image_tokens
+        loaded.keep_tiles(kept_tiles)  # later images are never decoded
         return ShardDocument(tokens=fitted[0], sample=loaded, trainable=fitted[1], shortened=True)

@@ -18,6 +18,12 @@ to a few 8-bit steps (``tests/data/test_images.py`` states the tolerance).
 
 A blob that cannot be decoded comes back as a ``BadSample`` instead of a tensor, so one
 bad image never fails a batch.
+
+**Tiles** (``data.tiling``, PIL only): ``decode_tiles`` decodes each image at its own
+size (EXIF orientation applied, 8-bit RGB), cuts it into the tiles of its plan with
+``tiling.tile_image`` (the function the synthetic pipeline and the exported processor
+use) and normalises each tile. ``image_size_of`` reads an image's oriented size from its
+header alone, so a plan (and the sample's token count) is known before packing.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 
 from mm1_megatron.config import schema
+from mm1_megatron.data.pipeline.tiling import TilePlan, tile_image
 from mm1_megatron.data.shards.skips import BadSample
 
 logger = logging.getLogger(__name__)
@@ -45,6 +52,23 @@ assert tuple(IMAGE_DTYPES) == schema.IMAGE_DTYPES
 DALI_MAX_BATCH = 64
 
 Decoded = Union[torch.Tensor, BadSample]
+DecodedTiles = Union[List[torch.Tensor], BadSample]
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def image_size_of(blob: bytes) -> Tuple[int, int]:
+    """``(width, height)`` as displayed (EXIF orientation applied), from the header
+    only; ``BadSample`` for data Pillow cannot identify."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob)) as image:
+            width, height = image.size
+            orientation = image.getexif().get(EXIF_ORIENTATION)
+    except Exception as exc:  # Pillow raises many types for bad data
+        raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
+    return (height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)
 
 
 def dali_installed() -> bool:
@@ -111,6 +135,11 @@ class ImageDecoder:
     def _decode(self, blobs: List[bytes]) -> List[Decoded]:
         raise NotImplementedError
 
+    def decode_tiles(self, blobs: Sequence[bytes], plans: Sequence[TilePlan]) -> List[DecodedTiles]:
+        """The normalised ``[3, S, S]`` tiles of each blob in its plan's order (``S`` =
+        ``image_size``, the tile size), or a ``BadSample``."""
+        raise ValueError(f"the {self.name} image decoder does not cut tiles; use pil")
+
     def empty(self) -> torch.Tensor:
         return torch.zeros((0, 3, self.image_size, self.image_size), dtype=self.dtype)
 
@@ -128,15 +157,32 @@ class PILImageDecoder(ImageDecoder):
     def _decode(self, blobs: List[bytes]) -> List[Decoded]:
         return [self._decode_one(blob) for blob in blobs]
 
-    def _decode_one(self, blob: bytes) -> Decoded:
+    def decode_tiles(self, blobs: Sequence[bytes], plans: Sequence[TilePlan]) -> List[DecodedTiles]:
+        results: List[DecodedTiles] = []
+        for blob, plan in zip(blobs, plans):
+            try:
+                pixels = np.array(self._open(blob))
+            except Exception as exc:  # Pillow raises many types for bad data
+                results.append(BadSample("corrupt_image", f"{type(exc).__name__}: {exc}"))
+                continue
+            image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
+            tiles = tile_image(image, plan, self.image_size, self.mean)
+            results.append([((t - self._mean) / self._std).to(self.dtype) for t in tiles])
+        return results
+
+    @staticmethod
+    def _open(blob: bytes):
+        """The image as displayed: EXIF orientation applied, RGB (alpha dropped)."""
         from PIL import Image, ImageOps
 
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(blob))
+            return ImageOps.exif_transpose(image).convert("RGB")
+
+    def _decode_one(self, blob: bytes) -> Decoded:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(blob))
-                image = ImageOps.exif_transpose(image).convert("RGB")
-                pixels, offset = self._resize(image)
+            pixels, offset = self._resize(self._open(blob))
         except Exception as exc:  # Pillow raises many types for bad data
             return BadSample("corrupt_image", f"{type(exc).__name__}: {exc}")
         chw = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0 - self._mean) / self._std

@@ -35,9 +35,11 @@ import numpy as np
 import torch
 
 from mm1_megatron.batch.contract import expand_image_placeholders
-from mm1_megatron.data.pipeline.images import ImageDecoder
+from mm1_megatron.config.schema import TilingConfig
+from mm1_megatron.data.pipeline.images import ImageDecoder, image_size_of
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
 from mm1_megatron.data.pipeline.packing import PackedSequence, assemble, cut_interleaved
+from mm1_megatron.data.pipeline.tiling import TilePlan, plan_tiles, repeat_placeholders
 from mm1_megatron.data.shards.reader import (
     Manifest,
     MemberRange,
@@ -60,6 +62,26 @@ class LoadedSample:
     key: str
     token_ids: List[int]  # one image placeholder per image
     images: List[MemberRange]
+    plans: Optional[List[TilePlan]] = None  # with tiling: each image's tiles
+    blobs: Optional[List[bytes]] = None  # with tiling: the images, read once for their size
+
+    @property
+    def num_tiles(self) -> int:
+        """Inputs of the vision encoder: one per image, or per tile with tiling."""
+        return len(self.images) if self.plans is None else sum(p.num_tiles for p in self.plans)
+
+    def keep_tiles(self, num_tiles: int) -> None:
+        """Keep the first images holding ``num_tiles`` tiles (later ones are never read)."""
+        if self.plans is None:
+            self.images = self.images[:num_tiles]
+            return
+        kept = total = 0
+        while kept < len(self.plans) and total + self.plans[kept].num_tiles <= num_tiles:
+            total += self.plans[kept].num_tiles
+            kept += 1
+        assert total == num_tiles, "a cut must never fall inside an image's tiles"
+        self.images, self.plans = self.images[:kept], self.plans[:kept]
+        self.blobs = self.blobs[:kept] if self.blobs is not None else None
 
 
 @dataclass
@@ -178,10 +200,32 @@ class _ShardSource:
         num_image_tokens: int,
         max_images: int,
         seed: int,
+        tiling: Optional[TilingConfig] = None,
     ):
         self.name, self.corpus, self.tokenizer, self.decoder = name, corpus, tokenizer, decoder
         self.seq_length, self.num_image_tokens = seq_length, num_image_tokens
         self.max_images, self.seed = max_images, seed
+        self.tiling = tiling if tiling is not None and tiling.mode != "none" else None
+
+    def _tile(
+        self, sample: LoadedSample, ids: List[int], flags: Optional[List[bool]] = None
+    ) -> Tuple[List[int], Optional[List[bool]]]:
+        """With tiling: read the sample's images for their sizes, plan their tiles and
+        repeat each image's placeholder once per tile. Raises ``BadSample``."""
+        if self.tiling is None or not sample.images:
+            return ids, flags
+        blobs = [self.corpus.reader.read(sample.shard, member) for member in sample.images]
+        sizes = [image_size_of(blob) for blob in blobs]
+        smallest = min(min(size) for size in sizes)
+        if smallest < self.tiling.min_image_side:
+            raise BadSample(
+                "too_small",
+                f"an image side of {smallest} px is under "
+                f"data.tiling.min_image_side={self.tiling.min_image_side}",
+            )
+        sample.plans, sample.blobs = plan_tiles(sizes, self.tiling), blobs
+        counts = [plan.num_tiles for plan in sample.plans]
+        return repeat_placeholders(ids, flags, counts, image_token_id=self.tokenizer.image_token_id)
 
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, REPLACEMENT_STREAM, SOURCE_IDS[self.name], index])
@@ -199,21 +243,30 @@ class _ShardSource:
 
         Returns the documents whose images all decoded, and those that failed (counted).
         """
-        blobs, owners, failed = [], [], {}
+        blobs, plans, owners, failed = [], [], [], {}
         for number, (_, document) in enumerate(documents):
+            sample = document.sample
             try:
-                for member in document.sample.images:
-                    blobs.append(self.corpus.reader.read(document.sample.shard, member))
-                    owners.append(number)
+                if sample.blobs is not None:
+                    blobs += sample.blobs
+                    plans += sample.plans
+                else:
+                    blobs += [self.corpus.reader.read(sample.shard, m) for m in sample.images]
+                owners += [number] * len(sample.images)
             except BadSample as error:
                 failed[number] = error
-        for owner, decoded in zip(owners, self.decoder.decode(blobs)):
+        decoded_images = self.decoder.decode_tiles(blobs, plans) if plans else None
+        if decoded_images is None:
+            decoded_images = [
+                d if isinstance(d, BadSample) else [d] for d in self.decoder.decode(blobs)
+            ]
+        for owner, decoded in zip(owners, decoded_images):
             if owner in failed:
                 continue
             if isinstance(decoded, BadSample):
                 failed[owner] = decoded
             else:
-                documents[owner][1].pixels.append(decoded)
+                documents[owner][1].pixels.extend(decoded)
         for number, error in failed.items():
             self._skip(stats, error, documents[number][0])
         good = [doc for number, (_, doc) in enumerate(documents) if number not in failed]
@@ -269,7 +322,7 @@ class CaptionSource(_ShardSource):
                     continue
                 if document.shortened:
                     stats.add("shortened_conversations")
-                cost, count = len(document.tokens), len(document.sample.images)
+                cost, count = len(document.tokens), document.sample.num_tiles
                 if num_tokens + cost <= self.seq_length and num_images + count <= self.max_images:
                     accepted.append((position, document))
                     num_tokens, num_images = num_tokens + cost, num_images + count
@@ -279,7 +332,7 @@ class CaptionSource(_ShardSource):
             kept += good
             for document in failed:
                 num_tokens -= len(document.tokens)
-                num_images -= len(document.sample.images)
+                num_images -= document.sample.num_tiles
                 if num_replacements < MAX_REPLACEMENTS:
                     num_replacements += 1
                     queue.append(self.corpus.replacement(rng, index * window))
@@ -287,11 +340,11 @@ class CaptionSource(_ShardSource):
 
     def _load(self, position: int) -> ShardDocument:
         sample = self.corpus.load(position, self.tokenizer)
-        tokens = self._expand(sample.token_ids)
-        if len(tokens) > self.seq_length or len(sample.images) > self.max_images:
+        tokens = self._expand(self._tile(sample, sample.token_ids)[0])
+        if len(tokens) > self.seq_length or sample.num_tiles > self.max_images:
             raise BadSample(
                 "too_long",
-                f"{len(tokens)} tokens and {len(sample.images)} images "
+                f"{len(tokens)} tokens and {sample.num_tiles} images (tiles) "
                 f"exceed seq_length={self.seq_length} / "
                 f"max_images={self.max_images}",
             )
@@ -318,14 +371,14 @@ class InterleavedSource(_ShardSource):
 
     def _load(self, position: int) -> ShardDocument:
         sample = self.corpus.load(position, self.tokenizer)
-        kept, num_images = cut_interleaved(
-            sample.token_ids,
+        kept, num_tiles = cut_interleaved(
+            self._tile(sample, sample.token_ids)[0],
             seq_length=self.seq_length,
             num_image_tokens=self.num_image_tokens,
             max_images=self.max_images,
             image_token_id=self.tokenizer.image_token_id,
         )
-        sample.images = sample.images[:num_images]  # later images are never read
+        sample.keep_tiles(num_tiles)  # later images are never decoded
         return ShardDocument(tokens=self._expand(kept), sample=sample)
 
 

@@ -188,13 +188,31 @@ def tile_sample(
     images: List[torch.Tensor] = []
     for image, plan in zip(sample.images, plans):
         images += tile_image(image, plan, settings.tile_size, fill)
-    token_ids: List[int] = []
-    trainable: Optional[List[bool]] = [] if sample.trainable is not None else None
-    plan_of_image = iter(plans)
-    flags = sample.trainable if sample.trainable is not None else [True] * len(sample.token_ids)
-    for token, flag in zip(sample.token_ids, flags):
-        count = next(plan_of_image).num_tiles if token == image_token_id else 1
-        token_ids += [token] * count
-        if trainable is not None:
-            trainable += [flag and token != image_token_id] * count
+    token_ids, trainable = repeat_placeholders(
+        sample.token_ids,
+        sample.trainable,
+        [plan.num_tiles for plan in plans],
+        image_token_id=image_token_id,
+    )
     return Sample(sample.source, token_ids, images, trainable=trainable)
+
+
+def repeat_placeholders(
+    token_ids: Sequence[int],
+    trainable: Optional[Sequence[bool]],
+    tile_counts: Sequence[int],
+    *,
+    image_token_id: int,
+) -> Tuple[List[int], Optional[List[bool]]]:
+    """One placeholder per image -> ``tile_counts[i]`` adjacent placeholders for image
+    ``i`` (never loss targets); ``trainable`` (or None) follows the ids."""
+    counts = iter(tile_counts)
+    flags = trainable if trainable is not None else [True] * len(token_ids)
+    ids: List[int] = []
+    expanded: Optional[List[bool]] = [] if trainable is not None else None
+    for token, flag in zip(token_ids, flags):
+        count = next(counts) if token == image_token_id else 1
+        ids += [token] * count
+        if expanded is not None:
+            expanded += [flag and token != image_token_id] * count
+    return ids, expanded

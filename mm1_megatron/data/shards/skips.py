@@ -22,6 +22,7 @@ SKIP_REASONS = (
     "truncated_tar",  # a member or sample beyond the readable end of its shard
     "too_long",  # a caption pair longer than a whole sequence
     "excluded",  # a sample a Megatron-Energon dataset's split excludes
+    "too_small",  # an image with a side under data.tiling.min_image_side, with tiling on
 )
 # Not failures: samples of a caption window that did not fit next to the others, and
 # conversations cut after their last whole assistant turn that fit a sequence.
