@@ -40,6 +40,13 @@ def test_trained_sentencepiece_has_fixed_special_ids(sp_model):
     assert tok.decode(ids) == "a red circle"
     assert tok.bos_token_id not in ids and tok.eos_token_id not in ids
     assert tok.image_token_id in tok.encode("x <image>")  # the model knows the symbol
+    # The default chat template's markers are single tokens, ids 5-8 (SFT needs that).
+    from mm1_megatron.config.schema import ChatTemplateConfig
+    from mm1_megatron.data.shards.conversations import template_token
+
+    template = ChatTemplateConfig()
+    markers = [template.system, template.user, template.assistant, template.end_of_turn]
+    assert [template_token(tok, marker) for marker in markers] == [5, 6, 7, 8]
 
 
 def test_existing_model_without_specials_gets_them_appended(tmp_path):

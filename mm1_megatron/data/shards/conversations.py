@@ -112,6 +112,12 @@ def check_conversation(conversation: Conversation) -> None:
 
 
 def template_token(tokenizer: Tokenizer, text: str) -> int:
+    """The single token of a chat marker: a vocabulary entry of its own (subword
+    tokenizers with ``piece_id``), else what ``encode`` makes of it."""
+    piece_id = getattr(tokenizer, "piece_id", None)
+    single = piece_id(text) if piece_id is not None else None
+    if single is not None:
+        return single
     ids = tokenizer.encode(text)
     if len(ids) != 1:
         raise ValueError(

@@ -7,7 +7,9 @@ Both wrap an existing model and add what the pipeline needs that the model may l
 never adds bos/eos (the pipeline adds them).
 
 ``train_sentencepiece`` trains a model whose specials have fixed ids: pad 0, unk 1,
-bos 2, eos 3, ``<image>`` 4 (a user-defined symbol, so the model knows it).
+bos 2, eos 3, ``<image>`` 4, then the default chat template's markers ``<system>``
+``<user>`` ``<assistant>`` ``<end_turn>`` 5-8 (user-defined symbols, so the model knows
+them and each is one token, as supervised fine-tuning needs).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ logger = logging.getLogger(__name__)
 TOKENIZER_KINDS = ("synthetic", "sentencepiece", "huggingface")
 IMAGE_TOKEN = "<image>"
 TRAINED_SPECIAL_IDS = {"pad": 0, "unk": 1, "bos": 2, "eos": 3, "image": 4}
+CHAT_MARKERS = ("<system>", "<user>", "<assistant>", "<end_turn>")  # ChatTemplateConfig's
 
 
 class _AddedSpecials:
@@ -87,6 +90,11 @@ class SentencePieceTokenizer:
     def encode(self, text: str) -> List[int]:
         return list(self.processor.encode(text, out_type=int))
 
+    def piece_id(self, piece: str) -> Optional[int]:
+        """The id of ``piece`` when it is one entry of the model (e.g. a chat marker)."""
+        token = self.processor.piece_to_id(piece)
+        return token if token != self.processor.unk_id() else None
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._added.decode_with(ids, self.processor.decode)
 
@@ -119,6 +127,11 @@ class HuggingFaceTokenizer:
 
     def encode(self, text: str) -> List[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
+
+    def piece_id(self, piece: str) -> Optional[int]:
+        """The id of ``piece`` when it is one entry of the vocabulary (e.g. a chat marker)."""
+        token = self.hf.convert_tokens_to_ids(piece)
+        return token if token is not None and token != self.hf.unk_token_id else None
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._added.decode_with(ids, lambda run: self.hf.decode(run))
@@ -192,7 +205,7 @@ def train_sentencepiece(
         unk_id=TRAINED_SPECIAL_IDS["unk"],
         bos_id=TRAINED_SPECIAL_IDS["bos"],
         eos_id=TRAINED_SPECIAL_IDS["eos"],
-        user_defined_symbols=[IMAGE_TOKEN],
+        user_defined_symbols=[IMAGE_TOKEN, *CHAT_MARKERS],
         minloglevel=2,
     )
     return Path(f"{prefix}.model")
