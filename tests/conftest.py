@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch import run_train
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 DEBUG_CONFIG = CONFIG_DIR / "debug.yaml"
@@ -81,3 +83,26 @@ def build_tiny_model(seeded):
         return build_mm1_model(cfg.model, cfg.parallel, image_token_id=IMAGE_TOKEN_ID)
 
     return _build
+
+
+# ---- one uninterrupted debug run that checkpoint and cluster tests compare with ----------
+REFERENCE_STEPS = 6
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """An uninterrupted single-process debug run of ``REFERENCE_STEPS`` steps that saves
+    every 2 steps (``run/metrics.jsonl``, ``ckpt/``). Saving does not change the losses,
+    so runs that save differently (asynchronously, on SIGTERM) must reproduce them, and
+    every parallel layout reproduces them to 1e-5 (``tests/parallel/test_layouts.py``)."""
+    out = tmp_path_factory.mktemp("reference")
+    result = run_train(
+        "logging.tensorboard=false",
+        f"training.train_steps={REFERENCE_STEPS}",
+        f"logging.output_dir={out / 'run'}",
+        f"checkpoint.save_dir={out / 'ckpt'}",
+        "checkpoint.save_interval=2",
+        "checkpoint.keep_last=5",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out

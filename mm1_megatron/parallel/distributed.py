@@ -13,12 +13,14 @@ import os
 import random
 import socket
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from mm1_megatron.compat.install import install_patches
+from mm1_megatron.config.layout import check_world_size
 from mm1_megatron.config.schema import ParallelConfig
 
 logger = logging.getLogger(__name__)
@@ -106,6 +108,30 @@ def _set_rendezvous(world_size: int, found_by: str) -> None:
         os.environ["MASTER_PORT"] = str(_free_port())
 
 
+def _elastic_attempt_store(
+    rank: int, world_size: int, timeout: datetime.timedelta
+) -> Optional[dist.Store]:
+    """Under torchrun, the store of this restart attempt (None otherwise: ``env://``).
+
+    torchrun's c10d rendezvous hands every worker group, the first and each one it
+    restarts (``--max-restarts``), the same store server and no per-attempt key prefix, so
+    a restarted group's process groups read the addresses the killed group published and
+    fail to connect. Keys scoped by ``TORCHELASTIC_RESTART_COUNT`` keep attempts apart.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        return None
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size=world_size,
+        is_master=not agent_hosts_store and rank == 0,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"mm1_megatron/attempt_{restart}", store)
+
+
 def local_cuda_device_index(local_rank: int) -> int:
     """The CUDA device of this process: its local rank, or 0 when the launcher gives each
     task a single visible GPU (SLURM ``--gpus-per-task=1``, cgroup-bound devices)."""
@@ -119,28 +145,6 @@ def local_cuda_device_index(local_rank: int) -> int:
             "GPU per task (e.g. srun --gpus-per-task=1)"
         )
     return local_rank
-
-
-def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
-    """Return the data-parallel size, or explain why ``world_size`` does not factor."""
-    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-    model_parallel = tp * pp
-    if world_size % model_parallel:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor_parallel_size x "
-            f"pipeline_parallel_size = {tp} x {pp} = {model_parallel}; launch a multiple of "
-            f"{model_parallel} processes"
-        )
-    data_parallel = world_size // model_parallel
-    ep = parallel.expert_parallel_size
-    etp = parallel.expert_tensor_parallel_size or tp
-    if (data_parallel * tp) % (ep * etp):
-        raise ValueError(
-            f"expert_parallel_size x expert_tensor_parallel_size = {ep} x {etp} must divide "
-            f"data_parallel x tensor_parallel = {data_parallel} x {tp} "
-            f"(world {world_size} = TP {tp} x PP {pp} x DP {data_parallel})"
-        )
-    return data_parallel
 
 
 def init_distributed(
@@ -162,11 +166,13 @@ def init_distributed(
         device = torch.device("cuda", local_cuda_device_index(local_rank))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         dist.init_process_group(
             backend,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
+            timeout=timeout,
+            store=_elastic_attempt_store(rank, world_size, timeout),
         )
     from megatron.core import parallel_state
 

@@ -8,8 +8,8 @@ import torch
 from mm1_megatron.config import load_config
 from mm1_megatron.training.preemption import TrainingDiverged
 from mm1_megatron.training.trainer import Trainer
-from tests.checkpoint.conftest import REFERENCE_STEPS
 from tests.checkpoint.test_faults import REPO, _losses, _run
+from tests.conftest import REFERENCE_STEPS
 
 
 def _trainer(tmp_path, *overrides):
