@@ -12,7 +12,9 @@ tower, ``SiglipVisionModel`` without the pooling head). The checkpoint is read o
 safetensors shards with an index, so memory holds one unit plus one shard, never the
 whole model. Next to the shards: ``config.json``, tokenizer files, the image-processor
 and generation configs, a model card with the training config and, for ``mm1``, the
-model's code (``mm1_megatron/hf_model``).
+model's code (``mm1_megatron/hf_model``). A run trained on conversations also gets its
+chat template (``chat_template.py``), and an ``mm1`` export of a run with tiles a
+processor that cuts them as training did (``mm1_processor.py``).
 """
 
 from __future__ import annotations
@@ -114,14 +116,32 @@ def _architecture(fmt: str, cfg) -> str:
 
 
 def _model_card_notes(fmt: str, cfg) -> str:
-    if fmt == "vision-encoder" or language_target(cfg.model.llm) != "qwen2_moe":
-        return ""
-    return (
-        "The decoder has MoE layers on every k-th layer (0, k, 2k, ...), so it is exported "
-        "as `Qwen2MoeForCausalLM`: the standard class whose layers can each be dense "
-        "(`mlp_only_layers`, own `intermediate_size`) or MoE, with plain RoPE attention and "
-        "renormalised top-k routing. Its shared expert has width 0 and adds exactly zero."
-    )
+    notes = []
+    if fmt != "vision-encoder" and language_target(cfg.model.llm) == "qwen2_moe":
+        notes.append(
+            "The decoder has MoE layers on every k-th layer (0, k, 2k, ...), so it is "
+            "exported as `Qwen2MoeForCausalLM`: the standard class whose layers can each be "
+            "dense (`mlp_only_layers`, own `intermediate_size`) or MoE, with plain RoPE "
+            "attention and renormalised top-k routing. Its shared expert has width 0 and "
+            "adds exactly zero."
+        )
+    if fmt != "vision-encoder" and _trained_on_conversations(cfg):
+        notes.append(
+            "The tokenizer carries the run's chat template (`chat_template.jinja`): "
+            "`tokenizer.apply_chat_template(messages)` gives the token ids training used, "
+            "and with `add_generation_prompt=True` ends with the assistant marker. Answers "
+            f"end with `{cfg.data.conversations.chat_template.end_of_turn}`, where "
+            "`generate()` stops (`generation_config.json`)."
+        )
+    if fmt == "mm1" and cfg.data.tiling.mode != "none":
+        tiling = cfg.data.tiling
+        notes.append(
+            "`AutoProcessor.from_pretrained(path, trust_remote_code=True)` cuts images into "
+            f"the tiles training used ({tiling.mode}, {tiling.tile_size} px) and expands each "
+            "`<image>` of a prompt into one run of image tokens per tile: "
+            '`model.generate(**processor(text=prompt, images=images, return_tensors="pt"))`.'
+        )
+    return "\n\n".join(notes)
 
 
 def _load_extras(step: Path) -> Dict[str, torch.Tensor]:
@@ -133,15 +153,38 @@ def _load_extras(step: Path) -> Dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def _trained_on_conversations(cfg) -> bool:
+    """A fine-tuning run: its exported tokenizer carries the chat template."""
+    return cfg.data.mixture.get("conversation", 0) > 0
+
+
 def _write_side_files(
     folder: Path, fmt: str, cfg, tokenizer, special, step: Path, dtype: str
 ) -> None:
+    chat = cfg.data.conversations.chat_template if _trained_on_conversations(cfg) else None
     if tokenizer is not None:
-        write_tokenizer(tokenizer, folder)
+        write_tokenizer(tokenizer, folder, chat_template=chat)
     if special is not None:
-        write_generation_config(folder, special)
-    if fmt != "language-model":
+        stops = []
+        if chat is not None and tokenizer is not None:  # answers end with the end-of-turn
+            from mm1_megatron.conversion.chat_template import marker_ids
+
+            stops = [marker_ids(chat, tokenizer.tokenizer)[chat.end_of_turn]]
+        write_generation_config(folder, special, extra_stop_ids=stops)
+    tiled = cfg.data.tiling.mode != "none"
+    if fmt == "mm1" and tiled:
+        from mm1_megatron.conversion.mm1_processor import write_mm1_processor
+
+        write_mm1_processor(folder, cfg)
+    elif fmt != "language-model":
         write_image_processor_config(folder, cfg.model.vision)
+        if tiled:
+            logger.warning(
+                "the run tiles its images (data.tiling.mode=%s) but a %s export's image "
+                "processor does not; export with --format mm1 for training's tiles",
+                cfg.data.tiling.mode,
+                fmt,
+            )
     if fmt == "mm1":  # the code config.json's auto_map names
         from mm1_megatron.hf_model import write_model_code
 

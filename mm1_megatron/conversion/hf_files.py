@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 from mm1_megatron.config import MM1Config
 from mm1_megatron.config.schema import VisionEncoderConfig
@@ -43,12 +43,18 @@ PIPELINE_TAGS = {
 }
 
 
-def write_generation_config(folder: Path, special: Dict[str, int]) -> None:
+def write_generation_config(
+    folder: Path, special: Dict[str, int], extra_stop_ids: Sequence[int] = ()
+) -> None:
+    """bos / eos / pad ids; ``extra_stop_ids`` also end generation (a fine-tuned model
+    closes its answers with the chat template's end-of-turn marker)."""
     from transformers import GenerationConfig
 
+    eos = special.get("eos")
+    stops = [eos, *[i for i in extra_stop_ids if i != eos]] if extra_stop_ids else eos
     GenerationConfig(
         bos_token_id=special.get("bos"),
-        eos_token_id=special.get("eos"),
+        eos_token_id=stops,
         pad_token_id=special.get("pad"),
         do_sample=False,
     ).save_pretrained(str(folder))

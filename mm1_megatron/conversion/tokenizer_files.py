@@ -126,11 +126,17 @@ def _sentencepiece_tokenizer(source: TokenizerSource, folder: Path):
     return _with_training_specials(hf, source)
 
 
-def write_tokenizer(source: TokenizerSource, folder: Path) -> None:
+def write_tokenizer(source: TokenizerSource, folder: Path, chat_template=None) -> None:
+    """The tokenizer files; with ``chat_template`` (the run's ``ChatTemplateConfig``) also
+    its Jinja chat template and markers (``conversion/chat_template.py``)."""
     if source.kind == "synthetic":
         hf = _synthetic_tokenizer_fast(source.tokenizer)
     elif source.kind == "huggingface":
         hf = _with_training_specials(source.tokenizer.hf, source)
     else:
         hf = _sentencepiece_tokenizer(source, folder)
+    if chat_template is not None:
+        from mm1_megatron.conversion.chat_template import add_chat_template
+
+        add_chat_template(hf, chat_template, source.tokenizer)
     hf.save_pretrained(str(folder))

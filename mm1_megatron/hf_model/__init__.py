@@ -5,7 +5,10 @@
   ``transformers`` model alike;
 - ``configuration_mm1.py``: ``MM1HFConfig`` (``model_type: mm1``);
 - ``modeling_mm1.py``: ``MM1ForConditionalGeneration``;
-- ``register.py``: registers the two with the Auto classes.
+- ``image_processing_mm1.py`` / ``processing_mm1.py``: ``MM1ImageProcessor`` (tiles
+  images as ``data.tiling`` does) and ``MM1Processor`` (expands ``<image>`` markers),
+  shipped only with exports of runs that tile their images (``PROCESSOR_CODE_FILES``);
+- ``register.py``: registers them with the Auto classes.
 
 The exporter copies the first three (``CODE_FILES``) into every MM1 folder and names them
 in ``config.json``'s ``auto_map`` (``AUTO_MAP``), so the folder loads with
@@ -29,9 +32,16 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_mm1.MM1ForConditionalGeneration",
 }
 
+PROCESSOR_CODE_FILES = ("image_processing_mm1.py", "processing_mm1.py")
+PROCESSOR_AUTO_MAP = {
+    "AutoImageProcessor": "image_processing_mm1.MM1ImageProcessor",
+    "AutoProcessor": "processing_mm1.MM1Processor",
+}
 
-def write_model_code(folder: Union[str, Path]) -> None:
-    """Copy ``CODE_FILES`` into ``folder`` (an export), for ``trust_remote_code`` loads."""
+
+def write_model_code(folder: Union[str, Path], names=CODE_FILES) -> None:
+    """Copy ``names`` (``CODE_FILES`` by default) into ``folder`` (an export), for
+    ``trust_remote_code`` loads."""
     here = Path(__file__).resolve().parent
-    for name in CODE_FILES:
+    for name in names:
         shutil.copyfile(here / name, Path(folder) / name)

@@ -6,7 +6,9 @@ connector is built by the very table training uses (``connectors_mm1.build_conne
 and the language model is the standard causal LM the decoder exports to. ``generate()``
 takes ``input_ids`` in which each image is a run of ``num_image_tokens`` image tokens,
 plus ``pixel_values``; the images are encoded once, in the prefill step, and the KV
-cache does the rest.
+cache does the rest. Images (high-resolution tiles) of another size than the tower's
+``image_size`` read its position table resized bicubically to their patch grid, as
+training's ViT does; ``MM1Processor`` (``processing_mm1.py``) cuts the tiles.
 
 This file, ``configuration_mm1.py`` and ``connectors_mm1.py`` are copied into every
 exported MM1 folder, whose ``config.json`` names them in ``auto_map``: the folder then
@@ -82,8 +84,13 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[n, c, H, W]`` -> ``[n, num_image_tokens, text_hidden]``."""
         weight = self.vision_tower.embeddings.patch_embedding.weight
+        size = self.config.vision_config.image_size
+        # Tiles of another size (high-resolution fine-tuning) read the position table
+        # resized bicubically to their patch grid, as training's ViT does.
+        other_size = tuple(pixel_values.shape[-2:]) != (size, size)
         hidden = self.vision_tower(
-            pixel_values=pixel_values.to(device=weight.device, dtype=weight.dtype)
+            pixel_values=pixel_values.to(device=weight.device, dtype=weight.dtype),
+            **({"interpolate_pos_encoding": True} if other_size else {}),
         ).last_hidden_state
         # CLIP's class token is not an image token; SigLIP has none.
         skip = 1 if self.config.vision_config.model_type == "clip_vision_model" else 0
@@ -118,8 +125,11 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         labels=None,
         use_cache=None,
         logits_to_keep=0,
+        num_tiles=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        # num_tiles (from MM1Processor: tiles per image) is informative only: the tiles'
+        # image tokens are already in input_ids, in order.
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         # transformers 5 hands generate()'s cache over as ``cache``; older releases (and

@@ -1,0 +1,70 @@
+"""The processor of an ``mm1`` export whose run tiles its images (``data.tiling``).
+
+Writes ``MM1ImageProcessor`` (``preprocessor_config.json``: the run's tiling settings and
+the encoder's mean / std) and ``MM1Processor`` (``processor_config.json``: the image
+marker and the connector's token count), with their code (``image_processing_mm1.py``,
+``processing_mm1.py``) named in ``auto_map``. ``AutoProcessor.from_pretrained(folder,
+trust_remote_code=True)`` then cuts images into training's tiles and expands each
+``<image>`` marker of a prompt into one placeholder per tile, each the connector's
+``num_output_tokens`` image tokens. Runs without tiles keep the ``CLIPImageProcessor``
+config (``hf_files.write_image_processor_config``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from mm1_megatron.config import MM1Config
+from mm1_megatron.data.shards.conversations import IMAGE_MARKER
+
+logger = logging.getLogger(__name__)
+
+
+def tiling_processor_configs(cfg: MM1Config):
+    """``(preprocessor_config, processor_config)`` dicts for the run's tiles."""
+    from mm1_megatron.hf_model import PROCESSOR_AUTO_MAP
+
+    tiling, vision = cfg.data.tiling, cfg.model.vision
+    settings = {
+        "mode": tiling.mode,
+        "tile_size": tiling.tile_size,
+        "static_grid": list(tiling.static_grid),
+        "min_tiles": tiling.min_tiles,
+        "max_tiles": tiling.max_tiles,
+        "overview": tiling.overview,
+        "max_images_to_split": tiling.max_images_to_split,
+        "image_mean": [float(m) for m in vision.image_mean],
+        "image_std": [float(s) for s in vision.image_std],
+    }
+    image_processor = {
+        "image_processor_type": "MM1ImageProcessor",
+        "auto_map": dict(PROCESSOR_AUTO_MAP),
+        **settings,
+    }
+    processor = {
+        "processor_class": "MM1Processor",
+        "auto_map": {"AutoProcessor": PROCESSOR_AUTO_MAP["AutoProcessor"]},
+        "num_image_tokens": cfg.model.connector.num_output_tokens,
+        "image_token": IMAGE_MARKER,
+    }
+    return image_processor, processor
+
+
+def write_mm1_processor(folder: Path, cfg: MM1Config) -> None:
+    from mm1_megatron.hf_model import PROCESSOR_CODE_FILES, write_model_code
+    from mm1_megatron.hf_model.image_processing_mm1 import MM1ImageProcessor
+
+    image_processor, processor = tiling_processor_configs(cfg)
+    skip = ("auto_map", "image_processor_type")
+    MM1ImageProcessor(**{k: v for k, v in image_processor.items() if k not in skip})  # checks
+    write_model_code(folder, PROCESSOR_CODE_FILES)
+    for name, content in (
+        ("preprocessor_config.json", image_processor),
+        ("processor_config.json", processor),
+    ):
+        (Path(folder) / name).write_text(json.dumps(content, indent=2) + "\n")
+    logger.info(
+        "wrote MM1Processor: %s tiles of %d px", cfg.data.tiling.mode, cfg.data.tiling.tile_size
+    )

@@ -1,0 +1,124 @@
+"""``MM1Processor``: prompt text and images -> ``input_ids`` and tiles, as training built them.
+
+The image processor (``MM1ImageProcessor``) cuts each image into tiles; every ``<image>``
+marker of the text, in order, then becomes ``num_tiles x num_image_tokens`` image tokens
+(one placeholder per tile, each expanded to the connector's token count), and the text is
+tokenized without adding special tokens: a prompt written by the tokenizer's chat
+template already starts with bos::
+
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    batch = processor(text=text, images=[image], return_tensors="pt")
+    model.generate(**batch, max_new_tokens=64)
+
+``images`` are the images of the prompt in marker order (or, for a batch of prompts, one
+list per prompt, or one flat list in marker order across them); a prompt's images are
+tiled together, since a sample with ``max_images_to_split`` images or more is not split.
+
+This file travels with every exported MM1 model whose run tiles its images and is loaded
+with ``trust_remote_code``: it imports only the standard library and transformers.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from transformers.processing_utils import ProcessorMixin
+from transformers.tokenization_utils_base import BatchEncoding
+
+
+def _per_prompt(images, markers: List[int]) -> List[list]:
+    """Split ``images`` into one list per prompt, checking the marker counts."""
+    if images is None:
+        images = []
+    elif hasattr(images, "dim") and images.dim() == 4:  # a [n, 3, H, W] tensor
+        images = list(images)
+    elif not isinstance(images, (list, tuple)):
+        images = [images]
+    nested = len(images) > 0 and all(isinstance(item, (list, tuple)) for item in images)
+    if nested:
+        if len(images) != len(markers):
+            raise ValueError(
+                f"images has {len(images)} lists for {len(markers)} prompts; give one list "
+                "of images per prompt, or one flat list in marker order"
+            )
+        groups = [list(group) for group in images]
+    else:
+        if len(images) != sum(markers):
+            raise ValueError(
+                f"the text has {sum(markers)} image markers but {len(images)} images were "
+                "given; each image needs one marker, in order"
+            )
+        starts = [sum(markers[:index]) for index in range(len(markers))]
+        groups = [list(images[start : start + n]) for start, n in zip(starts, markers)]
+    for index, (group, count) in enumerate(zip(groups, markers)):
+        if len(group) != count:
+            raise ValueError(
+                f"prompt {index} has {count} image markers but {len(group)} images; each "
+                "image needs one marker, in order"
+            )
+    return groups
+
+
+class MM1Processor(ProcessorMixin):
+    """``MM1ImageProcessor`` plus the tokenizer; expands image markers as training did."""
+
+    # As transformers marks a class loaded with trust_remote_code: save_pretrained() then
+    # writes this file next to the config and names it in auto_map.
+    _auto_class = "AutoProcessor"
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens: int = 144,
+        image_token: str = "<image>",
+        chat_template=None,
+    ):
+        if num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens={num_image_tokens} must be >= 1")
+        self.num_image_tokens = int(num_image_tokens)
+        self.image_token = image_token
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+
+    def __call__(self, images=None, text=None, return_tensors=None, **kwargs) -> BatchEncoding:
+        """``input_ids`` / ``attention_mask`` of ``text`` with its image markers expanded,
+        plus ``pixel_values`` ``[num_tiles, 3, T, T]`` and ``num_tiles`` per image when
+        there are images. Other keywords (``padding``, ...) go to the tokenizer."""
+        if text is None:
+            raise ValueError("MM1Processor needs text with one image marker per image")
+        prompts = [text] if isinstance(text, str) else list(text)
+        markers = [prompt.count(self.image_token) for prompt in prompts]
+        groups = _per_prompt(images, markers)
+        kwargs.setdefault("add_special_tokens", False)  # the chat template writes bos
+        if sum(markers) == 0:
+            return self.tokenizer(
+                text if isinstance(text, str) else prompts, return_tensors=return_tensors, **kwargs
+            )
+        pixels = self.image_processor(groups, return_tensors="pt")
+        counts = iter(pixels["num_tiles"].tolist())
+        expanded = []
+        for prompt in prompts:
+            pieces = prompt.split(self.image_token)
+            out = [pieces[0]]
+            for piece in pieces[1:]:
+                out += [self.image_token * (next(counts) * self.num_image_tokens), piece]
+            expanded.append("".join(out))
+        encoding = self.tokenizer(
+            expanded[0] if isinstance(text, str) else expanded,
+            return_tensors=return_tensors,
+            **kwargs,
+        )
+        encoding["pixel_values"] = pixels["pixel_values"]
+        encoding["num_tiles"] = pixels["num_tiles"]
+        return encoding
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+    @property
+    def model_input_names(self):
+        return [*self.tokenizer.model_input_names, "pixel_values", "num_tiles"]
