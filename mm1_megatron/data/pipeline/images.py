@@ -22,8 +22,9 @@ bad image never fails a batch.
 **Tiles** (``data.tiling``, PIL only): ``decode_tiles`` decodes each image at its own
 size (EXIF orientation applied, 8-bit RGB), cuts it into the tiles of its plan with
 ``tiling.tile_image`` (as the synthetic pipeline does; the exported processor carries its
-own copy, tested equal) and normalises each tile. ``image_size_of`` reads an image's oriented size from its
-header alone, so a plan (and the sample's token count) is known before packing.
+own copy, tested equal) and normalises each tile. ``image_size_of`` reads an image's
+oriented size from its header alone, so a plan (and the sample's token count) is known
+before packing.
 """
 
 from __future__ import annotations
