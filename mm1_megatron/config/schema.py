@@ -252,6 +252,7 @@ class TilingConfig:
     overview: OverviewPlacement = "after"  # the whole image at tile_size, after the tiles
     max_images_to_split: int = 3  # samples with this many images or more are not split
     min_image_side: int = 16  # image files with a shorter side are skipped (too_small)
+    separator: Optional[str] = None  # a single token between the tiles of a split image
 
 
 @dataclass

@@ -479,6 +479,11 @@ def _check_tiling_and_conversations(cfg: MM1Config, err: _Errors) -> None:
         f"{p}.max_images_to_split={t.max_images_to_split} must be >= 2 (a sample with one "
         f"image is always split; MM1.5 stops splitting at 3)",
     )
+    err.check(
+        t.separator is None or (t.mode != "none" and t.separator.strip() != ""),
+        f"{p}.separator={t.separator!r} is only used with {p}.mode static or dynamic, and "
+        f"must be a non-empty token (or null)",
+    )
     if t.mode != "none":
         err.check(
             cfg.data.source != "webdataset" or cfg.data.images.decoder == "pil",

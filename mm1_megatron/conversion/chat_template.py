@@ -115,11 +115,22 @@ def marker_ids(template: ChatTemplateConfig, tokenizer) -> Dict[str, int]:
 def add_chat_template(hf, template: ChatTemplateConfig, tokenizer) -> None:
     """Make the markers, bos, eos and ``<image>`` added special tokens of ``hf`` (the
     exported ``transformers`` tokenizer) at training's ids, and set its chat template."""
-    from transformers import AddedToken
-
     expected = marker_ids(template, tokenizer)
     expected[hf.convert_ids_to_tokens(tokenizer.bos_token_id)] = tokenizer.bos_token_id
     expected[hf.convert_ids_to_tokens(tokenizer.eos_token_id)] = tokenizer.eos_token_id
+    add_special_tokens(hf, expected)
+    hf.chat_template = chat_template_jinja(
+        template,
+        bos=hf.convert_ids_to_tokens(tokenizer.bos_token_id),
+        eos=hf.convert_ids_to_tokens(tokenizer.eos_token_id),
+    )
+
+
+def add_special_tokens(hf, expected: Dict[str, int]) -> None:
+    """Make each token of ``expected`` an added special token of ``hf`` (so text around it
+    never merges with it) and check it keeps training's id."""
+    from transformers import AddedToken
+
     hf.add_tokens(
         [AddedToken(token, special=True, normalized=False) for token in expected],
         special_tokens=True,
@@ -127,11 +138,6 @@ def add_chat_template(hf, template: ChatTemplateConfig, tokenizer) -> None:
     for token, token_id in expected.items():
         if hf.convert_tokens_to_ids(token) != token_id:
             raise ConversionError(
-                f"chat template token {token!r} has id {hf.convert_tokens_to_ids(token)} in "
+                f"special token {token!r} has id {hf.convert_tokens_to_ids(token)} in "
                 f"the exported tokenizer but {token_id} in training"
             )
-    hf.chat_template = chat_template_jinja(
-        template,
-        bos=hf.convert_ids_to_tokens(tokenizer.bos_token_id),
-        eos=hf.convert_ids_to_tokens(tokenizer.eos_token_id),
-    )

@@ -163,7 +163,10 @@ def _write_side_files(
 ) -> None:
     chat = cfg.data.conversations.chat_template if _trained_on_conversations(cfg) else None
     if tokenizer is not None:
-        write_tokenizer(tokenizer, folder, chat_template=chat)
+        separator = cfg.data.tiling.separator if cfg.data.tiling.mode != "none" else None
+        write_tokenizer(
+            tokenizer, folder, chat_template=chat, special_tokens=[separator] if separator else []
+        )
     if special is not None:
         stops = []
         if chat is not None and tokenizer is not None:  # answers end with the end-of-turn

@@ -48,6 +48,7 @@ def tiling_processor_configs(cfg: MM1Config):
         "auto_map": {"AutoProcessor": PROCESSOR_AUTO_MAP["AutoProcessor"]},
         "num_image_tokens": cfg.model.connector.num_output_tokens,
         "image_token": IMAGE_MARKER,
+        "tile_separator": tiling.separator,
     }
     return image_processor, processor
 

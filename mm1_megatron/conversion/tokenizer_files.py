@@ -126,9 +126,12 @@ def _sentencepiece_tokenizer(source: TokenizerSource, folder: Path):
     return _with_training_specials(hf, source)
 
 
-def write_tokenizer(source: TokenizerSource, folder: Path, chat_template=None) -> None:
+def write_tokenizer(
+    source: TokenizerSource, folder: Path, chat_template=None, special_tokens=()
+) -> None:
     """The tokenizer files; with ``chat_template`` (the run's ``ChatTemplateConfig``) also
-    its Jinja chat template and markers (``conversion/chat_template.py``)."""
+    its Jinja chat template and markers (``conversion/chat_template.py``); each of
+    ``special_tokens`` (e.g. the tile separator) kept a single token at training's id."""
     if source.kind == "synthetic":
         hf = _synthetic_tokenizer_fast(source.tokenizer)
     elif source.kind == "huggingface":
@@ -139,4 +142,9 @@ def write_tokenizer(source: TokenizerSource, folder: Path, chat_template=None) -
         from mm1_megatron.conversion.chat_template import add_chat_template
 
         add_chat_template(hf, chat_template, source.tokenizer)
+    if special_tokens:
+        from mm1_megatron.conversion.chat_template import add_special_tokens
+        from mm1_megatron.data.shards.conversations import template_token
+
+        add_special_tokens(hf, {t: template_token(source.tokenizer, t) for t in special_tokens})
     hf.save_pretrained(str(folder))

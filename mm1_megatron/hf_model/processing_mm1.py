@@ -72,12 +72,14 @@ class MM1Processor(ProcessorMixin):
         tokenizer=None,
         num_image_tokens: int = 144,
         image_token: str = "<image>",
+        tile_separator=None,
         chat_template=None,
     ):
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens={num_image_tokens} must be >= 1")
         self.num_image_tokens = int(num_image_tokens)
         self.image_token = image_token
+        self.tile_separator = tile_separator or ""  # between the tiles of one image
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
@@ -102,7 +104,8 @@ class MM1Processor(ProcessorMixin):
             pieces = prompt.split(self.image_token)
             out = [pieces[0]]
             for piece in pieces[1:]:
-                out += [self.image_token * (next(counts) * self.num_image_tokens), piece]
+                tile = self.image_token * self.num_image_tokens
+                out += [self.tile_separator.join([tile] * next(counts)), piece]
             expanded.append("".join(out))
         encoding = self.tokenizer(
             expanded[0] if isinstance(text, str) else expanded,

@@ -46,7 +46,9 @@ COMMON = (
     "data.tiling.tile_size=112",
 )
 EXPORTS = {
-    "static": COMMON + ("data.tiling.mode=static", "data.tiling.overview=after"),
+    # A separator between the tiles of a split image (any single token; "next" here).
+    "static": COMMON
+    + ("data.tiling.mode=static", "data.tiling.overview=after", "data.tiling.separator=next"),
     "dynamic": COMMON
     + (
         "data.tiling.mode=dynamic",
@@ -113,7 +115,7 @@ def _messages(turns):
 def _ours(cfg, case: Case):
     """Training's pipeline: token ids, then the packed sequence's tokens and tiles."""
     from mm1_megatron.data.pipeline.packing import Sample, pack_sequence
-    from mm1_megatron.data.pipeline.tiling import plan_tiles, tile_sample
+    from mm1_megatron.data.pipeline.tiling import plan_tiles, separator_token, tile_sample
     from mm1_megatron.data.shards.conversations import (
         ChatTemplate,
         Conversation,
@@ -133,6 +135,7 @@ def _ours(cfg, case: Case):
         cfg.data.tiling,
         image_token_id=tokenizer.image_token_id,
         fill=vision.image_mean,
+        separator_id=separator_token(cfg.data.tiling, tokenizer),
     )
     packed = pack_sequence(
         [sample],

@@ -177,7 +177,8 @@ def test_images_too_small_to_tile_are_skipped_and_counted(tmp_path):
     assert loader.skip_counts()["too_small"] >= 1
 
 
-def test_a_cut_interleaved_document_keeps_whole_images_only(tmp_path):
+@pytest.mark.parametrize("separator", [None, "next"])
+def test_a_cut_interleaved_document_keeps_whole_images_only(tmp_path, separator):
     rng = np.random.default_rng(3)
     paths = []
     for number in range(2):
@@ -187,12 +188,16 @@ def test_a_cut_interleaved_document_keeps_whole_images_only(tmp_path):
     document = ["here is a picture :", paths[0], "here is a picture :", paths[1], "."]
     build_shards([document], tmp_path / "docs", kind="interleaved", samples_per_shard=4,
                  input_id="cut", progress=False)  # fmt: skip
-    # 5 tiles per image; 7 tiles fit: the second image would be cut inside its tiles.
+    # 5 tiles per image; 7 fit: the second image would be cut inside its tiles.
+    extra = [] if separator is None else [f"data.tiling.separator={separator}"]
     batches, _ = _loader(tmp_path / "docs", "interleaved", "data.tiling.mode=static",
-                         "data.max_images_per_sequence=7")  # fmt: skip
+                         "data.max_images_per_sequence=7", *extra)  # fmt: skip
     batch = next(batches)
+    tokens = batch["tokens"][0]
     assert int(batch["num_images"][0]) == 5
-    assert int((batch["tokens"][0] == TOK.image_token_id).sum()) == 20
+    assert int((tokens == TOK.image_token_id).sum()) == 20
+    if separator is not None:  # 4 between the 5 tiles of the first image, none after
+        assert int((tokens == TOK.encode(separator)[0]).sum()) == 4
 
 
 def test_tiling_webdataset_runs_need_the_pil_decoder():

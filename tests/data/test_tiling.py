@@ -176,3 +176,43 @@ def test_tile_sample_gives_each_tile_a_placeholder_and_no_loss():
     )
     assert kept.token_ids == [image_token] * 3 and len(kept.images) == 3  # not split
     assert kept.trainable is None
+
+
+def test_separators_go_between_the_tiles_of_one_image_only():
+    from mm1_megatron.data.pipeline.tiling import repeat_placeholders
+
+    img, sep = 3, 9
+    ids, flags = repeat_placeholders(
+        [1, img, 5, img, 2], [False, False, True, False, True], [3, 1], image_token_id=img,
+        separator_id=sep,
+    )  # fmt: skip
+    assert ids == [1, img, sep, img, sep, img, 5, img, 2]
+    assert flags == [False, False, False, False, False, False, True, False, True]
+
+
+def test_a_cut_never_ends_inside_or_right_after_an_image_brute_force():
+    """``end_at_whole_image`` keeps the longest prefix that a brute-force check accepts:
+    not inside an image's tiles or separators, not ending with an image."""
+    import random
+
+    from mm1_megatron.data.pipeline.tiling import end_at_whole_image, repeat_placeholders
+
+    img, sep, text = 3, 9, 7
+    rng = random.Random(0)
+    for _ in range(60):
+        layout = [rng.choice([text, img]) for _ in range(rng.randint(1, 8))] + [2]
+        counts = [rng.randint(1, 4) for _ in range(layout.count(img))]
+        separator = rng.choice([None, sep])
+        full, _ = repeat_placeholders(layout, None, counts, image_token_id=img,
+                                      separator_id=separator)  # fmt: skip
+        groups, position = [], 0  # (start, end) of each image's tokens, found by hand
+        for count in counts:
+            start = full.index(img, position)
+            end = start + (count if separator is None else 2 * count - 1)
+            groups.append((start, end))
+            position = end
+        for length in range(len(full) + 1):
+            valid = [n for n in range(length + 1) if not any(s < n <= e for s, e in groups)]
+            kept, tiles = end_at_whole_image(full[:length], full, counts, img)
+            assert len(kept) == max(valid)
+            assert tiles == sum(c for c, (s, e) in zip(counts, groups) if e <= len(kept))

@@ -39,7 +39,13 @@ from mm1_megatron.config.schema import TilingConfig
 from mm1_megatron.data.pipeline.images import ImageDecoder, image_size_of
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
 from mm1_megatron.data.pipeline.packing import PackedSequence, assemble, cut_interleaved
-from mm1_megatron.data.pipeline.tiling import TilePlan, plan_tiles, repeat_placeholders
+from mm1_megatron.data.pipeline.tiling import (
+    TilePlan,
+    end_at_whole_image,
+    plan_tiles,
+    repeat_placeholders,
+    separator_token,
+)
 from mm1_megatron.data.shards.reader import (
     Manifest,
     MemberRange,
@@ -206,6 +212,7 @@ class _ShardSource:
         self.seq_length, self.num_image_tokens = seq_length, num_image_tokens
         self.max_images, self.seed = max_images, seed
         self.tiling = tiling if tiling is not None and tiling.mode != "none" else None
+        self.separator_id = separator_token(tiling, tokenizer) if self.tiling else None
 
     def _tile(
         self, sample: LoadedSample, ids: List[int], flags: Optional[List[bool]] = None
@@ -225,7 +232,13 @@ class _ShardSource:
             )
         sample.plans, sample.blobs = plan_tiles(sizes, self.tiling), blobs
         counts = [plan.num_tiles for plan in sample.plans]
-        return repeat_placeholders(ids, flags, counts, image_token_id=self.tokenizer.image_token_id)
+        return repeat_placeholders(
+            ids,
+            flags,
+            counts,
+            image_token_id=self.tokenizer.image_token_id,
+            separator_id=self.separator_id,
+        )
 
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, REPLACEMENT_STREAM, SOURCE_IDS[self.name], index])
@@ -371,13 +384,17 @@ class InterleavedSource(_ShardSource):
 
     def _load(self, position: int) -> ShardDocument:
         sample = self.corpus.load(position, self.tokenizer)
+        tiled = self._tile(sample, sample.token_ids)[0]
         kept, num_tiles = cut_interleaved(
-            self._tile(sample, sample.token_ids)[0],
+            tiled,
             seq_length=self.seq_length,
             num_image_tokens=self.num_image_tokens,
             max_images=self.max_images,
             image_token_id=self.tokenizer.image_token_id,
         )
+        if sample.plans is not None:  # never part of an image's tiles and separators
+            counts = [plan.num_tiles for plan in sample.plans]
+            kept, num_tiles = end_at_whole_image(kept, tiled, counts, self.tokenizer.image_token_id)
         sample.keep_tiles(num_tiles)  # later images are never decoded
         return ShardDocument(tokens=self._expand(kept), sample=sample)
 

@@ -178,11 +178,17 @@ def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def tile_sample(
-    sample: Sample, settings: TilingConfig, *, image_token_id: int, fill: Sequence[float]
+    sample: Sample,
+    settings: TilingConfig,
+    *,
+    image_token_id: int,
+    fill: Sequence[float],
+    separator_id: Optional[int] = None,
 ) -> Sample:
     """``sample`` with every image replaced by its tiles, each with its own placeholder
-    (never a loss target); a sample with ``max_images_to_split`` images or more, or with
-    tiling off, keeps one tile per image (the image at ``tile_size``)."""
+    (never a loss target), ``separator_id`` between the tiles of one image when given; a
+    sample with ``max_images_to_split`` images or more, or with tiling off, keeps one tile
+    per image (the image at ``tile_size``)."""
     sizes = [(int(image.shape[2]), int(image.shape[1])) for image in sample.images]
     plans = plan_tiles(sizes, settings)
     images: List[torch.Tensor] = []
@@ -193,6 +199,7 @@ def tile_sample(
         sample.trainable,
         [plan.num_tiles for plan in plans],
         image_token_id=image_token_id,
+        separator_id=separator_id,
     )
     return Sample(sample.source, token_ids, images, trainable=trainable)
 
@@ -203,16 +210,70 @@ def repeat_placeholders(
     tile_counts: Sequence[int],
     *,
     image_token_id: int,
+    separator_id: Optional[int] = None,
 ) -> Tuple[List[int], Optional[List[bool]]]:
-    """One placeholder per image -> ``tile_counts[i]`` adjacent placeholders for image
-    ``i`` (never loss targets); ``trainable`` (or None) follows the ids."""
+    """One placeholder per image -> ``tile_counts[i]`` placeholders for image ``i``,
+    adjacent or with ``separator_id`` between them (neither is ever a loss target);
+    ``trainable`` (or None) follows the ids."""
     counts = iter(tile_counts)
     flags = trainable if trainable is not None else [True] * len(token_ids)
     ids: List[int] = []
     expanded: Optional[List[bool]] = [] if trainable is not None else None
     for token, flag in zip(token_ids, flags):
-        count = next(counts) if token == image_token_id else 1
-        ids += [token] * count
+        if token != image_token_id:
+            ids.append(token)
+            if expanded is not None:
+                expanded.append(flag)
+            continue
+        group = tile_group(next(counts), image_token_id, separator_id)
+        ids += group
         if expanded is not None:
-            expanded += [flag and token != image_token_id] * count
+            expanded += [False] * len(group)
     return ids, expanded
+
+
+def separator_token(settings: TilingConfig, tokenizer) -> Optional[int]:
+    """The id of ``data.tiling.separator`` (None when unset or tiling is off)."""
+    if settings.mode == "none" or not settings.separator:
+        return None
+    from mm1_megatron.data.shards.conversations import template_token
+
+    try:
+        return template_token(tokenizer, settings.separator)
+    except ValueError as exc:
+        raise ValueError(
+            f"data.tiling.separator={settings.separator!r} must be a single token of the "
+            f"tokenizer: {exc}"
+        ) from exc
+
+
+def tile_group(num_tiles: int, image_token_id: int, separator_id: Optional[int]) -> List[int]:
+    """The ids of one image's tiles: placeholders, with separators between them if any."""
+    if separator_id is None:
+        return [image_token_id] * num_tiles
+    return [image_token_id] + [separator_id, image_token_id] * (num_tiles - 1)
+
+
+def end_at_whole_image(
+    prefix: Sequence[int], full: Sequence[int], tile_counts: Sequence[int], image_token_id: int
+) -> Tuple[List[int], int]:
+    """``prefix`` of the tiled ids ``full`` shortened so that it neither ends inside an
+    image's tiles (separators included) nor with an image (a cut right after an image
+    keeps nothing of it, as ``packing.cut_interleaved`` does); and its number of tiles."""
+    starts, ends = [], []  # each image's first and one-past-last position in ``full``
+    position = 0
+    for count in tile_counts:
+        while full[position] != image_token_id:
+            position += 1
+        start, seen = position, 0
+        while seen < count:
+            seen += int(full[position] == image_token_id)
+            position += 1
+        starts.append(start)
+        ends.append(position)
+    length = len(prefix)
+    for start, end in reversed(list(zip(starts, ends))):
+        if start < length <= end:  # inside the image, or right after it
+            length = start
+    kept = sum(count for count, end in zip(tile_counts, ends) if end <= length)
+    return list(prefix[:length]), kept

@@ -23,7 +23,7 @@ from mm1_megatron.data.pipeline.packing import (
     check_packing_arguments,
     pack_sequence,
 )
-from mm1_megatron.data.pipeline.tiling import tile_sample
+from mm1_megatron.data.pipeline.tiling import separator_token, tile_sample
 from mm1_megatron.data.shards.conversations import (
     ChatTemplate,
     template_token,
@@ -72,6 +72,7 @@ class SyntheticSequences:
         # With tiling, scenes are drawn at twice the tile size and tiled like any image;
         # ``image_size`` is then the tile size the encoder sees.
         self.draw_size = image_size if self.tiling.mode == "none" else 2 * image_size
+        self.separator_id = separator_token(self.tiling, self.tokenizer)
         self.generator = SyntheticGenerator(self.tokenizer, self.draw_size)
         self.packing = dict(
             seq_length=seq_length,
@@ -106,6 +107,7 @@ class SyntheticSequences:
                     self.tiling,
                     image_token_id=self.tokenizer.image_token_id,
                     fill=self.packing["image_mean"],
+                    separator_id=self.separator_id,
                 )
                 for sample in samples
             )
