@@ -117,8 +117,23 @@ def _build_dataclass(cls, values: Dict[str, Any], path: str):
     return cls(**kwargs)
 
 
+# Top-level sections of the same stacked YAML files that other tools read and the trainer
+# skips: ``cluster`` belongs to ``mm1-launch`` (mm1_megatron/launch, docs/cluster.md), so a
+# cluster overlay can be passed to both.
+LAUNCHER_SECTIONS = ("cluster",)
+
+
+def section_from_dict(cls, values: Dict[str, Any], path: str):
+    """Build the dataclass ``cls`` from a mapping with the checks and messages of the
+    config loader; ``path`` is the dotted section name used in those messages."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of {cls.__name__} fields, got {values!r}")
+    return _build_dataclass(cls, values, path)
+
+
 def config_from_dict(values: Dict[str, Any]) -> MM1Config:
-    return _build_dataclass(MM1Config, values or {}, "")
+    values = {k: v for k, v in (values or {}).items() if k not in LAUNCHER_SECTIONS}
+    return _build_dataclass(MM1Config, values, "")
 
 
 def _set_dotted(tree: Dict[str, Any], dotted_key: str, value: Any) -> None:
@@ -185,11 +200,16 @@ def load_config(path: ConfigPaths = None, overrides: Sequence[str] = ()) -> MM1C
     config): mappings merge key by key, anything else in a later file replaces the
     earlier value. Dotted overrides apply last.
     """
+    return config_from_dict(apply_overrides(read_config_trees(path), overrides))
+
+
+def read_config_trees(path: ConfigPaths = None) -> Dict[str, Any]:
+    """The merged tree of one or several YAML files (``load_config`` before overrides)."""
     paths = [] if path is None else [path] if isinstance(path, (str, Path)) else list(path)
     tree: Dict[str, Any] = {}
     for one in paths:
         tree = _deep_merge(tree, read_yaml_tree(one))
-    return config_from_dict(apply_overrides(tree, overrides))
+    return tree
 
 
 def config_to_dict(config) -> Dict[str, Any]:
