@@ -24,6 +24,7 @@ from mm1_megatron.batch import model_inputs
 from mm1_megatron.checkpoint import CheckpointManager, TrainingState
 from mm1_megatron.compat.moe import collect_moe_aux_losses
 from mm1_megatron.config import MM1Config, save_config, validate_config, validate_environment
+from mm1_megatron.config.layout import num_microbatches
 from mm1_megatron.data import SOURCE_IDS
 from mm1_megatron.data.build import build_run_data
 from mm1_megatron.data.pipeline.reporting import data_metrics
@@ -123,14 +124,7 @@ class Trainer:
     # ---- construction -------------------------------------------------------------------
     def _num_microbatches(self) -> int:
         t = self.cfg.training
-        per_step = t.micro_batch_size * self.dp_size
-        if t.global_batch_size % per_step:
-            raise ValueError(
-                f"training.global_batch_size={t.global_batch_size} must be a multiple "
-                f"of micro_batch_size x data_parallel = {t.micro_batch_size} x "
-                f"{self.dp_size} = {per_step}"
-            )
-        return t.global_batch_size // per_step
+        return num_microbatches(t.global_batch_size, t.micro_batch_size, self.dp_size)
 
     def _build_model(self, *, resuming: bool):
         cfg = self.cfg
