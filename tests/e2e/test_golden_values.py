@@ -1,5 +1,5 @@
-"""Pinned numbers: the per-step loss and gradient norm of 30 debug steps (single process,
-TP=2, MoE at EP=2) equal ``tests/golden/debug_30_steps.json``. The parallel tests compare
+"""Pinned numbers: the per-step loss and gradient norm of 30 debug steps (single process
+and MoE at EP=2) equal ``tests/golden/debug_30_steps.json``. The parallel tests compare
 layouts with each other; this catches a change that moves them all together. Regenerate
 only on purpose: ``python -m tests.golden.regenerate``.
 
