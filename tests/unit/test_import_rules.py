@@ -21,6 +21,8 @@ FORBIDDEN = {
     "inference": ("data", "training", "checkpoint", "conversion", "evaluation"),
     # Evaluation reads checkpoints and generates; it never reaches into the trainer.
     "evaluation": ("training", "conversion"),
+    # Rendering launch files needs no torch (tests/cluster/test_launch_render.py).
+    "launch": ("data", "models", "training", "checkpoint", "conversion", "scaling"),
     # Its model files also ship alone in exports (tests/conversion/test_standalone_model.py).
     "hf_model": (
         "batch",
@@ -35,6 +37,12 @@ FORBIDDEN = {
         "utils",
     ),
 }
+
+
+# The scaling tools sit on top: no other package imports them.
+for _package in ("batch", "checkpoint", "compat", "config", "conversion", "data",
+                 "evaluation", "inference", "models", "parallel", "training", "utils"):  # fmt: skip
+    FORBIDDEN[_package] = tuple(FORBIDDEN.get(_package, ())) + ("scaling", "launch")
 
 
 def imported_modules(path: Path):
