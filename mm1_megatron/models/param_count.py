@@ -121,30 +121,60 @@ def moe_layer_flags(m: LanguageModelConfig) -> List[bool]:
     return [m.moe.num_experts > 0 and i % freq == 0 for i in range(m.num_layers)]
 
 
-def language_model_params(m: LanguageModelConfig) -> tuple:
-    """(total, embedding, active) parameter counts of the decoder."""
+@dataclass(frozen=True)
+class DecoderLayerParams:
+    """One decoder layer's parameters by how parallelism splits them: ``attention`` and
+    ``dense_mlp`` are tensor-parallel matrices, ``experts`` are spread over expert
+    parallelism, ``norms`` and ``router`` are replicated."""
+
+    norms: int
+    attention: int  # fused QKV (+ bias) and the output projection
+    dense_mlp: int  # SwiGLU of a dense layer (0 for an MoE layer)
+    router: int
+    experts: int  # all experts of an MoE layer
+    active_experts: int  # the top-k experts a token runs through
+
+    @property
+    def total(self) -> int:
+        return self.norms + self.attention + self.dense_mlp + self.router + self.experts
+
+    @property
+    def active(self) -> int:
+        return self.norms + self.attention + self.dense_mlp + self.router + self.active_experts
+
+
+def decoder_layer_params(m: LanguageModelConfig, is_moe: bool) -> DecoderLayerParams:
     h = m.hidden_size
     head_dim = h // m.num_attention_heads
     groups = m.num_query_groups or m.num_attention_heads
     qkv_rows = (m.num_attention_heads + 2 * groups) * head_dim
     attention = (
-        h  # input RMSNorm
-        + h * qkv_rows
+        h * qkv_rows
         + (qkv_rows if m.qkv_bias else 0)  # fused QKV (+ bias)
         + m.num_attention_heads * head_dim * h
     )  # output projection
-    dense_mlp = h + 3 * h * m.ffn_hidden_size  # pre-MLP RMSNorm + SwiGLU (fc1 is 2f wide)
-    expert_ffn = m.moe.expert_ffn_hidden_size or m.ffn_hidden_size
+    norms = 2 * h  # input and pre-MLP RMSNorm
+    if not is_moe:  # SwiGLU: fc1 is 2f wide
+        return DecoderLayerParams(norms, attention, 3 * h * m.ffn_hidden_size, 0, 0, 0)
+    per_expert = 3 * h * (m.moe.expert_ffn_hidden_size or m.ffn_hidden_size)
+    return DecoderLayerParams(
+        norms,
+        attention,
+        0,
+        h * m.moe.num_experts,
+        m.moe.num_experts * per_expert,
+        m.moe.top_k * per_expert,
+    )
+
+
+def language_model_params(m: LanguageModelConfig) -> tuple:
+    """(total, embedding, active) parameter counts of the decoder."""
+    h = m.hidden_size
     total = active = 0
     for is_moe in moe_layer_flags(m):
-        if is_moe:
-            per_expert = 3 * h * expert_ffn
-            router = h * m.moe.num_experts
-            total += attention + h + router + m.moe.num_experts * per_expert
-            active += attention + h + router + m.moe.top_k * per_expert
-        else:
-            total += attention + dense_mlp
-            active += attention + dense_mlp
+        layer = decoder_layer_params(m, is_moe)
+        total += layer.total
+        active += layer.active
     embedding = m.vocab_size * h * (1 if m.tie_embeddings else 2)
     final_norm = h
     return total + embedding + final_norm, embedding, active + embedding + final_norm

@@ -83,6 +83,36 @@ def one_document_pairs(seq_length: int) -> int:
     return seq_length * (seq_length + 1) // 2
 
 
+def decoder_attention_forward_flops(model: ModelConfig, attention_pairs: int) -> float:
+    """Forward FLOPs of the decoder's core attention over ``attention_pairs`` causal
+    query-key pairs, all layers: Q K^T and (scores x V), 2 x hidden multiply-adds per pair
+    and layer."""
+    llm = model.llm
+    return 2 * llm.num_layers * 2 * llm.hidden_size * attention_pairs
+
+
+def decoder_layer_forward_flops(
+    model: ModelConfig, seq_length: int, layer_index: int, attention_pairs: Optional[int] = None
+) -> float:
+    """Forward FLOPs of decoder layer ``layer_index`` for one sequence (active experts
+    only; its norms and router are counted as matmul weights, as in
+    ``language_model_forward_flops``). The layers and ``output_layer_forward_flops`` add up
+    to ``language_model_forward_flops``."""
+    llm = model.llm
+    if attention_pairs is None:
+        attention_pairs = one_document_pairs(seq_length)
+    is_moe = param_count.moe_layer_flags(llm)[layer_index]
+    weights = param_count.decoder_layer_params(llm, is_moe).active
+    return 2 * (seq_length * weights + 2 * llm.hidden_size * attention_pairs)
+
+
+def output_layer_forward_flops(model: ModelConfig, seq_length: int) -> float:
+    """Forward FLOPs of the final norm and output layer for one sequence (a matmul even
+    when tied to the embedding)."""
+    llm = model.llm
+    return 2 * seq_length * (llm.vocab_size * llm.hidden_size + llm.hidden_size)
+
+
 def language_model_forward_flops(
     model: ModelConfig, seq_length: int, attention_pairs: Optional[int] = None
 ) -> float:
@@ -95,9 +125,7 @@ def language_model_forward_flops(
     # Active non-embedding weights are all matmul weights except norms and the router's
     # tiny share; the output layer is a matmul even when tied.
     matmul_params = counts.llm_active_non_embedding + llm.vocab_size * llm.hidden_size
-    # Q K^T and (scores x V): 2 x hidden multiply-adds per pair, per layer.
-    attention = llm.num_layers * 2 * llm.hidden_size * attention_pairs
-    return 2 * (seq_length * matmul_params + attention)
+    return 2 * seq_length * matmul_params + decoder_attention_forward_flops(model, attention_pairs)
 
 
 def training_flops_per_step(
@@ -119,7 +147,7 @@ def training_flops_per_step(
     )
     forward = (
         num_sequences * language_model_forward_flops(model, seq_length, attention_pairs=0)
-        + 2 * model.llm.num_layers * 2 * model.llm.hidden_size * attention_pairs
+        + decoder_attention_forward_flops(model, attention_pairs)
         + num_images * per_image
     )
     return FORWARD_AND_BACKWARD * forward
