@@ -11,7 +11,10 @@ import pytest
 from tests.launch import run
 
 
-def test_gpu_check_cpu_mode_runs_the_fp32_and_throughput_steps(tmp_path):
+def test_gpu_check_cpu_mode_runs_the_throughput_step(tmp_path):
+    """The throughput step (two training launches through the same ``_train`` the other
+    steps use). ``fp32_vs_cpu`` compares a GPU run with a CPU run: on a CPU-only machine
+    both are CPU runs, so running it here would prove nothing but two more launches."""
     import torch
 
     if torch.cuda.is_available():
@@ -23,7 +26,7 @@ def test_gpu_check_cpu_mode_runs_the_fp32_and_throughput_steps(tmp_path):
             "tools/gpu_check.py",
             "--allow-cpu",
             "--only",
-            "fp32_vs_cpu,throughput",
+            "throughput",
             "--output",
             str(output),
         ],
@@ -31,8 +34,6 @@ def test_gpu_check_cpu_mode_runs_the_fp32_and_throughput_steps(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     figures = json.loads(output.read_text())
-    assert figures["fp32_vs_cpu"]["status"] == "ok"
-    assert figures["fp32_vs_cpu"]["max_relative"] <= 1e-3
     throughput = figures["throughput"]
     assert throughput["status"] == "ok"
     for attention in ("per_document", "dense_mask_reference"):

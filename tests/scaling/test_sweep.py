@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +17,7 @@ from mm1_megatron.models.param_count import count_parameters
 from mm1_megatron.scaling.sweep import load_spec, plan_runs
 from mm1_megatron.scaling.sweep_files import read_sweep, write_sweep
 from tests.conftest import TINY_OVERRIDES
-from tests.launch import REPO, clean_env
+from tests.launch import REPO
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 
@@ -110,14 +108,13 @@ def test_bad_specs_are_refused_with_the_field(tmp_path, change, message):
         load_spec(_spec(tmp_path, **change))
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, env=clean_env(), capture_output=True,
-        text=True, timeout=600,
-    )  # fmt: skip
+def test_a_local_sweep_runs_and_reports(tmp_path, capsys, monkeypatch):
+    """The commands in this process; the run itself is a real training process."""
+    from mm1_megatron.scaling import report_cli, sweep_cli
 
-
-def test_a_local_sweep_runs_and_reports(tmp_path):
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
     spec = _spec(
         tmp_path,
         models=[{"name": "tiny", "overrides": {"model.llm.hidden_size": 32}}],
@@ -125,22 +122,20 @@ def test_a_local_sweep_runs_and_reports(tmp_path):
         overrides=[*TINY_OVERRIDES, "logging.log_interval=1"],
     )
     out = tmp_path / "sweep"
-    expanded = _cli("mm1_megatron.scaling.sweep_cli", "expand", str(spec), "--out", str(out))
-    assert expanded.returncode == 0, expanded.stderr[-3000:]
+    assert sweep_cli.main(["expand", str(spec), "--out", str(out)]) == 0
     (entry,) = read_sweep(out)["runs"]
     folder = out / "runs" / entry["name"]
     assert load_config(folder / "config.yaml").training.train_steps == 2
-    ran = _cli("mm1_megatron.scaling.sweep_cli", "run", str(out))
-    assert ran.returncode == 0, ran.stderr[-3000:] + (folder / "train.log").read_text()[-3000:]
+    assert sweep_cli.main(["run", str(out)]) == 0, (folder / "train.log").read_text()[-3000:]
     assert read_sweep(out)["runs"][0]["status"] == "completed"
     steps = [
         json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == [1, 2]
-    again = _cli("mm1_megatron.scaling.sweep_cli", "run", str(out))  # nothing left to run
-    assert again.returncode == 0 and "skipped 1" in again.stdout
-    report = _cli("mm1_megatron.scaling.report_cli", "--sweep", str(out), "--out", str(out / "r"))
-    assert report.returncode == 0, report.stderr[-3000:]
+    capsys.readouterr()
+    assert sweep_cli.main(["run", str(out)]) == 0  # nothing left to run
+    assert "skipped 1" in capsys.readouterr().out
+    assert report_cli.main(["--sweep", str(out), "--out", str(out / "r")]) == 0
     assert entry["name"] in (out / "r" / "report.csv").read_text()
 
 
