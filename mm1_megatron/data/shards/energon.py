@@ -226,6 +226,12 @@ class EnergonRecords(RecordFormat):
     def __init__(self, spec: DatasetSpec):
         self.spec = spec
         self.name = f"energon {spec.sample_type}"
+        # The parts a field map reads, found once rather than per sample.
+        self.needed_parts = {
+            _access_path(option)[0]
+            for access in (spec.field_map or {}).values()
+            for option in access.split(",")
+        }
 
     def segments(self, members: Dict[str, int], read: ReadMember) -> List[Segment]:
         fields = self._fields(members, read)
@@ -256,11 +262,7 @@ class EnergonRecords(RecordFormat):
 
     def _fields(self, members: Dict[str, int], read: ReadMember) -> Dict[str, object]:
         if self.spec.field_map is not None:
-            needed = {
-                _access_path(option)[0]
-                for v in self.spec.field_map.values()
-                for option in v.split(",")
-            }
+            needed = self.needed_parts
             parts = {ext: _decoded_part(ext, read) for ext in members if ext in needed}
             return {name: _field(parts, access) for name, access in self.spec.field_map.items()}
         keep = self.spec.part_filter or (lambda part: True)
