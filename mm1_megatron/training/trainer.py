@@ -172,14 +172,18 @@ class Trainer:
         initial = self.cfg.checkpoint.initial_weights
         if initial is not None and not resuming:
             for chunk in self.model_chunks:
-                self.checkpoints.load_pretrained_part(chunk, "", Path(initial))
+                self.checkpoints.load_pretrained_part(
+                    chunk, "", Path(initial), model_config=self.cfg.model
+                )
         parts = {
             "vision_encoder.": self.cfg.checkpoint.pretrained_vision_encoder,
             "language_model.": self.cfg.checkpoint.pretrained_language_model,
         }
         for prefix, path in parts.items():
             if path is not None:
-                self.checkpoints.load_pretrained_part(self.model_chunks[0], prefix, Path(path))
+                self.checkpoints.load_pretrained_part(
+                    self.model_chunks[0], prefix, Path(path), model_config=self.cfg.model
+                )
 
     def _training_state(self) -> TrainingState:
         return TrainingState(

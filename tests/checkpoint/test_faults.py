@@ -173,6 +173,7 @@ def test_killed_rank_ends_the_job_promptly_and_latest_stays_valid(tmp_path, mome
     resume_steps = layout.step_of(latest) + 1
     result = _run(
         f"training.train_steps={resume_steps}",
+        "optimizer.schedule_on_resume=checkpoint",  # the killed run planned 200 steps
         f"logging.output_dir={tmp_path / 'r'}",
         f"checkpoint.save_dir={ckpt}",
         "checkpoint.keep_last=2",

@@ -62,7 +62,12 @@ def test_sft_starts_from_pretrained_weights_and_trains_only_on_answers(tmp_path)
     assert saved["data"]["conversations"]["chat_template"]["version"] == "mm1-chat-1"
     assert saved["data"]["tiling"]["mode"] == "static"
 
-    resumed = run_train(*common, "training.train_steps=4", config="configs/debug_sft.yaml")
+    resumed = run_train(
+        *common,
+        "training.train_steps=4",
+        "optimizer.schedule_on_resume=config",  # extends the 3-step run
+        config="configs/debug_sft.yaml",
+    )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "of the model from" not in resumed.stderr  # its own checkpoint, not initial_weights
     assert [row["step"] for row in _rows(sft_dir)][-1] == 4
