@@ -190,6 +190,13 @@ def resolve_step_folder(path) -> Path:
         )
     if not (path / "config.yaml").is_file():
         raise ConversionError(f"{path} has no config.yaml; cannot tell the model's shapes")
+    if (path / layout.MANIFEST_FILE).is_file():
+        try:
+            layout.verify_manifest(path)  # sizes and SHA-256 of every file
+        except layout.CorruptCheckpointError as exc:
+            raise ConversionError(f"checkpoint {path} cannot be exported: {exc}") from None
+    else:
+        logger.warning("%s has no %s: its files cannot be checked", path, layout.MANIFEST_FILE)
     return path
 
 

@@ -265,3 +265,17 @@ def test_changed_module_lr_multipliers_are_a_schedule_change(
             "optimizer.lr_multipliers.connector=3.0",
             f"checkpoint.load_dir={saved}",
         )
+
+
+def test_export_and_initial_weights_refuse_a_damaged_checkpoint(
+    megatron_single_process, copy_of, tmp_path
+):
+    from mm1_megatron.conversion.errors import ConversionError
+    from mm1_megatron.conversion.megatron_io import resolve_step_folder
+
+    shard = next((copy_of / "step_00000004" / "model_optim").glob("*.distcp"))
+    _flip_bytes(shard)
+    with pytest.raises(ConversionError, match=f"{shard} is damaged"):
+        resolve_step_folder(copy_of)  # what mm1-convert export reads
+    with pytest.raises(ValueError, match=f"{shard} is damaged"):  # and mm1-eval, pretrained_*
+        _trainer(tmp_path / "run", f"checkpoint.initial_weights={copy_of}")
