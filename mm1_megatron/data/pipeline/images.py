@@ -10,11 +10,14 @@ Resize modes (``S`` = ``image_size``; every mode ends in an ``S x S`` image):
   each side at least 1) and placed at offset ``((S - w') + 1) // 2``, ``((S - h') + 1) //
   2`` on a canvas of the encoder's mean colour (0 after normalisation).
 
-Both decoders resize with a linear filter with antialiasing, round to 8-bit pixels, apply
-EXIF orientation, drop alpha, then normalise as ``(x / 255 - mean) / std`` and return
-``float32`` or ``bfloat16`` CHW tensors. The DALI path decodes with nvJPEG (``mixed``) on
-a GPU and with DALI's CPU operators elsewhere; on the same files the two decoders agree
-to a few 8-bit steps (``tests/data/test_images.py`` states the tolerance).
+Both decoders first read the header (``image_modes``: the pixel limit and the pixel
+modes, the same on both paths, before anything is decoded), then resize with a linear
+filter with antialiasing, round to 8-bit pixels, apply EXIF orientation, drop alpha, then
+normalise as ``(x / 255 - mean) / std`` and return ``float32`` or ``bfloat16`` CHW
+tensors. The DALI path decodes with nvJPEG (``mixed``) on a GPU and with DALI's CPU
+operators elsewhere, and hands to PIL the files DALI cannot read (GIF; see
+``image_modes``) or fails on; on the same files the two decoders agree to a few 8-bit
+steps (``tests/data/test_images.py`` and ``test_image_modes.py`` state the tolerance).
 
 A blob that cannot be decoded comes back as a ``BadSample`` instead of a tensor, so one
 bad image never fails a batch.
@@ -30,16 +33,21 @@ before packing.
 from __future__ import annotations
 
 import importlib.util
-import io
 import logging
 import os
-import warnings
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
 
 from mm1_megatron.config import schema
+from mm1_megatron.data.pipeline.image_modes import (
+    corrupt,
+    decode_rgb,
+    open_checked,
+    pil_only,
+    read_header,
+)
 from mm1_megatron.data.pipeline.tiling import TilePlan, tile_image
 from mm1_megatron.data.shards.skips import BadSample
 
@@ -60,15 +68,14 @@ TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and 
 
 def image_size_of(blob: bytes) -> Tuple[int, int]:
     """``(width, height)`` as displayed (EXIF orientation applied), from the header
-    only; ``BadSample`` for data Pillow cannot identify."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(blob)) as image:
-            width, height = image.size
+    only; ``BadSample`` for data Pillow cannot identify or refused by
+    ``image_modes.check_header`` (a decompression bomb, an unsupported pixel mode)."""
+    with open_checked(blob) as image:
+        width, height = image.size
+        try:
             orientation = image.getexif().get(EXIF_ORIENTATION)
-    except Exception as exc:  # Pillow raises many types for bad data
-        raise BadSample("corrupt_image", f"{type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # Pillow raises many types for bad data
+            raise corrupt(exc) from exc
     return (height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)
 
 
@@ -156,36 +163,29 @@ class PILImageDecoder(ImageDecoder):
         self._std = torch.tensor(self.std).view(3, 1, 1)
 
     def _decode(self, blobs: List[bytes]) -> List[Decoded]:
-        return [self._decode_one(blob) for blob in blobs]
+        return [self.decode_one(blob) for blob in blobs]
 
     def decode_tiles(self, blobs: Sequence[bytes], plans: Sequence[TilePlan]) -> List[DecodedTiles]:
         results: List[DecodedTiles] = []
         for blob, plan in zip(blobs, plans):
             try:
-                pixels = np.array(self._open(blob))
-            except Exception as exc:  # Pillow raises many types for bad data
-                results.append(BadSample("corrupt_image", f"{type(exc).__name__}: {exc}"))
+                pixels = np.array(decode_rgb(blob))
+            except BadSample as bad:
+                results.append(bad)
                 continue
             image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0
             tiles = tile_image(image, plan, self.image_size, self.mean)
             results.append([((t - self._mean) / self._std).to(self.dtype) for t in tiles])
         return results
 
-    @staticmethod
-    def _open(blob: bytes):
-        """The image as displayed: EXIF orientation applied, RGB (alpha dropped)."""
-        from PIL import Image, ImageOps
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(blob))
-            return ImageOps.exif_transpose(image).convert("RGB")
-
-    def _decode_one(self, blob: bytes) -> Decoded:
+    def decode_one(self, blob: bytes) -> Decoded:
+        """One ``float32 [3, S, S]`` tensor or a ``BadSample`` (``decode`` casts)."""
         try:
-            pixels, offset = self._resize(self._open(blob))
+            pixels, offset = self._resize(decode_rgb(blob))
+        except BadSample as bad:
+            return bad
         except Exception as exc:  # Pillow raises many types for bad data
-            return BadSample("corrupt_image", f"{type(exc).__name__}: {exc}")
+            return corrupt(exc)
         chw = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255.0 - self._mean) / self._std
         if offset is None:
             return chw
@@ -213,10 +213,13 @@ class PILImageDecoder(ImageDecoder):
 class DALIImageDecoder(ImageDecoder):
     """NVIDIA DALI: ``mixed`` (nvJPEG) decoding on a GPU, CPU operators otherwise.
 
-    The pipeline is built on first use in each process (DALI pipelines do not survive a
+    Every header is read first (``image_modes``): bombs and unsupported modes are refused
+    as on the PIL path, and files DALI cannot read (GIF) are decoded with PIL. The
+    pipeline is built on first use in each process (DALI pipelines do not survive a
     fork). A failed batch invalidates a DALI pipeline, so it is rebuilt and the batch's
-    images are decoded one by one to find the bad ones. A pipeline that cannot be built
-    is a setup error, not bad data: it raises instead of turning every image into a skip.
+    images are decoded one by one; an image DALI fails on goes to PIL, so this path
+    refuses nothing the PIL path decodes. A pipeline that cannot be built is a setup
+    error, not bad data: it raises instead of turning every image into a skip.
     """
 
     name = "dali"
@@ -227,17 +230,33 @@ class DALIImageDecoder(ImageDecoder):
         self.device_id = device_id
         self._pipeline = None
         self._pid = -1
+        self._pil = PILImageDecoder(**kwargs)
+        self._logged_fallbacks: Set[str] = set()
 
     def _decode(self, blobs: List[bytes]) -> List[Decoded]:
-        results: List[Decoded] = []
-        for start in range(0, len(blobs), DALI_MAX_BATCH):
-            chunk = blobs[start : start + DALI_MAX_BATCH]
+        results: List[Optional[Decoded]] = [None] * len(blobs)
+        for_dali = []
+        for i, blob in enumerate(blobs):
+            try:
+                header = read_header(blob)
+            except BadSample as bad:
+                results[i] = bad
+                continue
+            if pil_only(header):
+                self._log_fallback(logging.INFO, f"{header.format} {header.mode} images")
+                results[i] = self._pil.decode_one(blob)
+            else:
+                for_dali.append(i)
+        for start in range(0, len(for_dali), DALI_MAX_BATCH):
+            chunk = for_dali[start : start + DALI_MAX_BATCH]
             self._get_pipeline()  # outside the try: a build failure is not a bad image
             try:
-                results += self._run(chunk)
+                decoded = self._run([blobs[i] for i in chunk])
             except RuntimeError:
                 self._pipeline = None
-                results += [self._decode_alone(blob) for blob in chunk]
+                decoded = [self._decode_alone(blobs[i]) for i in chunk]
+            for i, image in zip(chunk, decoded):
+                results[i] = image
         return results
 
     def _decode_alone(self, blob: bytes) -> Decoded:
@@ -246,8 +265,19 @@ class DALIImageDecoder(ImageDecoder):
             return self._run([blob])[0]
         except RuntimeError as exc:
             self._pipeline = None
-            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-            return BadSample("corrupt_image", "DALI: " + " ".join(lines[:2])[:200])
+            decoded = self._pil.decode_one(blob)
+            if isinstance(decoded, torch.Tensor):
+                lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+                detail = " ".join(lines[:2])[:200]
+                self._log_fallback(logging.WARNING, "images DALI fails on", detail)
+            return decoded
+
+    def _log_fallback(self, level: int, what: str, dali_error: str = "") -> None:
+        """Logged once per kind of file and decoder."""
+        if what not in self._logged_fallbacks:
+            self._logged_fallbacks.add(what)
+            said = f" (first failure: {dali_error})" if dali_error else ""
+            logger.log(level, "DALI image decoder: %s are decoded with PIL%s", what, said)
 
     def _run(self, blobs: List[bytes]) -> List[torch.Tensor]:
         pipeline = self._get_pipeline()
