@@ -8,8 +8,8 @@ removes ``.digests/``. Loading checks every file's size and, shared out over the
 its digest, so a damaged newest checkpoint is skipped like a truncated one.
 
 Manifests written before checksums (``{"files": {name: size}}``) are still accepted, by
-size. SHA-256 runs at about 1.8 GB/s per core on x86 with SHA extensions (measured; see
-``docs/benchmarks.md``), well above what a shared file system gives one rank.
+size. SHA-256 runs at 1.3-1.8 GB/s per core on x86 with SHA extensions (measured: see
+``docs/benchmarks.md``, "Checkpoint checksums").
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -29,6 +30,7 @@ DIGESTS_DIR = ".digests"
 HASH_NAME = "sha256"
 MANIFEST_VERSION = 2
 _READ_CHUNK = 16 << 20  # hashlib releases the GIL on chunks this large
+_HASH_THREADS = 4  # files read and hashed at once: one's read overlaps another's hashing
 
 
 class CorruptCheckpointError(ValueError):
@@ -56,10 +58,15 @@ def files_of_rank(folder: Path, rank: int) -> List[Path]:
     return owned + ([rng] if rng.is_file() else [])
 
 
+def _entries(folder: Path, paths: Sequence[Path]) -> Dict[str, Dict[str, object]]:
+    with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
+        return dict(zip((str(p.relative_to(folder)) for p in paths), pool.map(_entry, paths)))
+
+
 def write_rank_digests(folder: Path, rank: int) -> None:
     """Hash this rank's own files of ``folder`` (a save in progress) for the manifest."""
     folder = Path(folder)
-    entries = {str(p.relative_to(folder)): _entry(p) for p in files_of_rank(folder, rank)}
+    entries = _entries(folder, files_of_rank(folder, rank))
     out = folder / DIGESTS_DIR / f"rank_{rank:05d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(out, json.dumps(entries))
@@ -72,15 +79,17 @@ def write_manifest(folder: Path) -> None:
     claimed: Dict[str, Dict[str, object]] = {}
     for part in sorted((folder / DIGESTS_DIR).glob("rank_*.json")):
         claimed.update(json.loads(part.read_text()))
-    files = {}
+    unclaimed = []
     for path in sorted(folder.rglob("*")):
         relative = str(path.relative_to(folder))
         if not path.is_file() or path.name == MANIFEST_FILE or relative.startswith(DIGESTS_DIR):
             continue
         entry = claimed.get(relative)
         if entry is None or entry["size"] != path.stat().st_size:
-            entry = _entry(path)
-        files[relative] = entry
+            unclaimed.append(path)
+    files = {name: claimed[name] for name in claimed if (folder / name).is_file()}
+    files.update(_entries(folder, unclaimed))
+    files = dict(sorted(files.items()))
     manifest = {"version": MANIFEST_VERSION, "hash": HASH_NAME, "files": files}
     write_atomically(folder / MANIFEST_FILE, json.dumps(manifest, indent=1))
     shutil.rmtree(folder / DIGESTS_DIR, ignore_errors=True)
@@ -105,21 +114,31 @@ def read_manifest(folder: Path) -> Dict[str, Dict[str, object]]:
         raise CorruptCheckpointError(f"{manifest_path} is unreadable: {exc}") from None
 
 
+def _problem(path: Path, entry: Dict[str, object], contents: bool) -> Optional[str]:
+    if not path.is_file():
+        return f"{path} is missing"
+    actual = path.stat().st_size
+    if actual != entry["size"]:
+        return f"{path} has {actual} bytes, the manifest says {entry['size']}"
+    expected = entry.get(HASH_NAME)
+    if contents and expected is not None and file_digest(path) != expected:
+        return f"{path} is damaged: its {HASH_NAME} differs from the manifest's"
+    return None
+
+
 def check_files(
     folder: Path, names: Sequence[str], files: Dict[str, Dict[str, object]], *, contents: bool
 ) -> Optional[str]:
-    """The first problem among ``names`` (missing, resized, different content), or None."""
-    for name in names:
-        path, entry = Path(folder) / name, files[name]
-        if not path.is_file():
-            return f"{path} is missing"
-        actual = path.stat().st_size
-        if actual != entry["size"]:
-            return f"{path} has {actual} bytes, the manifest says {entry['size']}"
-        expected = entry.get(HASH_NAME)
-        if contents and expected is not None and file_digest(path) != expected:
-            return f"{path} is damaged: its {HASH_NAME} differs from the manifest's"
-    return None
+    """The first problem among ``names`` (missing, resized, different content), or None.
+    Files are read and hashed a few at a time (hashlib and reads release the GIL), so
+    one file's read overlaps another's hashing."""
+    sizes_first = [_problem(Path(folder) / n, files[n], contents=False) for n in names]
+    problem = next((p for p in sizes_first if p is not None), None)
+    if problem is not None or not contents:
+        return problem
+    with ThreadPoolExecutor(max_workers=_HASH_THREADS) as pool:
+        found = pool.map(lambda n: _problem(Path(folder) / n, files[n], contents=True), names)
+        return next((p for p in found if p is not None), None)
 
 
 def verify_manifest(folder: Path, *, share: Tuple[int, int] = (0, 1)) -> None:
