@@ -17,9 +17,10 @@ import reprlib
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-import yaml
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from torch.distributed.checkpoint.api import CheckpointException
+
+from mm1_megatron.config.safe_yaml import parse_yaml
 
 # What a damaged, foreign or hostile checkpoint makes the readers raise. Anything else is
 # a bug of ours and keeps its traceback.
@@ -57,9 +58,9 @@ def _flatten(tree: Any, prefix: str) -> Iterator[Tuple[str, Any]]:
 def saved_config(checkpoint: Path) -> Optional[Dict[str, Any]]:
     """The checkpoint's ``config.yaml`` as a tree, or None when absent or unreadable."""
     path = Path(checkpoint) / "config.yaml"
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+    try:  # a received checkpoint's YAML: alias expansion bounded, as for configs
+        tree = parse_yaml(path.read_text(), str(path))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
         return None
     return tree if isinstance(tree, dict) else None
 

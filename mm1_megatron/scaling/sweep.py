@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-import yaml
-
 from mm1_megatron.config import load_config, validate_config
 from mm1_megatron.config.layout import check_world_size
 from mm1_megatron.config.loader import section_from_dict
+from mm1_megatron.config.safe_yaml import parse_yaml
 from mm1_megatron.config.schema import MM1Config
 from mm1_megatron.models.param_count import count_parameters
 from mm1_megatron.training.lr import mm1_peak_lr
@@ -101,8 +100,8 @@ def load_spec(path: Union[str, Path]) -> SweepSpec:
     """Read and check a sweep YAML (``ValueError`` naming the field and the fix)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        raw = parse_yaml(path.read_text(), f"sweep spec {path}")
+    except OSError as exc:
         raise ValueError(f"cannot read sweep spec {path}: {exc}") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"sweep spec {path} must be a mapping")
