@@ -6,7 +6,8 @@
     mm1-convert export --checkpoint runs/x/ckpt --format llava --output exports/x_llava
 
 Exit code 0 on success, 2 for a bad input (unsupported architecture, mismatched shapes,
-non-empty output folder, ...) with the reason on stderr. See docs/conversion.md.
+a damaged file, an output that would overwrite an input, a folder that cannot be
+written, ...) with the reason on stderr. See docs/conversion.md.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ logger = logging.getLogger("mm1_megatron.convert")
 EXIT_BAD_INPUT = 2
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
+OVERWRITE_HELP = (
+    "replace an earlier mm1-convert output in --output (only what it wrote; a folder "
+    "with other files is refused)"
+)
 
 
 def parse_size(text: str) -> int:
@@ -66,7 +71,7 @@ def _add_import_parser(commands) -> None:
         help="round the vocabulary up to a multiple (e.g. 128 x TP)",
     )
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument(
         "overrides", nargs="*", metavar="section.field=value", help="dotted overrides of --config"
     )
@@ -103,7 +108,7 @@ def _add_export_parser(commands) -> None:
         default="5GB",
         help="largest safetensors shard (default 5GB)",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -160,6 +165,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         (_run_import if args.command == "import" else _run_export)(args)
     except ValueError as exc:  # ConversionError and config errors: the user's input
         logger.error("%s", exc)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # a file that cannot be read or written: the user's to fix
+        where = f": {exc.filename}" if exc.filename else ""
+        logger.error("%s%s", exc.strerror or exc, where)
         return EXIT_BAD_INPUT
     logger.info("done: %s", args.output)
     return 0

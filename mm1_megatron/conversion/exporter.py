@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -40,12 +40,11 @@ from mm1_megatron.conversion.hf_files import (
     write_image_processor_config,
     write_model_card,
 )
+from mm1_megatron.conversion.output_folder import check_output_folder, staged_output
 from mm1_megatron.conversion.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardedSafetensorsWriter,
-    check_output_folder,
     dtype_name,
-    staged_output,
     tensor_dtype,
 )
 from mm1_megatron.conversion.target_configs import (
@@ -230,11 +229,22 @@ def _tokenizer_and_special_ids(request: ExportRequest, cfg, step: Path, needed):
     return tokenizer, tokenizer.special_ids()
 
 
+def _inputs(request: ExportRequest, step: Path, cfg) -> List[Optional[Path]]:
+    """Everything the export reads, which its output may not touch: the checkpoint, the
+    step folder ``latest`` names and the tokenizer (``--tokenizer`` or the run's)."""
+    tokenizer = cfg.data.tokenizer
+    run_tokenizer = (
+        Path(tokenizer.path) if tokenizer.kind != "synthetic" and tokenizer.path else None
+    )
+    return [request.checkpoint, step, request.tokenizer, run_tokenizer]
+
+
 def export_checkpoint(request: ExportRequest) -> Path:
     """Write the Hugging Face folder; returns its path."""
-    check_output_folder(request.output, overwrite=request.overwrite)
     step = megatron_io.resolve_step_folder(request.checkpoint)
     cfg = load_config(step / "config.yaml")
+    inputs = _inputs(request, step, cfg)
+    check_output_folder(request.output, overwrite=request.overwrite, inputs=inputs)
     with megatron_io.single_process_world():
         parts = megatron_io.parts_in_checkpoint(step)
         fmt = _choose_format(request.format, parts)
@@ -247,7 +257,9 @@ def export_checkpoint(request: ExportRequest) -> Path:
             step, cfg.model, needed, image_token_id=(special or {}).get("image") or 0
         )
         logger.info("exporting %s of %s as %s (%s)", " + ".join(needed), step, fmt, dtype)
-        with staged_output(request.output, overwrite=request.overwrite) as staging:
+        with staged_output(
+            request.output, overwrite=request.overwrite, command="export", inputs=inputs
+        ) as staging:
             format_config(fmt, cfg, special, dtype).save_pretrained(str(staging))
             writer = ShardedSafetensorsWriter(staging, max_shard_bytes=request.max_shard_bytes)
             for name, tensor in format_tensors(

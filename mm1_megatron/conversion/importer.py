@@ -11,8 +11,10 @@ imported: it starts fresh in the training run.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -33,12 +35,8 @@ from mm1_megatron.conversion.mapping import (
     vision_post_layernorm_names,
     vision_units,
 )
-from mm1_megatron.conversion.safetensors_io import (
-    SafetensorsFolder,
-    check_output_folder,
-    dtype_name,
-    staged_output,
-)
+from mm1_megatron.conversion.output_folder import check_output_folder, staged_output
+from mm1_megatron.conversion.safetensors_io import SafetensorsFolder, dtype_name, save_tensors
 from mm1_megatron.conversion.source_configs import language_source, vision_source
 from mm1_megatron.conversion.tensor_copy import check_all_consumed, fill_from_hf
 from mm1_megatron.conversion.vocab import VocabularyPlan, has_tokenizer_files, plan_vocabulary
@@ -160,12 +158,20 @@ def _language_part(request: ImportRequest, cfg: MM1Config, info: Dict):
     tokenizer = request.tokenizer
     if tokenizer is None and has_tokenizer_files(request.language_model):
         tokenizer = request.language_model
-    plan = plan_vocabulary(
-        source.llm.vocab_size,
-        tokenizer_path=tokenizer,
-        vocab_size=request.vocab_size,
-        multiple=request.vocab_multiple,
-    )
+    try:
+        plan = plan_vocabulary(
+            source.llm.vocab_size,
+            tokenizer_path=tokenizer,
+            vocab_size=request.vocab_size,
+            multiple=request.vocab_multiple,
+        )
+    except ConversionError:
+        raise
+    except Exception as exc:  # tokenizers / transformers errors for damaged files vary
+        raise ConversionError(
+            f"cannot load the tokenizer in {tokenizer} ({type(exc).__name__}: {exc}); pass "
+            f"--tokenizer with a working Hugging Face tokenizer folder"
+        ) from None
     cfg.model.llm = replace(source.llm, vocab_size=plan.target_size)
     if plan.tokenizer_path is not None:
         cfg.data.tokenizer.kind, cfg.data.tokenizer.path = "huggingface", plan.tokenizer_path
@@ -212,9 +218,17 @@ def _resolve_config(request: ImportRequest):
     return cfg, parts, info, style, plan
 
 
+def _inputs(request: ImportRequest) -> List[Optional[Path]]:
+    """Everything the import reads, which its output may not touch."""
+    if request.tokenizer is not None and not Path(request.tokenizer).is_dir():
+        raise ConversionError(f"--tokenizer {request.tokenizer} is not a folder")
+    return [request.language_model, request.vision_encoder, request.tokenizer, request.base_config]
+
+
 def import_checkpoint(request: ImportRequest) -> Path:
     """Convert the requested Hugging Face parts; returns the output save folder."""
-    check_output_folder(request.output, overwrite=request.overwrite)
+    inputs = _inputs(request)
+    check_output_folder(request.output, overwrite=request.overwrite, inputs=inputs)
     cfg, parts, info, style, plan = _resolve_config(request)
     image_token_id = plan.special_ids.get("image", 0) if plan is not None else 0
     build_cfg = megatron_io.placeholder_model_config(cfg.model, parts)
@@ -228,16 +242,22 @@ def import_checkpoint(request: ImportRequest) -> Path:
             _import_language_model(state, request, cfg, style, plan)
         if "vision_encoder" in parts:
             extras = _import_vision_encoder(state, request, cfg, info)
-        with staged_output(request.output, overwrite=request.overwrite) as staging:
+        with staged_output(
+            request.output, overwrite=request.overwrite, command="import", inputs=inputs
+        ) as staging:
             step = staging / layout.checkpoint_name(0)
-            megatron_io.save_parts(model, step, parts)
+            try:
+                megatron_io.save_parts(model, step, parts)
+            except BaseException as exc:  # torch's CheckpointException is a BaseException
+                # dist_checkpointing reports its writers' OSErrors (a full disk) as text.
+                os_error = re.search(r"\[Errno \d+\][^\n]*", str(exc))
+                if os_error is None or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                raise OSError(errno.EIO, os_error.group(0), str(step)) from None
             save_config(cfg, step / "config.yaml")
             if extras:
-                from safetensors.torch import save_file
-
-                save_file(
-                    {k: v.contiguous() for k, v in extras.items()},
-                    str(step / megatron_io.EXTRAS_FILE),
+                save_tensors(
+                    {k: v.contiguous() for k, v in extras.items()}, step / megatron_io.EXTRAS_FILE
                 )
             (step / megatron_io.CONVERSION_FILE).write_text(json.dumps(info, indent=1) + "\n")
             megatron_io.write_published_checkpoint(staging, step.name)

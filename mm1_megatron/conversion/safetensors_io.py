@@ -8,14 +8,14 @@ shard of converted tensors.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
 
 import torch
+from safetensors import SafetensorError
 
 from mm1_megatron.conversion.errors import ConversionError
 
@@ -27,6 +27,42 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
+def _damaged(path: Path, exc: Exception, tensor: Optional[str] = None) -> ConversionError:
+    if tensor is None:
+        problem = f"{path} is not a readable safetensors file ({exc}): it is truncated or damaged"
+    else:
+        problem = (
+            f"cannot read {tensor} from {path} ({exc}): the file is truncated or damaged, "
+            f"or its index names a tensor it lacks"
+        )
+    return ConversionError(problem + "; copy or download it again")
+
+
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except SafetensorError as exc:
+        raise _damaged(path, exc) from None
+
+
+def _read_index(index: Path) -> Dict[str, str]:
+    """``weight_map`` of a ``model.safetensors.index.json``: tensor name -> shard name."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConversionError(
+            f"cannot read {index} ({type(exc).__name__}: {exc}); it should be JSON with a "
+            f"'weight_map' of tensor name -> shard file: copy or download it again"
+        ) from None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise ConversionError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    return weight_map
+
+
 class SafetensorsFolder:
     """Tensors of a Hugging Face folder (``model.safetensors`` or an index of shards)."""
 
@@ -34,16 +70,23 @@ class SafetensorsFolder:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise ConversionError(f"{self.folder} is not a folder")
-        self._files: Dict[str, Path] = self._weight_map()
         self._handles: Dict[Path, object] = {}
+        self._files: Dict[str, Path] = self._weight_map()
 
     def _weight_map(self) -> Dict[str, Path]:
-        from safetensors import safe_open
-
         index = self.folder / SAFETENSORS_INDEX
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {name: self.folder / file for name, file in weight_map.items()}
+            mapping = {name: self.folder / file for name, file in _read_index(index).items()}
+            missing = sorted({path.name for path in mapping.values() if not path.is_file()})
+            if missing:
+                raise ConversionError(
+                    f"{self.folder / missing[0]} is listed in {index} but missing"
+                    + (f" ({len(missing)} shards missing)" if len(missing) > 1 else "")
+                    + "; copy or download the folder again"
+                )
+            for path in sorted(set(mapping.values())):
+                self._handle(path)  # a damaged shard is refused before any work
+            return mapping
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
             pickled = sorted(p.name for p in self.folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -57,17 +100,14 @@ class SafetensorsFolder:
             raise ConversionError(f"{self.folder} has no *.safetensors weights.{hint}")
         mapping = {}
         for path in files:
-            with safe_open(str(path), framework="pt") as handle:
-                mapping.update({name: path for name in handle.keys()})
+            mapping.update({name: path for name in self._handle(path).keys()})
         return mapping
 
     def _handle(self, path: Path):
-        from safetensors import safe_open
-
         if path not in self._handles:
             if not path.is_file():
                 raise ConversionError(f"{path} is listed in {SAFETENSORS_INDEX} but missing")
-            self._handles[path] = safe_open(str(path), framework="pt")
+            self._handles[path] = _open_safetensors(path)
         return self._handles[path]
 
     def keys(self) -> List[str]:
@@ -79,10 +119,18 @@ class SafetensorsFolder:
     def get(self, name: str) -> torch.Tensor:
         if name not in self._files:
             raise ConversionError(f"{self.folder} lacks the tensor {name}")
-        return self._handle(self._files[name]).get_tensor(name)
+        path = self._files[name]
+        try:
+            return self._handle(path).get_tensor(name)
+        except SafetensorError as exc:
+            raise _damaged(path, exc, name) from None
 
     def shape(self, name: str) -> tuple:
-        return tuple(self._handle(self._files[name]).get_slice(name).get_shape())
+        path = self._files[name]
+        try:
+            return tuple(self._handle(path).get_slice(name).get_shape())
+        except SafetensorError as exc:
+            raise _damaged(path, exc, name) from None
 
     def dtype(self) -> torch.dtype:
         """The dtype of the floating-point weights (the first one found)."""
@@ -96,6 +144,16 @@ class SafetensorsFolder:
         """The prefix before ``suffix`` of the (shortest) key ending with it, or None."""
         matches = sorted((k for k in self._files if k.endswith(suffix)), key=len)
         return matches[0][: -len(suffix)] if matches else None
+
+
+def save_tensors(tensors: Dict[str, torch.Tensor], path: Path) -> None:
+    """``safetensors.torch.save_file``, its I/O errors (a full disk) as ``OSError``."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        raise OSError(errno.EIO, str(exc), str(path)) from None
 
 
 class ShardedSafetensorsWriter:
@@ -123,14 +181,8 @@ class ShardedSafetensorsWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         shard_number = len(self._shards) + 1
-        save_file(
-            self._buffer,
-            str(self.folder / f".shard-{shard_number:05d}.safetensors"),
-            metadata={"format": "pt"},
-        )
+        save_tensors(self._buffer, self.folder / f".shard-{shard_number:05d}.safetensors")
         self._shards.append(sorted(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
 
@@ -157,38 +209,6 @@ class ShardedSafetensorsWriter:
             num_shards,
         )
         return path
-
-
-def check_output_folder(folder, *, overwrite: bool) -> Path:
-    """Refuse a non-empty output folder unless ``overwrite``."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ConversionError(f"output {folder} exists and is not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
-        raise ConversionError(
-            f"output folder {folder} is not empty; choose another folder or "
-            f"pass --overwrite to replace it"
-        )
-    return folder
-
-
-@contextmanager
-def staged_output(folder, *, overwrite: bool) -> Iterator[Path]:
-    """Write into a hidden sibling folder and move it into place only when complete,
-    so a failed conversion never leaves a half-written output behind."""
-    folder = check_output_folder(folder, overwrite=overwrite)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".tmp-{folder.name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if folder.exists():
-        shutil.rmtree(folder)
-    staging.rename(folder)
 
 
 def tensor_dtype(name: str) -> torch.dtype:

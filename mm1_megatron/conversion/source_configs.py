@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from mm1_megatron.config.schema import (
     CLIP_IMAGE_MEAN,
@@ -57,22 +57,48 @@ class LanguageSource:
     warnings: List[str] = field(default_factory=list)
 
 
-def read_hf_config(folder):
-    """``AutoConfig`` of a local folder (JSON only; never remote code)."""
-    from transformers import AutoConfig
-
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
+def _raw_config(folder: Path) -> dict:
+    if not folder.is_dir():
+        raise ConversionError(
+            f"{folder} is not a folder; pass a Hugging Face model folder (the output of "
+            f"save_pretrained)"
+        )
+    path = folder / "config.json"
+    if not path.is_file():
         raise ConversionError(
             f"{folder} has no config.json; pass a Hugging Face model folder "
             f"(the output of save_pretrained)"
         )
     try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ConversionError(f"{path} is not valid JSON ({exc}); copy it again") from None
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{path} is not a JSON object; copy it again")
+    return raw
+
+
+def read_hf_config(folder, *, supported: Sequence[str], what: str, hint: str = ""):
+    """``AutoConfig`` of a local folder (JSON only; never remote code). Its ``model_type``
+    must be one of ``supported``, checked before ``transformers`` reads the file: a
+    relabelled config (Llama keys under ``falcon``) is refused, not half-parsed."""
+    from transformers import AutoConfig
+
+    folder = Path(folder)
+    path = folder / "config.json"
+    model_type = _raw_config(folder).get("model_type")
+    if model_type not in supported:
+        raise unsupported(
+            f"{what} type", model_type, f"{hint or f'Supported: {sorted(supported)}.'} ({path})"
+        )
+    try:
         return AutoConfig.from_pretrained(
             str(folder), local_files_only=True, trust_remote_code=False
         )
-    except (ValueError, KeyError) as exc:
-        raise ConversionError(f"cannot read {folder / 'config.json'}: {exc}") from None
+    except Exception as exc:  # transformers' errors for a config it cannot use vary widely
+        raise ConversionError(
+            f"cannot read {path} as a {model_type!r} config ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 # The Llama-3 RoPE scaling parameters Megatron-Core's RotaryEmbedding hard-codes (only the
@@ -194,12 +220,8 @@ def _qwen2_moe_frequency(cfg) -> int:
 
 def language_source(folder) -> LanguageSource:
     """Translate a causal LM's config; raises ``ConversionError`` for what we cannot run."""
-    cfg = read_hf_config(folder)
+    cfg = read_hf_config(folder, supported=tuple(LANGUAGE_MODEL_TYPES), what="language model")
     model_type = cfg.model_type
-    if model_type not in LANGUAGE_MODEL_TYPES:
-        raise unsupported(
-            "language model type", model_type, f"Supported: {sorted(LANGUAGE_MODEL_TYPES)}."
-        )
     _check_common(cfg)
     moe = _moe_config(cfg, model_type) if model_type in ("mixtral", "qwen2_moe") else MoEConfig()
     dense_ffn = cfg.intermediate_size
@@ -245,14 +267,13 @@ def vision_source(folder) -> VisionEncoderConfig:
     """A ``CLIPVisionModel`` / ``SiglipVisionModel`` or the vision half of a ``CLIPModel`` /
     ``SiglipModel`` -> our ViT config."""
     folder = Path(folder)
-    cfg = read_hf_config(folder)
-    if cfg.model_type not in VISION_MODEL_TYPES:
-        raise unsupported(
-            "vision model type",
-            cfg.model_type,
-            f"Supported: {list(VISION_MODEL_TYPES)} (CLIPVisionModel, "
-            f"SiglipVisionModel, or the vision tower of a CLIPModel / SiglipModel).",
-        )
+    cfg = read_hf_config(
+        folder,
+        supported=VISION_MODEL_TYPES,
+        what="vision model",
+        hint=f"Supported: {list(VISION_MODEL_TYPES)} (CLIPVisionModel, SiglipVisionModel, "
+        f"or the vision tower of a CLIPModel / SiglipModel).",
+    )
     siglip = cfg.model_type in SIGLIP_MODEL_TYPES
     vision_cfg = cfg.vision_config if cfg.model_type in ("clip", "siglip") else cfg
     if vision_cfg.hidden_act not in VISION_ACTIVATIONS:

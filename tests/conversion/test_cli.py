@@ -135,9 +135,9 @@ def test_refuses_a_non_empty_output_unless_asked(
     code, err = _run(capsys, *args)
     assert code == 2 and "is not empty" in err and "--overwrite" in err
     assert (output / "keep.txt").read_text() == "mine"
-    code, err = _run(capsys, *args, "--overwrite")
-    assert code == 0, err
-    assert not (output / "keep.txt").exists() and (output / "latest").is_file()
+    code, err = _run(capsys, *args, "--overwrite")  # not written by mm1-convert: kept
+    assert code == 2 and ".mm1_megatron_output.json" in err
+    assert (output / "keep.txt").read_text() == "mine"
 
 
 def test_shape_mismatch_names_the_tensor_and_both_shapes(
