@@ -303,6 +303,9 @@ class DataConfig:
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     conversations: ConversationConfig = field(default_factory=ConversationConfig)
+    # Run Python a dataset ships (a Megatron-Energon dataset.yaml's sample_loader or
+    # part_filter, from its own .nv-meta folder). Off: such a dataset is refused.
+    allow_dataset_code: bool = False
 
 
 # Keys that moved: a config using the old name is refused with the new one in the message.

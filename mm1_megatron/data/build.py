@@ -203,7 +203,8 @@ def _webdataset_builder(
     for name, cls in classes.items():
         if schedule.probabilities[name] > 0:
             manifests = [
-                load_source_manifest(path, name) for path in getattr(data_cfg.shards, name)
+                load_source_manifest(path, name, allow_dataset_code=data_cfg.allow_dataset_code)
+                for path in getattr(data_cfg.shards, name)
             ]
             corpus = ShardCorpus(manifests, seed=seed, stream=SOURCE_IDS[name])
             sources[name] = cls(name, corpus, **shard_options, **extra_options[name])
@@ -225,11 +226,12 @@ def _webdataset_builder(
 
 def _fingerprint(data_cfg: DataConfig, tokenizer: Tokenizer, packing: Dict) -> str:
     """Changes when anything that decides the batches changes (not how many workers or
-    threads build them)."""
+    threads build them, nor the permission to run dataset code: without it, a dataset
+    that needs it is refused)."""
     relevant = {
         key: value
         for key, value in dataclasses.asdict(data_cfg).items()
-        if key not in ("num_workers", "prefetch_factor")
+        if key not in ("num_workers", "prefetch_factor", "allow_dataset_code")
     }
     relevant["images"].pop("dali_threads")
     payload = json.dumps(

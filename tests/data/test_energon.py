@@ -36,9 +36,9 @@ from tests.data.corpus_fixtures import (
 energon = pytest.importorskip("megatron.energon")
 
 
-def _samples(folder: Path, kind: str):
+def _samples(folder: Path, kind: str, allow_dataset_code: bool = False):
     """Every sample of the dataset through our corpus, in shard order."""
-    manifest = load_source_manifest(folder, kind)
+    manifest = load_source_manifest(folder, kind, allow_dataset_code=allow_dataset_code)
     corpus = ShardCorpus([manifest], seed=0, stream=0)
     for shard, size in zip(corpus.shard_paths, corpus.shard_sizes):
         for number in range(int(size)):
@@ -163,7 +163,9 @@ def test_energon_sample_loader_builds_interleaved_documents(tmp_path):
     write_tar(tmp_path / "docs-0.tar", [("d0", members)])
     energon_prepare(tmp_path, "InterleavedSample")  # writes a sample-loader template
     (tmp_path / ".nv-meta" / "sample_loader.py").write_text(SAMPLE_LOADER)
-    ((corpus, shard, sample),) = list(_samples(tmp_path, "interleaved"))
+    with pytest.raises(ValueError, match="data.allow_dataset_code=true"):
+        load_source_manifest(tmp_path, "interleaved")  # dataset code is off by default
+    ((corpus, shard, sample),) = list(_samples(tmp_path, "interleaved", True))
     sizes = {ext: size for ext, (_, size) in sample.members.items()}
     segments = corpus.formats[shard].segments(sizes, corpus.reader_of(shard, sample))
     assert segments == ["here is", ImageRef("0.png"), "and", ImageRef("1.png"), "too ."]

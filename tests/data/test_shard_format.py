@@ -158,6 +158,73 @@ def test_truncated_tar_keeps_whole_samples_and_flags_the_cut_one(tmp_path):
         ShardReader().sample(str(path), 3)
 
 
+def _four_samples(tmp_path):
+    path = tmp_path / "s.tar"
+    write_tar(path, [(f"k{i}", {"txt": bytes([65 + i]) * 1000}) for i in range(4)])
+    offset = scan_shard(path).samples[3].members["txt"][0]
+    return path, offset  # the last sample's data; its header is the 512 bytes before
+
+
+@pytest.mark.parametrize(
+    "where, readable, expected",
+    [
+        ("inside_data", 4, "file ends inside sample 'k3' (its member 'k3.txt' lacks 990 of"),
+        ("inside_header", 3, "its last 100 bytes (from byte {header}) are not a readable tar"),
+        ("at_boundary", 3, "without tar's end-of-archive marker"),
+        ("intact", 4, None),
+    ],
+)
+def test_indexing_a_damaged_shard_warns_with_what_was_lost(
+    tmp_path, caplog, where, readable, expected
+):
+    path, offset = _four_samples(tmp_path)
+    header = offset - 512
+    cut = {"inside_data": offset + 10, "inside_header": header + 100, "at_boundary": header}
+    if where in cut:
+        with open(path, "r+b") as file:
+            file.truncate(cut[where])
+    with caplog.at_level("WARNING", logger="mm1_megatron.data.shards.reader"):
+        manifest = index_existing_shards([path], tmp_path, "caption")
+    assert load_manifest(manifest).shard_sizes == [readable]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    if expected is None:
+        assert warnings == []
+        return
+    assert str(path) in warnings[0] and expected.format(header=header) in warnings[0]
+    assert f"{readable} samples readable" in warnings[0]
+    assert warnings[-1] == "1 of 1 shards are damaged (warnings above)"
+
+
+def test_index_tool_warns_about_a_truncated_shard(tmp_path):
+    import subprocess
+    import sys
+
+    path, offset = _four_samples(tmp_path)
+    with open(path, "r+b") as file:
+        file.truncate(offset - 512 + 100)  # the probe: the last sample's header cut
+    result = subprocess.run(
+        [sys.executable, "tools/build_shards.py", "index", "--kind", "caption", "--out",
+         str(tmp_path / "manifest.json"), str(path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"shard {path} is damaged" in result.stderr and "3 samples readable" in result.stderr
+
+
+def test_the_reader_warns_once_per_damaged_shard(tmp_path, caplog):
+    path, offset = _four_samples(tmp_path)
+    with open(path, "r+b") as file:
+        file.truncate(offset + 10)
+    reader = ShardReader(max_open=1)
+    with caplog.at_level("WARNING", logger="mm1_megatron.data.shards.reader"):
+        for _ in range(3):  # reopened each time: the other shard evicts it
+            reader.index(str(path))
+            write_tar(tmp_path / "other.tar", [("x", {"txt": b"x"})])
+            reader.index(str(tmp_path / "other.tar"))
+    assert sum("is damaged" in r.getMessage() for r in caplog.records) == 1
+    reader.close()
+
+
 def test_garbage_file_is_an_empty_truncated_shard(tmp_path):
     (tmp_path / "x.tar").write_bytes(b"\x01" * 1000)
     index = scan_shard(tmp_path / "x.tar")

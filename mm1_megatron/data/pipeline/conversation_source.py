@@ -28,7 +28,7 @@ from mm1_megatron.data.shards.conversations import (
     tokenize_conversation,
     truncate_conversation,
 )
-from mm1_megatron.data.shards.skips import BadSample
+from mm1_megatron.data.shards.skips import BadSample, parse_untrusted
 
 
 class ConversationSource(CaptionSource):
@@ -50,10 +50,10 @@ class ConversationSource(CaptionSource):
     def _load(self, position: int) -> ShardDocument:
         shard, sample = self.corpus.open(position)
         record = self.corpus.conversation_record(shard, sample)
-        conversation = parse_llava_record(record)
+        conversation = parse_untrusted("conversation record", parse_llava_record, record)
         try:
             ids, targets = tokenize_conversation(conversation, self.template, self.tokenizer)
-        except ValueError as exc:  # a word the tokenizer cannot encode
+        except ValueError as exc:  # a role marker this tokenizer splits into several tokens
             raise BadSample("bad_text", str(exc)) from exc
         loaded = LoadedSample(
             shard=shard,

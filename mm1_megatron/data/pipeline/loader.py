@@ -10,7 +10,9 @@ Tensor- and pipeline-parallel ranks of one data-parallel rank build the same bat
 With ``num_workers > 0`` a ``torch.utils.data.DataLoader`` builds micro-batches in
 worker processes, ``prefetch_factor`` each ahead of the trainer, and returns them in
 order. Bad samples never change how many sequences a rank produces, so no rank waits on
-another; their counts travel with each micro-batch and add up in ``stats()``.
+another; their counts travel with each micro-batch and add up in ``stats()``, and a
+summary line of the skips since the last one is logged at most once a minute
+(``skips.SkipSummary``).
 
 State (``state_dict``): plain ints and strings, the same on every rank. Restoring it
 continues with exactly the next micro-batch. Restoring it with another data-parallel size
@@ -29,7 +31,7 @@ import torch
 
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS
 from mm1_megatron.data.pipeline.packing import PackedSequence
-from mm1_megatron.data.shards.skips import SKIP_REASONS, STAT_NAMES, DataStats
+from mm1_megatron.data.shards.skips import SKIP_REASONS, STAT_NAMES, DataStats, SkipSummary
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ class MicroBatchLoader:
         self.base = 0
         self.num_sequences_consumed = 0
         self._stats = DataStats()
+        self._skip_summary = SkipSummary()
         self._iterator: Optional[Iterator] = None
 
     # ---- iteration ----------------------------------------------------------------------
@@ -137,6 +140,7 @@ class MicroBatchLoader:
             self._iterator = self._start()
         batch = next(self._iterator)
         self._stats.merge(batch.pop(_STATS_KEY).tolist())
+        self._skip_summary.update(self._stats.counts)
         self.num_sequences_consumed += self.micro_batch_size
         return batch
 

@@ -21,7 +21,11 @@ Packing (the shared rules are in ``packing.py``):
 
 A bad sample (``skips.BadSample``) is counted and replaced by a sample drawn at random
 from the same epoch, at most ``MAX_REPLACEMENTS`` times per sequence; a sequence that
-runs out keeps what it has (possibly nothing: all padding, no loss).
+runs out keeps what it has (possibly nothing: all padding, no loss). Each process logs a
+skipped sample once and remembers its verdict (``ShardCorpus.verdicts``): drawn again, it
+fails at the same stage without being read (``load``: parsing, tokenizing, fitting) or
+without its images being read and decoded (``decode``), so sequences stay the same pure
+function of ``(seed, k)`` whichever worker builds them.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from mm1_megatron.data.shards.reader import (
     check_plain_tar,
 )
 from mm1_megatron.data.shards.records import tokenize_segments
-from mm1_megatron.data.shards.skips import BadSample, DataStats
+from mm1_megatron.data.shards.skips import BadSample, DataStats, SkipVerdicts
 from mm1_megatron.data.shards.text_index import TextCorpus
 from mm1_megatron.data.tokenizers.base import Tokenizer
 
@@ -119,17 +123,27 @@ class ShardCorpus:
         self.reader = ShardReader()
         self.formats = {p: m.records for m in manifests for p in m.shard_paths}
         self.excluded = frozenset().union(*(m.excluded for m in manifests))
+        self.verdicts = SkipVerdicts()  # of the samples this process skipped
         self._epoch_cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         self._shard_orders: Dict[Tuple[int, int], np.ndarray] = {}
 
     def locate(self, position: int) -> Tuple[str, int]:
         """Shard path and sample number inside it of sample ``position``."""
+        shard, number = self._locate(position)
+        return self.shard_paths[shard], number
+
+    def sample_id(self, position: int) -> int:
+        """An int naming the sample at ``position`` (the same in every epoch)."""
+        shard, number = self._locate(position)
+        return shard << 32 | number
+
+    def _locate(self, position: int) -> Tuple[int, int]:
         epoch, offset = divmod(position, self.num_samples)
         order, ends = self._epoch(epoch)
         slot = int(np.searchsorted(ends, offset, side="right"))
         shard = int(order[slot])
         inner = offset - int(ends[slot] - self.shard_sizes[shard])
-        return self.shard_paths[shard], int(self._shard_order(epoch, shard)[inner])
+        return shard, int(self._shard_order(epoch, shard)[inner])
 
     def open(self, position: int) -> Tuple[str, ShardSample]:
         """The shard and the member index of sample ``position``; raises ``BadSample``."""
@@ -243,9 +257,18 @@ class _ShardSource:
     def _rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, REPLACEMENT_STREAM, SOURCE_IDS[self.name], index])
 
-    def _skip(self, stats: DataStats, error: BadSample, position: int) -> None:
+    def _load_once(self, position: int) -> ShardDocument:
+        """``_load``; a sample this process skipped while loading fails again at once."""
+        known = self.corpus.verdicts.recall(self.corpus.sample_id(position), "load")
+        if known is not None:
+            raise known
+        return self._load(position)
+
+    def _skip(self, stats: DataStats, error: BadSample, position: int, stage: str) -> None:
+        """Count the skip; log it (and remember it) the first time only."""
+        first = self.corpus.verdicts.remember(self.corpus.sample_id(position), error, stage)
         shard, key = self.corpus.describe(position)
-        stats.skip(error, shard=shard, key=key)
+        stats.skip(error, shard=shard, key=key, log=first)
 
     def _decode(
         self,
@@ -257,8 +280,12 @@ class _ShardSource:
         Returns the documents whose images all decoded, and those that failed (counted).
         """
         blobs, plans, owners, failed = [], [], [], {}
-        for number, (_, document) in enumerate(documents):
+        for number, (position, document) in enumerate(documents):
             sample = document.sample
+            known = self.corpus.verdicts.recall(self.corpus.sample_id(position), "decode")
+            if known is not None:  # failed before: its images are not read again
+                failed[number] = known
+                continue
             try:
                 if sample.blobs is not None:
                     blobs += sample.blobs
@@ -281,7 +308,7 @@ class _ShardSource:
             else:
                 documents[owner][1].pixels.extend(decoded)
         for number, error in failed.items():
-            self._skip(stats, error, documents[number][0])
+            self._skip(stats, error, documents[number][0], "decode")
         good = [doc for number, (_, doc) in enumerate(documents) if number not in failed]
         return good, [documents[number][1] for number in failed]
 
@@ -326,9 +353,9 @@ class CaptionSource(_ShardSource):
             while queue:
                 position = queue.popleft()
                 try:
-                    document = self._load(position)
+                    document = self._load_once(position)
                 except BadSample as error:
-                    self._skip(stats, error, position)
+                    self._skip(stats, error, position, "load")
                     if num_replacements < MAX_REPLACEMENTS:
                         num_replacements += 1
                         queue.append(self.corpus.replacement(rng, index * window))
@@ -372,9 +399,9 @@ class InterleavedSource(_ShardSource):
         position = index
         for _ in range(MAX_REPLACEMENTS + 1):
             try:
-                document = self._load(position)
+                document = self._load_once(position)
             except BadSample as error:
-                self._skip(stats, error, position)
+                self._skip(stats, error, position, "load")
             else:
                 good, _ = self._decode([(position, document)], stats)
                 if good:
@@ -415,20 +442,19 @@ class TextSource:
         self.corpus, self.tokenizer, self.seq_length = corpus, tokenizer, seq_length
         self.empty_images = empty_images
         self._dropped = np.array([tokenizer.image_token_id, tokenizer.pad_token_id])
+        self.verdicts = SkipVerdicts()  # documents already logged by this process
 
     def sequence(self, index: int) -> Tuple[PackedSequence, DataStats]:
         stats, documents = DataStats(), []
         for doc, tokens in self.corpus.chunk(index):
             if tokens.size and (tokens.min() < 0 or tokens.max() >= self.tokenizer.vocab_size):
-                stats.skip(
-                    BadSample(
-                        "bad_text",
-                        f"token id {int(tokens.max())} outside the "
-                        f"vocabulary of {self.tokenizer.vocab_size}",
-                    ),
-                    shard="text corpus",
-                    key=f"document {doc}",
+                error = BadSample(
+                    "bad_text",
+                    f"token id {int(tokens.max())} outside the "
+                    f"vocabulary of {self.tokenizer.vocab_size}",
                 )
+                first = self.verdicts.remember(int(doc), error, "load")
+                stats.skip(error, shard="text corpus", key=f"document {doc}", log=first)
                 continue
             documents.append(tokens[~np.isin(tokens, self._dropped)].tolist())
         return assemble(

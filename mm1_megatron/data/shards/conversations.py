@@ -19,7 +19,9 @@ final eos are context only.
 
 Bad records raise ``BadSample("bad_record", ...)`` with the reason: a conversation with no
 assistant turn, an unknown role, a marker count that differs from the image count, or
-a turn that is not text.
+a turn that is not text; text the tokenizer cannot encode raises ``bad_text``. Records
+come from the dataset: whatever they hold, nothing but ``BadSample`` leaves these
+functions (a marker that is not one token is a configuration error: ``ValueError``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
+from mm1_megatron.data.shards.records import encode_text
 from mm1_megatron.data.shards.skips import BadSample
 from mm1_megatron.data.tokenizers.base import Tokenizer
 
@@ -87,7 +90,8 @@ def parse_llava_record(record: Mapping[str, Any]) -> Conversation:
     for index, turn in enumerate(turns_in):
         if not isinstance(turn, Mapping) or not isinstance(turn.get("value"), str):
             raise BadSample("bad_record", f"turn {index} has no text 'value'")
-        role = LLAVA_ROLES.get(turn.get("from"))
+        speaker = turn.get("from")
+        role = LLAVA_ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None:
             raise BadSample(
                 "bad_record",
@@ -153,7 +157,7 @@ def _text_ids(text: str, tokenizer: Tokenizer) -> List[int]:
         if index > 0:
             ids.append(tokenizer.image_token_id)
         if piece.strip():
-            ids += tokenizer.encode(piece.strip())
+            ids += encode_text(tokenizer, piece.strip())
     return ids
 
 

@@ -25,13 +25,14 @@ Fields come from ``field_map`` (``part``, ``part[key][0]`` into a JSON part, ``a
 the first that exists) or from the dataset's ``sample_loader`` (Python in ``.nv-meta``,
 run as energon runs it, on parts decoded the way energon decodes them except images,
 which it receives as opaque handles it must pass through unchanged: we read and decode
-images later, in batches). Metadatasets (blend YAMLs) are not read: list their datasets
-in ``data.shards`` and weigh them with ``data.mixture``.
+images later, in batches). Dataset code runs only with ``data.allow_dataset_code`` and
+only from inside the dataset's ``.nv-meta`` (``dataset_code.py``). Whatever a sample
+holds, reading it raises ``BadSample`` and nothing else. Metadatasets (blend YAMLs) are
+not read: list their datasets in ``data.shards`` and weigh them with ``data.mixture``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import re
@@ -41,6 +42,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import yaml
 
+from mm1_megatron.data.shards.dataset_code import NV_META, load_dataset_function
 from mm1_megatron.data.shards.reader import Manifest, load_manifest, manifest_file
 from mm1_megatron.data.shards.records import (
     ImageRef,
@@ -49,12 +51,12 @@ from mm1_megatron.data.shards.records import (
     Segment,
     decode_text,
     is_image_extension,
+    load_json,
 )
 from mm1_megatron.data.shards.skips import BadSample
 
 logger = logging.getLogger(__name__)
 
-NV_META = ".nv-meta"
 CRUDE = "CrudeWebdataset"
 SAMPLE_TYPE_KINDS = {
     "CaptioningSample": "caption",
@@ -119,7 +121,7 @@ def _read_meta(folder: Path, stem: str, suffixes: Tuple[str, ...] = (".json", ".
         if file.is_file():
             try:
                 return parse(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError, yaml.YAMLError) as exc:
+            except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
                 raise ValueError(f"cannot read energon metadata {file}: {exc}") from exc
     raise ValueError(
         f"{folder / NV_META} has no {stem}.json or {stem}.yaml; prepare the dataset with "
@@ -127,7 +129,7 @@ def _read_meta(folder: Path, stem: str, suffixes: Tuple[str, ...] = (".json", ".
     )
 
 
-def read_dataset_spec(folder: Path) -> DatasetSpec:
+def read_dataset_spec(folder: Path, allow_dataset_code: bool = False) -> DatasetSpec:
     raw = _read_meta(folder, "dataset", (".yaml", ".json"))
     if not isinstance(raw, dict):
         raise ValueError(f"{folder / NV_META}/dataset.yaml is not a mapping")
@@ -147,38 +149,32 @@ def read_dataset_spec(folder: Path) -> DatasetSpec:
     if raw.get("field_map"):
         spec.field_map = {str(k): str(v) for k, v in raw["field_map"].items()}
     elif raw.get("sample_loader"):
-        spec.sample_loader = _load_function(folder, raw["sample_loader"], "sample_loader")
+        spec.sample_loader = load_dataset_function(
+            folder, str(raw["sample_loader"]), "sample_loader", allow_dataset_code
+        )
         if raw.get("part_filter"):
-            spec.part_filter = _part_filter(folder, raw["part_filter"])
+            spec.part_filter = _part_filter(folder, raw["part_filter"], allow_dataset_code)
     else:
         raise ValueError(f"{folder}: dataset.yaml has neither field_map nor sample_loader")
     return spec
 
 
-def _part_filter(folder: Path, value: object) -> Callable[[str], bool]:
+def _part_filter(folder: Path, value: object, allowed: bool) -> Callable[[str], bool]:
     if isinstance(value, list):
         parts = set(map(str, value))
         return lambda part: part in parts
-    return _load_function(folder, str(value), "part_filter")
-
-
-def _load_function(folder: Path, reference: str, default: str) -> Callable:
-    """``file.py:function`` next to ``dataset.yaml`` (energon's own convention)."""
-    file_name, _, name = reference.partition(":")
-    path = folder / NV_META / file_name
-    spec = importlib.util.spec_from_file_location(f"energon_{path.stem}", path)
-    if spec is None or not path.is_file():
-        raise ValueError(f"{folder}: dataset.yaml names {reference!r}, {path} does not exist")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    logger.info("energon dataset %s: using %s from %s", folder, name or default, path)
-    return getattr(module, name or default)
+    return load_dataset_function(folder, str(value), "part_filter", allowed)
 
 
 def load_energon_manifest(
-    folder: Union[str, Path], kind: str, split_part: str = "train"
+    folder: Union[str, Path],
+    kind: str,
+    split_part: str = "train",
+    *,
+    allow_dataset_code: bool = False,
 ) -> Manifest:
-    """The ``split_part`` shards of an energon dataset as a manifest for ``kind``."""
+    """The ``split_part`` shards of an energon dataset as a manifest for ``kind``;
+    ``allow_dataset_code``: its ``sample_loader`` may run (``dataset_code.py``)."""
     folder = Path(folder).resolve()
     info = _read_meta(folder, ".info")
     counts = info.get("shard_counts") if isinstance(info, dict) else None
@@ -194,7 +190,7 @@ def load_energon_manifest(
     unknown = [name for name in names if name not in counts]
     if unknown:
         raise ValueError(f"{folder}: split shards {unknown[:3]} are not in .info.json")
-    spec = read_dataset_spec(folder)
+    spec = read_dataset_spec(folder, allow_dataset_code)
     if spec.kind is not None and spec.kind != kind:
         raise ValueError(
             f"{folder} holds energon {spec.sample_type}s, read as {spec.kind!r} data; "
@@ -233,7 +229,7 @@ class EnergonRecords(RecordFormat):
             for option in access.split(",")
         }
 
-    def segments(self, members: Dict[str, int], read: ReadMember) -> List[Segment]:
+    def _segments(self, members: Dict[str, int], read: ReadMember) -> List[Segment]:
         fields = self._fields(members, read)
         if self.spec.sample_type == "CaptioningSample":
             return [self._image(fields, "image", members), self._text(fields, "caption")]
@@ -247,7 +243,7 @@ class EnergonRecords(RecordFormat):
             for item in sequence
         ]
 
-    def conversation(self, members: Dict[str, int], read: ReadMember) -> Dict[str, object]:
+    def _conversation(self, members: Dict[str, int], read: ReadMember) -> Dict[str, object]:
         fields = self._fields(members, read)
         image = self._image(fields, "image", members)
         context = self._text(fields, "context")
@@ -295,10 +291,7 @@ def _decoded_part(extension: str, read: ReadMember) -> object:
     if is_image_extension(extension):
         return ImagePart(extension)
     if last == "json":
-        try:
-            return json.loads(decode_text(read(extension)))
-        except ValueError as exc:
-            raise BadSample("bad_text", f"part {extension!r} is not valid JSON ({exc})") from exc
+        return load_json(read(extension), f"part {extension!r}")
     text = decode_text(read(extension))
     if last in ("cls", "index", "inx", "id"):
         try:
@@ -336,18 +329,25 @@ def _best_answer(answers: object, weights: object) -> str:
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise BadSample("bad_record", f"VQASample answers {answers!r} are not a list of text")
     if isinstance(weights, list) and len(weights) == len(answers):
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+            raise BadSample("bad_record", f"VQASample answer_weights {weights!r} are not numbers")
         return answers[max(range(len(answers)), key=lambda i: (float(weights[i]), -i))]
     return answers[0]
 
 
-def load_source_manifest(path: Union[str, Path], kind: str) -> Manifest:
+def load_source_manifest(
+    path: Union[str, Path], kind: str, *, allow_dataset_code: bool = False
+) -> Manifest:
     """A ``data.shards.<kind>`` entry: our manifest (or a folder holding one), else an
     energon dataset folder, optionally ``folder#part`` for a split part (``train`` when
-    not given; held-out evaluation usually reads ``#val``)."""
+    not given; held-out evaluation usually reads ``#val``). ``allow_dataset_code``:
+    ``data.allow_dataset_code`` (an energon dataset's ``sample_loader`` may run)."""
     folder, _, split_part = str(path).partition("#")
     if Path(folder).is_dir() and not manifest_file(folder).is_file():
         if is_energon_dataset(folder):
-            return load_energon_manifest(folder, kind, split_part or "train")
+            return load_energon_manifest(
+                folder, kind, split_part or "train", allow_dataset_code=allow_dataset_code
+            )
     if split_part:
         raise ValueError(f"{path}: '#{split_part}' selects a part of an energon dataset only")
     return load_manifest(path, kind=kind)

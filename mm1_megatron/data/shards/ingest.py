@@ -164,7 +164,7 @@ def _jsonl_objects(paths: Sequence[PathLike], counts: Counter) -> Iterator[dict]
                     continue
                 try:
                     document = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, ValueError) as exc:
+                except (UnicodeDecodeError, ValueError, RecursionError) as exc:
                     counts["bad_text"] += 1
                     logger.warning("%s:%d skipped: %s", path, number, exc)
                     continue

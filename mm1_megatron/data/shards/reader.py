@@ -9,7 +9,9 @@ ignored.
 Member names are never used as filesystem paths and nothing is extracted: a shard is
 scanned once per process for its members' byte ranges (``scan_shard``) and members are
 then read with ``os.pread``. A member whose data runs past the end of the file, or
-anything after a broken header, is reported as ``truncated_tar``.
+anything after a broken header, is reported as ``truncated_tar``; the scan says what a
+damaged shard lost (``ShardIndex.damage``), logged once per shard and process by the
+reader and for every shard by ``index_existing_shards``.
 
 A manifest (``manifest.json``) lists a corpus's shards and their sample counts, so a
 loader can map a sample number to a shard without opening every shard:
@@ -29,7 +31,7 @@ import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, FrozenSet, List, Optional, Tuple, Union
+from typing import Dict, FrozenSet, List, Optional, Set, Tuple, Union
 
 from mm1_megatron.data.shards.records import NATIVE_RECORDS, RecordFormat
 from mm1_megatron.data.shards.skips import BadSample
@@ -64,6 +66,7 @@ class ShardIndex:
     path: str
     samples: List[ShardSample]
     truncated: bool = False  # a broken header or short data: later samples are lost
+    damage: str = ""  # what the shard lost (or may have), for a warning; "" when intact
 
 
 @dataclass
@@ -89,10 +92,10 @@ def split_member_name(name: str) -> Tuple[str, str]:
 
 
 def scan_shard(path: Union[str, Path]) -> ShardIndex:
-    """Byte ranges of every sample's members; never raises for a damaged shard."""
+    """Byte ranges of every sample's members; never raises for a damaged shard (its
+    ``damage`` says what was lost)."""
     path = str(path)
     samples: List[ShardSample] = []
-    truncated = False
     try:
         file_size = os.path.getsize(path)
         with tarfile.open(path, mode="r:") as archive:
@@ -100,26 +103,62 @@ def scan_shard(path: Union[str, Path]) -> ShardIndex:
                 try:
                     info = archive.next()
                 except (tarfile.ReadError, EOFError, OSError) as exc:
-                    logger.warning(
-                        "shard %s: unreadable after %d samples (%s)", path, len(samples), exc
-                    )
-                    truncated = True
-                    break
+                    if archive.offset >= file_size:  # cut in the padding after a member
+                        return _check_end(path, samples, file_size, file_size)
+                    damage = f"unreadable from byte {archive.offset} on ({exc})"
+                    return ShardIndex(path, samples, truncated=True, damage=damage)
                 if info is None:
-                    break
+                    return _check_end(path, samples, archive.offset, file_size)
                 if not info.isfile():
                     continue
                 key, extension = split_member_name(info.name)
                 if not samples or samples[-1].key != key:
                     samples.append(ShardSample(key=key, members={}))
-                if info.offset_data + info.size > file_size:
-                    samples[-1].truncated = truncated = True
-                    continue
+                if info.offset_data + info.size > file_size:  # nothing can follow
+                    samples[-1].truncated = True
+                    missing = info.offset_data + info.size - file_size
+                    damage = (
+                        f"the file ends inside sample {samples[-1].key!r} (its member "
+                        f"{info.name!r} lacks {missing} of its {info.size} bytes): that "
+                        f"sample and any after it are lost"
+                    )
+                    return ShardIndex(path, samples, truncated=True, damage=damage)
                 samples[-1].members[extension] = (info.offset_data, info.size)
     except (tarfile.ReadError, OSError) as exc:
-        logger.warning("shard %s cannot be opened as a tar: %s", path, exc)
-        truncated = True
-    return ShardIndex(path=path, samples=samples, truncated=truncated)
+        return ShardIndex(path, samples, truncated=True, damage=f"not a readable tar ({exc})")
+
+
+def _check_end(path: str, samples: List[ShardSample], end: int, file_size: int) -> ShardIndex:
+    """The scan stopped at byte ``end``: tar's end-of-archive (zero) block, or bytes that
+    are no header (tarfile stops there silently), or the end of the file."""
+    with open(path, "rb") as file:
+        file.seek(end)
+        rest = file.read(512)
+    if rest and not rest.strip(b"\0"):
+        return ShardIndex(path, samples)  # the end-of-archive marker (possibly cut short)
+    if not rest:
+        damage = (
+            f"the file ends at byte {file_size} without tar's end-of-archive marker: "
+            "samples after the last may have been cut off"
+        )
+        return ShardIndex(path, samples, damage=damage)
+    damage = (
+        f"its last {file_size - end} bytes (from byte {end}) are not a readable tar header: "
+        "the samples stored there are lost"
+    )
+    return ShardIndex(path, samples, truncated=True, damage=damage)
+
+
+def warn_damaged(index: ShardIndex) -> None:
+    if index.damage:
+        logger.warning(
+            "shard %s is damaged: %s; %d samples readable (%d of them cut off, skipped as "
+            "truncated_tar)",
+            index.path,
+            index.damage,
+            len(index.samples),
+            sum(sample.truncated for sample in index.samples),
+        )
 
 
 def check_plain_tar(path: Union[str, Path]) -> None:
@@ -144,6 +183,7 @@ class ShardReader:
         self.max_open = max_open
         self._pid = -1
         self._open: OrderedDict[str, Tuple[int, ShardIndex]] = OrderedDict()
+        self._warned: Set[str] = set()  # damaged shards already logged by this process
 
     def index(self, path: str) -> ShardIndex:
         return self._entry(path)[1]
@@ -180,6 +220,9 @@ class ShardReader:
             self._open.move_to_end(path)
             return self._open[path]
         index = scan_shard(path)
+        if index.damage and path not in self._warned:
+            self._warned.add(path)
+            warn_damaged(index)
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
@@ -246,9 +289,14 @@ def index_existing_shards(
     """A manifest for shards written by other tools (e.g. img2dataset): scans each once."""
     file = manifest_file(manifest_path)
     entries = []
+    num_damaged = 0
     for tar_path in tar_paths:
         check_plain_tar(tar_path)
         index = scan_shard(tar_path)
+        warn_damaged(index)
+        num_damaged += bool(index.damage)
         relative = os.path.relpath(Path(tar_path).resolve(), file.parent.resolve())
         entries.append({"path": relative, "num_samples": len(index.samples)})
+    if num_damaged:
+        logger.warning("%d of %d shards are damaged (warnings above)", num_damaged, len(entries))
     return write_manifest(file, kind, entries)

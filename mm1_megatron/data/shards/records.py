@@ -15,6 +15,9 @@ Text must be UTF-8. A sample needs at least one segment. In token form a sample 
 ``<bos>``, each segment in order (text encoded, each image one ``<image>`` placeholder),
 ``<eos>``. Pad and image ids that a tokenizer produces from the text itself (e.g. a
 literal ``<image>`` in a web page) are dropped so placeholders always match images.
+
+Whatever the bytes, parsing and tokenizing a sample raise ``BadSample`` and nothing else:
+``RecordFormat`` and ``encode_text`` run through ``skips.parse_untrusted``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from mm1_megatron.data.shards.skips import BadSample
+from mm1_megatron.data.shards.skips import BadSample, parse_untrusted
 from mm1_megatron.data.tokenizers.base import Tokenizer
 
 ReadMember = Callable[[str], bytes]
@@ -75,6 +78,18 @@ def decode_text(data: bytes) -> str:
         raise BadSample("bad_text", f"not UTF-8 ({exc.reason} at byte {exc.start})") from exc
 
 
+def load_json(data: bytes, what: str = "json member") -> object:
+    """A member's bytes as JSON; ``BadSample`` (``bad_text``) when they are not UTF-8 JSON,
+    including JSON nested deeper than Python's parser follows (``RecursionError``)."""
+    text = decode_text(data)
+    try:
+        return json.loads(text)
+    except RecursionError as exc:
+        raise BadSample("bad_text", f"{what} nests deeper than the JSON parser follows") from exc
+    except ValueError as exc:
+        raise BadSample("bad_text", f"{what} is not valid JSON ({exc})") from exc
+
+
 def parse_segments(members: Dict[str, int], read: Callable[[str], bytes]) -> List[Segment]:
     """The segments of a sample whose member sizes are ``members`` (extension -> bytes).
 
@@ -112,10 +127,7 @@ def _caption_pair(members: Dict[str, int], read: Callable[[str], bytes]) -> List
 
 
 def _segments_from_json(data: bytes) -> Optional[List[Segment]]:
-    try:
-        record = json.loads(decode_text(data))
-    except ValueError as exc:
-        raise BadSample("bad_text", f"json member is not valid JSON ({exc})") from exc
+    record = load_json(data)
     if isinstance(record, dict) and "segments" not in record:
         return None  # metadata only (as img2dataset writes): the txt caption may follow
     raw = record.get("segments") if isinstance(record, dict) else None
@@ -144,16 +156,15 @@ def tokenize_segments(segments: Sequence[Segment], tokenizer: Tokenizer) -> Toke
             ids.append(tokenizer.image_token_id)
             images.append(segment.extension)
         elif segment:
-            ids += [token for token in _encode(tokenizer, segment) if token not in dropped]
+            ids += [token for token in encode_text(tokenizer, segment) if token not in dropped]
     ids.append(tokenizer.eos_token_id)
     return TokenizedSample(token_ids=ids, image_members=images)
 
 
-def _encode(tokenizer: Tokenizer, text: str) -> List[int]:
-    try:
-        return tokenizer.encode(text)
-    except ValueError as exc:  # e.g. SyntheticTokenizer meeting a word it does not know
-        raise BadSample("bad_text", str(exc)) from exc
+def encode_text(tokenizer: Tokenizer, text: str) -> List[int]:
+    """Token ids of a sample's text; whatever the tokenizer raises on it (e.g.
+    ``SyntheticTokenizer`` meeting a word it does not know) is ``bad_text``."""
+    return parse_untrusted("text", tokenizer.encode, text, reason="bad_text")
 
 
 def record_members(segments: Sequence[Union[str, Tuple[bytes, str]]]) -> Dict[str, bytes]:
@@ -197,14 +208,14 @@ def read_conversation_record(
     """The ``json`` record of a conversation sample, its images checked to be members."""
     if "json" not in members:
         raise BadSample("bad_record", f"no json member among {sorted(members)}")
-    try:
-        record = json.loads(decode_text(read("json")))
-    except ValueError as exc:
-        raise BadSample("bad_text", f"json member is not valid JSON ({exc})") from exc
+    record = load_json(read("json"))
     if not isinstance(record, dict):
         raise BadSample("bad_record", "the json member is not an object")
     images = record.get("image", [])
-    for name in [images] if isinstance(images, str) else images if isinstance(images, list) else []:
+    names = [images] if isinstance(images, str) else images if isinstance(images, list) else []
+    for name in names:
+        if not isinstance(name, str):
+            raise BadSample("bad_record", f"'image' names must be text, got {name!r}")
         if name not in members:
             raise BadSample(
                 "missing_image", f"record names image {name!r}, members are {sorted(members)}"
@@ -220,14 +231,22 @@ class RecordFormat:
 
     ``members`` maps each member's extension to its size, ``read(extension)`` returns its
     bytes; images are named by extension and read later, so nothing decodes them here.
+    ``segments`` and ``conversation`` raise ``BadSample`` and nothing else, whatever the
+    bytes (subclasses implement ``_segments`` and ``_conversation``).
     """
 
     name = "mm1_megatron"
 
     def segments(self, members: Dict[str, int], read: ReadMember) -> List[Segment]:
-        return parse_segments(members, read)
+        return parse_untrusted(f"{self.name} record", self._segments, members, read)
 
     def conversation(self, members: Dict[str, int], read: ReadMember) -> Dict[str, object]:
+        return parse_untrusted(f"{self.name} record", self._conversation, members, read)
+
+    def _segments(self, members: Dict[str, int], read: ReadMember) -> List[Segment]:
+        return parse_segments(members, read)
+
+    def _conversation(self, members: Dict[str, int], read: ReadMember) -> Dict[str, object]:
         return read_conversation_record(members, read)
 
 
