@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from megatron.core import tensor_parallel
 
+from mm1_megatron.compat.safe_pickle import load_weights_only
+
 
 def capture_rng_state() -> Dict[str, Any]:
     np_state = np.random.get_state()
@@ -53,4 +55,10 @@ def save_rng_state(path: Path) -> None:
 
 
 def load_rng_state(path: Path) -> None:
-    restore_rng_state(torch.load(path, weights_only=True))
+    """Restore the RNG states saved in ``path``; a damaged or refused file raises
+    ``ValueError`` naming it."""
+    state = load_weights_only(path, source=str(path), what="RNG state file")
+    try:
+        restore_rng_state(state)
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise ValueError(f"{path} does not hold the RNG states this run needs: {exc}") from None

@@ -29,6 +29,9 @@ def install_patches(*, cuda_available: bool) -> List[Patch]:
     """Idempotent; call before building any Megatron-Core object. ``cuda_available=False``
     on a GPU host keeps the process on the CPU (the CUDA stand-ins are installed)."""
     check_supported_mcore()
+    from mm1_megatron.compat.checkpointing import install_safe_loading
+
+    install_safe_loading()  # every process that may read a checkpoint, on CPU and GPU
     if not cuda_available:
         enable_cpu_execution(force=True)
     _define_missing_te_gemm()

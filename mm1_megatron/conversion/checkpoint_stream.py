@@ -11,7 +11,9 @@ bytes, whatever TP/PP/EP layout wrote it.
 Why not ``dist_checkpointing.load`` with a partial state dict: in a one-process world it
 describes the shards it is not loading as belonging to rank ``(0 + 1) % 1 == 0`` and
 torch then refuses the sharded tensor (megatron-core 0.16). The reads below use torch's
-public planner interface instead; tensors are deserialised with ``weights_only=True``.
+public planner interface instead; tensors are deserialised with ``weights_only=True``,
+``.metadata`` with the allowlist unpickler of ``compat/safe_pickle.py``, and byte items are
+never read.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from mm1_megatron.compat.checkpointing import install_safe_loading
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.conversion.errors import ConversionError, shape_mismatch
 
@@ -150,6 +153,7 @@ class CheckpointTensors:
             if name.startswith(prefixes) and not isinstance(entry, ShardedObject)
         }
         self._pieces = {name: _stored_pieces(entry) for name, entry in self._entries.items()}
+        install_safe_loading()  # .metadata through the allowlist, even outside init_distributed
         self._reader = FileSystemReader(str(self.folder))
         self._stored = self._reader.read_metadata().state_dict_metadata
         self.largest_fetch_bytes = 0
