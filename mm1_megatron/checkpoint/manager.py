@@ -36,6 +36,7 @@ from mm1_megatron.checkpoint.schedule import (
 )
 from mm1_megatron.compat import optimizer as optimizer_compat
 from mm1_megatron.compat.checkpointing import save_sharded
+from mm1_megatron.compat.param_groups import align_saved_param_groups
 from mm1_megatron.config import MM1Config, save_config
 from mm1_megatron.config.schema import CheckpointConfig
 from mm1_megatron.parallel.collectives import all_gather_objects, barrier
@@ -262,10 +263,15 @@ class CheckpointManager:
         )
         (chunk,) = state.model_chunks
         unwrap(chunk).load_state_dict(loaded["model"])
+        saved_groups = align_saved_param_groups(loaded["optimizer"], state.optimizer.param_groups)
         state.optimizer.load_state_dict(loaded["optimizer"])
         optimizer_compat.after_load(state.optimizer)
         restore_schedule(
-            state.scheduler, trainer_state["scheduler"], **schedule, planned_groups=planned_groups
+            state.scheduler,
+            trainer_state["scheduler"],
+            **schedule,
+            planned_groups=planned_groups,
+            saved_groups=saved_groups,
         )
         rng_file = path / "rng" / f"rank_{_rank():05d}.pt"
         same_world = trainer_state["world_size"] == (

@@ -17,7 +17,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from mm1_megatron.checkpoint.diagnostics import saved_config
 
@@ -35,6 +35,9 @@ SCHEDULE_FIELDS = {
     "wd_incr_steps": "training.train_steps",
     "wd_incr_style": "optimizer (weight-decay style)",
 }
+
+
+GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")  # a param group's own schedule
 
 
 @dataclass
@@ -76,7 +79,19 @@ def schedule_differences(
             there, here = saved[key], current[key]
             dotted = dotted if "(" in dotted else f"{dotted} ({key})"
         found[dotted] = ScheduleDifference(dotted, there, here)
+    multipliers = _multipliers(_lookup(saved_tree, "optimizer.lr_multipliers"))
+    if saved_tree is not None and multipliers != _multipliers(config.optimizer.lr_multipliers):
+        found["optimizer.lr_multipliers"] = ScheduleDifference(
+            "optimizer.lr_multipliers", multipliers, _multipliers(config.optimizer.lr_multipliers)
+        )
     return list(found.values())
+
+
+def _multipliers(values: Any) -> Dict[str, float]:
+    """Per-module LR multipliers, those of 1 left out (they change nothing)."""
+    if not isinstance(values, dict):
+        return {}
+    return {name: value for name, value in sorted(values.items()) if value != 1.0}
 
 
 def _lookup_config(config: Any, dotted: str) -> Any:
@@ -93,10 +108,6 @@ def check_schedule(scheduler, saved: Dict[str, Any], *, policy: str, checkpoint:
     (built from ``config``) differs from the saved state ``saved``. Called before anything
     is loaded, so a refused resume costs seconds."""
     differences = schedule_differences(saved, scheduler.state_dict(), checkpoint, config)
-    check_schedule_differences(differences, policy, checkpoint, saved)
-
-
-def check_schedule_differences(differences, policy: str, checkpoint: Path, saved) -> None:
     if differences and policy == "strict":
         raise ValueError(
             f"the LR schedule of this run differs from checkpoint {checkpoint}'s: "
@@ -106,10 +117,10 @@ def check_schedule_differences(differences, policy: str, checkpoint: Path, saved
         )
 
 
-def planned_group_lrs(optimizer) -> List[Tuple[Any, Any]]:
-    """Each parameter group's (peak, floor) LR as this config built them: loading the
-    optimizer's state replaces them with the checkpoint's."""
-    return [(group.get("max_lr"), group.get("min_lr")) for group in optimizer.param_groups]
+def planned_group_lrs(optimizer) -> List[Dict[str, Any]]:
+    """Each parameter group's schedule values (peak and floor LR, weight decay) as this
+    config built them: loading the optimizer's state may replace them."""
+    return [{key: group.get(key) for key in GROUP_KEYS} for group in optimizer.param_groups]
 
 
 def restore_schedule(
@@ -119,37 +130,29 @@ def restore_schedule(
     policy: str,
     checkpoint: Path,
     config,
-    planned_groups: List[Tuple[Any, Any]],
+    planned_groups: List[Dict[str, Any]],
+    saved_groups: Dict[int, Dict[str, Any]],
 ):
-    """Set ``scheduler`` to the checkpoint's step, with the saved schedule or this config's
-    as ``policy`` says. Call after the optimizer's state is loaded: this sets its LR, and
-    ``planned_groups`` (``planned_group_lrs`` before that load) are the per-module peak
-    and floor LRs of this config (``optimizer.lr_multipliers``)."""
+    """Set ``scheduler`` and the optimizer's param groups to the checkpoint's step, with
+    the saved schedule or this config's as ``policy`` says. Call after the optimizer's
+    state is loaded: this sets its LR. ``planned_groups``: ``planned_group_lrs`` before
+    that load; ``saved_groups``: the saved values of groups the load did not restore
+    (``compat.param_groups.align_saved_param_groups``)."""
     check_schedule(scheduler, saved, policy=policy, checkpoint=checkpoint, config=config)
     differences = schedule_differences(saved, scheduler.state_dict(), checkpoint, config)
     groups = scheduler.optimizer.param_groups
-    loaded_groups = planned_group_lrs(scheduler.optimizer)
-    if not differences and any(
-        not (_same(a[0], b[0]) and _same(a[1], b[1])) for a, b in zip(loaded_groups, planned_groups)
-    ):
-        differences = [
-            ScheduleDifference(
-                "optimizer.lr_multipliers (per-module peak LRs)",
-                [lr for lr, _ in loaded_groups],
-                [lr for lr, _ in planned_groups],
-            )
-        ]
-        check_schedule_differences(differences, policy, checkpoint, saved)
     step = saved.get("num_steps", 0)
     if not differences or policy == "checkpoint":
         if differences:
             logger.warning("keeping the checkpoint's LR schedule (%s)", _listed(differences))
+        for index, values in saved_groups.items():
+            groups[index].update(values)
         scheduler.load_state_dict(saved)
         return
     assert policy == "config", policy
     logger.warning("using this config's LR schedule from step %d (%s)", step, _listed(differences))
-    for group, (max_lr, min_lr) in zip(groups, planned_groups):
-        group["max_lr"], group["min_lr"] = max_lr, min_lr
+    for group, values in zip(groups, planned_groups):
+        group.update({key: value for key, value in values.items() if key in group})
     scheduler.num_steps = 0
     scheduler.step(increment=step)
 
