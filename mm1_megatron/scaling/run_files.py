@@ -18,9 +18,8 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-import yaml
-
 from mm1_megatron.config import MM1Config, config_from_dict
+from mm1_megatron.config.safe_yaml import parse_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +60,9 @@ def read_config(folder: Path) -> MM1Config:
     if not path.is_file():
         raise ValueError(f"run folder {folder}: no {CONFIG_FILE} (the trainer saves it first)")
     try:
-        tree = yaml.safe_load(path.read_text())
+        tree = parse_yaml(path.read_text(), str(path))
         return config_from_dict(tree)
-    except (yaml.YAMLError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:
         message = f"run folder {folder}: {CONFIG_FILE} is not a readable config: {exc}"
         raise ValueError(message) from exc
 

@@ -298,3 +298,23 @@ def test_files_dali_cannot_read_go_straight_to_pil(monkeypatch):
 
     monkeypatch.setattr(decoding, "_run", run_without_pil_files)
     assert all(isinstance(out, torch.Tensor) for out in decoding.decode(pil_files + [RGB_PNG]))
+
+
+def test_the_shard_builder_refuses_what_training_would_refuse(tmp_path):
+    """``build_shards(verify_images=True)`` applies the same limit: a 12000 x 12000 image
+    (between Pillow's own warning and error sizes, which its default only warns about)."""
+    from mm1_megatron.data.shards.writer import ImageFile, build_shards
+
+    side = 12000
+    big = tmp_path / "big.png"
+    big.write_bytes(_png(side, side, 1, 0, (bytes(side // 8) for _ in range(side))))
+    counts = build_shards(
+        [["a caption", ImageFile(big, "big.png")]],
+        tmp_path / "shards",
+        kind="caption",
+        samples_per_shard=1,
+        input_id="test",
+        verify_images=True,
+        progress=False,
+    )
+    assert counts.get("corrupt_image") == 1 and counts.get("written", 0) == 0

@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
-import yaml
-
+from mm1_megatron.config.safe_yaml import parse_yaml
 from mm1_megatron.data.shards.dataset_code import NV_META, load_dataset_function
 from mm1_megatron.data.shards.reader import Manifest, load_manifest, manifest_file
 from mm1_megatron.data.shards.records import (
@@ -116,12 +115,13 @@ def expand_braces(pattern: str) -> List[str]:
 def _read_meta(folder: Path, stem: str, suffixes: Tuple[str, ...] = (".json", ".yaml")) -> object:
     """``<stem>.json`` or ``<stem>.yaml`` from ``.nv-meta``, the first that exists."""
     for suffix in suffixes:
-        parse = json.loads if suffix == ".json" else yaml.safe_load
         file = folder / NV_META / f"{stem}{suffix}"
         if file.is_file():
             try:
-                return parse(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError, RecursionError, yaml.YAMLError) as exc:
+                text = file.read_text(encoding="utf-8")
+                # A dataset someone else made: YAML alias expansion bounded, as for configs.
+                return json.loads(text) if suffix == ".json" else parse_yaml(text, str(file))
+            except (OSError, ValueError, RecursionError) as exc:
                 raise ValueError(f"cannot read energon metadata {file}: {exc}") from exc
     raise ValueError(
         f"{folder / NV_META} has no {stem}.json or {stem}.yaml; prepare the dataset with "

@@ -187,13 +187,14 @@ def _image_bytes(image: ImageFile, verify_images: bool) -> Tuple[bytes, str]:
 
 
 def _verify(data: bytes, path: Path) -> None:
-    from PIL import Image
+    """Decode as training will (the same pixel limit and modes): a skip here is a skip
+    there."""
+    from mm1_megatron.data.pipeline.image_modes import decode_rgb
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-    except Exception as exc:  # Pillow raises many types for bad data
-        raise SkipItem("corrupt_image", f"image {path}: {exc}") from exc
+        decode_rgb(data).close()
+    except BadSample as exc:
+        raise SkipItem(exc.reason, f"image {path}: {exc.detail}") from exc
 
 
 def build_shards(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
-import yaml
+from mm1_megatron.config.safe_yaml import parse_yaml
 
 PATH_KEYS: Dict[str, str] = {
     "coco_train2014_images": "folder of COCO train2014 images (COCO_train2014_%012d.jpg)",
@@ -124,7 +124,7 @@ def load_task_paths(
     path = Path(path).expanduser()
     if not path.is_file():
         raise ValueError(f"task paths YAML {path} does not exist")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(tree, dict):
         raise ValueError(f"task paths YAML {path} must be a mapping of key: path")
     paths = TaskPaths(_as_paths(tree, path.parent.resolve(), f"the paths YAML {path}"), path)
