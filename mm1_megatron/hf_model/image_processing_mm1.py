@@ -76,12 +76,31 @@ def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return resized[0].clamp(0, 1)
 
 
+def _eight_bit(image):
+    """A PIL image whose pixels ``convert("RGB")`` maps right: 16-bit grey scaled to 8 bits
+    (``round(v / 257)``) as training's decoder does, where Pillow would clip it to white;
+    32-bit integer and float images refused, as training skips them."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        from PIL import Image, ImageOps
+
+        wide = ImageOps.exif_transpose(image).convert("I")  # 32-bit ints: no clipping
+        grey = torch.frombuffer(bytearray(wide.tobytes("raw", "I")), dtype=torch.int32)
+        grey = ((grey.to(torch.int64) + 128) // 257).to(torch.uint8)
+        return Image.frombytes("L", wide.size, grey.numpy().tobytes())
+    if image.mode in ("I", "F"):
+        raise ValueError(
+            f"unsupported pixel mode {image.mode} (32-bit integer or float pixels): convert "
+            "the image to 8-bit RGB yourself"
+        )
+    return image
+
+
 def _unit_pixels(image) -> torch.Tensor:
     """Any accepted image as a ``[3, H, W]`` float32 tensor in [0, 1]."""
     if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
         from transformers.image_utils import load_image
 
-        image = load_image(image)  # EXIF orientation applied, RGB
+        image = load_image(_eight_bit(image))  # EXIF orientation applied, RGB
         width, height = image.size
         raw = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
         image = raw.view(height, width, 3).permute(2, 0, 1)

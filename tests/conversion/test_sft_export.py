@@ -22,6 +22,7 @@ process where ``mm1_megatron`` cannot be imported loads the folder with
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import subprocess
@@ -289,6 +290,29 @@ def test_dynamic_grids_are_training_grids():
         for size in sizes:
             (plan,) = plan_tiles([size], TilingConfig(**tiling))
             assert processor.plan([size]) == [(plan.grid.cols, plan.grid.rows)], (size, low, high)
+
+
+@pytest.mark.parametrize("byte_order", ["<u2", ">u2"])
+def test_sixteen_bit_grey_images_get_trainings_pixels_not_white(byte_order):
+    """A 16-bit greyscale PIL image through the exported processor: the pixels of
+    training's decoder (``round(v / 257)``, data/pipeline/image_modes.py), where Pillow's
+    ``convert("RGB")`` alone clips every value over 255 to white."""
+    from PIL import Image
+
+    from mm1_megatron.data.pipeline.image_modes import decode_rgb
+    from mm1_megatron.hf_model.image_processing_mm1 import _unit_pixels
+
+    values = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(byte_order)
+    image = Image.fromarray(values)
+    pixels = (_unit_pixels(image) * 255).round().to(torch.int64)
+    expected = (values.astype(np.int64) + 128) // 257
+    assert torch.equal(pixels, torch.from_numpy(expected).expand(3, -1, -1))
+    saved = io.BytesIO()
+    image.save(saved, format="PNG")
+    trained = np.asarray(decode_rgb(saved.getvalue())).transpose(2, 0, 1)
+    assert torch.equal(pixels, torch.from_numpy(trained.astype(np.int64)))
+    with pytest.raises(ValueError, match="unsupported pixel mode F"):
+        _unit_pixels(Image.fromarray(values.astype(np.float32)))
 
 
 def _sentencepiece_with_markers(folder: Path):
