@@ -9,9 +9,11 @@ per-parameter ``step``):
 
 1. A fresh optimizer has no state to load into: ``prepare_for_load`` allocates it.
 2. ``DistributedOptimizer._set_main_param_and_optimizer_states`` copies every state entry
-   of the live optimizer from the checkpoint and fails on ``step``, which the checkpoint
-   has no per-parameter entry for. The replacement copies the other entries and leaves
-   ``step``, which megatron-core restores from the param groups itself.
+   of the live optimizer from the checkpoint and fails on ``step``, which a
+   ``fully_reshardable`` checkpoint has no per-parameter entry for (and a
+   ``dp_reshardable`` one holds as 0: megatron-core does not save it). The replacement
+   copies the other entries, under ``no_grad``, and leaves ``step``, which megatron-core
+   restores from the param groups itself.
 3. After a load megatron-core gives all parameters one shared ``step`` tensor, which
    torch's in-place increment would advance once per parameter: ``after_load`` unties it.
 """
@@ -57,9 +59,15 @@ def install_step_fix() -> None:
         return
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+    @torch.no_grad()  # fp32: the main param is the model's own (a view that needs grad),
+    # and dp_reshardable's loader, unlike the fully_reshardable one, copies without no_grad
     def set_states_keeping_step(self, model_param, tensors):
-        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
             return original(self, model_param, tensors)
+        # dp_reshardable checkpoints carry a per-parameter "step", but megatron-core does
+        # not save it (the loaded value is the fresh state's 0): the param groups' step,
+        # which megatron-core has just restored into the state, is the one to keep.
+        tensors = {key: value for key, value in tensors.items() if key != "step"}
         group_index, group_order = self.model_param_group_index_map[model_param]
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         optimizer_state = self.optimizer.state[main_param]
