@@ -295,11 +295,11 @@ def test_dynamic_grids_are_training_grids():
 @pytest.mark.parametrize("byte_order", ["<u2", ">u2"])
 def test_sixteen_bit_grey_images_get_trainings_pixels_not_white(byte_order):
     """A 16-bit greyscale PIL image through the exported processor: the pixels of
-    training's decoder (``round(v / 257)``, data/pipeline/image_modes.py), where Pillow's
+    training's decoder (``round(v / 257)``, data/shards/image_modes.py), where Pillow's
     ``convert("RGB")`` alone clips every value over 255 to white."""
     from PIL import Image
 
-    from mm1_megatron.data.pipeline.image_modes import decode_rgb
+    from mm1_megatron.data.shards.image_modes import decode_rgb
     from mm1_megatron.hf_model.image_processing_mm1 import _unit_pixels
 
     values = (np.arange(48 * 64, dtype=np.uint32).reshape(48, 64) * 21).astype(byte_order)

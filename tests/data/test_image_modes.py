@@ -21,8 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mm1_megatron.data.pipeline import image_modes
 from mm1_megatron.data.pipeline.images import build_image_decoder, dali_installed, image_size_of
+from mm1_megatron.data.shards import image_modes
 from mm1_megatron.data.shards.skips import BadSample
 
 S = 32

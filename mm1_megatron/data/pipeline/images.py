@@ -41,14 +41,14 @@ import numpy as np
 import torch
 
 from mm1_megatron.config import schema
-from mm1_megatron.data.pipeline.image_modes import (
+from mm1_megatron.data.pipeline.tiling import TilePlan, tile_image
+from mm1_megatron.data.shards.image_modes import (
     corrupt,
     decode_rgb,
     open_checked,
     pil_only,
     read_header,
 )
-from mm1_megatron.data.pipeline.tiling import TilePlan, tile_image
 from mm1_megatron.data.shards.skips import BadSample
 
 logger = logging.getLogger(__name__)

@@ -189,7 +189,7 @@ def _image_bytes(image: ImageFile, verify_images: bool) -> Tuple[bytes, str]:
 def _verify(data: bytes, path: Path) -> None:
     """Decode as training will (the same pixel limit and modes): a skip here is a skip
     there."""
-    from mm1_megatron.data.pipeline.image_modes import decode_rgb
+    from mm1_megatron.data.shards.image_modes import decode_rgb
 
     try:
         decode_rgb(data).close()
