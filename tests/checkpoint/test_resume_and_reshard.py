@@ -57,7 +57,11 @@ def runs(tmp_path_factory):
     _run_worker(
         1,
         {
-            f"{name}_to_single": overrides + [f"checkpoint.load_dir={save[name] / f'step_{N:08d}'}"]
+            f"{name}_to_single": overrides
+            + [
+                f"checkpoint.load_dir={save[name] / f'step_{N:08d}'}",
+                "optimizer.schedule_on_resume=checkpoint",  # one step of the 2N-step run
+            ]
             for name, overrides in (("tp2", []), ("pp2_vision_stage", []), ("moe_ep2", MOE))
         },
         out,
