@@ -281,3 +281,20 @@ def test_export_and_initial_weights_refuse_a_damaged_checkpoint(
         resolve_step_folder(copy_of)  # what mm1-convert export reads
     with pytest.raises(ValueError, match=f"{shard} is damaged"):  # and mm1-eval, pretrained_*
         _trainer(tmp_path / "run", f"checkpoint.initial_weights={copy_of}")
+
+
+def test_garbage_behind_a_consistent_manifest_is_a_clear_error(
+    megatron_single_process, copy_of, tmp_path
+):
+    """Same-size garbage in a shard whose manifest was rewritten to match (the checksums
+    cannot help): the reader's failure becomes a ValueError naming the checkpoint."""
+    folder = copy_of / "step_00000004"
+    shard = next((folder / "model_optim").glob("__0_*.distcp"))
+    shard.write_bytes(
+        bytes(range(256)) * (shard.stat().st_size // 256) + b"\0" * (shard.stat().st_size % 256)
+    )
+    layout.write_manifest(folder)
+    with pytest.raises(ValueError, match=f"cannot load checkpoint {folder}"):
+        _trainer(
+            tmp_path / "run", f"training.train_steps={SAVED_STEPS}", f"checkpoint.load_dir={folder}"
+        )
