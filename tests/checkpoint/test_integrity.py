@@ -294,7 +294,7 @@ def test_garbage_behind_a_consistent_manifest_is_a_clear_error(
         bytes(range(256)) * (shard.stat().st_size // 256) + b"\0" * (shard.stat().st_size % 256)
     )
     layout.write_manifest(folder)
-    with pytest.raises(ValueError, match=f"cannot load checkpoint {folder}"):
+    with pytest.raises(ValueError, match=re.escape(str(folder))):  # the shard, on 0.19
         _trainer(
             tmp_path / "run", f"training.train_steps={SAVED_STEPS}", f"checkpoint.load_dir={folder}"
         )
