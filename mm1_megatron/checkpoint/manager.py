@@ -18,16 +18,23 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
 from mm1_megatron.checkpoint import layout
-from mm1_megatron.checkpoint.diagnostics import READ_FAILURES, load_error, model_differences
-from mm1_megatron.checkpoint.manifest import (
-    CorruptCheckpointError,
-    verify_manifest,
-    write_rank_digests,
+from mm1_megatron.checkpoint.diagnostics import model_differences
+from mm1_megatron.checkpoint.loading import (  # noqa: F401 (re-exported)
+    MODEL_OPTIM_DIR,
+    TRAINER_STATE_FILE,
+    first_problem,
+    load_model_weights,
+    load_sharded,
+    read_trainer_state,
+    resolve_checkpoint,
+    unwrap,
+    verify_before_loading,
 )
+from mm1_megatron.checkpoint.manifest import write_rank_digests
 from mm1_megatron.checkpoint.rng import load_rng_state, save_rng_state
 from mm1_megatron.checkpoint.schedule import (
     check_schedule,
@@ -42,16 +49,6 @@ from mm1_megatron.config.schema import CheckpointConfig
 from mm1_megatron.parallel.collectives import all_gather_objects, barrier
 
 logger = logging.getLogger(__name__)
-
-MODEL_OPTIM_DIR = "model_optim"
-TRAINER_STATE_FILE = "trainer_state.json"
-
-
-def unwrap(chunk):
-    """The MM1Model inside DDP / Float16Module wrappers."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 @dataclass
@@ -200,7 +197,7 @@ class CheckpointManager:
         if error is not None:
             raise ValueError(error)
         for candidate in map(Path, candidates):
-            problem = self._first_problem(candidate)
+            problem = first_problem(candidate)
             if problem is None:
                 return candidate
             if explicit:
@@ -233,18 +230,6 @@ class CheckpointManager:
         if self.cfg.auto_resume and self.save_dir is not None:
             return False, layout.candidates_for_resume(self.save_dir)
         return False, []
-
-    @staticmethod
-    def _first_problem(candidate: Path) -> Optional[str]:
-        """What is wrong with ``candidate`` (checked by all ranks, each reading a share of
-        its files), or None when it is intact. Collective."""
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        try:
-            verify_manifest(candidate, share=(_rank(), world))
-            problem = None
-        except CorruptCheckpointError as exc:
-            problem = str(exc)
-        return next((p for p in all_gather_objects(problem) if p is not None), None)
 
     def load(self, state: TrainingState, path: Path) -> Dict[str, Any]:
         """Restore model, optimizer, scheduler, RNG and returns the trainer state dict."""
@@ -294,86 +279,3 @@ class CheckpointManager:
         """Load only the parameters under ``prefix`` (e.g. ``vision_encoder.``) from another
         checkpoint; the rest of the model keeps its fresh initialisation."""
         load_model_weights(model_chunk, path, prefix=prefix, model_config=model_config)
-
-
-_TRAINER_STATE_KEYS = ("step", "consumed_sequences", "scheduler", "data", "world_size")
-
-
-def read_trainer_state(path: Path) -> Dict[str, Any]:
-    """``trainer_state.json`` of a checkpoint; ``ValueError`` naming it when unreadable."""
-    file = Path(path) / TRAINER_STATE_FILE
-    try:
-        state = json.loads(file.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read {file}: {exc}") from None
-    missing = [
-        key for key in _TRAINER_STATE_KEYS if not isinstance(state, dict) or key not in state
-    ]
-    if missing:
-        raise ValueError(f"{file} lacks {', '.join(missing)}: not a checkpoint of mm1-train")
-    return state
-
-
-_SECTIONS = {"vision_encoder.": "vision", "connector.": "connector", "language_model.": "llm"}
-
-
-def load_sharded(sharded_state_dict, path: Path, *, model_config=None, prefix: str = ""):
-    """``dist_checkpointing.load`` of checkpoint ``path``; a damaged or foreign checkpoint
-    raises ``ValueError`` naming it (and, for another model's, the config fields that
-    differ) instead of the reader's own exception."""
-    folder = path / MODEL_OPTIM_DIR if (path / MODEL_OPTIM_DIR).is_dir() else path
-    try:
-        return dist_checkpointing.load(sharded_state_dict, str(folder))
-    except READ_FAILURES as exc:
-        raise load_error(exc, path, model_config, _SECTIONS.get(prefix, "")) from exc
-
-
-def verify_before_loading(path: Path) -> None:
-    """Check ``path``'s files against its manifest, each rank a share (collective); a
-    folder without a manifest (written by hand or by an old converter) is loaded with a
-    warning."""
-    if not (Path(path) / layout.MANIFEST_FILE).is_file():
-        if _rank() == 0:
-            logger.warning("%s has no %s: its files cannot be checked", path, layout.MANIFEST_FILE)
-        return
-    problem = CheckpointManager._first_problem(Path(path))
-    if problem is not None:
-        raise ValueError(f"checkpoint {path} cannot be loaded: {problem}")
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint folder, or a save folder's newest complete checkpoint."""
-    path = Path(path)
-    latest = layout.read_latest(path)
-    if latest is not None:
-        return latest
-    if not (path / MODEL_OPTIM_DIR).is_dir() and not (path / "metadata.json").is_file():
-        raise ValueError(
-            f"{path} is neither a checkpoint (no {MODEL_OPTIM_DIR}/) nor a save folder with "
-            f"a 'latest' checkpoint"
-        )
-    return path
-
-
-def load_model_weights(model_chunk, path: Path, *, prefix: str = "", model_config=None) -> Path:
-    """Load the model tensors under ``prefix`` (all by default) from a checkpoint written at
-    any TP/PP/EP layout into this rank's part of ``model_chunk``; no optimizer state.
-    The checkpoint's files are checked against its manifest first (collective).
-    Returns the checkpoint folder read."""
-    path = resolve_checkpoint(path)
-    verify_before_loading(path)
-    model = unwrap(model_chunk)
-    wanted = {
-        key: value for key, value in model.sharded_state_dict().items() if key.startswith(prefix)
-    }
-    loaded = load_sharded({"model": wanted}, path, model_config=model_config, prefix=prefix)
-    loaded = loaded["model"]
-    result = model.load_state_dict(loaded, strict=False)
-    missing = [key for key in result.missing_keys if key.startswith(prefix)]
-    if missing:
-        what = prefix.rstrip(".") or "the model"
-        raise ValueError(f"{path} lacks {len(missing)} tensors of {what}, e.g. {missing[0]}")
-    logger.info(
-        "loaded %d tensors of %s from %s", len(loaded), prefix.rstrip(".") or "the model", path
-    )
-    return path
