@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
-import reprlib
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from megatron.core.dist_checkpointing.core import CheckpointingException
 from torch.distributed.checkpoint.api import CheckpointException
 
+from mm1_megatron.config.messages import cut, short
 from mm1_megatron.config.safe_yaml import parse_yaml
 
 # What a damaged, foreign or hostile checkpoint makes the readers raise. Anything else is
@@ -40,11 +40,6 @@ _MAX_DIFFERENCES = 12
 
 class CheckpointLoadError(ValueError):
     """A checkpoint that exists but cannot be loaded into this model."""
-
-
-def _cut(text: str, limit: int = _MAX_MESSAGE) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 25] + f" ... ({len(text)} chars)"
 
 
 def _flatten(tree: Any, prefix: str) -> Iterator[Tuple[str, Any]]:
@@ -80,8 +75,7 @@ def model_differences(checkpoint: Path, model_config: Any, section: str = "") ->
         if not name.startswith(wanted) or here.get(name) == there.get(name):
             continue
         lines.append(
-            f"{name}: {reprlib.repr(there.get(name))} in the checkpoint, "
-            f"{reprlib.repr(here.get(name))} here"
+            f"{name}: {short(there.get(name))} in the checkpoint, {short(here.get(name))} here"
         )
     return lines
 
@@ -105,7 +99,8 @@ def load_error(
     inner = _innermost(exc)
     if isinstance(inner, ValueError) and not isinstance(inner, KeyError):
         return inner if isinstance(inner, CheckpointLoadError) else CheckpointLoadError(str(inner))
-    message = f"cannot load checkpoint {checkpoint}: {type(inner).__name__}: {_cut(str(inner))}"
+    detail = cut(" ".join(str(inner).split()), _MAX_MESSAGE)
+    message = f"cannot load checkpoint {checkpoint}: {type(inner).__name__}: {detail}"
     differences = model_differences(checkpoint, model_config, section) if model_config else []
     if differences:
         shown = differences[:_MAX_DIFFERENCES]

@@ -108,6 +108,10 @@ def check_schedule(scheduler, saved: Dict[str, Any], *, policy: str, checkpoint:
     (built from ``config``) differs from the saved state ``saved``. Called before anything
     is loaded, so a refused resume costs seconds."""
     differences = schedule_differences(saved, scheduler.state_dict(), checkpoint, config)
+    _refuse_if_strict(differences, policy, checkpoint, saved)
+
+
+def _refuse_if_strict(differences, policy: str, checkpoint: Path, saved: Dict[str, Any]):
     if differences and policy == "strict":
         raise ValueError(
             f"the LR schedule of this run differs from checkpoint {checkpoint}'s: "
@@ -138,8 +142,8 @@ def restore_schedule(
     state is loaded: this sets its LR. ``planned_groups``: ``planned_group_lrs`` before
     that load; ``saved_groups``: the saved values of groups the load did not restore
     (``compat.param_groups.align_saved_param_groups``)."""
-    check_schedule(scheduler, saved, policy=policy, checkpoint=checkpoint, config=config)
     differences = schedule_differences(saved, scheduler.state_dict(), checkpoint, config)
+    _refuse_if_strict(differences, policy, checkpoint, saved)
     groups = scheduler.optimizer.param_groups
     step = saved.get("num_steps", 0)
     if not differences or policy == "checkpoint":
