@@ -91,10 +91,19 @@ def draw_expert_weights(
     rank = parallel_state.get_expert_tensor_parallel_rank()
     world = parallel_state.get_expert_tensor_parallel_world_size()
     ffn = config.moe_ffn_hidden_size * (2 if config.gated_linear_unit else 1)
+    # Megatron-Core's MLP builds a gated linear_fc1 with stride 2 (stride 1 under Kitchen),
+    # so each rank holds its [gate, up] chunks interleaved, not a contiguous row block
+    # (transformer/mlp.py:105-133 in 0.16.1, :206-233 in 0.19.2; the split is
+    # weight_list[rank::world_size] of stride-sized chunks, tensor_parallel/layers.py
+    # :179-184 in 0.16.1, :214-219 in 0.19.2). At expert-TP 1 both splits are the whole
+    # weight (tests/parallel/test_grouped_expert_init_tp2.py checks TP 2).
+    fc1_stride = 2 if config.gated_linear_unit and not config.use_kitchen else 1
     _reseed_for_expert(layer_key, global_index)
-    for weight, full_shape, dim, init in (
-        (fc1, (ffn, config.hidden_size), 0, config.init_method),
-        (fc2, (config.hidden_size, config.moe_ffn_hidden_size), 1, config.output_layer_init_method),
+    fc1_shape = (ffn, config.hidden_size)
+    fc2_shape = (config.hidden_size, config.moe_ffn_hidden_size)
+    for weight, full_shape, dim, init, stride in (
+        (fc1, fc1_shape, 0, config.init_method, fc1_stride),
+        (fc2, fc2_shape, 1, config.output_layer_init_method, 1),
     ):
         drawn = torch.empty(weight.shape, dtype=weight.dtype)
         initialize_affine_weight_cpu(
@@ -103,6 +112,7 @@ def draw_expert_weights(
             weight.shape[dim],
             dim,
             init,
+            stride=stride,
             params_dtype=weight.dtype,
             rank=rank,
             world_size=world,
