@@ -14,7 +14,9 @@ from megatron.core import dist_checkpointing
 
 from mm1_megatron.checkpoint import layout
 from mm1_megatron.checkpoint.diagnostics import READ_FAILURES, load_error
+from mm1_megatron.checkpoint.key_layout import is_extra_state, reconcile_with_checkpoint
 from mm1_megatron.checkpoint.manifest import CorruptCheckpointError, verify_manifest
+from mm1_megatron.compat.te_extra_state import check_extra_state
 from mm1_megatron.parallel.collectives import all_gather_objects
 
 logger = logging.getLogger(__name__)
@@ -68,14 +70,38 @@ _SECTIONS = {"vision_encoder.": "vision", "connector.": "connector", "language_m
 
 
 def load_sharded(sharded_state_dict, path: Path, *, model_config=None, prefix: str = ""):
-    """``dist_checkpointing.load`` of checkpoint ``path``; a damaged or foreign checkpoint
-    raises ``ValueError`` naming it (and, for another model's, the config fields that
-    differ) instead of the reader's own exception."""
+    """``dist_checkpointing.load`` of checkpoint ``path``, written with either layer
+    implementation (``key_layout``); a damaged or foreign checkpoint raises ``ValueError``
+    naming it (and, for another model's, the config fields that differ) instead of the
+    reader's own exception."""
     folder = path / MODEL_OPTIM_DIR if (path / MODEL_OPTIM_DIR).is_dir() else path
     try:
+        reconcile_with_checkpoint(sharded_state_dict, folder).log(path)
         return dist_checkpointing.load(sharded_state_dict, str(folder))
     except READ_FAILURES as exc:
         raise load_error(exc, path, model_config, _SECTIONS.get(prefix, "")) from exc
+
+
+def load_module_state(module, state: Dict[str, Any], path: Path, *, prefix: str = "") -> None:
+    """``module.load_state_dict(state)``, strict except for Transformer Engine extra state:
+    ``core_attention._extra_state`` is never in a checkpoint (megatron-core does not save
+    it) and a local-layer checkpoint holds none (``key_layout``). Every extra state that is
+    loaded is checked first (``check_extra_state``): TE unpickles it."""
+    for key, value in state.items():
+        if is_extra_state(key):
+            check_extra_state(value, source=f"{path}: {key}")
+    result = module.load_state_dict(state, strict=False)
+    missing = [
+        key for key in result.missing_keys if key.startswith(prefix) and not is_extra_state(key)
+    ]
+    unexpected = [key for key in result.unexpected_keys if not is_extra_state(key)]
+    if missing:
+        what = prefix.rstrip(".") or "the model"
+        raise ValueError(f"{path} lacks {len(missing)} tensors of {what}, e.g. {missing[0]}")
+    if unexpected:
+        raise ValueError(
+            f"{path} holds {len(unexpected)} tensors this model does not have, e.g. {unexpected[0]}"
+        )
 
 
 def verify_before_loading(path: Path) -> None:
@@ -118,11 +144,7 @@ def load_model_weights(model_chunk, path: Path, *, prefix: str = "", model_confi
     }
     loaded = load_sharded({"model": wanted}, path, model_config=model_config, prefix=prefix)
     loaded = loaded["model"]
-    result = model.load_state_dict(loaded, strict=False)
-    missing = [key for key in result.missing_keys if key.startswith(prefix)]
-    if missing:
-        what = prefix.rstrip(".") or "the model"
-        raise ValueError(f"{path} lacks {len(missing)} tensors of {what}, e.g. {missing[0]}")
+    load_module_state(model, loaded, path, prefix=prefix)
     logger.info(
         "loaded %d tensors of %s from %s", len(loaded), prefix.rstrip(".") or "the model", path
     )

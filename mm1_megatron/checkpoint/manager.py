@@ -28,6 +28,7 @@ from mm1_megatron.checkpoint.loading import (  # noqa: F401 (re-exported)
     TRAINER_STATE_FILE,
     first_problem,
     load_model_weights,
+    load_module_state,
     load_sharded,
     read_trainer_state,
     resolve_checkpoint,
@@ -247,7 +248,7 @@ class CheckpointManager:
             model_config=state.config.model,
         )
         (chunk,) = state.model_chunks
-        unwrap(chunk).load_state_dict(loaded["model"])
+        load_module_state(unwrap(chunk), loaded["model"], path)
         saved_groups = align_saved_param_groups(loaded["optimizer"], state.optimizer.param_groups)
         state.optimizer.load_state_dict(loaded["optimizer"])
         optimizer_compat.after_load(state.optimizer)

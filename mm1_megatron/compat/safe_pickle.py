@@ -105,28 +105,36 @@ def allowed_globals() -> Dict[Tuple[str, str], Any]:
 class RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that resolves only ``allowed`` globals and no persistent ids."""
 
-    def __init__(self, stream: BinaryIO, *, source: str, allowed: Dict[Tuple[str, str], Any]):
+    def __init__(
+        self,
+        stream: BinaryIO,
+        *,
+        source: str,
+        allowed: Dict[Tuple[str, str], Any],
+        description: Optional[str] = None,
+    ):
         super().__init__(stream)
         self.source = source
         self.allowed = allowed
+        self.description = description or _METADATA_CONTENT
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.allowed:
-            raise refusal(self.source, f"{module}.{name}", allowed=_METADATA_CONTENT)
+            raise refusal(self.source, f"{module}.{name}", allowed=self.description)
         return self.allowed[(module, name)]
 
     def persistent_load(self, pid: Any) -> Any:
-        raise refusal(self.source, "a persistent id", allowed=_METADATA_CONTENT)
+        raise refusal(self.source, "a persistent id", allowed=self.description)
 
 
 _METADATA_CONTENT = "torch.distributed.checkpoint metadata classes, torch.Size and dtypes"
 
 
-def _attribute_snapshot(objects: List[Any]) -> List[Tuple[Any, Dict[str, Any]]]:
+def attribute_snapshot(objects: List[Any]) -> List[Tuple[Any, Dict[str, Any]]]:
     return [(obj, dict(vars(obj))) for obj in objects if hasattr(obj, "__dict__")]
 
 
-def _restore_attributes(snapshot: List[Tuple[Any, Dict[str, Any]]]) -> List[str]:
+def restore_attributes(snapshot: List[Tuple[Any, Dict[str, Any]]]) -> List[str]:
     """Undo attribute changes made to allowed classes (pickle's BUILD opcode applied to a
     class sets class attributes); returns the names of the classes that were changed."""
     changed = []
@@ -149,7 +157,7 @@ def load_metadata(stream: BinaryIO, *, source: str) -> Any:
     from torch.distributed.checkpoint.metadata import Metadata
 
     allowed = allowed_globals()
-    snapshot = _attribute_snapshot(list(allowed.values()))
+    snapshot = attribute_snapshot(list(allowed.values()))
     try:
         metadata = RestrictedUnpickler(stream, source=source, allowed=allowed).load()
     except CheckpointFileError:
@@ -157,7 +165,7 @@ def load_metadata(stream: BinaryIO, *, source: str) -> Any:
     except Exception as exc:  # garbage makes pickle fail in any of a dozen ways
         raise unreadable(source, "torch.distributed.checkpoint metadata file", exc) from None
     finally:
-        changed = _restore_attributes(snapshot)
+        changed = restore_attributes(snapshot)
     if changed:
         raise refusal(
             source, f"attribute changes to {', '.join(changed)}", allowed=_METADATA_CONTENT
@@ -205,10 +213,13 @@ def _is_zip(stream_or_path: Any) -> bool:
     return magic == _ZIP_MAGIC
 
 
-def load_weights_only(stream_or_path: Any, *, source: str, what: str = "torch.save file") -> Any:
+def load_weights_only(
+    stream_or_path: Any, *, source: str, what: str = "torch.save file", legacy: bool = False
+) -> Any:
     """``torch.load(..., weights_only=True)`` on the CPU; a refused global or a file that is
-    not what torch writes raises ``CheckpointFileError`` naming ``source``."""
-    if not _is_zip(stream_or_path):  # torch.save writes zip archives (torch >= 1.6)
+    not what torch writes raises ``CheckpointFileError`` naming ``source``. ``legacy``
+    also accepts torch's pre-zip format (what ``pickle.dumps`` of a tensor nests)."""
+    if not legacy and not _is_zip(stream_or_path):  # torch.save writes zip archives
         raise unreadable(source, what, ValueError("not a zip archive"))
     try:
         return torch.load(stream_or_path, map_location="cpu", weights_only=True)

@@ -20,6 +20,7 @@ from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 import torch
 
 from mm1_megatron.checkpoint import layout
+from mm1_megatron.checkpoint.key_layout import reconcile_with_checkpoint
 from mm1_megatron.config.schema import (
     ConnectorConfig,
     LanguageModelConfig,
@@ -162,9 +163,11 @@ def load_parts(model, step_folder: Path, parts: Sequence[str]) -> None:
     """Load ``parts`` from a checkpoint written at any layout into the TP=1 ``model``."""
     from megatron.core import dist_checkpointing
 
-    loaded = dist_checkpointing.load(
-        {"model": _sharded_part(model, parts)}, str(Path(step_folder) / MODEL_OPTIM_DIR)
-    )["model"]
+    folder = Path(step_folder) / MODEL_OPTIM_DIR
+    request = {"model": _sharded_part(model, parts)}
+    # Written with Transformer Engine layers or the old local MoE key layout: same tensors.
+    reconcile_with_checkpoint(request, folder).log(Path(step_folder))
+    loaded = dist_checkpointing.load(request, str(folder))["model"]
     result = model.load_state_dict(loaded, strict=False)
     prefixes = tuple(f"{part}." for part in parts)
     missing = [

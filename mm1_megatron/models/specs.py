@@ -97,6 +97,25 @@ def vision_layer_spec(transformer_impl: str) -> ModuleSpec:
     )
 
 
+def _is_moe(layer: ModuleSpec) -> bool:
+    return getattr(compat_specs.spec_submodules(layer.submodules.mlp), "experts", None) is not None
+
+
+def _with_te_key_layout(layer: ModuleSpec) -> ModuleSpec:
+    """A local MoE layer's pre-MLP norm saved as ``pre_mlp_layernorm.*``, the key the TE
+    spec gives it. Megatron-core's local spec maps it to ``mlp.linear_fc1.layer_norm_*``
+    on every layer (0.16.1 ``gpt_layer_specs.py:417-420``, 0.19.2 ``:459-461``), which is
+    TE's name only where TE fuses the norm into ``linear_fc1``: dense layers. Checkpoints
+    written with the old name are read by ``checkpoint/key_layout.py``."""
+    keys_map = dict(layer.submodules.sharded_state_dict_keys_map or {})
+    if not _is_moe(layer) or keys_map.pop("pre_mlp_layernorm.", None) is None:
+        return layer
+    return compat_specs.with_submodules(
+        layer,
+        compat_specs.replace_fields(layer.submodules, sharded_state_dict_keys_map=keys_map),
+    )
+
+
 def _with_torch_norms(layer: ModuleSpec) -> ModuleSpec:
     """Swap Megatron's torch-norm wrapper (which rejects SP) for ``TorchNorm``."""
     fields = {
@@ -188,7 +207,7 @@ def language_block_spec(
         if init_seed is not None:
             layer = _seeded(layer, init_seed)
         layer = _with_core_attention(layer, core_attention)
-        return layer if use_te else _with_torch_norms(layer)
+        return layer if use_te else _with_te_key_layout(_with_torch_norms(layer))
 
     final_norm = block.layer_norm
     if not use_te and final_norm is WrappedTorchNorm:
