@@ -12,6 +12,8 @@ from typing import Dict
 
 import torch
 
+from mm1_megatron.batch.documents import register_host_document_ids
+
 Batch = Dict[str, torch.Tensor]
 
 
@@ -21,12 +23,18 @@ def model_inputs(batch: Batch, device: torch.device, *, images: bool = True) -> 
 
     ``images=False`` leaves the pixels on the host: pipeline stages after the first never
     encode images, so they need not receive them.
+
+    The documents' layout is computed here from the host ``document_ids`` and registered
+    for their device copy, so no layer reads the ids back from the device.
     """
-    return {
+    inputs = {
         key: value.to(device, non_blocking=True)
         for key, value in batch.items()
         if images or key != "images"
     }
+    if "document_ids" in inputs and batch["document_ids"].device.type == "cpu":
+        register_host_document_ids(inputs["document_ids"], batch["document_ids"])
+    return inputs
 
 
 def run_model(model, inputs: Batch, *, with_labels: bool = True) -> torch.Tensor:

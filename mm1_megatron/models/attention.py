@@ -16,6 +16,12 @@ the form its kernel needs, so no ``[b, 1, s, s]`` mask exists in training:
   ``[b, 1, s, s]`` per-document causal mask. The reference the tests compare with
   (``model.attention=dense_mask_reference``); never the default.
 
+Both per-document classes read the documents from one layout per micro-batch
+(``batch.documents``: spans, ``cu_seqlens`` on the device, the longest document), which
+``model_inputs`` computes from the host ids; every layer and the recompute in backward
+share it. A decode step (queries shorter than keys: generation with a KV cache) uses
+``attention_against_cache`` in both, SDPA with a ``[b, 1, sq, sk]`` mask.
+
 RoPE needs no change: within a document the rotary score depends only on the distance
 between positions, so restarting positions per document or not gives the same attention.
 """
@@ -23,8 +29,8 @@ between positions, so restarting positions per document or not gives the same at
 from __future__ import annotations
 
 import contextlib
-import weakref
-from typing import List, Optional, Tuple
+import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,69 +39,66 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from mm1_megatron.batch.contract import document_causal_mask
+from mm1_megatron.batch.documents import Segments, document_layout
+from mm1_megatron.batch.documents import build_cu_seqlens as cu_seqlens
 
-Segments = List[List[Tuple[int, int]]]  # per batch row: (start, end) of each document
+__all__ = [
+    "DenseMaskAttention",
+    "DocumentAttention",
+    "Segments",
+    "attention_against_cache",
+    "cu_seqlens",
+    "decode_against_cache",
+    "document_layout",
+    "document_segments",
+    "te_document_attention_class",
+]
 
 
 def document_segments(document_ids: torch.Tensor) -> Segments:
     """``[b, s]`` document ids -> per row, the ``[start, end)`` span of each document.
 
-    Documents are contiguous runs of one id (the packing contract). Reads the ids on the
-    host: one device sync per micro-batch on GPU, shared by all layers (cached).
-    """
-    return _SEGMENT_CACHE.get(document_ids)
+    From the micro-batch's cached layout (``batch.documents``): computed once per
+    micro-batch, from the host copy that ``model_inputs`` registered, and shared by every
+    layer and by the recompute in backward."""
+    return document_layout(document_ids).segments
 
 
-class _OneEntryCache:
-    """Every layer of a forward pass gets the same ``document_ids`` tensor: compute once.
-
-    Keyed on the tensor object itself (a weak reference) and its version counter, never on
-    its address: the next micro-batch's ids may be allocated where the last ones were.
-    """
-
-    def __init__(self):
-        self._tensor: Optional[weakref.ref] = None
-        self._version = -1
-        self._value: Optional[Segments] = None
-
-    def get(self, document_ids: torch.Tensor) -> Segments:
-        cached = self._tensor() if self._tensor is not None else None
-        if cached is not document_ids or document_ids._version != self._version:
-            self._value = _compute_segments(document_ids)
-            self._tensor, self._version = weakref.ref(document_ids), document_ids._version
-        return self._value
-
-
-def _compute_segments(document_ids: torch.Tensor) -> Segments:
-    if document_ids.dim() != 2 or document_ids.dtype not in (torch.int32, torch.int64):
+def attention_against_cache(
+    q, k, v, document_ids, *, softmax_scale: float, grouped: bool
+) -> torch.Tensor:
+    """``[b, heads, s, d]``: the last ``sq`` of ``sk`` positions (generation with a KV
+    cache) attend to every earlier key of their own document. The mask is
+    ``[b, 1, sq, sk]``: one row per new token, never ``sk x sk``."""
+    sq, sk = q.shape[2], k.shape[2]
+    if document_ids is None or document_ids.shape[-1] != sk:
         raise ValueError(
-            f"packed-sequence attention needs document ids of shape [b, s] "
-            f"(integers); got {tuple(document_ids.shape)} {document_ids.dtype}. "
-            f"Build the inputs with mm1_megatron.batch.model_inputs"
+            f"decoding {sq} new positions against {sk} cached ones needs the document "
+            f"ids of all {sk} positions"
         )
-    ids = document_ids.cpu()
-    seq_len = ids.shape[1]
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    segments = []
-    for row in starts:
-        begin = row.nonzero().flatten().tolist()
-        segments.append(list(zip(begin, begin[1:] + [seq_len])))
-    return segments
+    positions = torch.arange(sk, device=q.device)
+    causal = positions[None, :] <= positions[sk - sq :, None]  # [sq, sk]
+    same_document = document_ids[:, sk - sq :, None] == document_ids[:, None, :]
+    mask = (same_document & causal)[:, None]  # [b, 1, sq, sk]
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=grouped
+    )
 
 
-_SEGMENT_CACHE = _OneEntryCache()
-
-
-def cu_seqlens(segments: Segments, seq_len: int, device) -> Tuple[torch.Tensor, int]:
-    """Cumulative document lengths over the batch flattened row by row, and the longest."""
-    bounds = [0]
-    longest = 0
-    for row, spans in enumerate(segments):
-        for start, end in spans:
-            bounds.append(row * seq_len + end)
-            longest = max(longest, end - start)
-    return torch.tensor(bounds, dtype=torch.int32, device=device), longest
+def decode_against_cache(
+    query, key, value, document_ids, softmax_scale: Optional[float]
+) -> torch.Tensor:
+    """``attention_against_cache`` in Megatron's layout: ``[s, b, heads, d]`` in,
+    ``[sq, b, heads * d]`` out. ``softmax_scale=None`` is ``1 / sqrt(d)``."""
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(query.shape[-1])
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+    grouped = q.shape[1] != k.shape[1]
+    context = attention_against_cache(
+        q, k, v, document_ids, softmax_scale=softmax_scale, grouped=grouped
+    )
+    sq, b = query.shape[0], query.shape[1]
+    return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
 class DocumentAttention(DotProductAttention):
@@ -127,7 +130,9 @@ class DocumentAttention(DotProductAttention):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         with self._dropout_rng(dropout):
             if q.shape[2] != k.shape[2]:  # decoding: new queries against cached keys
-                context = self._against_cache(q, k, v, attention_mask, grouped)
+                context = attention_against_cache(
+                    q, k, v, attention_mask, softmax_scale=self.softmax_scale, grouped=grouped
+                )
             elif attention_mask is None:
                 context = F.scaled_dot_product_attention(
                     q,
@@ -165,24 +170,6 @@ class DocumentAttention(DotProductAttention):
             ]
             rows.append(torch.cat(pieces, dim=2))
         return torch.cat(rows, dim=0)
-
-    def _against_cache(self, q, k, v, document_ids, grouped: bool) -> torch.Tensor:
-        """The last ``sq`` of ``sk`` positions (generation with a KV cache) attend to every
-        earlier key of their own document. The mask is ``[b, 1, sq, sk]``: one row per new
-        token, never ``sk x sk``."""
-        sq, sk = q.shape[2], k.shape[2]
-        if document_ids is None or document_ids.shape[-1] != sk:
-            raise ValueError(
-                f"decoding {sq} new positions against {sk} cached ones needs the document "
-                f"ids of all {sk} positions"
-            )
-        positions = torch.arange(sk, device=q.device)
-        causal = positions[None, :] <= positions[sk - sq :, None]  # [sq, sk]
-        same_document = document_ids[:, sk - sq :, None] == document_ids[:, None, :]
-        mask = (same_document & causal)[:, None]  # [b, 1, sq, sk]
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=self.softmax_scale, enable_gqa=grouped
-        )
 
     def _dropout_rng(self, dropout: float):
         """Attention dropout draws from the tensor-parallel RNG stream, as Megatron's does."""
@@ -246,19 +233,21 @@ def te_document_attention_class():
                     query, key, value, None, mask_type, attention_bias=attention_bias, **kwargs
                 )
             sq, b = query.shape[0], query.shape[1]
-            if key.shape[0] != sq:
-                raise NotImplementedError(
-                    "generation with a KV cache is written for the local layer spec only "
-                    "(model.transformer_impl=local), not yet for Transformer Engine's "
-                    "packed attention"
-                )
-            cu, longest = cu_seqlens(document_segments(attention_mask), sq, query.device)
+            if key.shape[0] != sq:  # decoding against the KV cache: the local layer's SDPA
+                if attention_bias is not None:
+                    raise NotImplementedError("decoding with an attention bias")
+                # TE's DotProductAttention keeps its scale (None: 1/sqrt(d)) as softmax_scale.
+                scale = getattr(self, "softmax_scale", None)
+                return decode_against_cache(query, key, value, attention_mask, scale)
+            layout = document_layout(attention_mask)  # once per micro-batch, cached
+            if layout.seq_len != sq:
+                raise ValueError(f"document ids cover {layout.seq_len} positions, the queries {sq}")
             params = PackedSeqParams(
                 qkv_format="thd",
-                cu_seqlens_q=cu,
-                cu_seqlens_kv=cu,
-                max_seqlen_q=longest,
-                max_seqlen_kv=longest,
+                cu_seqlens_q=layout.cu_seqlens,
+                cu_seqlens_kv=layout.cu_seqlens,
+                max_seqlen_q=layout.max_seqlen,
+                max_seqlen_kv=layout.max_seqlen,
             )
             # [s, b, heads, d] -> [b * s, heads, d]: row by row, as cu_seqlens counts.
             q, k, v = (t.transpose(0, 1).reshape(b * sq, *t.shape[2:]) for t in (query, key, value))

@@ -14,6 +14,7 @@ from mm1_megatron.models.attention import (
     DenseMaskAttention,
     DocumentAttention,
     cu_seqlens,
+    decode_against_cache,
     document_segments,
 )
 from mm1_megatron.models.transformer_configs import RuntimeOptions, language_transformer_config
@@ -79,6 +80,26 @@ def test_segments_and_cu_seqlens_of_a_packed_batch():
     assert segments == [[(0, 2), (2, 5), (5, 6)], [(0, 6)]]
     bounds, longest = cu_seqlens(segments, 6, "cpu")
     assert bounds.tolist() == [0, 2, 5, 6, 12] and longest == 6
+
+
+@pytest.mark.parametrize("num_new", [1, 3])
+def test_decoding_against_the_cache_equals_the_whole_sequence(seeded, num_new):
+    """The last ``num_new`` queries against all keys (a decode step with a KV cache) give
+    the last rows of per-document attention over the whole sequence: through the local
+    class, and through ``decode_against_cache``, which the TE class falls back to."""
+    cfg = make_tiny_config()
+    batch, seq = 3, 12
+    documents = _random_documents(batch, seq, seed=num_new)
+    documents[1, -1] = documents[1, -2] + 1  # the newest token starts a document
+    q, k, v = (t.detach() for t in _qkv(cfg, batch, seq))
+    local = _attention(DocumentAttention, cfg)
+    whole = local(q, k, v, documents)
+    new = q[-num_new:]
+    torch.testing.assert_close(local(new, k, v, documents), whole[-num_new:])
+    shared = decode_against_cache(new, k, v, documents, softmax_scale=None)  # 1/sqrt(d)
+    torch.testing.assert_close(shared, whole[-num_new:])
+    scaled = decode_against_cache(new, k, v, documents, softmax_scale=local.softmax_scale / 2)
+    assert not torch.allclose(scaled, whole[-num_new:])
 
 
 def test_a_dense_mask_is_refused_with_a_pointer_to_model_inputs(seeded):
