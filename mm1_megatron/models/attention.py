@@ -236,8 +236,11 @@ def te_document_attention_class():
             if key.shape[0] != sq:  # decoding against the KV cache: the local layer's SDPA
                 if attention_bias is not None:
                     raise NotImplementedError("decoding with an attention bias")
-                # TE's DotProductAttention keeps its scale (None: 1/sqrt(d)) as softmax_scale.
-                scale = getattr(self, "softmax_scale", None)
+                # TE's DotProductAttention hands its scale (1/sqrt(d) when None) to each
+                # backend, which keeps it as ``softmax_scale`` (TE 2.x attention/
+                # dot_product_attention/dot_product_attention.py __init__, backends.py).
+                backend = getattr(self, "unfused_attention", None)
+                scale = getattr(backend, "softmax_scale", None)
                 return decode_against_cache(query, key, value, attention_mask, scale)
             layout = document_layout(attention_mask)  # once per micro-batch, cached
             if layout.seq_len != sq:
