@@ -18,6 +18,9 @@ fi
 # Megatron-Core's tensor/sequence-parallel communication overlap relies on one hardware
 # queue per GPU to keep its collectives ahead of the compute that waits for them.
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+# The ViT's batch changes size every micro-batch (0-16 images, times the tiles), which
+# fragments PyTorch's CUDA caching allocator; expandable segments grow in place instead.
+export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 exec torchrun \
   --nnodes "${NNODES}" \
   --nproc-per-node "${GPUS_PER_NODE}" \

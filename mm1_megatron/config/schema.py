@@ -18,7 +18,9 @@ CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 # typing.get_args (the tuples below).
 ConnectorType = Literal["c_abstractor", "avg_pool", "attn_pool", "mlp"]
 VisionActivation = Literal["gelu", "quick_gelu", "gelu_tanh"]
-TransformerImpl = Literal["local", "transformer_engine"]
+# auto: transformer_engine when it imports and CUDA is available, else local; resolved once
+# at start (training/runtime.py), and the run's saved config.yaml holds the result.
+TransformerImpl = Literal["local", "transformer_engine", "auto"]
 # Decoder core attention over packed documents (mm1_megatron/models/attention.py).
 AttentionKind = Literal["per_document", "dense_mask_reference"]
 FP8Format = Literal["hybrid", "e4m3"]
@@ -102,7 +104,7 @@ class MoEConfig:
 
     num_experts: int = 0
     top_k: int = 2
-    layer_frequency: int = 1  # every k-th decoder layer is MoE (layers k-1, 2k-1, ...)
+    layer_frequency: int = 1  # every k-th decoder layer is MoE (layers 0, k, 2k, ...)
     expert_ffn_hidden_size: Optional[int] = None  # default: the dense ffn_hidden_size
     aux_loss_coeff: float = 0.01
     z_loss_coeff: float = 0.001
@@ -138,11 +140,16 @@ class ModelConfig:
     vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: LanguageModelConfig = field(default_factory=LanguageModelConfig)
-    transformer_impl: TransformerImpl = "local"  # "transformer_engine" needs TE installed
+    # "transformer_engine" needs TE installed; "auto": TE with CUDA, else local.
+    transformer_impl: TransformerImpl = "local"
     # per_document: attention per packed document, no s x s mask (flash/fused kernels).
     # dense_mask_reference: the explicit [b, 1, s, s] mask, local only; what tests compare to.
     attention: AttentionKind = "per_document"
     fp8: Optional[FP8Format] = None  # None, "hybrid" or "e4m3"; needs transformer_engine
+    # FP8 only where it can run: at start, model.fp8 becomes this format when the resolved
+    # transformer_impl is transformer_engine on an FP8 GPU (compute capability 8.9+), and
+    # stays null elsewhere (bf16 or fp32). The run's saved config.yaml holds the result.
+    fp8_on_gpu: Optional[FP8Format] = None
     fp8_recipe: FP8Recipe = "delayed"  # "delayed" or "current" scaling
     init_method_std: float = 0.02
     # Modules whose parameters are not trained: vision_encoder, connector, language_model.

@@ -154,8 +154,9 @@ def _check_llm(cfg: MM1Config, err: _Errors) -> None:
             moe.aux_loss_coeff >= 0 and moe.z_loss_coeff >= 0,
             f"{q}.aux_loss_coeff and {q}.z_loss_coeff must be >= 0",
         )
+        # auto passes here and is checked again once resolved (training/runtime.py).
         err.check(
-            not moe.grouped_gemm or cfg.model.transformer_impl == "transformer_engine",
+            not moe.grouped_gemm or cfg.model.transformer_impl != "local",
             f"{q}.grouped_gemm=true needs Transformer Engine's grouped linear layers: set "
             f"model.transformer_impl=transformer_engine, or {q}.grouped_gemm=null",
         )
@@ -361,13 +362,86 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
         )
 
 
-def _check_model_impl(cfg: MM1Config, err: _Errors) -> None:
+# Transformer Engine's FP8 GEMMs (cuBLASLt) need each dimension to be a multiple of 16
+# bytes, i.e. 16 FP8 values. The tokens of a micro-batch are the contraction dimension of
+# the weight-gradient GEMM, so their count must be divisible by 16 (TE asserts the forward's
+# multiple of 8; Megatron-Core pads MoE expert tokens to the same 16 for this reason,
+# megatron/core/fp8_utils.py get_fp8_align_size).
+FP8_TOKEN_MULTIPLE = 16
+
+
+def fp8_setting(cfg: MM1Config) -> Optional[Tuple[str, str]]:
+    """``(dotted field, format)`` of the FP8 setting that is on or may turn on at start
+    (``model.fp8`` or ``model.fp8_on_gpu``); None when neither is set."""
+    if cfg.model.fp8 is not None:
+        return "model.fp8", cfg.model.fp8
+    if cfg.model.fp8_on_gpu is not None:
+        return "model.fp8_on_gpu", cfg.model.fp8_on_gpu
+    return None
+
+
+def _check_fp8_tokens(cfg: MM1Config, err: _Errors, setting: Tuple[str, str]) -> None:
+    field_name, value = setting
+    t, par = cfg.training, cfg.parallel
+    if min(t.seq_length, t.micro_batch_size, par.tensor_parallel_size) <= 0:
+        return  # reported by the positivity checks
+    split = par.tensor_parallel_size if par.sequence_parallel else 1
+    multiple = FP8_TOKEN_MULTIPLE * split
+    tokens = t.seq_length * t.micro_batch_size
+    if tokens % multiple == 0:
+        return
+    step = multiple // math.gcd(multiple, t.micro_batch_size)
+    nearest = max(step, t.seq_length // step * step)
+    per_rank = (
+        f" / parallel.tensor_parallel_size={split} (sequence parallelism splits them)"
+        if split > 1
+        else ""
+    )
+    err.check(
+        False,
+        f"{field_name}={value}: FP8 GEMMs need the tokens of a micro-batch on each rank, "
+        f"training.seq_length={t.seq_length} x training.micro_batch_size="
+        f"{t.micro_batch_size}{per_rank}, to be a multiple of {FP8_TOKEN_MULTIPLE}; set "
+        f"training.seq_length={nearest} (or another micro_batch_size), or {field_name}=null",
+    )
+
+
+def _check_fp8(cfg: MM1Config, err: _Errors) -> None:
     m = cfg.model
     if m.fp8 is not None:
         err.check(
             m.transformer_impl == "transformer_engine",
-            "model.fp8 needs model.transformer_impl=transformer_engine",
+            "model.fp8 needs model.transformer_impl=transformer_engine (with "
+            "transformer_impl=auto, use model.fp8_on_gpu: FP8 only where it can run)",
         )
+        err.check(
+            m.fp8_on_gpu is None,
+            f"model.fp8={m.fp8} (always) and model.fp8_on_gpu={m.fp8_on_gpu} (on FP8 GPUs "
+            f"only) are both set: keep one, and set the other to null",
+        )
+    if m.fp8_on_gpu is not None:
+        err.check(
+            m.transformer_impl != "local",
+            f"model.fp8_on_gpu={m.fp8_on_gpu} never applies with "
+            f"model.transformer_impl=local: set transformer_impl=auto (or "
+            f"transformer_engine), or model.fp8_on_gpu=null",
+        )
+    setting = fp8_setting(cfg)
+    if setting is None:
+        return
+    field_name, value = setting
+    _check_fp8_tokens(cfg, err, setting)
+    err.check(
+        cfg.training.precision != "fp32",
+        f"{field_name}={value} runs on bf16 compute (FP8 GEMMs between bf16 layers, fp32 "
+        f"master weights in the optimizer); training.precision=fp32 is not supported with "
+        f"it: set training.precision=auto (bf16 on GPU) or bf16, or {field_name}=null",
+    )
+
+
+def _check_model_impl(cfg: MM1Config, err: _Errors) -> None:
+    m = cfg.model
+    _check_fp8(cfg, err)
     err.check(m.init_method_std > 0, "model.init_method_std must be > 0")
     p = cfg.parallel
     err.check(
@@ -452,6 +526,17 @@ def _check_eval(cfg: MM1Config, err: _Errors) -> None:
             "eval.tasks=[] and score checkpoints with mm1-eval, or "
             "parallel.sequence_parallel=false",
         )
+        setting = fp8_setting(cfg)
+        if setting is not None:
+            field_name, value = setting
+            err.check(
+                False,
+                f"eval.tasks={e.tasks} with {field_name}={value}: few-shot generation would "
+                f"run the FP8 model, and its prompt prefill and decode token counts are not "
+                f"padded to the {FP8_TOKEN_MULTIPLE} FP8 GEMMs need; set eval.tasks=[] (the "
+                f"held-out loss still runs) and score the checkpoints with `mm1-eval "
+                f"--checkpoint ... model.fp8=null`, which evaluates them without FP8",
+            )
     if cfg.data.source == "webdataset" and e.heldout_batches > 0:
         mixture = {name: w for name, w in cfg.data.mixture.items() if w > 0}
         missing = [name for name in mixture if not getattr(e.heldout_shards, name)]

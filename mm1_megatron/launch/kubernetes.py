@@ -16,6 +16,7 @@ from typing import Any, Dict, List
 import yaml
 
 from mm1_megatron.launch.plan import LaunchPlan
+from mm1_megatron.launch.settings import CUDA_ALLOC_CONF
 
 JOBSET_FILE = "jobset.yaml"
 TRAINJOB_FILE = "trainjob.yaml"
@@ -27,7 +28,11 @@ ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
 
 
 def _env(plan: LaunchPlan) -> List[Dict[str, Any]]:
-    values = {"CUDA_DEVICE_MAX_CONNECTIONS": "1", **plan.cluster.env}
+    values = {
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "PYTORCH_CUDA_ALLOC_CONF": CUDA_ALLOC_CONF,
+        **plan.cluster.env,  # the user's values win
+    }
     return [{"name": name, "value": value} for name, value in values.items()]
 
 

@@ -22,6 +22,10 @@ from mm1_megatron.config.loader import (
 from mm1_megatron.config.schema import MM1Config
 
 SECTION = "cluster"
+# Exported for every worker unless cluster.env (or, for SLURM, the submitting shell) sets
+# PYTORCH_CUDA_ALLOC_CONF: the ViT batch's size changes every micro-batch, which fragments
+# PyTorch's CUDA caching allocator; expandable segments grow in place instead.
+CUDA_ALLOC_CONF = "expandable_segments:True"
 
 
 @dataclass

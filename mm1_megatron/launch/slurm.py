@@ -14,7 +14,7 @@ import shlex
 from typing import List
 
 from mm1_megatron.launch.plan import LaunchPlan
-from mm1_megatron.launch.settings import ClusterConfig
+from mm1_megatron.launch.settings import CUDA_ALLOC_CONF, ClusterConfig
 
 FILE_NAME = "slurm.sbatch"
 
@@ -107,6 +107,9 @@ def render_slurm(plan: LaunchPlan) -> str:
         "# Megatron-Core's tensor/sequence-parallel communication overlap relies on one",
         "# hardware queue per GPU.",
         "export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}",
+        "# The ViT's batch changes size every micro-batch, which fragments PyTorch's CUDA",
+        "# caching allocator; expandable segments grow in place instead.",
+        f"export PYTORCH_CUDA_ALLOC_CONF=${{PYTORCH_CUDA_ALLOC_CONF:-{CUDA_ALLOC_CONF}}}",
     ]
     for name, value in cluster.env.items():
         lines += _literal_note([value]) + [f"export {name}={_quote(value)}"]

@@ -46,6 +46,10 @@ class RuntimeOptions:
     # Weight gradients accumulated straight into the fp32 main_grad (needs apex's
     # fused_weight_gradient_mlp_cuda and Megatron's DDP buffers: training only).
     gradient_accumulation_fusion: bool = False
+    # The fused cross-entropy's kernel (bf16 runs with fused kernels): "te", Transformer
+    # Engine's, or "native", Megatron-Core's, which keeps an fp32 softmax of the logits
+    # for backward.
+    cross_entropy_fusion_impl: str = "native"
 
 
 def _shared_kwargs(model: ModelConfig, parallel: ParallelConfig, runtime: RuntimeOptions) -> dict:
@@ -77,7 +81,11 @@ def _shared_kwargs(model: ModelConfig, parallel: ParallelConfig, runtime: Runtim
 
 
 def uses_grouped_gemm(model: ModelConfig) -> bool:
-    """``moe.grouped_gemm``, defaulting to on exactly when Transformer Engine is the impl."""
+    """``moe.grouped_gemm``, defaulting to on exactly when Transformer Engine is the impl.
+
+    ``transformer_impl=auto`` is resolved at the start of training; a config that still
+    holds it here (read by conversion or evaluation, which build local layers) gets the
+    local experts."""
     setting = model.llm.moe.grouped_gemm
     if setting is None:
         return model.transformer_impl == "transformer_engine"
@@ -108,7 +116,7 @@ def language_transformer_config(
         # which would round an fp32 run's gradients (0.16% measured): bf16 runs only.
         bias_activation_fusion=runtime.fused_kernels,
         cross_entropy_loss_fusion=runtime.fused_kernels and runtime.params_dtype == torch.bfloat16,
-        cross_entropy_fusion_impl="native",
+        cross_entropy_fusion_impl=runtime.cross_entropy_fusion_impl,
     )
     if model.fp8 is not None:
         # The decoder only: FP8 GEMMs need the token count divisible by 8 (16 for the

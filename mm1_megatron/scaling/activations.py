@@ -71,9 +71,13 @@ def kernels_for(model: ModelConfig, *, device: str, bf16: bool, fused: bool) -> 
     ``tests/scaling/test_estimate_memory.py`` measures; the GPU paths are read from the
     code (fused RMSNorm, fused SwiGLU, flash attention for the ViT with Transformer Engine)
     and are checked on a GPU by ``tools/check_estimate_memory.py``.
+
+    ``transformer_impl=auto`` is what it resolves to at start: transformer_engine on a GPU
+    (assumed installed there, as in the NGC images), local on CPU.
     """
-    te = model.transformer_impl == "transformer_engine"
     gpu = device == "gpu"
+    impl = model.transformer_impl
+    te = impl == "transformer_engine" or (impl == "auto" and gpu)
     return Kernels(
         bytes_per_value=2 if bf16 else 4,
         rmsnorm_copies=1 if gpu else 2,

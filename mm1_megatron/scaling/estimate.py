@@ -36,7 +36,8 @@ ASSUMPTIONS = (
     "the local per-document path), fc1's 2f-wide output and fc2's input (fused SwiGLU); "
     "flash attention for the decoder (fp32 log-sum-exp only); the ViT's attention "
     "probabilities are kept with transformer_impl=local (Megatron-Core's local attention), "
-    "not with transformer_engine",
+    "not with transformer_engine; model.transformer_impl=auto is estimated as "
+    "transformer_engine, what it resolves to on a GPU with Transformer Engine installed",
     "sequence parallelism splits the norm and linear inputs over TP; the ViT and the "
     "connector run without SP, the connector replicated on every TP rank",
     "selective recomputation drops core attention's own tensors (probabilities, log-sum-exp, "

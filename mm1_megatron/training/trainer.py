@@ -51,7 +51,11 @@ from mm1_megatron.training.preemption import (
     StoppedWithoutCheckpoint,
     write_preemption_marker,
 )
-from mm1_megatron.training.runtime import resolve_build_choices
+from mm1_megatron.training.runtime import (
+    resolve_build_choices,
+    resolve_machine_settings,
+    transformer_engine_version,
+)
 from mm1_megatron.training.step import forward_step, loss_and_report
 from mm1_megatron.utils.logging_setup import log_info_on_this_rank
 
@@ -60,16 +64,14 @@ logger = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, cfg: MM1Config):
-        self.cfg = validate_config(cfg)
+        validate_config(cfg)
         self.ctx = init_distributed(
             cfg.parallel, timeout_minutes=cfg.parallel.collective_timeout_minutes
         )
         cuda = self.ctx.device.type == "cuda"
-        validate_environment(
-            cfg,
-            cuda_available=cuda,
-            cuda_capability=torch.cuda.get_device_capability() if cuda else None,
-        )
+        capability = torch.cuda.get_device_capability() if cuda else None
+        cfg = self.cfg = self._resolve_machine_settings(cfg, cuda=cuda, capability=capability)
+        validate_environment(cfg, cuda_available=cuda, cuda_capability=capability)
         self.bf16 = self.ctx.device.type == "cuda" and cfg.training.precision in ("auto", "bf16")
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = self._num_microbatches()
@@ -122,6 +124,21 @@ class Trainer:
             log_info_on_this_rank()
 
     # ---- construction -------------------------------------------------------------------
+    def _resolve_machine_settings(self, cfg: MM1Config, *, cuda: bool, capability) -> MM1Config:
+        """``model.transformer_impl=auto`` and ``model.fp8_on_gpu`` decided once, here; the
+        saved config.yaml and every checkpoint's hold the result."""
+        needs_te = cfg.model.transformer_impl == "auto" and cuda
+        cfg, lines = resolve_machine_settings(
+            cfg,
+            cuda=cuda,
+            cuda_capability=capability,
+            te_version=transformer_engine_version() if needs_te else None,
+        )
+        if self.ctx.is_main:
+            for line in lines:
+                logger.info("%s", line)
+        return validate_config(cfg)  # e.g. moe.grouped_gemm=true with auto -> local
+
     def _num_microbatches(self) -> int:
         t = self.cfg.training
         return num_microbatches(t.global_batch_size, t.micro_batch_size, self.dp_size)
