@@ -14,10 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR")
 
 
+TE_STANDIN = REPO / "tests" / "te" / "standin"
+
+
 def clean_env(**extra: str) -> dict:
-    """``os.environ`` without launcher variables, with the repository importable."""
+    """``os.environ`` without launcher variables, with the repository importable (and the
+    Transformer Engine stand-in first, when this process runs the TE tier on it)."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-    env["PYTHONPATH"] = str(REPO)
+    inherited = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    standin = [p for p in inherited if p and Path(p).resolve() == TE_STANDIN]
+    env["PYTHONPATH"] = os.pathsep.join([*standin, str(REPO)])
     env.update(extra)
     return env
 

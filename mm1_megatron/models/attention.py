@@ -239,7 +239,7 @@ def te_document_attention_class():
                 # TE's DotProductAttention hands its scale (1/sqrt(d) when None) to each
                 # backend, which keeps it as ``softmax_scale`` (TE 2.x attention/
                 # dot_product_attention/dot_product_attention.py __init__, backends.py).
-                backend = getattr(self, "unfused_attention", None)
+                backend = getattr(self, "unfused_attention", self)
                 scale = getattr(backend, "softmax_scale", None)
                 return decode_against_cache(query, key, value, attention_mask, scale)
             layout = document_layout(attention_mask)  # once per micro-batch, cached
