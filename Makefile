@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # On CUDA machines run `make setup TORCH_SPEC=torch` (or pre-install your CUDA torch).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup check lint format test test-fast train-debug bench gpu-check
+.PHONY: setup check lint format test te-tier te-check test-fast train-debug bench gpu-check
 
 setup:
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,20 @@ setup:
 	$(PY) -c "import sys, torch, megatron.core, mm1_megatron; print('python', sys.version.split()[0], '| torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
 
 # pytest exits 5 when it collects no tests; make treats any non-zero exit as failure.
+# The Transformer Engine tier (tests/te) runs as its own pytest process with the CPU
+# stand-in of TE first on the path (docs/gpu.md); in the first process it skips at once.
+TE_STANDIN = tests/te/standin
+
 test:
 	$(PY) -m pytest -q tests
+	$(MAKE) te-tier
+
+te-tier:
+	PYTHONPATH=$(TE_STANDIN) $(PY) -m pytest -q tests/te
+
+# The same tier against the real Transformer Engine (a CUDA machine or an NGC container).
+te-check:
+	$(GPU_PY) -m pytest -q tests/te
 
 # The first tier (under 3 minutes on 2 cores): lint, format check, the fast tests.
 check: lint
@@ -41,5 +53,15 @@ bench:
 	$(PY) tools/bench_step.py
 
 # On a machine with one GPU (see docs/gpu.md): figures in gpu_check.json, table on stdout.
+# Uses .venv's python where there is one, else $(PYTHON) (a bare machine's CUDA torch);
+# WHEELS=DIR installs what the machine lacks from a folder made by `make gpu-wheels`.
+GPU_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+WHEELS ?=
+
 gpu-check:
-	$(PY) tools/gpu_check.py --output gpu_check.json
+	$(GPU_PY) tools/gpu_check.py --output gpu_check.json $(if $(WHEELS),--wheels $(WHEELS))
+
+# On a machine with network: the wheel folder (under 60 MiB) for a GPU machine without one.
+.PHONY: gpu-wheels
+gpu-wheels:
+	$(GPU_PY) tools/gpu_wheels.py --output $(or $(WHEELS),wheels)
