@@ -108,15 +108,17 @@ def placeholder_model_config(model: ModelConfig, keep: Iterable[str]) -> ModelCo
         )
     )
     # Conversion runs on CPU with local layers: checkpoint keys are the same for both
-    # implementations (see ``specs``), so a Transformer Engine / FP8 run converts too.
+    # implementations (``checkpoint/key_layout.py``), so a Transformer Engine / FP8 run
+    # converts too; TE's grouped experts are read as sequential ones.
     return replace(
         model,
         vision=vision,
         connector=connector,
-        llm=llm,
+        llm=replace(llm, moe=replace(llm.moe, grouped_gemm=None)),
         freeze=[],
         transformer_impl="local",
         fp8=None,
+        fp8_on_gpu=None,
     )
 
 

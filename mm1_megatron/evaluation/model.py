@@ -8,6 +8,7 @@ nowhere special since the checkpoint replaces them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from megatron.core import parallel_state
 
 from mm1_megatron.checkpoint import layout, load_model_weights, resolve_checkpoint
 from mm1_megatron.config import MM1Config, load_config, validate_config
+from mm1_megatron.config.machine import resolve_machine_settings, transformer_engine_version
 from mm1_megatron.data.tokenizers.base import Tokenizer
 from mm1_megatron.data.tokenizers.text import build_tokenizer
 from mm1_megatron.models import RuntimeOptions, build_mm1_model
@@ -27,7 +29,15 @@ from mm1_megatron.parallel.distributed import DistributedContext
 
 logger = logging.getLogger(__name__)
 
-EVAL_OVERRIDES = ("parallel.sequence_parallel=false", "model.attention=per_document")
+# FP8 off: TE's FP8 GEMMs need token counts in multiples of 16, which prompt prefill and
+# one-token decode steps are not (megatron-core's inference wrapper pads them; ours does
+# not). The weights are the same; FP8 only changes how the matrix products are computed.
+EVAL_OVERRIDES = (
+    "parallel.sequence_parallel=false",
+    "model.attention=per_document",
+    "model.fp8=null",
+    "model.fp8_on_gpu=null",
+)
 
 
 @dataclass
@@ -45,7 +55,44 @@ def checkpoint_config(checkpoint: Path, overrides: Sequence[str] = ()) -> MM1Con
     config_file = folder / "config.yaml"
     if not config_file.is_file():
         raise ValueError(f"{folder} has no config.yaml: not a checkpoint written by mm1-train")
-    return validate_config(load_config(config_file, [*overrides, *EVAL_OVERRIDES]))
+    cfg = validate_config(load_config(config_file, [*overrides, *EVAL_OVERRIDES]))
+    trained_fp8 = load_config(config_file, overrides).model.fp8
+    if trained_fp8 is not None:
+        logger.info("model.fp8=%s in training; evaluated without FP8 (bf16 on a GPU)", trained_fp8)
+    return cfg
+
+
+def _as_local_layers(cfg: MM1Config) -> MM1Config:
+    """Local layers; TE's grouped experts as sequential ones (the same checkpoint keys)."""
+    llm = cfg.model.llm
+    moe = dataclasses.replace(llm.moe, grouped_gemm=None)
+    model = dataclasses.replace(
+        cfg.model, transformer_impl="local", llm=dataclasses.replace(llm, moe=moe)
+    )
+    return dataclasses.replace(cfg, model=model)
+
+
+def layers_for_this_machine(cfg: MM1Config, *, cuda: bool) -> MM1Config:
+    """The checkpoint's layer implementation where this machine runs it, else local layers
+    (the same checkpoint keys, ``checkpoint/key_layout.py``), stated in the log: a TE run
+    is evaluated on a laptop, and ``auto`` is decided here as in training."""
+    impl = cfg.model.transformer_impl
+    if impl == "local":
+        return cfg
+    te_version = transformer_engine_version() if cuda else None
+    if impl == "transformer_engine" and (te_version is None or not cuda):
+        logger.info(
+            "the checkpoint's Transformer Engine layers are evaluated as local layers "
+            "(%s): same weights",
+            "no CUDA" if not cuda else "Transformer Engine does not import",
+        )
+        return _as_local_layers(cfg)
+    cfg, lines = resolve_machine_settings(
+        cfg, cuda=cuda, cuda_capability=None, te_version=te_version
+    )
+    for line in lines:
+        logger.info("%s", line)
+    return cfg
 
 
 def _check_layout_fits(cfg: MM1Config) -> None:
@@ -66,6 +113,7 @@ def load_eval_model(checkpoint: Path, overrides: Sequence[str] = ()) -> EvalMode
     cfg = checkpoint_config(folder, overrides)
     _check_layout_fits(cfg)
     ctx = init_distributed(cfg.parallel, timeout_minutes=cfg.parallel.collective_timeout_minutes)
+    cfg = layers_for_this_machine(cfg, cuda=ctx.device.type == "cuda")
     seed_everything(cfg.training.seed)  # Megatron's RNG tracker must exist, even without dropout
     tokenizer = build_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path)
     cuda = ctx.device.type == "cuda"

@@ -4,7 +4,11 @@ Communication follows TE v2.14 ``module/linear.py`` ``_Linear.forward``: a colum
 layer with ``sequence_parallel`` all-gathers its input along dim 0 first; a row-parallel
 layer all-reduces its output, or reduce-scatters it along dim 0 with ``sequence_parallel``,
 and adds the bias after that ("For RPL, bias has to be added after TP collectives",
-linear.py:1315). The collectives are Megatron-Core's autograd mappings on ``tp_group``,
+linear.py:1315). In ``_Linear.backward`` (and ``_LayerNormLinear.backward``) a column-
+parallel layer reduces its input gradient over ``tp_group``: a reduce-scatter along dim 0
+with ``sequence_parallel``, otherwise an all-reduce ("column_parallel_comm_dgrad"), since
+each rank holds only its slice of the output's gradient. The collectives are
+Megatron-Core's autograd mappings on ``tp_group`` (whose backward is that reduction),
 skipped when TE was given no group or ``tp_size == 1``.
 """
 
@@ -35,12 +39,15 @@ def _communicating(module) -> bool:
 
 
 def gather_input(module, x: torch.Tensor) -> torch.Tensor:
-    """Column-parallel input: all-gather the sequence-parallel shards along dim 0."""
-    if module.parallel_mode == "column" and module.sequence_parallel and _communicating(module):
-        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+    """Column-parallel input: all-gather the sequence-parallel shards along dim 0 (backward:
+    reduce-scatter), or pass a replicated input through (backward: all-reduce)."""
+    if module.parallel_mode != "column" or not _communicating(module):
+        return x
+    from megatron.core.tensor_parallel import mappings
 
-        return gather_from_sequence_parallel_region(x, group=module.tp_group)
-    return x
+    if module.sequence_parallel:
+        return mappings.gather_from_sequence_parallel_region(x, group=module.tp_group)
+    return mappings.copy_to_tensor_model_parallel_region(x, group=module.tp_group)
 
 
 def reduce_output(module, out: torch.Tensor) -> torch.Tensor:

@@ -127,7 +127,10 @@ class LayerNormLinear(Linear):
         result = common.linear_with_bias(self, ln_total, self.weight, self.bias)
         if not self.return_layernorm_output:
             return result
-        ln_return = ln_total if self.return_layernorm_output_gathered else ln_out
+        # Without sequence parallelism the "gathered" output is the local one; returning it
+        # from before the column-parallel dgrad all-reduce keeps its gradient unreduced.
+        gathered = self.return_layernorm_output_gathered and self.sequence_parallel
+        ln_return = ln_total if gathered else ln_out
         if self.return_bias:
             return result[0], result[1], ln_return
         return result, ln_return
