@@ -57,6 +57,21 @@ def _assert_same_weights(ours, theirs):
         assert torch.equal(tensor, theirs[key]), key
 
 
+def _saved_te_moe_run(tmp_path, te_overrides):
+    """A one-step TE MoE run (grouped experts) saved in ``tmp_path / "ckpt"``."""
+    te = _trainer(
+        tmp_path / "te",
+        *te_overrides,
+        *VARIANTS["moe"],
+        "training.train_steps=1",
+        f"checkpoint.save_dir={tmp_path / 'ckpt'}",
+        "checkpoint.save_interval=1",
+    )
+    te.train()
+    te.checkpoints.close()
+    return te
+
+
 @pytest.mark.parametrize("variant", ["dense", "moe"])
 def test_n1_a_te_run_resumes_exactly(megatron_single_process, tmp_path, te_overrides, variant):
     common = (*te_overrides, *VARIANTS[variant], "training.train_steps=4")
@@ -105,16 +120,7 @@ def test_n3_a_te_moe_checkpoint_loads_into_local_layers(
     megatron_single_process, tmp_path, te_overrides
 ):
     """What ``mm1-eval ... model.transformer_impl=local`` and ``mm1-convert export`` do."""
-    te = _trainer(
-        tmp_path / "te",
-        *te_overrides,
-        *VARIANTS["moe"],
-        "training.train_steps=1",
-        f"checkpoint.save_dir={tmp_path / 'ckpt'}",
-        "checkpoint.save_interval=1",
-    )
-    te.train()
-    te.checkpoints.close()
+    te = _saved_te_moe_run(tmp_path, te_overrides)
     local = _trainer(tmp_path / "local", *LOCAL_VARIANTS["moe"], "training.train_steps=1")
     load_model_weights(local.model_chunks[0], tmp_path / "ckpt")
     _assert_same_weights(
@@ -185,16 +191,7 @@ def test_mm1_eval_of_a_te_moe_checkpoint(megatron_single_process, tmp_path, te_o
     layers here (the same keys), FP8 off; the command's own process, as users run it."""
     from tests.launch import launcher, run
 
-    te = _trainer(
-        tmp_path / "te",
-        *te_overrides,
-        *VARIANTS["moe"],
-        "training.train_steps=1",
-        f"checkpoint.save_dir={tmp_path / 'ckpt'}",
-        "checkpoint.save_interval=1",
-    )
-    te.train()
-    te.checkpoints.close()
+    _saved_te_moe_run(tmp_path, te_overrides)
     command = [
         *launcher(1), "-m", "mm1_megatron.evaluation.cli",
         "--checkpoint", str(tmp_path / "ckpt"),
@@ -221,16 +218,7 @@ def test_n3_a_te_moe_checkpoint_exports_to_transformers(
     from mm1_megatron.batch import run_model
     from tests.conversion.conftest import export_to
 
-    te = _trainer(
-        tmp_path / "te",
-        *te_overrides,
-        *VARIANTS["moe"],
-        "training.train_steps=1",
-        f"checkpoint.save_dir={tmp_path / 'ckpt'}",
-        "checkpoint.save_interval=1",
-    )
-    te.train()
-    te.checkpoints.close()
+    te = _saved_te_moe_run(tmp_path, te_overrides)
     folder = export_to(tmp_path / "ckpt", tmp_path / "hf")
     exported = AutoModelForImageTextToText.from_pretrained(folder).eval()
     prompt = _prompts(te.cfg, 3)[2]  # two images
@@ -246,3 +234,42 @@ def test_n3_a_te_moe_checkpoint_exports_to_transformers(
         ours = run_model(model, inputs, with_labels=False)
         theirs = exported(input_ids=tokens, pixel_values=prompt.images).logits
     assert (ours - theirs).abs().max() <= 1e-4 * ours.abs().max()
+
+
+@pytest.mark.parametrize("source", ["llama", "mixtral"])
+def test_n2_a_hugging_face_import_loads_into_te_layers(
+    megatron_single_process, seeded, tmp_path, te_overrides, source
+):
+    """MM1's start: ``mm1-convert import`` of a Hugging Face decoder, then the TE model
+    loads it as training does (``checkpoint.pretrained_language_model``) and computes
+    the ``transformers`` model's logits."""
+    import dataclasses
+
+    from mm1_megatron.config import load_config
+    from mm1_megatron.conversion import ImportRequest, import_checkpoint, megatron_io
+    from mm1_megatron.models import build_mm1_model
+    from tests.conversion.conftest import TOLERANCE
+    from tests.conversion.hf_sources import build_source
+    from tests.conversion.test_import import our_logits
+
+    reference = build_source(source, tmp_path / "hf", seed=3)
+    import_checkpoint(ImportRequest(output=tmp_path / "imported", language_model=tmp_path / "hf"))
+    step = megatron_io.resolve_step_folder(tmp_path / "imported")
+    model_cfg = megatron_io.placeholder_model_config(
+        load_config(step / "config.yaml").model, ["language_model"]
+    )
+    llm = model_cfg.llm
+    if llm.moe.num_experts:
+        llm = dataclasses.replace(llm, moe=dataclasses.replace(llm.moe, grouped_gemm=True))
+    model_cfg = dataclasses.replace(model_cfg, transformer_impl="transformer_engine", llm=llm)
+    seeded(11)
+    parallel = load_config(step / "config.yaml").parallel
+    model = build_mm1_model(model_cfg, parallel, image_token_id=0).eval()
+    load_model_weights(model, tmp_path / "imported", prefix="language_model.")
+    tokens = torch.randint(
+        0, llm.vocab_size - 2, (2, 12), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        theirs = reference(tokens).logits
+    diff = our_logits(model, tokens) - theirs
+    assert diff.abs().max() <= TOLERANCE
