@@ -13,11 +13,17 @@ greedy tokens.
 
 from __future__ import annotations
 
+import pytest
+
+from tests.te.conftest import SKIP_REASON, TE_MODE
+
+if TE_MODE is None:  # module fixtures start processes: skip before they are set up
+    pytest.skip(SKIP_REASON, allow_module_level=True)
+
 import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.conftest import TINY_OVERRIDES

@@ -30,10 +30,15 @@ layout-invariant by design (see ``tests/parallel/test_layouts.py``).
 
 from __future__ import annotations
 
+import pytest
+
+from tests.te.conftest import SKIP_REASON, TE_MODE
+
+if TE_MODE is None:  # module fixtures start processes: skip before they are set up
+    pytest.skip(SKIP_REASON, allow_module_level=True)
+
 import json
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import TINY_OVERRIDES
 from tests.te.conftest import TE_OVERRIDES
