@@ -39,14 +39,17 @@ from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
 logger = logging.getLogger(__name__)
 
-EXTRA_STATE_SUFFIX = "_extra_state"
+# ``_extra_state``, and ``_extra_state<i>``: megatron-core's TE grouped linear loads its
+# per-expert extra states under those keys and merges them in a load hook (0.16.1
+# ``extensions/transformer_engine.py:1569-1596``), unpickling each.
+_EXTRA_STATE = re.compile(r"(^|\.)_extra_state\d*$")
 # ``...decoder.layers.<i>.pre_mlp_layernorm.<param>`` as local MoE layers saved it before.
 _MOE_NORM = re.compile(r"(^|.*\.)(decoder\.layers\.\d+\.)pre_mlp_layernorm\.(weight|bias)(.*)$")
 LEGACY_MOE_NORM = r"\1\2mlp.linear_fc1.layer_norm_\3\4"
 
 
 def is_extra_state(key: str) -> bool:
-    return key.endswith(EXTRA_STATE_SUFFIX)
+    return _EXTRA_STATE.search(key) is not None
 
 
 @dataclass

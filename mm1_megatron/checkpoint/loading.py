@@ -85,23 +85,35 @@ def load_sharded(sharded_state_dict, path: Path, *, model_config=None, prefix: s
 def load_module_state(module, state: Dict[str, Any], path: Path, *, prefix: str = "") -> None:
     """``module.load_state_dict(state)``, strict except for Transformer Engine extra state:
     ``core_attention._extra_state`` is never in a checkpoint (megatron-core does not save
-    it) and a local-layer checkpoint holds none (``key_layout``). Every extra state that is
-    loaded is checked first (``check_extra_state``): TE unpickles it."""
-    for key, value in state.items():
-        if is_extra_state(key):
-            check_extra_state(value, source=f"{path}: {key}")
-    result = module.load_state_dict(state, strict=False)
+    it) and a local-layer checkpoint holds none (``key_layout``). Every extra state is
+    checked before TE unpickles it (``check_extra_state``). Collective: a problem on any
+    rank (one pipeline stage, one expert shard) raises ``ValueError`` on every rank."""
+    try:
+        for key, value in state.items():
+            if is_extra_state(key):
+                check_extra_state(value, source=f"{path}: {key}")
+        result = module.load_state_dict(state, strict=False)
+        problem = _state_problem(result, path, prefix)
+    except ValueError as exc:  # CheckpointFileError included: nothing was unpickled
+        problem = str(exc)
+    problems = [p for p in all_gather_objects(problem) if p is not None]
+    if problems:
+        raise ValueError(problems[0])
+
+
+def _state_problem(result, path: Path, prefix: str) -> Optional[str]:
     missing = [
         key for key in result.missing_keys if key.startswith(prefix) and not is_extra_state(key)
     ]
     unexpected = [key for key in result.unexpected_keys if not is_extra_state(key)]
     if missing:
         what = prefix.rstrip(".") or "the model"
-        raise ValueError(f"{path} lacks {len(missing)} tensors of {what}, e.g. {missing[0]}")
+        return f"{path} lacks {len(missing)} tensors of {what}, e.g. {missing[0]}"
     if unexpected:
-        raise ValueError(
+        return (
             f"{path} holds {len(unexpected)} tensors this model does not have, e.g. {unexpected[0]}"
         )
+    return None
 
 
 def verify_before_loading(path: Path) -> None:

@@ -59,17 +59,28 @@ def _reconstructor(cls, base, state):
     return object.__new__(cls)
 
 
+# megatron-core's own recipe subclass, which TE stores in its FP8 metadata and so pickles
+# with every delayed-scaling extra state (0.16.1 ``fp8_utils.py:556``, 0.19.2 ``:734``).
+MEGATRON_RECIPES = (("megatron.core.extensions.transformer_engine", "TEDelayedScaling"),)
+
+
 def _recipe_classes() -> Dict[Tuple[str, str], Any]:
-    """The classes ``transformer_engine.common.recipe`` defines (FP8 recipes, formats)."""
+    """The classes ``transformer_engine.common.recipe`` defines (FP8 recipes, formats) and
+    megatron-core's subclasses of them."""
     try:
         recipes = importlib.import_module(RECIPE_MODULE)
     except ImportError:  # no TE here: nothing of TE's can be named
         return {}
-    return {
+    found = {
         (RECIPE_MODULE, name): value
         for name, value in vars(recipes).items()
         if isinstance(value, type) and value.__module__ == RECIPE_MODULE
     }
+    for module, name in MEGATRON_RECIPES:
+        value = getattr(importlib.import_module(module), name, None)
+        if isinstance(value, type):
+            found[(module, name)] = value
+    return found
 
 
 def _allowed(source: str) -> Dict[Tuple[str, str], Any]:

@@ -19,7 +19,7 @@ CLIP_IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 ConnectorType = Literal["c_abstractor", "avg_pool", "attn_pool", "mlp"]
 VisionActivation = Literal["gelu", "quick_gelu", "gelu_tanh"]
 # auto: transformer_engine when it imports and CUDA is available, else local; resolved once
-# at start (training/runtime.py), and the run's saved config.yaml holds the result.
+# at start (config/machine.py), and the run's saved config.yaml holds the result.
 TransformerImpl = Literal["local", "transformer_engine", "auto"]
 # Decoder core attention over packed documents (mm1_megatron/models/attention.py).
 AttentionKind = Literal["per_document", "dense_mask_reference"]

@@ -154,7 +154,7 @@ def _check_llm(cfg: MM1Config, err: _Errors) -> None:
             moe.aux_loss_coeff >= 0 and moe.z_loss_coeff >= 0,
             f"{q}.aux_loss_coeff and {q}.z_loss_coeff must be >= 0",
         )
-        # auto passes here and is checked again once resolved (training/runtime.py).
+        # auto passes here and is checked again once resolved (config/machine.py, at start).
         err.check(
             not moe.grouped_gemm or cfg.model.transformer_impl != "local",
             f"{q}.grouped_gemm=true needs Transformer Engine's grouped linear layers: set "
@@ -535,7 +535,7 @@ def _check_eval(cfg: MM1Config, err: _Errors) -> None:
                 f"run the FP8 model, and its prompt prefill and decode token counts are not "
                 f"padded to the {FP8_TOKEN_MULTIPLE} FP8 GEMMs need; set eval.tasks=[] (the "
                 f"held-out loss still runs) and score the checkpoints with `mm1-eval "
-                f"--checkpoint ... model.fp8=null`, which evaluates them without FP8",
+                f"--checkpoint ...`, which evaluates them without FP8",
             )
     if cfg.data.source == "webdataset" and e.heldout_batches > 0:
         mixture = {name: w for name, w in cfg.data.mixture.items() if w > 0}

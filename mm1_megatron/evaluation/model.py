@@ -87,12 +87,13 @@ def layers_for_this_machine(cfg: MM1Config, *, cuda: bool) -> MM1Config:
             "no CUDA" if not cuda else "Transformer Engine does not import",
         )
         return _as_local_layers(cfg)
-    cfg, lines = resolve_machine_settings(
+    resolved, lines = resolve_machine_settings(
         cfg, cuda=cuda, cuda_capability=None, te_version=te_version
     )
     for line in lines:
         logger.info("%s", line)
-    return cfg
+    local = resolved.model.transformer_impl == "local"
+    return _as_local_layers(resolved) if local else resolved
 
 
 def _check_layout_fits(cfg: MM1Config) -> None:

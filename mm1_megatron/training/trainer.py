@@ -32,7 +32,12 @@ from mm1_megatron.data.pipeline.tiling import tile_size
 from mm1_megatron.models import build_mm1_model
 from mm1_megatron.models.param_count import count_parameters, moe_layer_flags
 from mm1_megatron.parallel import init_distributed, seed_everything
-from mm1_megatron.parallel.collectives import all_reduce_, all_reduce_values, barrier
+from mm1_megatron.parallel.collectives import (
+    all_gather_objects,
+    all_reduce_,
+    all_reduce_values,
+    barrier,
+)
 from mm1_megatron.parallel.wrapping import resolve_overlap, wrap_for_training
 from mm1_megatron.training.flops import (
     causal_attention_pairs,
@@ -137,6 +142,16 @@ class Trainer:
         if self.ctx.is_main:
             for line in lines:
                 logger.info("%s", line)
+        # Every rank decides on its own machine; one node whose TE does not import would
+        # build other layers than the rest (different modules, keys, a hang).
+        decided = (cfg.model.transformer_impl, cfg.model.fp8)
+        differing = sorted({str(d) for d in all_gather_objects(decided)})
+        if len(differing) > 1:
+            raise ValueError(
+                "the ranks resolved model.transformer_impl/model.fp8 differently "
+                f"({', '.join(differing)}): Transformer Engine imports on some nodes and not "
+                "on others; install the same environment everywhere or set both explicitly"
+            )
         return validate_config(cfg)  # e.g. moe.grouped_gemm=true with auto -> local
 
     def _num_microbatches(self) -> int:

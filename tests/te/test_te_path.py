@@ -273,3 +273,20 @@ def test_n2_a_hugging_face_import_loads_into_te_layers(
         theirs = reference(tokens).logits
     diff = our_logits(model, tokens) - theirs
     assert diff.abs().max() <= TOLERANCE
+
+
+def test_fp8_extra_state_with_megatron_s_recipe_passes_the_check():
+    """TE pickles the recipe object it was given, and megatron-core gives its own subclass
+    (``TEDelayedScaling``): an FP8 checkpoint of ours must pass the extra-state check."""
+    import pickle
+
+    from megatron.core.extensions.transformer_engine import TEDelayedScaling
+    from transformer_engine.common.recipe import DelayedScaling
+
+    from mm1_megatron.compat.te_extra_state import check_extra_state
+
+    recipe = TEDelayedScaling.__new__(TEDelayedScaling)
+    recipe.__dict__.update(vars(DelayedScaling()))
+    state = {"recipe": recipe, "scale_fwd": torch.ones(3), "extra_fp8_variables": {}}
+    payload = torch.frombuffer(bytearray(pickle.dumps(state)), dtype=torch.uint8)
+    check_extra_state(payload, source="ckpt: linear_qkv._extra_state")

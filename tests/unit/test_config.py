@@ -433,7 +433,7 @@ INVALID = [
     (
         "fp8_with_periodic_few_shot_eval",
         [*TE_FP8, "eval.interval=10", "eval.tasks=[synthetic_vqa]"],
-        ["eval.tasks", "model.fp8=hybrid", "mm1-eval", "model.fp8=null", "without FP8"],
+        ["eval.tasks", "model.fp8=hybrid", "mm1-eval", "without FP8"],
     ),
     (
         "fp8_on_gpu_with_periodic_few_shot_eval",

@@ -83,3 +83,16 @@ def test_a_hostile_nested_tensor_storage_is_refused(tmp_path):
 def test_other_values_are_refused_readably(value, match):
     with pytest.raises(CheckpointFileError, match=match):
         check_extra_state(value, source="ckpt: a._extra_state")
+
+
+def test_per_expert_extra_states_are_checked_too(tmp_path):
+    """megatron-core's TE grouped linear loads ``_extra_state1`` ... ``_extra_stateN`` and
+    unpickles each in a load hook: the loader checks them as it checks ``_extra_state``."""
+    from mm1_megatron.checkpoint.loading import load_module_state
+
+    marker = tmp_path / "ran"
+    module = torch.nn.Linear(2, 2)
+    state = {**module.state_dict(), "_extra_state1": _as_extra_state(_RunsCode(marker))}
+    with pytest.raises(ValueError, match=r"ckpt: _extra_state1: refused to unpickle"):
+        load_module_state(module, state, tmp_path / "ckpt")
+    assert not marker.exists()
