@@ -88,6 +88,9 @@ def _allowed(source: str) -> Dict[Tuple[str, str], Any]:
         ("collections", "OrderedDict"): dict,
         ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
         ("torch.storage", "_load_from_bytes"): _nested_storage(source),
+        # megatron-core 0.19 replaces torch's storage reducer with its weights-only twin,
+        # so tensors pickled in a process that imported it name this one instead.
+        ("megatron.core.safe_globals", "safe_load_from_bytes"): _nested_storage(source),
         ("copyreg", "_reconstructor"): _reconstructor,
         ("builtins", "object"): object,
         **{("torch", n): v for n, v in vars(torch).items() if isinstance(v, torch.dtype)},
