@@ -192,3 +192,38 @@ def test_te_version_is_none_without_transformer_engine():
     if runtime._installed("transformer_engine"):
         pytest.skip("Transformer Engine is installed here")
     assert runtime.transformer_engine_version() is None
+
+
+# ---- every rank decides the same --------------------------------------------------------
+def test_ranks_that_resolve_different_layers_stop_on_every_rank(monkeypatch):
+    """One node whose Transformer Engine does not import would build local layers while
+    the others build TE ones; the trainer compares what every rank decided."""
+    from mm1_megatron.training import trainer as trainer_module
+
+    def gathered(value):
+        return [value, ("local", None)]  # this rank, and another that decided otherwise
+
+    monkeypatch.setattr(trainer_module, "all_gather_objects", gathered)
+    fake = trainer_module.Trainer.__new__(trainer_module.Trainer)
+    fake.ctx = type("Ctx", (), {"is_main": True})()
+    cfg = _config("debug.yaml", "model.transformer_impl=transformer_engine")
+    with pytest.raises(ValueError, match="resolved model.transformer_impl/model.fp8 differently"):
+        fake._resolve_machine_settings(cfg, cuda=False, capability=None)
+    monkeypatch.setattr(trainer_module, "all_gather_objects", lambda value: [value, value])
+    assert fake._resolve_machine_settings(cfg, cuda=False, capability=None) is not None
+
+
+def test_a_load_problem_on_another_rank_stops_this_one(monkeypatch, tmp_path):
+    """A bad tensor on one pipeline stage or expert shard raises on every rank, not only
+    where it was found (the others would wait in the next collective)."""
+    import torch
+
+    from mm1_megatron.checkpoint import loading
+
+    module = torch.nn.Linear(2, 2)
+    problem = f"{tmp_path} lacks 1 tensors of the model, e.g. layers.7.weight"
+    monkeypatch.setattr(loading, "all_gather_objects", lambda value: [value, problem])
+    with pytest.raises(ValueError, match="layers.7.weight"):
+        loading.load_module_state(module, module.state_dict(), tmp_path)
+    monkeypatch.setattr(loading, "all_gather_objects", lambda value: [value, None])
+    loading.load_module_state(module, module.state_dict(), tmp_path)
