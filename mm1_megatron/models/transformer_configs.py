@@ -46,9 +46,10 @@ class RuntimeOptions:
     # Weight gradients accumulated straight into the fp32 main_grad (needs apex's
     # fused_weight_gradient_mlp_cuda and Megatron's DDP buffers: training only).
     gradient_accumulation_fusion: bool = False
-    # The fused cross-entropy's kernel (bf16 runs with fused kernels): "te", Transformer
-    # Engine's, or "native", Megatron-Core's, which keeps an fp32 softmax of the logits
-    # for backward.
+    # The fused cross-entropy's kernel (bf16 runs with fused kernels): Megatron-Core's
+    # "native" (an fp32 softmax of [s, b, V/TP] kept for backward). Not Transformer
+    # Engine's "te": megatron-core 0.19.2 warns that it "has known stability issues" and
+    # Megatron-LM rejects it (model_parallel_config.py:536).
     cross_entropy_fusion_impl: str = "native"
 
 

@@ -25,16 +25,6 @@ logger = logging.getLogger(__name__)
 _installed = installed  # (monkeypatched by tests)
 
 
-def cross_entropy_fusion_impl(*, cuda: bool) -> str:
-    """Megatron-Core's fused cross-entropy kernel: always "native" (which keeps an fp32
-    softmax of ``[s, b, V/TP]`` for backward). Transformer Engine's ("te") would save that
-    memory, but megatron-core 0.19.2 warns that it "has known stability issues" and
-    Megatron-LM's argument validation rejects it by default
-    (``model_parallel_config.py:536``); we follow megatron-core until it lifts that."""
-    del cuda
-    return "native"
-
-
 @dataclass(frozen=True)
 class BuildChoices:
     runtime: RuntimeOptions
@@ -65,7 +55,6 @@ def resolve_build_choices(
         gradient_accumulation_fusion=fused
         and cuda
         and _installed("fused_weight_gradient_mlp_cuda"),
-        cross_entropy_fusion_impl=cross_entropy_fusion_impl(cuda=cuda),
     )
     logger.info(
         "model build: weights drawn on %s, fused kernels %s (RoPE %s, grad-accumulation %s, "

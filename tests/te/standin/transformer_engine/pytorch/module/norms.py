@@ -36,7 +36,23 @@ def _legacy_kwargs(normalized_shape, hidden_size, params_dtype, kwargs):
 
 
 class _MegatronFlags:
-    """The Megatron-LM integration of rmsnorm.py:108-142 / layernorm.py (same shape)."""
+    """The Megatron-LM integration of rmsnorm.py:63-142 / layernorm.py (same signature):
+    the legacy keywords, then ``weight.sequence_parallel`` marked."""
+
+    def __init__(
+        self,
+        normalized_shape: Union[Iterable[int], int, None] = None,
+        eps: float = 1e-5,
+        sequence_parallel: Optional[bool] = None,
+        params_dtype=None,
+        zero_centered_gamma: bool = False,
+        hidden_size: Optional[int] = None,
+        **kwargs,
+    ) -> None:
+        shape = _legacy_kwargs(normalized_shape, hidden_size, params_dtype, kwargs)
+        self.sequence_parallel = sequence_parallel
+        super().__init__(shape, eps=eps, zero_centered_gamma=zero_centered_gamma, **kwargs)
+        self._mark_sequence_parallel()
 
     def _mark_sequence_parallel(self) -> None:
         if self.sequence_parallel is not None:
@@ -49,34 +65,8 @@ class _MegatronFlags:
 
 
 class RMSNorm(_MegatronFlags, norms.RMSNorm):
-    def __init__(
-        self,
-        normalized_shape: Union[Iterable[int], int, None] = None,
-        eps: float = 1e-5,
-        sequence_parallel: Optional[bool] = None,
-        params_dtype=None,
-        zero_centered_gamma: bool = False,
-        hidden_size: Optional[int] = None,
-        **kwargs,
-    ) -> None:
-        shape = _legacy_kwargs(normalized_shape, hidden_size, params_dtype, kwargs)
-        self.sequence_parallel = sequence_parallel
-        super().__init__(shape, eps=eps, zero_centered_gamma=zero_centered_gamma, **kwargs)
-        self._mark_sequence_parallel()
+    """``te.pytorch.RMSNorm`` (module/rmsnorm.py)."""
 
 
 class LayerNorm(_MegatronFlags, norms.LayerNorm):
-    def __init__(
-        self,
-        normalized_shape: Union[Iterable[int], int, None] = None,
-        eps: float = 1e-5,
-        sequence_parallel: Optional[bool] = None,
-        params_dtype=None,
-        zero_centered_gamma: bool = False,
-        hidden_size: Optional[int] = None,
-        **kwargs,
-    ) -> None:
-        shape = _legacy_kwargs(normalized_shape, hidden_size, params_dtype, kwargs)
-        self.sequence_parallel = sequence_parallel
-        super().__init__(shape, eps=eps, zero_centered_gamma=zero_centered_gamma, **kwargs)
-        self._mark_sequence_parallel()
+    """``te.pytorch.LayerNorm`` (module/layernorm.py)."""
