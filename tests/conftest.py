@@ -12,7 +12,29 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import run_train
+from tests.in_process import train_in_process
+
+# Counts the processes every test starts and fails an unmarked test that starts one.
+pytest_plugins = ["tests.process_launches"]
+
+# Folders whose every test trains a model, starts commands or compares layouts: the slow
+# tier as a whole (pytest.ini). Elsewhere a module or test carries the marker itself.
+SLOW_FOLDERS = ("checkpoint", "conversion", "e2e", "parallel", "te")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    from tests.rank_pool import stop_session_pools
+
+    stop_session_pools()
+
+
+def pytest_collection_modifyitems(config, items):
+    tests_root = Path(__file__).resolve().parent
+    for item in items:
+        relative = Path(item.fspath).resolve().relative_to(tests_root)
+        if relative.parts[0] in SLOW_FOLDERS:
+            item.add_marker(pytest.mark.slow)
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -90,13 +112,15 @@ REFERENCE_STEPS = 6
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory):
+def reference(megatron_single_process, tmp_path_factory):
     """An uninterrupted single-process debug run of ``REFERENCE_STEPS`` steps that saves
     every 2 steps (``run/metrics.jsonl``, ``ckpt/``). Saving does not change the losses,
     so runs that save differently (asynchronously, on SIGTERM) must reproduce them, and
-    every parallel layout reproduces them to 1e-5 (``tests/parallel/test_layouts.py``)."""
+    every parallel layout reproduces them to 1e-5 (``tests/parallel/test_layouts.py``).
+    It runs in this process: its losses equal a child's bit for bit (the debug run is
+    seeded), and the tests that compare with it start their own commands."""
     out = tmp_path_factory.mktemp("reference")
-    result = run_train(
+    result = train_in_process(
         "logging.tensorboard=false",
         f"training.train_steps={REFERENCE_STEPS}",
         f"logging.output_dir={out / 'run'}",
@@ -104,5 +128,5 @@ def reference(tmp_path_factory):
         "checkpoint.save_interval=2",
         "checkpoint.keep_last=5",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.log[-3000:]
     return out

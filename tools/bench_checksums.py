@@ -155,11 +155,8 @@ def measure(case: Case, workdir: Path, *, warmup: int, cold: bool) -> Samples:
 # ---- the checkpoints -------------------------------------------------------------------
 def debug_case(workdir: Path, config: str, repeats: int) -> Case:
     """The debug config's checkpoint after one training step of an in-process Trainer."""
-    from mm1_megatron.checkpoint.manager import (
-        MODEL_OPTIM_DIR,
-        TrainingState,
-        load_sharded,
-    )
+    from mm1_megatron.checkpoint.layout import MODEL_OPTIM_DIR
+    from mm1_megatron.checkpoint.manager import TrainingState, load_sharded
     from mm1_megatron.checkpoint.rng import save_rng_state
     from mm1_megatron.compat.checkpointing import save_sharded
     from mm1_megatron.config import load_config
@@ -210,7 +207,8 @@ def plain_case(size_gib: float, repeats: int) -> Case:
     import torch
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    from mm1_megatron.checkpoint.manager import MODEL_OPTIM_DIR, load_sharded
+    from mm1_megatron.checkpoint.layout import MODEL_OPTIM_DIR
+    from mm1_megatron.checkpoint.manager import load_sharded
     from mm1_megatron.compat.checkpointing import save_sharded
 
     num_tensors = max(1, round(size_gib * 1024 / TENSOR_MIB))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Peak memory of a Hugging Face export: streamed (``mm1-convert export``) vs whole-model.
+"""Peak memory of a Hugging Face export: streamed (``mm1 convert export``) vs whole-model.
 
 Builds a language-model checkpoint of the given shape, then exports it twice, each in a
 fresh child process that reports its peak RSS (``VmHWM`` of ``/proc/self/status``, which

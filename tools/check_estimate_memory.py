@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""``mm1-estimate``'s memory per GPU against a measured training step, side by side.
+"""``mm1 estimate``'s memory per GPU against a measured training step, side by side.
 
 Runs the trainer for ``--warmup`` steps and one measured step on this machine (the GPU if
 there is one: the CUDA allocator's peak; else the CPU: the most tensor storage alive at
@@ -63,9 +63,9 @@ def main() -> int:
 
     from mm1_megatron.config import load_config, validate_config
     from mm1_megatron.parallel import shutdown_distributed
-    from mm1_megatron.scaling.measure import measure_train_step
-    from mm1_megatron.scaling.memory import estimate_memory
-    from mm1_megatron.scaling.workload import default_workload
+    from mm1_megatron.scaling.estimate.measure import measure_train_step
+    from mm1_megatron.scaling.estimate.memory import estimate_memory
+    from mm1_megatron.scaling.estimate.workload import default_workload
     from mm1_megatron.training.trainer import Trainer
 
     cfg = validate_config(load_config(args.config, args.overrides))

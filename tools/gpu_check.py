@@ -9,7 +9,7 @@ after, a line for every accelerator it skips, and writes the figures as JSON.
 Steps (each independent; a failure is reported and the next step runs; a step whose
 accelerator is absent is skipped with the reason):
 
-- ``startup``: ``mm1-train`` on the debug config in bf16 with NCCL: start-up, 50 steps,
+- ``startup``: ``mm1 train`` on the debug config in bf16 with NCCL: start-up, 50 steps,
   the loss falls, median step time, MFU.
 - ``save_resume``: 4 steps with a checkpoint at step 2, then a resume from it. The first
   resumed step's loss must equal the uninterrupted one exactly (weights, data position
@@ -128,7 +128,7 @@ def report_environment(env: Environment) -> None:
 
 
 class Runs:
-    """``mm1-train`` runs in fresh processes, each made once per check (steps share them)."""
+    """``mm1 train`` runs in fresh processes, each made once per check (steps share them)."""
 
     def __init__(self, root: Path, env: Environment):
         self.root, self.env, self.done = root, env, {}
@@ -186,7 +186,7 @@ def _train(
         command, cwd=REPO, env=_clean_env(env_extra), capture_output=True, text=True, timeout=900
     )
     if result.returncode != 0:
-        raise RuntimeError(f"mm1-train exited {result.returncode}: {result.stderr[-2000:]}")
+        raise RuntimeError(f"mm1 train exited {result.returncode}: {result.stderr[-2000:]}")
     lines = (output_dir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
 
@@ -249,7 +249,7 @@ class Context:
 class Step:
     name: str
     run: Callable[[Context], Dict]
-    # Seconds on one H100 (not yet measured there). Each fresh mm1-train process costs
+    # Seconds on one H100 (not yet measured there). Each fresh mm1 train process costs
     # about START_S (imports ~8 s, CUDA and NCCL ~4 s, CPU weight draw and model build
     # ~3 s); the first bf16 run adds torch.compile of the fused kernels (~30 s, later runs
     # hit Inductor's cache); a debug step takes ~0.05 s, a checkpoint save ~2 s.

@@ -7,7 +7,7 @@ Hugging Face export, on one fixed prompt (an image and a sentence). A helper of
         --variant te= --variant local=model.transformer_impl=local [--hf EXPORT]
 
 Each ``--variant NAME=OVERRIDES`` (``;``-separated, applied to the checkpoint's own
-config) is built as ``mm1-eval`` builds it (bf16 on CUDA unless the checkpoint trained in
+config) is built as ``mm1 eval`` builds it (bf16 on CUDA unless the checkpoint trained in
 fp32) and loads the checkpoint's weights. The export runs in fp32 on the CPU. Writes
 ``{"tokens", "image_token_id", "logits": {name: [b, s, V] fp32}, "modules": {name:
 [class names]}}``.

@@ -21,11 +21,11 @@ Tolerances (bf16 on the GPU; the same bounds hold trivially for the CPU stand-in
   may send a token to another expert in bf16, so no bound on the largest difference).
 - ``te_resume``: as ``save_resume`` (first resumed step exact, later ones within
   ``LATER_RESUMED_RTOL``), with TE layers and TE's FusedAdam.
-- ``te_export``: ``mm1-convert export`` of the TE checkpoint, loaded with
+- ``te_export``: ``mm1 convert export`` of the TE checkpoint, loaded with
   ``transformers`` in fp32 on the CPU, against our TE model in bf16 on the GPU:
   ``max|dlogits| / max|logits| <= EXPORT_LOGITS_RTOL``; the local layers' distance to
   the export is reported beside it.
-- ``te_eval``: ``mm1-eval`` (KV-cached generation through TE attention) on the TE
+- ``te_eval``: ``mm1 eval`` (KV-cached generation through TE attention) on the TE
   checkpoint with ``synthetic_vqa``, 0 shots, 4 examples: it runs and writes a score.
 """
 
@@ -195,13 +195,13 @@ def check_te_eval(ctx, core) -> Dict:
     output = ctx.work / "te_eval"
     ctx.runs.run_script(
         "-m", "mm1_megatron.evaluation.cli", "--checkpoint", str(checkpoint),
-        "--tasks", "synthetic_vqa", "--shots", "0", "--limit", "4", "--max-new-tokens", "4",
-        "--output-dir", str(output), "--no-tensorboard",
+        "eval.tasks=[synthetic_vqa]", "eval.shots=[0]", "eval.limit=4", "eval.max_new_tokens=4",
+        "--output", str(output), "logging.tensorboard=false",
     )  # fmt: skip
     document = json.loads((output / "results.json").read_text())
     shot = document["tasks"]["synthetic_vqa"]["shots"]["0"]
     if shot["num_examples"] != 4 or not 0.0 <= shot["score"] <= 1.0:
-        raise RuntimeError(f"mm1-eval wrote {shot} for 4 examples")
+        raise RuntimeError(f"mm1 eval wrote {shot} for 4 examples")
     return {"step": document["step"], "synthetic_vqa_0shot": shot}
 
 
@@ -224,9 +224,9 @@ def te_steps(core) -> list:
         step(check_te_moe, 2 * start + 10),
         # The reference is te_attention's run: one resumed process.
         step(check_te_resume, start + 3),
-        # mm1-convert export on the CPU (~5 s for the debug model) and one logits process
+        # mm1 convert export on the CPU (~5 s for the debug model) and one logits process
         # that also loads the export with transformers (~5 s of imports).
         step(check_te_export, 2 * start + 10),
-        # mm1-eval: one process, 4 prompts x 4 tokens.
+        # mm1 eval: one process, 4 prompts x 4 tokens.
         step(check_te_eval, start + 5),
     ]

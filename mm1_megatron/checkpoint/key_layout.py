@@ -9,7 +9,7 @@ directions, for dense and MoE models. Three differences are reconciled here, bef
   in ``state_dict()`` (TE ``module/base.py`` ``get_extra_state``; ``ops/op.py``), and
   megatron-core's TE wrappers request it as a ``ShardedObject``
   (``make_sharded_tensors_for_checkpoint``). A checkpoint of the local spec, or one
-  ``mm1-convert import`` wrote, never held it: requested extra state the checkpoint lacks
+  ``mm1 convert import`` wrote, never held it: requested extra state the checkpoint lacks
   is dropped from the request (TE then keeps its fresh FP8 metadata, as Megatron-LM's
   loader does). Nothing else may be absent.
 - **TE core attention.** TE's ``DotProductAttention`` is a TE module too, so
@@ -71,7 +71,7 @@ class Reconciliation:
         if self.dropped:
             logger.info(
                 "%s holds no Transformer Engine extra state for %d modules (written with "
-                "local layers or by mm1-convert): their FP8 metadata starts fresh",
+                "local layers or by mm1 convert): their FP8 metadata starts fresh",
                 checkpoint,
                 len(self.dropped),
             )

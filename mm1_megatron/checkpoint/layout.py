@@ -38,6 +38,8 @@ from mm1_megatron.checkpoint.manifest import (  # noqa: F401 (re-exported)
 logger = logging.getLogger(__name__)
 
 LATEST_FILE = "latest"
+MODEL_OPTIM_DIR = "model_optim"
+TRAINER_STATE_FILE = "trainer_state.json"
 TMP_PREFIX = ".tmp-"
 _STEP_PATTERN = re.compile(r"^step_(\d{8})$")
 

@@ -1,6 +1,6 @@
 """Reading checkpoints: the trainer state, the sharded tensors with readable errors, the
 manifest check every reader runs first, and model weights alone (``initial_weights``,
-``pretrained_*``, ``mm1-eval``)."""
+``pretrained_*``, ``mm1 eval``)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,12 @@ from megatron.core import dist_checkpointing
 from mm1_megatron.checkpoint import layout
 from mm1_megatron.checkpoint.diagnostics import READ_FAILURES, load_error
 from mm1_megatron.checkpoint.key_layout import is_extra_state, reconcile_with_checkpoint
+from mm1_megatron.checkpoint.layout import MODEL_OPTIM_DIR, TRAINER_STATE_FILE
 from mm1_megatron.checkpoint.manifest import CorruptCheckpointError, verify_manifest
 from mm1_megatron.compat.te_extra_state import check_extra_state
 from mm1_megatron.parallel.collectives import all_gather_objects
 
 logger = logging.getLogger(__name__)
-
-MODEL_OPTIM_DIR = "model_optim"
-TRAINER_STATE_FILE = "trainer_state.json"
 
 
 def _rank() -> int:
@@ -62,7 +60,7 @@ def read_trainer_state(path: Path) -> Dict[str, Any]:
         key for key in _TRAINER_STATE_KEYS if not isinstance(state, dict) or key not in state
     ]
     if missing:
-        raise ValueError(f"{file} lacks {', '.join(missing)}: not a checkpoint of mm1-train")
+        raise ValueError(f"{file} lacks {', '.join(missing)}: not a checkpoint of mm1 train")
     return state
 
 

@@ -23,9 +23,8 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 
 from mm1_megatron.checkpoint import layout
 from mm1_megatron.checkpoint.diagnostics import model_differences
+from mm1_megatron.checkpoint.layout import MODEL_OPTIM_DIR, TRAINER_STATE_FILE
 from mm1_megatron.checkpoint.loading import (  # noqa: F401 (re-exported)
-    MODEL_OPTIM_DIR,
-    TRAINER_STATE_FILE,
     first_problem,
     load_model_weights,
     load_module_state,

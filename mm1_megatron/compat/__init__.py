@@ -3,26 +3,34 @@
 See ``README.md`` in this folder for the table of patches: what each replaces, why, for
 which versions, and whether it is active on GPU. Code outside this package uses
 megatron-core through public names only.
+
+Importing this package imports neither torch nor megatron-core (``import mm1_megatron``
+installs ``deferred_compile`` before megatron-core can load, and ``mm1 --help`` stays
+fast); the names below load their module on first use.
 """
 
-from mm1_megatron.compat.cpu import cpu_execution_enabled, enable_cpu_execution
-from mm1_megatron.compat.patching import (
-    CompatibilityError,
-    Patch,
-    active_patches,
-    log_active_patches,
-    replace_attribute,
-)
-from mm1_megatron.compat.versions import MCORE_VERSION, check_supported_mcore
+from __future__ import annotations
 
-__all__ = [
-    "CompatibilityError",
-    "MCORE_VERSION",
-    "Patch",
-    "active_patches",
-    "check_supported_mcore",
-    "cpu_execution_enabled",
-    "enable_cpu_execution",
-    "log_active_patches",
-    "replace_attribute",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CompatibilityError": "patching",
+    "Patch": "patching",
+    "active_patches": "patching",
+    "log_active_patches": "patching",
+    "replace_attribute": "patching",
+    "cpu_execution_enabled": "cpu",
+    "enable_cpu_execution": "cpu",
+    "MCORE_VERSION": "versions",
+    "check_supported_mcore": "versions",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+    return getattr(module, name)

@@ -1,7 +1,7 @@
 """How a world of processes splits into TP x PP x DP (EP within DP x TP).
 
 Pure arithmetic on the config, without torch, so that ``init_distributed`` (at start-up)
-and ``mm1-launch`` (before a job is submitted) refuse the same layouts with the same
+and ``mm1 launch`` (before a job is submitted) refuse the same layouts with the same
 messages.
 """
 

@@ -39,7 +39,7 @@ MAX_CONFIG_BYTES = 4 * 2**20  # a config is kilobytes; a bigger file is the wron
 MAX_CONFIG_FILES = 256  # files read for one --config, includes included
 
 # Top-level sections of the same stacked YAML files that other tools read and the trainer
-# skips: ``cluster`` belongs to ``mm1-launch`` (mm1_megatron/launch, docs/cluster.md), so a
+# skips: ``cluster`` belongs to ``mm1 launch`` (mm1_megatron/launch, docs/cluster.md), so a
 # cluster overlay can be passed to both.
 LAUNCHER_SECTIONS = ("cluster",)
 

@@ -42,6 +42,14 @@ OverviewPlacement = Literal["after", "before", "none"]
 ConversationPacking = Literal["packed", "one_per_sequence"]
 OverlongConversation = Literal["truncate", "drop"]
 OptimizerSharding = Literal["fully_reshardable", "dp_reshardable"]
+# The model's top-level parts (MM1Model's children): what model.freeze and
+# optimizer.lr_multipliers name, and the units a conversion imports and exports.
+ModelPart = Literal["vision_encoder", "connector", "language_model"]
+# Few-shot evaluation (mm1_megatron/evaluation): demonstrations drawn at random or by image
+# similarity, what a bad dataset entry does, and the VQA answer normalisation.
+DemoSelection = Literal["random", "similar"]
+OnBadEntry = Literal["stop", "skip"]
+VQAMode = Literal["official", "openflamingo"]
 
 CONNECTOR_TYPES = get_args(ConnectorType)
 VISION_ACTIVATIONS = get_args(VisionActivation)
@@ -58,6 +66,7 @@ IMAGE_DECODERS = get_args(ImageDecoder)
 IMAGE_RESIZE_MODES = get_args(ImageResizeMode)
 IMAGE_DTYPES = get_args(ImageDtype)
 TILING_MODES = get_args(TilingMode)
+MODEL_PARTS = get_args(ModelPart)
 OVERVIEW_PLACEMENTS = get_args(OverviewPlacement)
 
 
@@ -152,8 +161,8 @@ class ModelConfig:
     fp8_on_gpu: Optional[FP8Format] = None
     fp8_recipe: FP8Recipe = "delayed"  # "delayed" or "current" scaling
     init_method_std: float = 0.02
-    # Modules whose parameters are not trained: vision_encoder, connector, language_model.
-    freeze: List[str] = field(default_factory=list)
+    # Parts whose parameters are not trained: vision_encoder, connector, language_model.
+    freeze: List[ModelPart] = field(default_factory=list)
 
 
 @dataclass
@@ -193,8 +202,8 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
-    # Multiplies the peak LR of a top-level module: vision_encoder, connector, language_model.
-    lr_multipliers: Dict[str, float] = field(default_factory=dict)
+    # Multiplies the peak LR of a model part: vision_encoder, connector, language_model.
+    lr_multipliers: Dict[ModelPart, float] = field(default_factory=dict)
     # Resuming a checkpoint whose LR schedule (peak, floor, warmup, train_steps, weight
     # decay) differs from this config's: strict stops (exit 2) naming the fields;
     # checkpoint keeps the saved schedule; config uses this one from the saved step.
@@ -365,7 +374,9 @@ class CheckpointConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation during training (docs/evaluation.md); ``mm1-eval`` scores checkpoints."""
+    """Few-shot evaluation, the same for ``mm1 eval`` and evaluation during training (both
+    build one ``evaluation.plan.EvalPlan`` from it), and the held-out loss of training.
+    See docs/evaluation.md."""
 
     interval: int = 0  # every N steps and after the last one (0: never)
     # Held-out loss per source over this many micro-batches per data-parallel rank: a
@@ -374,9 +385,18 @@ class EvalConfig:
     heldout_shards: ShardsConfig = field(default_factory=ShardsConfig)
     tasks: List[str] = field(default_factory=list)  # few-shot tasks, e.g. [synthetic_vqa]
     shots: List[int] = field(default_factory=lambda: [0])
-    limit: int = 16  # a fixed, seeded subset of each task
+    limit: Optional[int] = 16  # a fixed, seeded subset of each task; null: every example
     task_paths: Optional[str] = None  # the dataset files YAML of the official tasks
-    batch_size: int = 8
+    batch_size: int = 8  # prompts per generation batch (per data-parallel rank)
+    # The subset and demonstration draw: the same for every run, so scores compare.
+    seed: int = 0
+    demo_selection: DemoSelection = "random"  # or "similar": by image similarity (RICES)
+    text_demos_at_zero: bool = False  # 0-shot prompts carry two text-only demonstrations
+    num_beams: Optional[int] = None  # None: per task (3 for COCO/VQA, 1 synthetic)
+    max_new_tokens: Optional[int] = None  # None: per task (20 captions, 5 VQA)
+    vqa_mode: VQAMode = "official"  # answer normalisation: official or openflamingo
+    # A missing image or malformed annotation: stop before generating, or skip and count.
+    on_bad: OnBadEntry = "stop"
 
 
 @dataclass

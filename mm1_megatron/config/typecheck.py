@@ -32,11 +32,20 @@ class Problems:
         return _INVALID
 
 
+def _did_you_mean(value: Any, choices: Sequence[Any]) -> str:
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def choice_error(path: str, value: Any, choices: Sequence[Any]) -> str:
     """The one message for a value outside a field's ``Literal`` choices."""
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{path}={short(value)} is not one of {list(choices)}{hint}"
+    return f"{path}={short(value)} is not one of {list(choices)}{_did_you_mean(value, choices)}"
+
+
+def key_choice_error(path: str, key: Any, choices: Sequence[Any]) -> str:
+    """The one message for a key of the mapping at ``path`` outside its ``Literal`` keys."""
+    where = f"{path}.{cut(str(key), 80)}"
+    return f"{where}: {short(key)} is not one of {list(choices)}{_did_you_mean(key, choices)}"
 
 
 def moved_message(old: str, value: Any) -> str:
@@ -88,9 +97,14 @@ def _coerce(value: Any, tp, path: str, problems: Problems) -> Any:
     if origin in (dict, Dict):
         if not isinstance(value, dict):
             return problems.fail(f"{path}: expected a mapping, got {short(value)}")
-        _, val_tp = typing.get_args(tp)
+        key_tp, val_tp = typing.get_args(tp)
+        keys = typing.get_args(key_tp) if typing.get_origin(key_tp) is typing.Literal else None
         items = {
-            str(k): _coerce(v, val_tp, f"{path}.{cut(str(k), 80)}", problems)
+            str(k): (
+                problems.fail(key_choice_error(path, k, keys))
+                if keys is not None and k not in keys
+                else _coerce(v, val_tp, f"{path}.{cut(str(k), 80)}", problems)
+            )
             for k, v in value.items()
         }
         return _INVALID if any(v is _INVALID for v in items.values()) else items

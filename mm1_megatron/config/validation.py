@@ -10,12 +10,12 @@ import dataclasses
 import importlib.util
 import math
 import typing
+from collections import Counter
 from typing import Iterator, List, Optional, Tuple
 
 from mm1_megatron.config.loader import choice_error
-from mm1_megatron.config.schema import MM1Config
-
-LR_MULTIPLIER_MODULES = ("vision_encoder", "connector", "language_model")
+from mm1_megatron.config.schema import MODEL_PARTS, MM1Config
+from mm1_megatron.config.typecheck import key_choice_error
 
 
 class _Errors:
@@ -279,9 +279,7 @@ def _check_optimizer_and_training(cfg: MM1Config, err: _Errors) -> None:
     )
     for name, mult in o.lr_multipliers.items():
         err.check(
-            name in LR_MULTIPLIER_MODULES,
-            f"optimizer.lr_multipliers.{name}: unknown module; use one of "
-            f"{list(LR_MULTIPLIER_MODULES)}",
+            name in MODEL_PARTS, key_choice_error("optimizer.lr_multipliers", name, MODEL_PARTS)
         )
         err.check(mult > 0, f"optimizer.lr_multipliers.{name}={mult} must be > 0")
     err.positive(
@@ -471,11 +469,8 @@ def _check_checkpoint(cfg: MM1Config, err: _Errors) -> None:
         "checkpoint.initial_weights already sets every weight; unset "
         "checkpoint.pretrained_vision_encoder and checkpoint.pretrained_language_model",
     )
-    for name in cfg.model.freeze:
-        err.check(
-            name in LR_MULTIPLIER_MODULES,
-            f"model.freeze: unknown module {name!r}; use {list(LR_MULTIPLIER_MODULES)}",
-        )
+    for i, name in enumerate(cfg.model.freeze):
+        err.check(name in MODEL_PARTS, choice_error(f"model.freeze[{i}]", name, MODEL_PARTS))
     err.check(cfg.training.max_nonfinite_steps >= 1, "training.max_nonfinite_steps must be >= 1")
     err.check(cfg.training.loss_spike_ratio > 1, "training.loss_spike_ratio must be > 1")
     err.check(
@@ -511,19 +506,34 @@ def _check_eval(cfg: MM1Config, err: _Errors) -> None:
     e = cfg.eval
     err.check(e.interval >= 0, f"eval.interval={e.interval} must be >= 0 (0: never)")
     err.check(e.heldout_batches >= 0, f"eval.heldout_batches={e.heldout_batches} must be >= 0")
-    err.check(e.limit >= 1, f"eval.limit={e.limit} must be >= 1")
+    err.check(
+        e.limit is None or e.limit >= 1,
+        f"eval.limit={e.limit} must be >= 1 (or null: every example)",
+    )
     err.check(e.batch_size >= 1, f"eval.batch_size={e.batch_size} must be >= 1")
     err.check(
         bool(e.shots) and min(e.shots, default=0) >= 0,
         f"eval.shots={e.shots} needs at least one shot count, each >= 0",
     )
+    for name in ("tasks", "shots"):
+        repeated = [str(v) for v, n in Counter(getattr(e, name)).items() if n > 1]
+        err.check(
+            not repeated,
+            f"eval.{name} lists {', '.join(repeated[:5])} more than once; list each once",
+        )
+    for name, default in (("num_beams", "3 for COCO/VQA"), ("max_new_tokens", "20 for captions")):
+        value = getattr(e, name)
+        err.check(
+            value is None or value >= 1,
+            f"eval.{name}={value} must be >= 1 (or null: per task, e.g. {default})",
+        )
     if e.interval == 0:
         return
     if e.tasks:
         err.check(
             not cfg.parallel.sequence_parallel,
             "eval.tasks generate text, which sequence parallelism cannot split; set "
-            "eval.tasks=[] and score checkpoints with mm1-eval, or "
+            "eval.tasks=[] and score checkpoints with mm1 eval, or "
             "parallel.sequence_parallel=false",
         )
         setting = fp8_setting(cfg)
@@ -534,7 +544,7 @@ def _check_eval(cfg: MM1Config, err: _Errors) -> None:
                 f"eval.tasks={e.tasks} with {field_name}={value}: few-shot generation would "
                 f"run the FP8 model, and its prompt prefill and decode token counts are not "
                 f"padded to the {FP8_TOKEN_MULTIPLE} FP8 GEMMs need; set eval.tasks=[] (the "
-                f"held-out loss still runs) and score the checkpoints with `mm1-eval "
+                f"held-out loss still runs) and score the checkpoints with `mm1 eval "
                 f"--checkpoint ...`, which evaluates them without FP8",
             )
     if cfg.data.source == "webdataset" and e.heldout_batches > 0:

@@ -1,4 +1,4 @@
-"""Hugging Face <-> mm1_megatron conversion (``mm1-convert``; see docs/conversion.md).
+"""Hugging Face <-> mm1_megatron conversion (``mm1 convert``; see docs/conversion.md).
 
 - ``importer``: Llama / Mistral / Qwen2 / Mixtral language models and CLIP vision towers
   into a model-only checkpoint that loads at any TP/PP/EP layout.

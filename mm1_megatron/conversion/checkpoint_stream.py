@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from mm1_megatron.compat.checkpointing import install_safe_loading
-from mm1_megatron.config.schema import ModelConfig
+from mm1_megatron.config.schema import ModelConfig, ModelPart
 from mm1_megatron.conversion.errors import ConversionError, shape_mismatch
 
 Region = Tuple[Tuple[int, ...], torch.Tensor]  # (global offset, destination tensor)
@@ -131,16 +131,17 @@ class CheckpointTensors:
         self,
         step_folder: Path,
         model: ModelConfig,
-        parts: Sequence[str],
+        parts: Sequence[ModelPart],
         *,
         image_token_id: int,
         dtype: torch.dtype = torch.float32,
     ):
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+        from mm1_megatron.checkpoint.layout import MODEL_OPTIM_DIR
         from mm1_megatron.conversion import megatron_io
 
-        self.folder = Path(step_folder) / megatron_io.MODEL_OPTIM_DIR
+        self.folder = Path(step_folder) / MODEL_OPTIM_DIR
         self.dtype = dtype
         with torch.device("meta"):
             skeleton = megatron_io.build_tp1_model(

@@ -1,9 +1,9 @@
-"""``mm1-convert``: Hugging Face <-> mm1_megatron checkpoints.
+"""``mm1 convert``: Hugging Face <-> mm1_megatron checkpoints.
 
-    mm1-convert import --language-model hf/llama-3b --vision-encoder hf/dfn5b-vit-h \\
+    mm1 convert import --language-model hf/llama-3b --vision-encoder hf/dfn5b-vit-h \\
         --config configs/mm1_3b.yaml --output ckpts/mm1_3b_init
-    mm1-convert export --checkpoint runs/mm1_3b/checkpoints --output exports/mm1_3b
-    mm1-convert export --checkpoint runs/x/ckpt --format llava --output exports/x_llava
+    mm1 convert export --checkpoint runs/mm1_3b/checkpoints --output exports/mm1_3b
+    mm1 convert export --checkpoint runs/x/ckpt --format llava --output exports/x_llava
 
 Exit code 0 on success, 2 for a bad input (unsupported architecture, mismatched shapes,
 a damaged file, an output that would overwrite an input, a folder that cannot be
@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import List, Optional
 
+from mm1_megatron.cli.flags import add_config
 from mm1_megatron.utils.logging_setup import setup_logging
 
 logger = logging.getLogger("mm1_megatron.convert")
@@ -26,7 +27,7 @@ EXIT_BAD_INPUT = 2
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3}
 OVERWRITE_HELP = (
-    "replace an earlier mm1-convert output in --output (only what it wrote; a folder "
+    "replace an earlier mm1 convert output in --output (only what it wrote; a folder "
     "with other files is refused)"
 )
 
@@ -52,10 +53,8 @@ def _add_import_parser(commands) -> None:
         "--vision-encoder", type=Path, help="CLIPVisionModel or CLIPModel folder (safetensors)"
     )
     p.add_argument("--output", type=Path, required=True, help="save folder to create")
-    p.add_argument(
-        "--config",
-        type=Path,
-        help="YAML for everything not imported (connector, training); default: the schema defaults",
+    add_config(
+        p, "YAML for everything not imported (connector, training); default: the schema defaults"
     )
     p.add_argument(
         "--tokenizer",
@@ -111,16 +110,20 @@ def _add_export_parser(commands) -> None:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mm1-convert",
+        prog="mm1 convert",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     _add_import_parser(commands)
     _add_export_parser(commands)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _run_import(args) -> None:
@@ -131,7 +134,7 @@ def _run_import(args) -> None:
             output=args.output,
             language_model=args.language_model,
             vision_encoder=args.vision_encoder,
-            base_config=args.config,
+            base_config=args.config or None,
             overrides=args.overrides,
             tokenizer=args.tokenizer,
             vocab_size=args.vocab_size,

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional
 import torch
 
 from mm1_megatron.config import load_config
+from mm1_megatron.config.schema import MODEL_PARTS
 from mm1_megatron.conversion import megatron_io
 from mm1_megatron.conversion.checkpoint_stream import CheckpointTensors
 from mm1_megatron.conversion.errors import ConversionError
@@ -58,8 +59,8 @@ from mm1_megatron.conversion.tokenizer_files import resolve_tokenizer, write_tok
 logger = logging.getLogger(__name__)
 
 FORMAT_PARTS = {
-    "mm1": ("vision_encoder", "connector", "language_model"),
-    "llava": ("vision_encoder", "connector", "language_model"),
+    "mm1": MODEL_PARTS,
+    "llava": MODEL_PARTS,
     "language-model": ("language_model",),
     "vision-encoder": ("vision_encoder",),
 }

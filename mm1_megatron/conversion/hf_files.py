@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
+from mm1_megatron.checkpoint.layout import TRAINER_STATE_FILE
 from mm1_megatron.config import MM1Config
 from mm1_megatron.config.schema import VisionEncoderConfig
 from mm1_megatron.conversion.target_configs import image_processor_config
@@ -66,7 +67,7 @@ def write_image_processor_config(folder: Path, vision: VisionEncoderConfig) -> N
 
 
 def _trainer_step(step_folder: Path) -> Optional[int]:
-    path = step_folder / "trainer_state.json"
+    path = step_folder / TRAINER_STATE_FILE
     return json.loads(path.read_text()).get("step") if path.is_file() else None
 
 
@@ -103,7 +104,7 @@ def write_model_card(
         "",
         f"# {architecture} exported from mm1_megatron",
         "",
-        f"Exported by `mm1-convert export --format {fmt}` from `{step_folder}`"
+        f"Exported by `mm1 convert export --format {fmt}` from `{step_folder}`"
         + (f" (training step {step})." if step is not None else "."),
         "",
         f"- class: `{architecture}`",

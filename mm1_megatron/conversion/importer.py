@@ -17,7 +17,7 @@ import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -49,7 +49,8 @@ class ImportRequest:
     output: Path
     language_model: Optional[Path] = None  # a LlamaForCausalLM / Qwen2 / Mistral / Mixtral folder
     vision_encoder: Optional[Path] = None  # a CLIPVisionModel / CLIPModel / SigLIP folder
-    base_config: Optional[Path] = None  # YAML for the parts not imported (e.g. the connector)
+    # YAML for the parts not imported (e.g. the connector): one file, or several stacked
+    base_config: Union[Path, Sequence[Path], None] = None
     overrides: Sequence[str] = ()
     tokenizer: Optional[Path] = None  # default: the language model folder, if it has one
     vocab_size: Optional[int] = None
@@ -222,7 +223,9 @@ def _inputs(request: ImportRequest) -> List[Optional[Path]]:
     """Everything the import reads, which its output may not touch."""
     if request.tokenizer is not None and not Path(request.tokenizer).is_dir():
         raise ConversionError(f"--tokenizer {request.tokenizer} is not a folder")
-    return [request.language_model, request.vision_encoder, request.tokenizer, request.base_config]
+    configs = request.base_config
+    configs = [configs] if configs is None or isinstance(configs, (str, Path)) else list(configs)
+    return [request.language_model, request.vision_encoder, request.tokenizer, *configs]
 
 
 def import_checkpoint(request: ImportRequest) -> Path:

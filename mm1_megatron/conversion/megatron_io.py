@@ -21,10 +21,13 @@ import torch
 
 from mm1_megatron.checkpoint import layout
 from mm1_megatron.checkpoint.key_layout import reconcile_with_checkpoint
+from mm1_megatron.checkpoint.layout import MODEL_OPTIM_DIR
 from mm1_megatron.config.schema import (
+    MODEL_PARTS,
     ConnectorConfig,
     LanguageModelConfig,
     ModelConfig,
+    ModelPart,
     ParallelConfig,
     VisionEncoderConfig,
 )
@@ -32,10 +35,8 @@ from mm1_megatron.conversion.errors import ConversionError
 
 logger = logging.getLogger(__name__)
 
-MODEL_OPTIM_DIR = "model_optim"
 CONVERSION_FILE = "conversion.json"
 EXTRAS_FILE = "hf_extras.safetensors"
-PARTS = ("vision_encoder", "connector", "language_model")
 
 
 @contextlib.contextmanager
@@ -69,7 +70,7 @@ def single_process_world() -> Iterator[None]:
             parallel_state.destroy_model_parallel()
 
 
-def placeholder_model_config(model: ModelConfig, keep: Iterable[str]) -> ModelConfig:
+def placeholder_model_config(model: ModelConfig, keep: Iterable[ModelPart]) -> ModelConfig:
     """``model`` with the parts not in ``keep`` shrunk to a few parameters."""
     keep = set(keep)
     vision = (
@@ -145,14 +146,14 @@ def build_tp1_model(
     return model.eval()
 
 
-def _sharded_part(model, parts: Sequence[str]) -> Dict:
+def _sharded_part(model, parts: Sequence[ModelPart]) -> Dict:
     prefixes = tuple(f"{part}." for part in parts)
     return {
         key: value for key, value in model.sharded_state_dict().items() if key.startswith(prefixes)
     }
 
 
-def save_parts(model, folder: Path, parts: Sequence[str]) -> None:
+def save_parts(model, folder: Path, parts: Sequence[ModelPart]) -> None:
     """A model-only ``dist_checkpointing`` folder with the tensors of ``parts``."""
     from megatron.core import dist_checkpointing
 
@@ -161,7 +162,7 @@ def save_parts(model, folder: Path, parts: Sequence[str]) -> None:
     dist_checkpointing.save({"model": _sharded_part(model, parts)}, str(target))
 
 
-def load_parts(model, step_folder: Path, parts: Sequence[str]) -> None:
+def load_parts(model, step_folder: Path, parts: Sequence[ModelPart]) -> None:
     """Load ``parts`` from a checkpoint written at any layout into the TP=1 ``model``."""
     from megatron.core import dist_checkpointing
 
@@ -205,12 +206,12 @@ def resolve_step_folder(path) -> Path:
     return path
 
 
-def parts_in_checkpoint(step_folder: Path) -> Tuple[str, ...]:
+def parts_in_checkpoint(step_folder: Path) -> Tuple[ModelPart, ...]:
     """Which of vision_encoder / connector / language_model the checkpoint holds."""
     from megatron.core import dist_checkpointing
 
     keys = dist_checkpointing.load_tensors_metadata(str(Path(step_folder) / MODEL_OPTIM_DIR))
-    return tuple(part for part in PARTS if any(key.startswith(f"{part}.") for key in keys))
+    return tuple(part for part in MODEL_PARTS if any(key.startswith(f"{part}.") for key in keys))
 
 
 def read_conversion_info(step_folder: Path) -> Dict:

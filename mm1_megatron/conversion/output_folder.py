@@ -1,4 +1,4 @@
-"""The output folder of ``mm1-convert``: checked before any work, staged, then swapped in.
+"""The output folder of ``mm1 convert``: checked before any work, staged, then swapped in.
 
 - An output may not be, contain or lie inside one of the conversion's inputs (symlinks
   resolved), with or without ``--overwrite``.
@@ -89,7 +89,7 @@ def replaceable_entries(folder: Path) -> Set[str]:
     present = {entry.name for entry in folder.iterdir()}
     if MARKER not in present:
         raise ConversionError(
-            f"--overwrite replaces only a folder written by mm1-convert, and {folder} has "
+            f"--overwrite replaces only a folder written by mm1 convert, and {folder} has "
             f"no {MARKER} (it holds {_names(present)}); delete it yourself if it is "
             f"disposable, or choose another --output"
         )
@@ -98,7 +98,7 @@ def replaceable_entries(folder: Path) -> Set[str]:
     if foreign:
         raise ConversionError(
             f"{folder} holds entries the earlier conversion did not write ({_names(foreign)}); "
-            f"--overwrite removes only what mm1-convert wrote: move them out of the folder "
+            f"--overwrite removes only what mm1 convert wrote: move them out of the folder "
             f"or choose another --output"
         )
     return listed
@@ -130,7 +130,7 @@ def check_output_folder(folder, *, overwrite: bool, inputs: Iterable[Optional[Pa
         if not overwrite:
             raise ConversionError(
                 f"output folder {folder} is not empty; choose another folder or pass "
-                f"--overwrite to replace an earlier mm1-convert output"
+                f"--overwrite to replace an earlier mm1 convert output"
             )
         replaceable_entries(folder)
     _check_writable(folder)
@@ -212,7 +212,7 @@ def staged_output(
     try:
         yield staging
         entries = sorted(entry.name for entry in staging.iterdir())
-        marker = {"written_by": f"mm1-convert {command}", "entries": entries}
+        marker = {"written_by": f"mm1 convert {command}", "entries": entries}
         (staging / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
         _swap_in(staging, folder, overwrite)
     except BaseException as exc:

@@ -16,27 +16,28 @@
 
 Data imports neither ``models`` nor ``training``; the micro-batch contract it shares with
 the models lives in ``mm1_megatron.batch``.
+
+Exports resolve lazily, so the command line (``mm1 data``) reads its options without
+loading torch.
 """
 
-from mm1_megatron.data.build import build_data
-from mm1_megatron.data.pipeline.loader import BATCH_KEYS, MicroBatchLoader, collate
-from mm1_megatron.data.pipeline.mixture import SOURCE_IDS
-from mm1_megatron.data.pipeline.packing import PackedSequence, Sample, pack_sequence
-from mm1_megatron.data.synthetic.sequences import SyntheticSequences
-from mm1_megatron.data.synthetic.world import SyntheticGenerator
-from mm1_megatron.data.tokenizers.base import SyntheticTokenizer, Tokenizer
+from mm1_megatron.utils.lazy import lazy_getattr
 
-__all__ = [
-    "BATCH_KEYS",
-    "MicroBatchLoader",
-    "PackedSequence",
-    "SOURCE_IDS",
-    "Sample",
-    "SyntheticGenerator",
-    "SyntheticSequences",
-    "SyntheticTokenizer",
-    "Tokenizer",
-    "build_data",
-    "collate",
-    "pack_sequence",
-]
+_EXPORTS = {
+    "build_data": "mm1_megatron.data.build",
+    "BATCH_KEYS": "mm1_megatron.data.pipeline.loader",
+    "MicroBatchLoader": "mm1_megatron.data.pipeline.loader",
+    "collate": "mm1_megatron.data.pipeline.loader",
+    "SOURCE_IDS": "mm1_megatron.data.pipeline.mixture",
+    "PackedSequence": "mm1_megatron.data.pipeline.packing",
+    "Sample": "mm1_megatron.data.pipeline.packing",
+    "pack_sequence": "mm1_megatron.data.pipeline.packing",
+    "SyntheticSequences": "mm1_megatron.data.synthetic.sequences",
+    "SyntheticGenerator": "mm1_megatron.data.synthetic.world",
+    "SyntheticTokenizer": "mm1_megatron.data.tokenizers.base",
+    "Tokenizer": "mm1_megatron.data.tokenizers.base",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

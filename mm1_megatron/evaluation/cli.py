@@ -1,136 +1,166 @@
-"""``mm1-eval``: few-shot captioning and VQA scores of a training checkpoint.
+"""``mm1 eval``: few-shot captioning and VQA scores of a training checkpoint.
 
-    mm1-eval --checkpoint runs/debug/checkpoints --tasks synthetic_caption,synthetic_vqa \\
-        --shots 0,4 --output-dir runs/debug/eval
+    mm1 eval --checkpoint runs/debug/ckpt --output runs/debug/eval \\
+        'eval.tasks=[synthetic_caption, synthetic_vqa]' 'eval.shots=[0, 4]'
+    mm1 eval --checkpoint CKPT --config my_eval.yaml --output eval --json
     torchrun --nproc-per-node 2 -m mm1_megatron.evaluation.cli --checkpoint CKPT \\
-        --tasks coco_karpathy,vqav2 --task-paths tasks.yaml --shots 0,4,8 \\
-        --output-dir eval parallel.tensor_parallel_size=2
+        --output eval --config my_eval.yaml parallel.tensor_parallel_size=2
 
-The checkpoint may have been written at any TP/PP/EP layout; dotted overrides choose the
-one evaluated at. Writes results.json, results.md, predictions/*.jsonl and TensorBoard
-scalars to --output-dir (docs/evaluation.md).
+The config is read as mm1 train reads it, with the checkpoint's own config.yaml first:
+then each --config file (merged left to right), then the dotted overrides. The eval
+section (eval.tasks, eval.shots, eval.limit, eval.task_paths, eval.max_new_tokens, ...)
+says what to evaluate, and is the one evaluation during training reads; parallel.* picks
+the layout to evaluate at (the checkpoint may have been written at any TP/PP/EP layout).
+A config problem stops before anything is loaded, naming the field (exit 2). Writes
+results.json, results.md, predictions/*.jsonl and TensorBoard scalars
+(logging.tensorboard) to --output (docs/evaluation.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
+from mm1_megatron.cli.flags import add_config, add_json, add_output, check_output
 from mm1_megatron.utils.logging_setup import setup_logging
+
+if TYPE_CHECKING:
+    from mm1_megatron.config import MM1Config
+    from mm1_megatron.evaluation.plan import EvalPlan
 
 logger = logging.getLogger("mm1_megatron.evaluation")
 
 
-def _int_list(text: str) -> List[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"shot counts must be >= 0, got {text!r}")
-    return values
+# The flags of the eval settings before they became config fields, and what to write now.
+REMOVED_FLAGS = {
+    "--tasks": "'eval.tasks=[coco_karpathy, vqav2]'",
+    "--shots": "'eval.shots=[0, 4, 8]'",
+    "--task-paths": "eval.task_paths=tasks.yaml",
+    "--limit": "eval.limit=N (eval.limit=null: every example)",
+    "--batch-size": "eval.batch_size=N",
+    "--num-beams": "eval.num_beams=N",
+    "--max-new-tokens": "eval.max_new_tokens=N",
+    "--seed": "eval.seed=N",
+    "--demos": "eval.demo_selection=random|similar",
+    "--on-bad": "eval.on_bad=stop|skip",
+    "--text-demos-at-zero": "eval.text_demos_at_zero=true",
+    "--vqa-mode": "eval.vqa_mode=official|openflamingo",
+    "--no-tensorboard": "logging.tensorboard=false",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mm1 eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="a checkpoint folder (step_XXXXXXXX) or a save folder (its newest checkpoint)",
+    )
+    add_config(
+        parser,
+        "YAML config file merged over the checkpoint's config.yaml (usually an eval: section)",
+    )
+    add_output(
+        parser,
+        "folder for results.json and the rest",
+        required=True,
+        deprecated=("--output-dir",),
+        type=Path,
+    )
+    add_json(parser, "the results (the files in --output are written as always)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.field=value",
+        help="dotted overrides applied after the files, e.g. 'eval.tasks=[vqav2]'",
+    )
+    return parser
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="mm1-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint or save folder")
-    parser.add_argument("--tasks", required=True, help="comma-separated task names")
-    parser.add_argument("--shots", type=_int_list, default=[0], help="e.g. 0,4,8")
-    parser.add_argument("--output-dir", required=True, type=Path)
-    parser.add_argument(
-        "--task-paths", type=Path, help="YAML of dataset files (docs/evaluation.md)"
-    )
-    parser.add_argument("--limit", type=int, help="evaluate a seeded subset of this many examples")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
-    parser.add_argument("--num-beams", type=int, help="default: per task (3 for COCO/VQA)")
-    parser.add_argument("--max-new-tokens", type=int, help="default: per task")
-    parser.add_argument("--seed", type=int, default=0, help="demonstration draw")
-    parser.add_argument(
-        "--demos",
-        choices=("random", "similar"),
-        default="random",
-        help="demonstrations drawn at random, or the most similar images by the model's own "
-        "encoder (RICES)",
-    )
-    parser.add_argument(
-        "--on-bad",
-        choices=("stop", "skip"),
-        default="stop",
-        help="a missing image or malformed annotation: stop before generating (default) "
-        "or skip and count it",
-    )
-    parser.add_argument(
-        "--text-demos-at-zero",
-        action="store_true",
-        help="0-shot prompts carry two text-only demonstrations (OpenFlamingo)",
-    )
-    parser.add_argument("--vqa-mode", choices=("official", "openflamingo"), default="official")
-    parser.add_argument("--no-tensorboard", action="store_true")
-    parser.add_argument("overrides", nargs="*", metavar="section.field=value")
-    return parser.parse_args(argv)
+    parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    removed = [w.split("=", 1)[0] for w in words if w.split("=", 1)[0] in REMOVED_FLAGS]
+    if removed:
+        parser.error(
+            "the eval settings are config fields now, set in a --config file or as dotted "
+            "overrides (docs/evaluation.md): "
+            + "; ".join(f"{flag} -> {REMOVED_FLAGS[flag]}" for flag in dict.fromkeys(removed))
+        )
+    # Overrides may come before or after flags.
+    return check_output(parser.parse_intermixed_args(argv))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     setup_logging()
+    # With --json, stdout carries the results and nothing else: Python-level prints of
+    # anything the evaluation runs go to stderr with the log.
+    quiet = contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext()
     try:
-        return run(args)
+        with quiet:
+            document = run(args)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
+    if args.json and document is not None:
+        print(json.dumps(document), flush=True)
+    return 0
 
 
-def run(args: argparse.Namespace) -> int:
-    from mm1_megatron.evaluation.evaluator import DecodeSettings, ShotEvaluator
+def configure(args: argparse.Namespace) -> Tuple[MM1Config, EvalPlan]:
+    """The validated config and its ``EvalPlan``: every config problem raises here, before
+    a task or the model is loaded."""
+    from mm1_megatron.evaluation.model import checkpoint_config
+    from mm1_megatron.evaluation.plan import EvalPlan
+
+    cfg = checkpoint_config(args.checkpoint, args.overrides, configs=args.config)
+    plan = EvalPlan.from_config(cfg)
+    if not plan.tasks:
+        raise ValueError(
+            "eval.tasks is empty: name the tasks to score, e.g. "
+            "'eval.tasks=[synthetic_caption, synthetic_vqa]' (docs/evaluation.md lists them)"
+        )
+    return cfg, plan
+
+
+def run(args: argparse.Namespace) -> Optional[dict]:
+    """Evaluate; the results document (as ``results.json``) on the main rank, else None."""
+    from mm1_megatron.evaluation.evaluator import ShotEvaluator
     from mm1_megatron.evaluation.model import describe_layout, load_eval_model
     from mm1_megatron.evaluation.prompting import PromptBuilder
-    from mm1_megatron.evaluation.protocol import Protocol
-    from mm1_megatron.evaluation.report import write_outputs
-    from mm1_megatron.evaluation.tasks import load_task, task_spec
+    from mm1_megatron.evaluation.report import results_document, write_outputs
     from mm1_megatron.parallel import shutdown_distributed
 
-    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
-    for name in names:
-        task_spec(name)  # unknown names fail before anything is loaded
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
-    tasks = [
-        load_task(name, args.task_paths, on_bad=args.on_bad, limit=args.limit, seed=args.seed)
-        for name in names
-    ]
-    for task in tasks:
-        if max(args.shots) > len(task.demo_examples):
-            raise ValueError(
-                f"{task.name}: {max(args.shots)} shots need that many demonstrations; its "
-                f"train split has {len(task.demo_examples)}"
-            )
-    loaded = load_eval_model(args.checkpoint, args.overrides)
+    cfg, plan = configure(args)
+    if plan.limit is not None:
+        logger.info(
+            "eval.limit=%d: a seeded subset of at most %d examples per task "
+            "(eval.limit=null: every example)",
+            plan.limit,
+            plan.limit,
+        )
+    tasks = plan.load_tasks()
+    loaded = load_eval_model(args.checkpoint, cfg=cfg)
     try:
-        protocol = Protocol(
-            seed=args.seed,
-            demo_selection=args.demos,
-            text_demos_at_zero=args.text_demos_at_zero,
-        )
-        settings = DecodeSettings(
-            batch_size=args.batch_size,
-            num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens,
-            vqa_mode=args.vqa_mode,
-        )
         evaluator = ShotEvaluator(
-            loaded.model, PromptBuilder(loaded.cfg, loaded.tokenizer), loaded.tokenizer, protocol
+            loaded.model,
+            PromptBuilder(loaded.cfg, loaded.tokenizer),
+            loaded.tokenizer,
+            plan.protocol,
         )
         results = []
         for task in tasks:
-            for shots in args.shots:
-                result = evaluator.run(task, shots, settings)
+            for shots in plan.shots:
+                result = evaluator.run(task, shots, plan.decoding)
                 logger.info(
                     "%s %d-shot: %s %.4f on %d examples (%.1f s)",
                     task.name,
@@ -141,25 +171,27 @@ def run(args: argparse.Namespace) -> int:
                     result.seconds,
                 )
                 results.append(result)
-        if loaded.ctx.is_main:
-            header = {
-                "checkpoint": str(loaded.checkpoint),
-                "step": loaded.step,
-                "layout": describe_layout(loaded.cfg),
-                "protocol": protocol.describe(),
-                "decoding": vars(settings),
-                "skipped": {task.name: task.skipped for task in tasks},
-            }
-            write_outputs(
-                results,
-                header,
-                args.output_dir,
-                tensorboard=not args.no_tensorboard,
-                step=loaded.step,
-            )
+        if not loaded.ctx.is_main:
+            return None
+        header = {
+            "checkpoint": str(loaded.checkpoint),
+            "step": loaded.step,
+            "layout": describe_layout(loaded.cfg),
+            "protocol": plan.protocol.describe(),
+            "decoding": vars(plan.decoding),
+            "limit": plan.limit,
+            "skipped": {task.name: task.skipped for task in tasks},
+        }
+        write_outputs(
+            results,
+            header,
+            args.output,
+            tensorboard=cfg.logging.tensorboard,
+            step=loaded.step,
+        )
+        return results_document(results, header)
     finally:
         shutdown_distributed()
-    return 0
 
 
 if __name__ == "__main__":

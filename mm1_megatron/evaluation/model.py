@@ -1,9 +1,12 @@
 """The model an evaluation runs: a training checkpoint's weights at any layout.
 
-The checkpoint's own resolved ``config.yaml`` describes the model; command-line overrides
-choose the layout (``parallel.tensor_parallel_size=2`` ...). Sequence parallelism is
-turned off (a generated token cannot be split across TP ranks), and weights are drawn
-nowhere special since the checkpoint replaces them.
+The config is read as ``mm1 train`` reads one, with the checkpoint's own resolved
+``config.yaml`` as the first file: then any ``--config`` files, left to right, then the
+dotted overrides. The checkpoint's file describes the model (and holds the run's ``eval``
+section); the others choose the evaluation (``eval.*``) and the layout
+(``parallel.tensor_parallel_size=2`` ...). Sequence parallelism is turned off (a
+generated token cannot be split across TP ranks), and weights are drawn nowhere special
+since the checkpoint replaces them.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from megatron.core import parallel_state
@@ -50,16 +53,73 @@ class EvalModel:
     step: int
 
 
-def checkpoint_config(checkpoint: Path, overrides: Sequence[str] = ()) -> MM1Config:
+PathLike = Union[str, Path]
+
+# Model fields an evaluation may choose: how the layers compute (or train), not what they are.
+EVAL_CHOOSES = {
+    f"model.{name}"
+    for name in (
+        "transformer_impl",
+        "attention",
+        "fp8",
+        "fp8_on_gpu",
+        "fp8_recipe",
+        "init_method_std",
+        "freeze",
+        "llm.moe.grouped_gemm",
+        "llm.moe.token_dispatcher",
+        "llm.moe.aux_loss_coeff",
+        "llm.moe.z_loss_coeff",
+    )
+}
+
+
+def checkpoint_config(
+    checkpoint: Path, overrides: Sequence[str] = (), configs: Sequence[PathLike] = ()
+) -> MM1Config:
+    """The validated config of an evaluation of ``checkpoint``: its ``config.yaml``, then
+    ``configs`` (merged left to right, as ``mm1 train --config``), then ``overrides``."""
     folder = resolve_checkpoint(checkpoint)
     config_file = folder / "config.yaml"
     if not config_file.is_file():
-        raise ValueError(f"{folder} has no config.yaml: not a checkpoint written by mm1-train")
-    cfg = validate_config(load_config(config_file, [*overrides, *EVAL_OVERRIDES]))
-    trained_fp8 = load_config(config_file, overrides).model.fp8
-    if trained_fp8 is not None:
-        logger.info("model.fp8=%s in training; evaluated without FP8 (bf16 on a GPU)", trained_fp8)
+        raise ValueError(f"{folder} has no config.yaml: not a checkpoint written by mm1 train")
+    files = [config_file, *configs]
+    cfg = validate_config(load_config(files, [*overrides, *EVAL_OVERRIDES]))
+    chosen = load_config(files, overrides)
+    if chosen.model.fp8 is not None:
+        logger.info(
+            "model.fp8=%s in training; evaluated without FP8 (bf16 on a GPU)", chosen.model.fp8
+        )
+    if len(files) > 1 or overrides:
+        changed = list(_differences(load_config(config_file), chosen))
+        if changed:
+            logger.warning(
+                "the evaluated model differs from %s, whose weights it loads: %s",
+                config_file,
+                ", ".join(changed),
+            )
     return cfg
+
+
+def _differences(saved: MM1Config, chosen: MM1Config) -> Iterator[str]:
+    """``field=chosen (checkpoint: saved)`` for what describes the model and its inputs:
+    ``model.*`` (but how the layers compute) and ``data.tokenizer.*``."""
+    leaves = [
+        *_leaves(saved.model, chosen.model, "model"),
+        *_leaves(saved.data.tokenizer, chosen.data.tokenizer, "data.tokenizer"),
+    ]
+    for name, ours, theirs in leaves:
+        if ours != theirs and name not in EVAL_CHOOSES:
+            yield f"{name}={theirs} (checkpoint: {ours})"
+
+
+def _leaves(old, new, prefix: str) -> Iterator[tuple]:
+    for f in dataclasses.fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if dataclasses.is_dataclass(a):
+            yield from _leaves(a, b, f"{prefix}.{f.name}")
+        else:
+            yield f"{prefix}.{f.name}", a, b
 
 
 def _as_local_layers(cfg: MM1Config) -> MM1Config:
@@ -109,9 +169,13 @@ def _check_layout_fits(cfg: MM1Config) -> None:
         )
 
 
-def load_eval_model(checkpoint: Path, overrides: Sequence[str] = ()) -> EvalModel:
+def load_eval_model(
+    checkpoint: Path, overrides: Sequence[str] = (), *, cfg: Optional[MM1Config] = None
+) -> EvalModel:
+    """The model of ``checkpoint``, described by ``cfg`` (a ``checkpoint_config``) or else
+    by ``checkpoint_config(checkpoint, overrides)``."""
     folder = resolve_checkpoint(checkpoint)
-    cfg = checkpoint_config(folder, overrides)
+    cfg = checkpoint_config(folder, overrides) if cfg is None else cfg
     _check_layout_fits(cfg)
     ctx = init_distributed(cfg.parallel, timeout_minutes=cfg.parallel.collective_timeout_minutes)
     cfg = layers_for_this_machine(cfg, cuda=ctx.device.type == "cuda")

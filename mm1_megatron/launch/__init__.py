@@ -1,5 +1,5 @@
 """Cluster launch files (SLURM with pyxis, JobSet, Kubeflow TrainJob, Dockerfile) rendered
-from the same stacked config files as the training run; ``mm1-launch`` (``cli.py``).
+from the same stacked config files as the training run; ``mm1 launch`` (``cli.py``).
 Imports neither torch nor Megatron-Core."""
 
 from mm1_megatron.launch.checks import check_rendered

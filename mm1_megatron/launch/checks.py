@@ -1,4 +1,4 @@
-"""``mm1-launch check``: a rendered folder still matches its configs and its files are sound.
+"""``mm1 launch check``: a rendered folder still matches its configs and its files are sound.
 
 - the layout is checked again from the config files and overrides in ``render.json``,
   and every file equals a fresh render (no hand edits, no stale renders);
@@ -100,7 +100,7 @@ def freshness_problems(out_dir: Path) -> List[str]:
     """Render again from ``render.json`` (layout checks included) and compare."""
     manifest = out_dir / MANIFEST
     if not manifest.is_file():
-        return [f"{out_dir}: no {MANIFEST}; render the folder with `mm1-launch render`"]
+        return [f"{out_dir}: no {MANIFEST}; render the folder with `mm1 launch render`"]
     record = json.loads(manifest.read_text())
     try:
         plan = plan_launch(record["configs"], record.get("overrides", []))
@@ -115,7 +115,7 @@ def freshness_problems(out_dir: Path) -> List[str]:
         elif path.read_text() != text:
             problems.append(
                 f"{name}: differs from a fresh render of {record['configs']}; render again "
-                "(`mm1-launch render ...`, the command is in the file's first lines)"
+                "(`mm1 launch render ...`, the command is in the file's first lines)"
             )
     return problems
 

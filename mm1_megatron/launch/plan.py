@@ -59,12 +59,12 @@ class LaunchPlan:
     def header(self, target: str) -> List[str]:
         """Comment lines (without the comment marker) that open every rendered file."""
         command = shlex.join(
-            ["mm1-launch", "render", *self.inputs.config_args(), "--target", target]
-            + ["--out", "DIR", *self.inputs.overrides]
+            ["mm1", "launch", "render", *self.inputs.config_args(), "--target", target]
+            + ["--output", "DIR", *self.inputs.overrides]
         )
         command = command.replace("\n", "\\n").replace("\r", "\\r")  # stays a comment
         return [
-            "Rendered by mm1-launch (mm1_megatron/launch); change the config files or the",
+            "Rendered by mm1 launch (mm1_megatron/launch); change the config files or the",
             "overrides and render again instead of editing this file:",
             f"  {command}",
             f"Layout: {self.layout.describe()}",

@@ -1,5 +1,5 @@
 """Render launch files from a checked plan, and write them with what they came from
-(``render.json``: the config files and overrides), so ``mm1-launch check`` can render them
+(``render.json``: the config files and overrides), so ``mm1 launch check`` can render them
 again and compare."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ``cluster:`` section: where and how a run is launched, read by ``mm1-launch`` only.
+"""The ``cluster:`` section: where and how a run is launched, read by ``mm1 launch`` only.
 
 It lives in the same stacked YAML files as the training config (a cluster overlay on a
 model config), but not in the training schema: the trainer never needs it (it reads
@@ -94,7 +94,7 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class LaunchInputs:
-    """What ``mm1-launch render`` was given, as the rendered files pass it on."""
+    """What ``mm1 launch render`` was given, as the rendered files pass it on."""
 
     configs: Tuple[str, ...]
     overrides: Tuple[str, ...]  # all of them, cluster.* included

@@ -10,8 +10,10 @@ import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer.module import Float16Module
 
+from mm1_megatron.config.schema import ModelPart
 
-def freeze_parts(model: torch.nn.Module, names: Sequence[str]) -> None:
+
+def freeze_parts(model: torch.nn.Module, names: Sequence[ModelPart]) -> None:
     """``requires_grad=False`` for the parameters of each named child (absent ones, such as
     the vision encoder on a later pipeline stage, are skipped)."""
     for name in names:
@@ -35,7 +37,7 @@ def wrap_for_training(
     model: torch.nn.Module,
     *,
     device: torch.device,
-    freeze: Sequence[str] = (),
+    freeze: Sequence[ModelPart] = (),
     bf16: bool = False,
     use_distributed_optimizer: bool = False,
     overlap_grad_reduce: bool = False,

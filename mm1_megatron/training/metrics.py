@@ -1,4 +1,6 @@
-"""Console progress and TensorBoard scalars, written by one rank."""
+"""A step's figures and where they go: ``StepAccounting`` computes what each step
+contributes to ``metrics.jsonl`` (losses, counts, throughput), ``MetricsLogger`` writes
+them (JSON lines, console progress and TensorBoard scalars, from one rank)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,144 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+
+from mm1_megatron.compat.moe import collect_moe_aux_losses
+from mm1_megatron.config import MM1Config
+from mm1_megatron.data import SOURCE_IDS
+from mm1_megatron.data.pipeline.reporting import data_metrics
+from mm1_megatron.data.pipeline.tiling import tile_size
+from mm1_megatron.models.param_count import moe_layer_flags
+from mm1_megatron.parallel.collectives import all_reduce_, all_reduce_values
+from mm1_megatron.training.flops import (
+    causal_attention_pairs,
+    model_flops_utilization,
+    training_flops_per_step,
+)
 
 logger = logging.getLogger("mm1_megatron.train")
+
+
+class StepAccounting:
+    """The per-step metrics of a training run, computed the same way on every rank.
+
+    ``Trainer.train_step`` builds one step's record from these calls, in this order, and
+    the loop adds the throughput figures:
+
+    - ``losses``: ``loss`` and ``loss/<source>``, token-weighted means over the step's
+      micro-batches and the data-parallel ranks (empty off the last pipeline stage, the
+      only one that sees the loss); periodic evaluation reduces its held-out loss with it;
+    - ``moe_losses``: ``moe/<router loss>``, averaged over MoE layers and micro-batches;
+    - ``batch_figures``: the data pipeline's ``data/*`` counters and the step's
+      ``num_images``, ``num_text_tokens`` and ``attention_pairs``, summed over the
+      data-parallel group (TP/PP replicas hold the same batches and would count twice),
+      read from the host copies of the batches so they cost no device sync;
+    - ``start_step`` / ``throughput``: ``step_time_s``, ``tokens_per_s``, ``images_per_s``,
+      ``tflops_per_s_per_device``, ``mfu`` (NaN, written as null, without a known peak)
+      and, on CUDA, ``peak_memory_gib``.
+
+    ``losses``, ``moe_losses`` and ``batch_figures`` run collectives: every rank calls
+    them, in the same order.
+    """
+
+    def __init__(
+        self,
+        cfg: MM1Config,
+        *,
+        device: torch.device,
+        world_size: int,
+        num_microbatches: int,
+        peak_flops: Optional[float],
+    ):
+        self.cfg = cfg
+        self.device = device
+        self.world_size = world_size
+        self.num_microbatches = num_microbatches
+        self.peak_flops = peak_flops
+        self._start = time.perf_counter()
+
+    def losses(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Token-weighted mean loss per source over micro-batches and DP ranks."""
+        if not parallel_state.is_pipeline_last_stage():
+            return {}
+        names = ["loss"] + [f"loss/{name}" for name in SOURCE_IDS]
+        totals = torch.zeros(len(names), 2, device=self.device)
+        for report in reports:
+            totals += torch.stack([report[name] for name in names])
+        all_reduce_(totals, group=parallel_state.get_data_parallel_group())
+        return {
+            name: (float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan"))
+            for i, name in enumerate(names)
+        }
+
+    def moe_losses(self) -> Dict[str, float]:
+        """Router losses averaged over MoE layers and micro-batches (collective over PP)."""
+        llm = self.cfg.model.llm
+        if llm.moe.num_experts == 0:
+            return {}
+        names = [
+            name
+            for name, coeff in (
+                ("load_balancing_loss", llm.moe.aux_loss_coeff),
+                ("z_loss", llm.moe.z_loss_coeff),
+            )
+            if coeff > 0
+        ]
+        values = collect_moe_aux_losses(names, num_layers=llm.num_layers, device=self.device)
+        num_moe_layers = max(1, sum(moe_layer_flags(llm)))
+        return {
+            f"moe/{name}": float(layer_values.sum()) / num_moe_layers / self.num_microbatches
+            for name, layer_values in values.items()
+        }
+
+    def batch_figures(
+        self, data, host_batches: Sequence[Dict[str, torch.Tensor]]
+    ) -> Dict[str, float]:
+        """``data/*`` of the loader ``data`` and the step's image, text token and attention
+        pair counts, over the data-parallel group."""
+        group = parallel_state.get_data_parallel_group()
+        figures = data_metrics(data, host_batches, group=group)
+        # One all-reduce for the counts.
+        counts = all_reduce_values(
+            [
+                sum(int(b["images"].shape[0]) for b in host_batches),
+                sum(int(b["loss_mask"].sum()) for b in host_batches),
+                sum(causal_attention_pairs(b["document_ids"]) for b in host_batches),
+            ],
+            group=group,
+        )
+        figures["num_images"], figures["num_text_tokens"], figures["attention_pairs"] = counts
+        return figures
+
+    def start_step(self) -> None:
+        """Start the clock that ``throughput`` reads."""
+        self._start = time.perf_counter()
+
+    def throughput(self, metrics: Dict[str, float]) -> Dict[str, float]:
+        """Speed figures of the step since ``start_step``, from its ``metrics`` counts."""
+        seconds = time.perf_counter() - self._start
+        t = self.cfg.training
+        flops = training_flops_per_step(
+            self.cfg.model,
+            num_sequences=t.global_batch_size,
+            seq_length=t.seq_length,
+            num_images=int(metrics["num_images"]),
+            attention_pairs=int(metrics["attention_pairs"]),
+            image_size=tile_size(self.cfg.data.tiling),
+        )
+        figures = {
+            "step_time_s": seconds,
+            "tokens_per_s": t.global_batch_size * t.seq_length / seconds,
+            "images_per_s": metrics["num_images"] / seconds,
+            "tflops_per_s_per_device": flops / seconds / self.world_size / 1e12,
+            "mfu": model_flops_utilization(flops, seconds, self.world_size, self.peak_flops or 0.0),
+        }
+        if self.device.type == "cuda":  # this rank's high-water mark since start-up
+            figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        return figures
 
 
 def _format_seconds(seconds: float) -> str:

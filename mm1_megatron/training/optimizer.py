@@ -10,11 +10,11 @@ from megatron.core.optimizer import get_megatron_optimizer, get_standard_config_
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
-from mm1_megatron.config.schema import OptimizerConfig
+from mm1_megatron.config.schema import ModelPart, OptimizerConfig
 
 
 def _lr_multiplier_overrides(
-    multipliers: Dict[str, float], peak_lr: float, min_lr: float
+    multipliers: Dict[ModelPart, float], peak_lr: float, min_lr: float
 ) -> Dict[ParamKey, ParamGroupOverride]:
     """Parameters under ``<module>.`` get ``multiplier x`` the peak and floor LR."""
     overrides = {}

@@ -9,7 +9,8 @@ recorded in the next checkpoint:
   ``eval.heldout_shards`` for webdataset runs. The same batches every time, so the curve
   moves only with the model.
 - ``eval/<task>/<shots>shot``: few-shot scores of ``eval.tasks`` on a fixed seeded subset
-  of ``eval.limit`` examples, through the same evaluator as ``mm1-eval``.
+  of ``eval.limit`` examples: the ``EvalPlan`` of the config's ``eval`` section, which
+  ``mm1 eval`` builds from the same config, through the same evaluator.
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from mm1_megatron.checkpoint import unwrap
 from mm1_megatron.config import MM1Config
 from mm1_megatron.data.build import build_run_data
 from mm1_megatron.data.tokenizers.base import Tokenizer
-from mm1_megatron.evaluation.evaluator import DecodeSettings, ShotEvaluator
+from mm1_megatron.evaluation.evaluator import ShotEvaluator
+from mm1_megatron.evaluation.plan import EvalPlan
 from mm1_megatron.evaluation.prompting import PromptBuilder
-from mm1_megatron.evaluation.protocol import Protocol
-from mm1_megatron.evaluation.tasks import load_task
 
 logger = logging.getLogger(__name__)
 
@@ -52,17 +52,9 @@ class PeriodicEvaluation:
         self.cfg, self.tokenizer, self.model_chunks = cfg, tokenizer, model_chunks
         self.forward_step, self.reduce_reports, self.device = forward_step, reduce_reports, device
         self.overlap_param_gather = overlap_param_gather
-        e = cfg.eval
         # Tasks load (and their files are checked) now, before the first step.
-        self.tasks = [
-            load_task(name, e.task_paths, limit=e.limit, seed=cfg.training.seed) for name in e.tasks
-        ]
-        for task in self.tasks:
-            if max(e.shots) > len(task.demo_examples):
-                raise ValueError(
-                    f"eval.shots={e.shots}: {task.name} has {len(task.demo_examples)} "
-                    f"demonstrations"
-                )
+        self.plan = EvalPlan.from_config(cfg)
+        self.tasks = self.plan.load_tasks()
         self.last: Dict[str, float] = {}
 
     def due(self, step: int) -> bool:
@@ -129,13 +121,12 @@ class PeriodicEvaluation:
             unwrap(self.model_chunks[0]),
             PromptBuilder(self.cfg, self.tokenizer),
             self.tokenizer,
-            Protocol(seed=self.cfg.training.seed),
+            self.plan.protocol,
         )
-        settings = DecodeSettings(batch_size=self.cfg.eval.batch_size)
         scores = {}
         for task in self.tasks:
-            for shots in self.cfg.eval.shots:
-                result = evaluator.run(task, shots, settings)
+            for shots in self.plan.shots:
+                result = evaluator.run(task, shots, self.plan.decoding)
                 scores[f"eval/{task.name}/{shots}shot"] = result.score
         return scores
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -22,32 +21,18 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mm1_megatron.batch import model_inputs
 from mm1_megatron.checkpoint import CheckpointManager, TrainingState
-from mm1_megatron.compat.moe import collect_moe_aux_losses
 from mm1_megatron.config import MM1Config, save_config, validate_config, validate_environment
 from mm1_megatron.config.layout import num_microbatches
-from mm1_megatron.data import SOURCE_IDS
 from mm1_megatron.data.build import build_run_data
-from mm1_megatron.data.pipeline.reporting import data_metrics
-from mm1_megatron.data.pipeline.tiling import tile_size
 from mm1_megatron.models import build_mm1_model
-from mm1_megatron.models.param_count import count_parameters, moe_layer_flags
+from mm1_megatron.models.param_count import count_parameters
 from mm1_megatron.parallel import init_distributed, seed_everything
-from mm1_megatron.parallel.collectives import (
-    all_gather_objects,
-    all_reduce_,
-    all_reduce_values,
-    barrier,
-)
+from mm1_megatron.parallel.collectives import all_gather_objects, all_reduce_values, barrier
 from mm1_megatron.parallel.wrapping import resolve_overlap, wrap_for_training
-from mm1_megatron.training.flops import (
-    causal_attention_pairs,
-    dense_bf16_peak_flops,
-    model_flops_utilization,
-    training_flops_per_step,
-)
+from mm1_megatron.training.flops import dense_bf16_peak_flops
 from mm1_megatron.training.health import LossMonitor
 from mm1_megatron.training.lr import resolve_peak_lr
-from mm1_megatron.training.metrics import MetricsLogger
+from mm1_megatron.training.metrics import MetricsLogger, StepAccounting
 from mm1_megatron.training.optimizer import build_optimizer, build_scheduler
 from mm1_megatron.training.periodic_eval import PeriodicEvaluation
 from mm1_megatron.training.preemption import (
@@ -95,6 +80,13 @@ class Trainer:
         self.model_chunks = [self._build_model(resuming=resume_path is not None)]
         self._load_pretrained_parts(resuming=resume_path is not None)
         self.peak_flops = self._peak_flops_per_device()
+        self.accounting = StepAccounting(
+            cfg,
+            device=self.ctx.device,
+            world_size=self.ctx.world_size,
+            num_microbatches=self.num_microbatches,
+            peak_flops=self.peak_flops,
+        )
         self.param_counts = count_parameters(cfg.model)
         self.peak_lr = resolve_peak_lr(cfg.optimizer, self.param_counts.llm_active_non_embedding)
         self.optimizer = build_optimizer(
@@ -237,7 +229,7 @@ class Trainer:
             self.tokenizer,
             self.model_chunks,
             self._forward_step,
-            self._reduce_reports,
+            self.accounting.losses,
             self.ctx.device,
             overlap_param_gather=self.overlap_param_gather,
         )
@@ -307,7 +299,7 @@ class Trainer:
             micro_batch_size=self.cfg.training.micro_batch_size,
             forward_only=False,
         )
-        metrics = self._reduce_reports(reports)
+        metrics = self.accounting.losses(reports)
         self.step += 1
         self.consumed_sequences += self.cfg.training.global_batch_size
         grad_norm = float("nan")
@@ -318,23 +310,10 @@ class Trainer:
         else:
             metrics["skipped_nonfinite"] = 1.0
             self.loss_monitor.record_nonfinite(self.step)
-        metrics.update(self._moe_losses())
+        metrics.update(self.accounting.moe_losses())
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics.update(
-            data_metrics(self.data, host_batches, group=parallel_state.get_data_parallel_group())
-        )
-        # One all-reduce for the counts, summed over the data-parallel group (TP/PP
-        # replicas hold the same batches and would count them twice).
-        counts = all_reduce_values(
-            [
-                sum(int(b["images"].shape[0]) for b in host_batches),
-                sum(int(b["loss_mask"].sum()) for b in host_batches),
-                sum(causal_attention_pairs(b["document_ids"]) for b in host_batches),
-            ],
-            group=parallel_state.get_data_parallel_group(),
-        )
-        metrics["num_images"], metrics["num_text_tokens"], metrics["attention_pairs"] = counts
+        metrics.update(self.accounting.batch_figures(self.data, host_batches))
         return metrics
 
     def _loss_is_finite(self, metrics: Dict[str, float]) -> bool:
@@ -345,63 +324,7 @@ class Trainer:
         (flag,) = all_reduce_values([bad], op="max")
         return flag == 0.0
 
-    def _reduce_reports(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-        """Token-weighted mean loss per source over micro-batches and DP ranks."""
-        if not parallel_state.is_pipeline_last_stage():
-            return {}
-        names = ["loss"] + [f"loss/{name}" for name in SOURCE_IDS]
-        totals = torch.zeros(len(names), 2, device=self.ctx.device)
-        for report in reports:
-            totals += torch.stack([report[name] for name in names])
-        all_reduce_(totals, group=parallel_state.get_data_parallel_group())
-        return {
-            name: (float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan"))
-            for i, name in enumerate(names)
-        }
-
-    def _moe_losses(self) -> Dict[str, float]:
-        """Router losses averaged over MoE layers and micro-batches (collective over PP)."""
-        llm = self.cfg.model.llm
-        if llm.moe.num_experts == 0:
-            return {}
-        names = [
-            name
-            for name, coeff in (
-                ("load_balancing_loss", llm.moe.aux_loss_coeff),
-                ("z_loss", llm.moe.z_loss_coeff),
-            )
-            if coeff > 0
-        ]
-        values = collect_moe_aux_losses(names, num_layers=llm.num_layers, device=self.ctx.device)
-        num_moe_layers = max(1, sum(moe_layer_flags(llm)))
-        return {
-            f"moe/{name}": float(layer_values.sum()) / num_moe_layers / self.num_microbatches
-            for name, layer_values in values.items()
-        }
-
     # ---- the loop -----------------------------------------------------------------------
-    def _throughput(self, metrics: Dict[str, float], seconds: float) -> Dict[str, float]:
-        t = self.cfg.training
-        flops = training_flops_per_step(
-            self.cfg.model,
-            num_sequences=t.global_batch_size,
-            seq_length=t.seq_length,
-            num_images=int(metrics["num_images"]),
-            attention_pairs=int(metrics["attention_pairs"]),
-            image_size=tile_size(self.cfg.data.tiling),
-        )
-        peak = self.peak_flops
-        figures = {
-            "step_time_s": seconds,
-            "tokens_per_s": t.global_batch_size * t.seq_length / seconds,
-            "images_per_s": metrics["num_images"] / seconds,
-            "tflops_per_s_per_device": flops / seconds / self.ctx.world_size / 1e12,
-            "mfu": model_flops_utilization(flops, seconds, self.ctx.world_size, peak or 0.0),
-        }
-        if self.ctx.device.type == "cuda":  # this rank's high-water mark since start-up
-            figures["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.ctx.device) / 2**30
-        return figures
-
     def _checkpoint_and_stop(self) -> None:
         """After a stop signal: save, leave the requeue marker, raise ``Preempted``; or,
         with nowhere to save, raise ``StoppedWithoutCheckpoint`` (never a requeue)."""
@@ -453,9 +376,9 @@ class Trainer:
                 append=self.step > 0,
             ) as metrics_logger:
                 while self.step < cfg.training.train_steps:
-                    start = time.perf_counter()
+                    self.accounting.start_step()
                     metrics = self.train_step()
-                    metrics.update(self._throughput(metrics, time.perf_counter() - start))
+                    metrics.update(self.accounting.throughput(metrics))
                     if self.periodic_eval is not None and self.periodic_eval.due(self.step):
                         metrics.update(self.periodic_eval.run(self.step))
                     if self.is_logging_rank and self.loss_monitor.is_spike(

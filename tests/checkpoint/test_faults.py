@@ -1,8 +1,12 @@
-"""Faults: damaged checkpoints, preemption signals, dead ranks."""
+"""Faults: damaged checkpoints, preemption signals, dead ranks.
+
+Signals and killed ranks need processes of their own; loading damaged checkpoints and the
+resumes after a fault run ``mm1 train`` in this process (``tests/in_process.py``)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +19,10 @@ import pytest
 from mm1_megatron.checkpoint import layout
 from mm1_megatron.training.preemption import EXIT_PREEMPTED
 from tests.conftest import REFERENCE_STEPS
-from tests.launch import clean_env, run_train
+from tests.in_process import CommandResult, train_in_process
+from tests.launch import clean_env
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = [
@@ -32,8 +39,8 @@ def _env() -> dict:
     return clean_env()
 
 
-def _run(*overrides: str, nproc: int = 1, timeout=600) -> subprocess.CompletedProcess:
-    return run_train("logging.tensorboard=false", *overrides, nproc=nproc, timeout=timeout)
+def _run(*overrides: str) -> CommandResult:
+    return train_in_process("logging.tensorboard=false", *overrides)
 
 
 def _losses(output_dir: Path) -> dict:
@@ -44,7 +51,7 @@ def _losses(output_dir: Path) -> dict:
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(reference, tmp_path):
     ckpt = tmp_path / "ckpt"
     # Copy the reference checkpoints so the module fixture stays intact.
-    subprocess.run(["cp", "-r", str(reference / "ckpt"), str(ckpt)], check=True)
+    shutil.copytree(reference / "ckpt", ckpt)
     newest = layout.read_latest(ckpt)
     assert newest.name == "step_00000006"
     victim = sorted((newest / "model_optim").glob("*.distcp"))[0]
@@ -54,9 +61,9 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(reference, tmp_p
         f"logging.output_dir={tmp_path / 'run'}",
         f"checkpoint.load_dir={ckpt}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipping damaged checkpoint step_00000006" in result.stderr
-    assert victim.name in result.stderr
+    assert result.returncode == 0, result.log[-3000:]
+    assert "skipping damaged checkpoint step_00000006" in result.log
+    assert victim.name in result.log
     resumed = _losses(tmp_path / "run")
     expected = _losses(reference / "run")
     assert sorted(resumed) == [5, 6]  # resumed from step 4
@@ -65,7 +72,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(reference, tmp_p
 
 def test_explicitly_loading_a_damaged_checkpoint_fails_clearly(reference, tmp_path):
     ckpt = tmp_path / "ckpt"
-    subprocess.run(["cp", "-r", str(reference / "ckpt"), str(ckpt)], check=True)
+    shutil.copytree(reference / "ckpt", ckpt)
     (ckpt / "step_00000004" / "trainer_state.json").write_text("{")
     result = _run(
         "training.train_steps=6",
@@ -73,7 +80,7 @@ def test_explicitly_loading_a_damaged_checkpoint_fails_clearly(reference, tmp_pa
         f"checkpoint.load_dir={ckpt / 'step_00000004'}",
     )
     assert result.returncode == 2
-    assert "step_00000004" in result.stderr and "cannot be loaded" in result.stderr
+    assert "step_00000004" in result.log and "cannot be loaded" in result.log
 
 
 def _sigterm_after_two_steps(tmp_path: Path, marker: Path, *overrides: str) -> tuple:
@@ -114,7 +121,7 @@ def test_sigterm_saves_exits_75_and_resume_continues_exactly(reference, tmp_path
     result = _run(
         steps, f"logging.output_dir={run}", f"checkpoint.save_dir={ckpt}"
     )  # auto-resume from save_dir
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.log[-3000:]
     # Every step, before and after the preemption, equals the uninterrupted run's.
     assert _losses(run) == _losses(reference / "run")
 
@@ -179,7 +186,7 @@ def test_killed_rank_ends_the_job_promptly_and_latest_stays_valid(tmp_path, mome
         "checkpoint.keep_last=2",
     )
     # A single process resumes the TP=2 checkpoint (resharding) for one more step.
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.log[-3000:]
     assert list(_losses(tmp_path / "r")) == [resume_steps]
 
 

@@ -19,9 +19,6 @@ import io
 import os
 import pickle
 import shutil
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Dict, Tuple
 
@@ -31,8 +28,11 @@ import torch
 from mm1_megatron.checkpoint.layout import write_manifest
 from mm1_megatron.compat.safe_pickle import CheckpointFileError, UnsafePickleError, load_metadata
 from tests.conftest import TINY_OVERRIDES
-from tests.launch import clean_env, run, run_train, train_command
+from tests.in_process import run_main, train_in_process
 from tests.unit.test_safe_pickle import marker_payload
+
+# Trains and runs the commands (in this process): the slow tier.
+pytestmark = pytest.mark.slow
 
 STEP = "step_00000001"
 TRAIN = (*TINY_OVERRIDES, "training.train_steps=1", "logging.tensorboard=false")
@@ -42,7 +42,7 @@ TRAIN = (*TINY_OVERRIDES, "training.train_steps=1", "logging.tensorboard=false")
 def genuine(tmp_path_factory) -> Path:
     """A save folder with one tiny checkpoint (``latest`` -> ``step_00000001``)."""
     root = tmp_path_factory.mktemp("hostile")
-    result = run_train(
+    result = train_in_process(
         *TRAIN,
         f"checkpoint.save_dir={root / 'ckpt'}",
         "checkpoint.save_interval=1",
@@ -50,7 +50,7 @@ def genuine(tmp_path_factory) -> Path:
         "checkpoint.optimizer_sharding=dp_reshardable",
         f"logging.output_dir={root / 'run'}",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.log[-3000:]
     return root / "ckpt"
 
 
@@ -122,21 +122,32 @@ def hostile_copy(genuine: Path, where: Path, plant: Callable[[Path, Path], str])
     return save_dir, marker, planted
 
 
-# ---- the commands ---------------------------------------------------------------------
+# ---- the commands (each one's main(argv), run in this process) ------------------------
 def _export(save_dir: Path, out: Path):
-    module = ["-m", "mm1_megatron.conversion.cli", "export"]
-    return [sys.executable, *module, "--checkpoint", str(save_dir), "--output", str(out)]
+    from mm1_megatron.conversion.cli import main
+
+    return main, ["export", "--checkpoint", str(save_dir), "--output", str(out)]
 
 
 def _eval(save_dir: Path, out: Path):
-    module = ["-m", "mm1_megatron.evaluation.cli", "--tasks", "synthetic_vqa", "--limit", "1"]
-    return [sys.executable, *module, "--checkpoint", str(save_dir), "--output-dir", str(out)]
+    from mm1_megatron.evaluation.cli import main
+
+    overrides = ["eval.tasks=[synthetic_vqa]", "eval.limit=1"]
+    return main, [*overrides, "--checkpoint", str(save_dir), "--output", str(out)]
 
 
 def _train(*overrides: str) -> Callable:
     def command(save_dir: Path, out: Path):
+        from mm1_megatron.train import main
+
         values = [o.format(save_dir=save_dir, step=save_dir / STEP) for o in overrides]
-        return train_command(*TRAIN, f"logging.output_dir={out}", *values)
+        return main, [
+            "--config",
+            "configs/debug.yaml",
+            *TRAIN,
+            f"logging.output_dir={out}",
+            *values,
+        ]
 
     return command
 
@@ -162,29 +173,25 @@ CASES: Dict[str, Tuple[Callable, Callable]] = {
 
 @pytest.fixture(scope="module")
 def outcomes(genuine, tmp_path_factory) -> Dict[str, Tuple]:
-    """Every case's (completed process, marker, planted file), three commands at a time."""
-    prepared = {}
+    """Every case's (command result, marker, planted file). The commands run in this
+    process: a payload that ran would write its marker here just as in a child."""
+    results = {}
     for name, (plant, command) in CASES.items():
         where = tmp_path_factory.mktemp(name)
         save_dir, marker, planted = hostile_copy(genuine, where, plant)
-        prepared[name] = (command(save_dir, where / "out"), marker, planted)
-
-    def launch(name: str) -> subprocess.CompletedProcess:
-        return run(prepared[name][0], env=clean_env(), timeout=600)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        results = dict(zip(prepared, pool.map(launch, prepared)))
-    return {name: (results[name], *prepared[name][1:]) for name in prepared}
+        main, argv = command(save_dir, where / "out")
+        results[name] = (run_main(main, argv), marker, planted)
+    return results
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_planted_payload_never_runs_and_the_command_exits_2(outcomes, case):
     result, marker, planted = outcomes[case]
     assert not marker.exists(), f"the payload ran: {marker.read_text()!r}"
-    assert result.returncode == 2, result.stderr[-3000:]
-    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert result.returncode == 2, result.log[-3000:]
+    errors = [line for line in result.log.splitlines() if " ERROR " in line]
     assert errors and planted in errors[-1] and "refused to unpickle" in errors[-1], errors
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.log, result.log[-3000:]
 
 
 # ---- the readers in process -------------------------------------------------------------

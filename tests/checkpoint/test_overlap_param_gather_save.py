@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mm1_megatron.config.schema import MODEL_PARTS
 from tests.conftest import IMAGE_TOKEN_ID, TINY_OVERRIDES
 from tests.parallel.test_layouts import OVERLAP, _run_worker
 
@@ -43,9 +44,8 @@ RUNS = {"overlapped": OVERLAP, "not_overlapped": NO_OVERLAP}
 def _model_tensors(step_folder: Path, cfg) -> dict:
     """Every model tensor the checkpoint stores, by our TP=1 names (as an export reads them)."""
     from mm1_megatron.conversion.checkpoint_stream import CheckpointTensors
-    from mm1_megatron.conversion.megatron_io import PARTS
 
-    source = CheckpointTensors(step_folder, cfg.model, PARTS, image_token_id=IMAGE_TOKEN_ID)
+    source = CheckpointTensors(step_folder, cfg.model, MODEL_PARTS, image_token_id=IMAGE_TOKEN_ID)
     names = source.names()
     assert names, f"{step_folder} has no model tensors"
     return source.fetch(names)

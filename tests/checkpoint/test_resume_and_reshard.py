@@ -51,7 +51,7 @@ def runs(tmp_path_factory):
         f"{name}_resumed": overrides + [f"checkpoint.load_dir={save[name] / f'step_{N:08d}'}"]
         for name, overrides in RESUME_LAYOUTS.items()
     }
-    _run_worker(2, resumed, out, steps=2 * N)
+    _run_worker(2, resumed, out, steps=2 * N, fresh_processes=True)  # new processes
     # Resharding the step-N checkpoints of the full runs: TP=2, PP=2 (vision stage) and
     # MoE EP=2, each into a single process.
     _run_worker(

@@ -112,14 +112,14 @@ def test_async_save_resumes_exactly(reference, tmp_path):
         "checkpoint.async_save=true",
         "checkpoint.keep_last=5",
     )
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "being written in the background" in first.stderr
+    assert first.returncode == 0, first.log[-3000:]
+    assert "being written in the background" in first.log
     resumed = _run(
         f"training.train_steps={REFERENCE_STEPS}",
         f"logging.output_dir={tmp_path / 'b'}",
         f"checkpoint.load_dir={ckpt / 'step_00000004'}",
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, resumed.log[-3000:]
     expected = _losses(reference / "run")
     assert _losses(tmp_path / "a") == expected  # background saves do not disturb training
     assert _losses(tmp_path / "b") == {5: expected[5], 6: expected[6]}

@@ -18,6 +18,9 @@ from mm1_megatron.launch import plan_launch
 from mm1_megatron.launch.kubernetes import render_jobset, render_trainjob
 from mm1_megatron.launch.slurm import render_slurm
 
+# Starts processes (scripts, launchers, tools): the slow tier.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = "expandable_segments:True"
 USERS = "expandable_segments:False,max_split_size_mb:512"

@@ -1,4 +1,4 @@
-"""``mm1-launch check`` and ``--dry-run``: the committed example under cluster/rendered/
+"""``mm1 launch check`` and ``--dry-run``: the committed example under cluster/rendered/
 is what the renderer makes today (like the config snapshots) and passes every check
 (YAML kinds, bash -n, shellcheck, pinned base image); every shell script under cluster/
 passes shellcheck; hand edits, broken YAML and bad layouts are reported with the right
@@ -15,11 +15,14 @@ import pytest
 from mm1_megatron.launch.checks import check_rendered, find_shellcheck
 from mm1_megatron.launch.cli import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, main
 
+# Starts processes (scripts, launchers, tools): the slow tier.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "cluster" / "rendered" / "mm1_30b_h100_8x8"
 REGENERATE = (
-    "mm1-launch render --config configs/mm1_30b.yaml --config "
-    "cluster/overlays/example_h100.yaml --target all --out cluster/rendered/mm1_30b_h100_8x8"
+    "mm1 launch render --config configs/mm1_30b.yaml --config "
+    "cluster/overlays/example_h100.yaml --target all --output cluster/rendered/mm1_30b_h100_8x8"
 )
 MODEL_AND_OVERLAY = [
     "--config",
@@ -90,7 +93,7 @@ def test_a_folder_without_its_manifest_is_reported(copy_of_example):
     (copy_of_example / "render.json").unlink()
     problems = check_rendered(copy_of_example, run_shellcheck=False)
     assert problems == [
-        f"{copy_of_example}: no render.json; render the folder with `mm1-launch render`"
+        f"{copy_of_example}: no render.json; render the folder with `mm1 launch render`"
     ]
 
 
@@ -101,6 +104,14 @@ def test_dry_run_exit_codes():
 
 def test_render_writes_only_the_targets_asked_for(tmp_path):
     out = tmp_path / "out"
-    code = main(["render", *MODEL_AND_OVERLAY, "--target", "jobset", "--out", str(out)])
+    code = main(["render", *MODEL_AND_OVERLAY, "--target", "jobset", "--output", str(out)])
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["jobset.yaml", "render.json"]
+
+
+def test_render_needs_an_output_or_dry_run(tmp_path, capsys):
+    for extra in ([], ["--dry-run", "--output", str(tmp_path / "out")]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["render", *MODEL_AND_OVERLAY, *extra])
+        assert exit_info.value.code == 2
+        assert "give --output FOLDER or --dry-run" in capsys.readouterr().err

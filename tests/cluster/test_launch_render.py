@@ -1,4 +1,4 @@
-"""``mm1-launch render``: every target for a few layouts, with the rendezvous, environment,
+"""``mm1 launch render``: every target for a few layouts, with the rendezvous, environment,
 shared-memory and RDMA wiring read back from the parsed YAML; layouts that do not fit are
 refused with a message naming the fields; the cluster overlay stacks on a model config
 for both the launcher and the trainer."""
@@ -221,6 +221,7 @@ def test_the_overlay_stacks_on_the_model_config_for_the_trainer_too():
     assert not hasattr(stacked, "cluster")
 
 
+@pytest.mark.slow
 def test_the_launcher_imports_neither_torch_nor_megatron():
     code = (
         "import sys, mm1_megatron.launch.cli; "

@@ -16,6 +16,9 @@ from mm1_megatron.launch import plan_launch
 from mm1_megatron.launch.checks import find_shellcheck
 from mm1_megatron.launch.slurm import render_slurm
 
+# Starts processes (scripts, launchers, tools): the slow tier.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 # Spaces, quotes, a dollar sign and a YAML mapping: each must reach the trainer unchanged.
 RENDERED_OVERRIDES = [

@@ -25,6 +25,9 @@ from mm1_megatron.checkpoint import layout
 from tests.conftest import REFERENCE_STEPS
 from tests.launch import REPO, clean_env
 
+# Starts processes (scripts, launchers, tools): the slow tier.
+pytestmark = pytest.mark.slow
+
 RELATIVE_TOLERANCE = 1e-5
 TRAIN = ["-m", "mm1_megatron.train", "--config", "configs/debug.yaml"]
 

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# Starts processes (scripts, launchers, tools): the slow tier.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "cluster" / "slurm_mm1.sbatch"
 

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from tests.conversion.hf_sources import IMAGE_SIZE, VOCAB, build_source
-from tests.launch import launcher, run
+from tests.rank_pool import session_pools
 
 REPO = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("conversion_worker.py")
 LANGUAGE_SOURCES = ("llama", "qwen2", "mistral", "mixtral")
 VISION_SOURCES = ("clip_vision", "clip", "siglip_vision")
 TOLERANCE = 1e-4
@@ -97,7 +96,7 @@ def inputs(conversion_dir):
 
 @pytest.fixture(scope="session")
 def worker_outputs(imported, inputs, conversion_dir) -> Path:
-    """Runs ``conversion_worker.py`` once under torchrun (2 processes)."""
+    """Runs ``conversion_worker.run_spec`` once on the session's pool of 2 ranks."""
     out = conversion_dir / "worker"
     out.mkdir()
     loads = [
@@ -113,8 +112,7 @@ def worker_outputs(imported, inputs, conversion_dir) -> Path:
     trains = [{"name": name, "overrides": overrides} for name, overrides in TRAINS.items()]
     spec = out / "spec.json"
     spec.write_text(json.dumps({"loads": loads, "trains": trains}))
-    result = run([*launcher(2), str(WORKER), str(spec), str(out)], timeout=900)
-    assert result.returncode == 0, result.stderr[-6000:]
+    session_pools()(2).run("tests.conversion.conversion_worker:run_spec", str(spec), str(out))
     return out
 
 

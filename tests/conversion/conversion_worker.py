@@ -208,16 +208,21 @@ def _run_train(spec: dict, out: Path) -> None:
     parallel_state.destroy_model_parallel()
 
 
-def main(spec_path: str, out_dir: str) -> None:
-    setup_logging()
-    from mm1_megatron.parallel import shutdown_distributed
-
+def run_spec(spec_path: str, out_dir: str) -> None:
+    """The spec's loads, then its trains; the world group stays up (a rank pool runs this)."""
     spec = json.loads(Path(spec_path).read_text())
     out = Path(out_dir)
     for load in spec.get("loads", []):
         _run_load(load, out)
     for train in spec.get("trains", []):
         _run_train(train, out)
+
+
+def main(spec_path: str, out_dir: str) -> None:
+    setup_logging()
+    from mm1_megatron.parallel import shutdown_distributed
+
+    run_spec(spec_path, out_dir)
     shutdown_distributed()
 
 

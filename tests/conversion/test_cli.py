@@ -1,4 +1,4 @@
-"""``mm1-convert``: clear errors (exit code 2) and no silent overwrites."""
+"""``mm1 convert``: clear errors (exit code 2) and no silent overwrites."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from mm1_megatron.conversion.cli import main, parse_size
+from mm1_megatron.conversion.cli import main, parse_args, parse_size
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +135,7 @@ def test_refuses_a_non_empty_output_unless_asked(
     code, err = _run(capsys, *args)
     assert code == 2 and "is not empty" in err and "--overwrite" in err
     assert (output / "keep.txt").read_text() == "mine"
-    code, err = _run(capsys, *args, "--overwrite")  # not written by mm1-convert: kept
+    code, err = _run(capsys, *args, "--overwrite")  # not written by mm1 convert: kept
     assert code == 2 and ".mm1_megatron_output.json" in err
     assert (output / "keep.txt").read_text() == "mine"
 
@@ -324,3 +324,14 @@ def test_llava_needs_the_mlp_connector(
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("100KB") == 100_000
     assert parse_size("123") == 123
+
+
+def test_config_files_stack_and_are_inputs(tmp_path):
+    """``--config`` repeats like every verb's; each file is an input the output may not be."""
+    from mm1_megatron.conversion.importer import ImportRequest, _inputs
+
+    args = parse_args(["import", "--config", "a.yaml", "--config", "b.yaml", "--output", "o"])
+    assert args.config == ["a.yaml", "b.yaml"]
+    request = ImportRequest(output=tmp_path, base_config=args.config)
+    assert _inputs(request)[-2:] == ["a.yaml", "b.yaml"]
+    assert parse_args(["import", "--output", "o"]).config == []

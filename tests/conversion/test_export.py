@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+from mm1_megatron.config.schema import MODEL_PARTS
 from tests.conversion.conftest import TOLERANCE, TRAINS, export_to
 
 logger = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ def test_llava_export_loads_without_our_package(
     checkpoint = conversion_dir / "llava_ckpt"
     model = megatron_io.build_tp1_model(cfg.model, image_token_id=3, seed=3)
     step = checkpoint / "step_00000000"
-    megatron_io.save_parts(model, step, megatron_io.PARTS)
+    megatron_io.save_parts(model, step, MODEL_PARTS)
     save_config(cfg, step / "config.yaml")
     megatron_io.write_published_checkpoint(checkpoint, step.name)
     tokens = torch.tensor([[1] + [3] * 16 + list(range(10, 20))])
@@ -210,7 +211,7 @@ def test_mixtral_style_mm1_export_matches(tiny_config, conversion_dir, megatron_
     randomize(model, seed=4)
     checkpoint = conversion_dir / "mixtral_mm1_ckpt"
     step = checkpoint / "step_00000000"
-    megatron_io.save_parts(model, step, megatron_io.PARTS)
+    megatron_io.save_parts(model, step, MODEL_PARTS)
     save_config(cfg, step / "config.yaml")
     megatron_io.write_published_checkpoint(checkpoint, step.name)
     folder = export_to(checkpoint, conversion_dir / "mixtral_mm1")

@@ -33,6 +33,7 @@ import numpy as np
 import pytest
 import torch
 
+from mm1_megatron.config.schema import MODEL_PARTS
 from tests.conftest import make_tiny_config
 from tests.conversion.conftest import TOLERANCE, export_to
 from tests.launch import clean_env
@@ -179,7 +180,7 @@ def sft_run(conversion_dir, megatron_single_process):
     exports = {}
     for name, cfg in configs.items():
         step = conversion_dir / "sft" / name / "step_00000000"
-        megatron_io.save_parts(model, step, megatron_io.PARTS)
+        megatron_io.save_parts(model, step, MODEL_PARTS)
         save_config(cfg, step / "config.yaml")
         megatron_io.write_published_checkpoint(step.parent, step.name)
         exports[name] = export_to(step.parent, conversion_dir / "sft_hf" / name)
@@ -473,7 +474,7 @@ def test_siglip_tower_reads_its_positions_resized_for_tiles(
     model = megatron_io.build_tp1_model(cfg.model, image_token_id=3, seed=12)
     randomize(model, seed=12)
     step = conversion_dir / "sft_siglip" / "step_00000000"
-    megatron_io.save_parts(model, step, megatron_io.PARTS)
+    megatron_io.save_parts(model, step, MODEL_PARTS)
     save_config(cfg, step / "config.yaml")
     megatron_io.write_published_checkpoint(step.parent, step.name)
     folder = export_to(step.parent, conversion_dir / "sft_siglip_hf")

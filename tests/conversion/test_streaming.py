@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from mm1_megatron.config import load_config, save_config
+from mm1_megatron.config.schema import MODEL_PARTS
 from mm1_megatron.models.param_count import count_parameters
 
 LAYERS = [
@@ -27,7 +28,7 @@ def checkpoint(tmp_path_factory, megatron_single_process):
     cfg = load_config("configs/debug.yaml", LAYERS)
     step = tmp_path_factory.mktemp("stream") / "ckpt" / "step_00000007"
     model = megatron_io.build_tp1_model(cfg.model, image_token_id=3)
-    megatron_io.save_parts(model, step, megatron_io.PARTS)
+    megatron_io.save_parts(model, step, MODEL_PARTS)
     save_config(cfg, step / "config.yaml")
     return step, cfg, megatron_io.state_of(model)
 
@@ -63,10 +64,9 @@ def test_export_reads_one_unit_at_a_time(checkpoint, tmp_path, monkeypatch):
 
 def test_streamed_tensors_equal_the_saved_model(checkpoint):
     from mm1_megatron.conversion.checkpoint_stream import CheckpointTensors
-    from mm1_megatron.conversion.megatron_io import PARTS
 
     step, cfg, state = checkpoint
-    source = CheckpointTensors(step, cfg.model, PARTS, image_token_id=3)
+    source = CheckpointTensors(step, cfg.model, MODEL_PARTS, image_token_id=3)
     names = source.names()
     assert set(names) == {n for n in state if not n.endswith("_extra_state")}
     layer = [n for n in names if ".decoder.layers.2." in n]  # a MoE layer, 4 experts

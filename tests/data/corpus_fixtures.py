@@ -1,4 +1,4 @@
-"""Small corpora on disk in the layouts the tools read, made from synthetic scenes.
+"""Small corpora on disk in the layouts `mm1 data` reads, made from synthetic scenes.
 
 Captions and documents use only the synthetic vocabulary, so ``SyntheticTokenizer``
 reads them and a caption is predictable from its image. Images vary in size and aspect

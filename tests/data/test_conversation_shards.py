@@ -4,7 +4,6 @@ reason) -> the training loader, where exactly the answers carry labels."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,15 +77,20 @@ def test_llava_conversations_become_shards_and_bad_entries_are_counted(tmp_path)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
+    from mm1_megatron.data import cli
+
     tmp_path = tmp_path_factory.mktemp("conversation_shards")
     path, images = _corpus(tmp_path)
     out = tmp_path / "shards"
-    result = __import__("subprocess").run(
-        [sys.executable, "tools/build_shards.py", "conversations", "--json", str(path),
-         "--images", str(images), "--out", str(out), "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    setup_logging, cli.setup_logging = cli.setup_logging, lambda: None  # keep pytest's logs
+    try:
+        code = cli.main(
+            ["shards", "conversations", str(path), "--images", str(images),
+             "--output", str(out), "--no-progress"]
+        )  # fmt: skip
+    finally:
+        cli.setup_logging = setup_logging
+    assert code == 0
     return out
 
 

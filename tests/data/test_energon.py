@@ -35,6 +35,9 @@ from tests.data.corpus_fixtures import (
 
 energon = pytest.importorskip("megatron.energon")
 
+# Energon's own `energon prepare` runs as a command: the slow tier.
+pytestmark = pytest.mark.slow
+
 
 def _samples(folder: Path, kind: str, allow_dataset_code: bool = False):
     """Every sample of the dataset through our corpus, in shard order."""

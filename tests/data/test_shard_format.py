@@ -195,20 +195,20 @@ def test_indexing_a_damaged_shard_warns_with_what_was_lost(
     assert warnings[-1] == "1 of 1 shards are damaged (warnings above)"
 
 
-def test_index_tool_warns_about_a_truncated_shard(tmp_path):
-    import subprocess
-    import sys
+def test_index_command_warns_about_a_truncated_shard(tmp_path, monkeypatch, caplog):
+    from mm1_megatron.data import cli
 
+    monkeypatch.setattr(cli, "setup_logging", lambda: None)  # keep pytest's log capture
     path, offset = _four_samples(tmp_path)
     with open(path, "r+b") as file:
         file.truncate(offset - 512 + 100)  # the probe: the last sample's header cut
-    result = subprocess.run(
-        [sys.executable, "tools/build_shards.py", "index", "--kind", "caption", "--out",
-         str(tmp_path / "manifest.json"), str(path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert f"shard {path} is damaged" in result.stderr and "3 samples readable" in result.stderr
+    manifest = tmp_path / "manifest.json"
+    with caplog.at_level("WARNING"):
+        code = cli.main(
+            ["shards", "index", "--kind", "caption", "--output", str(manifest), str(path)]
+        )
+    assert code == 0 and manifest.is_file()
+    assert f"shard {path} is damaged" in caplog.text and "3 samples readable" in caplog.text
 
 
 def test_the_reader_warns_once_per_damaged_shard(tmp_path, caplog):

@@ -1,6 +1,8 @@
 """``mm1-eval`` end to end: a training checkpoint, official-format fixture files with
-generated images, two data-parallel ranks, and the files it writes; and the input
-mistakes it must refuse before generating anything."""
+generated images, two data-parallel ranks, and the files it writes; ``--json`` and the
+deprecated ``--output-dir`` in this process; and the input mistakes it must refuse before
+generating anything. (The command line and config checks that need no weights:
+``tests/evaluation/test_eval_plan.py``.)"""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import pytest
 from tests.conftest import TINY_OVERRIDES
 from tests.evaluation.official_fixtures import EXPECTED_EVAL_IDS, write_official_fixtures
 from tests.launch import clean_env, launcher, run, run_train
+
+pytestmark = pytest.mark.slow  # the checkpoint comes from a training run
 
 OFFICIAL = ("coco_karpathy", "vqav2", "textvqa", "vizwiz")
 TASKS = (*OFFICIAL, "synthetic_vqa")  # the synthetic tasks also run in test_eval_during_training
@@ -56,7 +60,7 @@ def _eval(checkpoint: Path, output: Path, *args: str, nproc: int = 1):
         "mm1_megatron.evaluation.cli",
         "--checkpoint",
         str(checkpoint),
-        "--output-dir",
+        "--output",
         str(output),
         *args,
     ]
@@ -68,16 +72,18 @@ def test_official_and_synthetic_tasks_on_two_ranks(checkpoint, tmp_path):
     result = _eval(
         checkpoint,
         tmp_path / "eval",
-        "--tasks", ",".join(TASKS),
-        "--shots", ",".join(map(str, SHOTS)),
-        "--task-paths", str(paths),
-        "--limit", "6",
-        "--max-new-tokens", "4",
+        f"eval.tasks=[{', '.join(TASKS)}]",
+        f"eval.shots=[{', '.join(map(str, SHOTS))}]",
+        f"eval.task_paths={paths}",
+        "eval.limit=6",
+        "eval.max_new_tokens=4",
+        "logging.tensorboard=true",  # the training run wrote none
         nproc=2,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     document = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert document["step"] == 2 and document["protocol"]["version"]
+    assert document["limit"] == 6 and document["decoding"]["max_new_tokens"] == 4
     assert set(document["tasks"]) == set(TASKS)
     for task in TASKS:
         entry = document["tasks"][task]
@@ -102,8 +108,11 @@ def test_official_and_synthetic_tasks_on_two_ranks(checkpoint, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--tasks", "coco_karpaty"], "unknown task 'coco_karpaty'. Did you mean 'coco_karpathy'"),
-        (["--tasks", "synthetic_vqa", "--shots", "600"], "600 shots need"),
+        (
+            ["eval.tasks=[coco_karpaty]"],
+            "unknown task 'coco_karpaty' (did you mean 'coco_karpathy'",
+        ),
+        (["eval.tasks=[synthetic_vqa]", "eval.shots=[600]"], "600 shots need"),
     ],
 )
 def test_bad_requests_are_refused_before_loading_the_model(
@@ -112,7 +121,7 @@ def test_bad_requests_are_refused_before_loading_the_model(
     from mm1_megatron.evaluation.cli import main
 
     # In this process: the refusal comes before any distributed or model set-up.
-    code = main(["--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "eval"), *args])
+    code = main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "eval"), *args])
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "eval" / "results.json").exists()
@@ -126,19 +135,42 @@ def test_a_missing_image_stops_the_run_unless_skipping_is_asked_for(checkpoint, 
         image.unlink()
     from mm1_megatron.evaluation.cli import main
 
-    stop = ["--checkpoint", str(checkpoint), "--output-dir", str(tmp_path / "stop")]
-    assert main([*stop, "--tasks", "vqav2", "--task-paths", str(paths)]) == 2
+    stop = ["--checkpoint", str(checkpoint), "--output", str(tmp_path / "stop")]
+    assert main([*stop, "eval.tasks=[vqav2]", f"eval.task_paths={paths}"]) == 2
     stderr = capsys.readouterr().err
     assert "COCO_val2014_000000000073.jpg" in stderr and "73000" in stderr
     assert not (tmp_path / "stop" / "results.json").exists()
     skipped = _eval(
         checkpoint,
         tmp_path / "skip",
-        "--tasks", "vqav2", "--task-paths", str(paths), "--on-bad", "skip",
-        "--max-new-tokens", "2",
+        "eval.tasks=[vqav2]", f"eval.task_paths={paths}", "eval.on_bad=skip",
+        "eval.max_new_tokens=2",
     )  # fmt: skip
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     document = json.loads((tmp_path / "skip" / "results.json").read_text())
     assert document["tasks"]["vqav2"]["shots"]["0"]["num_examples"] == 2
     assert sum(document["skipped"]["vqav2"].values()) >= 1
     shutil.rmtree(tmp_path / "data")
+
+
+def test_json_prints_one_object_and_output_dir_still_works(checkpoint, tmp_path, capsys):
+    """In this process: ``--json`` puts the results document, and nothing else, on stdout;
+    the deprecated ``--output-dir`` names the output folder, with a warning."""
+    from mm1_megatron.evaluation.cli import main
+
+    output = tmp_path / "eval"
+    code = main(
+        [
+            "--checkpoint", str(checkpoint), "--output-dir", str(output), "--json",
+            "eval.tasks=[synthetic_vqa]", "eval.limit=2", "eval.max_new_tokens=1",
+        ]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "--output-dir is deprecated" in captured.err
+    assert captured.out.endswith("\n") and captured.out.count("\n") == 1, captured.out[:2000]
+    printed = json.loads(captured.out)
+    assert printed == json.loads((output / "results.json").read_text())
+    assert printed["tasks"]["synthetic_vqa"]["shots"]["0"]["num_examples"] == 2
+    assert (output / "predictions" / "synthetic_vqa_0shot.jsonl").is_file()
+    assert not (output / "tensorboard").exists()  # logging.tensorboard=false in the run

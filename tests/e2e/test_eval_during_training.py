@@ -10,7 +10,7 @@ import torch
 
 from mm1_megatron.batch import model_inputs, run_model
 from tests.conftest import TINY_OVERRIDES
-from tests.launch import run_train
+from tests.in_process import train_in_process
 
 STEPS = 4
 
@@ -28,8 +28,8 @@ def test_held_out_loss_and_few_shot_scores_are_logged_and_checkpointed(tmp_path)
         f"logging.output_dir={tmp_path / 'run'}",
         "logging.tensorboard=false",
     ]
-    result = run_train(*overrides)
-    assert result.returncode == 0, result.stderr[-4000:]
+    result = train_in_process(*overrides)
+    assert result.returncode == 0, result.log[-4000:]
     records = [
         json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     ]

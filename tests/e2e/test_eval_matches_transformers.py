@@ -27,6 +27,8 @@ from mm1_megatron.evaluation.protocol import STOP_TEXT
 from tests.conftest import TINY_OVERRIDES
 from tests.launch import REPO, clean_env, launcher, run, run_train
 
+pytestmark = pytest.mark.slow  # trains, exports and evaluates in processes of their own
+
 TASK = "synthetic_caption"
 LIMIT = 12
 SHOTS = (0, 2)
@@ -183,13 +185,13 @@ def _eval(trained: Trained, output: Path, layout: str):
         *launcher(2),
         "-m", "mm1_megatron.evaluation.cli",
         "--checkpoint", str(trained.checkpoint),
-        "--output-dir", str(output),
-        "--tasks", TASK,
-        "--limit", str(LIMIT),
-        "--shots", ",".join(map(str, SHOTS)),
-        "--num-beams", "1",
-        "--max-new-tokens", str(MAX_NEW_TOKENS),
-        "--no-tensorboard",
+        "--output", str(output),
+        f"eval.tasks=[{TASK}]",
+        f"eval.limit={LIMIT}",
+        f"eval.shots=[{', '.join(map(str, SHOTS))}]",
+        "eval.num_beams=1",
+        f"eval.max_new_tokens={MAX_NEW_TOKENS}",
+        "logging.tensorboard=false",
         *LAYOUTS[layout],
     ]  # fmt: skip
     return run(command, env=clean_env(), timeout=600)

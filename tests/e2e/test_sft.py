@@ -10,6 +10,7 @@ import math
 import yaml
 
 from tests.conftest import TINY_OVERRIDES
+from tests.in_process import train_in_process
 from tests.launch import run_train
 
 SFT = (
@@ -26,14 +27,14 @@ def _rows(output_dir):
 
 
 def test_sft_starts_from_pretrained_weights_and_trains_only_on_answers(tmp_path):
-    pretrain = run_train(
+    pretrain = train_in_process(
         *TINY_OVERRIDES,
         "training.train_steps=2",
         f"checkpoint.save_dir={tmp_path / 'pre'}",
         f"logging.output_dir={tmp_path / 'pre_run'}",
         "logging.tensorboard=false",
     )
-    assert pretrain.returncode == 0, pretrain.stderr[-4000:]
+    assert pretrain.returncode == 0, pretrain.log[-4000:]
 
     sft_dir, sft_ckpt = tmp_path / "sft_run", tmp_path / "sft"
     common = (
@@ -62,12 +63,12 @@ def test_sft_starts_from_pretrained_weights_and_trains_only_on_answers(tmp_path)
     assert saved["data"]["conversations"]["chat_template"]["version"] == "mm1-chat-1"
     assert saved["data"]["tiling"]["mode"] == "static"
 
-    resumed = run_train(
+    resumed = train_in_process(
         *common,
         "training.train_steps=4",
         "optimizer.schedule_on_resume=config",  # extends the 3-step run
         config="configs/debug_sft.yaml",
     )
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    assert "of the model from" not in resumed.stderr  # its own checkpoint, not initial_weights
+    assert resumed.returncode == 0, resumed.log[-4000:]
+    assert "of the model from" not in resumed.log  # its own checkpoint, not initial_weights
     assert [row["step"] for row in _rows(sft_dir)][-1] == 4

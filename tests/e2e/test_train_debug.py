@@ -1,4 +1,5 @@
-"""End-to-end: the README's main command trains the debug config on CPU."""
+"""End-to-end: the README's main command trains the debug config on CPU (in a child
+process, as a user runs it); the config checks run ``mm1 train`` in this process."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.in_process import train_in_process
 from tests.launch import run_train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,9 +104,11 @@ def test_progress_is_shown(debug_run):
 
 
 def test_bad_config_fails_fast_with_the_field_named(tmp_path):
-    result = _train(tmp_path, "parallel.sequence_parallel=true", "model.llm.num_layer=3")
+    result = train_in_process(
+        f"logging.output_dir={tmp_path}", "parallel.sequence_parallel=true", "model.llm.num_layer=3"
+    )
     assert result.returncode == 2
-    assert "model.llm.num_layer" in result.stderr and "num_layers" in result.stderr
+    assert "model.llm.num_layer" in result.log and "num_layers" in result.log
     assert not (tmp_path / "config.yaml").exists()
 
 
@@ -113,14 +117,14 @@ def test_stacked_configs_and_overrides_reach_the_run(tmp_path):
     overlay.write_text(
         "training:\n  train_steps: 2\n  global_batch_size: 4\nlogging:\n  log_interval: 1\n"
     )
-    result = run_train(
+    result = train_in_process(
         "--config",
         str(overlay),
         f"logging.output_dir={tmp_path / 'run'}",
         "training.micro_batch_size=2",
         "logging.tensorboard=false",
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.log[-3000:]
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["training"]["train_steps"] == 2 and saved["training"]["global_batch_size"] == 4
     assert saved["training"]["micro_batch_size"] == 2

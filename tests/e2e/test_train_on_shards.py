@@ -1,7 +1,7 @@
-"""End-to-end: corpora built with the command-line tools train the debug model.
+"""End-to-end: corpora built with ``mm1 data`` train the debug model.
 
-The fixtures write small COCO, LLaVA, interleaved-JSONL and text-JSONL corpora; the tools
-turn them into shards, a sentencepiece tokenizer and an indexed text dataset; training
+The fixtures write small COCO, LLaVA, interleaved-JSONL and text-JSONL corpora; ``mm1 data``
+turns them into shards, a sentencepiece tokenizer and an indexed text dataset; training
 runs on them (single process), and on a shard full of bad samples with two DP ranks.
 """
 
@@ -34,11 +34,15 @@ def _env():
 
 
 def _tool(*args) -> subprocess.Popen:
+    """``mm1 data ARGS`` in its own process: the four builds run side by side."""
     return subprocess.Popen(
         [
             sys.executable,
+            "-m",
+            "mm1_megatron.cli",
+            "data",
             *map(str, args),
-            *(["--no-progress"] if args[0] != "tools/train_tokenizer.py" else []),
+            *(["--no-progress"] if args[0] != "tokenizer" else []),
         ],
         cwd=REPO,
         env=_env(),
@@ -65,64 +69,59 @@ def built(tmp_path_factory):
     make_energon_captions(out / "energon", shards=2, per_shard=6)
     _wait(
         _tool(
-            "tools/build_shards.py",
+            "shards",
             "coco",
-            "--captions",
             captions,
             "--images",
             coco_images,
-            "--out",
+            "--output",
             out / "coco",
             "--samples-per-shard",
             10,
         ),
         _tool(
-            "tools/build_shards.py",
+            "shards",
             "llava",
-            "--json",
             llava,
             "--images",
             llava_images,
-            "--out",
+            "--output",
             out / "llava",
             "--samples-per-shard",
             4,
         ),
         _tool(
-            "tools/build_shards.py",
+            "shards",
             "interleaved",
-            "--jsonl",
             jsonl,
             "--images",
             doc_images,
             "--url-map",
             urls,
-            "--out",
+            "--output",
             out / "docs",
             "--samples-per-shard",
             3,
         ),
         _tool(
-            "tools/train_tokenizer.py",
-            "--input",
+            "tokenizer",
             text,
             jsonl,
             "--vocab-size",
             200,
-            "--out",
+            "--output",
             out / "tok" / "sp",
         ),
     )
     _wait(
         _tool(
-            "tools/build_text_index.py",
-            "--input",
+            "text-index",
             text,
             "--tokenizer",
             "sentencepiece",
             "--tokenizer-path",
             out / "tok" / "sp.model",
-            "--out",
+            "--output",
             out / "text" / "corpus",
         )
     )

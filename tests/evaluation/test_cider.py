@@ -41,6 +41,7 @@ def test_golden_tokenization(golden):
     assert [" ".join(t) for t in preds] == [golden["tokenized_predictions"][k] for k in refs]
 
 
+@pytest.mark.slow
 def test_matches_pycocoevalcap_live():
     if reference_unavailable():
         pytest.skip(reference_unavailable())

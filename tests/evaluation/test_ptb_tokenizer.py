@@ -198,6 +198,7 @@ def reference_tokenize(captions: list) -> list:
     return [out[i][0] for i in range(len(captions))]
 
 
+@pytest.mark.slow
 def test_matches_pycocoevalcap_on_a_caption_corpus():
     captions = caption_corpus(400) + [text for text, _ in CASES]
     reference = reference_tokenize(captions)

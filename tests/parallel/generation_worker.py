@@ -173,15 +173,20 @@ def run_layout(name: str, overrides, out: Path) -> None:
     parallel_state.destroy_model_parallel()
 
 
+def run_layouts(spec_path: str, out_dir: str) -> None:
+    """Every layout of the spec; the world group stays up (a rank pool runs this)."""
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(out_dir)
+    for name, overrides in spec["layouts"].items():
+        run_layout(name, overrides, out)
+
+
 def main(spec_path: str, out_dir: str) -> None:
     from mm1_megatron.parallel import shutdown_distributed
     from mm1_megatron.utils.logging_setup import setup_logging
 
     setup_logging()
-    spec = json.loads(Path(spec_path).read_text())
-    out = Path(out_dir)
-    for name, overrides in spec["layouts"].items():
-        run_layout(name, overrides, out)
+    run_layouts(spec_path, out_dir)
     shutdown_distributed()
 
 

@@ -22,12 +22,12 @@ sys.path.insert(0, str(REPO))
 from mm1_megatron.utils.logging_setup import setup_logging  # noqa: E402
 
 
-def main(spec_path: str, out_dir: str) -> None:
-    setup_logging()
+def run_layouts(spec_path: str, out_dir: str) -> None:
+    """Every layout of the spec, one after another; the world group stays up (a rank pool
+    runs this; ``main`` adds the shutdown for ``python layout_worker.py``)."""
     from megatron.core import parallel_state
 
     from mm1_megatron.config import load_config, validate_config
-    from mm1_megatron.parallel import shutdown_distributed
     from mm1_megatron.training.trainer import Trainer
 
     spec = json.loads(Path(spec_path).read_text())
@@ -54,6 +54,13 @@ def main(spec_path: str, out_dir: str) -> None:
             (out / f"{name}.json").write_text(json.dumps(record))
         del trainer
         parallel_state.destroy_model_parallel()
+
+
+def main(spec_path: str, out_dir: str) -> None:
+    from mm1_megatron.parallel import shutdown_distributed
+
+    setup_logging()
+    run_layouts(spec_path, out_dir)
     shutdown_distributed()
 
 

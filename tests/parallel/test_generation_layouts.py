@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import launcher, run
+from tests.in_process import call_in_process
 from tests.parallel.generation_worker import GROUP_SIZES, MAX_NEW_TOKENS, NUM_GROUPS
+from tests.rank_pool import session_pools
 
-WORKER = Path(__file__).with_name("generation_worker.py")
 MODES = ("greedy_free", "greedy_stopped", "beam3_free", "beam3_stopped")
 
 MOE = ["model.llm.moe.num_experts=4", "model.llm.moe.layer_frequency=2"]
@@ -49,10 +49,17 @@ LAYOUTS = {
 
 
 def _launch(world_size: int, layouts: dict, out_dir: Path) -> None:
+    """``generation_worker.run_layouts``: the references in this process, the layouts on
+    the session's rank pool (``tests/rank_pool.py``)."""
     spec = out_dir / f"spec_{world_size}.json"
     spec.write_text(json.dumps({"layouts": layouts}))
-    result = run([*launcher(world_size), str(WORKER), str(spec), str(out_dir)], timeout=300)
-    assert result.returncode == 0, result.stderr[-6000:]
+    if world_size == 1:
+        from tests.parallel import generation_worker
+
+        call_in_process(generation_worker.run_layouts, str(spec), str(out_dir))
+        return
+    target = "tests.parallel.generation_worker:run_layouts"
+    session_pools()(world_size).run(target, str(spec), str(out_dir), timeout=300)
 
 
 @pytest.fixture(scope="module")

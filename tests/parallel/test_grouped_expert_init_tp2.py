@@ -8,11 +8,12 @@ the tiny MoE model and redraw every local expert into fresh tensors: the gated
 ``linear_fc1`` is split as Megatron-Core's ``MLP`` splits it (interleaved [gate, up]
 chunks), ``linear_fc2`` by its input columns.
 
-This file is also the worker: the test runs it under torchrun.
+This file also holds the ranks' function: the test sends it to the session's rank pool.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -30,11 +31,12 @@ OVERRIDES = (
 
 
 def test_expert_draw_equals_seeded_sequential_experts_at_expert_tp2():
-    from tests.launch import launcher, run
+    """``check_expert_draw`` on every rank of the session's pool of two (an assertion on
+    any rank fails the test with that rank's traceback)."""
+    from tests.rank_pool import session_pools
 
-    result = run([*launcher(WORLD_SIZE), str(Path(__file__).resolve())], timeout=600)
-    assert result.returncode == 0, result.stderr[-6000:]
-    assert result.stdout.count("grouped expert draw ok") == WORLD_SIZE, result.stdout[-2000:]
+    target = "tests.parallel.test_grouped_expert_init_tp2:check_expert_draw"
+    session_pools()(WORLD_SIZE).run(target, timeout=600)
 
 
 def _compare_experts(model, keys) -> list:
@@ -68,14 +70,16 @@ def _compare_experts(model, keys) -> list:
     return mismatches
 
 
-def _worker() -> None:
+def check_expert_draw() -> None:
+    """On each rank of a world of ``WORLD_SIZE``: every expert's weights equal its seeded
+    draw. Leaves the world group up (a rank pool runs it)."""
     sys.path.insert(0, str(REPO))
     from unittest import mock
 
     from megatron.core import parallel_state
 
     from mm1_megatron.models import build_mm1_model, seeding
-    from mm1_megatron.parallel import init_distributed, seed_everything, shutdown_distributed
+    from mm1_megatron.parallel import init_distributed, seed_everything
     from mm1_megatron.parallel.collectives import all_gather_objects
     from tests.conftest import IMAGE_TOKEN_ID, make_tiny_config
 
@@ -103,10 +107,7 @@ def _worker() -> None:
         for r, found in enumerate(all_gather_objects(_compare_experts(model, keys)))
         for m in found
     ]
-    shutdown_distributed()
+    del model
+    parallel_state.destroy_model_parallel()
     assert not mismatches, "\n".join(mismatches)
-    print(f"expert-TP rank {rank}/{world}: grouped expert draw ok", flush=True)
-
-
-if __name__ == "__main__":
-    _worker()
+    logging.getLogger(__name__).info("expert-TP rank %d/%d: grouped expert draw ok", rank, world)

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.in_process import call_in_process
 from tests.launch import launcher, run
+from tests.rank_pool import session_pools
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("layout_worker.py")
@@ -80,11 +82,29 @@ LAYOUTS = {
 }
 
 
-def _run_worker(world_size: int, layouts: dict, out_dir: Path, *, steps: int = NUM_STEPS) -> None:
+def _run_worker(
+    world_size: int,
+    layouts: dict,
+    out_dir: Path,
+    *,
+    steps: int = NUM_STEPS,
+    fresh_processes: bool = False,
+) -> None:
+    """``layout_worker.run_layouts`` on ``world_size`` ranks: the session's rank pool
+    (``tests/rank_pool.py``), this process for a world of one (the references: the same
+    seeded runs), or a new torchrun where the point is a new process (a resume)."""
     spec = out_dir / f"spec_{world_size}_{'_'.join(sorted(layouts))[:80]}.json"
     spec.write_text(json.dumps({"steps": steps, "layouts": layouts}))
-    result = run([*launcher(world_size), str(WORKER), str(spec), str(out_dir)], timeout=900)
-    assert result.returncode == 0, result.stderr[-6000:]
+    if fresh_processes:
+        result = run([*launcher(world_size), str(WORKER), str(spec), str(out_dir)], timeout=900)
+        assert result.returncode == 0, result.stderr[-6000:]
+    elif world_size == 1:
+        from tests.parallel import layout_worker
+
+        call_in_process(layout_worker.run_layouts, str(spec), str(out_dir))
+    else:
+        target = "tests.parallel.layout_worker:run_layouts"
+        session_pools()(world_size).run(target, str(spec), str(out_dir))
 
 
 # Text-only batches (no image in any micro-batch) where they take another path: the

@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from mm1_megatron.scaling.run_files import keep_read_fields  # noqa: E402
+from mm1_megatron.scaling.report.run_files import keep_read_fields  # noqa: E402
 from tests.launch import run_train  # noqa: E402
 
 FIXTURE = Path(__file__).with_name("fixtures") / "report_runs"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 
-from mm1_megatron.scaling.activations import Kernels, LayerShape, transformer_layer_terms
+from mm1_megatron.scaling.estimate.activations import Kernels, LayerShape, transformer_layer_terms
 
 S, B, H, A = 2048, 4, 1024, 16
 GPT = Kernels.korthikanti_gpt()

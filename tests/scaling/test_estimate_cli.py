@@ -1,4 +1,4 @@
-"""``mm1-estimate`` on the shipped configs: the printed parameter counts are the YAML
+"""``mm1 estimate`` on the shipped configs: the printed parameter counts are the YAML
 headers' (``tests/unit/test_param_count.py`` reads them), the memory breakdown and the
 layout table are printed, ``--json`` parses, and the layout model behaves as stated."""
 
@@ -10,11 +10,11 @@ import re
 import pytest
 
 from mm1_megatron.config import load_config
-from mm1_megatron.scaling.estimate import estimate_config
-from mm1_megatron.scaling.estimate_cli import main
-from mm1_megatron.scaling.hardware import gpu_type
-from mm1_megatron.scaling.step_time import pipeline_seconds
-from mm1_megatron.scaling.workload import default_workload
+from mm1_megatron.scaling.estimate.cli import main
+from mm1_megatron.scaling.estimate.estimator import estimate_config
+from mm1_megatron.scaling.estimate.hardware import gpu_type
+from mm1_megatron.scaling.estimate.step_time import pipeline_seconds
+from mm1_megatron.scaling.estimate.workload import default_workload
 from tests.conftest import CONFIG_DIR
 from tests.unit.test_param_count import HEADER, SHIPPED, _header
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from mm1_megatron.scaling.compute import flops_per_sequence, stage_forward_flops
-from mm1_megatron.scaling.stages import Stage
-from mm1_megatron.scaling.workload import default_workload
+from mm1_megatron.scaling.estimate.compute import flops_per_sequence, stage_forward_flops
+from mm1_megatron.scaling.estimate.stages import Stage
+from mm1_megatron.scaling.estimate.workload import default_workload
 from mm1_megatron.training import flops
 
 

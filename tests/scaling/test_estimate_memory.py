@@ -14,9 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mm1_megatron.scaling.measure import LiveTensorBytes, measure_train_step
-from mm1_megatron.scaling.memory import estimate_memory
-from mm1_megatron.scaling.workload import default_workload
+from mm1_megatron.scaling.estimate.measure import LiveTensorBytes, measure_train_step
+from mm1_megatron.scaling.estimate.memory import estimate_memory
+from mm1_megatron.scaling.estimate.workload import default_workload
 
 STATIC_TOLERANCE = 0.001  # Megatron-Core pads its gradient buffer to whole buckets
 PEAK_TOLERANCE = 0.03  # measured: +0.7% (none), +2.0% (full); docs/scaling.md

@@ -11,14 +11,14 @@ import itertools
 import pytest
 
 from mm1_megatron.config import load_config, validate_config
-from mm1_megatron.scaling.layouts import (
+from mm1_megatron.scaling.estimate.layouts import (
     Layout,
     apply_layout,
     layout_error,
     pipeline_splits,
     valid_layouts,
 )
-from mm1_megatron.scaling.stages import pipeline_stages, rank_parameters
+from mm1_megatron.scaling.estimate.stages import pipeline_stages, rank_parameters
 from tests.conftest import CONFIG_DIR, DEBUG_CONFIG
 
 

@@ -1,5 +1,6 @@
-"""``mm1-report`` end to end on stored run folders: the real fixture sweep, synthetic runs
-that follow a power law exactly, and a sweep with broken runs."""
+"""``mm1 report`` end to end on stored run folders: the real fixture sweep, synthetic runs
+that follow a power law exactly, and a sweep with broken runs; ``--json`` prints the
+report.json it always writes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mm1_megatron.scaling.report_cli import PLOT_FILES, main
+from mm1_megatron.scaling.report.cli import PLOT_FILES, main
 from tests.scaling.report_fixtures import (
     RUN_NAMES,
     STORED,
@@ -40,7 +41,7 @@ def assert_valid_png(path):
 def sweep_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     sweep = make_sweep(tmp_path_factory.mktemp("sweep"))
-    assert main(["--sweep", str(sweep), "--out", str(out), "--json"]) == 0
+    assert main(["--sweep", str(sweep), "--output", str(out)]) == 0
     return out
 
 
@@ -91,10 +92,12 @@ def test_plots_are_valid_images(sweep_report):
     assert "![final_loss_vs_compute](final_loss_vs_compute.png)" in markdown
 
 
-def test_plain_run_folders_give_the_same_fit(sweep_report, tmp_path):
+def test_plain_run_folders_give_the_same_fit(sweep_report, tmp_path, capsys):
     runs = [str(STORED / name) for name in RUN_NAMES]
-    assert main([*runs, "--out", str(tmp_path), "--json", "--no-plots"]) == 0
+    assert main([*runs, "--output", str(tmp_path), "--json", "--no-plots"]) == 0
+    printed = capsys.readouterr().out  # --json: one JSON object on stdout, nothing else
     plain = json.loads((tmp_path / "report.json").read_text())
+    assert json.loads(printed) == plain
     swept = json.loads((sweep_report / "report.json").read_text())
     assert plain["fits"]["compute"]["b"] == swept["fits"]["compute"]["b"]
     assert [r["name"] for r in plain["runs"]] == RUN_NAMES
@@ -129,7 +132,7 @@ def test_synthetic_power_law_is_recovered(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / PLOT_FILES["eval_vs_compute"]).write_bytes(b"an earlier report's plot")
-    common = ["--sweep", str(sweep), "--out", str(out), "--json", "--bootstrap", "400"]
+    common = ["--sweep", str(sweep), "--output", str(out), "--bootstrap", "400"]
     assert main([*common, "--loss", "train", "--last-k", "1"]) == 0
     compute = json.loads((out / "report.json").read_text())["fits"]["compute"]
     assert compute["b"] == pytest.approx(0.15, rel=1e-9)
@@ -164,7 +167,7 @@ def test_broken_runs_are_reported_not_fatal(tmp_path):
     ]
     (sweep / "sweep.json").write_text(json.dumps({"runs": entries}))
     out = tmp_path / "out"
-    assert main(["--sweep", str(sweep), "--out", str(out), "--json"]) == 0
+    assert main(["--sweep", str(sweep), "--output", str(out)]) == 0
     rows = read_csv(out / "report.csv")
     expected = {"truncated": "incomplete", "no_metrics": "no_metrics", "never_started": "missing"}
     expected.update({"no_config": "unreadable"}, **{name: "complete" for name in RUN_NAMES})
@@ -186,9 +189,11 @@ def test_broken_runs_are_reported_not_fatal(tmp_path):
         assert_valid_png(out / name)
 
 
-def test_report_without_a_fit(tmp_path):
+def test_report_without_a_fit(tmp_path, capsys):
     out = tmp_path / "out"
-    assert main([str(STORED / "llm_h32_l2"), "--out", str(out), "--no-plots"]) == 0
+    assert main([str(STORED / "llm_h32_l2"), "--output", str(out), "--no-plots"]) == 0
+    assert capsys.readouterr().out == ""  # without --json nothing on stdout
+    assert json.loads((out / "report.json").read_text())["fits"]["compute"] is None
     markdown = (out / "report.md").read_text()
     assert "not fitted: needs 2 runs of different size, has 1" in markdown
     assert "## Plots" not in markdown
@@ -205,6 +210,22 @@ def test_report_without_a_fit(tmp_path):
     ],
 )
 def test_user_mistakes_exit_2(tmp_path, capsys, argv, message):
-    assert main([*argv, "--out", str(tmp_path / "out"), "--no-plots"]) == 2
+    assert main([*argv, "--output", str(tmp_path / "out"), "--no-plots"]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_old_out_spelling_warns_and_still_works(tmp_path, caplog):
+    out = tmp_path / "out"
+    assert main([str(STORED / "llm_h32_l2"), "--out", str(out), "--no-plots"]) == 0
+    assert (out / "report.csv").is_file()
+    assert "mm1 report: --out is deprecated and goes in the next release; use --output" in [
+        r.getMessage() for r in caplog.records
+    ]
+
+
+def test_the_output_folder_is_required(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(STORED / "llm_h32_l2")])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --output" in capsys.readouterr().err

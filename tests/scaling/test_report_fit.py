@@ -1,11 +1,11 @@
-"""The power-law fit (``mm1_megatron.scaling.fit``) against closed forms and numpy."""
+"""The power-law fit (``mm1_megatron.scaling.report.fit``) against closed forms and numpy."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mm1_megatron.scaling.fit import fit_power_law
+from mm1_megatron.scaling.report.fit import fit_power_law
 
 COMPUTE = np.geomspace(1e15, 1e19, 7)
 

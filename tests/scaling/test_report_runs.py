@@ -1,4 +1,4 @@
-"""Reading run folders (``mm1_megatron.scaling.runs``): the stored real runs against what
+"""Reading run folders (``mm1_megatron.scaling.report.runs``): the stored real runs against what
 the trainer itself logged, and damaged or partial folders reported with a status."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import statistics
 
 import pytest
 
-from mm1_megatron.scaling.runs import collect_runs, load_run
-from mm1_megatron.scaling.sweep_runs import collect_sweep
+from mm1_megatron.scaling.report.runs import collect_runs, load_run
+from mm1_megatron.scaling.report.sweep_runs import collect_sweep
 from tests.scaling.report_fixtures import (
     GLOBAL_BATCH,
     RUN_NAMES,

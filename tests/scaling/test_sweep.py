@@ -1,7 +1,7 @@
-"""mm1-sweep: a spec expands into one resolved config per run (steps from the token
+"""mm1 sweep: a spec expands into one resolved config per run (steps from the token
 budget, the MM1 learning-rate rule from its closed form), runs that cannot divide the
 cluster or fit its GPUs are pruned with the reason, and a local sweep runs end to end
-into a folder mm1-report reads."""
+into a folder mm1 report reads."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import yaml
 
 from mm1_megatron.config import load_config
 from mm1_megatron.models.param_count import count_parameters
-from mm1_megatron.scaling.sweep import load_spec, plan_runs
-from mm1_megatron.scaling.sweep_files import read_sweep, write_sweep
+from mm1_megatron.scaling.sweep.files import read_sweep, write_sweep
+from mm1_megatron.scaling.sweep.spec import load_spec, plan_runs
 from tests.conftest import TINY_OVERRIDES
 from tests.launch import REPO
 
@@ -108,9 +108,19 @@ def test_bad_specs_are_refused_with_the_field(tmp_path, change, message):
         load_spec(_spec(tmp_path, **change))
 
 
+def test_lists_repeat_the_flag_and_the_old_out_still_works(caplog):
+    from mm1_megatron.scaling.sweep.cli import parse_args
+
+    assert parse_args(["run", "s", "--only", "a", "--only", "b"]).only == ["a", "b"]
+    assert parse_args(["expand", "spec.yaml", "--out", "s"]).output == "s"
+    assert "mm1 sweep expand: --out is deprecated" in caplog.text
+
+
+@pytest.mark.slow
 def test_a_local_sweep_runs_and_reports(tmp_path, capsys, monkeypatch):
     """The commands in this process; the run itself is a real training process."""
-    from mm1_megatron.scaling import report_cli, sweep_cli
+    from mm1_megatron.scaling.report import cli as report_cli
+    from mm1_megatron.scaling.sweep import cli as sweep_cli
 
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -122,7 +132,7 @@ def test_a_local_sweep_runs_and_reports(tmp_path, capsys, monkeypatch):
         overrides=[*TINY_OVERRIDES, "logging.log_interval=1"],
     )
     out = tmp_path / "sweep"
-    assert sweep_cli.main(["expand", str(spec), "--out", str(out)]) == 0
+    assert sweep_cli.main(["expand", str(spec), "--output", str(out)]) == 0
     (entry,) = read_sweep(out)["runs"]
     folder = out / "runs" / entry["name"]
     assert load_config(folder / "config.yaml").training.train_steps == 2
@@ -135,7 +145,7 @@ def test_a_local_sweep_runs_and_reports(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert sweep_cli.main(["run", str(out)]) == 0  # nothing left to run
     assert "skipped 1" in capsys.readouterr().out
-    assert report_cli.main(["--sweep", str(out), "--out", str(out / "r")]) == 0
+    assert report_cli.main(["--sweep", str(out), "--output", str(out / "r")]) == 0
     assert entry["name"] in (out / "r" / "report.csv").read_text()
 
 

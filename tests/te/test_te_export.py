@@ -21,16 +21,15 @@ if TE_MODE is None:  # module fixtures start processes: skip before they are set
     pytest.skip(SKIP_REASON, allow_module_level=True)
 
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 from tests.conftest import TINY_OVERRIDES
-from tests.launch import launcher, run
+from tests.in_process import run_main
+from tests.rank_pool import session_pools
 from tests.te.conftest import TE_OVERRIDES
 
-WORKER = Path(__file__).resolve().parents[1] / "conversion" / "conversion_worker.py"
 TOLERANCE = 1e-4
 NAME = "te_tp2"
 TRAIN = [
@@ -50,17 +49,19 @@ def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("te_export")
     spec = out / "spec.json"
     spec.write_text(json.dumps({"trains": [{"name": NAME, "overrides": TRAIN}]}))
-    result = run([*launcher(2), str(WORKER), str(spec), str(out)], timeout=900)
-    assert result.returncode == 0, result.stderr[-6000:]
+    session_pools()(2).run("tests.conversion.conversion_worker:run_spec", str(spec), str(out))
     return out
 
 
 @pytest.fixture(scope="module")
 def exported(trained) -> Path:
+    from mm1_megatron.conversion.cli import main
+
     folder = trained / "hf"
-    command = [sys.executable, "-m", "mm1_megatron.conversion.cli", "export"]
-    result = run([*command, "--checkpoint", str(trained / NAME / "ckpt"), "--output", str(folder)])
-    assert result.returncode == 0, result.stderr[-6000:]
+    result = run_main(
+        main, ["export", "--checkpoint", str(trained / NAME / "ckpt"), "--output", str(folder)]
+    )
+    assert result.returncode == 0, result.log[-6000:]
     return folder
 
 

@@ -186,6 +186,7 @@ def test_n4_periodic_evaluation_during_a_te_run(megatron_single_process, tmp_pat
     assert scores, rows[-1].keys()
 
 
+@pytest.mark.slow  # the command's own process
 def test_mm1_eval_of_a_te_moe_checkpoint(megatron_single_process, tmp_path, te_overrides):
     """``mm1-eval`` on what a TE MoE run saved: TE layers where CUDA runs them, local
     layers here (the same keys), FP8 off; the command's own process, as users run it."""
@@ -195,9 +196,9 @@ def test_mm1_eval_of_a_te_moe_checkpoint(megatron_single_process, tmp_path, te_o
     command = [
         *launcher(1), "-m", "mm1_megatron.evaluation.cli",
         "--checkpoint", str(tmp_path / "ckpt"),
-        "--output-dir", str(tmp_path / "eval"),
-        "--tasks", "synthetic_vqa", "--limit", "4", "--shots", "0",
-        "--no-tensorboard",
+        "--output", str(tmp_path / "eval"),
+        "eval.tasks=[synthetic_vqa]", "eval.limit=4", "eval.shots=[0]",
+        "logging.tensorboard=false",
     ]  # fmt: skip
     result = run(command, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -288,6 +288,7 @@ def test_setup_py_admits_exactly_the_tested_range():
         assert untested not in versions.MCORE_SPECIFIER
 
 
+@pytest.mark.slow
 def test_gpu_processes_get_no_cpu_only_patches():
     """With CUDA reported available, install_patches leaves torch.cuda and the
     collectives alone (fresh interpreter: this process already has the CPU patches)."""

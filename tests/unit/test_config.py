@@ -15,6 +15,7 @@ from mm1_megatron.config import (
     save_config,
     validate_config,
 )
+from mm1_megatron.config.schema import MODEL_PARTS
 from mm1_megatron.parallel.distributed import check_world_size
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -239,6 +240,23 @@ def test_wrong_type_names_the_field(override, field):
     assert str(info.value).startswith(f"{field}:")
 
 
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ("optimizer.lr_multipliers.vision=2.0", "optimizer.lr_multipliers.vision: 'vision'"),
+        ("model.freeze=[vit]", "model.freeze[0]='vit'"),
+        ("model.freeze=[connector, vit]", "model.freeze[1]='vit'"),
+    ],
+)
+def test_unknown_model_part_names_the_field_and_the_parts(override, field):
+    # model.freeze and optimizer.lr_multipliers name parts of one Literal (ModelPart).
+    with pytest.raises(ValueError) as info:
+        _debug(override)
+    message = str(info.value)
+    assert message.startswith(field), message
+    assert str(list(MODEL_PARTS)) in message
+
+
 # ---- round trip ------------------------------------------------------------------------
 
 
@@ -334,11 +352,6 @@ INVALID = [
     ),
     ("fixed_lr_without_lr", ["optimizer.lr=null"], ["optimizer.lr_rule=fixed", "optimizer.lr"]),
     (
-        "unknown_lr_multiplier_module",
-        ["optimizer.lr_multipliers.vision=2.0"],
-        ["optimizer.lr_multipliers.vision"],
-    ),
-    (
         "non_positive_lr_multiplier",
         ["optimizer.lr_multipliers.connector=0"],
         ["optimizer.lr_multipliers.connector"],
@@ -407,7 +420,6 @@ INVALID = [
         ["checkpoint.save_interval=10"],
         ["checkpoint.save_interval", "checkpoint.save_dir"],
     ),
-    ("freeze_unknown_module", ["model.freeze=[vit]"], ["model.freeze"]),
     # FP8 (docs/configuration.md, "GPU precision"): token counts, precision, eval.tasks.
     (
         "fp8_tokens_not_multiple_of_16",
@@ -433,12 +445,12 @@ INVALID = [
     (
         "fp8_with_periodic_few_shot_eval",
         [*TE_FP8, "eval.interval=10", "eval.tasks=[synthetic_vqa]"],
-        ["eval.tasks", "model.fp8=hybrid", "mm1-eval", "without FP8"],
+        ["eval.tasks", "model.fp8=hybrid", "mm1 eval", "without FP8"],
     ),
     (
         "fp8_on_gpu_with_periodic_few_shot_eval",
         [*AUTO_FP8, "eval.interval=10", "eval.tasks=[synthetic_vqa]"],
-        ["eval.tasks", "model.fp8_on_gpu=hybrid", "mm1-eval"],
+        ["eval.tasks", "model.fp8_on_gpu=hybrid", "mm1 eval"],
     ),
     (
         "fp8_on_gpu_tokens_and_precision",
@@ -487,7 +499,7 @@ def test_all_errors_reported_in_one_message():
     message = _validation_error(
         "parallel.sequence_parallel=true",
         "model.vision.image_size=50",
-        "optimizer.lr_multipliers.vision=2.0",
+        "optimizer.lr_multipliers.connector=0",
         "data.mixture.images=1.0",
         "training.train_steps=0",
     )
@@ -496,7 +508,7 @@ def test_all_errors_reported_in_one_message():
     for field in (
         "parallel.sequence_parallel",
         "model.vision.image_size",
-        "optimizer.lr_multipliers.vision",
+        "optimizer.lr_multipliers.connector",
         "data.mixture.images",
         "training.train_steps",
     ):
@@ -695,6 +707,16 @@ def test_choices_of_configs_built_in_code_are_validated_too():
     message = _validation_error_of(cfg)
     assert "model.connector.type='qformer' is not one of" in message
     assert "training.precision='fp16' is not one of" in message
+
+
+def test_model_parts_of_configs_built_in_code_are_validated_too():
+    cfg = _debug()
+    cfg.model.freeze = ["connector", "vit"]
+    cfg.optimizer.lr_multipliers = {"vision": 2.0}
+    message = _validation_error_of(cfg)
+    parts = str(list(MODEL_PARTS))
+    assert f"model.freeze[1]='vit' is not one of {parts}" in message
+    assert f"optimizer.lr_multipliers.vision: 'vision' is not one of {parts}" in message
 
 
 def _validation_error_of(cfg) -> str:

@@ -108,7 +108,7 @@ def logged(monkeypatch, caplog):
     for module in (
         "mm1_megatron.train",
         "mm1_megatron.launch.cli",
-        "mm1_megatron.scaling.sweep_cli",
+        "mm1_megatron.scaling.sweep.cli",
     ):
         monkeypatch.setattr(f"{module}.setup_logging", lambda: None)
     caplog.set_level(logging.INFO)
@@ -121,7 +121,7 @@ def _run_cli(name: str, config: Path, overrides=()) -> int:
 
         return main(["--config", str(config), *overrides])
     if name == "mm1-estimate":
-        from mm1_megatron.scaling.estimate_cli import main
+        from mm1_megatron.scaling.estimate.cli import main
 
         return main(["--config", str(config), *overrides])
     from mm1_megatron.launch.cli import main
@@ -159,7 +159,7 @@ def test_a_yaml_syntax_error_exits_2_naming_the_file_and_line(tmp_path, logged):
 
 
 def test_a_sweep_spec_with_a_python_tag_exits_2(tmp_path, logged):
-    from mm1_megatron.scaling.sweep_cli import main
+    from mm1_megatron.scaling.sweep.cli import main
 
     marker = tmp_path / "pwned"
     spec = tmp_path / "sweep.yaml"

@@ -30,6 +30,7 @@ def _loss_and_grads(cfg, runtime, seeded, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("moe", [False, True])
 def test_fused_kernels_give_the_unfused_loss_and_gradients(seeded, moe):
     extra = ["model.llm.moe.num_experts=4"] if moe else []
@@ -117,6 +118,7 @@ def test_data_workers_default_to_two_with_cuda_and_none_on_cpu(setting, cuda, ex
     assert resolve_num_workers(setting, cuda=cuda) == expected
 
 
+@pytest.mark.slow
 def test_the_vit_quick_gelu_is_compiled_only_with_fused_kernels():
     # Megatron-Core's quick_gelu runs under torch.compile; on CPU (no fused kernels) the
     # eager function takes its place: the same values, no C++ compile in every process.

@@ -15,6 +15,9 @@ from types import SimpleNamespace
 
 import pytest
 
+# Starts processes (scripts, launchers, tools): the slow tier.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 
 

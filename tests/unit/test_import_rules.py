@@ -1,7 +1,7 @@
 """The library's import rules, checked on every import statement (also those inside
-functions): data and models stay independent of training; the batch contract sits
-below both; the transformers model (hf_model) depends on nothing else of ours; nothing
-imports the tests."""
+functions, and relative ones): data and models stay independent of training; the batch
+contract sits below both; the transformers model (hf_model) depends on nothing else of
+ours; the three scaling tools stay apart; nothing imports the tests."""
 
 from __future__ import annotations
 
@@ -39,27 +39,46 @@ FORBIDDEN = {
 }
 
 
+# `mm1 <verb>` names each verb's module as a string and imports it only to run it, so
+# `mm1 --help` loads none of them (tests/unit/test_cli_dispatch.py).
+FORBIDDEN["cli"] = (
+    "batch", "checkpoint", "compat", "config", "conversion", "data", "evaluation",
+    "hf_model", "inference", "launch", "models", "parallel", "scaling", "training",
+)  # fmt: skip
+
 # The scaling tools sit on top: no other package imports them.
 for _package in ("batch", "checkpoint", "compat", "config", "conversion", "data",
                  "evaluation", "inference", "models", "parallel", "training", "utils"):  # fmt: skip
     FORBIDDEN[_package] = tuple(FORBIDDEN.get(_package, ())) + ("scaling", "launch")
 
 
-def imported_modules(path: Path):
+def imported_modules(path: Path, root: Path = PACKAGE):
+    """``(line, dotted name)`` of every import in ``path`` (a file under ``root``). ``from
+    a import b`` gives ``a.b`` (``b`` may be a sub-package: ``from mm1_megatron.scaling
+    import sweep``); relative imports are resolved against the file's package."""
+    package = path.parent.relative_to(root.parent).parts
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 yield node.lineno, alias.name
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            yield node.lineno, node.module
+        elif isinstance(node, ast.ImportFrom):
+            base = [node.module] if node.module else []
+            if node.level:
+                base = [*package[: len(package) - node.level + 1], *base]
+            for alias in node.names:
+                yield node.lineno, ".".join(base + ([] if alias.name == "*" else [alias.name]))
 
 
 def violations(package: str, forbidden, root: Path = PACKAGE) -> list:
+    """Imports under ``package`` (``data``, or a sub-package: ``scaling.sweep``) of
+    ``mm1_megatron.<f>`` or anything inside it, for each ``f`` of ``forbidden`` (dotted
+    the same way)."""
     found = []
-    for path in sorted((root / package).rglob("*.py")):
-        for line, module in imported_modules(path):
-            parts = module.split(".")
-            if parts[0] == "mm1_megatron" and len(parts) > 1 and parts[1] in forbidden:
+    forbidden = [tuple(f.split(".")) for f in forbidden]
+    for path in sorted(root.joinpath(*package.split(".")).rglob("*.py")):
+        for line, module in imported_modules(path, root):
+            parts = tuple(module.split("."))
+            if parts[0] == "mm1_megatron" and any(parts[1 : 1 + len(f)] == f for f in forbidden):
                 found.append(f"{path.relative_to(root.parent)}:{line} imports {module}")
     return found
 
@@ -84,7 +103,7 @@ def test_the_checker_sees_a_violation(tmp_path):
     fake.mkdir(parents=True)
     (fake / "bad.py").write_text("def f():\n    from mm1_megatron.models.mm1_model import X\n")
     assert violations("data", FORBIDDEN["data"], root=tmp_path / "mm1_megatron") == [
-        "mm1_megatron/data/bad.py:2 imports mm1_megatron.models.mm1_model"
+        "mm1_megatron/data/bad.py:2 imports mm1_megatron.models.mm1_model.X"
     ]
 
 
@@ -92,23 +111,50 @@ def test_the_checker_sees_a_violation(tmp_path):
 # imported by"). The synthetic world uses the pipeline's packing; the pipeline never needs
 # the synthetic world, so the world could move out without touching the pipeline.
 DATA_LAYERS = {
-    "tokenizers": ("shards", "pipeline", "synthetic", "build"),
-    "shards": ("pipeline", "synthetic", "build"),
-    "pipeline": ("synthetic", "build"),
-    "synthetic": ("build",),
+    "data.tokenizers": ("data.shards", "data.pipeline", "data.synthetic", "data.build"),
+    "data.shards": ("data.pipeline", "data.synthetic", "data.build"),
+    "data.pipeline": ("data.synthetic", "data.build"),
+    "data.synthetic": ("data.build",),
 }
 
+# The scaling tools: mm1-sweep prunes runs with mm1-estimate's memory estimate; mm1-report
+# reads only what runs wrote (sweep.json too), so it needs neither of the others.
+SCALING_TOOLS = {
+    "scaling.estimate": ("scaling.sweep", "scaling.report"),
+    "scaling.sweep": ("scaling.report",),
+    "scaling.report": ("scaling.estimate", "scaling.sweep"),
+}
 
-@pytest.mark.parametrize("layer", sorted(DATA_LAYERS))
-def test_data_subpackages_import_downwards_only(layer):
-    found = []
-    for path in sorted((PACKAGE / "data" / layer).rglob("*.py")):
-        for line, module in imported_modules(path):
-            parts = module.split(".")
-            if (
-                parts[:2] == ["mm1_megatron", "data"]
-                and len(parts) > 2
-                and parts[2] in DATA_LAYERS[layer]
-            ):
-                found.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {module}")
-    assert found == []
+SUBPACKAGE_RULES = {**DATA_LAYERS, **SCALING_TOOLS}
+
+
+@pytest.mark.parametrize("package", sorted(SUBPACKAGE_RULES))
+def test_subpackage_imports_only_what_its_layer_allows(package):
+    assert (PACKAGE.joinpath(*package.split("."))).is_dir()
+    assert violations(package, SUBPACKAGE_RULES[package]) == []
+
+
+def test_the_checker_sees_a_subpackage_violation(tmp_path):
+    root = tmp_path / "mm1_megatron"
+    report = root / "scaling" / "report"
+    report.mkdir(parents=True)
+    (report / "ok.py").write_text(
+        "from mm1_megatron.scaling.report.runs import RunRecord\n"
+        "from mm1_megatron.scaling import report\n"
+        "from . import fit\n"
+        "import mm1_megatron.scaling.sweeping\n"  # only starts like a forbidden name
+    )
+    (report / "bad.py").write_text(
+        "from mm1_megatron.scaling.estimate.memory import estimate_memory\n"
+        "def f():\n"
+        "    from mm1_megatron.scaling import sweep\n"
+        "    from ..sweep.spec import load_spec\n"
+        "    import mm1_megatron.scaling.estimate\n"
+    )
+    assert violations("scaling.report", SCALING_TOOLS["scaling.report"], root=root) == [
+        "mm1_megatron/scaling/report/bad.py:1 imports "
+        "mm1_megatron.scaling.estimate.memory.estimate_memory",
+        "mm1_megatron/scaling/report/bad.py:3 imports mm1_megatron.scaling.sweep",
+        "mm1_megatron/scaling/report/bad.py:4 imports mm1_megatron.scaling.sweep.spec.load_spec",
+        "mm1_megatron/scaling/report/bad.py:5 imports mm1_megatron.scaling.estimate",
+    ]

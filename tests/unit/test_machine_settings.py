@@ -164,8 +164,8 @@ def test_fused_cross_entropy_stays_native_even_with_transformer_engine(
 
 
 def test_estimates_treat_auto_as_transformer_engine_on_gpu_and_say_so():
-    from mm1_megatron.scaling.activations import kernels_for
-    from mm1_megatron.scaling.estimate import ASSUMPTIONS
+    from mm1_megatron.scaling.estimate.activations import kernels_for
+    from mm1_megatron.scaling.estimate.estimator import ASSUMPTIONS
 
     def kernels(impl, device):
         model = _config("mm1_3b.yaml", f"model.transformer_impl={impl}").model

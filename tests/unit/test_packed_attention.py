@@ -126,6 +126,7 @@ class _LargestTensor(TorchDispatchMode):
 @pytest.mark.parametrize(
     "attention, bound", [("per_document", "below"), ("dense_mask_reference", "reaches")]
 )
+@pytest.mark.slow
 def test_a_packed_4096_token_step_has_no_s_by_s_tensor(build_tiny_model, attention, bound):
     seq = 4096
     cfg = make_tiny_config(

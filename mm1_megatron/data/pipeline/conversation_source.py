@@ -2,7 +2,7 @@
 
 A conversation sample is a ``json`` member holding a LLaVA-style record, whose ``image``
 names the sample's image members in marker order, plus those images
-(``tools/build_shards.py conversations`` writes them from LLaVA JSON and an image folder).
+(``mm1 data shards conversations`` writes them from LLaVA JSON and an image folder).
 
 Sequence ``k`` reads a window of samples like the caption source (``data.caption_window``
 of them, or one with ``data.conversations.packing=one_per_sequence``) and packs those that

@@ -246,7 +246,7 @@ def load_manifest(path: Union[str, Path], kind: Optional[str] = None) -> Manifes
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise ValueError(
-            f"cannot read shard manifest {file}: {exc}; build one with tools/build_shards.py"
+            f"cannot read shard manifest {file}: {exc}; build one with `mm1 data shards`"
         ) from exc
     if data.get("format") != MANIFEST_FORMAT or data.get("version") != MANIFEST_VERSION:
         raise ValueError(f"{file} is not a {MANIFEST_FORMAT} v{MANIFEST_VERSION} manifest")

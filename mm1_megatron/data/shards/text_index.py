@@ -116,7 +116,7 @@ def check_text_meta(prefix: str, tokenizer: Tokenizer) -> None:
     meta_path = Path(f"{prefix}.meta.json")
     if not meta_path.exists():
         logger.warning(
-            "%s has no .meta.json (not built by tools/build_text_index.py): "
+            "%s has no .meta.json (not built by `mm1 data text-index`): "
             "cannot check that it was tokenized with this tokenizer",
             prefix,
         )
@@ -128,7 +128,7 @@ def check_text_meta(prefix: str, tokenizer: Tokenizer) -> None:
             raise ValueError(
                 f"text corpus {prefix} was tokenized with another tokenizer "
                 f"({key} {saved[key]} vs {current[key]}); rebuild it with "
-                f"tools/build_text_index.py and this data.tokenizer.path"
+                f"`mm1 data text-index` and this data.tokenizer.path"
             )
 
 
@@ -144,7 +144,7 @@ class TextCorpus:
             if not ix.IndexedDataset.exists(prefix):
                 raise ValueError(
                     f"no indexed dataset at {prefix} (.bin and .idx); build one "
-                    f"with tools/build_text_index.py"
+                    f"with `mm1 data text-index`"
                 )
         self.seq_length, self.seed = seq_length, seed
         self._datasets = [ix.IndexedDataset(prefix) for prefix in self.prefixes]

@@ -1,0 +1,237 @@
+"""``mm1 estimate``: parameters, FLOPs and memory per GPU of a config, and its layouts
+ranked by estimated step time for a GPU count.
+
+    mm1 estimate --config configs/mm1_30b.yaml --gpus 64
+    mm1 estimate --config configs/mm1_7b.yaml --gpus 16 --gpu-type h200 --top 5 --json
+    mm1 estimate --config configs/mm1_3b.yaml --gpus 8 parallel.recompute=full
+
+Without ``--gpus`` the config's own layout is estimated on the fewest GPUs it runs on.
+Every figure is a model with stated assumptions (printed at the end; docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import List, Optional
+
+from mm1_megatron.cli.flags import add_config, add_json
+from mm1_megatron.scaling.estimate.estimator import (
+    ASSUMPTIONS,
+    DEFAULT_EFFICIENCY,
+    DEFAULT_MEMORY_MARGIN,
+    Estimate,
+    config_layout_error,
+    default_num_gpus,
+    estimate_config,
+    gib,
+    parameter_summary,
+    rank_layouts,
+)
+from mm1_megatron.scaling.estimate.hardware import GPU_TYPES, gpu_type
+from mm1_megatron.scaling.estimate.workload import default_workload
+
+logger = logging.getLogger("mm1_megatron.estimate")
+
+COMPONENTS = ("vision_encoder", "connector", "embedding", "decoder", "logits")
+COLUMNS = ("vision", "connector", "embedding", "decoder", "logits")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mm1 estimate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config(parser, "YAML config (required)")
+    parser.add_argument("--gpus", type=int, default=None, help="GPU count to plan for")
+    parser.add_argument("--gpu-type", default="h100", choices=sorted(GPU_TYPES))
+    parser.add_argument("--top", type=int, default=10, help="layouts to list")
+    add_json(parser, "the parameters, FLOPs, memory and ranked layouts")
+    parser.add_argument(
+        "--efficiency",
+        type=float,
+        default=DEFAULT_EFFICIENCY,
+        help=f"share of the dense BF16 peak the matmuls reach (default {DEFAULT_EFFICIENCY})",
+    )
+    parser.add_argument(
+        "--memory-margin",
+        type=float,
+        default=DEFAULT_MEMORY_MARGIN,
+        help=f"share of GPU memory kept free (default {DEFAULT_MEMORY_MARGIN})",
+    )
+    parser.add_argument(
+        "--images-per-sequence",
+        type=int,
+        default=None,
+        help="images (tiles) per sequence (default: the cap data.max_images_per_sequence)",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value")
+    return parser
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def _fmt_count(n: float) -> str:
+    return f"{int(n):,}"
+
+
+def _memory_table(estimate: Estimate) -> List[str]:
+    """One row per pipeline stage; activation columns cover all in-flight micro-batches,
+    ``at peak`` is what the peak moment adds (gradients) or has already freed."""
+    header = (
+        f"{'stage':>5} {'layers':>6} {'in-flight':>9} {'weights':>8} {'grads':>7} "
+        f"{'optim':>7} " + " ".join(f"{c:>9}" for c in COLUMNS) + f" {'at peak':>8} "
+        f"{'total':>7}"
+    )
+    lines = [header]
+    for s in estimate.memory.stages:
+        acts = " ".join(f"{gib(s.activations.get(c, 0.0)):9.2f}" for c in COMPONENTS)
+        lines.append(
+            f"{s.stage:>5} {s.num_decoder_layers:>6} {s.in_flight:>9} {gib(s.weights):8.2f} "
+            f"{gib(s.gradients):7.2f} {gib(s.optimizer_states):7.2f} {acts} "
+            f"{gib(sum(s.transients.values())):8.2f} {gib(s.total):7.2f}"
+        )
+    return lines
+
+
+def _layout_table(estimates: List[Estimate], top: int) -> List[str]:
+    lines = [
+        f"{'rank':>4} {'TP':>3} {'PP':>3} {'DP':>4} {'EP':>3} {'SP':>3} {'recompute':>9} "
+        f"{'split':>7} {'peak GiB':>8} {'step s':>7} {'bubble':>6} {'MFU':>5} {'tok/s/GPU':>9}"
+    ]
+    for rank, e in enumerate(estimates[:top], 1):
+        lay = e.layout
+        split = f"{lay.vision_stage_layers}/{lay.last_stage_layers}" if lay.pp > 1 else "-"
+        lines.append(
+            f"{rank:>4} {lay.tp:>3} {lay.pp:>3} {lay.dp:>4} {lay.ep:>3} "
+            f"{'on' if lay.sp else 'off':>3} {lay.recompute:>9} {split:>7} "
+            f"{gib(e.memory.peak):8.1f} {e.step.step:7.2f} {e.step.bubble_fraction:6.1%} "
+            f"{e.mfu:5.1%} {e.tokens_per_second_per_gpu:9.0f}"
+        )
+    return lines
+
+
+def _print_report(cfg_name, params, estimate, config_error, ranking, args) -> None:
+    gpu = estimate.gpu if estimate else gpu_type(args.gpu_type)
+    out = print  # the command's report (the library logs)
+    out(f"mm1 estimate: {cfg_name}")
+    out(
+        f"Parameters: total {_fmt_count(params['total'])} (vision encoder "
+        f"{_fmt_count(params['vision_encoder'])}, connector {_fmt_count(params['connector'])}, "
+        f"language model {_fmt_count(params['language_model'])}; LLM active non-embedding "
+        f"{_fmt_count(params['llm_active_non_embedding'])}); active per token "
+        f"{_fmt_count(params['active'])}"
+    )
+    if estimate is not None:
+        w, f = estimate.workload, estimate.flops
+        out(
+            f"Workload: {w.seq_length} tokens, {w.images_per_sequence} images per sequence at "
+            f"{w.image_size} px, one document per sequence; global batch "
+            f"{estimate.global_batch_size}"
+        )
+        out(
+            f"Training FLOPs per sequence {f.total:.3e} (ViT {f.vision_encoder:.3e}, connector "
+            f"{f.connector:.3e}, decoder layers {f.decoder_layers:.3e}, attention "
+            f"{f.decoder_attention:.3e}, output layer {f.output_layer:.3e}); per step "
+            f"{estimate.flops_per_step:.3e}"
+        )
+        lay = estimate.layout
+        out("")
+        out(
+            f"Memory per GPU (GiB) of the config's layout {lay.describe()} on {estimate.num_gpus} "
+            f"x {gpu.name}:"
+        )
+        for line in _memory_table(estimate):
+            out(line)
+        verdict = "fits" if estimate.fits else "DOES NOT FIT"
+        out(
+            f"peak {gib(estimate.memory.peak):.1f} GiB of {gib(estimate.usable_bytes):.1f} GiB "
+            f"usable ({gib(gpu.memory_bytes):.1f} GiB less {args.memory_margin:.0%}): {verdict}; "
+            f"step {estimate.step.step:.2f} s, MFU {estimate.mfu:.1%}"
+        )
+    if config_error:
+        out(f"The config's own layout does not run on {args.gpus} GPUs: {config_error}")
+    if ranking is not None:
+        out("")
+        out(
+            f"Layouts on {args.gpus} x {gpu.name} by estimated step time "
+            f"({ranking.num_layouts} valid, {len(ranking.fitting)} fit in memory; compute at "
+            f"{args.efficiency:.0%} of peak):"
+        )
+        for line in _layout_table(ranking.fitting, args.top):
+            out(line)
+        if not ranking.fitting and ranking.over_memory:
+            out("No layout fits; the smallest peaks (more GPUs, or a bigger GPU, needed):")
+            for line in _layout_table(ranking.over_memory, args.top):
+                out(line)
+    out("")
+    out("Assumptions:")
+    for item in ASSUMPTIONS:
+        out(f"- {item}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from mm1_megatron.config import load_config, validate_config
+
+    try:
+        if not args.config:
+            raise ValueError("--config is required (e.g. --config configs/mm1_30b.yaml)")
+        cfg = validate_config(load_config(args.config, args.overrides))
+        if args.gpus is not None and args.gpus < 1:
+            raise ValueError(f"--gpus={args.gpus} must be >= 1")
+        if args.top < 1 or not 0 <= args.memory_margin < 1:
+            raise ValueError("--top must be >= 1 and --memory-margin in [0, 1)")
+        gpu = gpu_type(args.gpu_type)
+        workload = default_workload(cfg, args.images_per_sequence)
+        num_gpus = args.gpus or default_num_gpus(cfg)
+        knobs = dict(efficiency=args.efficiency, memory_margin=args.memory_margin)
+        config_error = config_layout_error(cfg, num_gpus)
+        estimate = None
+        if config_error is None:
+            estimate = estimate_config(cfg, num_gpus=num_gpus, gpu=gpu, workload=workload, **knobs)
+        ranking = None
+        if args.gpus is not None:
+            ranking = rank_layouts(cfg, num_gpus=num_gpus, gpu=gpu, workload=workload, **knobs)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
+    params = parameter_summary(cfg)
+    if args.json:
+        flops = estimate.flops.to_dict() if estimate else None
+        report = {
+            "configs": args.config,
+            "overrides": args.overrides,
+            "gpu": gpu.to_dict(),
+            "num_gpus": num_gpus,
+            "efficiency": args.efficiency,
+            "memory_margin": args.memory_margin,
+            "workload": workload.to_dict(),
+            "parameters": params,
+            "flops_per_sequence": flops,
+            "flops_per_step": estimate.flops_per_step if estimate else None,
+            "config_layout": estimate.to_dict() if estimate else {"error": config_error},
+            "layouts": [e.to_dict() for e in ranking.fitting[: args.top]] if ranking else [],
+            "over_memory": [e.to_dict() for e in ranking.over_memory[: args.top]]
+            if ranking
+            else [],
+            "num_valid_layouts": ranking.num_layouts if ranking else None,
+            "assumptions": list(ASSUMPTIONS),
+        }
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    if args.gpus is None:
+        args.gpus = num_gpus
+    _print_report(" + ".join(args.config), params, estimate, config_error, ranking, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

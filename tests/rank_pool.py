@@ -1,0 +1,153 @@
+"""One torchrun world per world size, kept alive for the session, running test functions.
+
+Multi-process tests (parallel layouts, generation, conversion loads) used to start a new
+``torchrun`` per test file: three interpreters of ~4-6 s start-up each before any work.
+A pool starts ``torchrun --nproc-per-node N tests/rank_pool_worker.py DIR`` once, on first
+use, and every rank runs the functions it is sent, in order, until the session ends.
+
+The protocol is files in ``DIR`` (no port, no pickle): ``job_<k>.json`` names the
+function (``"module:function"``) and its string arguments; every rank calls it and writes
+``done_<k>_rank<r>.json`` (``{"ok": true}`` or the traceback). A job owns the distributed
+state it builds (model-parallel groups, models) and must leave the world group itself
+up (the workers' ``run_*`` functions; their ``main`` adds the shutdown for ``python
+worker.py``). A failed job, a dead rank or a job past its timeout stops the pool (its
+ranks may be stuck in a collective); the next job starts a fresh one.
+
+Not for runs whose point is a fresh process (a resume "in a new process", signals): those
+still launch their own command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+from tests.launch import REPO, clean_env, launcher
+
+WORKER = Path(__file__).with_name("rank_pool_worker.py")
+POLL_SECONDS = 0.02
+
+
+class RankPoolError(AssertionError):
+    """A job failed on a rank, a rank died, or a job ran past its timeout."""
+
+
+class RankPool:
+    def __init__(self, world_size: int, root: Path):
+        self.world_size = world_size
+        self.root = root
+        self.process: Optional[subprocess.Popen] = None
+        self.next_job = 0
+        self.generation = 0  # how many times the pool was (re)started
+
+    @property
+    def folder(self) -> Path:
+        return self.root / f"world{self.world_size}_start{self.generation}"
+
+    def _start(self) -> None:
+        self.generation += 1
+        self.folder.mkdir(parents=True)
+        self.next_job = 0
+        log = open(self.folder / "log.txt", "w")  # a file: a full pipe would block the ranks
+        command = [*launcher(self.world_size), str(WORKER), str(self.folder)]
+        self.process = subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=log, stderr=log)
+        log.close()
+
+    def run(self, target: str, *args: str, timeout: float = 900) -> None:
+        """``target(*args)`` on every rank; raises ``RankPoolError`` with the traceback."""
+        if self.process is None or self.process.poll() is not None:
+            self._start()
+        job, self.next_job = self.next_job, self.next_job + 1
+        staged = self.folder / f".job_{job}.json"
+        staged.write_text(json.dumps({"target": target, "args": [str(a) for a in args]}))
+        staged.rename(self.folder / f"job_{job}.json")  # ranks never see a partial file
+        self._wait(job, target, timeout)
+
+    def _wait(self, job: int, target: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        done = [self.folder / f"done_{job}_rank{r}.json" for r in range(self.world_size)]
+        while True:
+            reports = [json.loads(p.read_text()) for p in done if p.exists()]
+            failed = [r for r in reports if not r["ok"]]
+            if failed:
+                self._fail(f"{target} failed on rank {failed[0]['rank']}:\n{failed[0]['error']}")
+            if len(reports) == self.world_size:
+                return
+            if self.process.poll() is not None:
+                self._fail(f"the pool exited ({self.process.returncode}) during {target}")
+            if time.monotonic() > deadline:
+                self._fail(f"{target} ran past {timeout:.0f} s")
+            time.sleep(POLL_SECONDS)
+
+    def _fail(self, message: str) -> None:
+        self.stop(force=True)
+        log = (self.folder / "log.txt").read_text()[-6000:]
+        raise RankPoolError(f"{message}\n--- pool log ({self.folder}) ---\n{log}")
+
+    def stop(self, force: bool = False) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        if not force:
+            (self.folder / "stop").touch()
+            try:
+                self.process.wait(timeout=60)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        # torchrun starts every rank in a session of its own: SIGTERM lets the agent stop
+        # them; whatever is left (an agent past caring) is killed by pid.
+        import psutil
+
+        ranks = psutil.Process(self.process.pid).children(recursive=True)
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        for rank in ranks:
+            if rank.is_running():
+                rank.kill()
+
+
+class RankPools:
+    """The session's pools, one per world size, started on first use."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.pools: Dict[int, RankPool] = {}
+
+    def __call__(self, world_size: int) -> RankPool:
+        if world_size not in self.pools:
+            self.pools[world_size] = RankPool(world_size, self.root)
+        return self.pools[world_size]
+
+    def stop_all(self) -> None:
+        for pool in self.pools.values():
+            pool.stop()
+
+
+_SESSION: Dict[str, RankPools] = {}
+
+
+def session_pools() -> RankPools:
+    """The pools of this pytest session (``tests/conftest.py`` stops them at the end)."""
+    if "pools" not in _SESSION:
+        root = Path(os.environ.get("PYTEST_RANK_POOL_DIR") or _temporary_root())
+        _SESSION["pools"] = RankPools(root)
+    return _SESSION["pools"]
+
+
+def _temporary_root() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="mm1_rank_pools_")
+
+
+def stop_session_pools() -> None:
+    if "pools" in _SESSION:
+        _SESSION.pop("pools").stop_all()
