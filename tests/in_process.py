@@ -7,9 +7,13 @@ command) runs the command here instead of in a child: it saves the child's start
 What differs from a child, and how it is handled:
 - ``main`` configures logging with ``basicConfig(force=True)``, which would remove pytest's
   handlers: ``setup_logging`` is replaced for the call, and what the command logs is
-  captured (``CommandResult.log``, where a child's stderr would be searched).
-- ``mm1 train`` shuts the distributed world down when it ends: the single-process world
-  of the session (``tests/conftest.py``) is started again afterwards.
+  captured with stdout and stderr (``CommandResult.log``, where a child's stderr would be
+  searched); logger levels the command sets are put back.
+- ``mm1 train`` and ``mm1 eval`` shut the distributed world down when they end: here the
+  session's single-process world (``tests/conftest.py``) stays up instead. Starting it
+  again would cost more than time: megatron-core's model-parallel groups outlive a
+  shutdown after training (their gloo threads stay, ~19 per world, each polling), so a
+  session that restarted its world per command slowed down with every command.
 - The working directory is the repository root, as for ``tests.launch.run``.
 """
 
@@ -32,7 +36,26 @@ LOG_FORMAT = "[in-process] %(levelname)s %(name)s: %(message)s"
 @dataclass
 class CommandResult:
     returncode: int
-    log: str  # everything logged at INFO and above, plus stdout
+    log: str  # everything logged at INFO and above, plus stdout and stderr
+
+    @property
+    def stderr(self) -> str:
+        """The log, where a test of a child would read its stderr."""
+        return self.log
+
+
+# Loggers whose level a command sets (the trainer shows INFO on the logging rank).
+LEVELS_RESTORED = ("", "megatron", "mm1_megatron")
+
+
+@contextlib.contextmanager
+def _levels_restored() -> Iterator[None]:
+    levels = {name: logging.getLogger(name).level for name in LEVELS_RESTORED}
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager
@@ -40,14 +63,13 @@ def _captured_logging(stream: io.StringIO) -> Iterator[None]:
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
-    level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
-        yield
+        with _levels_restored():
+            yield
     finally:
         root.removeHandler(handler)
-        root.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -67,6 +89,24 @@ def restore_single_process_world() -> None:
     from mm1_megatron.parallel import init_distributed
 
     init_distributed(ParallelConfig())
+
+
+@contextlib.contextmanager
+def _world_kept() -> Iterator[None]:
+    """``shutdown_distributed`` (commands import it from ``mm1_megatron.parallel`` when
+    they end) leaves the session's world up."""
+    import mm1_megatron.parallel as parallel
+
+    original = parallel.shutdown_distributed
+    parallel.shutdown_distributed = _keep_the_world
+    try:
+        yield
+    finally:
+        parallel.shutdown_distributed = original
+
+
+def _keep_the_world() -> None:
+    """Stands in for ``shutdown_distributed`` during an in-process command."""
 
 
 def _leave_logging_alone(*args, **kwargs) -> None:
@@ -94,14 +134,19 @@ def run_main(main: Callable[[List[str]], int], argv: Sequence[str]) -> CommandRe
     stream = io.StringIO()
     try:
         with (
+            _world_kept(),
+            _levels_restored(),
             _logging_left_alone(main),
             _in_repository(),
             _captured_logging(stream),
             contextlib.redirect_stdout(stream),
+            contextlib.redirect_stderr(stream),
         ):
             try:
                 code = main(list(argv))
             except SystemExit as exc:  # argparse errors, sys.exit in a command
+                if exc.code is not None and not isinstance(exc.code, int):
+                    print(exc.code, file=stream)  # what the interpreter would print
                 code = exc.code if isinstance(exc.code, int) else 1
     finally:
         restore_single_process_world()
@@ -109,10 +154,10 @@ def run_main(main: Callable[[List[str]], int], argv: Sequence[str]) -> CommandRe
 
 
 def call_in_process(function: Callable, *args) -> None:
-    """A single-process worker's ``main(*args)`` (``tests/parallel/layout_worker.py`` ...)
-    here instead of ``python worker.py``: exceptions propagate, the world is restored."""
+    """A single-process worker's function (``layout_worker.run_layouts`` ...) here instead
+    of ``python worker.py``, on the session's world: exceptions propagate."""
     try:
-        with _logging_left_alone(function), _in_repository():
+        with _world_kept(), _levels_restored(), _logging_left_alone(function), _in_repository():
             function(*args)
     finally:
         restore_single_process_world()

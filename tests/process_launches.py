@@ -5,10 +5,12 @@ Starting a process is what makes a test slow here: every Python child pays ~4-6 
 imports (torch, megatron-core) before it does anything. So a test that starts one must be
 marked ``slow`` (``make check`` runs ``-m "not slow"``); an unmarked test that starts one
 fails with the command it ran. A launch is seen through Python's audit hooks
-(``subprocess.Popen``, ``os.posix_spawn``), so ``subprocess.run``,
+(``subprocess.Popen``, ``os.posix_spawn``, ``os.system``), so ``subprocess.run``,
 ``check_output`` and any library that shells out are counted alike; forks without an exec
-(DataLoader workers) start no interpreter and are not counted. Rank processes of
-``torchrun --nproc-per-node N`` and ``mpiexec -n N`` are counted from their command line.
+(DataLoader workers) start no interpreter and are not counted, and neither is
+``multiprocessing``'s spawn start method, which raises no audit event (nothing here uses
+it). Rank processes of ``torchrun --nproc-per-node N`` and ``mpiexec -n N`` are counted from
+their command line.
 
 The summary also goes to ``$MM1_LAUNCH_LOG`` (JSON) when that is set, for comparing suites.
 """
@@ -27,11 +29,12 @@ import pytest
 
 # subprocess may start its child through os.posix_spawn after auditing "subprocess.Popen":
 # the second event of the same command is not a second launch (``LaunchLedger.audit``).
-LAUNCH_EVENTS = ("subprocess.Popen", "os.posix_spawn")
+LAUNCH_EVENTS = ("subprocess.Popen", "os.posix_spawn", "os.system")
 RANK_FLAGS = ("--nproc-per-node", "--nproc_per_node", "-n", "-np")
 # Counted, but no reason to mark a test slow: megatron-core 0.19 runs `git rev-parse` once
-# when it is imported, in whichever test imports it first.
-NOT_ENFORCED = ("git",)
+# when it is imported, in whichever test imports it first; the hostile-payload tests prove
+# that their payload really runs code with `os.system("touch MARKER")` (milliseconds).
+NOT_ENFORCED = ("git", "touch")
 
 
 @dataclass
@@ -91,13 +94,17 @@ class LaunchLedger:
 
 
 def _command_of(event: str, args: tuple) -> Optional[List[str]]:
-    # subprocess.Popen: (executable, args, cwd, env); os.posix_spawn: (path, argv, env)
+    # subprocess.Popen: (executable, args, cwd, env); os.posix_spawn: (path, argv, env);
+    # os.system: (command,)
     argv = args[1] if len(args) > 1 else None
     if isinstance(argv, (list, tuple)):
         return [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in argv]
     if isinstance(argv, (str, bytes)):
         return [os.fsdecode(argv) if isinstance(argv, bytes) else argv]
-    return [str(args[0])] if args else None
+    if not args:
+        return None
+    first = os.fsdecode(args[0]) if isinstance(args[0], bytes) else str(args[0])
+    return first.split() if event == "os.system" else [first]
 
 
 LEDGER = LaunchLedger()

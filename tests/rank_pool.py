@@ -7,11 +7,13 @@ use, and every rank runs the functions it is sent, in order, until the session e
 
 The protocol is files in ``DIR`` (no port, no pickle): ``job_<k>.json`` names the
 function (``"module:function"``) and its string arguments; every rank calls it and writes
-``done_<k>_rank<r>.json`` (``{"ok": true}`` or the traceback). A job owns the distributed
-state it builds (model-parallel groups, models) and must leave the world group itself
-up (the workers' ``run_*`` functions; their ``main`` adds the shutdown for ``python
-worker.py``). A failed job, a dead rank or a job past its timeout stops the pool (its
-ranks may be stuck in a collective); the next job starts a fresh one.
+``done_<k>_rank<r>.json`` (``{"ok": true}`` or the traceback). Each job starts the
+distributed world it needs (``init_distributed``, as the workers' ``run_*`` functions do)
+and the worker shuts it down after the job, so no process group outlives its job. A failed
+job, a dead rank or a job past its timeout stops the pool (its ranks may be stuck in a
+collective); the next job starts a fresh one. So does a job after which a rank holds too
+many gloo threads (``rank_pool_worker.MAX_GLOO_THREADS``): megatron-core's model-parallel
+groups keep theirs after training, and each polls.
 
 Not for runs whose point is a fresh process (a resume "in a new process", signals): those
 still launch their own command.
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -50,22 +54,33 @@ class RankPool:
 
     def _start(self) -> None:
         self.generation += 1
-        self.folder.mkdir(parents=True)
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.next_job = 0
         log = open(self.folder / "log.txt", "w")  # a file: a full pipe would block the ranks
         command = [*launcher(self.world_size), str(WORKER), str(self.folder)]
-        self.process = subprocess.Popen(command, cwd=REPO, env=clean_env(), stdout=log, stderr=log)
+        # The ranks exit by themselves once this process is gone (killed pytest, no
+        # sessionfinish): they would otherwise poll for jobs forever.
+        env = clean_env(MM1_RANK_POOL_OWNER=str(os.getpid()))
+        self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=log)
         log.close()
 
-    def run(self, target: str, *args: str, timeout: float = 900) -> None:
-        """``target(*args)`` on every rank; raises ``RankPoolError`` with the traceback."""
+    def run(self, target: str, *args: str, timeout: float = 600) -> None:
+        """``target(*args)`` on every rank; raises ``RankPoolError`` with the traceback.
+        ``timeout`` stays under pytest's per-test 900 s, and anything that interrupts the
+        wait (pytest-timeout, Ctrl-C) stops the pool too: its ranks are still in the job."""
         if self.process is None or self.process.poll() is not None:
             self._start()
         job, self.next_job = self.next_job, self.next_job + 1
-        staged = self.folder / f".job_{job}.json"
-        staged.write_text(json.dumps({"target": target, "args": [str(a) for a in args]}))
-        staged.rename(self.folder / f"job_{job}.json")  # ranks never see a partial file
-        self._wait(job, target, timeout)
+        try:
+            staged = self.folder / f".job_{job}.json"
+            staged.write_text(json.dumps({"target": target, "args": [str(a) for a in args]}))
+            staged.rename(self.folder / f"job_{job}.json")  # ranks never see a partial file
+            self._wait(job, target, timeout)
+        except RankPoolError:
+            raise
+        except BaseException:
+            self.stop(force=True)
+            raise
 
     def _wait(self, job: int, target: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -76,6 +91,8 @@ class RankPool:
             if failed:
                 self._fail(f"{target} failed on rank {failed[0]['rank']}:\n{failed[0]['error']}")
             if len(reports) == self.world_size:
+                if any(r.get("retire") for r in reports):
+                    self.stop()  # the ranks exit after such a job; the next run restarts
                 return
             if self.process.poll() is not None:
                 self._fail(f"the pool exited ({self.process.returncode}) during {target}")
@@ -129,6 +146,7 @@ class RankPools:
     def stop_all(self) -> None:
         for pool in self.pools.values():
             pool.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 _SESSION: Dict[str, RankPools] = {}
@@ -137,15 +155,8 @@ _SESSION: Dict[str, RankPools] = {}
 def session_pools() -> RankPools:
     """The pools of this pytest session (``tests/conftest.py`` stops them at the end)."""
     if "pools" not in _SESSION:
-        root = Path(os.environ.get("PYTEST_RANK_POOL_DIR") or _temporary_root())
-        _SESSION["pools"] = RankPools(root)
+        _SESSION["pools"] = RankPools(Path(tempfile.mkdtemp(prefix="mm1_rank_pools_")))
     return _SESSION["pools"]
-
-
-def _temporary_root() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="mm1_rank_pools_")
 
 
 def stop_session_pools() -> None:

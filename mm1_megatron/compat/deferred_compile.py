@@ -61,13 +61,12 @@ def deferred_compile(function: Optional[Callable] = None, **options: Any) -> Cal
 def _torch_compile() -> Callable:
     import torch
 
-    # Only during the router's import is torch.compile this module's wrapper.
-    if torch.compile is deferred_compile:
-        return _original_torch_compile["function"]
-    return torch.compile
+    # While the router module runs, torch.compile is the recorder below: use torch's own.
+    return _original_torch_compile["function"] if _router_window["open"] else torch.compile
 
 
 _original_torch_compile: dict = {}
+_router_window = {"open": False}
 
 
 def _replace_jit_fuser(module: Any) -> None:
@@ -83,17 +82,24 @@ def _replace_jit_fuser(module: Any) -> None:
 def _run_router_with_deferred_compile(run_module: Callable, module: Any) -> None:
     import torch
 
-    register_patch(
-        "torch.compile (while megatron.core.transformer.moe.router is imported)",
-        reason=REASON,
-        written_for="megatron-core 0.19.2 (@torch.compile on a router method), torch 2.10-2.13",
-    )
+    decorated = []
+
+    def recording(function: Optional[Callable] = None, **options: Any) -> Callable:
+        decorated.append(function)
+        return deferred_compile(function, **options)
+
     _original_torch_compile["function"] = torch.compile
-    torch.compile = deferred_compile
+    torch.compile, _router_window["open"] = recording, True
     try:
         run_module(module)
     finally:
-        torch.compile = _original_torch_compile["function"]
+        torch.compile, _router_window["open"] = _original_torch_compile["function"], False
+    if decorated:  # 0.19 decorates a router method; 0.16 nothing (no patch to report)
+        register_patch(
+            "torch.compile (while megatron.core.transformer.moe.router is imported)",
+            reason=REASON,
+            written_for="megatron-core 0.19.2 (@torch.compile on a router method), torch 2.10-2.13",
+        )
 
 
 class _MegatronModuleFinder(importlib.abc.MetaPathFinder):

@@ -58,3 +58,16 @@ def collect_moe_aux_losses(
     values = {name: tracker[name]["values"].clone() for name in names}
     moe_utils.clear_aux_losses_tracker()
     return values
+
+
+def forget_moe_aux_losses() -> None:
+    """Drop every entry of the tracker. Megatron-Core sizes an entry by the decoder's layer
+    count when a router first records into it and keeps it for the life of the process, so
+    a second model with more layers in the same process (a notebook, several runs in one
+    interpreter) indexed past the first one's entry (``IndexError`` in the router)."""
+    if _HAS_METRICS_TRACKER:
+        moe_logging.get_moe_metrics_tracker().metrics.clear()
+        return
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()

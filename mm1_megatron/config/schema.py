@@ -388,8 +388,9 @@ class EvalConfig:
     limit: Optional[int] = 16  # a fixed, seeded subset of each task; null: every example
     task_paths: Optional[str] = None  # the dataset files YAML of the official tasks
     batch_size: int = 8  # prompts per generation batch (per data-parallel rank)
-    # The subset and demonstration draw: the same for every run, so scores compare.
-    seed: int = 0
+    # The subset and demonstration draw; null: training.seed (what evaluation during
+    # training has always used, so `mm1 eval` of a checkpoint sees the examples its run saw).
+    seed: Optional[int] = None
     demo_selection: DemoSelection = "random"  # or "similar": by image similarity (RICES)
     text_demos_at_zero: bool = False  # 0-shot prompts carry two text-only demonstrations
     num_beams: Optional[int] = None  # None: per task (3 for COCO/VQA, 1 synthetic)

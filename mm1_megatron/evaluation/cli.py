@@ -123,6 +123,11 @@ def configure(args: argparse.Namespace) -> Tuple[MM1Config, EvalPlan]:
     from mm1_megatron.evaluation.plan import EvalPlan
 
     cfg = checkpoint_config(args.checkpoint, args.overrides, configs=args.config)
+    if not _limit_given(args):
+        # The checkpoint's config.yaml holds the training run's eval.limit (16 by default,
+        # for evaluation during training); a score of the checkpoint uses every example
+        # unless this command's files or overrides say otherwise.
+        cfg.eval.limit = None
     plan = EvalPlan.from_config(cfg)
     if not plan.tasks:
         raise ValueError(
@@ -130,6 +135,20 @@ def configure(args: argparse.Namespace) -> Tuple[MM1Config, EvalPlan]:
             "'eval.tasks=[synthetic_caption, synthetic_vqa]' (docs/evaluation.md lists them)"
         )
     return cfg, plan
+
+
+def _limit_given(args: argparse.Namespace) -> bool:
+    """Whether an override or a ``--config`` file of this command sets ``eval.limit``."""
+    import yaml
+
+    if any(word.split("=", 1)[0] == "eval.limit" for word in args.overrides):
+        return True
+    for path in args.config:
+        document = yaml.safe_load(Path(path).read_text()) or {}
+        section = document.get("eval") if isinstance(document, dict) else None
+        if isinstance(section, dict) and "limit" in section:
+            return True
+    return False
 
 
 def run(args: argparse.Namespace) -> Optional[dict]:

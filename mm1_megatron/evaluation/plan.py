@@ -48,7 +48,7 @@ class EvalPlan:
             task_paths=e.task_paths,
             on_bad=e.on_bad,
             protocol=Protocol(
-                seed=e.seed,
+                seed=e.seed if e.seed is not None else cfg.training.seed,
                 demo_selection=e.demo_selection,
                 text_demos_at_zero=e.text_demos_at_zero,
             ),

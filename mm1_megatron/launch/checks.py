@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -96,6 +97,16 @@ def file_problems(path: Path, *, run_shellcheck: bool = True) -> List[str]:
     return []
 
 
+# The header lines naming the command that rendered a file: their spelling changed with the
+# command line (`mm1-launch render ... --out DIR` became `mm1 launch render ... --output DIR`),
+# which is no reason to render a folder again.
+_RENDER_COMMAND = re.compile(r"Rendered by mm1[ -]launch|mm1[ -]launch render ")
+
+
+def _without_render_command(text: str) -> List[str]:
+    return [line for line in text.splitlines() if not _RENDER_COMMAND.search(line)]
+
+
 def freshness_problems(out_dir: Path) -> List[str]:
     """Render again from ``render.json`` (layout checks included) and compare."""
     manifest = out_dir / MANIFEST
@@ -112,7 +123,7 @@ def freshness_problems(out_dir: Path) -> List[str]:
         path = out_dir / name
         if not path.is_file():
             problems.append(f"{name}: missing; render the folder again")
-        elif path.read_text() != text:
+        elif _without_render_command(path.read_text()) != _without_render_command(text):
             problems.append(
                 f"{name}: differs from a fresh render of {record['configs']}; render again "
                 "(`mm1 launch render ...`, the command is in the file's first lines)"

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from megatron.core import parallel_state
 
-from mm1_megatron.compat.moe import collect_moe_aux_losses
+from mm1_megatron.compat.moe import collect_moe_aux_losses, forget_moe_aux_losses
 from mm1_megatron.config import MM1Config
 from mm1_megatron.data import SOURCE_IDS
 from mm1_megatron.data.pipeline.reporting import data_metrics
@@ -67,6 +67,7 @@ class StepAccounting:
         self.num_microbatches = num_microbatches
         self.peak_flops = peak_flops
         self._start = time.perf_counter()
+        forget_moe_aux_losses()  # another model's entries, sized for its layers
 
     def losses(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
         """Token-weighted mean loss per source over micro-batches and DP ranks."""

@@ -80,6 +80,15 @@ def test_a_hand_edit_is_reported(copy_of_example):
     assert main(["check", str(copy_of_example), "--skip-shellcheck"]) == EXIT_CHECK_FAILED
 
 
+def test_a_folder_rendered_by_the_old_command_spelling_is_still_fresh(copy_of_example):
+    """Folders rendered before `mm1 launch` (as `mm1-launch render ... --out DIR`) pass."""
+    for path in copy_of_example.iterdir():
+        if path.name != "render.json":
+            old = path.read_text().replace("mm1 launch render", "mm1-launch render")
+            path.write_text(old.replace("Rendered by mm1 launch", "Rendered by mm1-launch"))
+    assert check_rendered(copy_of_example, run_shellcheck=False) == []
+
+
 def test_broken_files_are_reported(copy_of_example):
     (copy_of_example / "trainjob.yaml").write_text("kind: [unclosed\n")
     script = copy_of_example / "slurm.sbatch"

@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import TINY_OVERRIDES
 from tests.evaluation.official_fixtures import EXPECTED_EVAL_IDS, write_official_fixtures
-from tests.launch import clean_env, launcher, run, run_train
+from tests.in_process import run_main, train_in_process
+from tests.launch import clean_env, launcher, run
 
 pytestmark = pytest.mark.slow  # the checkpoint comes from a training run
 
@@ -39,7 +40,7 @@ def checkpoint(tmp_path_factory) -> Path:
         "VizWiz val train 0 1 2 3 4 5 6 7 8 9",
     ] * 20
     model = train_sentencepiece(corpus, root / "sp", vocab_size=200)
-    result = run_train(
+    result = train_in_process(
         *TINY_OVERRIDES,
         "training.train_steps=2",
         "data.tokenizer.kind=sentencepiece",
@@ -54,6 +55,11 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def _eval(checkpoint: Path, output: Path, *args: str, nproc: int = 1):
+    """``mm1 eval``: in this process for one rank, under torchrun for more."""
+    if nproc == 1:
+        from mm1_megatron.evaluation.cli import main
+
+        return run_main(main, ["--checkpoint", str(checkpoint), "--output", str(output), *args])
     command = [
         *launcher(nproc),
         "-m",
@@ -153,7 +159,7 @@ def test_a_missing_image_stops_the_run_unless_skipping_is_asked_for(checkpoint, 
     shutil.rmtree(tmp_path / "data")
 
 
-def test_json_prints_one_object_and_output_dir_still_works(checkpoint, tmp_path, capsys):
+def test_json_prints_one_object_and_output_dir_still_works(checkpoint, tmp_path, capsys, caplog):
     """In this process: ``--json`` puts the results document, and nothing else, on stdout;
     the deprecated ``--output-dir`` names the output folder, with a warning."""
     from mm1_megatron.evaluation.cli import main
@@ -167,7 +173,7 @@ def test_json_prints_one_object_and_output_dir_still_works(checkpoint, tmp_path,
     )  # fmt: skip
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
-    assert "--output-dir is deprecated" in captured.err
+    assert "--output-dir is deprecated" in caplog.text  # logged while parsing
     assert captured.out.endswith("\n") and captured.out.count("\n") == 1, captured.out[:2000]
     printed = json.loads(captured.out)
     assert printed == json.loads((output / "results.json").read_text())

@@ -25,9 +25,10 @@ import torch
 
 from mm1_megatron.evaluation.protocol import STOP_TEXT
 from tests.conftest import TINY_OVERRIDES
-from tests.launch import REPO, clean_env, launcher, run, run_train
+from tests.launch import REPO, clean_env, launcher, run
+from tests.parallel.test_layouts import _run_worker
 
-pytestmark = pytest.mark.slow  # trains, exports and evaluates in processes of their own
+pytestmark = pytest.mark.slow  # trains (rank pool), exports and evaluates in processes
 
 TASK = "synthetic_caption"
 LIMIT = 12
@@ -75,13 +76,9 @@ class Trained:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_vs_hf")
-    result = run_train(
-        *TRAIN_OVERRIDES,
-        f"checkpoint.save_dir={root / 'ckpt'}",
-        f"logging.output_dir={root / 'run'}",
-        nproc=2,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    # The TP=2 training run on the session's pool of two ranks (tests/rank_pool.py).
+    overrides = [*TRAIN_OVERRIDES, f"checkpoint.save_dir={root / 'ckpt'}"]
+    _run_worker(2, {"run": overrides}, root, steps=100)
     command = [*launcher(1), "-m", "mm1_megatron.conversion.cli", "export"]
     command += ["--checkpoint", str(root / "ckpt"), "--output", str(root / "hf")]
     with open(root / "export.log", "w") as log:
@@ -101,6 +98,7 @@ class Reference:
         import mm1_megatron.hf_model.register  # noqa: F401  registers model_type "mm1"
         from mm1_megatron.data.tokenizers.text import build_tokenizer
         from mm1_megatron.evaluation.model import checkpoint_config
+        from mm1_megatron.evaluation.plan import EvalPlan
         from mm1_megatron.evaluation.prompting import PromptBuilder
         from mm1_megatron.evaluation.protocol import Protocol
         from mm1_megatron.evaluation.tasks import load_task
@@ -108,8 +106,10 @@ class Reference:
         cfg = checkpoint_config(trained.checkpoint)
         self.tokenizer = build_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path)
         self.builder = PromptBuilder(cfg, self.tokenizer)
-        self.task = load_task(TASK, limit=LIMIT)
-        self.protocol = Protocol()
+        # The draw mm1 eval makes from this checkpoint's config (eval.seed, else training.seed).
+        seed = EvalPlan.from_config(cfg).seed
+        self.task = load_task(TASK, limit=LIMIT, seed=seed)
+        self.protocol = Protocol(seed=seed)
         export = trained.wait_for_export()
         self.model = AutoModelForImageTextToText.from_pretrained(export).eval()
         tok = self.tokenizer

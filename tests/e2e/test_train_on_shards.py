@@ -8,8 +8,6 @@ runs on them (single process), and on a shard full of bad samples with two DP ra
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,39 +21,24 @@ from tests.data.corpus_fixtures import (
     make_text_jsonl,
     write_bad_caption_corpus,
 )
-from tests.launch import clean_env, run_train
+from tests.in_process import CommandResult, run_main, train_in_process
+from tests.launch import run_train
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_STEPS = 3
 
 
-def _env():
-    return clean_env()
+def _tool(*args) -> CommandResult:
+    """``mm1 data ARGS``, its ``main`` in this process (``tests/in_process.py``)."""
+    from mm1_megatron.data.cli import main
+
+    progress = ["--no-progress"] if args[0] != "tokenizer" else []
+    return run_main(main, [*map(str, args), *progress])
 
 
-def _tool(*args) -> subprocess.Popen:
-    """``mm1 data ARGS`` in its own process: the four builds run side by side."""
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mm1_megatron.cli",
-            "data",
-            *map(str, args),
-            *(["--no-progress"] if args[0] != "tokenizer" else []),
-        ],
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _wait(*processes):
-    for process in processes:
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stderr[-3000:]
+def _wait(*results: CommandResult):
+    for result in results:
+        assert result.returncode == 0, result.log[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -139,14 +122,16 @@ def _data_overrides(out: Path):
     ]
 
 
-def _train(output_dir: Path, *overrides, nproc: int = 1) -> subprocess.CompletedProcess:
-    return run_train(
+def _train(output_dir: Path, *overrides, nproc: int = 1):
+    """``mm1 train``: in this process for one rank, under torchrun for more."""
+    common = (
         f"logging.output_dir={output_dir}",
         f"training.train_steps={NUM_STEPS}",
         "logging.log_interval=1",
-        *overrides,
-        nproc=nproc,
     )
+    if nproc == 1:
+        return train_in_process(*common, *overrides)
+    return run_train(*common, *overrides, nproc=nproc)
 
 
 def _metrics(output_dir: Path):
@@ -155,7 +140,7 @@ def _metrics(output_dir: Path):
 
 def test_debug_model_trains_on_tool_built_corpora(built, tmp_path):
     result = _train(tmp_path, *_data_overrides(built), "data.num_workers=1")
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, result.log[-4000:]
     steps = _metrics(tmp_path)
     assert len(steps) == NUM_STEPS and all(s["loss"] is not None for s in steps)
     assert sum(s["num_images"] for s in steps) > 0

@@ -1,4 +1,4 @@
-"""``mm1-eval``'s command line and config, and the one ``EvalPlan`` it shares with evaluation
+"""``mm1 eval``'s command line and config, and the one ``EvalPlan`` it shares with evaluation
 during training: config files merged in order, overrides validated with the training
 config's messages (exit 2), ``--output-dir`` as a deprecated alias, and equal plans from
 the same config. In this process, on a checkpoint folder holding only its ``config.yaml``:
@@ -81,9 +81,18 @@ def test_the_checkpoint_config_is_the_first_file(checkpoint, tmp_path):
     save_config(make_tiny_config("eval.tasks=[synthetic_caption]", "eval.limit=9"), ckpt_file)
     layout = _yaml(tmp_path / "layout.yaml", {"parallel": {"tensor_parallel_size": 2}})
     cfg, plan = cli.configure(_args(checkpoint, "--config", layout))
-    assert plan.tasks == ("synthetic_caption",) and plan.limit == 9
+    # The run's subset size is not this command's: every example unless said here.
+    assert plan.tasks == ("synthetic_caption",) and plan.limit is None
     assert cfg.parallel.tensor_parallel_size == 2
     assert cfg.model == load_config(ckpt_file).model
+    assert cli.configure(_args(checkpoint, "eval.limit=5"))[1].limit == 5
+    limit_file = _yaml(tmp_path / "limit.yaml", {"eval": {"limit": 7}})
+    assert cli.configure(_args(checkpoint, "--config", limit_file))[1].limit == 7
+
+
+def test_the_draw_seed_is_the_runs_unless_set(tiny_config):
+    assert EvalPlan.from_config(tiny_config("training.seed=77")).seed == 77
+    assert EvalPlan.from_config(tiny_config("training.seed=77", "eval.seed=3")).seed == 3
 
 
 @pytest.mark.parametrize(

@@ -170,7 +170,9 @@ def run_layout(name: str, overrides, out: Path) -> None:
         }
         (out / f"{name}.json").write_text(json.dumps(record))
     del model
-    parallel_state.destroy_model_parallel()
+    from tests.parallel.layout_worker import _forget_model_parallel_groups
+
+    _forget_model_parallel_groups()
 
 
 def run_layouts(spec_path: str, out_dir: str) -> None:

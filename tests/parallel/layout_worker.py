@@ -22,10 +22,20 @@ sys.path.insert(0, str(REPO))
 from mm1_megatron.utils.logging_setup import setup_logging  # noqa: E402
 
 
+def _forget_model_parallel_groups() -> None:
+    """Megatron-core's ``destroy_model_parallel``, where the next layout may need other
+    groups. A world of one (the references, in the pytest process) has one layout of
+    groups: they stay, since destroyed groups leave their gloo threads behind."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if dist.get_world_size() > 1:
+        parallel_state.destroy_model_parallel()
+
+
 def run_layouts(spec_path: str, out_dir: str) -> None:
     """Every layout of the spec, one after another; the world group stays up (a rank pool
     runs this; ``main`` adds the shutdown for ``python layout_worker.py``)."""
-    from megatron.core import parallel_state
 
     from mm1_megatron.config import load_config, validate_config
     from mm1_megatron.training.trainer import Trainer
@@ -53,7 +63,7 @@ def run_layouts(spec_path: str, out_dir: str) -> None:
             ]
             (out / f"{name}.json").write_text(json.dumps(record))
         del trainer
-        parallel_state.destroy_model_parallel()
+        _forget_model_parallel_groups()
 
 
 def main(spec_path: str, out_dir: str) -> None:

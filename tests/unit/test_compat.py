@@ -308,3 +308,18 @@ def test_gpu_processes_get_no_cpu_only_patches():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "'cpu'" not in result.stdout
+
+
+def test_a_deeper_model_gets_a_fresh_moe_tracker(megatron_single_process):
+    """Megatron-Core keeps a tracker entry sized for the first model's layers; a second,
+    deeper model in the same process indexed past it until the trainer forgot it."""
+    from mm1_megatron.compat.moe import collect_moe_aux_losses, forget_moe_aux_losses
+
+    cpu = torch.device("cpu")
+    collect_moe_aux_losses(["load_balancing_loss"], num_layers=2, device=cpu)
+    stale = collect_moe_aux_losses(["load_balancing_loss"], num_layers=4, device=cpu)
+    assert stale["load_balancing_loss"].shape == (2,)  # what the router wrote into
+    forget_moe_aux_losses()
+    fresh = collect_moe_aux_losses(["load_balancing_loss"], num_layers=4, device=cpu)
+    assert fresh["load_balancing_loss"].shape == (4,)
+    forget_moe_aux_losses()

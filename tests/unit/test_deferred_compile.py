@@ -101,3 +101,11 @@ def test_the_router_import_leaves_torch_compile_as_it_was():
     from megatron.core.transformer.moe import router  # noqa: F401
 
     assert torch.compile is not deferred.deferred_compile
+
+
+def test_the_router_patch_is_reported_only_where_the_router_compiles():
+    from megatron.core.transformer.moe import router
+
+    compiles_itself = "torch.compile" in open(router.__file__).read().split("def ", 1)[1]
+    reported = any("moe.router" in p.target for p in patching.active_patches())
+    assert reported == compiles_itself
