@@ -5,9 +5,10 @@ is imported.
 functions with it at import time (``fusions/fused_bias_geglu.py`` is the first, reached
 from ``TransformerConfig``); 0.19's ``transformer/moe/router.py`` also decorates a method
 with ``@torch.compile`` itself. Decorating with ``torch.compile`` imports ``torch._dynamo``
-and ``torch._inductor``: 1.5-2 s of every process's import of the trainer on a CPU
-(``tools/bench_import.py``), paid by every rank even when no compiled function ever runs
-(CPU runs, Transformer Engine's own fusions, ``bias_*_fusion: false``, dense models).
+and ``torch._inductor``: 1.7-1.8 CPU-s of every process's 5.3-6.4 s import of the
+trainer on a CPU (``tools/bench_import.py``), paid by every rank even when no compiled
+function ever runs (CPU runs, Transformer Engine's own fusions, ``bias_*_fusion: false``,
+dense models).
 
 ``defer_megatron_compile()`` (called from ``mm1_megatron/__init__.py``, before anything can
 import megatron-core) watches for those two modules. Right after ``megatron.core.jit`` runs,
@@ -35,7 +36,7 @@ JIT_MODULE = "megatron.core.jit"
 ROUTER_MODULE = "megatron.core.transformer.moe.router"
 REASON = (
     "decorating with torch.compile imports torch._inductor at megatron-core's import "
-    "(1.5-2 s per process); compile on first call instead"
+    "(1.7-1.8 CPU-s per process); compile on first call instead"
 )
 WRITTEN_FOR = "megatron-core 0.16.1-0.19.2 (jit_fuser = torch.compile), torch 2.10-2.13"
 
