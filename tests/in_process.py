@@ -135,7 +135,6 @@ def run_main(main: Callable[[List[str]], int], argv: Sequence[str]) -> CommandRe
     try:
         with (
             _world_kept(),
-            _levels_restored(),
             _logging_left_alone(main),
             _in_repository(),
             _captured_logging(stream),
