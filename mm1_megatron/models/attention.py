@@ -101,6 +101,17 @@ def decode_against_cache(
     return context.permute(2, 0, 1, 3).reshape(sq, b, -1)
 
 
+def _rows(tensor: torch.Tensor):
+    """``[s, b, ...]`` -> each row's ``[s, ...]`` view (a squeeze for one row: no copy in
+    backward, where ``unbind``'s is a ``stack``)."""
+    return (tensor.squeeze(1),) if tensor.shape[1] == 1 else tensor.unbind(1)
+
+
+def _documents(row: torch.Tensor, lengths):
+    """A row's documents as views; one document is the row itself (no split to undo)."""
+    return row.split(lengths) if len(lengths) > 1 else (row,)
+
+
 class DocumentAttention(DotProductAttention):
     """Per-document causal ``scaled_dot_product_attention``; no ``s x s`` mask.
 
@@ -123,17 +134,24 @@ class DocumentAttention(DotProductAttention):
                 "DocumentAttention takes document ids, not packed "
                 "sequence parameters or an attention bias"
             )
-        # [s, b, heads, d] -> [b, heads, s, d]
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        grouped = q.shape[1] != k.shape[1]
+        sq, b = query.shape[0], query.shape[1]
+        grouped = query.shape[2] != key.shape[2]
         dropout = self.attention_dropout.p if self.training else 0.0
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if attention_mask is not None and sq == key.shape[0]:  # packed training / prefill
+            with self._dropout_rng(dropout):
+                context = self._per_document(
+                    query, key, value, document_segments(attention_mask), dropout, grouped
+                )
+            return context.reshape(sq, b, self.hidden_size_per_partition)
+        # [s, b, heads, d] -> [b, heads, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         with self._dropout_rng(dropout):
             if q.shape[2] != k.shape[2]:  # decoding: new queries against cached keys
                 context = attention_against_cache(
                     q, k, v, attention_mask, softmax_scale=self.softmax_scale, grouped=grouped
                 )
-            elif attention_mask is None:
+            else:  # attention_mask is None
                 context = F.scaled_dot_product_attention(
                     q,
                     k,
@@ -143,33 +161,45 @@ class DocumentAttention(DotProductAttention):
                     is_causal=mask_type == AttnMaskType.causal,
                     enable_gqa=grouped,
                 )
-            else:
-                context = self._per_document(
-                    q, k, v, document_segments(attention_mask), dropout, grouped
-                )
         # [b, heads, s, d] -> [s, b, heads * d]
-        sq, b = query.shape[0], query.shape[1]
         return context.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
 
     def _per_document(
-        self, q, k, v, segments: Segments, dropout: float, grouped: bool
+        self, query, key, value, segments: Segments, dropout: float, grouped: bool
     ) -> torch.Tensor:
-        rows = []
-        for row, spans in enumerate(segments):
+        """``[s, b, heads, d]`` in and out: causal attention within each document.
+
+        The documents are ``split`` views and the outputs one ``cat``, so backward writes
+        each input's gradient once (``SplitBackward`` is one ``cat``). Slicing each
+        document instead made every slice's backward allocate, zero-fill and add a
+        full-size gradient: O(documents x s) memory traffic (issue 26). Single rows and
+        single documents skip the split and the cat, whose backward would copy."""
+        rows = zip(*(_rows(t) for t in (query, key, value)))  # [s, heads, d] each
+        outputs = []
+        for spans, (q, k, v) in zip(segments, rows):
+            lengths = [end - start for start, end in spans]
             pieces = [
-                F.scaled_dot_product_attention(
-                    q[row : row + 1, :, start:end],
-                    k[row : row + 1, :, start:end],
-                    v[row : row + 1, :, start:end],
-                    dropout_p=dropout,
-                    is_causal=True,
-                    scale=self.softmax_scale,
-                    enable_gqa=grouped,
-                )
-                for start, end in spans
+                self._causal(*document, dropout, grouped)
+                for document in zip(*(_documents(t, lengths) for t in (q, k, v)))
             ]
-            rows.append(torch.cat(pieces, dim=2))
-        return torch.cat(rows, dim=0)
+            outputs.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
+        if len(outputs) == 1:
+            return outputs[0].unsqueeze(1)
+        return torch.stack(outputs, dim=1)
+
+    def _causal(self, q, k, v, dropout: float, grouped: bool) -> torch.Tensor:
+        """One document, ``[len, heads, d]`` in and out, through SDPA's ``[1, heads, len, d]``."""
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        context = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            dropout_p=dropout,
+            is_causal=True,
+            scale=self.softmax_scale,
+            enable_gqa=grouped,
+        )
+        return context.squeeze(0).transpose(0, 1)
 
     def _dropout_rng(self, dropout: float):
         """Attention dropout draws from the tensor-parallel RNG stream, as Megatron's does."""
