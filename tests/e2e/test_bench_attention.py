@@ -18,3 +18,12 @@ def test_bench_attention_prints_every_ratio_as_json():
             for path in ("reference", "new"):
                 assert summary["results"][f"{kind}/{packing}/{path}"]["peak_mib"] >= 0
     assert summary["ratios"]["core_attention/16_documents/speedup"] > 0
+    for documents in ("1_documents", "8_documents"):
+        row = summary["speed_against_slicing"][documents]
+        assert row["gradients_bitwise_equal"] is True
+        for name in ("sliced_before", "per_document"):
+            for part in ("forward", "backward"):
+                spread = row[name][part]
+                assert 0 < spread["min"] <= spread["median"] <= spread["max"]
+                assert spread["n"] == 1
+        assert row["total_speedup"] > 0
