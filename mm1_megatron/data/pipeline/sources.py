@@ -42,7 +42,12 @@ from mm1_megatron.batch.contract import expand_image_placeholders
 from mm1_megatron.config.schema import TilingConfig
 from mm1_megatron.data.pipeline.images import ImageDecoder, image_size_of
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
-from mm1_megatron.data.pipeline.packing import PackedSequence, assemble, cut_interleaved
+from mm1_megatron.data.pipeline.packing import (
+    PackedSequence,
+    assemble,
+    cut_interleaved,
+    stack_images,
+)
 from mm1_megatron.data.pipeline.tiling import (
     TilePlan,
     end_at_whole_image,
@@ -314,7 +319,7 @@ class _ShardSource:
 
     def _assemble(self, documents: List[ShardDocument]) -> PackedSequence:
         pixels = [p for doc in documents for p in doc.pixels]
-        images = torch.stack(pixels) if pixels else self.decoder.empty()
+        images = stack_images(pixels) if pixels else self.decoder.empty()
         return assemble(
             [doc.tokens for doc in documents],
             source=self.name,
