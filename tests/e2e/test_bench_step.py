@@ -11,7 +11,7 @@ from tests.launch import run
 
 
 @pytest.mark.slow
-def test_bench_step_against_transformers_prints_both_loops_as_json(tmp_path):
+def test_bench_step_against_transformers_prints_both_loops_as_json():
     result = run(
         [
             sys.executable,

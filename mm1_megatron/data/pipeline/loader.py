@@ -30,7 +30,8 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS
-from mm1_megatron.data.pipeline.packing import PackedSequence, shared_in_worker
+from mm1_megatron.data.pipeline.packing import PackedSequence
+from mm1_megatron.data.pipeline.shared_memory import concat_images
 from mm1_megatron.data.shards.skips import SKIP_REASONS, STAT_NAMES, DataStats, SkipSummary
 
 logger = logging.getLogger(__name__)
@@ -268,19 +269,3 @@ def collate(sequences: List[PackedSequence]) -> Dict[str, torch.Tensor]:
             [seq.num_real_tokens for seq in sequences], dtype=torch.long
         ),
     }
-
-
-def concat_images(images: List[torch.Tensor]) -> torch.Tensor:
-    """The sequences' images as one tensor, copied at most once: a micro-batch of one
-    sequence keeps that sequence's tensor (in a loader worker when it is already in shared
-    memory, as ``packing.stack_images`` makes it there), and a worker concatenates into
-    shared memory (``packing.shared_in_worker``), so that handing the batch to the trainer
-    copies nothing more. A copy of a micro-batch of 16 MM1 images (27 MB) costs about a
-    tenth of decoding them (``tools/bench_data.py --parts loaders``)."""
-    in_worker = torch.utils.data.get_worker_info() is not None
-    if len(images) == 1 and (images[0].is_shared() or not in_worker):
-        return images[0]
-    if len({image.dtype for image in images}) > 1:
-        return torch.cat(images)  # promotes, as before
-    shape = (sum(int(image.shape[0]) for image in images), *images[0].shape[1:])
-    return torch.cat(images, out=shared_in_worker(shape, images[0]))

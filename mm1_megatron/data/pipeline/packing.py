@@ -25,7 +25,6 @@ to fill gaps, so some room is left as padding (``num_real_tokens`` measures the 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -392,26 +391,3 @@ def _trainable_tensor(
         flat += [True] * len(tokens) if flags is None else list(flags)
     flat += [False] * (seq_length - len(flat))
     return torch.tensor(flat, dtype=torch.bool)
-
-
-def stack_images(pixels: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[n, 3, H, W]`` from ``n`` decoded ``[3, H, W]`` images (``n >= 1``), in shared
-    memory inside a loader worker (``shared_in_worker``)."""
-    shape = (len(pixels), *pixels[0].shape)
-    return torch.stack(list(pixels), out=shared_in_worker(shape, pixels[0]))
-
-
-def shared_in_worker(shape: Sequence[int], like: torch.Tensor) -> Optional[torch.Tensor]:
-    """An ``out=`` tensor of ``shape`` and ``like``'s dtype in shared memory when called in
-    a DataLoader worker (as ``torch.utils.data.default_collate`` makes its batches), so
-    that a batch holding it reaches the trainer without the copy into shared memory the
-    worker's queue would make; ``None`` (torch allocates) elsewhere or when empty."""
-    numel = math.prod(shape)
-    if torch.utils.data.get_worker_info() is None or numel == 0:
-        return None
-    # torch's own default_collate allocates its batches with this private call; were it
-    # renamed, batches are allocated as before and copied once more (tools/bench_data.py).
-    new_shared = getattr(like._typed_storage(), "_new_shared", None)
-    if new_shared is None:
-        return None
-    return like.new(new_shared(numel, device=like.device)).view(*shape)

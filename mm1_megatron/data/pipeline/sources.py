@@ -42,12 +42,8 @@ from mm1_megatron.batch.contract import expand_image_placeholders
 from mm1_megatron.config.schema import TilingConfig
 from mm1_megatron.data.pipeline.images import ImageDecoder, image_size_of
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
-from mm1_megatron.data.pipeline.packing import (
-    PackedSequence,
-    assemble,
-    cut_interleaved,
-    stack_images,
-)
+from mm1_megatron.data.pipeline.packing import PackedSequence, assemble, cut_interleaved
+from mm1_megatron.data.pipeline.shared_memory import stack_images
 from mm1_megatron.data.pipeline.tiling import (
     TilePlan,
     end_at_whole_image,
