@@ -6,7 +6,8 @@ mask; Megatron hands that tensor through ``GPTModel``, ``TransformerBlock`` and
 the form its kernel needs, so no ``[b, 1, s, s]`` mask exists in training:
 
 - ``DocumentAttention`` (local spec; CPU, and GPUs without Transformer Engine): PyTorch's
-  ``scaled_dot_product_attention`` with ``is_causal`` on each document's slice. Its
+  ``scaled_dot_product_attention`` with ``is_causal`` on each document, as ``split``
+  views of the row (not slices: see ``_per_document``). Its
   memory grows with the longest document, not with ``s``; on CPU it dispatches to the
   flash kernel (see ``tools/bench_attention.py`` for the measurement).
 - ``TEDocumentAttention`` (Transformer Engine spec): the batch becomes one THD sequence
@@ -139,10 +140,14 @@ class DocumentAttention(DotProductAttention):
         dropout = self.attention_dropout.p if self.training else 0.0
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         if attention_mask is not None and sq == key.shape[0]:  # packed training / prefill
-            with self._dropout_rng(dropout):
-                context = self._per_document(
-                    query, key, value, document_segments(attention_mask), dropout, grouped
+            layout = document_layout(attention_mask)
+            if layout.seq_len != sq or len(layout.segments) != b:
+                raise ValueError(
+                    f"document ids of shape {list(attention_mask.shape)} do not match the "
+                    f"queries' {b} rows of {sq} positions"
                 )
+            with self._dropout_rng(dropout):
+                context = self._per_document(query, key, value, layout.segments, dropout, grouped)
             return context.reshape(sq, b, self.hidden_size_per_partition)
         # [s, b, heads, d] -> [b, heads, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -169,12 +174,14 @@ class DocumentAttention(DotProductAttention):
     ) -> torch.Tensor:
         """``[s, b, heads, d]`` in and out: causal attention within each document.
 
-        The documents are ``split`` views and the outputs one ``cat``, so backward writes
-        each input's gradient once (``SplitBackward`` is one ``cat``). Slicing each
-        document instead made every slice's backward allocate, zero-fill and add a
-        full-size gradient: O(documents x s) memory traffic (issue 26). Single rows and
-        single documents skip the split and the cat, whose backward would copy."""
-        rows = zip(*(_rows(t) for t in (query, key, value)))  # [s, heads, d] each
+        The documents are ``split`` views and the outputs one ``cat`` per row, so backward
+        writes each input's gradient once per row (``SplitBackward`` is one ``cat``), and
+        once more to ``stack`` the rows when there are several. Slicing each document
+        instead made every slice's backward allocate, zero-fill and add a full-size
+        gradient: O(documents x s) memory traffic (issue 26). Single rows and single
+        documents skip the split and the cat, whose backward would copy."""
+        # Per row, a (q, k, v) triple of [s, heads, d] views.
+        rows = zip(*(_rows(t) for t in (query, key, value)))
         outputs = []
         for spans, (q, k, v) in zip(segments, rows):
             lengths = [end - start for start, end in spans]

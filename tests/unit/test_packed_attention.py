@@ -82,6 +82,7 @@ def _each_document_alone(layer, q, k, v, documents):
 def test_per_document_attention_is_each_document_alone_bitwise(seeded, batch):
     cfg = make_tiny_config()
     documents = _random_documents(batch, 40, seed=batch)
+    documents[:, 20:] += 100  # at least two documents per row
     q, k, v = _qkv(cfg, batch, 40)
     layer = _attention(DocumentAttention, cfg)
     assert torch.equal(layer(q, k, v, documents), _each_document_alone(layer, q, k, v, documents))
@@ -103,21 +104,25 @@ class _AllocatedInBackward(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("documents_per_row", [1, 32])
-def test_backward_memory_traffic_does_not_grow_with_the_document_count(seeded, documents_per_row):
+@pytest.mark.parametrize("batch, documents_per_row", [(1, 1), (1, 32), (3, 32)])
+def test_backward_memory_traffic_does_not_grow_with_the_document_count(
+    seeded, batch, documents_per_row
+):
     """Slicing each document made every slice's backward allocate and add a full-size
-    gradient (issue 26): 32 documents moved ~64x the inputs' size. Split views write each
-    gradient once, whatever the number of documents."""
+    gradient (issue 26): 32 documents moved ~64x the inputs' size (b=1), ~226x (b=3).
+    Split views write each gradient once per row (twice with several rows: the stack),
+    whatever the number of documents."""
     cfg = make_tiny_config()
     seq = 256
-    documents = torch.arange(seq).div(seq // documents_per_row, rounding_mode="floor")[None]
-    q, k, v = _qkv(cfg, 1, seq)
+    row = torch.arange(seq).div(seq // documents_per_row, rounding_mode="floor")
+    documents = row.repeat(batch, 1)
+    q, k, v = _qkv(cfg, batch, seq)
     out = _attention(DocumentAttention, cfg)(q, k, v, documents)
     grad = torch.ones_like(out)
     with _AllocatedInBackward() as allocated:
         out.backward(grad)
     inputs = q.numel() + k.numel() + v.numel()
-    assert allocated.elements < 3 * inputs, allocated.elements / inputs
+    assert allocated.elements <= 3 * inputs, allocated.elements / inputs
 
 
 def test_no_mask_is_bidirectional_attention_as_the_reference(seeded):
@@ -155,6 +160,14 @@ def test_decoding_against_the_cache_equals_the_whole_sequence(seeded, num_new):
     torch.testing.assert_close(shared, whole[-num_new:])
     scaled = decode_against_cache(new, k, v, documents, softmax_scale=local.softmax_scale / 2)
     assert not torch.allclose(scaled, whole[-num_new:])
+
+
+@pytest.mark.parametrize("ids_shape", [(1, 30), (2, 40), (1, 50)])
+def test_document_ids_that_do_not_cover_the_queries_are_refused(seeded, ids_shape):
+    cfg = make_tiny_config()
+    q, k, v = _qkv(cfg, 1, 40)
+    with pytest.raises(ValueError, match="do not match the queries"):
+        _attention(DocumentAttention, cfg)(q, k, v, torch.zeros(ids_shape, dtype=torch.long))
 
 
 def test_a_dense_mask_is_refused_with_a_pointer_to_model_inputs(seeded):
