@@ -18,9 +18,15 @@ alternating so machine noise hits both alike. By default two sizes run: the debu
 and ``--layers`` pick one size instead. The last line printed is one JSON object with
 the figures.
 
+With ``--against transformers`` the cached generation is compared instead with
+``transformers``' ``generate()`` on our export of the same model, at batch 1 and 8 (see
+``tools/bench_generate_transformers.py``); by default at the wide size only.
+
     python tools/bench_generate.py                           # a few minutes on 2 cores
     python tools/bench_generate.py --hidden 512 --layers 8   # one size
     python tools/bench_generate.py --tiny                    # seconds: a smoke test
+    python tools/bench_generate.py --against transformers --repeats 5
+    python tools/bench_generate.py --against transformers --tiny
 """
 
 from __future__ import annotations
@@ -36,6 +42,13 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from tools.bench_generate_transformers import (  # noqa: E402
+    add_arguments,
+    mcore_version,
+    report_against_transformers,
+    run_against_transformers,
+)
 
 logger = logging.getLogger("bench_generate")
 
@@ -207,7 +220,7 @@ def measure_size(name: str, cfg, tokenizer, args) -> dict:
     return result
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -219,6 +232,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, after warm-up")
     parser.add_argument("--hidden", type=int, help="LLM width: measure this one size only")
     parser.add_argument("--layers", type=int, help="LLM layers: measure this one size only")
+    add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="config overrides, for every size")
     args = parser.parse_args()
     if args.tiny:
@@ -226,6 +240,11 @@ def main() -> None:
             setattr(args, key, value)
     if args.images < 1:
         parser.error("--images must be at least 1")
+    return args
+
+
+def main() -> None:
+    args = _arguments()
     import torch
 
     from mm1_megatron.utils.logging_setup import setup_logging
@@ -240,6 +259,8 @@ def main() -> None:
         sizes = {"tiny": (None, None)}
     elif args.hidden is not None or args.layers is not None:
         sizes = {None: (args.hidden, args.layers)}  # named after its shape
+    elif args.against == "transformers":
+        sizes = {"wide": DEFAULT_SIZES["wide"]}
     else:
         sizes = DEFAULT_SIZES
     total = args.prompt_tokens + args.new_tokens
@@ -251,12 +272,13 @@ def main() -> None:
     tokenizer = SyntheticTokenizer()
     logger.info(
         "prompt %d tokens (%d images), %d new tokens, greedy, no stop token; "
-        "%d timed repeats; torch %s, %d threads",
+        "%d timed repeats; torch %s, megatron-core %s, %d threads",
         args.prompt_tokens,
         args.images,
         args.new_tokens,
         args.repeats,
         torch.__version__,
+        mcore_version(),
         torch.get_num_threads(),
     )
     results = {}
@@ -264,8 +286,19 @@ def main() -> None:
         overrides = base + size_overrides(hidden, layers) + list(args.overrides)
         cfg = validate_config(load_config(args.config, overrides))
         name = name or f"{cfg.model.llm.hidden_size}x{cfg.model.llm.num_layers}"
-        results[name] = measure_size(name, cfg, tokenizer, args)
+        if args.against == "transformers":
+            results[name] = run_against_transformers(cfg, tokenizer, args, build_prompt)
+        else:
+            results[name] = measure_size(name, cfg, tokenizer, args)
     shutdown_distributed()
+    if args.against == "transformers":
+        report_against_transformers(results, args)
+    else:
+        _report_against_recompute(results, args)
+
+
+def _report_against_recompute(results: dict, args) -> None:
+    import torch
 
     logger.info(
         "%-10s %-10s %10s %10s %9s %6s", *"size method median_s tokens/s speed-up match".split()

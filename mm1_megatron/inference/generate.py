@@ -81,7 +81,7 @@ def _generate(model, prompts, config, pad_token_id, lockstep_group) -> List[List
     prompt_length = batch.tokens.shape[1]
     total = prompt_length + config.max_new_tokens
     runner = CachedModelRunner(model, max_batch_size=search.rows, max_sequence_length=total)
-    logprobs = runner.forward(batch.tokens, batch.document_ids, batch.images)
+    logits = runner.forward(batch.tokens, batch.document_ids, batch.images)
     rows = search.expansion()
     if search.rows != len(prompts):
         runner.reorder(rows)
@@ -89,24 +89,34 @@ def _generate(model, prompts, config, pad_token_id, lockstep_group) -> List[List
     documents = torch.full((search.rows, total), PROMPT_DOCUMENT, dtype=torch.long)
     documents[:, :prompt_length] = batch.document_ids[rows]
     documents = documents.to(runner.device)
-    if logprobs is not None:
-        logprobs = logprobs[rows.to(logprobs.device)]
+    if logits is not None and search.rows != len(prompts):
+        logits = logits[rows.to(logits.device)]
     for step in range(config.max_new_tokens):
-        decision = torch.zeros(2 * search.rows + 1, dtype=torch.long)
-        if runner.is_last:
-            tokens, sources, done = search.step(logprobs.cpu())
-            decision = torch.cat([tokens, sources, torch.tensor([int(done)])])
-        decision = runner.broadcast_from_last_stage(decision)
-        tokens, sources = decision[: search.rows], decision[search.rows : -1]
-        done = bool(decision[-1])
+        tokens, sources, done = _decide(runner, search, logits, config.num_beams > 1)
         if lockstep_group is not None:
             done = all_reduce_values([float(done)], op="min", group=lockstep_group)[0] > 0
         if done or step == config.max_new_tokens - 1:
             break
         if config.num_beams > 1:
             runner.reorder(sources)
-        logprobs = runner.forward(tokens[:, None], documents)
+        logits = runner.forward(tokens[:, None], documents)
     return _results_on_every_stage(search if runner.is_last else None, runner)
+
+
+def _decide(runner: CachedModelRunner, search, logits, beams: bool):
+    """``(tokens, source rows, done)`` as the last stage's search decides them, on every
+    stage. Greedy search takes the argmax of the logits themselves, beam search their
+    log-probabilities."""
+    if runner.pp_size == 1:  # this process is the last stage
+        scores = logits.cpu()
+        return search.step(torch.log_softmax(scores, dim=-1) if beams else scores)
+    decision = torch.zeros(2 * search.rows + 1, dtype=torch.long)
+    if runner.is_last:
+        scores = logits.cpu()
+        tokens, sources, done = search.step(torch.log_softmax(scores, dim=-1) if beams else scores)
+        decision = torch.cat([tokens, sources, torch.tensor([int(done)])])
+    decision = runner.broadcast_from_last_stage(decision)
+    return decision[: search.rows], decision[search.rows : -1], bool(decision[-1])
 
 
 def _results_on_every_stage(search, runner: CachedModelRunner) -> List[List[int]]:

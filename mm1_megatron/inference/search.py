@@ -1,4 +1,4 @@
-"""Greedy and beam search over next-token log-probabilities.
+"""Greedy search over next-token logits, beam search over their log-probabilities.
 
 Both run on the last pipeline stage, which holds the logits; each step returns the token
 every row feeds next and, for beam search, which cache row each new row continues. Rows
@@ -48,6 +48,9 @@ class GreedySearch:
         self.vocab_limit = vocab_limit
         self.outputs: List[List[int]] = [[] for _ in range(num_prompts)]
         self.finished = [False] * num_prompts
+        self._sources = torch.arange(num_prompts)  # greedy rows never change places
+        self._banned: Optional[torch.Tensor] = None  # [V] bool, built at the first step
+        self._bans_any = False
 
     @property
     def rows(self) -> int:
@@ -56,11 +59,22 @@ class GreedySearch:
     def expansion(self) -> torch.Tensor:
         return torch.arange(self.rows)
 
-    def step(self, logprobs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    def _choose(self, logits: torch.Tensor) -> List[int]:
+        """The argmax of the logits themselves, as transformers' greedy search takes it
+        (that of the log-probabilities can differ where rounding makes two equal), over
+        the ids that may be generated."""
+        vocab = logits.shape[-1]
+        if self._banned is None or self._banned.shape[0] != vocab:
+            self._banned = ban(torch.zeros(1, vocab), self.banned_ids, self.vocab_limit)[0] < 0
+            self._bans_any = bool(self._banned.any())
+        if self._bans_any:
+            logits = logits.masked_fill(self._banned, NEG_INF)
+        return logits.argmax(dim=-1).tolist()
+
+    def step(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
         """``(next tokens [rows], cache rows to keep [rows], all done)``."""
-        chosen = ban(logprobs, self.banned_ids, self.vocab_limit).argmax(dim=-1).tolist()
         tokens = []
-        for row, token in enumerate(chosen):
+        for row, token in enumerate(self._choose(logits)):
             if self.finished[row]:
                 tokens.append(self.pad_id)
             elif token in self.stop_ids:
@@ -69,7 +83,7 @@ class GreedySearch:
             else:
                 self.outputs[row].append(token)
                 tokens.append(token)
-        return torch.tensor(tokens), torch.arange(self.rows), all(self.finished)
+        return torch.tensor(tokens), self._sources, all(self.finished)
 
     def results(self) -> List[List[int]]:
         return self.outputs
@@ -131,6 +145,7 @@ class BeamSearch:
         return torch.arange(self.num_prompts).repeat_interleave(self.num_beams)
 
     def step(self, logprobs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """Over next-token log-probabilities (the whole vocabulary's, before any ban)."""
         k = self.num_beams
         vocab = logprobs.shape[-1]
         candidates = ban(logprobs, self.banned_ids, self.vocab_limit).double()

@@ -70,17 +70,30 @@ def attention_against_cache(
 ) -> torch.Tensor:
     """``[b, heads, s, d]``: the last ``sq`` of ``sk`` positions (generation with a KV
     cache) attend to every earlier key of their own document. The mask is
-    ``[b, 1, sq, sk]``: one row per new token, never ``sk x sk``."""
+    ``[b, 1, sq, sk]``: one row per new token, never ``sk x sk``.
+
+    ``document_ids`` may also be that boolean mask itself (True: may attend), which a
+    caller running many layers builds once per step instead of once per layer
+    (``mm1_megatron.inference.runner``); a 0-dimensional one (True) says that no key is
+    hidden from any query, and attention then runs without a mask."""
     sq, sk = q.shape[2], k.shape[2]
-    if document_ids is None or document_ids.shape[-1] != sk:
+    if document_ids is not None and document_ids.dtype == torch.bool:
+        mask = document_ids if document_ids.dim() else None
+        if mask is not None and mask.shape[2:] != (sq, sk):
+            raise ValueError(
+                f"a ready mask for {sq} new positions against {sk} cached ones is "
+                f"[b, 1, {sq}, {sk}], not {list(mask.shape)}"
+            )
+    elif document_ids is None or document_ids.shape[-1] != sk:
         raise ValueError(
             f"decoding {sq} new positions against {sk} cached ones needs the document "
             f"ids of all {sk} positions"
         )
-    positions = torch.arange(sk, device=q.device)
-    causal = positions[None, :] <= positions[sk - sq :, None]  # [sq, sk]
-    same_document = document_ids[:, sk - sq :, None] == document_ids[:, None, :]
-    mask = (same_document & causal)[:, None]  # [b, 1, sq, sk]
+    else:
+        positions = torch.arange(sk, device=q.device)
+        causal = positions[None, :] <= positions[sk - sq :, None]  # [sq, sk]
+        same_document = document_ids[:, sk - sq :, None] == document_ids[:, None, :]
+        mask = (same_document & causal)[:, None]  # [b, 1, sq, sk]
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, scale=softmax_scale, enable_gqa=grouped
     )

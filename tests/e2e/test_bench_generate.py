@@ -27,3 +27,23 @@ def test_bench_generate_prints_matching_tokens_and_timings_as_json():
     assert figures["cached"]["prefill_seconds"] > 0
     assert "decode_ms_per_token" in figures["cached"]
     assert figures["speedup"] > 0
+
+
+def test_bench_against_transformers_generates_the_same_tokens_at_batch_1_and_8():
+    result = run([sys.executable, "tools/bench_generate.py", "--against", "transformers", "--tiny"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["against"] == "transformers" and summary["all_tokens_identical"] is True
+    assert set(summary["versions"]) == {"torch", "megatron_core", "transformers"}
+    batches = summary["results"]["tiny"]
+    assert sorted(batches, key=int) == ["1", "8"]
+    for batch, figures in batches.items():
+        assert figures["tokens_identical"] is True
+        new = summary["new_tokens"]
+        assert figures["generated_per_prompt"] == {"ours": [new], "transformers": [new]}
+        for side in ("ours", "transformers"):
+            side_figures = figures[side]
+            assert side_figures["n"] == summary["repeats"] == len(side_figures["samples"])
+            assert side_figures["tokens"] == int(batch) * new
+            assert 0 < side_figures["min_s"] <= side_figures["median_s"] <= side_figures["max_s"]
+        assert figures["ratio"] > 0

@@ -92,6 +92,26 @@ def test_cached_batched_greedy_equals_full_recompute_per_prompt(tiny_model):
     assert any(len(o) == config.max_new_tokens for o in outputs)
 
 
+def test_prompts_of_one_length_decode_without_a_mask_as_by_full_recompute(tiny_model):
+    """No padding: the decode steps attend without a mask (``runner.ALL_VISIBLE``)."""
+    cfg, model = tiny_model
+    rng = np.random.default_rng(5)
+    words = TOKENIZER.encode("there are two shapes on a gray background :")
+    prompts = []
+    for _ in range(3):
+        ids = [TOKENIZER.bos_token_id, TOKENIZER.image_token_id] + rng.permutation(words).tolist()
+        ids = expand_image_placeholders(
+            ids,
+            image_token_id=TOKENIZER.image_token_id,
+            num_image_tokens=cfg.model.connector.num_output_tokens,
+        )
+        image = draw_scene(random_scene(rng), cfg.model.vision.image_size)[None]
+        prompts.append(Prompt(token_ids=ids, images=image))
+    config = _config(max_new_tokens=6)
+    outputs = generate(model, prompts, config, pad_token_id=TOKENIZER.pad_token_id)
+    assert outputs == [_reference_greedy(model, p, config) for p in prompts]
+
+
 def test_a_stop_token_ends_a_row_and_is_not_returned(tiny_model):
     cfg, model = tiny_model
     prompts = _prompts(cfg, 3)
