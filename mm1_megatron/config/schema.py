@@ -75,7 +75,11 @@ class VisionEncoderConfig:
     """CLIP-style ViT. Defaults are ViT-H/14 at 378 px (MM1's encoder).
 
     A SigLIP vision tower is ``use_class_token=false, patch_embedding_bias=true,
-    pre_layernorm=false, post_layernorm=true, activation=gelu_tanh``.
+    pre_layernorm=false, post_layernorm=true, activation=gelu_tanh``. SigLIP 2's NaFlex
+    tower is that with ``native_resolution=true``: each image keeps its aspect ratio, its
+    patches are embedded by a linear layer over flattened ``p*p*c`` patches, and the
+    ``g x g`` position table (``g = image_size // patch_size``) is resized to each
+    image's patch grid.
     """
 
     image_size: int = 378
@@ -93,6 +97,11 @@ class VisionEncoderConfig:
     layernorm_epsilon: float = 1e-5
     image_mean: List[float] = field(default_factory=lambda: list(CLIP_IMAGE_MEAN))
     image_std: List[float] = field(default_factory=lambda: list(CLIP_IMAGE_STD))
+    # NaFlex (SigLIP 2): images at their own aspect ratio, as packed patches (see
+    # models/vision_encoder.py); max_patches is each image's patch budget (the
+    # processor's max_num_patches).
+    native_resolution: bool = False
+    max_patches: int = 256
 
 
 @dataclass
@@ -121,11 +130,23 @@ class MoEConfig:
     # Experts as one grouped GEMM (Transformer Engine's TEGroupedMLP) instead of a loop
     # over experts. None: on with model.transformer_impl=transformer_engine, else off.
     grouped_gemm: Optional[bool] = None
+    # The router's weights for a token: softmax over all experts, top-k, then divided by
+    # their sum (true: Mixtral, Qwen3-MoE's norm_topk_prob) or kept as they are (false:
+    # Qwen1.5/2-MoE). None: true exactly when top_k > 1 (with one expert, renormalising
+    # would always give weight 1).
+    normalize_top_k: Optional[bool] = None
+
+    @property
+    def renormalizes_top_k(self) -> bool:
+        return self.top_k > 1 if self.normalize_top_k is None else self.normalize_top_k
 
 
 @dataclass
 class LanguageModelConfig:
-    """Llama-style decoder: RMSNorm, SwiGLU, RoPE, optional grouped-query attention."""
+    """Llama-style decoder: RMSNorm, SwiGLU, RoPE, optional grouped-query attention.
+
+    Qwen3 is ``qk_norm=true`` (an RMSNorm over each head's queries and keys before RoPE)
+    with its own ``head_dim`` (Qwen3-0.6B: 16 heads of 128 in a 1024-wide model)."""
 
     vocab_size: int = 32000
     hidden_size: int = 3072
@@ -141,7 +162,15 @@ class LanguageModelConfig:
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # biases on the query/key/value projection (Qwen2 has them)
+    # Width of one attention head (Megatron-Core's kv_channels). None: hidden_size /
+    # num_attention_heads.
+    head_dim: Optional[int] = None
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
     moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
 @dataclass

@@ -65,6 +65,33 @@ def _check_vision(cfg: MM1Config, err: _Errors) -> None:
             len(getattr(v, name)) == v.num_channels,
             f"{p}.{name} needs one value per channel ({v.num_channels})",
         )
+    if v.native_resolution:
+        _check_native_resolution(v, p, err)
+
+
+# SigLIP's stem, which SigLIP 2's NaFlex tower (the one native-resolution ViT) has.
+NATIVE_RESOLUTION_STEM = {
+    "use_class_token": False,
+    "patch_embedding_bias": True,
+    "pre_layernorm": False,
+    "post_layernorm": True,
+}
+
+
+def _check_native_resolution(v, p: str, err: _Errors) -> None:
+    wrong = {
+        name: value for name, value in NATIVE_RESOLUTION_STEM.items() if getattr(v, name) != value
+    }
+    err.check(
+        not wrong,
+        f"{p}.native_resolution=true is SigLIP 2's NaFlex tower, with SigLIP's stem: set "
+        + ", ".join(f"{p}.{name}={str(value).lower()}" for name, value in wrong.items())
+        + f" (or {p}.native_resolution=false)",
+    )
+    err.check(
+        v.max_patches > 0,
+        f"{p}.max_patches={v.max_patches} must be > 0 (each image's patch budget, e.g. 256)",
+    )
 
 
 def _check_connector(cfg: MM1Config, err: _Errors) -> None:
@@ -116,11 +143,17 @@ def _check_llm(cfg: MM1Config, err: _Errors) -> None:
         ],
         p,
     )
-    if m.num_attention_heads > 0:
+    if m.head_dim is not None:
+        err.check(
+            m.head_dim > 0 and m.head_dim % 2 == 0,
+            f"{p}.head_dim={m.head_dim} must be a positive even number (RoPE rotates pairs), "
+            f"or null for hidden_size / num_attention_heads",
+        )
+    elif m.num_attention_heads > 0:
         err.check(
             m.hidden_size % m.num_attention_heads == 0,
             f"{p}.hidden_size={m.hidden_size} must be divisible by "
-            f"{p}.num_attention_heads={m.num_attention_heads}",
+            f"{p}.num_attention_heads={m.num_attention_heads} (or set {p}.head_dim)",
         )
     if m.num_query_groups is not None:
         err.check(

@@ -46,11 +46,14 @@ def _add_import_parser(commands) -> None:
     p.add_argument(
         "--language-model",
         type=Path,
-        help="LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM / "
-        "MixtralForCausalLM folder (safetensors)",
+        help="Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen2-MoE / Qwen3-MoE "
+        "*ForCausalLM folder (safetensors)",
     )
     p.add_argument(
-        "--vision-encoder", type=Path, help="CLIPVisionModel or CLIPModel folder (safetensors)"
+        "--vision-encoder",
+        type=Path,
+        help="CLIP / SigLIP / SigLIP 2 vision model, or the vision half of the full model "
+        "(safetensors)",
     )
     p.add_argument("--output", type=Path, required=True, help="save folder to create")
     add_config(

@@ -115,6 +115,12 @@ def mm1_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
     from mm1_megatron.hf_model import AUTO_MAP
     from mm1_megatron.hf_model.configuration_mm1 import MM1HFConfig
 
+    if cfg.model.vision.native_resolution:
+        raise ConversionError(
+            "--format mm1 does not yet export a native-resolution ViT (SigLIP 2 NaFlex): "
+            "the exported MM1 model takes fixed-size images. Export the parts with --format "
+            "vision-encoder (Siglip2VisionModel) and --format language-model"
+        )
     config = MM1HFConfig(
         vision_config=hf_vision_config(cfg.model.vision, dtype=dtype).to_dict(),
         text_config=hf_language_config(cfg.model.llm, special=special, dtype=dtype).to_dict(),

@@ -175,7 +175,7 @@ def _write_side_files(
             stops = [marker_ids(chat, tokenizer.tokenizer)[chat.end_of_turn]]
         write_generation_config(folder, special, extra_stop_ids=stops)
     tiled = cfg.data.tiling.mode != "none"
-    if fmt == "mm1" and tiled:
+    if fmt == "mm1":  # MM1Processor, with MM1ImageProcessor for tiles or CLIP's
         from mm1_megatron.conversion.mm1_processor import write_mm1_processor
 
         write_mm1_processor(folder, cfg)

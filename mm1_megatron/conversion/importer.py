@@ -23,6 +23,7 @@ import torch
 
 from mm1_megatron.checkpoint import layout
 from mm1_megatron.config import MM1Config, load_config, save_config
+from mm1_megatron.config.schema import MoEConfig
 from mm1_megatron.conversion import megatron_io
 from mm1_megatron.conversion.errors import ConversionError, unsupported
 from mm1_megatron.conversion.mapping import (
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class ImportRequest:
     output: Path
-    language_model: Optional[Path] = None  # a LlamaForCausalLM / Qwen2 / Mistral / Mixtral folder
+    language_model: Optional[Path] = None  # a Llama / Mistral / Qwen2 / Qwen3 / MoE folder
     vision_encoder: Optional[Path] = None  # a CLIPVisionModel / CLIPModel / SigLIP folder
     # YAML for the parts not imported (e.g. the connector): one file, or several stacked
     base_config: Union[Path, Sequence[Path], None] = None
@@ -140,7 +141,7 @@ def _import_vision_encoder(
             consumed.update(head)
             warning = (
                 "the SigLIP attention-pooling head (head.*) is not imported: MM1 uses "
-                "the per-token features; an export writes SiglipVisionModel without it"
+                "the per-token features; an export writes the vision model without it"
             )
             logger.warning("%s", warning)
             info["warnings"].append(warning)
@@ -151,6 +152,20 @@ def _import_vision_encoder(
                 consumed.add(theirs)
     check_all_consumed(reader, consumed, scope=prefix)
     return extras
+
+
+def _with_training_settings(source: MoEConfig, configured: MoEConfig) -> MoEConfig:
+    """The source's experts and routing, with ``--config``'s training settings (loss
+    coefficients, dispatcher, grouped GEMM), which a Hugging Face config does not fix."""
+    if not source.num_experts:
+        return source
+    return replace(
+        source,
+        aux_loss_coeff=configured.aux_loss_coeff,
+        z_loss_coeff=configured.z_loss_coeff,
+        token_dispatcher=configured.token_dispatcher,
+        grouped_gemm=configured.grouped_gemm,
+    )
 
 
 def _language_part(request: ImportRequest, cfg: MM1Config, info: Dict):
@@ -173,7 +188,11 @@ def _language_part(request: ImportRequest, cfg: MM1Config, info: Dict):
             f"cannot load the tokenizer in {tokenizer} ({type(exc).__name__}: {exc}); pass "
             f"--tokenizer with a working Hugging Face tokenizer folder"
         ) from None
-    cfg.model.llm = replace(source.llm, vocab_size=plan.target_size)
+    cfg.model.llm = replace(
+        source.llm,
+        vocab_size=plan.target_size,
+        moe=_with_training_settings(source.llm.moe, cfg.model.llm.moe),
+    )
     if plan.tokenizer_path is not None:
         cfg.data.tokenizer.kind, cfg.data.tokenizer.path = "huggingface", plan.tokenizer_path
     info["sources"]["language_model"] = {

@@ -29,9 +29,9 @@ LANGUAGE_PREFIX = "language_model."
 VISION_PREFIX = "vision_encoder."
 
 # Hugging Face naming of the decoder MLP, per target/source family.
-DENSE_STYLE = "llama"  # LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+DENSE_STYLE = "llama"  # LlamaForCausalLM, MistralForCausalLM, Qwen2/Qwen3ForCausalLM
 MIXTRAL_STYLE = "mixtral"  # MixtralForCausalLM: block_sparse_moe.{gate, experts.E.w1/w2/w3}
-QWEN2_MOE_STYLE = "qwen2_moe"  # Qwen2MoeForCausalLM: mlp.{gate, experts.E.*_proj}
+QWEN2_MOE_STYLE = "qwen2_moe"  # Qwen2Moe/Qwen3MoeForCausalLM: mlp.{gate, experts.E.*_proj}
 MLP_STYLES = (DENSE_STYLE, MIXTRAL_STYLE, QWEN2_MOE_STYLE)
 
 
@@ -107,7 +107,7 @@ def language_attention_shape(llm: LanguageModelConfig) -> AttentionShape:
     return AttentionShape(
         llm.num_attention_heads,
         llm.num_query_groups or llm.num_attention_heads,
-        llm.hidden_size // llm.num_attention_heads,
+        llm.attention_head_dim,
     )
 
 
@@ -125,6 +125,11 @@ def _attention_rules(llm: LanguageModelConfig, ours: str, theirs: str) -> List[T
             f"{ours}.pre_mlp_layernorm.weight", (f"{theirs}.post_attention_layernorm.weight",)
         ),
     ]
+    if llm.qk_norm:  # Qwen3: one RMSNorm weight per head width, shared by all heads
+        rules += [
+            TensorRule(f"{ours}.self_attention.q_layernorm.weight", (f"{attn}.q_norm.weight",)),
+            TensorRule(f"{ours}.self_attention.k_layernorm.weight", (f"{attn}.k_norm.weight",)),
+        ]
     if llm.qkv_bias:
         rules.append(
             TensorRule(
@@ -213,10 +218,13 @@ def vision_attention_shape(vision: VisionEncoderConfig) -> AttentionShape:
 
 
 def vision_units(vision: VisionEncoderConfig, hf_prefix: str = "") -> List[Unit]:
-    """Rules for the ViT with ``CLIPVisionModel`` / ``SiglipVisionModel`` names under
-    ``hf_prefix`` (``vision_model.`` in ``CLIPModel`` / ``SiglipModel`` and in CLIP
-    checkpoints saved by transformers 4). Both share the encoder layers' names; the stem
-    follows ``model.vision`` (class token, patch bias, pre- or post-LayerNorm)."""
+    """Rules for the ViT with ``CLIPVisionModel`` / ``SiglipVisionModel`` /
+    ``Siglip2VisionModel`` names under ``hf_prefix`` (``vision_model.`` in ``CLIPModel`` /
+    ``SiglipModel`` / ``Siglip2Model`` and in CLIP checkpoints saved by transformers 4).
+    All share the encoder layers' names; the stem follows ``model.vision`` (class token,
+    patch bias, pre- or post-LayerNorm). SigLIP 2's linear patch embedding
+    (``native_resolution``) has the same names as the patch convolution, and its weight
+    is ``[hidden, p*p*c]`` in both models."""
     ours_root, p = VISION_PREFIX, hf_prefix
     names = [
         ("patch_embedding.weight", "embeddings.patch_embedding.weight"),
@@ -262,23 +270,25 @@ def vision_units(vision: VisionEncoderConfig, hf_prefix: str = "") -> List[Unit]
 
 
 def vision_family(vision: VisionEncoderConfig) -> str:
-    """``clip`` or ``siglip``: the transformers vision tower that computes what our ViT
-    does, or ``ValueError`` for a combination neither has."""
+    """``clip``, ``siglip`` or ``siglip2`` (native resolution): the transformers vision
+    tower that computes what our ViT does, or ``ValueError`` for a combination none has."""
     stem = (
         vision.use_class_token,
         vision.patch_embedding_bias,
         vision.pre_layernorm,
         vision.post_layernorm,
     )
-    if stem == (True, False, True, False):
+    if stem == (True, False, True, False) and not vision.native_resolution:
         return "clip"
     if stem == (False, True, False, True):
-        return "siglip"
+        return "siglip2" if vision.native_resolution else "siglip"
     raise ValueError(
         f"model.vision with use_class_token={vision.use_class_token}, patch_embedding_bias="
         f"{vision.patch_embedding_bias}, pre_layernorm={vision.pre_layernorm}, post_layernorm="
-        f"{vision.post_layernorm} has no exact transformers class (CLIPVisionModel: class "
-        f"token and pre-LayerNorm only; SiglipVisionModel: patch bias and post-LayerNorm only)"
+        f"{vision.post_layernorm}, native_resolution={vision.native_resolution} has no exact "
+        f"transformers class (CLIPVisionModel: class token and pre-LayerNorm only; "
+        f"SiglipVisionModel: patch bias and post-LayerNorm only; Siglip2VisionModel: "
+        f"SigLIP's with native_resolution)"
     )
 
 

@@ -1,9 +1,9 @@
 """Hugging Face ``config.json`` -> our ``LanguageModelConfig`` / ``VisionEncoderConfig``.
 
 Only what our decoder and ViT compute exactly is accepted; anything else (a RoPE scaling
-other than Megatron-Core's Llama-3 rule, biases our layers do not have, a head size
-other than hidden / heads, a vision model other than CLIP / SigLIP, ...) is a
-``ConversionError`` that names the field.
+other than Megatron-Core's Llama-3 rule, biases our layers do not have, a vision model
+other than CLIP / SigLIP, ...) is a ``ConversionError`` that names the field. Qwen3's
+q/k norms and head size of its own map to ``model.llm.qk_norm`` and ``head_dim``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from mm1_megatron.conversion.mapping import (
     MIXTRAL_STYLE,
     QWEN2_MOE_STYLE,
 )
+from mm1_megatron.conversion.siglip2 import SIGLIP2_MODEL_TYPES, siglip2_vision_source
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +35,16 @@ LANGUAGE_MODEL_TYPES = {
     "llama": DENSE_STYLE,
     "mistral": DENSE_STYLE,
     "qwen2": DENSE_STYLE,
+    "qwen3": DENSE_STYLE,
     "mixtral": MIXTRAL_STYLE,
     "qwen2_moe": QWEN2_MOE_STYLE,
+    "qwen3_moe": QWEN2_MOE_STYLE,  # the same MLP names, plus q/k norms, no shared expert
 }
+QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 CLIP_MODEL_TYPES = ("clip_vision_model", "clip")
 SIGLIP_MODEL_TYPES = ("siglip_vision_model", "siglip")
-VISION_MODEL_TYPES = CLIP_MODEL_TYPES + SIGLIP_MODEL_TYPES
+VISION_MODEL_TYPES = CLIP_MODEL_TYPES + SIGLIP_MODEL_TYPES + SIGLIP2_MODEL_TYPES
 # transformers hidden_act -> model.vision.activation
 VISION_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -150,14 +155,6 @@ def _rope(cfg) -> Tuple[int, Optional[float]]:
 def _check_common(cfg) -> None:
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise unsupported("hidden_act", cfg.hidden_act, "Our decoder's MLP is SwiGLU (silu).")
-    head_dim = getattr(cfg, "head_dim", None)
-    if head_dim is not None and head_dim != cfg.hidden_size // cfg.num_attention_heads:
-        raise unsupported(
-            "head_dim",
-            head_dim,
-            f"Our decoder uses hidden_size / "
-            f"num_attention_heads = {cfg.hidden_size // cfg.num_attention_heads}.",
-        )
     for name in ("attention_bias", "mlp_bias"):
         if getattr(cfg, name, False):
             raise unsupported(
@@ -177,7 +174,17 @@ def _sliding_window_warning(cfg) -> List[str]:
     return []
 
 
+def _head_dim(cfg) -> Optional[int]:
+    """``model.llm.head_dim``: None where it is hidden / heads (Megatron-Core's default)."""
+    head_dim = getattr(cfg, "head_dim", None)
+    if head_dim is None or head_dim == cfg.hidden_size / cfg.num_attention_heads:
+        return None
+    return int(head_dim)
+
+
 def _moe_config(cfg, model_type: str) -> MoEConfig:
+    """Softmax routing over all experts, top-k, renormalised (Mixtral; Qwen with
+    ``norm_topk_prob``) or not (``model.llm.moe.normalize_top_k``)."""
     if model_type == "mixtral":
         num_experts, ffn = cfg.num_local_experts, cfg.intermediate_size
         normalised, frequency = True, 1
@@ -185,18 +192,12 @@ def _moe_config(cfg, model_type: str) -> MoEConfig:
         num_experts, ffn = cfg.num_experts, cfg.moe_intermediate_size
         normalised = bool(cfg.norm_topk_prob)
         frequency = _qwen2_moe_frequency(cfg)
-    top_k = cfg.num_experts_per_tok
-    # Megatron-Core (as we configure it) renormalises the top-k weights for top_k > 1 and
-    # keeps the raw softmax probability for top_k = 1.
-    if normalised != (top_k > 1):
-        raise unsupported(
-            "router normalisation",
-            f"top_k={top_k}, normalised={normalised}",
-            "Our router renormalises the top-k probabilities exactly when "
-            "top_k > 1 (Mixtral's rule).",
-        )
     return MoEConfig(
-        num_experts=num_experts, top_k=top_k, layer_frequency=frequency, expert_ffn_hidden_size=ffn
+        num_experts=num_experts,
+        top_k=cfg.num_experts_per_tok,
+        layer_frequency=frequency,
+        expert_ffn_hidden_size=ffn,
+        normalize_top_k=normalised,
     )
 
 
@@ -223,7 +224,7 @@ def language_source(folder) -> LanguageSource:
     cfg = read_hf_config(folder, supported=tuple(LANGUAGE_MODEL_TYPES), what="language model")
     model_type = cfg.model_type
     _check_common(cfg)
-    moe = _moe_config(cfg, model_type) if model_type in ("mixtral", "qwen2_moe") else MoEConfig()
+    moe = _moe_config(cfg, model_type) if model_type in MOE_MODEL_TYPES else MoEConfig()
     dense_ffn = cfg.intermediate_size
     rotary_base, rope_scaling_factor = _rope(cfg)
     llm = LanguageModelConfig(
@@ -239,6 +240,8 @@ def language_source(folder) -> LanguageSource:
         norm_epsilon=cfg.rms_norm_eps,
         tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         qkv_bias=model_type == "qwen2" or bool(getattr(cfg, "qkv_bias", False)),
+        head_dim=_head_dim(cfg),
+        qk_norm=model_type in QK_NORM_MODEL_TYPES,
         moe=moe,
     )
     if llm.num_query_groups == llm.num_attention_heads:
@@ -264,22 +267,27 @@ def _image_normalisation(folder: Path):
 
 
 def vision_source(folder) -> VisionEncoderConfig:
-    """A ``CLIPVisionModel`` / ``SiglipVisionModel`` or the vision half of a ``CLIPModel`` /
-    ``SiglipModel`` -> our ViT config."""
+    """A ``CLIPVisionModel`` / ``SiglipVisionModel`` / ``Siglip2VisionModel`` (NaFlex) or
+    the vision half of a ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` -> our ViT
+    config."""
     folder = Path(folder)
     cfg = read_hf_config(
         folder,
         supported=VISION_MODEL_TYPES,
         what="vision model",
         hint=f"Supported: {list(VISION_MODEL_TYPES)} (CLIPVisionModel, SiglipVisionModel, "
-        f"or the vision tower of a CLIPModel / SiglipModel).",
+        f"Siglip2VisionModel, or the vision tower of a CLIPModel / SiglipModel / "
+        f"Siglip2Model).",
     )
     siglip = cfg.model_type in SIGLIP_MODEL_TYPES
-    vision_cfg = cfg.vision_config if cfg.model_type in ("clip", "siglip") else cfg
+    vision_cfg = cfg.vision_config if cfg.model_type in ("clip", "siglip", "siglip2") else cfg
     if vision_cfg.hidden_act not in VISION_ACTIVATIONS:
         raise unsupported(
             "vision hidden_act", vision_cfg.hidden_act, f"Supported: {sorted(VISION_ACTIVATIONS)}."
         )
+    activation = VISION_ACTIVATIONS[vision_cfg.hidden_act]
+    if cfg.model_type in SIGLIP2_MODEL_TYPES:
+        return siglip2_vision_source(vision_cfg, folder, activation=activation)
     mean, std = _image_normalisation(folder)
     return VisionEncoderConfig(
         image_size=vision_cfg.image_size,
@@ -289,7 +297,7 @@ def vision_source(folder) -> VisionEncoderConfig:
         num_layers=vision_cfg.num_hidden_layers,
         num_attention_heads=vision_cfg.num_attention_heads,
         ffn_hidden_size=vision_cfg.intermediate_size,
-        activation=VISION_ACTIVATIONS[vision_cfg.hidden_act],
+        activation=activation,
         use_class_token=not siglip,
         patch_embedding_bias=siglip,
         pre_layernorm=not siglip,

@@ -1,7 +1,11 @@
 """Vision-language connectors: encoder patch features -> LLM input tokens.
 
 All take ``[n, num_patches, vision_hidden]`` (patches in row-major grid order, class
-token already removed) and return ``[n, num_output_tokens, llm_hidden]``.
+token already removed) and return ``[n, num_output_tokens, llm_hidden]``. For a
+native-resolution encoder, ``forward_grids(features, grids)`` takes the packed patches of
+images of different grids instead (``[total_patches, vision_hidden]``, image ``i``'s
+``h x w`` patches row-major after those of the images before it) and still returns
+``num_output_tokens`` tokens per image; images that share a grid shape run as one batch.
 
 - ``CAbstractor``: MM1's choice (Honeybee's design). Learned grid position embedding,
   a stage of RegNet-style bottleneck blocks with squeeze-excite and LayerNorm2d,
@@ -23,11 +27,13 @@ docs/parallelism.md, "What is split and what is replicated").
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+GridShape = Tuple[int, int]  # (rows, cols) of an image's patch grid
 
 
 def _field(config: Mapping[str, Any], key: str) -> Any:
@@ -47,30 +53,74 @@ def readout_mlp(in_dim: int, out_dim: int, num_layers: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _to_grid(features: torch.Tensor) -> torch.Tensor:
-    """``[n, g*g, c]`` -> ``[n, c, g, g]``."""
-    n, num_patches, channels = features.shape
+def _square_shape(num_patches: int) -> GridShape:
     side = math.isqrt(num_patches)
     if side * side != num_patches:
         raise ValueError(f"{num_patches} patches do not form a square grid")
-    return features.transpose(1, 2).reshape(n, channels, side, side)
+    return side, side
 
 
-def resize_grid_table(table: torch.Tensor, side: int) -> torch.Tensor:
-    """A ``[g*g, c]`` table of a ``g x g`` grid, resized bicubically to ``side x side``.
+def _to_grid(features: torch.Tensor, shape: GridShape) -> torch.Tensor:
+    """``[n, h*w, c]`` -> ``[n, c, h, w]``."""
+    return features.transpose(1, 2).reshape(features.shape[0], features.shape[2], *shape)
+
+
+def resize_grid_table(table: torch.Tensor, size: Union[int, GridShape]) -> torch.Tensor:
+    """A ``[g*g, c]`` table of a ``g x g`` grid, resized bicubically to ``size`` (a side,
+    or the ``(rows, cols)`` of a non-square grid).
 
     How a model pre-trained at one resolution reads its position tables at another (CLIP
     and MM1 move 378 px to 672 px this way); the table itself keeps its shape, so the
-    checkpoint loads unchanged. At ``side == g`` the table is returned as it is.
+    checkpoint loads unchanged. At the table's own grid it is returned as it is.
     """
+    rows, cols = (size, size) if isinstance(size, int) else size
     old_side = math.isqrt(table.shape[0])
     if old_side * old_side != table.shape[0]:
         raise ValueError(f"position table has {table.shape[0]} rows, not a square grid")
-    if old_side == side:
+    if (old_side, old_side) == (rows, cols):
         return table
     grid = table.reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(side, side), mode="bicubic", align_corners=False)
-    return grid.to(table.dtype).permute(0, 2, 3, 1).reshape(side * side, -1)
+    grid = F.interpolate(grid.float(), size=(rows, cols), mode="bicubic", align_corners=False)
+    return grid.to(table.dtype).permute(0, 2, 3, 1).reshape(rows * cols, -1)
+
+
+# A grid with a side under the output side (2x8 patches into 12x12 tokens) is accepted:
+# adaptive average pooling then repeats patches (or averages overlapping pairs), so some
+# tokens are copies. NaFlex keeps aspect ratios, so very wide or tall images do give such
+# grids, and refusing would stop a run at the first one; copies lose nothing and only fill
+# tokens whose count the sequence layout fixes anyway. The square path already does this
+# when num_output_tokens exceeds the patch count.
+def _checked_grids(features: torch.Tensor, grids: Sequence[Sequence[int]]) -> List[GridShape]:
+    if features.dim() != 2:
+        raise ValueError(f"packed features must be [total_patches, hidden], not {features.shape}")
+    shapes = [tuple(int(side) for side in grid) for grid in grids]
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError(f"grids must be one or more (rows, cols) of positive sides: {grids}")
+    total = sum(rows * cols for rows, cols in shapes)
+    if total != features.shape[0]:
+        raise ValueError(f"grids {shapes} hold {total} patches, features {features.shape[0]}")
+    return shapes
+
+
+def map_grid_groups(
+    features: torch.Tensor,
+    grids: Sequence[Sequence[int]],
+    per_shape: Callable[[torch.Tensor, GridShape], torch.Tensor],
+) -> torch.Tensor:
+    """``per_shape(images [k, h*w, c], (h, w)) -> [k, t, d]`` run once per distinct grid
+    shape of the packed ``features``; returns ``[n_images, t, d]`` in the images' order.
+    An image's output depends on its own patches only."""
+    shapes = _checked_grids(features, grids)
+    images = features.split([rows * cols for rows, cols in shapes])
+    by_shape: Dict[GridShape, List[int]] = {}
+    for index, shape in enumerate(shapes):
+        by_shape.setdefault(shape, []).append(index)
+    outputs = [per_shape(torch.stack([images[i] for i in ids]), s) for s, ids in by_shape.items()]
+    order = [index for ids in by_shape.values() for index in ids]
+    grouped = torch.cat(outputs)
+    if order == sorted(order):
+        return grouped
+    return grouped[torch.argsort(torch.tensor(order, device=grouped.device))]
 
 
 def _from_grid(grid: torch.Tensor) -> torch.Tensor:
@@ -158,12 +208,16 @@ class CAbstractor(nn.Module):
         self.readout = readout_mlp(width, llm_hidden, _field(config, "num_readout_layers"))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        side = math.isqrt(features.shape[1])
-        if side * side != features.shape[1]:
-            raise ValueError(f"{features.shape[1]} patches do not form a square grid")
-        # Another resolution (e.g. 672 px tiles after pre-training at 378 px) reads the
-        # learned table resized to its grid.
-        grid = _to_grid(features + resize_grid_table(self.position_embedding, side))
+        return self._forward_shape(features, _square_shape(features.shape[1]))
+
+    def forward_grids(self, features: torch.Tensor, grids: Sequence[GridShape]) -> torch.Tensor:
+        return map_grid_groups(features, grids, self._forward_shape)
+
+    def _forward_shape(self, features: torch.Tensor, shape: GridShape) -> torch.Tensor:
+        # Another resolution (e.g. 672 px tiles after pre-training at 378 px) or a
+        # non-square native grid reads the learned table resized to its grid. A grid with
+        # a side under ``output_side`` is upsampled by the pool (see above _checked_grids).
+        grid = _to_grid(features + resize_grid_table(self.position_embedding, shape), shape)
         grid = self.stage2(self.pool(self.stage1(grid)))
         return self.readout(_from_grid(grid))
 
@@ -183,7 +237,13 @@ class AvgPoolConnector(nn.Module):
         self.readout = readout_mlp(vision_hidden, llm_hidden, _field(config, "num_readout_layers"))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.readout(_from_grid(self.pool(_to_grid(features))))
+        return self._forward_shape(features, _square_shape(features.shape[1]))
+
+    def forward_grids(self, features: torch.Tensor, grids: Sequence[GridShape]) -> torch.Tensor:
+        return map_grid_groups(features, grids, self._forward_shape)
+
+    def _forward_shape(self, features: torch.Tensor, shape: GridShape) -> torch.Tensor:
+        return self.readout(_from_grid(self.pool(_to_grid(features, shape))))
 
 
 class AttnPoolConnector(nn.Module):
@@ -217,6 +277,11 @@ class AttnPoolConnector(nn.Module):
         pooled, _ = self.attention(queries, keys, keys, need_weights=False)
         return self.readout(pooled)
 
+    def forward_grids(self, features: torch.Tensor, grids: Sequence[GridShape]) -> torch.Tensor:
+        # The queries read any number of patches; grouping by shape keeps each image's
+        # keys unpadded, so its output is exactly that of the image alone.
+        return map_grid_groups(features, grids, lambda images, _shape: self.forward(images))
+
 
 class MLPConnector(nn.Module):
     def __init__(
@@ -233,6 +298,16 @@ class MLPConnector(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.readout(features)
+
+    def forward_grids(self, features: torch.Tensor, grids: Sequence[GridShape]) -> torch.Tensor:
+        """Refused: one token per patch cannot give every grid ``num_output_tokens``
+        tokens. Pooling first would make it the ``avg_pool`` connector, which exists."""
+        raise ValueError(
+            "model.connector.type='mlp' makes one token per patch, so images of different "
+            "grids (a native-resolution encoder) cannot all get num_output_tokens tokens; "
+            "set model.connector.type to 'avg_pool' (pooling, then this MLP), "
+            "'c_abstractor' or 'attn_pool'"
+        )
 
 
 # ``model.connector.type`` -> class. The config schema's ``ConnectorType`` lists the same

@@ -10,6 +10,8 @@ the form its kernel needs, so no ``[b, 1, s, s]`` mask exists in training:
   views of the row (not slices: see ``_per_document``). Its
   memory grows with the longest document, not with ``s``; on CPU it dispatches to the
   flash kernel (see ``tools/bench_attention.py`` for the measurement).
+  ``ImageDocumentAttention`` is the same without the causal mask: the native-resolution
+  ViT's packed images, whose ids say which image each patch belongs to.
 - ``TEDocumentAttention`` (Transformer Engine spec): the batch becomes one THD sequence
   described by ``cu_seqlens`` (Megatron-Core's ``PackedSeqParams``), so TE's fused and
   flash kernels apply; defined only when TE is importable.
@@ -46,6 +48,7 @@ from mm1_megatron.batch.documents import build_cu_seqlens as cu_seqlens
 __all__ = [
     "DenseMaskAttention",
     "DocumentAttention",
+    "ImageDocumentAttention",
     "Segments",
     "attention_against_cache",
     "cu_seqlens",
@@ -133,6 +136,8 @@ class DocumentAttention(DotProductAttention):
     built with ``no_mask``) means one bidirectional document per row.
     """
 
+    causal_within_documents = True
+
     def forward(
         self,
         query,
@@ -185,7 +190,7 @@ class DocumentAttention(DotProductAttention):
     def _per_document(
         self, query, key, value, segments: Segments, dropout: float, grouped: bool
     ) -> torch.Tensor:
-        """``[s, b, heads, d]`` in and out: causal attention within each document.
+        """``[s, b, heads, d]`` in and out: attention within each document.
 
         The documents are ``split`` views and the outputs one ``cat`` per row, so backward
         writes each input's gradient once per row (``SplitBackward`` is one ``cat``), and
@@ -199,7 +204,7 @@ class DocumentAttention(DotProductAttention):
         for spans, (q, k, v) in zip(segments, rows):
             lengths = [end - start for start, end in spans]
             pieces = [
-                self._causal(*document, dropout, grouped)
+                self._one_document(*document, dropout, grouped)
                 for document in zip(*(_documents(t, lengths) for t in (q, k, v)))
             ]
             outputs.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0])
@@ -207,7 +212,7 @@ class DocumentAttention(DotProductAttention):
             return outputs[0].unsqueeze(1)
         return torch.stack(outputs, dim=1)
 
-    def _causal(self, q, k, v, dropout: float, grouped: bool) -> torch.Tensor:
+    def _one_document(self, q, k, v, dropout: float, grouped: bool) -> torch.Tensor:
         """One document, ``[len, heads, d]`` in and out, through SDPA's ``[1, heads, len, d]``."""
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
         context = F.scaled_dot_product_attention(
@@ -215,7 +220,7 @@ class DocumentAttention(DotProductAttention):
             k,
             v,
             dropout_p=dropout,
-            is_causal=True,
+            is_causal=self.causal_within_documents,
             scale=self.softmax_scale,
             enable_gqa=grouped,
         )
@@ -226,6 +231,14 @@ class DocumentAttention(DotProductAttention):
         if dropout > 0 and not self.config.sequence_parallel:
             return tensor_parallel.get_cuda_rng_tracker().fork()
         return contextlib.nullcontext()
+
+
+class ImageDocumentAttention(DocumentAttention):
+    """``DocumentAttention`` without the causal mask: the native-resolution ViT's packed
+    images (``attention_mask``: each patch's image index), where every patch attends to
+    all patches of its own image and to none of another's."""
+
+    causal_within_documents = False
 
 
 class DenseMaskAttention(DotProductAttention):
@@ -263,7 +276,8 @@ def te_document_attention_class():
         """Document ids -> one THD sequence with ``cu_seqlens``: TE's flash/fused kernels.
 
         Megatron-Core turns the layer's ``causal`` mask type into ``padding_causal`` for
-        THD, which TE's varlen kernels need.
+        THD, which TE's varlen kernels need, and the ViT's ``no_mask`` into ``padding``:
+        the same class is the native-resolution ViT's per-image bidirectional attention.
         """
 
         def forward(

@@ -13,6 +13,7 @@ Connectors are small and replicated on every tensor-parallel rank (see docs/para
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional, Sequence, Tuple
 
 import torch
 from megatron.core.transformer.module import MegatronModule
@@ -43,5 +44,13 @@ class Connector(MegatronModule):
             init_std=config.init_method_std,
         )
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features)
+    def forward(
+        self, features: torch.Tensor, grids: Optional[Sequence[Tuple[int, int]]] = None
+    ) -> torch.Tensor:
+        """``[n, g*g, vision_hidden]`` square grids, or with ``grids`` (a native-resolution
+        encoder) the packed ``[total_patches, vision_hidden]`` patches of images whose
+        ``(rows, cols)`` grids these are -> ``[n, num_output_tokens, llm_hidden]``. The
+        ``mlp`` connector refuses ``grids`` (one token per patch; see its ``forward_grids``)."""
+        if grids is None:
+            return self.net(features)
+        return self.net.forward_grids(features, grids)

@@ -145,7 +145,7 @@ class DecoderLayerParams:
 
 def decoder_layer_params(m: LanguageModelConfig, is_moe: bool) -> DecoderLayerParams:
     h = m.hidden_size
-    head_dim = h // m.num_attention_heads
+    head_dim = m.attention_head_dim
     groups = m.num_query_groups or m.num_attention_heads
     qkv_rows = (m.num_attention_heads + 2 * groups) * head_dim
     attention = (
@@ -153,7 +153,7 @@ def decoder_layer_params(m: LanguageModelConfig, is_moe: bool) -> DecoderLayerPa
         + (qkv_rows if m.qkv_bias else 0)  # fused QKV (+ bias)
         + m.num_attention_heads * head_dim * h
     )  # output projection
-    norms = 2 * h  # input and pre-MLP RMSNorm
+    norms = 2 * h + (2 * head_dim if m.qk_norm else 0)  # input, pre-MLP (and q/k) RMSNorm
     if not is_moe:  # SwiGLU: fc1 is 2f wide
         return DecoderLayerParams(norms, attention, 3 * h * m.ffn_hidden_size, 0, 0, 0)
     per_expert = 3 * h * (m.moe.expert_ffn_hidden_size or m.ffn_hidden_size)

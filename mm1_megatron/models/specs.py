@@ -33,6 +33,7 @@ from mm1_megatron.compat.inference import RotatedKeyCacheSelfAttention
 from mm1_megatron.models.attention import (
     DenseMaskAttention,
     DocumentAttention,
+    ImageDocumentAttention,
     te_document_attention_class,
 )
 from mm1_megatron.models.norms import TorchNorm
@@ -58,9 +59,17 @@ def backend_provider(transformer_impl: str) -> BackendSpecProvider:
     return LocalSpecProvider()
 
 
-def vision_layer_spec(transformer_impl: str) -> ModuleSpec:
-    """Pre-norm ViT layer: LayerNorm, bidirectional attention, non-gated MLP."""
+def vision_layer_spec(transformer_impl: str, *, per_image_attention: bool = False) -> ModuleSpec:
+    """Pre-norm ViT layer: LayerNorm, bidirectional attention, non-gated MLP.
+
+    ``per_image_attention`` (the native-resolution ViT): the core attention takes each
+    packed patch's image index as its attention mask and keeps every image to itself
+    (``models/attention.py``); without ids it is plain bidirectional attention."""
     backend = backend_provider(transformer_impl)
+    core_attention = backend.core_attention()
+    if per_image_attention:
+        te = transformer_impl == "transformer_engine"
+        core_attention = te_document_attention_class() if te else ImageDocumentAttention
     fused = backend.fuse_layernorm_and_linear()
     layer_norm = backend.layer_norm(rms_norm=False, for_qk=False)
     qkv = backend.column_parallel_layer_norm_linear() if fused else backend.column_parallel_linear()
@@ -74,7 +83,7 @@ def vision_layer_spec(transformer_impl: str) -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=qkv,
-                    core_attention=backend.core_attention(),
+                    core_attention=core_attention,
                     linear_proj=backend.row_parallel_linear(),
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
@@ -117,12 +126,26 @@ def _with_te_key_layout(layer: ModuleSpec) -> ModuleSpec:
 
 
 def _with_torch_norms(layer: ModuleSpec) -> ModuleSpec:
-    """Swap Megatron's torch-norm wrapper (which rejects SP) for ``TorchNorm``."""
+    """Swap Megatron's torch-norm wrapper (which rejects SP) for ``TorchNorm``, and any
+    q/k norm (Qwen3; the local provider picks it from a module-level global) too.
+    Megatron-Core's ``finalize_model_grads`` sums the q/k norms' gradients over the TP
+    group by name: each rank normalises other heads with the same weight."""
     fields = {
         name: TorchNorm
         for name in ("input_layernorm", "pre_mlp_layernorm")
         if getattr(layer.submodules, name) is WrappedTorchNorm
     }
+    attention = layer.submodules.self_attention
+    attention_submodules = compat_specs.spec_submodules(attention)
+    attention_fields = {
+        name: TorchNorm
+        for name in ("q_layernorm", "k_layernorm")
+        if getattr(attention_submodules, name) is not IdentityOp
+    }
+    if attention_fields:
+        fields["self_attention"] = compat_specs.with_submodules(
+            attention, compat_specs.replace_fields(attention_submodules, **attention_fields)
+        )
     return compat_specs.with_submodules(
         layer, compat_specs.replace_fields(layer.submodules, **fields)
     )

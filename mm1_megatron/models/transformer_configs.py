@@ -103,6 +103,8 @@ def language_transformer_config(
         hidden_size=llm.hidden_size,
         num_attention_heads=llm.num_attention_heads,
         num_query_groups=llm.num_query_groups,
+        kv_channels=llm.attention_head_dim,
+        qk_layernorm=llm.qk_norm,
         ffn_hidden_size=llm.ffn_hidden_size,
         normalization="RMSNorm",
         layernorm_epsilon=llm.norm_epsilon,
@@ -146,8 +148,9 @@ def language_transformer_config(
             expert_model_parallel_size=parallel.expert_parallel_size,
             expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
             moe_router_dtype="fp32",
-            # With one expert per token, softmax after top-k would always give weight 1.
-            moe_router_pre_softmax=moe.top_k == 1,
+            # Softmax over the top-k logits is softmax over all, renormalised over the
+            # top k; softmax before top-k keeps each expert's share of all experts.
+            moe_router_pre_softmax=not moe.renormalizes_top_k,
             moe_grouped_gemm=uses_grouped_gemm(model),
         )
     return TransformerConfig(**kwargs)

@@ -85,10 +85,14 @@ def one_document_pairs(seq_length: int) -> int:
 
 def decoder_attention_forward_flops(model: ModelConfig, attention_pairs: int) -> float:
     """Forward FLOPs of the decoder's core attention over ``attention_pairs`` causal
-    query-key pairs, all layers: Q K^T and (scores x V), 2 x hidden multiply-adds per pair
-    and layer."""
+    query-key pairs, all layers: Q K^T and (scores x V), 2 x heads x head_dim (the hidden
+    size, unless ``model.llm.head_dim`` decouples them) multiply-adds per pair and layer."""
     llm = model.llm
-    return 2 * llm.num_layers * 2 * llm.hidden_size * attention_pairs
+    return 2 * llm.num_layers * 2 * _attention_width(llm) * attention_pairs
+
+
+def _attention_width(llm) -> int:
+    return llm.num_attention_heads * llm.attention_head_dim
 
 
 def decoder_layer_forward_flops(
@@ -103,7 +107,7 @@ def decoder_layer_forward_flops(
         attention_pairs = one_document_pairs(seq_length)
     is_moe = param_count.moe_layer_flags(llm)[layer_index]
     weights = param_count.decoder_layer_params(llm, is_moe).active
-    return 2 * (seq_length * weights + 2 * llm.hidden_size * attention_pairs)
+    return 2 * (seq_length * weights + 2 * _attention_width(llm) * attention_pairs)
 
 
 def output_layer_forward_flops(model: ModelConfig, seq_length: int) -> float:

@@ -1,6 +1,7 @@
 """Session fixtures of the conversion tests: tiny Hugging Face sources, their imports,
 one torchrun run (2 processes) that loads the imports at TP=2 / EP=2 and trains the debug
-model at TP=2 (dense) and EP=2 (MoE), and the exports of those two trained models."""
+model at TP=2 (dense) and EP=2 (MoE), the exports of those two trained models, and the
+exports of one fine-tuning (SFT) model with tiles (``sft_run``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tests.conversion.hf_sources import IMAGE_SIZE, VOCAB, build_source
 from tests.rank_pool import session_pools
 
 REPO = Path(__file__).resolve().parents[2]
-LANGUAGE_SOURCES = ("llama", "qwen2", "mistral", "mixtral")
+LANGUAGE_SOURCES = ("llama", "qwen2", "mistral", "mixtral", "qwen3", "qwen3_moe")
 VISION_SOURCES = ("clip_vision", "clip", "siglip_vision")
 TOLERANCE = 1e-4
 
@@ -29,6 +30,13 @@ LAYOUT_LOADS = {
         {"tensor_parallel_size": 2, "sequence_parallel": True},
     ),
     "mixtral_ep2": ("mixtral", "language_model", {"expert_parallel_size": 2}),
+    "qwen3_tp2_sp": (
+        "qwen3",
+        "language_model",
+        {"tensor_parallel_size": 2, "sequence_parallel": True},
+    ),
+    "qwen3_moe_tp2": ("qwen3_moe", "language_model", {"tensor_parallel_size": 2}),
+    "qwen3_moe_ep2": ("qwen3_moe", "language_model", {"expert_parallel_size": 2}),
     "clip_vision_tp2": ("clip_vision", "vision_encoder", {"tensor_parallel_size": 2}),
     "siglip_vision_tp2": ("siglip_vision", "vision_encoder", {"tensor_parallel_size": 2}),
 }
@@ -48,7 +56,20 @@ TRAINS = {
         "model.llm.moe.layer_frequency=2",
         "parallel.expert_parallel_size=2",
     ],
+    # Qwen3-style decoders: q/k norms, 4 heads of 48 in a 128-wide model.
+    "qwen3_trained_tp2": TRAIN_BASE
+    + ["model.llm.qk_norm=true", "model.llm.head_dim=48", "parallel.tensor_parallel_size=2"],
+    "qwen3_moe_trained_ep2": TRAIN_BASE
+    + [
+        "model.llm.qk_norm=true",
+        "model.llm.head_dim=48",
+        "model.llm.moe.num_experts=4",
+        "parallel.expert_parallel_size=2",
+    ],
 }
+
+# Loads and trains write OUT_DIR/<name>.safetensors side by side.
+assert not set(LAYOUT_LOADS) & set(TRAINS), set(LAYOUT_LOADS) & set(TRAINS)
 
 
 @pytest.fixture(scope="session")
@@ -130,3 +151,51 @@ def trained_exports(worker_outputs, conversion_dir, megatron_single_process):
         name: export_to(worker_outputs / name / "ckpt", conversion_dir / "trained" / name)
         for name in TRAINS
     }
+
+
+# Fine-tuning (SFT) exports: conversations with tiles, MM1's static 2x2 grid plus an
+# overview after the tiles, and MM1.5's dynamic grid with the overview before them.
+SFT_COMMON = (
+    "data.mixture={conversation: 1.0}",
+    "model.llm.max_sequence_length=512",
+    "training.seq_length=512",
+    "data.max_images_per_sequence=20",
+    "data.tiling.tile_size=112",
+)
+SFT_EXPORTS = {
+    # A separator between the tiles of a split image (any single token; "next" here).
+    "static": SFT_COMMON
+    + ("data.tiling.mode=static", "data.tiling.overview=after", "data.tiling.separator=next"),
+    "dynamic": SFT_COMMON
+    + (
+        "data.tiling.mode=dynamic",
+        "data.tiling.min_tiles=1",
+        "data.tiling.max_tiles=4",
+        "data.tiling.overview=before",
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def sft_run(conversion_dir, megatron_single_process):
+    """One randomised model saved with each config of ``SFT_EXPORTS``, exported:
+    ``(configs, export folders, the model)``."""
+    from mm1_megatron.config import save_config
+    from mm1_megatron.config.schema import MODEL_PARTS
+    from mm1_megatron.conversion import megatron_io
+    from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
+    from tests.conftest import make_tiny_config
+    from tests.conversion.hf_sources import randomize
+
+    configs = {name: make_tiny_config(*overrides) for name, overrides in SFT_EXPORTS.items()}
+    image_id = SyntheticTokenizer().image_token_id
+    model = megatron_io.build_tp1_model(configs["static"].model, image_token_id=image_id, seed=11)
+    randomize(model, seed=11)
+    exports = {}
+    for name, cfg in configs.items():
+        step = conversion_dir / "sft" / name / "step_00000000"
+        megatron_io.save_parts(model, step, MODEL_PARTS)
+        save_config(cfg, step / "config.yaml")
+        megatron_io.write_published_checkpoint(step.parent, step.name)
+        exports[name] = export_to(step.parent, conversion_dir / "sft_hf" / name)
+    return configs, exports, model

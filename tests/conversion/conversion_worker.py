@@ -6,7 +6,8 @@
 SPEC.json has
 - ``loads``: imported checkpoints to load at a TP/EP layout the way training does
   (``CheckpointManager.load_pretrained_part``), run on the inputs file, and record
-  (``OUT_DIR/<name>.safetensors``: ``output`` = full logits or ViT features);
+  (``OUT_DIR/<name>.safetensors``: ``output`` = full logits or ViT features; an inputs
+  file with ``patches`` and ``grid_sizes`` runs the native-resolution ViT on them);
 - ``trains``: short training runs of the debug model at a layout, saved at the end, then
   ``prompt_logits`` and 20 greedy tokens (``generated``, end-of-sequence masked) of the
   trained model on a fixed image+text prompt (``OUT_DIR/<name>.safetensors``).
@@ -93,7 +94,9 @@ def _run_load(spec: dict, out: Path) -> None:
     CheckpointManager(CheckpointConfig()).load_pretrained_part(model, spec["part"] + ".", ckpt)
     inputs = load_file(spec["inputs"])
     with torch.no_grad():
-        if spec["part"] == "vision_encoder":
+        if spec["part"] == "vision_encoder" and "grid_sizes" in inputs:  # packed images
+            output = model.vision_encoder.encode_packed(inputs["patches"], inputs["grid_sizes"])
+        elif spec["part"] == "vision_encoder":
             output = model.vision_encoder(inputs["images"])
         elif parallel.pipeline_parallel_size > 1:
             output = _pipelined_logits(model, inputs["tokens"])

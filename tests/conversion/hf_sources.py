@@ -41,6 +41,8 @@ def _configs():
         MistralConfig,
         MixtralConfig,
         Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
         SiglipVisionConfig,
     )
 
@@ -50,6 +52,20 @@ def _configs():
         "mistral": MistralConfig(**TEXT, sliding_window=4096),
         "mixtral": MixtralConfig(
             **{**TEXT, "intermediate_size": 96}, num_local_experts=4, num_experts_per_tok=2
+        ),
+        # Qwen3: q/k norms and a head size of its own (4 heads of 24 in a 64-wide model).
+        "qwen3": Qwen3Config(**TEXT, head_dim=24, tie_word_embeddings=True),
+        # Qwen3-MoE: experts on layer 0, a dense layer 1 (mlp_only_layers), top-2 of 4
+        # renormalised (norm_topk_prob), untied embeddings.
+        "qwen3_moe": Qwen3MoeConfig(
+            **TEXT,
+            head_dim=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=48,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+            tie_word_embeddings=False,
         ),
         "clip_vision": CLIPVisionConfig(**VISION, hidden_act="quick_gelu"),
         # SigLIP's defaults: gelu_pytorch_tanh, layer_norm_eps 1e-6, the pooling head.
@@ -118,3 +134,61 @@ def make_word_tokenizer(folder: Path, vocab_size: int = VOCAB) -> None:
     PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="w2"
     ).save_pretrained(str(folder))
+
+
+# SigLIP 2 NaFlex: 4-px patches, a 4x4 position table, at most 32 patches per image.
+SIGLIP2_VISION = dict(
+    hidden_size=HIDDEN,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    patch_size=4,
+    num_patches=16,
+)
+SIGLIP2_MAX_PATCHES = 32
+
+
+def build_siglip2_source(name: str, folder: Path, seed: int = 0):
+    """``siglip2_vision`` (``Siglip2VisionModel`` with a ``Siglip2ImageProcessor`` config
+    of ``SIGLIP2_MAX_PATCHES``) or ``siglip2`` (``Siglip2Model``, no processor config),
+    randomised and saved like ``build_source``; returns the vision tower in eval mode."""
+    from transformers import (
+        Siglip2Config,
+        Siglip2ImageProcessor,
+        Siglip2Model,
+        Siglip2VisionConfig,
+        Siglip2VisionModel,
+    )
+
+    if name == "siglip2_vision":
+        model = Siglip2VisionModel(Siglip2VisionConfig(**SIGLIP2_VISION))
+        processor = Siglip2ImageProcessor(patch_size=4, max_num_patches=SIGLIP2_MAX_PATCHES)
+        processor.save_pretrained(str(folder))
+    else:
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+        text.update(num_attention_heads=2, vocab_size=100, max_position_embeddings=16)
+        text.update(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        model = Siglip2Model(Siglip2Config(vision_config=SIGLIP2_VISION, text_config=text))
+    randomize(model, seed)
+    model.save_pretrained(str(folder))
+    return getattr(model, "vision_model", model).eval()
+
+
+def siglip2_features(tower, patches, grid_sizes, max_patches: int = SIGLIP2_MAX_PATCHES):
+    """``last_hidden_state`` of packed images run the Siglip2 way (each padded to
+    ``max_patches`` rows, with its mask and spatial shape), unpadded and packed again."""
+    import torch
+
+    counts = [h * w for h, w in grid_sizes]
+    pixel_values = torch.zeros(len(counts), max_patches, patches.shape[1])
+    mask = torch.zeros(len(counts), max_patches, dtype=torch.int32)
+    for index, image in enumerate(patches.split(counts)):
+        pixel_values[index, : len(image)] = image
+        mask[index, : len(image)] = 1
+    with torch.no_grad():
+        hidden = tower(
+            pixel_values=pixel_values,
+            pixel_attention_mask=mask,
+            spatial_shapes=torch.tensor(grid_sizes),
+        ).last_hidden_state
+    return torch.cat([hidden[index, :count] for index, count in enumerate(counts)])

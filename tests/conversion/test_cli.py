@@ -204,6 +204,26 @@ def test_unsupported_language_models_are_refused(
     assert code == 2 and message in err
 
 
+def test_qwen3_with_attention_biases_is_refused(sources, conversion_dir, capsys):
+    """Qwen3's attention_bias also biases o_proj, which our decoder does not have."""
+    source = _edited_source(
+        sources, conversion_dir, "qwen3", "bad_qwen3_bias", lambda c: c.update(attention_bias=True)
+    )
+    output = conversion_dir / "bad_qwen3_bias_out"
+    code, err = _run(capsys, "import", "--language-model", str(source), "--output", str(output))
+    assert code == 2 and "attention_bias" in err
+
+
+def test_q_k_norms_with_q_k_v_biases_have_no_export_class():
+    from mm1_megatron.config.schema import LanguageModelConfig
+    from mm1_megatron.conversion.errors import ConversionError
+    from mm1_megatron.conversion.target_configs import language_target
+
+    assert language_target(LanguageModelConfig(qk_norm=True)) == "qwen3"
+    with pytest.raises(ConversionError, match="q/k norms and q/k/v biases"):
+        language_target(LanguageModelConfig(qk_norm=True, qkv_bias=True))
+
+
 def test_siglip_model_vision_half_imports_without_its_head(
     conversion_dir, capsys, megatron_single_process
 ):

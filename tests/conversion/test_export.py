@@ -21,7 +21,16 @@ from mm1_megatron.config.schema import MODEL_PARTS
 from tests.conversion.conftest import TOLERANCE, TRAINS, export_to
 
 logger = logging.getLogger(__name__)
-ROUND_TRIPS = ("llama", "qwen2", "mixtral", "clip_vision", "clip", "siglip_vision")
+ROUND_TRIPS = (
+    "llama",
+    "qwen2",
+    "mixtral",
+    "qwen3",
+    "qwen3_moe",
+    "clip_vision",
+    "clip",
+    "siglip_vision",
+)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +59,7 @@ def test_import_export_round_trip_is_bit_exact(name, sources, round_trips):
         assert torch.equal(source.get(source_prefix + key), exported_tensor), key
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mixtral", "qwen3", "qwen3_moe"])
 def test_exported_language_model_reloads_with_the_source_logits(name, sources, round_trips, inputs):
     from transformers import AutoModelForCausalLM
 
@@ -115,6 +124,17 @@ def test_moe_every_second_layer_exports_as_qwen2_moe(
     )
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert type(model).__name__ == "Qwen2MoeForCausalLM"
+
+
+@pytest.mark.parametrize(
+    "name, model_type", [("qwen3_trained_tp2", "qwen3"), ("qwen3_moe_trained_ep2", "qwen3_moe")]
+)
+def test_decoders_with_q_k_norms_export_as_qwen3(name, model_type, trained_exports):
+    text = json.loads((trained_exports[name] / "config.json").read_text())["text_config"]
+    assert (text["model_type"], text["head_dim"], text["hidden_size"]) == (model_type, 48, 128)
+    assert not text["attention_bias"]
+    if model_type == "qwen3_moe":
+        assert text["norm_topk_prob"] and text["mlp_only_layers"] == []
 
 
 def test_export_writes_the_hugging_face_side_files(trained_exports):

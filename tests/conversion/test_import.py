@@ -93,6 +93,23 @@ def test_config_fields_map_from_hugging_face(imported):
         mixtral.moe.layer_frequency,
         mixtral.moe.expert_ffn_hidden_size,
     ) == (4, 2, 1, 96)
+    qwen3 = load_config(imported["qwen3"] / "step_00000000" / "config.yaml").model.llm
+    assert (qwen3.qk_norm, qwen3.head_dim, qwen3.tie_embeddings, qwen3.qkv_bias) == (
+        True,
+        24,
+        True,
+        False,
+    )
+    qwen3_moe = load_config(imported["qwen3_moe"] / "step_00000000" / "config.yaml").model.llm
+    assert qwen3_moe.qk_norm and qwen3_moe.head_dim == 24 and not qwen3_moe.tie_embeddings
+    moe = qwen3_moe.moe
+    assert (
+        moe.num_experts,
+        moe.top_k,
+        moe.layer_frequency,
+        moe.expert_ffn_hidden_size,
+        moe.normalize_top_k,
+    ) == (4, 2, 2, 48, True)
     clip = load_config(imported["clip"] / "step_00000000" / "config.yaml").model.vision
     assert clip.activation == "gelu" and clip.num_layers == 2 and clip.use_class_token
     assert clip.pre_layernorm and not (clip.post_layernorm or clip.patch_embedding_bias)

@@ -38,6 +38,9 @@ MOE = [
     "model.llm.moe.aux_loss_coeff=0",
     "model.llm.moe.z_loss_coeff=0",
 ]
+# Qwen3's attention: q/k RMSNorms (whose gradients are summed over the TP group) and a
+# head width of its own (4 heads of 48 in a 128-wide model).
+QWEN3 = ["model.llm.qk_norm=true", "model.llm.head_dim=48"]
 TEXT_ONLY = ["data.mixture={text: 1.0}"]
 TP2 = ["parallel.tensor_parallel_size=2"]
 SP = ["parallel.sequence_parallel=true"]
@@ -47,12 +50,13 @@ OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=t
 # The single-process references attend through the explicit [b, 1, s, s] mask; every
 # layout through per-document attention: each comparison also checks the attention path.
 DENSE_MASK = ["model.attention=dense_mask_reference"]
-REFERENCES = {"dense": DENSE_MASK, "moe": MOE + DENSE_MASK}
+REFERENCES = {"dense": DENSE_MASK, "moe": MOE + DENSE_MASK, "qwen3": QWEN3 + DENSE_MASK}
 
 # name -> (world size, reference, overrides)
 LAYOUTS = {
     "tp2": (2, "dense", TP2),
     "tp2_sp": (2, "dense", TP2 + SP),
+    "qwen3_tp2_sp": (2, "qwen3", QWEN3 + TP2 + SP),
     "pp2_vision_stage": (2, "dense", PP2),
     "pp2_one_layer_on_vision_stage": (
         2,

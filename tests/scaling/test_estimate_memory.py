@@ -35,7 +35,12 @@ def test_live_tensor_bytes_sees_frees_and_views():
     assert tracker.live == 0
 
 
-@pytest.fixture(params=["none", "full"])
+# Qwen3's attention: q/k norms and 4 heads of 48 in the 128-wide debug decoder.
+QWEN3 = ("model.llm.qk_norm=true", "model.llm.head_dim=48")
+SETTINGS = {"none": ("none", ()), "full": ("full", ()), "qwen3_heads": ("none", QWEN3)}
+
+
+@pytest.fixture(params=sorted(SETTINGS))
 def measured(request, tmp_path, megatron_single_process):
     from mm1_megatron.config import load_config, validate_config
     from mm1_megatron.training.trainer import Trainer
@@ -46,8 +51,9 @@ def measured(request, tmp_path, megatron_single_process):
             DEBUG_CONFIG,
             [
                 f"logging.output_dir={tmp_path}",
-                f"parallel.recompute={request.param}",
+                f"parallel.recompute={SETTINGS[request.param][0]}",
                 *CAPTIONS_ONLY,
+                *SETTINGS[request.param][1],
             ],
         )
     )

@@ -25,7 +25,9 @@ from mm1_megatron.models import build_mm1_model  # noqa: E402
 from tests.conftest import DEBUG_CONFIG, IMAGE_TOKEN_ID, TINY_OVERRIDES, make_tiny_config  # noqa: E402
 
 MOE = ("model.llm.moe.num_experts=4", "model.llm.moe.top_k=2")
-VARIANTS = {"dense": (), "moe": MOE}
+# Qwen3's attention: q/k norms (TE's RMSNorm) and 4 heads of 12 in a 32-wide decoder.
+QWEN3 = ("model.llm.qk_norm=true", "model.llm.head_dim=12")
+VARIANTS = {"dense": (), "moe": MOE, "qwen3": QWEN3}
 
 
 def _te_config(te_overrides, variant, *extra):
@@ -100,7 +102,7 @@ def test_megatron_core_sees_transformer_engine(te_mode):
             import transformer_engine.pytorch.optimizers  # noqa: F401
 
 
-@pytest.mark.parametrize("variant", ["dense", "moe"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_model_is_built_from_megatron_te_wrappers(seeded, te_overrides, variant):
     import transformer_engine.pytorch as te
     from megatron.core.extensions import transformer_engine as mcore_te
@@ -115,6 +117,10 @@ def test_model_is_built_from_megatron_te_wrappers(seeded, te_overrides, variant)
         assert isinstance(attention.linear_proj, te.Linear)
         assert isinstance(attention.core_attention, mcore_te.TEDotProductAttention)
         assert type(attention.core_attention).__name__ == "TEDocumentAttention"
+        if variant == "qwen3":
+            assert isinstance(attention.q_layernorm, te.RMSNorm)
+            assert isinstance(attention.k_layernorm, te.RMSNorm)
+            assert attention.q_layernorm.weight.shape == (12,)
         if variant == "moe":
             from megatron.core.transformer.moe.experts import TEGroupedMLP
 
@@ -127,7 +133,7 @@ def test_model_is_built_from_megatron_te_wrappers(seeded, te_overrides, variant)
 
 
 # ---- the same math as the local layer spec ------------------------------------------------
-@pytest.mark.parametrize("variant", ["dense", "moe"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_loss_and_gradients_equal_the_local_model(seeded, te_overrides, variant):
     """Weights copied by checkpoint key: both specs share them (TE's fused norm+linear
     maps to the local ``input_layernorm`` / ``pre_mlp_layernorm`` by Megatron's key map,

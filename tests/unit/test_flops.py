@@ -21,9 +21,11 @@ from tests.conftest import IMAGE_TOKEN_ID
 
 # Tiled: 112 px tiles (an 8x8 patch grid) for an encoder built at 56 px (4x4).
 TILED = ("data.tiling.mode=static", "data.tiling.tile_size=112", "data.max_images_per_sequence=20")
+# Qwen3's attention: q/k norms and 4 heads of 12 in a 32-wide decoder.
+QWEN3 = ("model.llm.qk_norm=true", "model.llm.head_dim=12")
 
 
-@pytest.fixture(params=[(), TILED], ids=["images", "tiles"])
+@pytest.fixture(params=[(), TILED, QWEN3], ids=["images", "tiles", "qwen3_heads"])
 def one_step(request, tiny_config, build_tiny_model):
     from mm1_megatron.batch import model_inputs
     from mm1_megatron.data.build import build_run_data
@@ -58,8 +60,9 @@ def test_flops_per_step_match_torchs_flop_counter(one_step):
     by_op = {str(op): count for op, count in forward.get_flop_counts()["Global"].items()}
     # Attention: QK^T and (scores x V), full matrices, decoder and ViT, exactly.
     vit_tokens = (size // v.patch_size) ** 2 + (1 if v.use_class_token else 0)
+    heads_width = llm.num_attention_heads * llm.attention_head_dim
     attention = (
-        4 * llm.num_layers * seq_length**2 * llm.hidden_size * num_sequences
+        4 * llm.num_layers * seq_length**2 * heads_width * num_sequences
         + 4 * v.num_layers * vit_tokens**2 * v.hidden_size * num_images
     )
     assert by_op["aten.bmm"] + by_op["aten.baddbmm"] == attention
@@ -70,9 +73,9 @@ def test_flops_per_step_match_torchs_flop_counter(one_step):
     pairs = flops.causal_attention_pairs(batch["document_ids"])
     assert pairs == int((~document_causal_mask(batch["document_ids"])).sum())
     assert pairs < num_sequences * seq_length**2 // 2  # packed: well below one document's
-    decoder_attention = 4 * llm.num_layers * llm.hidden_size * pairs
+    decoder_attention = 4 * llm.num_layers * heads_width * pairs
     counted_forward = forward.get_total_flops()
-    counted_decoder_attention = 4 * llm.num_layers * seq_length**2 * llm.hidden_size * num_sequences
+    counted_decoder_attention = 4 * llm.num_layers * seq_length**2 * heads_width * num_sequences
     per_document_forward = counted_forward - counted_decoder_attention + decoder_attention
 
     formula_forward = sum(

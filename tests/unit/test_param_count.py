@@ -38,6 +38,13 @@ VARIANTS = {
     "mqa": ["model.llm.num_query_groups=1"],
     "tied_embeddings": ["model.llm.tie_embeddings=true"],
     "qkv_bias": ["model.llm.qkv_bias=true"],
+    "qwen3_attention": ["model.llm.qk_norm=true", "model.llm.head_dim=12"],
+    "qwen3_moe_untied_norms": [
+        "model.llm.qk_norm=true",
+        "model.llm.head_dim=20",
+        "model.llm.moe.num_experts=4",
+        "model.llm.moe.normalize_top_k=false",
+    ],
     "no_class_token": ["model.vision.use_class_token=false"],
     "siglip_stem": [
         "model.vision.use_class_token=false",

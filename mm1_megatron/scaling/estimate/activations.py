@@ -22,7 +22,7 @@ log-sum-exp, the kernel's output copy); full recomputation keeps only the layer 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 from mm1_megatron.config.schema import ModelConfig
 
@@ -105,6 +105,8 @@ class LayerShape:
     ffn_hidden: int
     gated: bool
     rope: bool
+    head_dim: Optional[int] = None  # None: hidden / num_heads
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys (Qwen3)
 
     @property
     def tokens(self) -> int:
@@ -135,7 +137,8 @@ def transformer_layer_terms(
     inside = n / tp
     if recompute == "full":  # Megatron-Core checkpoints the layer input only
         return {"layer_input": e * h * outside}
-    head_dim = h // shape.num_heads
+    head_dim = shape.head_dim or h // shape.num_heads
+    heads_width = shape.num_heads * head_dim
     norm_copies = k.rmsnorm_copies if rmsnorm else 1
     stats_per_norm = (1 if rmsnorm else 2) if k.norm_stats else 0
     terms: Terms = {
@@ -143,6 +146,9 @@ def transformer_layer_terms(
         "qkv_input": e * h * outside,
         "qkv": e * (shape.num_heads + 2 * shape.num_query_groups) * head_dim * inside,
     }
+    if shape.qk_norm:  # each head's normalised queries and keys, and their statistics
+        qk_heads = shape.num_heads + shape.num_query_groups
+        terms["qk_norms"] = (norm_copies * e * head_dim + FP32 * stats_per_norm) * qk_heads * inside
     if shape.rope and k.rotated_qk_copies:
         terms["rotated_qk"] = e * (shape.num_heads + shape.num_query_groups) * head_dim * inside
     if shape.rope and k.rope_tables:
@@ -154,7 +160,7 @@ def transformer_layer_terms(
     elif not scores_kept and not selective:
         terms["softmax_stats"] = FP32 * shape.num_heads * inside
     copies = output_copies if not (scores_kept or selective) else 1
-    terms["attention_output"] = copies * e * h * inside
+    terms["attention_output"] = copies * e * heads_width * inside
     if mlp:
         terms["mlp_input"] = e * h * outside
         ffn = shape.ffn_hidden
@@ -194,6 +200,8 @@ def decoder_layer_shape(model: ModelConfig, *, seq_length: int, micro_batch: int
         ffn_hidden=llm.ffn_hidden_size,
         gated=True,
         rope=True,
+        head_dim=llm.attention_head_dim,
+        qk_norm=llm.qk_norm,
     )
 
 
