@@ -141,6 +141,12 @@ def _model_card_notes(fmt: str, cfg) -> str:
             "`<image>` of a prompt into one run of image tokens per tile: "
             '`model.generate(**processor(text=prompt, images=images, return_tensors="pt"))`.'
         )
+    if fmt == "mm1":
+        notes.append(
+            '`pipeline("image-text-to-text", model=path, trust_remote_code=True)` runs the '
+            "model with its processor (`MM1Processor`, which expands each `<image>` marker "
+            "into the image tokens training used)."
+        )
     return "\n\n".join(notes)
 
 

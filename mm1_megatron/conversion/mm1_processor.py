@@ -1,13 +1,17 @@
-"""The processor of an ``mm1`` export whose run tiles its images (``data.tiling``).
+"""The processor of an ``mm1`` export: ``MM1Processor`` and its image processor.
 
-Writes ``MM1ImageProcessor`` (``preprocessor_config.json``: the run's tiling settings and
-the encoder's mean / std) and ``MM1Processor`` (``processor_config.json``: the image
-marker and the connector's token count), with their code (``image_processing_mm1.py``,
-``processing_mm1.py``) named in ``auto_map``. ``AutoProcessor.from_pretrained(folder,
-trust_remote_code=True)`` then cuts images into training's tiles and expands each
-``<image>`` marker of a prompt into one placeholder per tile, each the connector's
-``num_output_tokens`` image tokens. Runs without tiles keep the ``CLIPImageProcessor``
-config (``hf_files.write_image_processor_config``).
+Every ``mm1`` export gets ``MM1Processor`` (``processor_config.json``: the image marker
+and the connector's token count; code ``processing_mm1.py``, named in ``auto_map``), so
+``AutoProcessor.from_pretrained(folder, trust_remote_code=True)`` and the
+``image-text-to-text`` pipeline expand each ``<image>`` marker of a prompt as training did.
+Its image processor is
+
+- for a run that tiles its images (``data.tiling``), ``MM1ImageProcessor``
+  (``preprocessor_config.json``: the run's tiling settings and the encoder's mean / std;
+  code ``image_processing_mm1.py``): it cuts training's tiles, and each marker becomes one
+  placeholder per tile, each the connector's ``num_output_tokens`` image tokens;
+- otherwise the ``CLIPImageProcessor`` config (``hf_files.write_image_processor_config``):
+  one image, one placeholder.
 """
 
 from __future__ import annotations
@@ -20,6 +24,23 @@ from mm1_megatron.config import MM1Config
 from mm1_megatron.data.shards.conversations import IMAGE_MARKER
 
 logger = logging.getLogger(__name__)
+
+
+def _tiled(cfg: MM1Config) -> bool:
+    return cfg.data.tiling.mode != "none"
+
+
+def processor_config(cfg: MM1Config) -> dict:
+    """``processor_config.json`` of ``MM1Processor``."""
+    from mm1_megatron.hf_model import PROCESSOR_AUTO_MAP
+
+    return {
+        "processor_class": "MM1Processor",
+        "auto_map": {"AutoProcessor": PROCESSOR_AUTO_MAP["AutoProcessor"]},
+        "num_image_tokens": cfg.model.connector.num_output_tokens,
+        "image_token": IMAGE_MARKER,
+        "tile_separator": cfg.data.tiling.separator if _tiled(cfg) else None,
+    }
 
 
 def tiling_processor_configs(cfg: MM1Config):
@@ -43,29 +64,34 @@ def tiling_processor_configs(cfg: MM1Config):
         "auto_map": dict(PROCESSOR_AUTO_MAP),
         **settings,
     }
-    processor = {
-        "processor_class": "MM1Processor",
-        "auto_map": {"AutoProcessor": PROCESSOR_AUTO_MAP["AutoProcessor"]},
-        "num_image_tokens": cfg.model.connector.num_output_tokens,
-        "image_token": IMAGE_MARKER,
-        "tile_separator": tiling.separator,
-    }
-    return image_processor, processor
+    return image_processor, processor_config(cfg)
 
 
-def write_mm1_processor(folder: Path, cfg: MM1Config) -> None:
+def _write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+def _write_tiling_image_processor(folder: Path, cfg: MM1Config) -> None:
     from mm1_megatron.hf_model import PROCESSOR_CODE_FILES, write_model_code
     from mm1_megatron.hf_model.image_processing_mm1 import MM1ImageProcessor
 
-    image_processor, processor = tiling_processor_configs(cfg)
+    image_processor, _ = tiling_processor_configs(cfg)
     skip = ("auto_map", "image_processor_type")
     MM1ImageProcessor(**{k: v for k, v in image_processor.items() if k not in skip})  # checks
     write_model_code(folder, PROCESSOR_CODE_FILES)
-    for name, content in (
-        ("preprocessor_config.json", image_processor),
-        ("processor_config.json", processor),
-    ):
-        (Path(folder) / name).write_text(json.dumps(content, indent=2) + "\n")
+    _write_json(Path(folder) / "preprocessor_config.json", image_processor)
     logger.info(
         "wrote MM1Processor: %s tiles of %d px", cfg.data.tiling.mode, cfg.data.tiling.tile_size
     )
+
+
+def write_mm1_processor(folder: Path, cfg: MM1Config) -> None:
+    from mm1_megatron.conversion.hf_files import write_image_processor_config
+    from mm1_megatron.hf_model import write_model_code
+
+    if _tiled(cfg):
+        _write_tiling_image_processor(folder, cfg)
+    else:
+        write_image_processor_config(folder, cfg.model.vision)
+        write_model_code(folder, ("processing_mm1.py",))
+    _write_json(Path(folder) / "processor_config.json", processor_config(cfg))

@@ -6,8 +6,9 @@
 - ``configuration_mm1.py``: ``MM1HFConfig`` (``model_type: mm1``);
 - ``modeling_mm1.py``: ``MM1ForConditionalGeneration``;
 - ``image_processing_mm1.py`` / ``processing_mm1.py``: ``MM1ImageProcessor`` (tiles
-  images as ``data.tiling`` does) and ``MM1Processor`` (expands ``<image>`` markers),
-  shipped only with exports of runs that tile their images (``PROCESSOR_CODE_FILES``);
+  images as ``data.tiling`` does) and ``MM1Processor`` (expands ``<image>`` markers,
+  returns a ``BatchFeature``): the processor ships with every MM1 export, the tiling
+  image processor with exports of runs that tile their images (``PROCESSOR_CODE_FILES``);
 - ``register.py``: registers them with the Auto classes.
 
 The exporter copies the first three (``CODE_FILES``) into every MM1 folder and names them

@@ -18,10 +18,12 @@ exported model sees the pixels it was trained on, bit for bit:
   then ``(x - mean) / std``.
 
 Inputs: ``[3, H, W]`` tensors (float in [0, 1], or uint8), PIL images (EXIF orientation
-applied, converted to RGB, then ``/ 255``) or ``[H, W, 3]`` uint8 arrays. One image or a
-flat list is the images of one sample; a list of lists is a batch of samples. Output:
-``pixel_values`` ``[num_tiles, 3, T, T]`` and ``num_tiles`` ``[num_images]`` (how many
-tiles, so how many ``<image>`` placeholders, each image became).
+applied, converted to RGB, then ``/ 255``), ``[H, W, 3]`` uint8 arrays, or paths, URLs and
+base64 strings (the images of chat messages; opened by ``transformers``' ``load_image``,
+which converts them to 8-bit RGB). One image or a flat list is the images of one sample;
+a list of lists is a batch of samples. Output: ``pixel_values`` ``[num_tiles, 3, T, T]``
+and ``num_tiles`` ``[num_images]`` (how many tiles, so how many ``<image>`` placeholders,
+each image became).
 
 This file travels with every exported MM1 model whose run tiles its images and is loaded
 with ``trust_remote_code``: it imports only the standard library, torch and transformers.
@@ -94,9 +96,11 @@ def _eight_bit(image):
 
 def _unit_pixels(image) -> torch.Tensor:
     """Any accepted image as a ``[3, H, W]`` float32 tensor in [0, 1]."""
-    if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
-        from transformers.image_utils import load_image
+    from transformers.image_utils import load_image
 
+    if isinstance(image, str):  # a path, URL or base64 image, as chat messages give them
+        image = load_image(image)
+    if hasattr(image, "convert") and hasattr(image, "size"):  # a PIL image
         image = load_image(_eight_bit(image))  # EXIF orientation applied, RGB
         width, height = image.size
         raw = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
@@ -111,8 +115,8 @@ def _unit_pixels(image) -> torch.Tensor:
         image = image.permute(2, 0, 1)
     if not isinstance(image, torch.Tensor):
         raise ValueError(
-            f"unsupported image type {type(image).__name__}: pass a PIL image, a [3, H, W] "
-            "tensor or an [H, W, 3] uint8 array"
+            f"unsupported image type {type(image).__name__}: pass a PIL image, a path or "
+            "URL, a [3, H, W] tensor or an [H, W, 3] uint8 array"
         )
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(

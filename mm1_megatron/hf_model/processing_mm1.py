@@ -1,10 +1,11 @@
 """``MM1Processor``: prompt text and images -> ``input_ids`` and tiles, as training built them.
 
-The image processor (``MM1ImageProcessor``) cuts each image into tiles; every ``<image>``
-marker of the text, in order, then becomes ``num_tiles x num_image_tokens`` image tokens
-(one placeholder per tile, each expanded to the connector's token count), and the text is
-tokenized without adding special tokens: a prompt written by the tokenizer's chat
-template already starts with bos::
+The image processor cuts each image into tiles (``MM1ImageProcessor``, for a run that
+tiles its images; any other, e.g. ``CLIPImageProcessor``, gives one tile per image);
+every ``<image>`` marker of the text, in order, then becomes ``num_tiles x
+num_image_tokens`` image tokens (one placeholder per tile, each expanded to the
+connector's token count), and the text is tokenized without adding special tokens: a
+prompt written by the chat template already starts with bos::
 
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     batch = processor(text=text, images=[image], return_tensors="pt")
@@ -13,17 +14,20 @@ template already starts with bos::
 ``images`` are the images of the prompt in marker order (or, for a batch of prompts, one
 list per prompt, or one flat list in marker order across them); a prompt's images are
 tiled together, since a sample with ``max_images_to_split`` images or more is not split.
+The output is a ``BatchFeature``, as ``transformers``' ``image-text-to-text`` pipeline and
+``processor.apply_chat_template(messages, tokenize=True, return_dict=True)`` need.
 
-This file travels with every exported MM1 model whose run tiles its images and is loaded
-with ``trust_remote_code``: it imports only the standard library and transformers.
+This file travels with every exported MM1 model and is loaded with ``trust_remote_code``:
+it imports only the standard library, torch and transformers.
 """
 
 from __future__ import annotations
 
 from typing import List
 
+import torch
+from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
-from transformers.tokenization_utils_base import BatchEncoding
 
 
 def _per_prompt(images, markers: List[int]) -> List[list]:
@@ -60,7 +64,7 @@ def _per_prompt(images, markers: List[int]) -> List[list]:
 
 
 class MM1Processor(ProcessorMixin):
-    """``MM1ImageProcessor`` plus the tokenizer; expands image markers as training did."""
+    """An image processor plus the tokenizer; expands image markers as training did."""
 
     # As transformers marks a class loaded with trust_remote_code: save_pretrained() then
     # writes this file next to the config and names it in auto_map.
@@ -83,38 +87,58 @@ class MM1Processor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
-    def __call__(self, images=None, text=None, return_tensors=None, **kwargs) -> BatchEncoding:
+    def __call__(
+        self, images=None, text=None, videos=None, audio=None, return_tensors=None, **kwargs
+    ) -> BatchFeature:
         """``input_ids`` / ``attention_mask`` of ``text`` with its image markers expanded,
         plus ``pixel_values`` ``[num_tiles, 3, T, T]`` and ``num_tiles`` per image when
         there are images. Other keywords (``padding``, ...) go to the tokenizer."""
         if text is None:
             raise ValueError("MM1Processor needs text with one image marker per image")
+        if videos is not None or audio is not None:
+            raise ValueError("MM1 models read images and text only, not videos or audio")
         prompts = [text] if isinstance(text, str) else list(text)
         markers = [prompt.count(self.image_token) for prompt in prompts]
         groups = _per_prompt(images, markers)
         kwargs.setdefault("add_special_tokens", False)  # the chat template writes bos
-        if sum(markers) == 0:
-            return self.tokenizer(
-                text if isinstance(text, str) else prompts, return_tensors=return_tensors, **kwargs
-            )
+        images_out = {}
+        if sum(markers) > 0:
+            images_out = self._tiles(groups)
+            prompts = self._expand_markers(prompts, images_out["num_tiles"].tolist())
+        encoding = self.tokenizer(
+            prompts[0] if isinstance(text, str) else prompts,
+            return_tensors=return_tensors,
+            **kwargs,
+        )
+        return BatchFeature(data={**encoding, **images_out}, tensor_type=return_tensors)
+
+    def _tiles(self, groups: List[list]) -> dict:
+        """``pixel_values`` and ``num_tiles`` of the images, one list per prompt."""
         pixels = self.image_processor(groups, return_tensors="pt")
-        counts = iter(pixels["num_tiles"].tolist())
+        if "num_tiles" in pixels:
+            return {"pixel_values": pixels["pixel_values"], "num_tiles": pixels["num_tiles"]}
+        # An image processor that does not tile (a run without data.tiling): one each.
+        num_images = sum(len(group) for group in groups)
+        if pixels["pixel_values"].shape[0] != num_images:
+            raise ValueError(
+                f"{type(self.image_processor).__name__} gave "
+                f"{pixels['pixel_values'].shape[0]} pixel tensors for {num_images} images"
+            )
+        num_tiles = torch.ones(num_images, dtype=torch.long)
+        return {"pixel_values": pixels["pixel_values"], "num_tiles": num_tiles}
+
+    def _expand_markers(self, prompts: List[str], num_tiles: List[int]) -> List[str]:
+        """Each marker, in order, as its image's tiles of ``num_image_tokens`` tokens."""
+        tile = self.image_token * self.num_image_tokens
+        counts = iter(num_tiles)
         expanded = []
         for prompt in prompts:
             pieces = prompt.split(self.image_token)
             out = [pieces[0]]
             for piece in pieces[1:]:
-                tile = self.image_token * self.num_image_tokens
                 out += [self.tile_separator.join([tile] * next(counts)), piece]
             expanded.append("".join(out))
-        encoding = self.tokenizer(
-            expanded[0] if isinstance(text, str) else expanded,
-            return_tensors=return_tensors,
-            **kwargs,
-        )
-        encoding["pixel_values"] = pixels["pixel_values"]
-        encoding["num_tiles"] = pixels["num_tiles"]
-        return encoding
+        return expanded
 
     def batch_decode(self, *args, **kwargs):
         return self.tokenizer.batch_decode(*args, **kwargs)

@@ -23,8 +23,9 @@ AutoConfig.register("mm1", MM1HFConfig, exist_ok=True)
 AutoModelForImageTextToText.register(MM1HFConfig, MM1ForConditionalGeneration, exist_ok=True)
 # The tiling image processor is found by its name (``image_processor_type``), so exports
 # that ship a CLIPImageProcessor keep it. MM1Processor is not registered with
-# AutoProcessor: that would also claim exports without tiles, whose folders have no
-# processor; ``MM1Processor.from_pretrained`` loads a tiled export's without remote code.
+# AutoProcessor: that would also claim exports written before every MM1 export had a
+# ``processor_config.json``, and load them with its defaults (``num_image_tokens``);
+# ``MM1Processor.from_pretrained`` loads an export's processor without remote code.
 AutoImageProcessor.register(MM1HFConfig, MM1ImageProcessor, exist_ok=True)
 
 __all__ = [

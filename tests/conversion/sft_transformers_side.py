@@ -1,10 +1,15 @@
-"""The ``transformers`` side of ``test_sft_export.py``: run with ``python -I`` in a process
-where ``mm1_megatron`` and ``megatron`` cannot be imported.
+"""The ``transformers`` side of ``test_sft_export.py`` and ``test_pipeline.py``: run with
+``python -I`` in a process where ``mm1_megatron`` and ``megatron`` cannot be imported.
 
-For every export and every case of the spec: the chat template's ids and text, the
-processor's ``input_ids`` / ``pixel_values`` / ``num_tiles``, the model's logits on them
-and, for cases with a ``prompt``, the processor's prompt ids and ``generate()``'s output,
-saved as ``<export>-<case>.safetensors`` in the output folder.
+``sft_transformers_side.py SPEC OUTPUT``: for every export and every case of the spec,
+the chat template's ids and text, the processor's ``input_ids`` / ``pixel_values`` /
+``num_tiles``, the model's logits on them and, for cases with a ``prompt``, the
+processor's prompt ids and ``generate()``'s output, saved as
+``<export>-<case>.safetensors`` in the output folder.
+
+``sft_transformers_side.py pipeline SPEC OUTPUT``: every case through
+``pipeline("image-text-to-text", trust_remote_code=True)`` (new text, full output, token
+ids) and through the processor and ``model.generate`` (token ids, new text), as JSON.
 """
 
 import json
@@ -28,6 +33,7 @@ from transformers import (  # noqa: E402
     AutoModelForImageTextToText,
     AutoProcessor,
     AutoTokenizer,
+    pipeline,
 )
 
 
@@ -75,5 +81,75 @@ def main(spec_path, output):
     print(json.dumps({"loaded": loaded, "processor": type(processor).__module__}))
 
 
+def image_paths(messages):
+    """The images of chat ``messages``, in order (``{"type": "image", "path": ...}``)."""
+    return [
+        part["path"]
+        for message in messages
+        if not isinstance(message["content"], str)
+        for part in message["content"]
+        if part["type"] == "image"
+    ]
+
+
+def pipeline_answers(pipe, inputs, max_new_tokens):
+    """The pipeline's new text, full output and token ids; greedy by the export's
+    generation config (``do_sample: false``)."""
+    run = dict(inputs, max_new_tokens=max_new_tokens)
+    ids = pipe(**run, return_tensors=True)[0]["generated_token_ids"]
+    return {
+        "new_text": pipe(**run, return_full_text=False)[0]["generated_text"],
+        "full": pipe(**run)[0]["generated_text"],
+        "ids": ids.tolist(),
+    }
+
+
+def generate_answer(pipe, prompt, images, max_new_tokens):
+    """``model.generate`` on the processor's output for ``prompt`` and ``images``."""
+    batch = pipe.processor(text=prompt, images=[Image.open(p) for p in images], return_tensors="pt")
+    with torch.no_grad():
+        generated = pipe.model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    prompt_length = batch["input_ids"].shape[1]
+    return {
+        "prompt_length": prompt_length,
+        "reference_ids": generated[0].tolist(),
+        "reference_text": pipe.tokenizer.decode(
+            generated[0, prompt_length:], skip_special_tokens=True
+        ),
+    }
+
+
+def pipeline_case(pipe, case, max_new_tokens):
+    if "messages" in case:
+        inputs, images = {"text": case["messages"]}, image_paths(case["messages"])
+        prompt = pipe.tokenizer.apply_chat_template(
+            case["messages"], tokenize=False, add_generation_prompt=True
+        )
+    else:
+        inputs = {"images": case["images"], "text": case["text"]}
+        images, prompt = case["images"], case["text"]
+    return {
+        **pipeline_answers(pipe, inputs, max_new_tokens),
+        **generate_answer(pipe, prompt, images, max_new_tokens),
+    }
+
+
+def pipeline_main(spec_path, output):
+    spec = json.loads(open(spec_path).read())
+    results, classes = {}, set()
+    for name, folder in spec["exports"].items():
+        pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+        classes |= {type(pipe.model).__module__, type(pipe.processor).__module__}
+        for case in spec["cases"]:
+            if case["export"] == name:
+                results[case["name"]] = pipeline_case(pipe, case, spec["max_new_tokens"])
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    report = {"loaded": loaded, "classes": sorted(classes), "cases": results}
+    open(output, "w").write(json.dumps(report))
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    if sys.argv[1] == "pipeline":
+        pipeline_main(*sys.argv[2:4])
+    else:
+        main(*sys.argv[1:3])

@@ -35,30 +35,12 @@ import torch
 
 from mm1_megatron.config.schema import MODEL_PARTS
 from tests.conftest import make_tiny_config
+from tests.conversion.conftest import SFT_EXPORTS as EXPORTS
 from tests.conversion.conftest import TOLERANCE, export_to
 from tests.launch import clean_env
 
 logger = logging.getLogger(__name__)
 SIDE = Path(__file__).with_name("sft_transformers_side.py")
-COMMON = (
-    "data.mixture={conversation: 1.0}",
-    "model.llm.max_sequence_length=512",
-    "training.seq_length=512",
-    "data.max_images_per_sequence=20",
-    "data.tiling.tile_size=112",
-)
-EXPORTS = {
-    # A separator between the tiles of a split image (any single token; "next" here).
-    "static": COMMON
-    + ("data.tiling.mode=static", "data.tiling.overview=after", "data.tiling.separator=next"),
-    "dynamic": COMMON
-    + (
-        "data.tiling.mode=dynamic",
-        "data.tiling.min_tiles=1",
-        "data.tiling.max_tiles=4",
-        "data.tiling.overview=before",
-    ),
-}
 
 
 @dataclasses.dataclass
@@ -163,28 +145,6 @@ def _ours(cfg, case: Case):
         )
         tiles = torch.stack(decoder.decode_tiles([blob], plans)[0])
     return ids, packed.tokens[: packed.num_real_tokens], tiles, [p.num_tiles for p in plans]
-
-
-@pytest.fixture(scope="module")
-def sft_run(conversion_dir, megatron_single_process):
-    """One randomised model saved with each tiling config, exported; the model itself."""
-    from mm1_megatron.config import save_config
-    from mm1_megatron.conversion import megatron_io
-    from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
-    from tests.conversion.hf_sources import randomize
-
-    configs = {name: make_tiny_config(*overrides) for name, overrides in EXPORTS.items()}
-    image_id = SyntheticTokenizer().image_token_id
-    model = megatron_io.build_tp1_model(configs["static"].model, image_token_id=image_id, seed=11)
-    randomize(model, seed=11)
-    exports = {}
-    for name, cfg in configs.items():
-        step = conversion_dir / "sft" / name / "step_00000000"
-        megatron_io.save_parts(model, step, MODEL_PARTS)
-        save_config(cfg, step / "config.yaml")
-        megatron_io.write_published_checkpoint(step.parent, step.name)
-        exports[name] = export_to(step.parent, conversion_dir / "sft_hf" / name)
-    return configs, exports, model
 
 
 @pytest.fixture(scope="module")
