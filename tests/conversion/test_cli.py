@@ -264,28 +264,21 @@ def test_siglip_model_vision_half_imports_without_its_head(
 
 
 def test_other_vision_models_are_refused_with_the_reason(conversion_dir, capsys):
-    from transformers import Siglip2VisionConfig, Siglip2VisionModel
-
-    folder = conversion_dir / "siglip2"
-    Siglip2VisionModel(
-        Siglip2VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_patches=4,
-            patch_size=14,
-        )
-    ).save_pretrained(str(folder))
+    """A vision model none of our ViT layouts computes (DINOv2: layer scale, no SigLIP or
+    CLIP stem) is refused by its model type, naming the supported ones."""
+    folder = conversion_dir / "dinov2"
+    folder.mkdir()
+    config = {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 1}
+    (folder / "config.json").write_text(json.dumps(config))
     code, err = _run(
         capsys,
         "import",
         "--vision-encoder",
         str(folder),
         "--output",
-        str(conversion_dir / "siglip2_out"),
+        str(conversion_dir / "dinov2_out"),
     )
-    assert code == 2 and "siglip2_vision_model" in err and "SiglipVisionModel" in err
+    assert code == 2 and "'dinov2'" in err and "siglip2_vision_model" in err
 
 
 def test_pickle_weights_are_refused_unread(sources, conversion_dir, capsys):

@@ -64,9 +64,16 @@ def _reference_greedy(model, prompt: Prompt, config: GenerationConfig):
     return out
 
 
-@pytest.fixture
-def tiny_model(build_tiny_model):
-    cfg = make_tiny_config("model.llm.max_sequence_length=256", "training.seq_length=256")
+# Qwen3's attention (q/k norms, 4 heads of 12 in a 32-wide decoder): the KV cache holds
+# heads of head_dim, not hidden / heads.
+QWEN3 = ("model.llm.qk_norm=true", "model.llm.head_dim=12")
+
+
+@pytest.fixture(params=[(), QWEN3], ids=["llama_attention", "qwen3_attention"])
+def tiny_model(request, build_tiny_model):
+    cfg = make_tiny_config(
+        "model.llm.max_sequence_length=256", "training.seq_length=256", *request.param
+    )
     model = build_tiny_model(cfg)
     model.eval()
     return cfg, model
