@@ -179,6 +179,12 @@ def _check_llm(cfg: MM1Config, err: _Errors) -> None:
             f"{q}.top_k={moe.top_k} must be between 1 and {q}.num_experts={moe.num_experts}",
         )
         err.check(
+            not (moe.top_k == 1 and moe.normalize_top_k),
+            f"{q}.normalize_top_k=true with {q}.top_k=1 gives every token's expert weight 1, "
+            f"which Megatron-Core's router cannot train (a softmax over one logit); set "
+            f"{q}.normalize_top_k to false or null",
+        )
+        err.check(
             1 <= moe.layer_frequency <= max(m.num_layers, 1),
             f"{q}.layer_frequency={moe.layer_frequency} must be between 1 and "
             f"{p}.num_layers={m.num_layers}",

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 class ImportRequest:
     output: Path
     language_model: Optional[Path] = None  # a Llama / Mistral / Qwen2 / Qwen3 / MoE folder
-    vision_encoder: Optional[Path] = None  # a CLIPVisionModel / CLIPModel / SigLIP folder
+    vision_encoder: Optional[Path] = None  # a CLIP / SigLIP / SigLIP 2 (vision) model folder
     # YAML for the parts not imported (e.g. the connector): one file, or several stacked
     base_config: Union[Path, Sequence[Path], None] = None
     overrides: Sequence[str] = ()
@@ -154,10 +154,13 @@ def _import_vision_encoder(
     return extras
 
 
-def _with_training_settings(source: MoEConfig, configured: MoEConfig) -> MoEConfig:
+def _with_training_settings(
+    source: MoEConfig, configured: MoEConfig, *, from_config: bool
+) -> MoEConfig:
     """The source's experts and routing, with ``--config``'s training settings (loss
-    coefficients, dispatcher, grouped GEMM), which a Hugging Face config does not fix."""
-    if not source.num_experts:
+    coefficients, dispatcher, grouped GEMM) when one is given: a recipe's choices win
+    over the source's ``router_aux_loss_coef``, which is kept without one."""
+    if not source.num_experts or not from_config:
         return source
     return replace(
         source,
@@ -191,7 +194,9 @@ def _language_part(request: ImportRequest, cfg: MM1Config, info: Dict):
     cfg.model.llm = replace(
         source.llm,
         vocab_size=plan.target_size,
-        moe=_with_training_settings(source.llm.moe, cfg.model.llm.moe),
+        moe=_with_training_settings(
+            source.llm.moe, cfg.model.llm.moe, from_config=request.base_config is not None
+        ),
     )
     if plan.tokenizer_path is not None:
         cfg.data.tokenizer.kind, cfg.data.tokenizer.path = "huggingface", plan.tokenizer_path

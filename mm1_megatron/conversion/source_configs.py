@@ -2,7 +2,7 @@
 
 Only what our decoder and ViT compute exactly is accepted; anything else (a RoPE scaling
 other than Megatron-Core's Llama-3 rule, biases our layers do not have, a vision model
-other than CLIP / SigLIP, ...) is a ``ConversionError`` that names the field. Qwen3's
+other than CLIP / SigLIP / SigLIP 2, ...) is a ``ConversionError`` that names the field. Qwen3's
 q/k norms and head size of its own map to ``model.llm.qk_norm`` and ``head_dim``.
 """
 
@@ -192,13 +192,25 @@ def _moe_config(cfg, model_type: str) -> MoEConfig:
         num_experts, ffn = cfg.num_experts, cfg.moe_intermediate_size
         normalised = bool(cfg.norm_topk_prob)
         frequency = _qwen2_moe_frequency(cfg)
-    return MoEConfig(
+    top_k = cfg.num_experts_per_tok
+    if top_k == 1 and normalised:
+        raise unsupported(
+            "router normalisation",
+            "top_k=1, renormalised",
+            "Every token's expert would get weight 1, which Megatron-Core's router cannot "
+            "train (a softmax over one logit has no gradient).",
+        )
+    moe = MoEConfig(
         num_experts=num_experts,
-        top_k=cfg.num_experts_per_tok,
+        top_k=top_k,
         layer_frequency=frequency,
         expert_ffn_hidden_size=ffn,
         normalize_top_k=normalised,
     )
+    coefficient = getattr(cfg, "router_aux_loss_coef", None)
+    if coefficient is not None:
+        moe.aux_loss_coeff = float(coefficient)
+    return moe
 
 
 def _qwen2_moe_frequency(cfg) -> int:

@@ -17,8 +17,10 @@ import torch
 
 
 def antialiased_bilinear_weights(source: int, target: int, device=None) -> torch.Tensor:
-    """``[target, source]`` fp32: ``F.interpolate(mode="bilinear", align_corners=False,
-    antialias=True)`` along one axis, as a matrix."""
+    """``[target, source]`` fp32: transformers' Siglip2 resize (bilinear,
+    ``align_corners=False``, antialiased) along one axis, as a matrix. It equals
+    ``F.interpolate(..., antialias=True)`` except where one side of the output is 1 and
+    the other is upsampled, where torch's kernel gives other values."""
     scale = source / target
     support = max(scale, 1.0)  # the filter widens when shrinking: the antialiasing
     centres = (torch.arange(target, device=device, dtype=torch.float32) + 0.5) * scale - 0.5

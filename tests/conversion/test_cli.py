@@ -214,6 +214,28 @@ def test_qwen3_with_attention_biases_is_refused(sources, conversion_dir, capsys)
     assert code == 2 and "attention_bias" in err
 
 
+def test_renormalised_top1_routing_is_refused(sources, conversion_dir, capsys):
+    """norm_topk_prob with one expert per token: every weight 1, which cannot train."""
+    source = _edited_source(
+        sources,
+        conversion_dir,
+        "qwen3_moe",
+        "bad_qwen3_moe_top1",
+        lambda c: c.update(num_experts_per_tok=1),
+    )
+    output = conversion_dir / "bad_qwen3_moe_top1_out"
+    code, err = _run(capsys, "import", "--language-model", str(source), "--output", str(output))
+    assert code == 2 and "router normalisation" in err
+
+
+def test_source_aux_loss_coefficient_is_kept_without_a_config(imported):
+    """Qwen3MoeConfig's router_aux_loss_coef (0.001 by default), not the schema's 0.01."""
+    from mm1_megatron.config import load_config
+
+    moe = load_config(imported["qwen3_moe"] / "step_00000000" / "config.yaml").model.llm.moe
+    assert moe.aux_loss_coeff == 0.001
+
+
 def test_q_k_norms_with_q_k_v_biases_have_no_export_class():
     from mm1_megatron.config.schema import LanguageModelConfig
     from mm1_megatron.conversion.errors import ConversionError

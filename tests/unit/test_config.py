@@ -309,6 +309,20 @@ INVALID = [
         ["model.llm.moe.num_experts=4", "parallel.expert_parallel_size=3"],
     ),
     (
+        "top1_router_renormalised",
+        [
+            "model.llm.moe.num_experts=4",
+            "model.llm.moe.top_k=1",
+            "model.llm.moe.normalize_top_k=true",
+        ],
+        ["model.llm.moe.normalize_top_k=true", "model.llm.moe.top_k=1"],
+    ),
+    (
+        "head_dim_odd",
+        ["model.llm.head_dim=7"],
+        ["model.llm.head_dim=7"],
+    ),
+    (
         "ep_on_dense_model",
         ["parallel.expert_parallel_size=2"],
         ["parallel.expert_parallel_size=2", "model.llm.moe.num_experts"],
