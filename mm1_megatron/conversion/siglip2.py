@@ -50,10 +50,35 @@ def _position_grid(num_patches: int) -> int:
     return grid
 
 
+def image_processor_values(folder: Path) -> Tuple[dict, Path]:
+    """The folder's image processor settings and the file they came from: transformers'
+    ``preprocessor_config.json``, or the ``image_processor`` section of the single
+    ``processor_config.json`` that transformers 5 writes for a whole processor; ``{}``
+    when neither exists (the caller's defaults apply)."""
+    for name, section in (
+        ("preprocessor_config.json", None),
+        ("processor_config.json", "image_processor"),
+    ):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            values = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ConversionError(f"{path} is not valid JSON ({exc}); copy it again") from None
+        if section is not None:
+            values = values.get(section) if isinstance(values, dict) else None
+            if values is None:
+                continue
+        if not isinstance(values, dict):
+            raise ConversionError(f"{path} is not a JSON object; copy it again")
+        return values, path
+    return {}, folder / "preprocessor_config.json"
+
+
 def _processor_settings(folder: Path, patch_size: int) -> Tuple[List[float], List[float], int]:
     """``(image_mean, image_std, max_num_patches)`` of the folder's image processor."""
-    path = folder / "preprocessor_config.json"
-    values = json.loads(path.read_text()) if path.is_file() else {}
+    values, path = image_processor_values(folder)
     processor_patch = values.get("patch_size", patch_size)
     if processor_patch != patch_size:
         raise ConversionError(

@@ -27,7 +27,11 @@ from mm1_megatron.conversion.mapping import (
     MIXTRAL_STYLE,
     QWEN2_MOE_STYLE,
 )
-from mm1_megatron.conversion.siglip2 import SIGLIP2_MODEL_TYPES, siglip2_vision_source
+from mm1_megatron.conversion.siglip2 import (
+    SIGLIP2_MODEL_TYPES,
+    image_processor_values,
+    siglip2_vision_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -270,11 +274,9 @@ def language_source(folder) -> LanguageSource:
 
 
 def _image_normalisation(folder: Path):
-    path = folder / "preprocessor_config.json"
-    if path.is_file():
-        values = json.loads(path.read_text())
-        if "image_mean" in values and "image_std" in values:
-            return list(values["image_mean"]), list(values["image_std"])
+    values, _ = image_processor_values(folder)
+    if "image_mean" in values and "image_std" in values:
+        return list(values["image_mean"]), list(values["image_std"])
     return list(CLIP_IMAGE_MEAN), list(CLIP_IMAGE_STD)
 
 
