@@ -116,11 +116,7 @@ def mm1_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
     from mm1_megatron.hf_model.configuration_mm1 import MM1HFConfig
 
     if cfg.model.vision.native_resolution:
-        raise ConversionError(
-            "--format mm1 does not yet export a native-resolution ViT (SigLIP 2 NaFlex): "
-            "the exported MM1 model takes fixed-size images. Export the parts with --format "
-            "vision-encoder (Siglip2VisionModel) and --format language-model"
-        )
+        check_native_resolution_exportable(cfg)
     config = MM1HFConfig(
         vision_config=hf_vision_config(cfg.model.vision, dtype=dtype).to_dict(),
         text_config=hf_language_config(cfg.model.llm, special=special, dtype=dtype).to_dict(),
@@ -135,6 +131,26 @@ def mm1_config(cfg: MM1Config, special: Dict[str, int], dtype: str):
     config.architectures = ["MM1ForConditionalGeneration"]
     config.auto_map = dict(AUTO_MAP)
     return config
+
+
+def check_native_resolution_exportable(cfg: MM1Config) -> None:
+    """A native-resolution ViT exports as ``Siglip2VisionModel`` with
+    ``Siglip2ImageProcessor``: one image, one run of ``num_output_tokens`` image tokens, so
+    the connector must pool every grid to that count and the images must not be tiled."""
+    if cfg.model.connector.type == "mlp":
+        raise ConversionError(
+            "model.connector.type=mlp makes one token per patch, so images of different "
+            "patch grids (model.vision.native_resolution=true) cannot each give "
+            "num_output_tokens tokens; only a model with an avg_pool, c_abstractor or "
+            "attn_pool connector exports with --format mm1"
+        )
+    if cfg.data.tiling.mode != "none":
+        raise ConversionError(
+            f"data.tiling.mode={cfg.data.tiling.mode} cuts fixed-size tiles, but "
+            "model.vision.native_resolution=true takes each image whole at its own patch "
+            "grid (Siglip2ImageProcessor); set data.tiling.mode=none in the checkpoint's "
+            "config.yaml to export one image per <image> marker"
+        )
 
 
 def check_llava_compatible(cfg: MM1Config) -> None:

@@ -7,7 +7,8 @@ it loads with ``trust_remote_code=True`` where our package is not installed), ``
 (``LlavaForConditionalGeneration``, MLP connector only, loads without this package),
 ``language-model`` (``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``MixtralForCausalLM`` /
 ``Qwen2MoeForCausalLM``) and ``vision-encoder`` (``CLIPVisionModel`` or, for a SigLIP
-tower, ``SiglipVisionModel`` without the pooling head). The checkpoint is read one unit
+tower, ``SiglipVisionModel`` / ``Siglip2VisionModel`` (native resolution) without the
+pooling head). The checkpoint is read one unit
 (embedding, decoder layer, ...) at a time (``CheckpointTensors``) and written as
 safetensors shards with an index, so memory holds one unit plus one shard, never the
 whole model. Next to the shards: ``config.json``, tokenizer files, the image-processor
@@ -115,16 +116,30 @@ def _architecture(fmt: str, cfg) -> str:
     ) or TARGET_CLASSES[language_target(cfg.model.llm)]
 
 
+def _qwen2_moe_note(llm) -> str:
+    moe = llm.moe
+    reasons = []
+    if moe.layer_frequency > 1:
+        reasons.append(f"MoE layers on every {moe.layer_frequency}-th layer (0, k, 2k, ...)")
+    if moe.top_k == 1:
+        reasons.append("top-1 routing")
+    if not moe.renormalizes_top_k:
+        reasons.append("top-k weights that are not renormalised (`norm_topk_prob: false`)")
+    if llm.qkv_bias:
+        reasons.append("q/k/v biases")
+    return (
+        f"The decoder has {', '.join(reasons) or 'MoE layers'}, so it is exported as "
+        "`Qwen2MoeForCausalLM`: the standard class whose layers can each be dense "
+        "(`mlp_only_layers`, own `intermediate_size`) or MoE, with plain RoPE attention, "
+        "optional q/k/v biases and softmax top-k routing, renormalised or not. Its shared "
+        "expert has width 0 and adds exactly zero."
+    )
+
+
 def _model_card_notes(fmt: str, cfg) -> str:
     notes = []
     if fmt != "vision-encoder" and language_target(cfg.model.llm) == "qwen2_moe":
-        notes.append(
-            "The decoder has MoE layers on every k-th layer (0, k, 2k, ...), so it is "
-            "exported as `Qwen2MoeForCausalLM`: the standard class whose layers can each be "
-            "dense (`mlp_only_layers`, own `intermediate_size`) or MoE, with plain RoPE "
-            "attention and renormalised top-k routing. Its shared expert has width 0 and "
-            "adds exactly zero."
-        )
+        notes.append(_qwen2_moe_note(cfg.model.llm))
     if fmt != "vision-encoder" and _trained_on_conversations(cfg):
         notes.append(
             "The tokenizer carries the run's chat template (`chat_template.jinja`): "
@@ -140,6 +155,15 @@ def _model_card_notes(fmt: str, cfg) -> str:
             f"the tiles training used ({tiling.mode}, {tiling.tile_size} px) and expands each "
             "`<image>` of a prompt into one run of image tokens per tile: "
             '`model.generate(**processor(text=prompt, images=images, return_tensors="pt"))`.'
+        )
+    if fmt == "mm1" and cfg.model.vision.native_resolution:
+        notes.append(
+            "The vision tower is a `Siglip2VisionModel` (SigLIP 2 NaFlex): images keep "
+            "their aspect ratio, each resized to at most "
+            f"{cfg.model.vision.max_patches} patches by `Siglip2ImageProcessor`. Pass the "
+            "processor's `pixel_values`, `pixel_attention_mask` and `spatial_shapes` to the "
+            "model: `model.generate(**processor(text=prompt, images=images, "
+            'return_tensors="pt"))`.'
         )
     if fmt == "mm1":
         notes.append(
@@ -181,7 +205,7 @@ def _write_side_files(
             stops = [marker_ids(chat, tokenizer.tokenizer)[chat.end_of_turn]]
         write_generation_config(folder, special, extra_stop_ids=stops)
     tiled = cfg.data.tiling.mode != "none"
-    if fmt == "mm1":  # MM1Processor, with MM1ImageProcessor for tiles or CLIP's
+    if fmt == "mm1":  # MM1Processor with MM1ImageProcessor (tiles), CLIP's or Siglip2's
         from mm1_megatron.conversion.mm1_processor import write_mm1_processor
 
         write_mm1_processor(folder, cfg)

@@ -11,7 +11,11 @@ Its image processor is
   code ``image_processing_mm1.py``): it cuts training's tiles, and each marker becomes one
   placeholder per tile, each the connector's ``num_output_tokens`` image tokens;
 - otherwise the ``CLIPImageProcessor`` config (``hf_files.write_image_processor_config``):
-  one image, one placeholder.
+  one image, one placeholder;
+- for a native-resolution ViT (``model.vision.native_resolution``, never tiled), the
+  ``Siglip2ImageProcessor`` config (``max_num_patches: model.vision.max_patches``, the
+  encoder's patch size, mean and std): one image, one placeholder, its patches padded to
+  ``max_patches`` with ``pixel_attention_mask`` and ``spatial_shapes`` beside them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """``MM1HFConfig``: the ``transformers`` config of an exported MM1 model.
 
-A CLIP or SigLIP vision tower, our connector, a causal LM. Copied into every exported MM1
+A CLIP, SigLIP or SigLIP 2 (NaFlex, native resolution) vision tower, our connector, a
+causal LM. Copied into every exported MM1
 folder (``auto_map``), so it imports only the standard library and ``transformers``.
 """
 
@@ -13,8 +14,8 @@ from transformers.configuration_utils import SubConfigSpec
 class MM1HFConfig(PreTrainedConfig):
     """Hugging Face config of an exported MM1 model (``model_type: mm1``).
 
-    ``vision_config`` is a ``CLIPVisionConfig`` or a ``SiglipVisionConfig`` (no pooling
-    head), ``text_config`` the config of the exported
+    ``vision_config`` is a ``CLIPVisionConfig``, a ``SiglipVisionConfig`` or a
+    ``Siglip2VisionConfig`` (no pooling head), ``text_config`` the config of the exported
     decoder (Llama, Qwen2, Mixtral or Qwen2-MoE), ``connector_config`` the fields of our
     ``model.connector`` section. Each image is ``num_image_tokens`` copies of
     ``image_token_id`` in ``input_ids``.

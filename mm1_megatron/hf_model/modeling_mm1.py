@@ -1,14 +1,23 @@
 """``MM1ForConditionalGeneration``: the whole MM1 model as a ``transformers`` model.
 
-The vision tower is a ``CLIPVisionModel`` or a ``SiglipVisionModel`` (its
-``last_hidden_state``, without CLIP's class token, is what our ViT returns), the
-connector is built by the very table training uses (``connectors_mm1.build_connector_net``),
-and the language model is the standard causal LM the decoder exports to. ``generate()``
-takes ``input_ids`` in which each image is a run of ``num_image_tokens`` image tokens,
-plus ``pixel_values``; the images are encoded once, in the prefill step, and the KV
-cache does the rest. Images (high-resolution tiles) of another size than the tower's
-``image_size`` read its position table resized bicubically to their patch grid, as
-training's ViT does; ``MM1Processor`` (``processing_mm1.py``) cuts the tiles.
+The vision tower is a ``CLIPVisionModel``, a ``SiglipVisionModel`` or, for a
+native-resolution ViT, a ``Siglip2VisionModel`` (its ``last_hidden_state``, without CLIP's
+class token, is what our ViT returns), the connector is built by the very table training
+uses (``connectors_mm1.build_connector_net``), and the language model is the standard
+causal LM the decoder exports to. ``generate()`` takes ``input_ids`` in which each image
+is a run of ``num_image_tokens`` image tokens, plus the processor's pixels; the images
+are encoded once, in the prefill step, and the KV cache does the rest.
+
+- Fixed resolution: ``pixel_values`` ``[n, c, H, W]``. Images (high-resolution tiles) of
+  another size than the tower's ``image_size`` read its position table resized
+  bicubically to their patch grid, as training's ViT does; ``MM1Processor``
+  (``processing_mm1.py``) cuts the tiles.
+- Native resolution (SigLIP 2 NaFlex): ``Siglip2ImageProcessor``'s ``pixel_values``
+  ``[n, max_patches, c*p*p]`` (each image's ``h*w`` patches, then padding),
+  ``pixel_attention_mask`` ``[n, max_patches]`` and ``spatial_shapes`` ``[n, 2]``. The
+  tower runs on the padded batch (its attention mask keeps the images apart); each
+  image's ``h*w`` rows then go, packed, through the connector on their own grid
+  (``forward_grids``), which gives every image ``num_image_tokens`` tokens.
 
 This file, ``configuration_mm1.py`` and ``connectors_mm1.py`` are copied into every
 exported MM1 folder, whose ``config.json`` names them in ``auto_map``: the folder then
@@ -52,6 +61,31 @@ class MM1PreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.queries, std=std)
 
 
+# The vision_config model types whose tower takes each image at its own patch grid.
+NATIVE_RESOLUTION_TOWERS = ("siglip2_vision_model",)
+
+
+def position_table_patches(vision_config) -> int:
+    """Patches of the tower's position table, which the connector's table matches:
+    SigLIP 2's ``num_patches`` (a ``g x g`` table), else ``(image_size / patch_size)^2``."""
+    if vision_config.model_type in NATIVE_RESOLUTION_TOWERS:
+        return vision_config.num_patches
+    return (vision_config.image_size // vision_config.patch_size) ** 2
+
+
+def _grids_of(spatial_shapes: torch.Tensor, pixel_attention_mask: torch.Tensor) -> list:
+    """``spatial_shapes`` as ``(rows, cols)`` ints, checked against the attention mask:
+    image ``i``'s real patches are its first ``rows * cols`` rows."""
+    grids = [(int(rows), int(cols)) for rows, cols in spatial_shapes.tolist()]
+    real = pixel_attention_mask.sum(dim=-1).tolist()
+    if len(real) != len(grids) or any(n != h * w for n, (h, w) in zip(real, grids)):
+        raise ValueError(
+            f"pixel_attention_mask marks {real} real patches but spatial_shapes {grids} "
+            "need rows * cols each; pass both as Siglip2ImageProcessor returns them"
+        )
+    return grids
+
+
 class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
     # As transformers marks a class loaded with trust_remote_code (see MM1HFConfig):
     # save_pretrained() then also writes this file and the two it imports.
@@ -61,12 +95,11 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         super().__init__(config)
         vision, text = config.vision_config, config.text_config
         self.vision_tower = AutoModel.from_config(vision)
-        num_patches = (vision.image_size // vision.patch_size) ** 2
         self.connector = build_connector_net(
             config.connector_config,
             vision_hidden=vision.hidden_size,
             llm_hidden=text.hidden_size,
-            num_patches=num_patches,
+            num_patches=position_table_patches(vision),
             init_std=text.initializer_range,
         )
         self.language_model = AutoModelForCausalLM.from_config(text)
@@ -81,8 +114,21 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.language_model.get_output_embeddings()
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[n, c, H, W]`` -> ``[n, num_image_tokens, text_hidden]``."""
+    @property
+    def native_resolution(self) -> bool:
+        """Whether the tower takes each image at its own patch grid (SigLIP 2 NaFlex)."""
+        return self.config.vision_config.model_type in NATIVE_RESOLUTION_TOWERS
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_attention_mask: torch.Tensor | None = None,
+        spatial_shapes: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``[n, c, H, W]`` (or, native resolution, the padded patches with their mask and
+        spatial shapes) -> ``[n, num_image_tokens, text_hidden]``."""
+        if self.native_resolution:
+            return self._native_image_features(pixel_values, pixel_attention_mask, spatial_shapes)
         weight = self.vision_tower.embeddings.patch_embedding.weight
         size = self.config.vision_config.image_size
         # Tiles of another size (high-resolution fine-tuning) read the position table
@@ -96,12 +142,35 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         skip = 1 if self.config.vision_config.model_type == "clip_vision_model" else 0
         return self.connector(hidden[:, skip:])
 
-    def _merge_images(self, input_ids, inputs_embeds, pixel_values, past_key_values):
+    def _native_image_features(self, pixel_values, pixel_attention_mask, spatial_shapes):
+        if pixel_attention_mask is None or spatial_shapes is None:
+            raise ValueError(
+                "this MM1 model's vision tower takes images at their native resolution "
+                "(SigLIP 2 NaFlex): pass pixel_values with pixel_attention_mask and "
+                "spatial_shapes, as its processor (Siglip2ImageProcessor) returns them"
+            )
+        grids = _grids_of(spatial_shapes, pixel_attention_mask)
+        weight = self.vision_tower.embeddings.patch_embedding.weight
+        hidden = self.vision_tower(
+            pixel_values=pixel_values.to(device=weight.device, dtype=weight.dtype),
+            pixel_attention_mask=pixel_attention_mask.to(weight.device),
+            spatial_shapes=spatial_shapes.to(weight.device),
+        ).last_hidden_state
+        # The connector takes the images packed, each on its own grid. The padding rows
+        # are dropped: the mask hid them as keys, so no real patch saw them.
+        packed = torch.cat([hidden[index, : h * w] for index, (h, w) in enumerate(grids)])
+        return self.connector.forward_grids(packed, grids)
+
+    def _merge_images(
+        self, input_ids, inputs_embeds, pixel_values, past_key_values, **native_inputs
+    ):
+        """``native_inputs``: a native-resolution tower's ``pixel_attention_mask`` and
+        ``spatial_shapes`` (none for a fixed-resolution one)."""
         image_mask = input_ids == self.config.image_token_id
         num_slots = int(image_mask.sum())
         if num_slots == 0 and past_key_values is not None and past_key_values.get_seq_length() > 0:
             return inputs_embeds  # a decoding step: the images went in with the prompt
-        features = self.get_image_features(pixel_values)
+        features = self.get_image_features(pixel_values, **native_inputs)
         if num_slots != features.shape[0] * features.shape[1]:
             raise ValueError(
                 f"input_ids have {num_slots} image tokens but {features.shape[0]} "
@@ -126,10 +195,13 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         use_cache=None,
         logits_to_keep=0,
         num_tiles=None,
+        pixel_attention_mask=None,
+        spatial_shapes=None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         # num_tiles (from MM1Processor: tiles per image) is informative only: the tiles'
-        # image tokens are already in input_ids, in order.
+        # image tokens are already in input_ids, in order. pixel_attention_mask and
+        # spatial_shapes come with a native-resolution tower's pixel_values.
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         # transformers 5 hands generate()'s cache over as ``cache``; older releases (and
@@ -140,8 +212,12 @@ class MM1ForConditionalGeneration(MM1PreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
             if pixel_values is not None:
+                native_inputs = dict(
+                    pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes
+                )
+                native_inputs = {k: v for k, v in native_inputs.items() if v is not None}
                 inputs_embeds = self._merge_images(
-                    input_ids, inputs_embeds, pixel_values, past_key_values
+                    input_ids, inputs_embeds, pixel_values, past_key_values, **native_inputs
                 )
         elif pixel_values is not None:
             raise ValueError("pixel_values need input_ids (to find the image tokens)")

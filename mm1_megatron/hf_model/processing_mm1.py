@@ -1,11 +1,13 @@
 """``MM1Processor``: prompt text and images -> ``input_ids`` and tiles, as training built them.
 
 The image processor cuts each image into tiles (``MM1ImageProcessor``, for a run that
-tiles its images; any other, e.g. ``CLIPImageProcessor``, gives one tile per image);
-every ``<image>`` marker of the text, in order, then becomes ``num_tiles x
-num_image_tokens`` image tokens (one placeholder per tile, each expanded to the
-connector's token count), and the text is tokenized without adding special tokens: a
-prompt written by the chat template already starts with bos::
+tiles its images; any other gives one tile per image: ``CLIPImageProcessor``, or
+``Siglip2ImageProcessor`` for a native-resolution tower, whose ``pixel_attention_mask``
+and ``spatial_shapes`` are passed on next to its ``pixel_values``); every ``<image>``
+marker of the text, in order, then becomes ``num_tiles x num_image_tokens`` image tokens
+(one placeholder per tile, each expanded to the connector's token count), and the text
+is tokenized without adding special tokens: a prompt written by the chat template
+already starts with bos::
 
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     batch = processor(text=text, images=[image], return_tensors="pt")
@@ -91,8 +93,10 @@ class MM1Processor(ProcessorMixin):
         self, images=None, text=None, videos=None, audio=None, return_tensors=None, **kwargs
     ) -> BatchFeature:
         """``input_ids`` / ``attention_mask`` of ``text`` with its image markers expanded,
-        plus ``pixel_values`` ``[num_tiles, 3, T, T]`` and ``num_tiles`` per image when
-        there are images. Other keywords (``padding``, ...) go to the tokenizer."""
+        plus, when there are images, the image processor's outputs (``pixel_values``
+        ``[num_tiles, 3, T, T]``; native resolution: ``pixel_values`` ``[n, max_patches,
+        c*p*p]``, ``pixel_attention_mask``, ``spatial_shapes``) and ``num_tiles`` per image.
+        Other keywords (``padding``, ...) go to the tokenizer."""
         if text is None:
             raise ValueError("MM1Processor needs text with one image marker per image")
         if videos is not None or audio is not None:
@@ -113,11 +117,12 @@ class MM1Processor(ProcessorMixin):
         return BatchFeature(data={**encoding, **images_out}, tensor_type=return_tensors)
 
     def _tiles(self, groups: List[list]) -> dict:
-        """``pixel_values`` and ``num_tiles`` of the images, one list per prompt."""
+        """The image processor's outputs and ``num_tiles``, for one image list per prompt."""
         pixels = self.image_processor(groups, return_tensors="pt")
         if "num_tiles" in pixels:
             return {"pixel_values": pixels["pixel_values"], "num_tiles": pixels["num_tiles"]}
         # An image processor that does not tile (a run without data.tiling): one each.
+        # Its other outputs (Siglip2's mask and spatial shapes) are the model's too.
         num_images = sum(len(group) for group in groups)
         if pixels["pixel_values"].shape[0] != num_images:
             raise ValueError(
@@ -125,7 +130,7 @@ class MM1Processor(ProcessorMixin):
                 f"{pixels['pixel_values'].shape[0]} pixel tensors for {num_images} images"
             )
         num_tiles = torch.ones(num_images, dtype=torch.long)
-        return {"pixel_values": pixels["pixel_values"], "num_tiles": num_tiles}
+        return {**pixels, "num_tiles": num_tiles}
 
     def _expand_markers(self, prompts: List[str], num_tiles: List[int]) -> List[str]:
         """Each marker, in order, as its image's tiles of ``num_image_tokens`` tokens."""
@@ -148,4 +153,9 @@ class MM1Processor(ProcessorMixin):
 
     @property
     def model_input_names(self):
-        return [*self.tokenizer.model_input_names, "pixel_values", "num_tiles"]
+        names = [
+            *self.tokenizer.model_input_names,
+            *getattr(self.image_processor, "model_input_names", ["pixel_values"]),
+            "num_tiles",
+        ]
+        return list(dict.fromkeys(names))  # in order, once each

@@ -10,10 +10,15 @@ processor's prompt ids and ``generate()``'s output, saved as
 ``sft_transformers_side.py pipeline SPEC OUTPUT``: every case through
 ``pipeline("image-text-to-text", trust_remote_code=True)`` (new text, full output, token
 ids) and through the processor and ``model.generate`` (token ids, new text), as JSON.
+The spec's ``logits_cases`` (text and image files; used by ``test_native_export.py``)
+go through ``AutoProcessor`` / ``AutoModelForImageTextToText`` loaded with
+``trust_remote_code=True``: the processor's outputs, the logits on them and greedy
+``generate()``'s tokens, saved as ``<case>.safetensors`` next to OUTPUT.
 """
 
 import json
 import sys
+from pathlib import Path
 
 BLOCKED = ("mm1_megatron", "megatron")
 
@@ -134,6 +139,29 @@ def pipeline_case(pipe, case, max_new_tokens):
     }
 
 
+def logits_case(processor, model, case, max_new_tokens):
+    """The processor's outputs for the case's text and image files, the logits on them
+    and greedy ``generate()``'s tokens (prompt included)."""
+    images = [Image.open(path) for path in case["images"]]
+    batch = processor(text=case["text"], images=images, return_tensors="pt")
+    out = {key: value[0] if key == "input_ids" else value for key, value in batch.items()}
+    with torch.no_grad():
+        out["logits"] = model(**batch).logits[0]
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    out["generated"] = generated[0]
+    return {key: value.contiguous() for key, value in out.items()}
+
+
+def run_logits_cases(folder, cases, max_new_tokens, output):
+    """``logits_case`` of each case, saved as ``<case>.safetensors`` next to ``output``."""
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    for case in cases:
+        tensors = logits_case(processor, model, case, max_new_tokens)
+        save_file(tensors, str(Path(output).with_name(f"{case['name']}.safetensors")))
+    return {type(model).__module__, type(processor).__module__}
+
+
 def pipeline_main(spec_path, output):
     spec = json.loads(open(spec_path).read())
     results, classes = {}, set()
@@ -143,6 +171,9 @@ def pipeline_main(spec_path, output):
         for case in spec["cases"]:
             if case["export"] == name:
                 results[case["name"]] = pipeline_case(pipe, case, spec["max_new_tokens"])
+        logits_cases = [c for c in spec.get("logits_cases", []) if c["export"] == name]
+        if logits_cases:
+            classes |= run_logits_cases(folder, logits_cases, spec["max_new_tokens"], output)
     loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     report = {"loaded": loaded, "classes": sorted(classes), "cases": results}
     open(output, "w").write(json.dumps(report))

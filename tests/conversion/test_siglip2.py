@@ -187,13 +187,3 @@ def test_non_square_position_table_is_refused(conversion_dir):
     Siglip2VisionConfig(num_patches=20).save_pretrained(str(folder))
     with pytest.raises(ConversionError, match="num_patches.*square"):
         vision_source(folder)
-
-
-def test_mm1_export_of_a_native_resolution_vit_is_refused(siglip2):
-    from mm1_megatron.config import load_config
-    from mm1_megatron.conversion.errors import ConversionError
-    from mm1_megatron.conversion.export_layouts import mm1_config
-
-    cfg = load_config(siglip2["siglip2_vision"][2] / "step_00000000" / "config.yaml")
-    with pytest.raises(ConversionError, match="--format vision-encoder"):
-        mm1_config(cfg, {"image": 0}, "float32")
