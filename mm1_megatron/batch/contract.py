@@ -11,6 +11,19 @@ A packed sequence is described by per-position tensors of shape ``[b, s]``:
 - ``labels`` / ``loss_mask``: next-token targets; the loss covers only positions whose
   target is a text token of the same document (never an image position or padding).
 
+Images travel beside them, in order of appearance (row-major over the batch):
+
+- ``images``: ``[n, c, S, S]`` normalised pixels, one square per image; or, with
+  ``model.vision.native_resolution``, every image's patches packed into one
+  ``[total_patches, c * p * p]`` tensor (each image ``rows * cols`` rows in Siglip2's patch
+  layout, ``image_patches.py``), then
+- ``image_grids``: ``[n, 2]`` int64 ``(rows, cols)`` per image, on the host (the ViT lays
+  out its packed sequence from them without reading the device). Image ``i`` is rows
+  ``sum(rows_j * cols_j for j < i)`` onward of ``images``. ``num_images`` (``[b]``)
+  counts each sequence's images in both forms.
+
+Either way each image becomes ``num_image_tokens`` tokens, so the text side is the same.
+
 These functions are pure tensor code, shared by the data pipeline (which builds batches)
 and the model (which merges image embeddings); this package imports neither.
 """

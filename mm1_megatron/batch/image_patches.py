@@ -22,6 +22,15 @@ GridSizes = List[Tuple[int, int]]  # per image: (rows, columns) of patches
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """``[..., c, H, W]`` -> ``[..., (H/p) * (W/p), p * p * c]`` in Siglip2's layout."""
+    *batch, channels, _, _ = images.shape
+    grid = patch_grid_view(images, patch_size)
+    rows, cols = grid.shape[-5:-3]
+    return grid.reshape(*batch, rows * cols, patch_size * patch_size * channels)
+
+
+def patch_grid_view(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``[..., c, H, W]`` -> a view ``[..., H/p, W/p, p, p, c]``: the patches in Siglip2's
+    order, not yet copied (``copy_`` it into its rows of a packed batch)."""
     *batch, channels, height, width = images.shape
     if height % patch_size or width % patch_size:
         raise ValueError(
@@ -32,8 +41,7 @@ def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     grid = images.reshape(*batch, channels, rows, patch_size, cols, patch_size)
     dims = len(batch)
     # [..., c, rows, py, cols, px] -> [..., rows, cols, py, px, c]
-    order = [*range(dims), dims + 1, dims + 3, dims + 2, dims + 4, dims]
-    return grid.permute(order).reshape(*batch, rows * cols, patch_size * patch_size * channels)
+    return grid.permute(*range(dims), dims + 1, dims + 3, dims + 2, dims + 4, dims)
 
 
 def grid_sizes_of(grid_sizes) -> GridSizes:

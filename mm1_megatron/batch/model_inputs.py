@@ -16,21 +16,26 @@ from mm1_megatron.batch.documents import register_host_document_ids
 
 Batch = Dict[str, torch.Tensor]
 
+IMAGE_KEYS = ("images", "image_grids")  # what only the stage that encodes images needs
+HOST_KEYS = ("image_grids",)  # read by the host (the ViT's packing): never moved
+
 
 def model_inputs(batch: Batch, device: torch.device, *, images: bool = True) -> Batch:
     """The micro-batch on ``device``. Attention needs nothing more: the decoder reads the
     packed documents from ``document_ids`` (no ``[b, 1, s, s]`` mask is built).
 
-    ``images=False`` leaves the pixels on the host: pipeline stages after the first never
-    encode images, so they need not receive them.
+    ``images=False`` leaves the pixels (and the native-resolution ``image_grids``) out:
+    pipeline stages after the first never encode images, so they need not receive them.
+    ``image_grids`` stay on the host, where the ViT reads them to lay out its packed
+    sequence without a device sync.
 
     The documents' layout is computed here from the host ``document_ids`` and registered
     for their device copy, so no layer reads the ids back from the device.
     """
     inputs = {
-        key: value.to(device, non_blocking=True)
+        key: value if key in HOST_KEYS else value.to(device, non_blocking=True)
         for key, value in batch.items()
-        if images or key != "images"
+        if images or key not in IMAGE_KEYS
     }
     if "document_ids" in inputs and batch["document_ids"].device.type == "cpu":
         register_host_document_ids(inputs["document_ids"], batch["document_ids"])
@@ -40,10 +45,12 @@ def model_inputs(batch: Batch, device: torch.device, *, images: bool = True) -> 
 def run_model(model, inputs: Batch, *, with_labels: bool = True) -> torch.Tensor:
     """``MM1Model.forward`` on ``model_inputs(...)``: per-token loss ``[b, s]`` with labels
     (last pipeline stage), else logits (last stage) or hidden states (other stages)."""
+    native = {"image_grids": inputs["image_grids"]} if "image_grids" in inputs else {}
     return model(
         inputs["tokens"],
         inputs["position_ids"],
         inputs["document_ids"],
         images=inputs.get("images"),
         labels=inputs["labels"] if with_labels else None,
+        **native,
     )

@@ -94,6 +94,34 @@ def _check_native_resolution(v, p: str, err: _Errors) -> None:
     )
 
 
+def _check_native_resolution_uses(cfg: MM1Config, err: _Errors) -> None:
+    """What native resolution (each image its own patch grid) does not go with."""
+    if not cfg.model.vision.native_resolution:
+        return
+    on = "model.vision.native_resolution=true"
+    err.check(
+        cfg.data.tiling.mode == "none",
+        f"data.tiling.mode={cfg.data.tiling.mode} with {on}: native resolution replaces "
+        f"tiles (each image keeps its aspect ratio within model.vision.max_patches); set "
+        f"data.tiling.mode=none",
+    )
+    err.check(
+        cfg.data.images.decoder == "pil",
+        f"data.images.decoder={cfg.data.images.decoder} with {on}: the DALI pipeline gives "
+        f"every image of a batch one size, not its own; set data.images.decoder=pil",
+    )
+    err.check(
+        cfg.model.connector.type != "mlp",
+        f"model.connector.type=mlp with {on}: one token per patch cannot give every image "
+        f"model.connector.num_output_tokens tokens; use c_abstractor, avg_pool or attn_pool",
+    )
+    err.check(
+        cfg.eval.interval == 0 or not cfg.eval.tasks,
+        f"eval.tasks={cfg.eval.tasks} with {on}: few-shot evaluation still builds fixed-size "
+        f"images; set eval.tasks=[] (the held-out loss still runs)",
+    )
+
+
 def _check_connector(cfg: MM1Config, err: _Errors) -> None:
     c, v = cfg.model.connector, cfg.model.vision
     p = "model.connector"
@@ -650,6 +678,7 @@ def validate_config(cfg: MM1Config) -> MM1Config:
         _check_optimizer_and_training,
         _check_data,
         _check_tiling_and_conversations,
+        _check_native_resolution_uses,
         _check_model_impl,
         _check_checkpoint,
         _check_eval,

@@ -226,7 +226,12 @@ def _resolve_config(request: ImportRequest):
     parts, info = [], {"format_version": 1, "parts": [], "sources": {}, "warnings": []}
     style = plan = None
     if request.vision_encoder is not None:
-        cfg.model.vision = vision_source(request.vision_encoder)
+        vision = vision_source(request.vision_encoder)
+        if vision.native_resolution and cfg.model.vision.native_resolution:
+            # The patch budget per image is a training choice: a native-resolution
+            # recipe's wins over the source processor's max_num_patches.
+            vision = replace(vision, max_patches=cfg.model.vision.max_patches)
+        cfg.model.vision = vision
         parts.append("vision_encoder")
         info["sources"]["vision_encoder"] = {
             "path": str(Path(request.vision_encoder).resolve()),

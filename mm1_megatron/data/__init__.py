@@ -26,6 +26,8 @@ from mm1_megatron.utils.lazy import lazy_getattr
 _EXPORTS = {
     "build_data": "mm1_megatron.data.build",
     "BATCH_KEYS": "mm1_megatron.data.pipeline.loader",
+    "NATIVE_BATCH_KEYS": "mm1_megatron.data.pipeline.loader",
+    "NativeResolution": "mm1_megatron.data.pipeline.native_resolution",
     "MicroBatchLoader": "mm1_megatron.data.pipeline.loader",
     "collate": "mm1_megatron.data.pipeline.loader",
     "SOURCE_IDS": "mm1_megatron.data.pipeline.mixture",

@@ -2,14 +2,17 @@
 
     loader, tokenizer = build_data(cfg.data, seq_length=..., micro_batch_size=...,
                                    num_image_tokens=..., image_size=..., image_mean=...,
-                                   image_std=..., seed=..., dp_rank=..., dp_size=...)
+                                   image_std=..., seed=..., dp_rank=..., dp_size=...,
+                                   native=None)
 
 Every source is a *builder* (``sequence(g)`` is a pure function of the global sequence
 index) served by one ``pipeline.loader.MicroBatchLoader``, which owns data-parallel
 sharding, prefetch workers and the saved position. ``data.source=synthetic`` builds from
 the embedded synthetic world (``synthetic.sequences``); ``data.source=webdataset`` from
 caption and interleaved shards and indexed text, mixed per sequence by
-``pipeline.mixture.MixtureSchedule``.
+``pipeline.mixture.MixtureSchedule``. ``native`` (a ``NativeResolution``, from
+``model.vision.native_resolution``) gives every image its own size and packs a
+micro-batch's images as patches with their grids (``pipeline/native_resolution.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from mm1_megatron.data.pipeline.conversation_source import ConversationSource
 from mm1_megatron.data.pipeline.images import build_image_decoder, check_image_options
 from mm1_megatron.data.pipeline.loader import MicroBatchLoader
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
+from mm1_megatron.data.pipeline.native_resolution import NativeResolution, native_resolution_of
 from mm1_megatron.data.pipeline.packing import check_packing_arguments
 from mm1_megatron.data.pipeline.sources import (
     CaptionSource,
@@ -58,6 +62,7 @@ def build_data(
     seed: int,
     dp_rank: int,
     dp_size: int,
+    native: Optional[NativeResolution] = None,
 ) -> Tuple[MicroBatchLoader, Tokenizer]:
     """The loader for this data-parallel rank and the tokenizer it encodes with."""
     if seed < 0:
@@ -73,6 +78,8 @@ def build_data(
         image_mean=list(image_mean),
         image_std=list(image_std),
     )
+    if native is not None:  # absent otherwise: fingerprints of earlier runs stay valid
+        packing["native"] = native
     context = None
     if data_cfg.source == "synthetic":
         builder = SyntheticSequences(
@@ -148,6 +155,7 @@ def build_run_data(
         seed=cfg.training.seed if seed is None else seed,
         dp_rank=dp_rank,
         dp_size=dp_size,
+        native=native_resolution_of(vision),
     )
 
 
@@ -161,6 +169,7 @@ def _webdataset_builder(
     image_size: int,
     image_mean: Sequence[float],
     image_std: Sequence[float],
+    native: Optional[NativeResolution] = None,
 ) -> MixtureBuilder:
     images = data_cfg.images
     check_image_options(images.decoder, images.resize, images.dtype)
@@ -172,6 +181,7 @@ def _webdataset_builder(
         resize_mode=images.resize,
         dtype=images.dtype,
         dali_threads=images.dali_threads,
+        native=native,
     )
     schedule = MixtureSchedule(data_cfg.mixture, seed)
     shard_options = dict(
@@ -216,7 +226,11 @@ def _webdataset_builder(
             check_text_meta(prefix, tokenizer)
         corpus = TextCorpus(data_cfg.shards.text, seq_length=seq_length, seed=seed)
         sources["text"] = TextSource(
-            corpus, tokenizer=tokenizer, seq_length=seq_length, empty_images=decoder.empty()
+            corpus,
+            tokenizer=tokenizer,
+            seq_length=seq_length,
+            empty_images=decoder.empty(),
+            empty_grids=None if native is None else native.empty()[1],
         )
         logger.info(
             "text: %d documents, %d tokens per epoch", corpus.num_documents, corpus.tokens_per_epoch

@@ -23,6 +23,12 @@ from mm1_megatron.inference import Prompt
 class PromptBuilder:
     def __init__(self, cfg: MM1Config, tokenizer: Tokenizer):
         vision = cfg.model.vision
+        if vision.native_resolution:
+            raise ValueError(
+                "few-shot evaluation and generation build fixed-size square images, which a "
+                "model.vision.native_resolution=true model does not take yet; score its "
+                "held-out loss instead (eval.heldout_batches)"
+            )
         self.tokenizer = tokenizer
         self.num_image_tokens = cfg.model.connector.num_output_tokens
         self.image_size = vision.image_size

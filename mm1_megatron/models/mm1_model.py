@@ -3,6 +3,11 @@
 On a pipeline-parallel run the image encoder and connector live on the first stage
 (``pre_process=True``), next to the token embedding; later stages hold only decoder
 layers and receive hidden states through ``set_input_tensor``.
+
+With ``model.vision.native_resolution`` the images arrive as packed patches
+``[total_patches, c*p*p]`` with their host ``image_grids`` ``[n, 2]``
+(``batch/contract.py``): the ViT encodes them as one packed sequence and the connector
+still gives each image ``num_output_tokens`` tokens.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm1_megatron.batch.contract import merge_image_embeddings
+from mm1_megatron.batch.image_patches import grid_sizes_of
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.models.connectors import Connector
 from mm1_megatron.models.seeding import seeded
@@ -108,15 +114,33 @@ class MM1Model(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``[n, c, H, W]`` -> connector tokens ``[n, num_output_tokens, llm_hidden]``."""
-        return self.connector(self.vision_encoder(images))
+    def encode_images(self, images: torch.Tensor, image_grids=None) -> torch.Tensor:
+        """``[n, c, H, W]`` -> connector tokens ``[n, num_output_tokens, llm_hidden]``; at
+        native resolution packed patches ``[total_patches, c*p*p]`` and their host
+        ``image_grids`` (``[n, 2]`` or ``(rows, cols)`` pairs) -> the same."""
+        if not self.vision_encoder.native_resolution:
+            if image_grids is not None:
+                raise ValueError(
+                    "image_grids come with native-resolution batches, but "
+                    "model.vision.native_resolution=false: build the data with this config"
+                )
+            return self.connector(self.vision_encoder(images))
+        if image_grids is None:
+            raise ValueError(
+                "model.vision.native_resolution=true takes packed patches with their "
+                "image_grids (batch/contract.py); fixed-size [n, c, H, W] images, as "
+                "evaluation and generation still build them, are not supported with it yet"
+            )
+        grids = grid_sizes_of(image_grids)
+        return self.connector(self.vision_encoder.encode_packed(images, grids), grids)
 
-    def embed(self, tokens: torch.Tensor, images: Optional[torch.Tensor]) -> torch.Tensor:
+    def embed(
+        self, tokens: torch.Tensor, images: Optional[torch.Tensor], image_grids=None
+    ) -> torch.Tensor:
         """Token embeddings with image tokens merged in, ``[s, b, h]`` (split if SP)."""
         embeddings = self.language_model.embedding(input_ids=tokens, position_ids=None)
         if images is not None and images.shape[0] > 0:
-            image_tokens = self.encode_images(images)
+            image_tokens = self.encode_images(images, image_grids)
             embeddings = merge_image_embeddings(
                 embeddings, image_tokens, tokens, image_token_id=self.image_token_id
             )
@@ -158,6 +182,7 @@ class MM1Model(MegatronModule):
         images: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         inference_context=None,
+        image_grids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Per-token loss ``[b, s]`` when ``labels`` is given (last stage), else logits
         (last stage) or hidden states (other stages).
@@ -165,8 +190,11 @@ class MM1Model(MegatronModule):
         With Megatron-Core's ``inference_context`` (generation with a KV cache) ``tokens``
         are the new positions only, while ``document_ids`` cover every cached position
         too, so attention knows which earlier keys each new token may see.
+
+        ``image_grids`` (native resolution, on the host): each image's patch grid, with
+        ``images`` its packed patches.
         """
-        decoder_input = self.embed(tokens, images) if self.pre_process else None
+        decoder_input = self.embed(tokens, images, image_grids) if self.pre_process else None
         return self.language_model(
             tokens,
             position_ids,

@@ -41,6 +41,7 @@ class ParameterCounts:
 
 def vision_encoder_params(v: VisionEncoderConfig) -> int:
     h, f = v.hidden_size, v.ffn_hidden_size
+    # At native resolution too: one g x g table, resized to each image's grid on the fly.
     num_positions = (v.image_size // v.patch_size) ** 2 + (1 if v.use_class_token else 0)
     per_layer = (
         2 * h  # input LayerNorm
@@ -55,7 +56,7 @@ def vision_encoder_params(v: VisionEncoderConfig) -> int:
         + h
     )  # MLP with biases
     return (
-        v.num_channels * v.patch_size**2 * h  # patch conv
+        v.num_channels * v.patch_size**2 * h  # patch conv (native resolution: linear)
         + (h if v.patch_embedding_bias else 0)
         + (h if v.use_class_token else 0)
         + num_positions * h

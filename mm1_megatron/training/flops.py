@@ -6,7 +6,10 @@ convention). Decoder attention counts what per-document attention runs: the quer
 pairs a packed sequence allows, causal within each document, ``sum_d L_d (L_d + 1) / 2``
 (``causal_attention_pairs``), not the ``s x s`` matrix; the ViT's attention is
 bidirectional over each image's patches. The image encoder and connector are included: at
-MM1's shapes a ViT-H over 16 images per sequence is a large share of the work.
+MM1's shapes a ViT-H over 16 images per sequence is a large share of the work. At native
+resolution (``model.vision.native_resolution``) every image counts as ``max_patches``
+patches: the size rule fills the budget up to a row or column of patches, so this is
+the most an image costs and close to what it does.
 """
 
 from __future__ import annotations
@@ -22,11 +25,20 @@ from mm1_megatron.models import param_count
 FORWARD_AND_BACKWARD = 3
 
 
+def patches_per_image(model: ModelConfig, image_size: Optional[int] = None) -> int:
+    """The ViT's patches for one image (or tile) of ``image_size`` pixels (default: the
+    encoder's own); at native resolution the budget ``max_patches``, whatever the size."""
+    v = model.vision
+    if v.native_resolution:
+        return v.max_patches
+    return ((image_size or v.image_size) // v.patch_size) ** 2
+
+
 def vision_encoder_forward_flops(model: ModelConfig, image_size: Optional[int] = None) -> float:
     """Forward FLOPs of the ViT for one image (or tile) of ``image_size`` pixels (default:
-    the encoder's own ``image_size``)."""
+    the encoder's own ``image_size``; native resolution: ``patches_per_image``)."""
     v = model.vision
-    num_patches = ((image_size or v.image_size) // v.patch_size) ** 2
+    num_patches = patches_per_image(model, image_size)
     num_tokens = num_patches + (1 if v.use_class_token else 0)
     h, f = v.hidden_size, v.ffn_hidden_size
     per_layer_matmul = 4 * h * h + 2 * h * f  # QKV + proj + MLP, per token
@@ -38,7 +50,7 @@ def vision_encoder_forward_flops(model: ModelConfig, image_size: Optional[int] =
 def connector_forward_flops(model: ModelConfig, image_size: Optional[int] = None) -> float:
     """Forward FLOPs of the connector for one image (weights x positions they touch)."""
     c, v, h_llm = model.connector, model.vision, model.llm.hidden_size
-    grid = (image_size or v.image_size) // v.patch_size
+    num_patches = patches_per_image(model, image_size)
     num_out = c.num_output_tokens
     readout_in = {
         "c_abstractor": c.hidden_size if c.num_blocks_per_stage else v.hidden_size,
@@ -52,14 +64,14 @@ def connector_forward_flops(model: ModelConfig, image_size: Optional[int] = None
             for i in range(n)
         )
         stage2 = n * param_count.bottleneck_params(width, width)
-        return 2 * (stage1 * grid * grid + (stage2 + readout) * num_out)
+        return 2 * (stage1 * num_patches + (stage2 + readout) * num_out)
     if c.type == "attn_pool":
         d = c.hidden_size
-        kv_proj = 2 * d * v.hidden_size * grid * grid
-        attention = 2 * num_out * grid * grid * d + 2 * d * d * num_out
+        kv_proj = 2 * d * v.hidden_size * num_patches
+        attention = 2 * num_out * num_patches * d + 2 * d * d * num_out
         return 2 * (kv_proj + attention + readout * num_out)
     if c.type == "mlp":
-        return 2 * readout * grid * grid
+        return 2 * readout * num_patches
     return 2 * readout * num_out  # avg_pool
 
 

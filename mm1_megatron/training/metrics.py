@@ -113,7 +113,7 @@ class StepAccounting:
         # One all-reduce for the counts.
         counts = all_reduce_values(
             [
-                sum(int(b["images"].shape[0]) for b in host_batches),
+                sum(int(b["num_images"].sum()) for b in host_batches),
                 sum(int(b["loss_mask"].sum()) for b in host_batches),
                 sum(causal_attention_pairs(b["document_ids"]) for b in host_batches),
             ],

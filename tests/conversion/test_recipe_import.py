@@ -69,3 +69,27 @@ def test_moe_recipe_keeps_its_training_settings_over_the_import(sources, convers
     # ... with the recipe's training settings, which a Hugging Face config does not fix.
     assert math.isclose(moe.aux_loss_coeff, 0.001) and moe.token_dispatcher == "alltoall"
     assert cfg.parallel.expert_parallel_size == 8
+
+
+def test_native_recipe_keeps_its_patch_budget_over_the_source_processor(conversion_dir):
+    """A NaFlex folder's processor says 32 patches per image; the recipe's 16 win."""
+    from mm1_megatron.conversion import ImportRequest, import_checkpoint
+    from tests.conversion.hf_sources import SIGLIP2_MAX_PATCHES, build_siglip2_source
+
+    folder = conversion_dir / "recipe_naflex_source"
+    build_siglip2_source("siglip2_vision", folder)
+    output = conversion_dir / "recipe_naflex"
+    import_checkpoint(
+        ImportRequest(
+            output=output,
+            vision_encoder=folder,
+            base_config=f"{REPO_CONFIGS}/debug_siglip2_naflex.yaml",
+        )
+    )
+    vision = load_config(output / "step_00000000" / "config.yaml").model.vision
+    assert vision.native_resolution and SIGLIP2_MAX_PATCHES == 32
+    assert (
+        vision.max_patches
+        == load_config(f"{REPO_CONFIGS}/debug_siglip2_naflex.yaml").model.vision.max_patches
+        == 16
+    )

@@ -41,6 +41,17 @@ MOE = [
 # Qwen3's attention: q/k RMSNorms (whose gradients are summed over the TP group) and a
 # head width of its own (4 heads of 48 in a 128-wide model).
 QWEN3 = ["model.llm.qk_norm=true", "model.llm.head_dim=48"]
+# SigLIP 2's NaFlex tower: images of five aspect ratios as packed patches with their grids,
+# per-image attention in the ViT (configs/debug_siglip2_naflex.yaml's vision settings).
+NATIVE = [
+    "model.vision.use_class_token=false",
+    "model.vision.patch_embedding_bias=true",
+    "model.vision.pre_layernorm=false",
+    "model.vision.post_layernorm=true",
+    "model.vision.activation=gelu_tanh",
+    "model.vision.native_resolution=true",
+    "model.vision.max_patches=16",
+]
 TEXT_ONLY = ["data.mixture={text: 1.0}"]
 TP2 = ["parallel.tensor_parallel_size=2"]
 SP = ["parallel.sequence_parallel=true"]
@@ -50,7 +61,12 @@ OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=t
 # The single-process references attend through the explicit [b, 1, s, s] mask; every
 # layout through per-document attention: each comparison also checks the attention path.
 DENSE_MASK = ["model.attention=dense_mask_reference"]
-REFERENCES = {"dense": DENSE_MASK, "moe": MOE + DENSE_MASK, "qwen3": QWEN3 + DENSE_MASK}
+REFERENCES = {
+    "dense": DENSE_MASK,
+    "moe": MOE + DENSE_MASK,
+    "qwen3": QWEN3 + DENSE_MASK,
+    "native": NATIVE + DENSE_MASK,
+}
 
 # name -> (world size, reference, overrides)
 LAYOUTS = {
@@ -83,6 +99,11 @@ LAYOUTS = {
     "dp2_recompute_selective": (2, "dense", ["parallel.recompute=selective"]),
     "ep2_tp2_sp": (4, "moe", MOE + TP2 + SP + ["parallel.expert_parallel_size=2"]),
     "tp2_pp2": (4, "dense", TP2 + PP2),
+    # The packed patches and their host grids reach every TP rank, only the vision stage
+    # of a pipeline, and each DP rank its own images.
+    "native_tp2_sp": (2, "native", NATIVE + TP2 + SP),
+    "native_pp2_vision_stage": (2, "native", NATIVE + PP2),
+    "native_dp2": (2, "native", NATIVE + ["training.micro_batch_size=2"]),
 }
 
 

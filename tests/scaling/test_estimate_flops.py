@@ -141,3 +141,68 @@ def test_layers_and_output_add_up_to_the_language_model(tiny_config):
     ) + flops.output_layer_forward_flops(cfg.model, seq)
     whole = flops.language_model_forward_flops(cfg.model, seq, attention_pairs=pairs)
     assert parts == pytest.approx(whole, rel=1e-12)
+
+
+NATIVE = (
+    "model.vision.use_class_token=false",
+    "model.vision.patch_embedding_bias=true",
+    "model.vision.pre_layernorm=false",
+    "model.vision.post_layernorm=true",
+    "model.vision.native_resolution=true",
+    "model.vision.max_patches=16",
+)
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """torch counts no FLOPs for SDPA's CPU kernel, which per-image attention runs."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _counted(function, *args) -> int:
+    sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    with FlopCounterMode(display=False, custom_mapping={sdpa: _cpu_sdpa_flops}) as counter:
+        with torch.no_grad():
+            function(*args)
+    return counter.get_total_flops()
+
+
+@pytest.fixture(scope="module")
+def counted_native(megatron_single_process):
+    """The ViT's FLOPs on a native-resolution batch (packed images of several grids), and
+    those of resizing its position table to each distinct grid (which the formula leaves
+    out: once per grid, not per image)."""
+    from mm1_megatron.data.build import build_run_data
+    from mm1_megatron.models import build_mm1_model
+    from mm1_megatron.models.naflex import resize_position_grid
+    from mm1_megatron.parallel import seed_everything
+    from tests.conftest import IMAGE_TOKEN_ID, make_tiny_config
+
+    cfg = make_tiny_config(*NATIVE)
+    seed_everything(1)
+    model = build_mm1_model(cfg.model, cfg.parallel, image_token_id=IMAGE_TOKEN_ID)
+    data, _ = build_run_data(cfg, seed=1)
+    batch = next(b for b in data if b["image_grids"].shape[0] >= 2)
+    grids = [tuple(grid) for grid in batch["image_grids"].tolist()]
+    encoder = model.vision_encoder
+    measured = _counted(encoder.encode_packed, batch["images"], grids)
+    table, side = encoder.position_embedding, encoder.grid_size
+    resizes = sum(_counted(resize_position_grid, table, side, grid) for grid in set(grids))
+    return cfg, grids, measured - resizes
+
+
+def test_native_vit_flops_count_each_image_at_its_patch_budget(counted_native):
+    """Exact for an image of ``max_patches`` patches, so each image's count is the formula
+    at its own grid; the estimate and MFU take the budget, which bounds them all."""
+    cfg, grids, measured = counted_native
+
+    def at(patches: int) -> float:
+        vision = dataclasses.replace(cfg.model.vision, max_patches=patches)
+        return flops.vision_encoder_forward_flops(dataclasses.replace(cfg.model, vision=vision))
+
+    assert measured == sum(at(rows * cols) for rows, cols in grids)
+    per_image = flops.vision_encoder_forward_flops(cfg.model)
+    assert per_image == at(cfg.model.vision.max_patches)
+    assert measured <= len(grids) * per_image
+    assert flops.patches_per_image(cfg.model, 999) == cfg.model.vision.max_patches

@@ -37,7 +37,23 @@ def test_live_tensor_bytes_sees_frees_and_views():
 
 # Qwen3's attention: q/k norms and 4 heads of 48 in the 128-wide debug decoder.
 QWEN3 = ("model.llm.qk_norm=true", "model.llm.head_dim=48")
-SETTINGS = {"none": ("none", ()), "full": ("full", ()), "qwen3_heads": ("none", QWEN3)}
+# SigLIP 2's NaFlex tower: every image is estimated at its whole patch budget (the
+# synthetic images reach 15 or 16 of 16 patches), the ViT attends per image.
+NATIVE = (
+    "model.vision.use_class_token=false",
+    "model.vision.patch_embedding_bias=true",
+    "model.vision.pre_layernorm=false",
+    "model.vision.post_layernorm=true",
+    "model.vision.activation=gelu_tanh",
+    "model.vision.native_resolution=true",
+    "model.vision.max_patches=16",
+)
+SETTINGS = {
+    "none": ("none", ()),
+    "full": ("full", ()),
+    "qwen3_heads": ("none", QWEN3),
+    "native_resolution": ("none", NATIVE),
+}
 
 
 @pytest.fixture(params=sorted(SETTINGS))

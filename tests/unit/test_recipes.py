@@ -4,7 +4,8 @@
 two Hugging Face folders, so a recipe whose values differ from them would document (and
 estimate) a model nobody trains. The configs below are the architecture fields of the
 published ``config.json`` files (Qwen/Qwen3-1.7B, Qwen/Qwen3-30B-A3B,
-google/siglip2-so400m-patch16-384); each is translated here by the importer's own code.
+google/siglip2-so400m-patch16-384 and -naflex); each is translated here by the importer's
+own code.
 """
 
 from __future__ import annotations
@@ -78,10 +79,37 @@ SIGLIP2_SO400M_16_384 = {
     },
 }
 SIGLIP2_PREPROCESSOR = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+SIGLIP2_SO400M_16_NAFLEX = {
+    "architectures": ["Siglip2Model"],
+    "model_type": "siglip2",
+    "text_config": {"model_type": "siglip2_text_model", "vocab_size": 256000},
+    "vision_config": {
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "model_type": "siglip2_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "num_patches": 256,
+        "patch_size": 16,
+    },
+}
+SIGLIP2_NAFLEX_PREPROCESSOR = {
+    "image_processor_type": "Siglip2ImageProcessor",
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "max_num_patches": 256,
+    "patch_size": 16,
+}
 
 RECIPES = {
     "mm1_qwen3_1_7b_siglip2.yaml": QWEN3_1_7B,
+    "mm1_qwen3_1_7b_siglip2_naflex.yaml": QWEN3_1_7B,
     "mm1_qwen3_30b_a3b_siglip2.yaml": QWEN3_30B_A3B,
+}
+ENCODERS = {
+    "mm1_qwen3_1_7b_siglip2.yaml": (SIGLIP2_SO400M_16_384, SIGLIP2_PREPROCESSOR),
+    "mm1_qwen3_1_7b_siglip2_naflex.yaml": (SIGLIP2_SO400M_16_NAFLEX, SIGLIP2_NAFLEX_PREPROCESSOR),
+    "mm1_qwen3_30b_a3b_siglip2.yaml": (SIGLIP2_SO400M_16_384, SIGLIP2_PREPROCESSOR),
 }
 # MoE settings the recipe sets for training; the import keeps them from --config.
 TRAINING_SETTINGS = ("aux_loss_coeff", "z_loss_coeff", "token_dispatcher", "grouped_gemm")
@@ -106,9 +134,11 @@ def test_recipe_decoder_is_the_published_one(recipe, tmp_path):
     )
 
 
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
+@pytest.mark.parametrize("recipe", sorted(ENCODERS))
 def test_recipe_encoder_is_the_published_one(recipe, tmp_path):
-    folder = _folder(
-        tmp_path, "vision", SIGLIP2_SO400M_16_384, preprocessor_config=SIGLIP2_PREPROCESSOR
-    )
-    assert vision_source(folder) == load_config(CONFIGS / recipe).model.vision
+    config, preprocessor = ENCODERS[recipe]
+    folder = _folder(tmp_path, "vision", config, preprocessor_config=preprocessor)
+    imported, written = vision_source(folder), load_config(CONFIGS / recipe).model.vision
+    if written.native_resolution:  # the patch budget is the recipe's (see the import)
+        imported = dataclasses.replace(imported, max_patches=written.max_patches)
+    assert imported == written

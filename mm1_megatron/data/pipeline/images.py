@@ -22,6 +22,11 @@ steps (``tests/data/test_images.py`` and ``test_image_modes.py`` state the toler
 A blob that cannot be decoded comes back as a ``BadSample`` instead of a tensor, so one
 bad image never fails a batch.
 
+**Native resolution** (``model.vision.native_resolution``, PIL only): the resize mode
+gives way to SigLIP 2's size rule (``native_resolution.py``): each image is resized with
+the same bilinear filter to its own multiple-of-patch size under ``max_patches`` and
+comes back as ``[3, h, w]``, to be packed into patches with its sequence's other images.
+
 **Tiles** (``data.tiling``, PIL only): ``decode_tiles`` decodes each image at its own
 size (EXIF orientation applied, 8-bit RGB), cuts it into the tiles of its plan with
 ``tiling.tile_image`` (as the synthetic pipeline does; the exported processor carries its
@@ -41,6 +46,7 @@ import numpy as np
 import torch
 
 from mm1_megatron.config import schema
+from mm1_megatron.data.pipeline.native_resolution import NativeResolution
 from mm1_megatron.data.pipeline.tiling import TilePlan, tile_image
 from mm1_megatron.data.shards.image_modes import (
     corrupt,
@@ -59,6 +65,11 @@ IMAGE_DECODERS = schema.IMAGE_DECODERS
 IMAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 assert tuple(IMAGE_DTYPES) == schema.IMAGE_DTYPES
 DALI_MAX_BATCH = 64
+NATIVE_RESOLUTION_NEEDS_PIL = (
+    "model.vision.native_resolution=true resizes each image to its own size (SigLIP 2's "
+    "rule), which the DALI pipeline (one output size per batch) does not do: set "
+    "data.images.decoder=pil"
+)
 
 Decoded = Union[torch.Tensor, BadSample]
 DecodedTiles = Union[List[torch.Tensor], BadSample]
@@ -117,6 +128,7 @@ class ImageDecoder:
         std: Sequence[float],
         resize_mode: str = "crop",
         dtype: str = "fp32",
+        native: Optional[NativeResolution] = None,
     ):
         check_image_options(self.name, resize_mode, dtype)
         self.image_size = image_size
@@ -124,11 +136,13 @@ class ImageDecoder:
         self.std = [float(s) for s in std]
         self.resize_mode = resize_mode
         self.dtype = IMAGE_DTYPES[dtype]
+        self.native = native
 
     name = ""
 
     def decode(self, blobs: Sequence[bytes]) -> List[Decoded]:
-        """One tensor ``[3, S, S]`` (or a ``BadSample``) per blob, in order."""
+        """One tensor ``[3, S, S]`` (or a ``BadSample``) per blob, in order; with
+        ``native``, ``[3, h, w]`` at each image's own size."""
         results: List[Optional[Decoded]] = [None] * len(blobs)
         todo = []
         for i, blob in enumerate(blobs):
@@ -149,6 +163,10 @@ class ImageDecoder:
         raise ValueError(f"the {self.name} image decoder does not cut tiles; use pil")
 
     def empty(self) -> torch.Tensor:
+        """The images of a sequence without any: ``[0, 3, S, S]``, or with ``native`` no
+        patches ``[0, 3 * p * p]``."""
+        if self.native is not None:
+            return self.native.empty(self.dtype)[0]
         return torch.zeros((0, 3, self.image_size, self.image_size), dtype=self.dtype)
 
 
@@ -199,6 +217,9 @@ class PILImageDecoder(ImageDecoder):
         from PIL import Image
 
         size, (width, height) = self.image_size, image.size
+        if self.native is not None:
+            new_height, new_width = self.native.image_size(height, width)
+            return np.array(image.resize((new_width, new_height), Image.BILINEAR)), None
         if self.resize_mode == "squash":
             return np.array(image.resize((size, size), Image.BILINEAR)), None
         if self.resize_mode == "crop":
@@ -226,6 +247,8 @@ class DALIImageDecoder(ImageDecoder):
 
     def __init__(self, *, num_threads: int = 1, device_id: Optional[int] = None, **kwargs):
         super().__init__(**kwargs)
+        if self.native is not None:
+            raise ValueError(NATIVE_RESOLUTION_NEEDS_PIL)
         self.num_threads = num_threads
         self.device_id = device_id
         self._pipeline = None
@@ -399,11 +422,21 @@ def build_image_decoder(
     resize_mode: str = "crop",
     dtype: str = "fp32",
     dali_threads: int = 2,
+    native: Optional[NativeResolution] = None,
 ) -> ImageDecoder:
     """``pil`` or ``dali`` (GPU decoding when CUDA is available, else DALI's CPU operators;
-    ``dali_threads`` CPU threads per pipeline)."""
+    ``dali_threads`` CPU threads per pipeline). ``native``: SigLIP 2's sizes (PIL only)."""
+    if decoder == "dali" and native is not None:
+        raise ValueError(NATIVE_RESOLUTION_NEEDS_PIL)
     check_image_options(decoder, resize_mode, dtype)
-    kwargs = dict(image_size=image_size, mean=mean, std=std, resize_mode=resize_mode, dtype=dtype)
+    kwargs = dict(
+        image_size=image_size,
+        mean=mean,
+        std=std,
+        resize_mode=resize_mode,
+        dtype=dtype,
+        native=native,
+    )
     if decoder == "pil":
         return PILImageDecoder(**kwargs)
     device_id = torch.cuda.current_device() if torch.cuda.is_available() else None

@@ -30,6 +30,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS
+from mm1_megatron.data.pipeline.native_resolution import empty_grids
 from mm1_megatron.data.pipeline.packing import PackedSequence
 from mm1_megatron.data.pipeline.shared_memory import concat_images
 from mm1_megatron.data.shards.skips import SKIP_REASONS, STAT_NAMES, DataStats, SkipSummary
@@ -47,6 +48,8 @@ BATCH_KEYS = (
     "source_ids",
     "num_real_tokens",
 )
+# Native resolution (model.vision.native_resolution) adds each image's patch grid.
+NATIVE_BATCH_KEYS = (*BATCH_KEYS, "image_grids")
 STATE_FORMAT = "mm1_megatron.data"
 STATE_VERSION = 1
 _STATS_KEY = "data_stats"
@@ -95,7 +98,8 @@ def _no_collate(batch):
 
 
 class MicroBatchLoader:
-    """Endless iterator of micro-batch dicts (``BATCH_KEYS``, see ``collate``)."""
+    """Endless iterator of micro-batch dicts (``BATCH_KEYS``, or ``NATIVE_BATCH_KEYS`` at
+    native resolution; see ``collate``)."""
 
     def __init__(
         self,
@@ -250,13 +254,15 @@ def stats_vector(loader) -> List[int]:
 def collate(sequences: List[PackedSequence]) -> Dict[str, torch.Tensor]:
     """Stack packed sequences; images concatenate in order of appearance (row-major).
 
-    Images keep the sequences' dtype (float32, or bfloat16 from a bf16 image pipeline).
+    Images keep the sequences' dtype (float32, or bfloat16 from a bf16 image pipeline). At
+    native resolution ``images`` are the packed patches of all images and ``image_grids``
+    their ``[n, 2]`` patch grids, in the same order (``batch/contract.py``).
     """
 
     def stack(name: str) -> torch.Tensor:
         return torch.stack([getattr(seq, name) for seq in sequences])
 
-    return {
+    batch = {
         "tokens": stack("tokens"),
         "labels": stack("labels"),
         "loss_mask": stack("loss_mask"),
@@ -269,3 +275,15 @@ def collate(sequences: List[PackedSequence]) -> Dict[str, torch.Tensor]:
             [seq.num_real_tokens for seq in sequences], dtype=torch.long
         ),
     }
+    if any(seq.image_grids is not None for seq in sequences):
+        batch["image_grids"] = _concat_grids(sequences)
+    return batch
+
+
+def _concat_grids(sequences: List[PackedSequence]) -> torch.Tensor:
+    """Every image's grid; a sequence without grids (text) has no images."""
+    grids = []
+    for seq in sequences:
+        assert seq.image_grids is not None or seq.num_images == 0, "images without grids"
+        grids.append(seq.image_grids if seq.image_grids is not None else empty_grids())
+    return torch.cat(grids)

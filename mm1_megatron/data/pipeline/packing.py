@@ -18,8 +18,10 @@ Each image placeholder becomes ``num_image_tokens`` image tokens. The rules:
 
 Labels and loss mask come from ``labels_and_loss_mask`` (loss only on text targets in the
 same document), positions restart at 0 in each document. Images are normalised per
-channel as ``(x - mean) / std``. Packing is greedy and in order: it cannot reorder samples
-to fill gaps, so some room is left as padding (``num_real_tokens`` measures the fill).
+channel as ``(x - mean) / std``; at native resolution (``native``) they are then packed
+into patches with their grids (``native_resolution.py``). Packing is greedy and in
+order: it cannot reorder samples to fill gaps, so some room is left as padding
+(``num_real_tokens`` measures the fill).
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ from mm1_megatron.batch.contract import (
     expand_trainable,
     labels_and_loss_mask,
     position_ids_from_documents,
+)
+from mm1_megatron.data.pipeline.native_resolution import (
+    NativeResolution,
+    normalise_native_images,
 )
 from mm1_megatron.data.shards.skips import DataStats
 from mm1_megatron.data.tokenizers.base import Tokenizer
@@ -55,7 +61,7 @@ class Sample:
 
     source: str
     token_ids: List[int]
-    images: List[torch.Tensor]  # each [3, H, W] float32 in [0, 1]
+    images: List[torch.Tensor]  # each [3, H, W] float32 in [0, 1]; H = W = S unless native
     # Per entry of token_ids: may it be a loss target (a conversation's assistant turns)?
     # None: every text token may, as in pre-training.
     trainable: Optional[List[bool]] = None
@@ -68,12 +74,17 @@ class PackedSequence:
     loss_mask: torch.Tensor  # [s] float
     position_ids: torch.Tensor  # [s] long
     document_ids: torch.Tensor  # [s] long
-    images: torch.Tensor  # [num_images, 3, H, W] float32 (or bf16), normalised
+    # Normalised, float32 (or bf16): [num_images, 3, S, S], or at native resolution the
+    # packed patches [total_patches, 3 * p * p] of images whose grids are image_grids.
+    images: torch.Tensor
     source: str
     num_real_tokens: int  # positions that are not padding
+    image_grids: Optional[torch.Tensor] = None  # native resolution: [num_images, 2] int64
 
     @property
     def num_images(self) -> int:
+        if self.image_grids is not None:
+            return int(self.image_grids.shape[0])
         return int(self.images.shape[0])
 
 
@@ -90,13 +101,15 @@ def pack_sequence(
     one_per_sequence: bool = False,
     fit_overlong: Optional[FitOverlong] = None,
     stats: Optional[DataStats] = None,
+    native: Optional[NativeResolution] = None,
 ) -> PackedSequence:
     """Pack samples drawn from ``samples`` (all of one source) into one sequence.
 
     Reads only as many samples as the sequence needs; see the module docstring for rules.
     ``one_per_sequence`` packs a single sample. ``fit_overlong`` shortens a sample with
     trainable flags (a conversation) that does not fit an empty sequence, or returns None
-    to skip it. ``stats`` counts skipped (``too_long``) and shortened samples.
+    to skip it. ``stats`` counts skipped (``too_long``) and shortened samples. ``native``:
+    the samples' images are at their native-resolution sizes, packed as patches.
     """
     check_packing_arguments(seq_length, num_image_tokens, max_images, image_mean, image_std)
     iterator = iter(samples)
@@ -116,8 +129,16 @@ def pack_sequence(
             fit_overlong=fit_overlong,
             stats=stats if stats is not None else DataStats(),
         )
-    return _assemble(
-        documents, first.source, seq_length, tokenizer, image_size, image_mean, image_std
+    images = [image for _, document_images, _ in documents for image in document_images]
+    pixels, grids = _normalised(images, image_size, image_mean, image_std, native)
+    return assemble(
+        [tokens for tokens, _, _ in documents],
+        source=first.source,
+        seq_length=seq_length,
+        tokenizer=tokenizer,
+        images=pixels,
+        image_grids=grids,
+        trainable=[flags for _, _, flags in documents],
     )
 
 
@@ -291,26 +312,6 @@ def cut_interleaved(
     return kept, num_images
 
 
-def _assemble(
-    documents: List[Document],
-    source: str,
-    seq_length: int,
-    tokenizer: Tokenizer,
-    image_size: int,
-    image_mean: Sequence[float],
-    image_std: Sequence[float],
-) -> PackedSequence:
-    images = [image for _, document_images, _ in documents for image in document_images]
-    return assemble(
-        [tokens for tokens, _, _ in documents],
-        source=source,
-        seq_length=seq_length,
-        tokenizer=tokenizer,
-        images=normalise_images(images, image_size, image_mean, image_std),
-        trainable=[flags for _, _, flags in documents],
-    )
-
-
 def assemble(
     documents: Sequence[Sequence[int]],
     *,
@@ -318,9 +319,11 @@ def assemble(
     seq_length: int,
     tokenizer: Tokenizer,
     images: torch.Tensor,
+    image_grids: Optional[torch.Tensor] = None,
     trainable: Optional[Sequence[Optional[List[bool]]]] = None,
 ) -> PackedSequence:
-    """One sequence from documents of expanded token ids and their ``[n, 3, H, W]`` images.
+    """One sequence from documents of expanded token ids and their ``[n, 3, H, W]`` images
+    (or, with ``image_grids``, their packed patches).
 
     ``images`` are already normalised, in order of appearance. Padding fills the rest.
     ``trainable`` gives, per document, its tokens' trainable flags (None: all of them).
@@ -354,7 +357,21 @@ def assemble(
         images=images,
         source=source,
         num_real_tokens=num_real_tokens,
+        image_grids=image_grids,
     )
+
+
+def _normalised(
+    images: Sequence[torch.Tensor],
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    native: Optional[NativeResolution],
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A sequence's images and, at native resolution, their grids."""
+    if native is None:
+        return normalise_images(images, image_size, image_mean, image_std), None
+    return normalise_native_images(images, native, image_mean, image_std)
 
 
 def normalise_images(

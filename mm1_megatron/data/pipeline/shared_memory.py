@@ -4,8 +4,10 @@ A worker hands each batch to the trainer through a queue, which moves every tens
 already in shared memory into it: one more copy of the images (27 MB for a micro-batch of
 16 MM1 images, about a tenth of decoding them; ``tools/bench_data.py --parts loaders``).
 ``torch.utils.data.default_collate`` avoids it by allocating its batches in shared memory;
-so do ``stack_images`` (a sequence's images) and ``concat_images`` (a micro-batch's), and
-each copies the images once. In the main process they allocate as ``torch`` does.
+so do ``stack_images`` (a sequence's images), ``NativeResolution.pack`` (a sequence's
+native-resolution images as 2-D packed patches) and ``concat_images`` (a micro-batch's,
+of either form), and each copies the images once. In the main process they allocate as
+``torch`` does.
 """
 
 from __future__ import annotations

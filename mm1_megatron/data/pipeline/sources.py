@@ -315,13 +315,18 @@ class _ShardSource:
 
     def _assemble(self, documents: List[ShardDocument]) -> PackedSequence:
         pixels = [p for doc in documents for p in doc.pixels]
-        images = stack_images(pixels) if pixels else self.decoder.empty()
+        native, grids = self.decoder.native, None
+        if native is not None:  # each image at its own size: packed as patches
+            images, grids = native.pack(pixels) if pixels else native.empty(self.decoder.dtype)
+        else:
+            images = stack_images(pixels) if pixels else self.decoder.empty()
         return assemble(
             [doc.tokens for doc in documents],
             source=self.name,
             seq_length=self.seq_length,
             tokenizer=self.tokenizer,
             images=images,
+            image_grids=grids,
             trainable=[doc.trainable for doc in documents],
         )
 
@@ -439,9 +444,12 @@ class TextSource:
         tokenizer: Tokenizer,
         seq_length: int,
         empty_images: torch.Tensor,
+        empty_grids: Optional[torch.Tensor] = None,
     ):
+        """``empty_images`` (and at native resolution ``empty_grids``): a sequence's
+        images, as the image sources' decoder gives none."""
         self.corpus, self.tokenizer, self.seq_length = corpus, tokenizer, seq_length
-        self.empty_images = empty_images
+        self.empty_images, self.empty_grids = empty_images, empty_grids
         self._dropped = np.array([tokenizer.image_token_id, tokenizer.pad_token_id])
         self.verdicts = SkipVerdicts()  # documents already logged by this process
 
@@ -464,6 +472,7 @@ class TextSource:
             seq_length=self.seq_length,
             tokenizer=self.tokenizer,
             images=self.empty_images,
+            image_grids=self.empty_grids,
         ), stats
 
 

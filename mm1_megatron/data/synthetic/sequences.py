@@ -5,6 +5,10 @@ Sequence ``g`` (its *global index*) is a pure function of ``(seed, g)``: a fresh
 mixture, then every sample packed into it. Data-parallel sharding, prefetch workers and
 the saved position belong to ``pipeline.loader.MicroBatchLoader``, which serves this
 builder exactly as it serves shards.
+
+At native resolution (``native``) each image is drawn at one of ``world.ASPECT_RATIOS``:
+SigLIP 2's size rule applied to an image of that ratio whose longer side is
+``image_size`` (``native_image_sizes``), so the scenes come as the rule would resize them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import numpy as np
 
 from mm1_megatron.config.schema import ConversationConfig, TilingConfig
 from mm1_megatron.data.pipeline.mixture import mixture_probabilities
+from mm1_megatron.data.pipeline.native_resolution import NativeResolution
 from mm1_megatron.data.pipeline.packing import (
     PackedSequence,
     Sample,
@@ -32,7 +37,7 @@ from mm1_megatron.data.shards.conversations import (
 )
 from mm1_megatron.data.shards.skips import DataStats
 from mm1_megatron.data.synthetic.conversations import synthetic_conversation
-from mm1_megatron.data.synthetic.world import SyntheticGenerator, draw_scene
+from mm1_megatron.data.synthetic.world import ASPECT_RATIOS, SyntheticGenerator
 from mm1_megatron.data.tokenizers.base import SyntheticTokenizer, Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ class SyntheticSequences:
         tokenizer: Optional[Tokenizer] = None,
         tiling: Optional[TilingConfig] = None,
         conversations: Optional[ConversationConfig] = None,
+        native: Optional[NativeResolution] = None,
     ):
         if seed < 0:
             raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's SeedSequence)")
@@ -73,7 +79,15 @@ class SyntheticSequences:
         # ``image_size`` is then the tile size the encoder sees.
         self.draw_size = image_size if self.tiling.mode == "none" else 2 * image_size
         self.separator_id = separator_token(self.tiling, self.tokenizer)
-        self.generator = SyntheticGenerator(self.tokenizer, self.draw_size)
+        if native is not None and self.tiling.mode != "none":
+            raise ValueError(
+                "model.vision.native_resolution=true replaces tiles: set data.tiling.mode=none"
+            )
+        self.generator = SyntheticGenerator(
+            self.tokenizer,
+            self.draw_size,
+            image_sizes=None if native is None else native_image_sizes(image_size, native),
+        )
         self.packing = dict(
             seq_length=seq_length,
             num_image_tokens=num_image_tokens,
@@ -81,6 +95,7 @@ class SyntheticSequences:
             image_size=image_size,
             image_mean=list(image_mean),
             image_std=list(image_std),
+            native=native,
         )
         self.seed = seed
         logger.info(
@@ -131,7 +146,7 @@ class SyntheticSequences:
         while True:
             conversation, scene = synthetic_conversation(rng)
             ids, targets = tokenize_conversation(conversation, self.template, self.tokenizer)
-            image = draw_scene(scene, self.draw_size)
+            image = self.generator.draw(scene, rng)
             yield Sample("conversation", ids, [image], trainable=targets)
 
     def _fit_overlong(self, tokens: List[int], trainable: List[bool]):
@@ -161,3 +176,16 @@ class SyntheticSequences:
             if probability > 0 and u < cumulative:
                 return name
         return last_possible  # u within rounding of 1.0
+
+
+def native_image_sizes(image_size: int, native: NativeResolution) -> List[Tuple[int, int]]:
+    """``(height, width)`` in pixels of the synthetic images at native resolution: one per
+    ``ASPECT_RATIOS`` (width:height), as the size rule resizes an image of that ratio whose
+    longer side is ``image_size``."""
+    sizes = []
+    for ratio_width, ratio_height in ASPECT_RATIOS:
+        longer = max(ratio_width, ratio_height)
+        height = max(1, round(image_size * ratio_height / longer))
+        width = max(1, round(image_size * ratio_width / longer))
+        sizes.append(native.image_size(height, width))
+    return sizes

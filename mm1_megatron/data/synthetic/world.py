@@ -12,6 +12,11 @@ An image is a plain background (black, white or gray) with 1-3 flat-coloured sha
   Runs of captioned pictures are what few-shot captioning prompts look like.
 - ``text``: 1-4 templated sentences (counting, weekdays, small sums, colour facts).
 
+Images are squares, or with ``image_sizes`` (native resolution: one ``(height, width)``
+per aspect ratio of ``ASPECT_RATIOS``) each image draws one of those sizes; the 3x3 grid
+then stretches with the image while shapes keep their proportions (sized by the shorter
+side of a cell).
+
 All randomness comes from the ``numpy.random.Generator`` passed in, so a sample is a pure
 function of the generator's state. What it cannot do: shapes never overlap or touch the
 image border, colours are exact (no noise, lighting or anti-aliasing), and below about
@@ -21,7 +26,7 @@ image border, colours are exact (no noise, lighting or anti-aliasing), and below
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -32,6 +37,9 @@ from mm1_megatron.data.tokenizers.base import Tokenizer
 
 SOURCES = ("caption", "interleaved", "text")
 MIN_IMAGE_SIZE = 12
+# Width:height of the images at native resolution: square, landscape, portrait, and two
+# strips, so a batch mixes grids of several shapes.
+ASPECT_RATIOS: Tuple[Tuple[int, int], ...] = ((1, 1), (2, 1), (1, 2), (4, 1), (1, 4))
 
 COLOUR_RGB: Dict[str, Tuple[float, float, float]] = {
     "red": (1.0, 0.0, 0.0),
@@ -102,35 +110,49 @@ def random_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
     return Scene(background=background, shapes=shapes)
 
 
-def shape_mask(spec: ShapeSpec, image_size: int) -> np.ndarray:
-    """Boolean ``[H, W]`` mask of the shape; always contains the pixel at its centre."""
-    coords = (np.arange(image_size, dtype=np.float32) + 0.5) * 3.0 / image_size
-    ys, xs = coords[:, None], coords[None, :]
+ImageSize = Union[int, Tuple[int, int]]  # a square's side, or (height, width)
+
+
+def _height_width(size: ImageSize) -> Tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def shape_mask(spec: ShapeSpec, image_size: ImageSize) -> np.ndarray:
+    """Boolean ``[H, W]`` mask of the shape; always contains the pixel at its centre.
+
+    Coordinates are in cells along each axis; distances are stretched to units of the
+    shorter cell side (``sx``, ``sy``: both exactly 1 for a square image)."""
+    height, width = _height_width(image_size)
+    xs = ((np.arange(width, dtype=np.float32) + 0.5) * 3.0 / width)[None, :]
+    ys = ((np.arange(height, dtype=np.float32) + 0.5) * 3.0 / height)[:, None]
+    sx, sy = width / min(height, width), height / min(height, width)
     row, col = divmod(spec.cell, 3)
     cx, cy, r = col + 0.5 + spec.offset_x, row + 0.5 + spec.offset_y, spec.radius
     if spec.shape == "circle":
-        mask = (xs - cx) ** 2 + (ys - cy) ** 2 <= r**2
+        mask = ((xs - cx) * sx) ** 2 + ((ys - cy) * sy) ** 2 <= r**2
     elif spec.shape == "square":
         half = 0.85 * r
-        mask = (np.abs(xs - cx) <= half) & (np.abs(ys - cy) <= half)
+        mask = (np.abs(xs - cx) * sx <= half) & (np.abs(ys - cy) * sy <= half)
     elif spec.shape == "triangle":  # apex up, base 2r wide, height 2r
-        depth = ys - (cy - r)
-        mask = (depth >= 0) & (depth <= 2 * r) & (np.abs(xs - cx) <= depth / 2)
+        depth = (ys - (cy - r / sy)) * sy
+        mask = (depth >= 0) & (depth <= 2 * r) & (np.abs(xs - cx) * sx <= depth / 2)
     else:
         raise ValueError(f"unknown shape {spec.shape!r}; expected one of {vocab.SHAPE_WORDS}")
-    mask = np.broadcast_to(mask, (image_size, image_size)).copy()
-    mask[int(cy * image_size / 3), int(cx * image_size / 3)] = True
+    mask = np.broadcast_to(mask, (height, width)).copy()
+    mask[int(cy * height / 3), int(cx * width / 3)] = True
     return mask
 
 
-def draw_scene(scene: Scene, image_size: int) -> torch.Tensor:
-    """Render ``scene`` as a ``[3, image_size, image_size]`` float32 tensor in [0, 1]."""
-    if image_size < MIN_IMAGE_SIZE:
+def draw_scene(scene: Scene, image_size: ImageSize) -> torch.Tensor:
+    """Render ``scene`` as a ``[3, H, W]`` float32 tensor in [0, 1] (``image_size``: the
+    side of a square, or ``(H, W)``)."""
+    height, width = _height_width(image_size)
+    if min(height, width) < MIN_IMAGE_SIZE:
         raise ValueError(
-            f"image_size={image_size} is too small; the 3x3 grid of shapes "
-            f"needs at least {MIN_IMAGE_SIZE} px"
+            f"an image of {height}x{width} px is too small; the 3x3 grid of shapes "
+            f"needs at least {MIN_IMAGE_SIZE} px a side"
         )
-    image = np.empty((image_size, image_size, 3), dtype=np.float32)
+    image = np.empty((height, width, 3), dtype=np.float32)
     image[:] = BACKGROUND_RGB[scene.background]
     for spec in scene.shapes:
         image[shape_mask(spec, image_size)] = COLOUR_RGB[spec.colour]
@@ -182,7 +204,10 @@ class SyntheticGenerator:
         max_shapes: int = 3,
         min_interleaved_images: int = 2,
         max_interleaved_images: int = 4,
+        image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     ):
+        """``image_sizes``: ``(height, width)`` choices, one drawn per image (native
+        resolution); None: every image is an ``image_size`` square."""
         if not 1 <= max_shapes <= len(CELL_NAMES):
             raise ValueError(f"max_shapes={max_shapes} must be in [1, {len(CELL_NAMES)}]")
         if not 1 <= min_interleaved_images <= max_interleaved_images <= len(vocab.ORDINAL_WORDS):
@@ -193,8 +218,14 @@ class SyntheticGenerator:
             )
         if image_size < MIN_IMAGE_SIZE:
             raise ValueError(f"image_size={image_size} must be >= {MIN_IMAGE_SIZE}")
+        if image_sizes is not None and min(min(size) for size in image_sizes) < MIN_IMAGE_SIZE:
+            raise ValueError(
+                f"synthetic images of {list(image_sizes)} (height, width) px are too small: "
+                f"each side needs {MIN_IMAGE_SIZE} px; raise model.vision.max_patches"
+            )
         self.tokenizer = tokenizer
         self.image_size = image_size
+        self.image_sizes = list(image_sizes) if image_sizes is not None else None
         self.max_shapes = max_shapes
         self.min_interleaved_images = min_interleaved_images
         self.max_interleaved_images = max_interleaved_images
@@ -213,9 +244,16 @@ class SyntheticGenerator:
         while True:
             yield self.sample(source, rng)
 
+    def draw(self, scene: Scene, rng: np.random.Generator) -> torch.Tensor:
+        """The scene's image: square, or at a size drawn from ``image_sizes``."""
+        if self.image_sizes is None:
+            return draw_scene(scene, self.image_size)
+        return draw_scene(scene, self.image_sizes[int(rng.integers(len(self.image_sizes)))])
+
     def caption(self, rng: np.random.Generator) -> Sample:
         scene = random_scene(rng, self.max_shapes)
-        return self._sample("caption", [ImageSlot, *caption_words(scene)], [scene])
+        image = self.draw(scene, rng)
+        return self._sample("caption", [ImageSlot, *caption_words(scene)], [image])
 
     def interleaved(self, rng: np.random.Generator) -> Sample:
         num_images = int(rng.integers(self.min_interleaved_images, self.max_interleaved_images + 1))
@@ -251,7 +289,7 @@ class SyntheticGenerator:
                 words += [ImageSlot, *caption_words(scene)]
         total = sum(len(scene.shapes) for scene in scenes)
         words += ["in", "total", *count_words(total), "."]
-        return self._sample("interleaved", words, scenes)
+        return self._sample("interleaved", words, [self.draw(scene, rng) for scene in scenes])
 
     def text(self, rng: np.random.Generator) -> Sample:
         words: List[str] = []
@@ -260,7 +298,7 @@ class SyntheticGenerator:
         return self._sample("text", words, [])
 
     def _sample(
-        self, source: str, words: Sequence[Optional[str]], scenes: Sequence[Scene]
+        self, source: str, words: Sequence[Optional[str]], images: Sequence[torch.Tensor]
     ) -> Sample:
         tok = self.tokenizer
         ids, chunk = [tok.bos_token_id], []
@@ -273,8 +311,7 @@ class SyntheticGenerator:
                 chunk.append(word)
         ids += tok.encode(" ".join(chunk)) if chunk else []
         ids.append(tok.eos_token_id)
-        images = [draw_scene(scene, self.image_size) for scene in scenes]
-        return Sample(source=source, token_ids=ids, images=images)
+        return Sample(source=source, token_ids=ids, images=list(images))
 
 
 def text_sentence(rng: np.random.Generator) -> List[str]:

@@ -45,6 +45,7 @@ class Kernels:
     dropout: bool = False  # GPT-style 1-byte dropout masks (MM1 trains without dropout)
     norm_stats: bool = True  # fp32 mean/rstd per token (Korthikanti leaves them out)
     rope_tables: bool = True  # cos/sin tables RoPE keeps, 4 x [s, d] fp32 per layer
+    vision_output_copies: int = 1  # the ViT's attention outputs kept per layer
 
     @classmethod
     def korthikanti_gpt(cls) -> Kernels:
@@ -83,10 +84,12 @@ def kernels_for(model: ModelConfig, *, device: str, bf16: bool, fused: bool) -> 
         rmsnorm_copies=1 if gpu else 2,
         rotated_qk_copies=True,
         decoder_scores_kept=model.attention == "dense_mask_reference",
-        vision_scores_kept=not te,
+        # The native-resolution ViT attends per image with SDPA, as the decoder does.
+        vision_scores_kept=not te and not model.vision.native_resolution,
         # Per-document SDPA concatenates its outputs and reshapes them for the projection;
         # Transformer Engine's packed kernel returns one tensor the projection reads.
         decoder_output_copies=1 if te else 2,
+        vision_output_copies=2 if model.vision.native_resolution and not te else 1,
         swiglu_extra_copies=0 if fused else 2,
         gelu_extra_copies=1 if model.vision.activation == "quick_gelu" and not fused else 0,
     )
@@ -205,11 +208,10 @@ def decoder_layer_shape(model: ModelConfig, *, seq_length: int, micro_batch: int
     )
 
 
-def vision_layer_shape(model: ModelConfig, *, image_size: int, num_images: int) -> LayerShape:
+def vision_layer_shape(model: ModelConfig, *, tokens_per_image: int, num_images: int) -> LayerShape:
     v = model.vision
-    tokens = (image_size // v.patch_size) ** 2 + (1 if v.use_class_token else 0)
     return LayerShape(
-        seq_length=tokens,
+        seq_length=tokens_per_image,
         num_sequences=num_images,
         hidden=v.hidden_size,
         num_heads=v.num_attention_heads,

@@ -31,7 +31,7 @@ from mm1_megatron.scaling.estimate.estimator import (
     rank_layouts,
 )
 from mm1_megatron.scaling.estimate.hardware import GPU_TYPES, gpu_type
-from mm1_megatron.scaling.estimate.workload import default_workload
+from mm1_megatron.scaling.estimate.workload import default_workload, describe_image_size
 
 logger = logging.getLogger("mm1_megatron.estimate")
 
@@ -116,7 +116,8 @@ def _layout_table(estimates: List[Estimate], top: int) -> List[str]:
     return lines
 
 
-def _print_report(cfg_name, params, estimate, config_error, ranking, args) -> None:
+def _print_report(cfg_name, params, estimate, config_error, ranking, args, image_size) -> None:
+    """``image_size``: how the workload's images are sized, in words."""
     gpu = estimate.gpu if estimate else gpu_type(args.gpu_type)
     out = print  # the command's report (the library logs)
     out(f"mm1 estimate: {cfg_name}")
@@ -130,8 +131,8 @@ def _print_report(cfg_name, params, estimate, config_error, ranking, args) -> No
     if estimate is not None:
         w, f = estimate.workload, estimate.flops
         out(
-            f"Workload: {w.seq_length} tokens, {w.images_per_sequence} images per sequence at "
-            f"{w.image_size} px, one document per sequence; global batch "
+            f"Workload: {w.seq_length} tokens, {w.images_per_sequence} images per sequence "
+            f"{image_size}, one document per sequence; global batch "
             f"{estimate.global_batch_size}"
         )
         out(
@@ -229,7 +230,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.gpus is None:
         args.gpus = num_gpus
-    _print_report(" + ".join(args.config), params, estimate, config_error, ranking, args)
+    images = describe_image_size(cfg.model, workload)
+    _print_report(" + ".join(args.config), params, estimate, config_error, ranking, args, images)
     return 0
 
 

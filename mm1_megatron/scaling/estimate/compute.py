@@ -10,7 +10,7 @@ from typing import Dict
 
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.scaling.estimate.stages import Stage
-from mm1_megatron.scaling.estimate.workload import Workload
+from mm1_megatron.scaling.estimate.workload import Workload, vision_tokens_per_image
 from mm1_megatron.training import flops
 
 TRAIN = flops.FORWARD_AND_BACKWARD
@@ -75,7 +75,7 @@ def stage_forward_flops(model: ModelConfig, w: Workload, stage: Stage, micro: in
         images = w.images_per_sequence * micro
         v = model.vision
         vit = images * flops.vision_encoder_forward_flops(model, w.image_size)
-        tokens = (w.image_size // v.patch_size) ** 2 + (1 if v.use_class_token else 0)
+        tokens = vision_tokens_per_image(model, w)
         vit_attention = images * 2 * v.num_layers * tokens * 2 * tokens * v.hidden_size
         split += vit
         attention += vit_attention

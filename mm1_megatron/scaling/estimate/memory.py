@@ -18,7 +18,7 @@ from mm1_megatron.config.schema import MM1Config
 from mm1_megatron.scaling.estimate.activations import Kernels, kernels_for
 from mm1_megatron.scaling.estimate.model_activations import micro_batch_terms, peak_moments
 from mm1_megatron.scaling.estimate.stages import RankParameters, pipeline_stages, rank_parameters
-from mm1_megatron.scaling.estimate.workload import Workload
+from mm1_megatron.scaling.estimate.workload import Workload, pixel_values_per_image
 
 GRADIENT_BYTES = 4
 HOST_BATCH_BYTES_PER_TOKEN = 5 * 8  # tokens, labels, positions, documents, sources (int64)
@@ -152,7 +152,7 @@ def estimate_memory(
         transients = dict(moments[moment])
         if device == "cpu":  # the step's host batches live in the same memory
             pixels = (
-                workload.images_per_sequence * micro * 3 * workload.image_size**2
+                workload.images_per_sequence * micro * pixel_values_per_image(cfg.model, workload)
             ) * workload.pixel_bytes
             tokens = workload.seq_length * micro * HOST_BATCH_BYTES_PER_TOKEN
             counted = stage.in_flight if stage.has_vision else 0  # the ViT's input pixels

@@ -18,7 +18,12 @@ from mm1_megatron.scaling.estimate.activations import (
     vision_layer_shape,
 )
 from mm1_megatron.scaling.estimate.stages import Stage
-from mm1_megatron.scaling.estimate.workload import Workload
+from mm1_megatron.scaling.estimate.workload import (
+    Workload,
+    pixel_values_per_image,
+    vision_tokens_per_image,
+)
+from mm1_megatron.training.flops import patches_per_image
 
 INT64 = 8
 
@@ -35,9 +40,10 @@ def _add(total: Terms, terms: Terms) -> None:
 def vision_terms(cfg: MM1Config, w: Workload, k: Kernels, num_images: int) -> Terms:
     """The ViT for ``num_images`` images: pixels, stem norms, all its layers."""
     v, par = cfg.model.vision, cfg.parallel
-    shape = vision_layer_shape(cfg.model, image_size=w.image_size, num_images=num_images)
+    tokens = vision_tokens_per_image(cfg.model, w)
+    shape = vision_layer_shape(cfg.model, tokens_per_image=tokens, num_images=num_images)
     e = k.bytes_per_value
-    pixels = v.num_channels * w.image_size**2 * num_images
+    pixels = pixel_values_per_image(cfg.model, w) * num_images
     terms: Terms = {"pixels": pixels * (w.pixel_bytes + (e if e != w.pixel_bytes else 0))}
     norm = (e * v.hidden_size + 2 * FP32 * k.norm_stats) * shape.tokens
     if v.pre_layernorm:
@@ -51,6 +57,7 @@ def vision_terms(cfg: MM1Config, w: Workload, k: Kernels, num_images: int) -> Te
         sp=False,  # the ViT runs without sequence parallelism
         recompute=par.recompute,
         scores_kept=k.vision_scores_kept,
+        output_copies=k.vision_output_copies,
         activation_copies=k.gelu_extra_copies,
     )
     _add(terms, _scaled(layer, v.num_layers))
@@ -69,7 +76,7 @@ def _block_terms(in_width: int, width: int, positions: float, e: int, k: Kernels
 def connector_terms(cfg: MM1Config, w: Workload, k: Kernels, num_images: int) -> Terms:
     c, v = cfg.model.connector, cfg.model.vision
     e, llm_hidden = k.bytes_per_value, cfg.model.llm.hidden_size
-    grid = (w.image_size // v.patch_size) ** 2 * num_images
+    grid = patches_per_image(cfg.model, w.image_size) * num_images
     pooled = c.num_output_tokens * num_images
     readout = (c.num_readout_layers - 1) * 2 * e * llm_hidden * pooled  # GELU in and out
     if c.type == "c_abstractor":

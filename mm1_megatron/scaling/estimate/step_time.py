@@ -26,7 +26,7 @@ from mm1_megatron.scaling.estimate.compute import StageFlops, stage_forward_flop
 from mm1_megatron.scaling.estimate.hardware import GpuType, link_bandwidth
 from mm1_megatron.scaling.estimate.memory import MemoryEstimate, data_parallel_sizes
 from mm1_megatron.scaling.estimate.stages import Stage, pipeline_stages
-from mm1_megatron.scaling.estimate.workload import Workload
+from mm1_megatron.scaling.estimate.workload import Workload, vision_tokens_per_image
 
 ACTIVATION_BYTES = 2  # bf16 activations and gradients on the wire
 GRADIENT_BYTES = 4  # gradients are reduced in fp32
@@ -111,7 +111,7 @@ def _stage_comm(cfg: MM1Config, w: Workload, stage, gpu: GpuType, dp: int):
     tp_seconds = passes * 2 * layers * _all_reduce(decoder_bytes, tp, tp_bw)
     if stage.has_vision and w.images_per_sequence:
         v = model.vision
-        tokens = (w.image_size // v.patch_size) ** 2 + (1 if v.use_class_token else 0)
+        tokens = vision_tokens_per_image(model, w)
         vit_bytes = ACTIVATION_BYTES * tokens * w.images_per_sequence * micro * v.hidden_size
         tp_seconds += passes * 2 * v.num_layers * _all_reduce(vit_bytes, tp, tp_bw)
     ep_seconds = 0.0

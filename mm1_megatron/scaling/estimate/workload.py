@@ -1,7 +1,9 @@
 """What one training sequence asks of the model: its length, images and documents.
 
 Memory is sized for the worst micro-batch (every sequence at the image cap); FLOPs and
-step time use the same figures unless ``--images-per-sequence`` says otherwise.
+step time use the same figures unless ``--images-per-sequence`` says otherwise. At native
+resolution every image is its whole patch budget (``model.vision.max_patches``), the
+most the size rule gives it (``training.flops.patches_per_image``).
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
-from mm1_megatron.config.schema import MM1Config
-from mm1_megatron.training.flops import one_document_pairs
+from mm1_megatron.config.schema import MM1Config, ModelConfig
+from mm1_megatron.training.flops import one_document_pairs, patches_per_image
 
 IMAGE_SOURCES = ("interleaved", "caption", "conversation")
 
@@ -52,3 +54,22 @@ def default_workload(cfg: MM1Config, images_per_sequence: Optional[int] = None) 
         attention_pairs_per_sequence=one_document_pairs(seq),
         pixel_bytes=2 if cfg.data.images.dtype == "bf16" else 4,
     )
+
+
+def vision_tokens_per_image(model: ModelConfig, w: Workload) -> int:
+    """The ViT's sequence for one image (or tile): its patches and the class token."""
+    return patches_per_image(model, w.image_size) + (1 if model.vision.use_class_token else 0)
+
+
+def pixel_values_per_image(model: ModelConfig, w: Workload) -> int:
+    """Values the data pipeline delivers per image: ``c * S * S``, or at native resolution
+    ``max_patches`` patches of ``c * p * p``."""
+    v = model.vision
+    return v.num_channels * patches_per_image(model, w.image_size) * v.patch_size**2
+
+
+def describe_image_size(model: ModelConfig, w: Workload) -> str:
+    """``at 378 px``, or at native resolution the patch budget the estimate assumes."""
+    if model.vision.native_resolution:
+        return f"at native resolution (counted at {model.vision.max_patches} patches each)"
+    return f"at {w.image_size} px"
