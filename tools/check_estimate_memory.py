@@ -40,7 +40,8 @@ class _CountImages:
 
     def __next__(self):
         batch = next(self.data)
-        self.counts.append(int(batch["images"].shape[0]))
+        # Not images.shape[0]: at native resolution that counts patches.
+        self.counts.append(int(batch["num_images"].sum()))
         return batch
 
     def __getattr__(self, name):

@@ -230,7 +230,13 @@ def _resolve_config(request: ImportRequest):
         if vision.native_resolution and cfg.model.vision.native_resolution:
             # The patch budget per image is a training choice: a native-resolution
             # recipe's wins over the source processor's max_num_patches.
-            vision = replace(vision, max_patches=cfg.model.vision.max_patches)
+            budget = cfg.model.vision.max_patches
+            if budget != vision.max_patches:
+                info["warnings"].append(
+                    f"model.vision.max_patches={budget} from --config, not the source "
+                    f"processor's max_num_patches={vision.max_patches}"
+                )
+            vision = replace(vision, max_patches=budget)
         cfg.model.vision = vision
         parts.append("vision_encoder")
         info["sources"]["vision_encoder"] = {

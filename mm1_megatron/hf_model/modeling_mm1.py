@@ -78,10 +78,13 @@ def _grids_of(spatial_shapes: torch.Tensor, pixel_attention_mask: torch.Tensor) 
     image ``i``'s real patches are its first ``rows * cols`` rows."""
     grids = [(int(rows), int(cols)) for rows, cols in spatial_shapes.tolist()]
     real = pixel_attention_mask.sum(dim=-1).tolist()
-    if len(real) != len(grids) or any(n != h * w for n, (h, w) in zip(real, grids)):
+    leading = [bool(row[: h * w].all()) for row, (h, w) in zip(pixel_attention_mask, grids)]
+    counts_match = all(n == h * w for n, (h, w) in zip(real, grids))
+    if len(real) != len(grids) or not (counts_match and all(leading)):
         raise ValueError(
             f"pixel_attention_mask marks {real} real patches but spatial_shapes {grids} "
-            "need rows * cols each; pass both as Siglip2ImageProcessor returns them"
+            "need rows * cols each, first in every row; pass both as Siglip2ImageProcessor "
+            "returns them"
         )
     return grids
 

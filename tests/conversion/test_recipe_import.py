@@ -87,6 +87,9 @@ def test_native_recipe_keeps_its_patch_budget_over_the_source_processor(conversi
         )
     )
     vision = load_config(output / "step_00000000" / "config.yaml").model.vision
+    info = json.loads((output / "step_00000000" / "conversion.json").read_text())
+    warnings = info["warnings"]
+    assert any("max_num_patches=32" in warning for warning in warnings), warnings
     assert vision.native_resolution and SIGLIP2_MAX_PATCHES == 32
     assert (
         vision.max_patches

@@ -15,7 +15,7 @@ of the exact optimum, the same grid.
 **Pixels**: the PIL decoder resizes the 8-bit image to that size with Pillow's bilinear
 filter (antialiased when shrinking), as the processor's PIL backend does, then
 normalises ``(x / 255 - mean) / std`` (``images.py``); the synthetic world draws its scenes
-at that size directly. ``pack_images`` then lays a sequence's images out as one packed
+at that size directly. ``NativeResolution.pack`` then lays a sequence's images out as one packed
 ``[total_patches, c * p * p]`` tensor in Siglip2's patch order (``batch/image_patches``)
 with their ``[n, 2]`` patch grids; ``batch/contract.py`` states the micro-batch format.
 """

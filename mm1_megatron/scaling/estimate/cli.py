@@ -31,7 +31,11 @@ from mm1_megatron.scaling.estimate.estimator import (
     rank_layouts,
 )
 from mm1_megatron.scaling.estimate.hardware import GPU_TYPES, gpu_type
-from mm1_megatron.scaling.estimate.workload import default_workload, describe_image_size
+from mm1_megatron.scaling.estimate.workload import (
+    default_workload,
+    describe_image_size,
+    vision_tokens_per_image,
+)
 
 logger = logging.getLogger("mm1_megatron.estimate")
 
@@ -213,7 +217,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             "num_gpus": num_gpus,
             "efficiency": args.efficiency,
             "memory_margin": args.memory_margin,
-            "workload": workload.to_dict(),
+            "workload": {
+                **workload.to_dict(),
+                # At native resolution image_size is the position table's; every image is
+                # counted at model.vision.max_patches patches.
+                "native_resolution": cfg.model.vision.native_resolution,
+                "vision_tokens_per_image": vision_tokens_per_image(cfg.model, workload),
+            },
             "parameters": params,
             "flops_per_sequence": flops,
             "flops_per_step": estimate.flops_per_step if estimate else None,
