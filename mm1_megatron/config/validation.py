@@ -106,19 +106,21 @@ def _check_native_resolution_uses(cfg: MM1Config, err: _Errors) -> None:
         f"data.tiling.mode=none",
     )
     err.check(
-        cfg.data.images.decoder == "pil",
+        cfg.data.source != "webdataset" or cfg.data.images.decoder == "pil",
         f"data.images.decoder={cfg.data.images.decoder} with {on}: the DALI pipeline gives "
         f"every image of a batch one size, not its own; set data.images.decoder=pil",
+    )
+    tokens = cfg.model.connector.num_output_tokens
+    err.check(
+        tokens <= cfg.model.vision.max_patches,
+        f"model.connector.num_output_tokens={tokens} exceeds model.vision.max_patches="
+        f"{cfg.model.vision.max_patches} with {on}: every image's tokens would be copies of "
+        f"fewer patches; raise model.vision.max_patches or lower the token count",
     )
     err.check(
         cfg.model.connector.type != "mlp",
         f"model.connector.type=mlp with {on}: one token per patch cannot give every image "
         f"model.connector.num_output_tokens tokens; use c_abstractor, avg_pool or attn_pool",
-    )
-    err.check(
-        cfg.eval.interval == 0 or not cfg.eval.tasks,
-        f"eval.tasks={cfg.eval.tasks} with {on}: few-shot evaluation still builds fixed-size "
-        f"images; set eval.tasks=[] (the held-out loss still runs)",
     )
 
 

@@ -140,9 +140,11 @@ class ShotEvaluator:
             return [None] * len(queries)
         if task.name not in self._pool_features:
             self._pool_features[task.name] = image_features(
-                self.model, task.demo_examples, self.builder.image
+                self.model, task.demo_examples, self.builder.image, pack=self.builder.pack
             )
-        query_features = image_features(self.model, queries, self.builder.image)
+        query_features = image_features(
+            self.model, queries, self.builder.image, pack=self.builder.pack
+        )
         return most_similar(query_features, self._pool_features[task.name], shots + 1)
 
     def _generate(self, task, shots, template, key, queries: Sequence[EvalExample], config):

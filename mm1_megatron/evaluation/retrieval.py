@@ -10,7 +10,7 @@ and broadcasts them to the other stages.
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -19,13 +19,25 @@ from mm1_megatron.evaluation.tasks.records import EvalExample
 from mm1_megatron.parallel.collectives import broadcast_
 
 ImageLoader = Callable[[EvalExample], torch.Tensor]
+# A chunk's images as the encoder takes them: stacked (no grids), or packed patches and grids.
+ImagePacker = Callable[[List[torch.Tensor]], Tuple[torch.Tensor, Optional[torch.Tensor]]]
+
+
+def stack_images(images: List[torch.Tensor]) -> Tuple[torch.Tensor, None]:
+    return torch.stack(images), None
 
 
 @torch.no_grad()
 def image_features(
-    model, examples: Sequence[EvalExample], load_image: ImageLoader, batch_size: int = 32
+    model,
+    examples: Sequence[EvalExample],
+    load_image: ImageLoader,
+    batch_size: int = 32,
+    *,
+    pack: ImagePacker = stack_images,
 ) -> torch.Tensor:
-    """``[len(examples), hidden]`` unit vectors, the same on every rank of the model."""
+    """``[len(examples), hidden]`` unit vectors, the same on every rank of the model.
+    ``pack``: ``PromptBuilder.pack`` for a native-resolution model (packed patches)."""
     first = parallel_state.is_pipeline_first_stage()
     hidden = model.config.hidden_size
     device = next(model.parameters()).device
@@ -34,8 +46,9 @@ def image_features(
     if first:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            images = torch.stack([load_image(ex) for ex in chunk]).to(device, dtype)
-            tokens = model.encode_images(images).float().mean(dim=1)
+            images, grids = pack([load_image(ex) for ex in chunk])
+            native = {} if grids is None else {"image_grids": grids}
+            tokens = model.encode_images(images.to(device, dtype), **native).float().mean(dim=1)
             features[start : start + len(chunk)] = torch.nn.functional.normalize(tokens, dim=-1)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         broadcast_(

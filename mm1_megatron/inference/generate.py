@@ -1,7 +1,8 @@
 """``generate``: prompts in, generated token ids out, on every rank of the model.
 
 One prefill encodes each prompt's images once and fills the KV cache; for beam search the
-cache rows are then copied to the beams, and every step decodes one token per row. All
+cache rows are then copied to the beams, and every step decodes one token per row (so
+images, square or packed patches with their grids, are never duplicated). All
 ranks of a pipeline take the same steps: the last stage decides the tokens and the
 others receive them. With expert parallelism the data-parallel ranks (which hold
 different prompts) must also step together, since every MoE layer exchanges tokens
@@ -81,7 +82,7 @@ def _generate(model, prompts, config, pad_token_id, lockstep_group) -> List[List
     prompt_length = batch.tokens.shape[1]
     total = prompt_length + config.max_new_tokens
     runner = CachedModelRunner(model, max_batch_size=search.rows, max_sequence_length=total)
-    logits = runner.forward(batch.tokens, batch.document_ids, batch.images)
+    logits = runner.forward(batch.tokens, batch.document_ids, batch.images, batch.image_grids)
     rows = search.expansion()
     if search.rows != len(prompts):
         runner.reorder(rows)

@@ -3,7 +3,8 @@
 Megatron-Core's ``StaticInferenceContext`` holds the KV cache: each attention layer
 stores its keys and values at ``sequence_len_offset`` and attends over everything cached
 so far; RoPE continues from the offset. This module adds what a multimodal, pipelined
-model needs around it: images go to the first stage only (encoded once, in the prefill),
+model needs around it: images go to the first stage only (encoded once, in the prefill;
+at native resolution with their host ``image_grids``, which the ViT reads there),
 hidden states travel stage to stage point-to-point, the last stage returns the
 whole-vocabulary logits of the last position, and the tokens every stage must feed next
 come back from the last stage by broadcast (``broadcast_from_last_stage``).
@@ -64,10 +65,12 @@ class CachedModelRunner:
         tokens: torch.Tensor,
         document_ids: torch.Tensor,
         images: Optional[torch.Tensor] = None,
+        image_grids: Optional[torch.Tensor] = None,
     ) -> Optional[torch.Tensor]:
         """``tokens [B, sq]`` at positions ``offset .. offset+sq-1``; ``document_ids`` of
-        every position up to there (at least). Last stage: next-token logits ``[B, V]``
-        (fp32)."""
+        every position up to there (at least); ``images`` (and, packed patches, their
+        ``image_grids``) as ``PromptBatch`` holds them. Last stage: next-token logits
+        ``[B, V]`` (fp32)."""
         batch, new = tokens.shape
         start = self.offset
         if self.pp_size > 1 and not self.is_first:
@@ -75,10 +78,7 @@ class CachedModelRunner:
             recv_(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
             self.model.set_input_tensor(hidden)
         positions = torch.arange(start, start + new, device=self.device).expand(batch, new)
-        if images is not None and self.is_first and images.shape[0] > 0:
-            images = images.to(self.device, self.dtype)
-        else:
-            images = None
+        images, native = self._images_for_this_stage(images, image_grids)
         if start > 0:  # decoding against the cache: one mask for every layer
             documents = self.decode_mask(document_ids, start + new, new)
         else:
@@ -89,12 +89,22 @@ class CachedModelRunner:
             documents,
             images=images,
             inference_context=self.context,
+            **native,
         )
         self.context.sequence_len_offset = start + new
         if not self.is_last:
             send(output, dst=parallel_state.get_pipeline_model_parallel_next_rank())
             return None
         return output[:, -1, :].float()  # whole vocabulary
+
+    def _images_for_this_stage(self, images, image_grids):
+        """The images on the model's device, and the model's ``image_grids`` argument
+        (left out for square images, as ``batch.run_model`` does); none on stages after
+        the first, which encode no images. The grids stay on the host."""
+        if images is None or not self.is_first or images.shape[0] == 0:
+            return None, {}
+        native = {} if image_grids is None else {"image_grids": image_grids}
+        return images.to(self.device, self.dtype), native
 
     def decode_mask(self, document_ids: torch.Tensor, end: int, new: int) -> torch.Tensor:
         """The mask of the last ``new`` of ``end`` positions. ``document_ids`` (every

@@ -128,8 +128,8 @@ class MM1Model(MegatronModule):
         if image_grids is None:
             raise ValueError(
                 "model.vision.native_resolution=true takes packed patches with their "
-                "image_grids (batch/contract.py); fixed-size [n, c, H, W] images, as "
-                "evaluation and generation still build them, are not supported with it yet"
+                "image_grids (batch/contract.py), not fixed-size [n, c, H, W] images: pack "
+                "each image with NativeResolution.pack (a Prompt: image_grids=...)"
             )
         grids = grid_sizes_of(image_grids)
         return self.connector(self.vision_encoder.encode_packed(images, grids), grids)

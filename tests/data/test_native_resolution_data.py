@@ -245,9 +245,15 @@ NATIVE_CONFIG = (
     "overrides, fields",
     [
         (["data.tiling.mode=static"], ["data.tiling.mode=static", "data.tiling.mode=none"]),
-        (["data.images.decoder=dali"], ["data.images.decoder=dali", "data.images.decoder=pil"]),
+        (
+            ["data.source=webdataset", "data.images.decoder=dali"],
+            ["data.images.decoder=dali", "data.images.decoder=pil"],
+        ),
         (["model.connector.type=mlp"], ["model.connector.type=mlp"]),
-        (["eval.interval=10", "eval.tasks=[synthetic_vqa]"], ["eval.tasks"]),
+        (
+            ["model.connector.num_output_tokens=25", "model.vision.max_patches=16"],
+            ["model.connector.num_output_tokens=25", "model.vision.max_patches=16"],
+        ),
     ],
 )
 def test_settings_native_resolution_does_not_go_with_are_refused(overrides, fields):
