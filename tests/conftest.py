@@ -58,6 +58,18 @@ TINY_OVERRIDES = (
     "training.seq_length=64",
 )
 
+# SigLIP 2's NaFlex tower on the tiny model (configs/debug_siglip2_naflex.yaml's vision):
+# SigLIP's stem at native resolution, each image within 16 patches.
+NATIVE_OVERRIDES = (
+    "model.vision.use_class_token=false",
+    "model.vision.patch_embedding_bias=true",
+    "model.vision.pre_layernorm=false",
+    "model.vision.post_layernorm=true",
+    "model.vision.activation=gelu_tanh",
+    "model.vision.native_resolution=true",
+    "model.vision.max_patches=16",
+)
+
 
 def make_tiny_config(*overrides: str):
     """``configs/debug.yaml`` shrunk by ``TINY_OVERRIDES``, then ``overrides``; validated."""

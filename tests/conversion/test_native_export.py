@@ -30,23 +30,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_tiny_config
+from tests.conftest import NATIVE_OVERRIDES, make_tiny_config
 from tests.conversion.conftest import TOLERANCE, export_to
 from tests.launch import clean_env
 
 logger = logging.getLogger(__name__)
 SIDE = Path(__file__).with_name("sft_transformers_side.py")
 
-NATIVE = (
-    "model.vision.native_resolution=true",
-    "model.vision.use_class_token=false",
-    "model.vision.patch_embedding_bias=true",
-    "model.vision.pre_layernorm=false",
-    "model.vision.post_layernorm=true",
-    "model.vision.activation=gelu_tanh",
-    "model.vision.max_patches=32",
-    "model.vision.num_layers=2",
-)
+NATIVE = (*NATIVE_OVERRIDES, "model.vision.max_patches=32", "model.vision.num_layers=2")
 PATCH, MAX_PATCHES, NUM_IMAGE_TOKENS = 14, 32, 4
 # (height, width) of the test images -> the patch grid Siglip2ImageProcessor gives them
 # (at most 32 patches, aspect kept): square, wide, tall, 3:5, a long strip.

@@ -29,7 +29,7 @@ from mm1_megatron.data.synthetic.world import (
     shape_mask,
 )
 from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
-from tests.conftest import make_tiny_config
+from tests.conftest import NATIVE_OVERRIDES, make_tiny_config
 from tests.data.corpus_fixtures import make_coco, make_text_jsonl
 
 PATCH, BUDGET, SEQ, NUM_IMAGE_TOKENS = 14, 16, 256, 4
@@ -231,15 +231,6 @@ def test_text_batches_carry_empty_patches_and_grids(caption_corpus):
 
 # ---- refused settings -------------------------------------------------------------------
 
-NATIVE_CONFIG = (
-    "model.vision.use_class_token=false",
-    "model.vision.patch_embedding_bias=true",
-    "model.vision.pre_layernorm=false",
-    "model.vision.post_layernorm=true",
-    "model.vision.native_resolution=true",
-    "model.vision.max_patches=16",
-)
-
 
 @pytest.mark.parametrize(
     "overrides, fields",
@@ -258,7 +249,7 @@ NATIVE_CONFIG = (
 )
 def test_settings_native_resolution_does_not_go_with_are_refused(overrides, fields):
     with pytest.raises(ValueError) as error:
-        make_tiny_config(*NATIVE_CONFIG, *overrides)
+        make_tiny_config(*NATIVE_OVERRIDES, *overrides)
     for field in [*fields, "model.vision.native_resolution=true"]:
         assert field in str(error.value), str(error.value)
 

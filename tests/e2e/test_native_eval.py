@@ -9,20 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import NATIVE_OVERRIDES, TINY_OVERRIDES
 from tests.in_process import run_main, train_in_process
 
 pytestmark = pytest.mark.slow  # the checkpoint comes from a training run
 
-NATIVE = (
-    "model.vision.use_class_token=false",
-    "model.vision.patch_embedding_bias=true",
-    "model.vision.pre_layernorm=false",
-    "model.vision.post_layernorm=true",
-    "model.vision.activation=gelu_tanh",
-    "model.vision.native_resolution=true",
-    "model.vision.max_patches=16",
-)
 STEPS = 2
 
 
@@ -32,7 +23,7 @@ def run(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("native_eval")
     result = train_in_process(
         *TINY_OVERRIDES,
-        *NATIVE,
+        *NATIVE_OVERRIDES,
         # Room for a one-shot caption prompt: two images and two captions of ~35 words.
         "training.seq_length=128",
         "model.llm.max_sequence_length=128",

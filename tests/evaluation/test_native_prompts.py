@@ -24,19 +24,10 @@ from mm1_megatron.evaluation.protocol import TEMPLATES, choose_demos
 from mm1_megatron.evaluation.retrieval import image_features
 from mm1_megatron.evaluation.tasks import load_task
 from mm1_megatron.evaluation.tasks.records import EvalExample
-from tests.conftest import make_tiny_config
+from tests.conftest import NATIVE_OVERRIDES, make_tiny_config
 from tests.data.corpus_fixtures import make_coco
 
 TOKENIZER = SyntheticTokenizer()
-NATIVE = (
-    "model.vision.use_class_token=false",
-    "model.vision.patch_embedding_bias=true",
-    "model.vision.pre_layernorm=false",
-    "model.vision.post_layernorm=true",
-    "model.vision.activation=gelu_tanh",
-    "model.vision.native_resolution=true",
-    "model.vision.max_patches=16",
-)
 
 
 def _split(patches: torch.Tensor, grids: torch.Tensor):
@@ -46,7 +37,7 @@ def _split(patches: torch.Tensor, grids: torch.Tensor):
 
 
 def test_eval_tasks_are_accepted_with_native_resolution():
-    cfg = make_tiny_config(*NATIVE, "eval.interval=10", "eval.tasks=[synthetic_vqa]")
+    cfg = make_tiny_config(*NATIVE_OVERRIDES, "eval.interval=10", "eval.tasks=[synthetic_vqa]")
     assert cfg.eval.tasks == ["synthetic_vqa"] and cfg.model.vision.native_resolution
 
 
@@ -63,7 +54,7 @@ def test_a_file_s_patches_are_the_training_pipeline_s(tmp_path):
         progress=False,
     )
     cfg = make_tiny_config(
-        *NATIVE,
+        *NATIVE_OVERRIDES,
         "data.source=webdataset",
         "data.mixture={caption: 1.0}",
         f"data.shards.caption=[{tmp_path / 'shards'}]",
@@ -84,7 +75,7 @@ def test_a_file_s_patches_are_the_training_pipeline_s(tmp_path):
 
 
 def test_a_scene_is_drawn_at_a_training_size_and_normalised_as_in_training():
-    cfg = make_tiny_config(*NATIVE)
+    cfg = make_tiny_config(*NATIVE_OVERRIDES)
     vision = cfg.model.vision
     native = native_resolution_of(vision)
     sizes = native_image_sizes(vision.image_size, native)
@@ -107,7 +98,7 @@ def test_a_scene_is_drawn_at_a_training_size_and_normalised_as_in_training():
 
 
 def test_prompts_carry_each_image_s_patches_and_grid_in_order():
-    cfg = make_tiny_config(*NATIVE)
+    cfg = make_tiny_config(*NATIVE_OVERRIDES)
     builder = PromptBuilder(cfg, TOKENIZER)
     task = load_task("synthetic_caption", limit=3)
     query = task.eval_examples[0]
@@ -128,7 +119,7 @@ def test_prompts_carry_each_image_s_patches_and_grid_in_order():
 def test_retrieval_features_of_a_native_model_are_its_mean_connector_tokens(
     build_tiny_model, batch_size
 ):
-    cfg = make_tiny_config(*NATIVE)
+    cfg = make_tiny_config(*NATIVE_OVERRIDES)
     model = build_tiny_model(cfg).eval()
     builder = PromptBuilder(cfg, TOKENIZER)
     rng = np.random.default_rng(3)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import NATIVE_OVERRIDES
 from tests.in_process import call_in_process
 from tests.launch import launcher, run
 from tests.rank_pool import session_pools
@@ -43,15 +44,7 @@ MOE = [
 QWEN3 = ["model.llm.qk_norm=true", "model.llm.head_dim=48"]
 # SigLIP 2's NaFlex tower: images of five aspect ratios as packed patches with their grids,
 # per-image attention in the ViT (configs/debug_siglip2_naflex.yaml's vision settings).
-NATIVE = [
-    "model.vision.use_class_token=false",
-    "model.vision.patch_embedding_bias=true",
-    "model.vision.pre_layernorm=false",
-    "model.vision.post_layernorm=true",
-    "model.vision.activation=gelu_tanh",
-    "model.vision.native_resolution=true",
-    "model.vision.max_patches=16",
-]
+NATIVE = list(NATIVE_OVERRIDES)
 TEXT_ONLY = ["data.mixture={text: 1.0}"]
 TP2 = ["parallel.tensor_parallel_size=2"]
 SP = ["parallel.sequence_parallel=true"]

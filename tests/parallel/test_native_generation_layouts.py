@@ -11,18 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import NATIVE_OVERRIDES
 from tests.in_process import call_in_process
 from tests.rank_pool import session_pools
 
-NATIVE = (
-    "model.vision.use_class_token=false",
-    "model.vision.patch_embedding_bias=true",
-    "model.vision.pre_layernorm=false",
-    "model.vision.post_layernorm=true",
-    "model.vision.activation=gelu_tanh",
-    "model.vision.native_resolution=true",
-    "model.vision.max_patches=16",
-)
 PP2 = ["parallel.pipeline_parallel_size=2"]
 LAYOUTS = {
     "tp2": ["parallel.tensor_parallel_size=2"],
@@ -56,7 +48,7 @@ def _run_layout(name: str, overrides, out: Path) -> None:
     from tests.unit.test_native_generation import _native_prompts
 
     tokenizer = SyntheticTokenizer()
-    cfg = make_tiny_config(*BASE_OVERRIDES, *NATIVE, *overrides)
+    cfg = make_tiny_config(*BASE_OVERRIDES, *NATIVE_OVERRIDES, *overrides)
     init_distributed(cfg.parallel, timeout_minutes=COLLECTIVE_TIMEOUT_MINUTES)
     seed_everything(SEED)
     model = build_mm1_model(

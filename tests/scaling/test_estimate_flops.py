@@ -20,6 +20,7 @@ from mm1_megatron.scaling.estimate.compute import flops_per_sequence, stage_forw
 from mm1_megatron.scaling.estimate.stages import Stage
 from mm1_megatron.scaling.estimate.workload import default_workload
 from mm1_megatron.training import flops
+from tests.conftest import NATIVE_OVERRIDES
 
 
 @pytest.fixture(scope="module")
@@ -143,16 +144,6 @@ def test_layers_and_output_add_up_to_the_language_model(tiny_config):
     assert parts == pytest.approx(whole, rel=1e-12)
 
 
-NATIVE = (
-    "model.vision.use_class_token=false",
-    "model.vision.patch_embedding_bias=true",
-    "model.vision.pre_layernorm=false",
-    "model.vision.post_layernorm=true",
-    "model.vision.native_resolution=true",
-    "model.vision.max_patches=16",
-)
-
-
 def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     """torch counts no FLOPs for SDPA's CPU kernel, which per-image attention runs."""
     from torch.utils.flop_counter import sdpa_flop_count
@@ -179,7 +170,7 @@ def counted_native(megatron_single_process):
     from mm1_megatron.parallel import seed_everything
     from tests.conftest import IMAGE_TOKEN_ID, make_tiny_config
 
-    cfg = make_tiny_config(*NATIVE)
+    cfg = make_tiny_config(*NATIVE_OVERRIDES)
     seed_everything(1)
     model = build_mm1_model(cfg.model, cfg.parallel, image_token_id=IMAGE_TOKEN_ID)
     data, _ = build_run_data(cfg, seed=1)

@@ -17,6 +17,7 @@ import torch
 from mm1_megatron.scaling.estimate.measure import LiveTensorBytes, measure_train_step
 from mm1_megatron.scaling.estimate.memory import estimate_memory
 from mm1_megatron.scaling.estimate.workload import default_workload
+from tests.conftest import NATIVE_OVERRIDES
 
 STATIC_TOLERANCE = 0.001  # Megatron-Core pads its gradient buffer to whole buckets
 PEAK_TOLERANCE = 0.03  # measured: +0.7% (none), +2.0% (full); docs/scaling.md
@@ -39,20 +40,11 @@ def test_live_tensor_bytes_sees_frees_and_views():
 QWEN3 = ("model.llm.qk_norm=true", "model.llm.head_dim=48")
 # SigLIP 2's NaFlex tower: every image is estimated at its whole patch budget (the
 # synthetic images reach 15 or 16 of 16 patches), the ViT attends per image.
-NATIVE = (
-    "model.vision.use_class_token=false",
-    "model.vision.patch_embedding_bias=true",
-    "model.vision.pre_layernorm=false",
-    "model.vision.post_layernorm=true",
-    "model.vision.activation=gelu_tanh",
-    "model.vision.native_resolution=true",
-    "model.vision.max_patches=16",
-)
 SETTINGS = {
     "none": ("none", ()),
     "full": ("full", ()),
     "qwen3_heads": ("none", QWEN3),
-    "native_resolution": ("none", NATIVE),
+    "native_resolution": ("none", NATIVE_OVERRIDES),
 }
 
 

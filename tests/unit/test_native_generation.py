@@ -20,18 +20,9 @@ from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
 from mm1_megatron.inference import GenerationConfig, Prompt, generate
 from mm1_megatron.inference.prompts import left_pad
 from mm1_megatron.inference.search import BeamSearch
-from tests.conftest import make_tiny_config
+from tests.conftest import NATIVE_OVERRIDES, make_tiny_config
 
 TOKENIZER = SyntheticTokenizer()
-NATIVE = (
-    "model.vision.use_class_token=false",
-    "model.vision.patch_embedding_bias=true",
-    "model.vision.pre_layernorm=false",
-    "model.vision.post_layernorm=true",
-    "model.vision.activation=gelu_tanh",
-    "model.vision.native_resolution=true",
-    "model.vision.max_patches=16",
-)
 WORDS = ["there", "are", "two", "shapes", "on", "a", "gray", "background", ":"]
 
 
@@ -93,7 +84,9 @@ def native_model(megatron_single_process):
     from mm1_megatron.models import build_mm1_model
     from mm1_megatron.parallel import seed_everything
 
-    cfg = make_tiny_config(*NATIVE, "model.llm.max_sequence_length=256", "training.seq_length=256")
+    cfg = make_tiny_config(
+        *NATIVE_OVERRIDES, "model.llm.max_sequence_length=256", "training.seq_length=256"
+    )
     seed_everything(1234)
     model = build_mm1_model(cfg.model, cfg.parallel, image_token_id=TOKENIZER.image_token_id)
     return cfg, model.eval()

@@ -14,18 +14,10 @@ from mm1_megatron.models.attention import DocumentAttention, ImageDocumentAttent
 from mm1_megatron.models.naflex import antialiased_bilinear_weights, resize_position_grid
 from mm1_megatron.models.transformer_configs import vision_transformer_config
 from mm1_megatron.models.vision_encoder import VisionEncoder
-from tests.conftest import make_tiny_config
+from tests.conftest import NATIVE_OVERRIDES, make_tiny_config
 
 PATCH, GRID, HIDDEN = 14, 4, 32  # the tiny config: 56-px table images, a 4x4 table
-NATIVE = (
-    "model.vision.native_resolution=true",
-    "model.vision.use_class_token=false",
-    "model.vision.patch_embedding_bias=true",
-    "model.vision.pre_layernorm=false",
-    "model.vision.post_layernorm=true",
-    "model.vision.max_patches=32",
-    "model.vision.num_layers=2",
-)
+NATIVE = (*NATIVE_OVERRIDES, "model.vision.max_patches=32", "model.vision.num_layers=2")
 GRIDS = [(4, 4), (2, 8), (8, 2), (3, 5)]
 
 

@@ -9,22 +9,14 @@ import torch
 
 from mm1_megatron.batch import model_inputs, run_model
 from mm1_megatron.data.build import build_run_data
-from tests.conftest import IMAGE_TOKEN_ID
-
-NATIVE = (
-    "model.vision.use_class_token=false",
-    "model.vision.patch_embedding_bias=true",
-    "model.vision.pre_layernorm=false",
-    "model.vision.post_layernorm=true",
-    "model.vision.activation=gelu_tanh",
-    "model.vision.native_resolution=true",
-    "model.vision.max_patches=16",
-)
+from tests.conftest import IMAGE_TOKEN_ID, NATIVE_OVERRIDES
 
 
 @pytest.fixture
 def native(tiny_config, build_tiny_model):
-    cfg = tiny_config(*NATIVE, "training.seq_length=256", "model.llm.max_sequence_length=256")
+    cfg = tiny_config(
+        *NATIVE_OVERRIDES, "training.seq_length=256", "model.llm.max_sequence_length=256"
+    )
     loader, tokenizer = build_run_data(cfg)
     assert tokenizer.image_token_id == IMAGE_TOKEN_ID
     batch = next(b for b in loader if len(set(map(tuple, b["image_grids"].tolist()))) >= 3)
