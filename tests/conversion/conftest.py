@@ -59,13 +59,6 @@ TRAINS = {
     # Qwen3-style decoders: q/k norms, 4 heads of 48 in a 128-wide model.
     "qwen3_trained_tp2": TRAIN_BASE
     + ["model.llm.qk_norm=true", "model.llm.head_dim=48", "parallel.tensor_parallel_size=2"],
-    "qwen3_moe_trained_ep2": TRAIN_BASE
-    + [
-        "model.llm.qk_norm=true",
-        "model.llm.head_dim=48",
-        "model.llm.moe.num_experts=4",
-        "parallel.expert_parallel_size=2",
-    ],
 }
 
 # Loads and trains write OUT_DIR/<name>.safetensors side by side.
