@@ -8,7 +8,7 @@ Which ``transformers`` class a decoder becomes (each computes exactly what ours 
 | dense, q/k/v bias | ``Qwen2ForCausalLM`` |
 | dense, q/k norms (no q/k/v bias) | ``Qwen3ForCausalLM`` |
 | MoE on every layer, renormalised top-k >= 2, no q/k/v bias | ``MixtralForCausalLM`` |
-| any other MoE (every k-th layer, top-1, q/k/v bias) | ``Qwen2MoeForCausalLM`` |
+| any other MoE (every k-th layer, top-1, not renormalised, q/k/v bias) | ``Qwen2MoeForCausalLM`` |
 | MoE with q/k norms (no q/k/v bias) | ``Qwen3MoeForCausalLM`` |
 
 A head size of its own (``model.llm.head_dim``) is the ``head_dim`` every one of these
