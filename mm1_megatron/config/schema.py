@@ -2,7 +2,7 @@
 
 Field names are the YAML keys and the dotted override paths, e.g.
 ``model.llm.num_layers=4`` or ``optimizer.lr_multipliers.connector=2.0``.
-Cross-field rules live in ``validation.py``.
+Cross-field rules live in ``validation.py`` (the model's in ``model_checks.py``).
 """
 
 from __future__ import annotations
