@@ -43,18 +43,27 @@ def _prompts(cfg, count: int, seed: int = 0):
     return prompts
 
 
+def _full_forward_logits(model, prompt: Prompt, ids) -> torch.Tensor:
+    """The last position's logits of the whole sequence, one prompt, no cache (packed
+    patches with their grids for a native-resolution model)."""
+    tokens = torch.tensor([ids])
+    inputs = {
+        "tokens": tokens,
+        "position_ids": torch.arange(len(ids))[None],
+        "document_ids": torch.zeros_like(tokens),
+        "images": prompt.images,
+    }
+    if prompt.image_grids is not None:
+        inputs["image_grids"] = prompt.image_grids
+    return run_model(model, inputs, with_labels=False)[0, -1]
+
+
 def _reference_greedy(model, prompt: Prompt, config: GenerationConfig):
+    """Unbatched, unpadded, uncached: the whole sequence through the model per token."""
     ids = list(prompt.token_ids)
     out = []
     for _ in range(config.max_new_tokens):
-        tokens = torch.tensor([ids])
-        inputs = {
-            "tokens": tokens,
-            "position_ids": torch.arange(len(ids))[None],
-            "document_ids": torch.zeros_like(tokens),
-            "images": prompt.images,
-        }
-        logits = run_model(model, inputs, with_labels=False)[0, -1].clone()
+        logits = _full_forward_logits(model, prompt, ids).clone()
         logits[list(config.banned_token_ids)] = float("-inf")
         token = int(logits.argmax())
         if token in config.stop_token_ids:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from mm1_megatron.batch import run_model
 from mm1_megatron.batch.contract import expand_image_placeholders
 from mm1_megatron.data.pipeline.native_resolution import (
     native_resolution_of,
@@ -16,13 +15,17 @@ from mm1_megatron.data.pipeline.native_resolution import (
 )
 from mm1_megatron.data.synthetic.sequences import native_image_sizes
 from mm1_megatron.data.synthetic.world import draw_scene, random_scene
-from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
-from mm1_megatron.inference import GenerationConfig, Prompt, generate
+from mm1_megatron.inference import Prompt, generate
 from mm1_megatron.inference.prompts import left_pad
 from mm1_megatron.inference.search import BeamSearch
 from tests.conftest import NATIVE_OVERRIDES, make_tiny_config
+from tests.unit.test_generation import (
+    TOKENIZER,
+    _config,
+    _full_forward_logits,
+    _reference_greedy,
+)
 
-TOKENIZER = SyntheticTokenizer()
 WORDS = ["there", "are", "two", "shapes", "on", "a", "gray", "background", ":"]
 
 
@@ -53,32 +56,6 @@ def _native_prompts(cfg, count: int, seed: int = 0):
     return prompts
 
 
-def _full_forward_logits(model, prompt: Prompt, ids) -> torch.Tensor:
-    tokens = torch.tensor([ids])
-    inputs = {
-        "tokens": tokens,
-        "position_ids": torch.arange(len(ids))[None],
-        "document_ids": torch.zeros_like(tokens),
-        "images": prompt.images,
-        "image_grids": prompt.image_grids,
-    }
-    return run_model(model, inputs, with_labels=False)[0, -1]
-
-
-def _reference_greedy(model, prompt: Prompt, config: GenerationConfig):
-    """Unbatched, unpadded, uncached: the whole sequence through the model per token."""
-    ids, out = list(prompt.token_ids), []
-    for _ in range(config.max_new_tokens):
-        logits = _full_forward_logits(model, prompt, ids).clone()
-        logits[list(config.banned_token_ids)] = float("-inf")
-        token = int(logits.argmax())
-        if token in config.stop_token_ids:
-            break
-        out.append(token)
-        ids.append(token)
-    return out
-
-
 @pytest.fixture(scope="module")
 def native_model(megatron_single_process):
     from mm1_megatron.models import build_mm1_model
@@ -90,15 +67,6 @@ def native_model(megatron_single_process):
     seed_everything(1234)
     model = build_mm1_model(cfg.model, cfg.parallel, image_token_id=TOKENIZER.image_token_id)
     return cfg, model.eval()
-
-
-def _config(**kwargs):
-    defaults = dict(
-        max_new_tokens=8,
-        stop_token_ids=(TOKENIZER.eos_token_id,),
-        banned_token_ids=(TOKENIZER.image_token_id, TOKENIZER.pad_token_id),
-    )
-    return GenerationConfig(**{**defaults, **kwargs})
 
 
 def test_the_prompts_mix_aspect_ratios_lengths_and_image_counts(native_model):
