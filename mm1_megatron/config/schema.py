@@ -41,6 +41,7 @@ TilingMode = Literal["none", "static", "dynamic"]
 OverviewPlacement = Literal["after", "before", "none"]
 ConversationPacking = Literal["packed", "one_per_sequence"]
 OverlongConversation = Literal["truncate", "drop"]
+MicroBatchOrder = Literal["alternate", "heaviest_first"]
 OptimizerSharding = Literal["fully_reshardable", "dp_reshardable"]
 # The model's top-level parts (MM1Model's children): what model.freeze and
 # optimizer.lr_multipliers name, and the units a conversion imports and exports.
@@ -329,6 +330,20 @@ class ConversationConfig:
 
 
 @dataclass
+class BalanceConfig:
+    """Which data-parallel rank and micro-batch slot builds each sequence of a global batch
+    (``data/pipeline/balance.py``); the global batches themselves never change."""
+
+    # Spread the vision encoder's work (and the decoder's attention) evenly over the
+    # data-parallel ranks and micro-batch slots of every step. Off: rank r takes every
+    # D-th sequence, as before.
+    enabled: bool = True
+    # The order of each rank's micro-batches: alternate (heaviest, lightest, ...) or
+    # heaviest_first (docs/scaling.md compares them on the 1F1B schedule).
+    micro_batch_order: MicroBatchOrder = "alternate"
+
+
+@dataclass
 class DataConfig:
     source: DataSource = "synthetic"
     # Share of sequences drawn from each source (normalised): MM1's 45/45/10.
@@ -348,6 +363,7 @@ class DataConfig:
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
     conversations: ConversationConfig = field(default_factory=ConversationConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
     # Run Python a dataset ships (a Megatron-Energon dataset.yaml's sample_loader or
     # part_filter, from its own .nv-meta folder). Off: such a dataset is refused.
     allow_dataset_code: bool = False

@@ -28,7 +28,7 @@ import torch
 from mm1_megatron.config.schema import DataConfig, MM1Config
 from mm1_megatron.data.pipeline.conversation_source import ConversationSource
 from mm1_megatron.data.pipeline.images import build_image_decoder, check_image_options
-from mm1_megatron.data.pipeline.loader import MicroBatchLoader
+from mm1_megatron.data.pipeline.loader import Balancing, MicroBatchLoader
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
 from mm1_megatron.data.pipeline.native_resolution import NativeResolution, native_resolution_of
 from mm1_megatron.data.pipeline.packing import check_packing_arguments
@@ -63,8 +63,10 @@ def build_data(
     dp_rank: int,
     dp_size: int,
     native: Optional[NativeResolution] = None,
+    balancing: Optional[Balancing] = None,
 ) -> Tuple[MicroBatchLoader, Tokenizer]:
-    """The loader for this data-parallel rank and the tokenizer it encodes with."""
+    """The loader for this data-parallel rank and the tokenizer it encodes with;
+    ``balancing`` places each global batch's sequences by cost (``pipeline/balance.py``)."""
     if seed < 0:
         raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's SeedSequence)")
     check_packing_arguments(
@@ -109,15 +111,17 @@ def build_data(
         prefetch_factor=data_cfg.prefetch_factor,
         fingerprint=_fingerprint(data_cfg, tokenizer, packing),
         multiprocessing_context=context,
+        balancing=balancing,
     )
     logger.info(
-        "data: %s, tokenizer %s (%d tokens), dp rank %d/%d, %d workers",
+        "data: %s, tokenizer %s (%d tokens), dp rank %d/%d, %d workers, %s",
         data_cfg.source,
         data_cfg.tokenizer.kind,
         tokenizer.vocab_size,
         dp_rank,
         dp_size,
         num_workers,
+        "balanced placement" if balancing is not None else "rank r takes every D-th sequence",
     )
     return loader, tokenizer
 
@@ -138,6 +142,7 @@ def build_run_data(
     dp_size: int = 1,
     data: Optional[DataConfig] = None,
     seed: Optional[int] = None,
+    balancing: Optional[Balancing] = None,
 ) -> Tuple[MicroBatchLoader, Tokenizer]:
     """``build_data`` with the packing a whole run's config implies (sequence length,
     micro-batch size, image tokens, the encoder's image size and normalisation, seed);
@@ -156,6 +161,7 @@ def build_run_data(
         dp_rank=dp_rank,
         dp_size=dp_size,
         native=native_resolution_of(vision),
+        balancing=balancing,
     )
 
 
@@ -241,11 +247,11 @@ def _webdataset_builder(
 def _fingerprint(data_cfg: DataConfig, tokenizer: Tokenizer, packing: Dict) -> str:
     """Changes when anything that decides the batches changes (not how many workers or
     threads build them, nor the permission to run dataset code: without it, a dataset
-    that needs it is refused)."""
+    that needs it is refused; nor balancing, which places the same global batches)."""
     relevant = {
         key: value
         for key, value in dataclasses.asdict(data_cfg).items()
-        if key not in ("num_workers", "prefetch_factor", "allow_dataset_code")
+        if key not in ("num_workers", "prefetch_factor", "allow_dataset_code", "balance")
     }
     relevant["images"].pop("dali_threads")
     payload = json.dumps(

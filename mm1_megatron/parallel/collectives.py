@@ -107,3 +107,15 @@ def all_gather_objects(value, group=None) -> list:
     gathered = [None] * dist.get_world_size(group)
     dist.all_gather_object(gathered, value, group=group)
     return gathered
+
+
+def all_gather_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """``[world, *tensor.shape]``: every rank's ``tensor`` (same shape and dtype on every
+    rank) in rank order, on the CPU; ``tensor[None]`` without a process group."""
+    if not _initialized():
+        return tensor[None].cpu()
+    device = group_device(group)
+    local = tensor.to(device).contiguous()
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    return torch.stack(gathered).cpu()

@@ -15,11 +15,13 @@ the most an image costs and close to what it does.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Optional
 
 import torch
 
 from mm1_megatron.config.schema import ModelConfig
+from mm1_megatron.data.pipeline.balance import CostWeights
 from mm1_megatron.models import param_count
 
 FORWARD_AND_BACKWARD = 3
@@ -197,3 +199,32 @@ def dense_bf16_peak_flops(device_name: str) -> Optional[float]:
         if key.lower() in device_name.lower():
             return peak
     return None
+
+
+def balance_weights(model: ModelConfig, image_size: Optional[int] = None) -> CostWeights:
+    """Training FLOPs per count of a ``balance.SequenceCost``: what data balancing weighs
+    sequences by. At a fixed size every encoder input costs the ViT and the connector over
+    ``image_size`` (a tile's, with tiling); at native resolution an image's cost is a
+    quadratic in its patches (linear layers, attention over patch pairs), fitted exactly
+    from three patch counts."""
+    pair = FORWARD_AND_BACKWARD * decoder_attention_forward_flops(model, 1)
+    if not model.vision.native_resolution:
+        per_input = vision_encoder_forward_flops(model, image_size) + connector_forward_flops(
+            model, image_size
+        )
+        return CostWeights(FORWARD_AND_BACKWARD * per_input, per_attention_pair=pair)
+
+    def per_image(num_patches: int) -> float:
+        at = replace(model, vision=replace(model.vision, max_patches=num_patches))
+        return vision_encoder_forward_flops(at) + connector_forward_flops(at)
+
+    one, two, three = per_image(1), per_image(2), per_image(3)
+    quadratic = (three - 2 * two + one) / 2
+    linear = two - one - 3 * quadratic
+    constant = one - linear - quadratic
+    return CostWeights(
+        FORWARD_AND_BACKWARD * constant,
+        per_patch=FORWARD_AND_BACKWARD * linear,
+        per_patch_pair=FORWARD_AND_BACKWARD * quadratic,
+        per_attention_pair=pair,
+    )

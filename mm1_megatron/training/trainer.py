@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
@@ -24,12 +25,19 @@ from mm1_megatron.checkpoint import CheckpointManager, TrainingState
 from mm1_megatron.config import MM1Config, save_config, validate_config, validate_environment
 from mm1_megatron.config.layout import num_microbatches
 from mm1_megatron.data.build import build_run_data
+from mm1_megatron.data.pipeline.loader import Balancing
+from mm1_megatron.data.pipeline.tiling import tile_size
 from mm1_megatron.models import build_mm1_model
 from mm1_megatron.models.param_count import count_parameters
 from mm1_megatron.parallel import init_distributed, seed_everything
-from mm1_megatron.parallel.collectives import all_gather_objects, all_reduce_values, barrier
+from mm1_megatron.parallel.collectives import (
+    all_gather_objects,
+    all_gather_tensor,
+    all_reduce_values,
+    barrier,
+)
 from mm1_megatron.parallel.wrapping import resolve_overlap, wrap_for_training
-from mm1_megatron.training.flops import dense_bf16_peak_flops
+from mm1_megatron.training.flops import balance_weights, dense_bf16_peak_flops
 from mm1_megatron.training.health import LossMonitor
 from mm1_megatron.training.lr import resolve_peak_lr
 from mm1_megatron.training.metrics import MetricsLogger, StepAccounting
@@ -264,7 +272,33 @@ class Trainer:
     def _build_data(self):
         """The micro-batch loader and tokenizer from ``data.*`` (this DP rank's share)."""
         return build_run_data(
-            self.cfg, dp_rank=parallel_state.get_data_parallel_rank(), dp_size=self.dp_size
+            self.cfg,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=self.dp_size,
+            balancing=self._balancing(),
+        )
+
+    def _balancing(self) -> Optional[Balancing]:
+        """``data.balance``: costs weighed in training FLOPs, exchanged over the
+        data-parallel group (its gloo twin when there is one: no device sync)."""
+        settings = self.cfg.data.balance
+        if not settings.enabled:
+            return None
+        try:
+            group = parallel_state.get_data_parallel_group_gloo()
+        except (AssertionError, RuntimeError):
+            group = None
+        if group is None:
+            group = parallel_state.get_data_parallel_group()
+
+        def exchange(rows: np.ndarray) -> np.ndarray:
+            return all_gather_tensor(torch.from_numpy(rows), group=group).numpy()
+
+        return Balancing(
+            num_microbatches=self.num_microbatches,
+            weights=balance_weights(self.cfg.model, tile_size(self.cfg.data.tiling)),
+            exchange=exchange,
+            order=settings.micro_batch_order,
         )
 
     # ---- one step -----------------------------------------------------------------------

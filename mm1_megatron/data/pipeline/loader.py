@@ -7,6 +7,15 @@ global sequence index ``g`` (``sources.MixtureBuilder`` for shards and text,
 sequence and micro-batch ``k`` of rank ``r`` is a pure function of ``(seed, k, r)``.
 Tensor- and pipeline-parallel ranks of one data-parallel rank build the same batches.
 
+With balancing (``Balancing``) step ``s`` still consumes global sequences ``base + s G``
+to ``base + (s + 1) G - 1`` (``G`` the global batch), but which rank and micro-batch slot
+builds each one comes from ``balance.assign_global_batch``: every rank computes the
+costs of the sequences it would have had (``builder.sequence_cost(g)``, no image is
+decoded), the data-parallel ranks exchange them, and each rank builds its share of the
+same assignment. The plan of a step is made when the first of its micro-batches is
+requested (by the trainer, or by the prefetching ``DataLoader``), in the same order on
+every rank, so the exchanges line up.
+
 With ``num_workers > 0`` a ``torch.utils.data.DataLoader`` builds micro-batches in
 worker processes, ``prefetch_factor`` each ahead of the trainer, and returns them in
 order. Bad samples never change how many sequences a rank produces, so no rank waits on
@@ -18,17 +27,28 @@ State (``state_dict``): plain ints and strings, the same on every rank. Restorin
 continues with exactly the next micro-batch. Restoring it with another data-parallel size
 continues the global sequence stream where it stopped (``base`` moves past everything
 consumed), so no sequence is repeated or skipped, though which rank gets which sequence
-differs from an uninterrupted run at the new size.
+differs from an uninterrupted run at the new size. With balancing every step's global batch
+is the same at any data-parallel size, so a resume at another size continues with exactly
+the global batches an uninterrupted run would have had (placed for the new size).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from typing import Dict, Iterator, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 
+from mm1_megatron.data.pipeline.balance import (
+    ALGORITHM,
+    NUM_COST_FIELDS,
+    CostWeights,
+    Exchange,
+    assign_global_batch,
+)
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS
 from mm1_megatron.data.pipeline.native_resolution import empty_grids
 from mm1_megatron.data.pipeline.packing import PackedSequence
@@ -55,42 +75,52 @@ STATE_VERSION = 1
 _STATS_KEY = "data_stats"
 
 
+@dataclass(frozen=True)
+class Balancing:
+    """Balance the vision work of each global batch over ranks and micro-batches
+    (``balance.py``). ``exchange`` all-gathers cost rows over the data-parallel group
+    (``[n, F] -> [D, n, F]``); None in a single process."""
+
+    num_microbatches: int
+    weights: CostWeights
+    exchange: Optional[Exchange] = None
+    order: str = "alternate"
+
+    def state(self, micro_batch_size: int) -> Dict[str, object]:
+        return {
+            "algorithm": ALGORITHM,
+            "order": self.order,
+            "num_microbatches": self.num_microbatches,
+            "micro_batch_size": micro_batch_size,
+        }
+
+
 class _MicroBatches(torch.utils.data.Dataset):
-    """Item ``i``: this rank's ``i``-th micro-batch counted from ``first_sequence``."""
+    """Item: a tuple of global sequence indices -> their micro-batch."""
 
-    def __init__(
-        self,
-        builder,
-        *,
-        micro_batch_size: int,
-        dp_rank: int,
-        dp_size: int,
-        base: int,
-        first_sequence: int,
-    ):
-        self.builder, self.micro_batch_size = builder, micro_batch_size
-        self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.base, self.first_sequence = base, first_sequence
+    def __init__(self, builder):
+        self.builder = builder
 
-    def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, global_indices: Tuple[int, ...]) -> Dict[str, torch.Tensor]:
         stats = DataStats()
         sequences = []
-        for j in range(self.micro_batch_size):
-            local = self.first_sequence + index * self.micro_batch_size + j
-            sequence, sequence_stats = self.builder.sequence(self.global_index(local))
+        for index in global_indices:
+            sequence, sequence_stats = self.builder.sequence(int(index))
             sequences.append(sequence)
             stats.merge(sequence_stats.as_list())
         batch = collate(sequences)
         batch[_STATS_KEY] = torch.tensor(stats.as_list(), dtype=torch.long)
         return batch
 
-    def global_index(self, local_index: int) -> int:
-        return self.base + local_index * self.dp_size + self.dp_rank
 
+class _Plan(torch.utils.data.Sampler):
+    """This rank's micro-batches, as tuples of global indices, from ``first_sequence``."""
 
-class _Count(torch.utils.data.Sampler):
-    def __iter__(self) -> Iterator[int]:
-        return itertools.count()
+    def __init__(self, micro_batches: Callable[[], Iterator[Tuple[int, ...]]]):
+        self.micro_batches = micro_batches
+
+    def __iter__(self) -> Iterator[Tuple[int, ...]]:
+        return self.micro_batches()
 
 
 def _no_collate(batch):
@@ -114,6 +144,7 @@ class MicroBatchLoader:
         prefetch_factor: int = 2,
         fingerprint: str = "",
         multiprocessing_context: Optional[str] = None,
+        balancing: Optional[Balancing] = None,
     ):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size={micro_batch_size} must be >= 1")
@@ -130,6 +161,11 @@ class MicroBatchLoader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.fingerprint = fingerprint
         self.multiprocessing_context = multiprocessing_context
+        if balancing is not None and not hasattr(builder, "sequence_cost"):
+            raise ValueError(f"{type(builder).__name__} cannot plan balanced batches")
+        if balancing is not None and balancing.num_microbatches < 1:
+            raise ValueError(f"num_microbatches={balancing.num_microbatches} must be >= 1")
+        self.balancing = balancing
         self.base = 0
         self.num_sequences_consumed = 0
         self._stats = DataStats()
@@ -149,24 +185,54 @@ class MicroBatchLoader:
         self.num_sequences_consumed += self.micro_batch_size
         return batch
 
-    def _dataset(self) -> _MicroBatches:
-        return _MicroBatches(
-            self.builder,
-            micro_batch_size=self.micro_batch_size,
-            dp_rank=self.dp_rank,
-            dp_size=self.dp_size,
-            base=self.base,
-            first_sequence=self.num_sequences_consumed,
+    def _micro_batches(self) -> Iterator[Tuple[int, ...]]:
+        """This rank's micro-batches from the saved position on, as global indices."""
+        b, first = self.micro_batch_size, self.num_sequences_consumed
+        if self.balancing is None:
+            for start in itertools.count(first, b):
+                yield tuple(self.global_index(start + j) for j in range(b))
+            return
+        per_rank = self.balancing.num_microbatches * b
+        step, within = divmod(first, per_rank)
+        assert within % b == 0, "a saved position inside a micro-batch"
+        global_batch = per_rank * self.dp_size
+        while True:
+            placed = self.plan_step(self.base + step * global_batch)
+            yield from (tuple(int(g) for g in micro) for micro in placed[within // b :])
+            step, within = step + 1, 0
+
+    def plan_step(self, first_global: int) -> np.ndarray:
+        """``[M, b]`` global indices of this rank's micro-batches in the step whose global
+        batch starts at ``first_global`` (collective over the data-parallel group)."""
+        balancing, b = self.balancing, self.micro_batch_size
+        per_rank = balancing.num_microbatches * b
+        own = [
+            self.builder.sequence_cost(first_global + n * self.dp_size + self.dp_rank)
+            for n in range(per_rank)
+        ]
+        rows = np.array([cost.as_row() for cost in own], dtype=np.int64).reshape(
+            per_rank, NUM_COST_FIELDS
         )
+        gathered = rows[None] if balancing.exchange is None else balancing.exchange(rows)
+        assert gathered.shape == (self.dp_size, per_rank, NUM_COST_FIELDS), gathered.shape
+        # Offset n D + r of the global batch is rank r's n-th row.
+        costs = gathered.transpose(1, 0, 2).reshape(-1, NUM_COST_FIELDS)
+        placed = assign_global_batch(
+            balancing.weights.total(costs),
+            dp_size=self.dp_size,
+            micro_batch_size=b,
+            order=balancing.order,
+        )
+        return first_global + placed[self.dp_rank]
 
     def _start(self) -> Iterator:
-        dataset = self._dataset()
+        dataset = _MicroBatches(self.builder)
         if self.num_workers == 0:
-            return (dataset[i] for i in itertools.count())
+            return (dataset[indices] for indices in self._micro_batches())
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
-            sampler=_Count(),
+            sampler=_Plan(self._micro_batches),
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor,
             collate_fn=_no_collate,
@@ -203,6 +269,9 @@ class MicroBatchLoader:
             "base": self.base,
             "num_sequences_consumed": self.num_sequences_consumed,
             "fingerprint": self.fingerprint,
+            "balance": None
+            if self.balancing is None
+            else self.balancing.state(self.micro_batch_size),
         }
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
@@ -230,17 +299,31 @@ class MicroBatchLoader:
                 "not match an uninterrupted run"
             )
         saved_dp = int(state["dp_size"])
-        if saved_dp == self.dp_size:
+        balance = None if self.balancing is None else self.balancing.state(self.micro_batch_size)
+        if saved_dp == self.dp_size and state.get("balance") == balance:
             self.base, self.num_sequences_consumed = base, consumed
+        elif saved_dp == self.dp_size:
+            # Another placement of the same global batches: continue at the first global
+            # sequence not consumed (a step boundary when saved by the trainer).
+            self.base, self.num_sequences_consumed = base + consumed * saved_dp, 0
+            logger.info(
+                "data balancing changed since the checkpoint (%s -> %s): continuing at "
+                "global sequence %d with the new placement",
+                state.get("balance"),
+                balance,
+                self.base,
+            )
         else:
             self.base, self.num_sequences_consumed = base + consumed * saved_dp, 0
             logger.warning(
                 "data-parallel size changed from %d to %d: continuing the data at "
-                "global sequence %d (nothing repeated or skipped; the split over "
-                "ranks differs from an uninterrupted run)",
+                "global sequence %d (nothing repeated or skipped; %s)",
                 saved_dp,
                 self.dp_size,
                 self.base,
+                "with balancing, the same global batches as an uninterrupted run"
+                if self.balancing is not None
+                else "the split over ranks differs from an uninterrupted run",
             )
         self._iterator = None
 

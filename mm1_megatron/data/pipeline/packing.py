@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -38,6 +38,7 @@ from mm1_megatron.batch.contract import (
     labels_and_loss_mask,
     position_ids_from_documents,
 )
+from mm1_megatron.data.pipeline.balance import SequenceCost, document_pairs
 from mm1_megatron.data.pipeline.native_resolution import (
     NativeResolution,
     normalise_native_images,
@@ -48,6 +49,24 @@ from mm1_megatron.data.tokenizers.base import Tokenizer
 logger = logging.getLogger(__name__)
 
 MAX_CONSECUTIVE_SKIPS = 100
+
+
+class ImageShape(NamedTuple):
+    """An image that is not drawn or decoded, only its size: what planning a sequence's
+    cost (``sequence_cost``) packs in place of pixels."""
+
+    height: int
+    width: int
+
+
+Image = Union[torch.Tensor, ImageShape]  # [3, H, W] pixels, or only their size
+
+
+def image_height_width(image: Image) -> Tuple[int, int]:
+    if isinstance(image, ImageShape):
+        return image.height, image.width
+    return int(image.shape[-2]), int(image.shape[-1])
+
 
 # (expanded tokens, their trainable flags) -> a shorter version that fits, or None.
 FitOverlong = Callable[[List[int], List[bool]], Optional[Tuple[List[int], List[bool]]]]
@@ -112,33 +131,74 @@ def pack_sequence(
     the samples' images are at their native-resolution sizes, packed as patches.
     """
     check_packing_arguments(seq_length, num_image_tokens, max_images, image_mean, image_std)
-    iterator = iter(samples)
-    first = next(iterator)
-    if first.source == "interleaved":
-        documents = [
-            _fit_interleaved(
-                first, seq_length, num_image_tokens, max_images, tokenizer.image_token_id
-            )
-        ]
-    else:
-        documents = _fill_with_whole_samples(
-            first,
-            iterator,
-            _Limits(seq_length, num_image_tokens, max_images, tokenizer.image_token_id),
-            one_per_sequence=one_per_sequence,
-            fit_overlong=fit_overlong,
-            stats=stats if stats is not None else DataStats(),
-        )
+    source, documents = pack_documents(
+        samples,
+        seq_length=seq_length,
+        num_image_tokens=num_image_tokens,
+        max_images=max_images,
+        image_token_id=tokenizer.image_token_id,
+        one_per_sequence=one_per_sequence,
+        fit_overlong=fit_overlong,
+        stats=stats,
+    )
     images = [image for _, document_images, _ in documents for image in document_images]
     pixels, grids = _normalised(images, image_size, image_mean, image_std, native)
     return assemble(
         [tokens for tokens, _, _ in documents],
-        source=first.source,
+        source=source,
         seq_length=seq_length,
         tokenizer=tokenizer,
         images=pixels,
         image_grids=grids,
         trainable=[flags for _, _, flags in documents],
+    )
+
+
+def pack_documents(
+    samples: Iterable[Sample],
+    *,
+    seq_length: int,
+    num_image_tokens: int,
+    max_images: int,
+    image_token_id: int,
+    one_per_sequence: bool = False,
+    fit_overlong: Optional[FitOverlong] = None,
+    stats: Optional[DataStats] = None,
+) -> Tuple[str, List[Document]]:
+    """What ``pack_sequence`` decides (its source and documents), nothing built: the
+    documents keep their samples' images as they are (pixels or ``ImageShape``)."""
+    iterator = iter(samples)
+    first = next(iterator)
+    if first.source == "interleaved":
+        return first.source, [
+            _fit_interleaved(first, seq_length, num_image_tokens, max_images, image_token_id)
+        ]
+    return first.source, _fill_with_whole_samples(
+        first,
+        iterator,
+        _Limits(seq_length, num_image_tokens, max_images, image_token_id),
+        one_per_sequence=one_per_sequence,
+        fit_overlong=fit_overlong,
+        stats=stats if stats is not None else DataStats(),
+    )
+
+
+def documents_cost(
+    documents: Sequence[Tuple[Sequence[int], Sequence[Image]]], patch_size: Optional[int]
+) -> SequenceCost:
+    """The ``balance.SequenceCost`` of packed documents (expanded tokens, their images);
+    ``patch_size`` at native resolution, where each image is at its rule size."""
+    images = [image for _, document_images, *_ in documents for image in document_images]
+    patches = []
+    if patch_size is not None:
+        for image in images:
+            height, width = image_height_width(image)
+            patches.append((height // patch_size) * (width // patch_size))
+    return SequenceCost(
+        encoder_inputs=len(images),
+        patches=sum(patches),
+        patch_pairs=sum(n * n for n in patches),
+        attention_pairs=document_pairs([len(tokens) for tokens, *_ in documents]),
     )
 
 

@@ -36,7 +36,7 @@ import torch
 from torch.nn import functional as F
 
 from mm1_megatron.config.schema import TilingConfig
-from mm1_megatron.data.pipeline.packing import Sample
+from mm1_megatron.data.pipeline.packing import Image, ImageShape, Sample, image_height_width
 
 
 @dataclass(frozen=True)
@@ -189,11 +189,14 @@ def tile_sample(
     (never a loss target), ``separator_id`` between the tiles of one image when given; a
     sample with ``max_images_to_split`` images or more, or with tiling off, keeps one tile
     per image (the image at ``tile_size``)."""
-    sizes = [(int(image.shape[2]), int(image.shape[1])) for image in sample.images]
+    sizes = [image_height_width(image)[::-1] for image in sample.images]
     plans = plan_tiles(sizes, settings)
-    images: List[torch.Tensor] = []
+    images: List[Image] = []
     for image, plan in zip(sample.images, plans):
-        images += tile_image(image, plan, settings.tile_size, fill)
+        if isinstance(image, ImageShape):  # planning: the tiles' sizes only
+            images += [ImageShape(settings.tile_size, settings.tile_size)] * plan.num_tiles
+        else:
+            images += tile_image(image, plan, settings.tile_size, fill)
     token_ids, trainable = repeat_placeholders(
         sample.token_ids,
         sample.trainable,

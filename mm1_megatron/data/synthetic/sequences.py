@@ -20,12 +20,15 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from mm1_megatron.config.schema import ConversationConfig, TilingConfig
+from mm1_megatron.data.pipeline.balance import SequenceCost
 from mm1_megatron.data.pipeline.mixture import mixture_probabilities
 from mm1_megatron.data.pipeline.native_resolution import NativeResolution
 from mm1_megatron.data.pipeline.packing import (
     PackedSequence,
     Sample,
     check_packing_arguments,
+    documents_cost,
+    pack_documents,
     pack_sequence,
 )
 from mm1_megatron.data.pipeline.tiling import separator_token, tile_sample
@@ -83,10 +86,11 @@ class SyntheticSequences:
             raise ValueError(
                 "model.vision.native_resolution=true replaces tiles: set data.tiling.mode=none"
             )
-        self.generator = SyntheticGenerator(
-            self.tokenizer,
-            self.draw_size,
-            image_sizes=None if native is None else native_image_sizes(image_size, native),
+        sizes = None if native is None else native_image_sizes(image_size, native)
+        self.generator = SyntheticGenerator(self.tokenizer, self.draw_size, image_sizes=sizes)
+        # The same draws without pixels: what ``sequence_cost`` packs.
+        self.shapes_only = SyntheticGenerator(
+            self.tokenizer, self.draw_size, image_sizes=sizes, render=False
         )
         self.packing = dict(
             seq_length=seq_length,
@@ -114,39 +118,65 @@ class SyntheticSequences:
         rng = self._rng(global_index)
         source = self._draw_source(rng)
         stats = DataStats()
-        samples = self._stream(source, rng)
-        if self.tiling.mode != "none":
-            samples = (
-                tile_sample(
-                    sample,
-                    self.tiling,
-                    image_token_id=self.tokenizer.image_token_id,
-                    fill=self.packing["image_mean"],
-                    separator_id=self.separator_id,
-                )
-                for sample in samples
-            )
-        conversation = source == "conversation"
         packed = pack_sequence(
-            samples,
+            self._samples(source, rng, self.generator),
             tokenizer=self.tokenizer,
-            one_per_sequence=conversation and self.conversations.packing == "one_per_sequence",
-            fit_overlong=self._fit_overlong if conversation else None,
             stats=stats,
+            **self._source_options(source),
             **self.packing,
         )
         return packed, stats
 
-    def _stream(self, source: str, rng: np.random.Generator) -> Iterator[Sample]:
-        if source != "conversation":
-            return self.generator.stream(source, rng)
-        return self._conversations(rng)
+    def sequence_cost(self, global_index: int) -> SequenceCost:
+        """``balance.cost_of_sequence(self.sequence(global_index)[0])``, without drawing
+        a pixel: the same random draws, the images only as sizes."""
+        rng = self._rng(global_index)
+        source = self._draw_source(rng)
+        _, documents = pack_documents(
+            self._samples(source, rng, self.shapes_only),
+            seq_length=self.packing["seq_length"],
+            num_image_tokens=self.packing["num_image_tokens"],
+            max_images=self.packing["max_images"],
+            image_token_id=self.tokenizer.image_token_id,
+            **self._source_options(source),
+        )
+        native = self.packing["native"]
+        return documents_cost(documents, None if native is None else native.patch_size)
 
-    def _conversations(self, rng: np.random.Generator) -> Iterator[Sample]:
+    def _source_options(self, source: str) -> dict:
+        conversation = source == "conversation"
+        return dict(
+            one_per_sequence=conversation and self.conversations.packing == "one_per_sequence",
+            fit_overlong=self._fit_overlong if conversation else None,
+        )
+
+    def _samples(
+        self, source: str, rng: np.random.Generator, generator: SyntheticGenerator
+    ) -> Iterator[Sample]:
+        if source == "conversation":
+            samples = self._conversations(rng, generator)
+        else:
+            samples = generator.stream(source, rng)
+        if self.tiling.mode == "none":
+            return samples
+        return (
+            tile_sample(
+                sample,
+                self.tiling,
+                image_token_id=self.tokenizer.image_token_id,
+                fill=self.packing["image_mean"],
+                separator_id=self.separator_id,
+            )
+            for sample in samples
+        )
+
+    def _conversations(
+        self, rng: np.random.Generator, generator: SyntheticGenerator
+    ) -> Iterator[Sample]:
         while True:
             conversation, scene = synthetic_conversation(rng)
             ids, targets = tokenize_conversation(conversation, self.template, self.tokenizer)
-            image = self.generator.draw(scene, rng)
+            image = generator.draw(scene, rng)
             yield Sample("conversation", ids, [image], trainable=targets)
 
     def _fit_overlong(self, tokens: List[int], trainable: List[bool]):

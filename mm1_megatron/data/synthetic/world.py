@@ -31,7 +31,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from mm1_megatron.data.pipeline.packing import Sample
+from mm1_megatron.data.pipeline.packing import Image, ImageShape, Sample
 from mm1_megatron.data.tokenizers import base as vocab
 from mm1_megatron.data.tokenizers.base import Tokenizer
 
@@ -205,9 +205,12 @@ class SyntheticGenerator:
         min_interleaved_images: int = 2,
         max_interleaved_images: int = 4,
         image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+        render: bool = True,
     ):
         """``image_sizes``: ``(height, width)`` choices, one drawn per image (native
-        resolution); None: every image is an ``image_size`` square."""
+        resolution); None: every image is an ``image_size`` square. ``render=False`` gives
+        each image's ``ImageShape`` instead of its pixels (planning costs); the random
+        draws, and so every sample's text, stay the same."""
         if not 1 <= max_shapes <= len(CELL_NAMES):
             raise ValueError(f"max_shapes={max_shapes} must be in [1, {len(CELL_NAMES)}]")
         if not 1 <= min_interleaved_images <= max_interleaved_images <= len(vocab.ORDINAL_WORDS):
@@ -229,6 +232,7 @@ class SyntheticGenerator:
         self.max_shapes = max_shapes
         self.min_interleaved_images = min_interleaved_images
         self.max_interleaved_images = max_interleaved_images
+        self.render = render
 
     def sample(self, source: str, rng: np.random.Generator) -> Sample:
         if source == "caption":
@@ -244,11 +248,13 @@ class SyntheticGenerator:
         while True:
             yield self.sample(source, rng)
 
-    def draw(self, scene: Scene, rng: np.random.Generator) -> torch.Tensor:
+    def draw(self, scene: Scene, rng: np.random.Generator) -> Image:
         """The scene's image: square, or at a size drawn from ``image_sizes``."""
         if self.image_sizes is None:
-            return draw_scene(scene, self.image_size)
-        return draw_scene(scene, self.image_sizes[int(rng.integers(len(self.image_sizes)))])
+            size = (self.image_size, self.image_size)
+        else:
+            size = self.image_sizes[int(rng.integers(len(self.image_sizes)))]
+        return draw_scene(scene, size) if self.render else ImageShape(*size)
 
     def caption(self, rng: np.random.Generator) -> Sample:
         scene = random_scene(rng, self.max_shapes)

@@ -1,0 +1,215 @@
+"""Balanced vision work: which data-parallel rank and micro-batch slot gets each sequence.
+
+A *global batch* is the ``D x M x b`` consecutive global sequences a training step
+consumes (``D`` data-parallel ranks, ``M`` micro-batches of ``b`` sequences each). Without
+balancing, rank ``r`` takes every ``D``-th of them (``loader.py``). With balancing the set
+stays exactly the same (so the per-token loss and its gradient are the same sum); only
+the placement changes, by ``assign_global_batch``, a deterministic function of the
+sequences' costs:
+
+1. Sort the ``D b M`` sequences by cost, heaviest first (ties: the earlier sequence).
+2. Cut the sorted list into ``M`` *slot groups* of ``D b`` consecutive sequences: group
+   ``k`` fills micro-batch slot ``k`` on every rank, so the ``D`` micro-batches that run
+   in the same slot are alike (what expert-parallel all-to-alls, which wait for every
+   rank at each micro-batch, want).
+3. Within each group, heaviest first, give each sequence to the rank with the least total
+   cost so far among those with fewer than ``b`` from this group: longest processing
+   time first (LPT) under the constraint that every rank runs ``M`` micro-batches of
+   ``b``. Then swap pairs inside a group between the most and the least loaded rank while
+   that lowers the larger of the two (``REFINE_ROUNDS`` at most).
+4. Order the slots of every rank the same way (``slot_order``).
+
+Why not plain LPT or an exact partition: LPT over all sequences balances rank totals as
+well but leaves each rank a random mix of micro-batches, so the slots of different
+ranks differ; an exact balanced partition is NP-hard and the sorted-groups LPT lands
+within one small sequence of the mean at the shapes of a run (measured in
+``docs/scaling.md``). Each rank computes the costs of the sequences it would have had
+without balancing, the ranks exchange them (one all-gather of a few integers per
+sequence), and every rank runs the same assignment on the same numbers.
+
+A sequence's cost is what varies between sequences of the same length:
+``SequenceCost`` counts encoder inputs (images, or tiles), their patches at native
+resolution, and the decoder's causal attention pairs; ``CostWeights`` turn the counts into
+training FLOPs (built from the model config by the caller, as data never imports the
+model's FLOP counts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple, dataclass
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+ALGORITHM = "sorted-groups-lpt-v1"
+REFINE_ROUNDS = 64
+SLOT_ORDERS = ("heaviest_first", "alternate")
+
+
+@dataclass(frozen=True)
+class SequenceCost:
+    """The counts that make one packed sequence cost more or less than another."""
+
+    encoder_inputs: int  # images, or their tiles: what the ViT encodes
+    patches: int  # native resolution: the inputs' patches (0 at a fixed image size)
+    patch_pairs: int  # native resolution: sum of patches^2 over inputs (ViT attention)
+    attention_pairs: int  # decoder: causal query-key pairs within each real document
+
+    def as_row(self) -> List[int]:
+        return list(astuple(self))
+
+    @classmethod
+    def from_row(cls, row: Sequence[int]) -> SequenceCost:
+        return cls(*(int(value) for value in row))
+
+
+NUM_COST_FIELDS = len(SequenceCost.__dataclass_fields__)
+
+
+@dataclass(frozen=True)
+class CostWeights:
+    """Training FLOPs per unit of each ``SequenceCost`` count."""
+
+    per_encoder_input: float  # ViT + connector per input at a fixed size (its class token too)
+    per_patch: float = 0.0  # native resolution: the ViT's linear work per patch
+    per_patch_pair: float = 0.0  # native resolution: ViT attention per patch pair
+    per_attention_pair: float = 0.0  # decoder attention per causal pair
+
+    def vision(self, costs: np.ndarray) -> np.ndarray:
+        """Vision FLOPs of ``[n, NUM_COST_FIELDS]`` cost rows."""
+        costs = np.asarray(costs, dtype=np.float64).reshape(-1, NUM_COST_FIELDS)
+        return (
+            costs[:, 0] * self.per_encoder_input
+            + costs[:, 1] * self.per_patch
+            + costs[:, 2] * self.per_patch_pair
+        )
+
+    def total(self, costs: np.ndarray) -> np.ndarray:
+        """Vision plus decoder-attention FLOPs: the part of a sequence's work that varies."""
+        costs = np.asarray(costs, dtype=np.float64).reshape(-1, NUM_COST_FIELDS)
+        return self.vision(costs) + costs[:, 3] * self.per_attention_pair
+
+
+def document_pairs(lengths: Sequence[int]) -> int:
+    """Causal query-key pairs of documents of these lengths: ``sum L (L + 1) / 2``."""
+    return int(sum(n * (n + 1) // 2 for n in lengths))
+
+
+def cost_of_packed(
+    num_real_tokens: int,
+    document_ids: torch.Tensor,
+    num_inputs: int,
+    image_grids: Optional[torch.Tensor] = None,
+) -> SequenceCost:
+    """The cost of a built sequence (what ``sequence_cost`` of a builder predicts)."""
+    real = document_ids[:num_real_tokens]
+    lengths = torch.unique_consecutive(real, return_counts=True)[1].tolist() if len(real) else []
+    patches = patch_pairs = 0
+    if image_grids is not None and len(image_grids):
+        per_image = (image_grids[:, 0] * image_grids[:, 1]).long()
+        patches, patch_pairs = int(per_image.sum()), int((per_image * per_image).sum())
+    return SequenceCost(num_inputs, patches, patch_pairs, document_pairs(lengths))
+
+
+def cost_of_sequence(sequence) -> SequenceCost:
+    """``cost_of_packed`` of a ``packing.PackedSequence``."""
+    return cost_of_packed(
+        sequence.num_real_tokens, sequence.document_ids, sequence.num_images, sequence.image_grids
+    )
+
+
+def slot_order(slot_costs: np.ndarray, rule: str) -> np.ndarray:
+    """The order in which every rank runs its micro-batch slots, from the slots' costs
+    (summed over ranks): ``heaviest_first``, or ``alternate`` (heaviest, lightest, second
+    heaviest, second lightest, ...), which spreads the heavy ones along the schedule."""
+    by_cost = np.lexsort((np.arange(len(slot_costs)), -np.asarray(slot_costs, dtype=np.float64)))
+    if rule == "heaviest_first":
+        return by_cost
+    if rule == "alternate":
+        order = np.empty_like(by_cost)
+        order[0::2] = by_cost[: (len(by_cost) + 1) // 2]
+        order[1::2] = by_cost[::-1][: len(by_cost) // 2]
+        return order
+    raise ValueError(f"unknown micro-batch order {rule!r}; expected one of {SLOT_ORDERS}")
+
+
+def natural_assignment(dp_size: int, num_microbatches: int, micro_batch_size: int) -> np.ndarray:
+    """``[D, M, b]`` offsets into the global batch without balancing: rank ``r``'s ``n``-th
+    sequence is offset ``n D + r`` (``loader.py``)."""
+    per_rank = num_microbatches * micro_batch_size
+    n = np.arange(per_rank)
+    offsets = n[None, :] * dp_size + np.arange(dp_size)[:, None]
+    return offsets.reshape(dp_size, num_microbatches, micro_batch_size)
+
+
+def assign_global_batch(
+    costs: np.ndarray,
+    *,
+    dp_size: int,
+    micro_batch_size: int,
+    order: str = "alternate",
+) -> np.ndarray:
+    """``[D, M, b]`` offsets into the global batch: rank ``r``'s micro-batch ``k`` holds the
+    sequences at offsets ``result[r, k]`` (module docstring). ``costs``: one float per
+    sequence of the global batch, in global order."""
+    costs = np.asarray(costs, dtype=np.float64)
+    group_size = dp_size * micro_batch_size
+    if costs.ndim != 1 or len(costs) == 0 or len(costs) % group_size:
+        raise ValueError(
+            f"a global batch of {len(costs)} sequences does not split into data-parallel "
+            f"size {dp_size} x micro-batches of {micro_batch_size}"
+        )
+    num_slots = len(costs) // group_size
+    by_cost = np.lexsort((np.arange(len(costs)), -costs))
+    groups = by_cost.reshape(num_slots, group_size)
+    placed = np.empty((dp_size, num_slots, micro_batch_size), dtype=np.int64)
+    totals = np.zeros(dp_size)
+    for slot, members in enumerate(groups):
+        _fill_slot(members, costs, totals, placed[:, slot])
+    _refine(placed, costs, totals)
+    slot_costs = costs[placed].sum(axis=(0, 2))
+    return placed[:, slot_order(slot_costs, order)]
+
+
+def _fill_slot(members: np.ndarray, costs: np.ndarray, totals: np.ndarray, out: np.ndarray):
+    """LPT of one slot group's sequences (heaviest first) onto ranks with room left."""
+    dp_size, per_rank = out.shape
+    filled = np.zeros(dp_size, dtype=np.int64)
+    for member in members:
+        open_ranks = np.flatnonzero(filled < per_rank)
+        rank = open_ranks[np.argmin(totals[open_ranks])]  # argmin: lowest rank on ties
+        out[rank, filled[rank]] = member
+        filled[rank] += 1
+        totals[rank] += costs[member]
+
+
+def _refine(placed: np.ndarray, costs: np.ndarray, totals: np.ndarray) -> None:
+    """Swap one pair inside a slot group between the most and the least loaded rank, the
+    swap that brings them closest together, while it lowers the larger total."""
+    for _ in range(REFINE_ROUNDS):
+        high, low = int(np.argmax(totals)), int(np.argmin(totals))
+        gap = totals[high] - totals[low]
+        if gap <= 0:
+            return
+        # delta[k, i, j]: cost moved from high to low by swapping high's i and low's j in slot k.
+        delta = costs[placed[high]][:, :, None] - costs[placed[low]][:, None, :]
+        useful = (delta > 0) & (delta < gap)
+        if not useful.any():
+            return
+        score = np.where(useful, np.abs(gap - 2 * delta), np.inf)
+        k, i, j = np.unravel_index(int(np.argmin(score)), score.shape)
+        moved = delta[k, i, j]
+        placed[high, k, i], placed[low, k, j] = placed[low, k, j], placed[high, k, i]
+        totals[high] -= moved
+        totals[low] += moved
+
+
+def imbalance(per_rank: np.ndarray) -> float:
+    """``max / mean`` of non-negative loads (1.0 when all are zero)."""
+    per_rank = np.asarray(per_rank, dtype=np.float64)
+    mean = per_rank.mean()
+    return float(per_rank.max() / mean) if mean > 0 else 1.0
+
+
+Exchange = Callable[[np.ndarray], np.ndarray]  # [n, F] local rows -> [D, n, F] in rank order
