@@ -11,23 +11,58 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from megatron.core import parallel_state
 
 from mm1_megatron.compat.moe import collect_moe_aux_losses, forget_moe_aux_losses
 from mm1_megatron.config import MM1Config
 from mm1_megatron.data import SOURCE_IDS
+from mm1_megatron.data.pipeline.balance import CostWeights, SequenceCost
 from mm1_megatron.data.pipeline.reporting import data_metrics
 from mm1_megatron.data.pipeline.tiling import tile_size
 from mm1_megatron.models.param_count import moe_layer_flags
 from mm1_megatron.parallel.collectives import all_reduce_, all_reduce_values
 from mm1_megatron.training.flops import (
+    balance_weights,
     causal_attention_pairs,
     model_flops_utilization,
     training_flops_per_step,
 )
 
 logger = logging.getLogger("mm1_megatron.train")
+
+
+def vision_cost_rows(host_batches: Sequence[Dict[str, torch.Tensor]]) -> np.ndarray:
+    """``[len(host_batches), NUM_COST_FIELDS]`` ``balance.SequenceCost`` rows, one per
+    micro-batch, with its vision counts only (``attention_pairs`` 0): the encoder inputs
+    (``num_images``: images, or tiles with tiling) and, at native resolution, their patches
+    and patch pairs from ``image_grids``, counted as ``balance.cost_of_packed`` does."""
+    rows = []
+    for batch in host_batches:
+        patches = patch_pairs = 0
+        grids = batch.get("image_grids")
+        if grids is not None and len(grids):
+            per_image = (grids[:, 0] * grids[:, 1]).long()
+            patches, patch_pairs = int(per_image.sum()), int((per_image * per_image).sum())
+        rows.append(SequenceCost(int(batch["num_images"].sum()), patches, patch_pairs, 0).as_row())
+    return np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
+
+
+def vision_flops(host_batches: Sequence[Dict[str, torch.Tensor]], weights: CostWeights) -> float:
+    """Training FLOPs of the image encoder and connector over the images of
+    ``host_batches`` (one rank's micro-batches of a step), weighed as data balancing
+    weighs them (``flops.balance_weights``)."""
+    if not host_batches:
+        return 0.0
+    return float(weights.vision(vision_cost_rows(host_batches)).sum())
+
+
+def vision_imbalance(max_rank: float, total: float, num_ranks: int) -> float:
+    """``balance.imbalance`` of per-rank loads known only by their max and sum: max / mean,
+    1.0 when no rank has any (and never below 1.0, which only rounding could give)."""
+    mean = total / max(num_ranks, 1)
+    return max(1.0, max_rank / mean) if mean > 0 else 1.0
 
 
 class StepAccounting:
@@ -41,10 +76,14 @@ class StepAccounting:
       only one that sees the loss); periodic evaluation reduces its held-out loss with it;
     - ``moe_losses``: ``moe/<router loss>``, averaged over MoE layers and micro-batches;
     - ``batch_figures``: the data pipeline's ``data/*`` counters and the step's
-      ``num_images``, ``num_text_tokens`` and ``attention_pairs``, summed over the
-      data-parallel group (TP/PP replicas hold the same batches and would count twice),
-      read from the host copies of the batches so they cost no device sync;
+      ``num_images`` (encoder inputs: tiles with tiling), ``num_text_tokens`` and
+      ``attention_pairs``, summed over the data-parallel group (TP/PP replicas hold the
+      same batches and would count twice), read from the host copies of the batches so
+      they cost no device sync; ``vision_imbalance``, the vision FLOPs of the busiest DP
+      rank over the mean of the DP ranks (``vision_flops``; 1.0 without images); and
+      ``data_wait_s``, the longest any DP rank waited for its loader this step;
     - ``start_step`` / ``throughput``: ``step_time_s``, ``tokens_per_s``, ``images_per_s``,
+      ``data_wait_fraction`` (``data_wait_s / step_time_s``, at most 1),
       ``tflops_per_s_per_device``, ``mfu`` (NaN, written as null, without a known peak)
       and, on CUDA, ``peak_memory_gib``.
 
@@ -66,6 +105,7 @@ class StepAccounting:
         self.world_size = world_size
         self.num_microbatches = num_microbatches
         self.peak_flops = peak_flops
+        self.vision_weights = balance_weights(cfg.model, tile_size(cfg.data.tiling))
         self._start = time.perf_counter()
         forget_moe_aux_losses()  # another model's entries, sized for its layers
 
@@ -104,22 +144,34 @@ class StepAccounting:
         }
 
     def batch_figures(
-        self, data, host_batches: Sequence[Dict[str, torch.Tensor]]
+        self,
+        data,
+        host_batches: Sequence[Dict[str, torch.Tensor]],
+        *,
+        data_wait_s: float,
     ) -> Dict[str, float]:
-        """``data/*`` of the loader ``data`` and the step's image, text token and attention
-        pair counts, over the data-parallel group."""
+        """``data/*`` of the loader ``data``, the step's image, text token and attention
+        pair counts, ``vision_imbalance`` and ``data_wait_s`` over the data-parallel group;
+        ``data_wait_s``: the seconds this rank waited for ``host_batches``."""
         group = parallel_state.get_data_parallel_group()
         figures = data_metrics(data, host_batches, group=group)
-        # One all-reduce for the counts.
+        flops = vision_flops(host_batches, self.vision_weights)
+        # One all-reduce for the sums, one for the maxima.
         counts = all_reduce_values(
             [
                 sum(int(b["num_images"].sum()) for b in host_batches),
                 sum(int(b["loss_mask"].sum()) for b in host_batches),
                 sum(causal_attention_pairs(b["document_ids"]) for b in host_batches),
+                flops,
             ],
             group=group,
         )
-        figures["num_images"], figures["num_text_tokens"], figures["attention_pairs"] = counts
+        max_flops, max_wait = all_reduce_values([flops, data_wait_s], op="max", group=group)
+        figures["num_images"], figures["num_text_tokens"], figures["attention_pairs"] = counts[:3]
+        figures["vision_imbalance"] = vision_imbalance(
+            max_flops, counts[3], parallel_state.get_data_parallel_world_size()
+        )
+        figures["data_wait_s"] = max_wait
         return figures
 
     def start_step(self) -> None:
@@ -142,6 +194,8 @@ class StepAccounting:
             "step_time_s": seconds,
             "tokens_per_s": t.global_batch_size * t.seq_length / seconds,
             "images_per_s": metrics["num_images"] / seconds,
+            # Clocks start per rank: the slowest loader's wait may exceed this rank's step.
+            "data_wait_fraction": min(1.0, metrics["data_wait_s"] / seconds),
             "tflops_per_s_per_device": flops / seconds / self.world_size / 1e12,
             "mfu": model_flops_utilization(flops, seconds, self.world_size, self.peak_flops or 0.0),
         }
@@ -159,6 +213,19 @@ def _format_seconds(seconds: float) -> str:
 def progress_bar(step: int, total: int, width: int = 20) -> str:
     filled = int(width * step / max(total, 1))
     return "[" + "#" * filled + "." * (width - filled) + f"] {step}/{total}"
+
+
+# The console line's figures: (scalar, label, format spec, unit), in order.
+CONSOLE_FIGURES = (
+    ("loss", "loss", ".4g", ""),
+    ("lr", "lr", ".4g", ""),
+    ("grad_norm", "grad_norm", ".4g", ""),
+    ("tokens_per_s", "tokens_per_s", ".4g", ""),
+    ("images_per_s", "images_per_s", ".4g", ""),
+    ("vision_imbalance", "vision max/mean", ".2f", ""),
+    ("data_wait_s", "data wait", ".2f", "s"),
+    ("mfu", "mfu", ".4g", ""),
+)
 
 
 class MetricsLogger:
@@ -214,10 +281,9 @@ class MetricsLogger:
         elapsed = time.monotonic() - self.start_time
         eta = elapsed / max(step, 1) * (self.total_steps - step)
         head = progress_bar(step, self.total_steps) if self.show_progress else f"step {step}"
-        shown = ["loss", "lr", "grad_norm", "tokens_per_s", "images_per_s", "mfu"]
         parts = [
-            f"{name} {scalars[name]:.4g}"
-            for name in shown
+            f"{label} {format(scalars[name], spec)}{unit}"
+            for name, label, spec, unit in CONSOLE_FIGURES
             if name in scalars and scalars[name] is not None and not math.isnan(scalars[name])
         ]
         return f"{head} | " + " | ".join(parts) + f" | eta {_format_seconds(eta)}"

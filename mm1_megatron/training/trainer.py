@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -319,7 +320,12 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         # Counts are read from the host copies, so reading them costs no device sync.
-        host_batches = [self._checked(next(self.data)) for _ in range(self.num_microbatches)]
+        host_batches, data_wait_s = [], 0.0
+        for _ in range(self.num_microbatches):
+            waited_from = time.perf_counter()
+            batch = next(self.data)
+            data_wait_s += time.perf_counter() - waited_from
+            host_batches.append(self._checked(batch))
         # Each micro-batch reaches the device when the schedule takes it (not all of a
         # step's up front), and its images only on the stage that encodes them.
         with_images = parallel_state.is_pipeline_first_stage()
@@ -347,7 +353,9 @@ class Trainer:
         metrics.update(self.accounting.moe_losses())
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        metrics.update(self.accounting.batch_figures(self.data, host_batches))
+        metrics.update(
+            self.accounting.batch_figures(self.data, host_batches, data_wait_s=data_wait_s)
+        )
         return metrics
 
     def _loss_is_finite(self, metrics: Dict[str, float]) -> bool:

@@ -128,4 +128,11 @@ def test_stacked_configs_and_overrides_reach_the_run(tmp_path):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["training"]["train_steps"] == 2 and saved["training"]["global_batch_size"] == 4
     assert saved["training"]["micro_batch_size"] == 2
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 2
+    for row in rows:  # one data-parallel rank: nothing to balance
+        assert row["vision_imbalance"] == 1.0
+        assert row["data_wait_s"] >= 0 and 0 <= row["data_wait_fraction"] <= 1
+    assert "vision max/mean 1.00 | data wait " in result.log

@@ -58,7 +58,12 @@ def run_layouts(spec_path: str, out_dir: str) -> None:
         history = trainer.train()
         if trainer.is_logging_rank:
             record = [
-                {"loss": h["loss"], "grad_norm": h["grad_norm"], "num_images": h["num_images"]}
+                {
+                    "loss": h["loss"],
+                    "grad_norm": h["grad_norm"],
+                    "num_images": h["num_images"],
+                    "vision_imbalance": h["vision_imbalance"],
+                }
                 for h in history
             ]
             (out / f"{name}.json").write_text(json.dumps(record))

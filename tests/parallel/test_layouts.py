@@ -188,7 +188,10 @@ def test_layout_matches_single_process(results, layout, text_only):
             f"step {step}"
         )
     assert sharded[-1]["loss"] < sharded[0]["loss"], "loss did not go down"
+    # Vision FLOPs of the busiest data-parallel rank over the mean: 1 without images.
+    assert all(step["vision_imbalance"] >= 1.0 for step in sharded)
     if text_only:
         assert all(step["num_images"] == 0 for step in sharded)
+        assert all(step["vision_imbalance"] == 1.0 for step in sharded)
     else:
         assert sum(step["num_images"] for step in sharded) > 0
