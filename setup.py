@@ -64,6 +64,7 @@ setup(
             "mm1-convert=mm1_megatron.conversion.cli:main",
             "mm1-eval=mm1_megatron.evaluation.cli:main",
             "mm1-estimate=mm1_megatron.scaling.estimate.cli:main",
+            "mm1-balance=mm1_megatron.scaling.balance.cli:main",
             "mm1-sweep=mm1_megatron.scaling.sweep.cli:main",
             "mm1-report=mm1_megatron.scaling.report.cli:main",
             "mm1-launch=mm1_megatron.launch.cli:main",

@@ -45,6 +45,10 @@ VERBS: Dict[str, Verb] = {
         "mm1_megatron.scaling.estimate.cli",
         "parameters, FLOPs, memory per GPU and the best layouts of a config",
     ),
+    "balance": Verb(
+        "mm1_megatron.scaling.balance.cli",
+        "vision work per data-parallel rank and micro-batch, with and without balancing",
+    ),
     "sweep": Verb(
         "mm1_megatron.scaling.sweep.cli", "expand a sweep file into runs, run them, show status"
     ),

@@ -41,7 +41,7 @@ TilingMode = Literal["none", "static", "dynamic"]
 OverviewPlacement = Literal["after", "before", "none"]
 ConversationPacking = Literal["packed", "one_per_sequence"]
 OverlongConversation = Literal["truncate", "drop"]
-MicroBatchOrder = Literal["alternate", "heaviest_first"]
+MicroBatchOrder = Literal["spread", "alternate", "heaviest_first"]
 OptimizerSharding = Literal["fully_reshardable", "dp_reshardable"]
 # The model's top-level parts (MM1Model's children): what model.freeze and
 # optimizer.lr_multipliers name, and the units a conversion imports and exports.
@@ -338,9 +338,10 @@ class BalanceConfig:
     # data-parallel ranks and micro-batch slots of every step. Off: rank r takes every
     # D-th sequence, as before.
     enabled: bool = True
-    # The order of each rank's micro-batches: alternate (heaviest, lightest, ...) or
-    # heaviest_first (docs/scaling.md compares them on the 1F1B schedule).
-    micro_batch_order: MicroBatchOrder = "alternate"
+    # The order of each rank's micro-batches: spread (heavy and light mixed evenly along
+    # the schedule), alternate (heaviest, lightest, ...) or heaviest_first
+    # (docs/scaling.md compares them on the 1F1B schedule).
+    micro_batch_order: MicroBatchOrder = "spread"
 
 
 @dataclass

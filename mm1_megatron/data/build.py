@@ -32,13 +32,8 @@ from mm1_megatron.data.pipeline.loader import Balancing, MicroBatchLoader
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
 from mm1_megatron.data.pipeline.native_resolution import NativeResolution, native_resolution_of
 from mm1_megatron.data.pipeline.packing import check_packing_arguments
-from mm1_megatron.data.pipeline.sources import (
-    CaptionSource,
-    InterleavedSource,
-    MixtureBuilder,
-    ShardCorpus,
-    TextSource,
-)
+from mm1_megatron.data.pipeline.sources import CaptionSource, InterleavedSource, ShardCorpus
+from mm1_megatron.data.pipeline.text_and_mixture import MixtureBuilder, TextSource
 from mm1_megatron.data.pipeline.tiling import tile_size
 from mm1_megatron.data.shards.conversations import ChatTemplate
 from mm1_megatron.data.shards.energon import load_source_manifest

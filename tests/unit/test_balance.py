@@ -118,6 +118,11 @@ def test_slot_orders():
     costs = np.array([5.0, 1.0, 9.0, 3.0, 7.0])
     np.testing.assert_array_equal(slot_order(costs, "heaviest_first"), [2, 4, 0, 3, 1])
     np.testing.assert_array_equal(slot_order(costs, "alternate"), [2, 1, 4, 3, 0])
+    spread = slot_order(np.arange(13.0), "spread")
+    assert sorted(spread.tolist()) == list(range(13))
+    # Every run of 4 consecutive micro-batches spans the cost order (no two heavy ones
+    # together): within 4 positions the ranks spread by at least 2.
+    assert all(np.ptp(spread[i : i + 4]) >= 6 for i in range(10))
     with pytest.raises(ValueError, match="micro-batch order"):
         slot_order(costs, "random")
 

@@ -17,7 +17,7 @@ from mm1_megatron.cli import VERBS, main
 from mm1_megatron.cli.flags import DEPRECATED_FLAGS
 
 REPO = Path(__file__).resolve().parents[2]
-THE_VERBS = ["train", "convert", "eval", "estimate", "sweep", "report", "launch", "data"]
+THE_VERBS = ["train", "convert", "eval", "estimate", "balance", "sweep", "report", "launch", "data"]
 # The output folder / file is --output: these name the same thing another way.
 OTHER_OUTPUT_SPELLINGS = re.compile(
     r"^(-o|--out(?!put$)[-_a-z]*|--output[-_][-_a-z]+|--dest(ination)?|--save[-_]?(dir|to)?)$"

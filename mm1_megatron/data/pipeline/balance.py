@@ -12,8 +12,8 @@ sequences' costs:
    ``k`` fills micro-batch slot ``k`` on every rank, so the ``D`` micro-batches that run
    in the same slot are alike (what expert-parallel all-to-alls, which wait for every
    rank at each micro-batch, want).
-3. Within each group, heaviest first, give each sequence to the rank with the least total
-   cost so far among those with fewer than ``b`` from this group: longest processing
+3. Within each group, heaviest first, give each sequence to the least loaded rank that
+   has fewer than ``b`` from this group (in ``b`` rounds of ``D``): longest processing
    time first (LPT) under the constraint that every rank runs ``M`` micro-batches of
    ``b``. Then swap pairs inside a group between the most and the least loaded rank while
    that lowers the larger of the two (``REFINE_ROUNDS`` at most).
@@ -44,7 +44,8 @@ import torch
 
 ALGORITHM = "sorted-groups-lpt-v1"
 REFINE_ROUNDS = 64
-SLOT_ORDERS = ("heaviest_first", "alternate")
+SLOT_ORDERS = ("spread", "heaviest_first", "alternate")
+GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0  # 1 / phi
 
 
 @dataclass(frozen=True)
@@ -121,11 +122,16 @@ def cost_of_sequence(sequence) -> SequenceCost:
 
 def slot_order(slot_costs: np.ndarray, rule: str) -> np.ndarray:
     """The order in which every rank runs its micro-batch slots, from the slots' costs
-    (summed over ranks): ``heaviest_first``, or ``alternate`` (heaviest, lightest, second
-    heaviest, second lightest, ...), which spreads the heavy ones along the schedule."""
+    (summed over ranks): ``spread`` (position ``i`` takes the slot ranked ``frac(i / phi)``
+    of the way down the cost order, Weyl's low-discrepancy sequence: every run of
+    consecutive micro-batches mixes heavy and light ones in the proportions of the whole
+    step), ``heaviest_first``, or ``alternate`` (heaviest, lightest, second heaviest, ...)."""
     by_cost = np.lexsort((np.arange(len(slot_costs)), -np.asarray(slot_costs, dtype=np.float64)))
     if rule == "heaviest_first":
         return by_cost
+    if rule == "spread":
+        quantiles = (np.arange(len(by_cost)) * GOLDEN) % 1.0
+        return by_cost[np.argsort(quantiles, kind="stable")]
     if rule == "alternate":
         order = np.empty_like(by_cost)
         order[0::2] = by_cost[: (len(by_cost) + 1) // 2]
@@ -148,7 +154,7 @@ def assign_global_batch(
     *,
     dp_size: int,
     micro_batch_size: int,
-    order: str = "alternate",
+    order: str = "spread",
 ) -> np.ndarray:
     """``[D, M, b]`` offsets into the global batch: rank ``r``'s micro-batch ``k`` holds the
     sequences at offsets ``result[r, k]`` (module docstring). ``costs``: one float per
@@ -173,15 +179,15 @@ def assign_global_batch(
 
 
 def _fill_slot(members: np.ndarray, costs: np.ndarray, totals: np.ndarray, out: np.ndarray):
-    """LPT of one slot group's sequences (heaviest first) onto ranks with room left."""
+    """LPT of one slot group's sequences (heaviest first), in ``b`` rounds of ``D``: each
+    round gives its heaviest sequence to the least loaded rank, the next to the next least
+    loaded, and so on (stable: the lower rank on ties), so every rank gets one per round."""
     dp_size, per_rank = out.shape
-    filled = np.zeros(dp_size, dtype=np.int64)
-    for member in members:
-        open_ranks = np.flatnonzero(filled < per_rank)
-        rank = open_ranks[np.argmin(totals[open_ranks])]  # argmin: lowest rank on ties
-        out[rank, filled[rank]] = member
-        filled[rank] += 1
-        totals[rank] += costs[member]
+    for round_index in range(per_rank):
+        taken = members[round_index * dp_size : (round_index + 1) * dp_size]
+        ranks = np.argsort(totals, kind="stable")
+        out[ranks, round_index] = taken
+        totals[ranks] += costs[taken]
 
 
 def _refine(placed: np.ndarray, costs: np.ndarray, totals: np.ndarray) -> None:

@@ -10,6 +10,8 @@ fit, each conversation its own document, the loss on its assistant turns only. A
 conversation too long for an empty sequence is cut after its last whole answer that fits
 (``overlong: truncate``, counted as ``shortened_conversations``) or skipped as
 ``too_long``; a malformed record is skipped as ``bad_record`` with the reason.
+``sequence_cost`` (balanced placement) is the caption source's: the same selection, the
+images sized instead of decoded (``sources.py``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Micro-batches from any sequence builder: DP sharding, background workers, resumable state.
 
 A *builder* has ``sequence(g) -> (PackedSequence, DataStats)``, a pure function of the
-global sequence index ``g`` (``sources.MixtureBuilder`` for shards and text,
+global sequence index ``g`` (``text_and_mixture.MixtureBuilder`` for shards and text,
 ``synthetic.sequences.SyntheticSequences`` for the synthetic world). Data-parallel rank ``r`` of
 ``D`` takes ``g = base + n D + r`` for its ``n``-th sequence, so ranks never share a
 sequence and micro-batch ``k`` of rank ``r`` is a pure function of ``(seed, k, r)``.
@@ -84,7 +84,7 @@ class Balancing:
     num_microbatches: int
     weights: CostWeights
     exchange: Optional[Exchange] = None
-    order: str = "alternate"
+    order: str = "spread"
 
     def state(self, micro_batch_size: int) -> Dict[str, object]:
         return {

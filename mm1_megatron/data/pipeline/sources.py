@@ -1,4 +1,6 @@
-"""Sources of packed sequences: caption and interleaved shards, indexed text.
+"""Sources of packed sequences from shards: captions and interleaved documents (the
+conversation source builds on the caption one; text and the mixture are in
+``text_and_mixture.py``).
 
 Every source builds its ``k``-th sequence as a pure function of ``(seed, k)`` and the
 data, so sequences can be built in any order, on any worker.
@@ -16,8 +18,7 @@ Packing (the shared rules are in ``packing.py``):
   (``unused_samples``); one too long for an empty sequence is skipped as ``too_long``.
 - interleaved: sequence ``k`` is document ``k``, cut by ``packing.cut_interleaved``
   (never inside an image's tokens; an image past the cap ends the document).
-- text: chunk ``k`` of ``TextCorpus``; a document cut at a chunk boundary continues in
-  the next chunk as a document of its own.
+- text: ``text_and_mixture.TextSource``.
 
 A bad sample (``skips.BadSample``) is counted and replaced by a sample drawn at random
 from the same epoch, at most ``MAX_REPLACEMENTS`` times per sequence; a sequence that
@@ -26,6 +27,14 @@ skipped sample once and remembers its verdict (``ShardCorpus.verdicts``): drawn 
 fails at the same stage without being read (``load``: parsing, tokenizing, fitting) or
 without its images being read and decoded (``decode``), so sequences stay the same pure
 function of ``(seed, k)`` whichever worker builds them.
+
+Cost (``sequence_cost(k)``, for balanced placement, ``balance.py``): the
+``balance.SequenceCost`` of sequence ``k``, no image decoded. One ``_select`` picks the
+documents for both (the same loads, fits, skips and replacements; cost mode counts into a
+throwaway ``DataStats``), then ``sequence`` decodes their images and ``sequence_cost``
+only sizes them (``source_costs.py``). The two agree unless an accepted sample fails
+while its images are decoded; a process that met that failure counts the sample as
+failed in its later costs too.
 """
 
 from __future__ import annotations
@@ -36,14 +45,20 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from mm1_megatron.batch.contract import expand_image_placeholders
 from mm1_megatron.config.schema import TilingConfig
+from mm1_megatron.data.pipeline.balance import SequenceCost
 from mm1_megatron.data.pipeline.images import ImageDecoder, image_size_of
-from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
-from mm1_megatron.data.pipeline.packing import PackedSequence, assemble, cut_interleaved
+from mm1_megatron.data.pipeline.mixture import SOURCE_IDS
+from mm1_megatron.data.pipeline.packing import (
+    Image,
+    PackedSequence,
+    assemble,
+    cut_interleaved,
+)
 from mm1_megatron.data.pipeline.shared_memory import stack_images
+from mm1_megatron.data.pipeline.source_costs import measure_images, shard_documents_cost
 from mm1_megatron.data.pipeline.tiling import (
     TilePlan,
     end_at_whole_image,
@@ -60,7 +75,6 @@ from mm1_megatron.data.shards.reader import (
 )
 from mm1_megatron.data.shards.records import tokenize_segments
 from mm1_megatron.data.shards.skips import BadSample, DataStats, SkipVerdicts
-from mm1_megatron.data.shards.text_index import TextCorpus
 from mm1_megatron.data.tokenizers.base import Tokenizer
 
 MAX_REPLACEMENTS = 16
@@ -99,7 +113,7 @@ class LoadedSample:
 class ShardDocument:
     tokens: List[int]  # expanded
     sample: LoadedSample
-    pixels: List[torch.Tensor] = field(default_factory=list)
+    pixels: List[Image] = field(default_factory=list)  # decoded, or sizes (cost mode)
     trainable: Optional[List[bool]] = None  # expanded, like tokens (None: all text)
     shortened: bool = False  # an overlong conversation cut at a turn boundary
 
@@ -229,6 +243,30 @@ class _ShardSource:
         self.tiling = tiling if tiling is not None and tiling.mode != "none" else None
         self.separator_id = separator_token(tiling, tokenizer) if self.tiling else None
 
+    def sequence(self, index: int) -> Tuple[PackedSequence, DataStats]:
+        """Sequence ``index`` and the counts of what building it skipped or dropped."""
+        stats = DataStats()
+        return self._assemble(self._select(index, stats, decode=True)), stats
+
+    def sequence_cost(self, index: int) -> SequenceCost:
+        """``balance.cost_of_sequence(self.sequence(index)[0])`` without decoding an image
+        (module docstring)."""
+        return shard_documents_cost(self._select(index, DataStats(), decode=False), self.decoder)
+
+    def _select(self, index: int, stats: DataStats, decode: bool) -> List[ShardDocument]:
+        """The documents of sequence ``index``, with their images decoded (``decode``) or
+        only sized (``_images``)."""
+        raise NotImplementedError
+
+    def _images(
+        self, documents: List[Tuple[int, ShardDocument]], stats: DataStats, decode: bool
+    ) -> Tuple[List[ShardDocument], List[ShardDocument]]:
+        """``_decode``, or in cost mode (not ``decode``) ``source_costs.measure_images``:
+        each image's size, nothing decoded, no decode verdict counted or remembered."""
+        if decode:
+            return self._decode(documents, stats)
+        return measure_images(self.corpus, self.decoder, documents)
+
     def _tile(
         self, sample: LoadedSample, ids: List[int], flags: Optional[List[bool]] = None
     ) -> Tuple[List[int], Optional[List[bool]]]:
@@ -348,9 +386,8 @@ class CaptionSource(_ShardSource):
         super().__init__(name, corpus, **options)
         self.window = window
 
-    def sequence(self, index: int) -> Tuple[PackedSequence, DataStats]:
-        stats, rng = DataStats(), self._rng(index)
-        window = self.window
+    def _select(self, index: int, stats: DataStats, decode: bool) -> List[ShardDocument]:
+        rng, window = self._rng(index), self.window
         queue = deque(range(index * window, (index + 1) * window))
         num_replacements, kept = 0, []
         num_tokens = num_images = 0
@@ -374,7 +411,7 @@ class CaptionSource(_ShardSource):
                     num_tokens, num_images = num_tokens + cost, num_images + count
                 else:
                     stats.add("unused_samples")
-            good, failed = self._decode(accepted, stats)
+            good, failed = self._images(accepted, stats, decode)
             kept += good
             for document in failed:
                 num_tokens -= len(document.tokens)
@@ -382,7 +419,7 @@ class CaptionSource(_ShardSource):
                 if num_replacements < MAX_REPLACEMENTS:
                     num_replacements += 1
                     queue.append(self.corpus.replacement(rng, index * window))
-        return self._assemble(kept), stats
+        return kept
 
     def _load(self, position: int) -> ShardDocument:
         sample = self.corpus.load(position, self.tokenizer)
@@ -400,20 +437,19 @@ class CaptionSource(_ShardSource):
 class InterleavedSource(_ShardSource):
     """One interleaved document per sequence, cut to fit (module docstring)."""
 
-    def sequence(self, index: int) -> Tuple[PackedSequence, DataStats]:
-        stats, rng = DataStats(), self._rng(index)
-        position = index
+    def _select(self, index: int, stats: DataStats, decode: bool) -> List[ShardDocument]:
+        rng, position = self._rng(index), index
         for _ in range(MAX_REPLACEMENTS + 1):
             try:
                 document = self._load_once(position)
             except BadSample as error:
                 self._skip(stats, error, position, "load")
             else:
-                good, _ = self._decode([(position, document)], stats)
+                good, _ = self._images([(position, document)], stats, decode)
                 if good:
-                    return self._assemble(good), stats
+                    return good
             position = self.corpus.replacement(rng, index)
-        return self._assemble([]), stats
+        return []
 
     def _load(self, position: int) -> ShardDocument:
         sample = self.corpus.load(position, self.tokenizer)
@@ -430,68 +466,3 @@ class InterleavedSource(_ShardSource):
             kept, num_tiles = end_at_whole_image(kept, tiled, counts, self.tokenizer.image_token_id)
         sample.keep_tiles(num_tiles)  # later images are never decoded
         return ShardDocument(tokens=self._expand(kept), sample=sample)
-
-
-class TextSource:
-    """Chunks of indexed text; token ids outside the vocabulary drop their piece."""
-
-    name = "text"
-
-    def __init__(
-        self,
-        corpus: TextCorpus,
-        *,
-        tokenizer: Tokenizer,
-        seq_length: int,
-        empty_images: torch.Tensor,
-        empty_grids: Optional[torch.Tensor] = None,
-    ):
-        """``empty_images`` (and at native resolution ``empty_grids``): a sequence's
-        images, as the image sources' decoder gives none."""
-        self.corpus, self.tokenizer, self.seq_length = corpus, tokenizer, seq_length
-        self.empty_images, self.empty_grids = empty_images, empty_grids
-        self._dropped = np.array([tokenizer.image_token_id, tokenizer.pad_token_id])
-        self.verdicts = SkipVerdicts()  # documents already logged by this process
-
-    def sequence(self, index: int) -> Tuple[PackedSequence, DataStats]:
-        stats, documents = DataStats(), []
-        for doc, tokens in self.corpus.chunk(index):
-            if tokens.size and (tokens.min() < 0 or tokens.max() >= self.tokenizer.vocab_size):
-                error = BadSample(
-                    "bad_text",
-                    f"token id {int(tokens.max())} outside the "
-                    f"vocabulary of {self.tokenizer.vocab_size}",
-                )
-                first = self.verdicts.remember(int(doc), error, "load")
-                stats.skip(error, shard="text corpus", key=f"document {doc}", log=first)
-                continue
-            documents.append(tokens[~np.isin(tokens, self._dropped)].tolist())
-        return assemble(
-            documents,
-            source="text",
-            seq_length=self.seq_length,
-            tokenizer=self.tokenizer,
-            images=self.empty_images,
-            image_grids=self.empty_grids,
-        ), stats
-
-
-class MixtureBuilder:
-    """Global sequence ``g`` -> the source the schedule picks, and that source's index."""
-
-    def __init__(self, schedule: MixtureSchedule, sources: Dict[str, object]):
-        missing = [
-            name for name, p in schedule.probabilities.items() if p > 0 and name not in sources
-        ]
-        if missing:
-            raise ValueError(
-                f"the mixture gives weight to {missing} but no data is configured for them"
-            )
-        self.schedule, self.sources = schedule, sources
-
-    def sequence(self, global_index: int) -> Tuple[PackedSequence, DataStats]:
-        name, index = self.schedule.locate(global_index)
-        return self.sources[name].sequence(index)
-
-    def source_of(self, global_index: int) -> str:
-        return self.schedule.source_of(global_index)

@@ -4,6 +4,7 @@ ranked by estimated step time for a GPU count.
     mm1 estimate --config configs/mm1_30b.yaml --gpus 64
     mm1 estimate --config configs/mm1_7b.yaml --gpus 16 --gpu-type h200 --top 5 --json
     mm1 estimate --config configs/mm1_3b.yaml --gpus 8 parallel.recompute=full
+    mm1 estimate --config configs/mm1_30b.yaml --gpus 64 --images-distribution balance.json
 
 Without ``--gpus`` the config's own layout is estimated on the fewest GPUs it runs on.
 Every figure is a model with stated assumptions (printed at the end; docs/scaling.md).
@@ -31,9 +32,12 @@ from mm1_megatron.scaling.estimate.estimator import (
     rank_layouts,
 )
 from mm1_megatron.scaling.estimate.hardware import GPU_TYPES, gpu_type
+from mm1_megatron.scaling.estimate.image_counts import load_image_counts
+from mm1_megatron.scaling.estimate.vision_stage import recommend_vision_stage
 from mm1_megatron.scaling.estimate.workload import (
     default_workload,
     describe_image_size,
+    max_images_per_sequence,
     vision_tokens_per_image,
 )
 
@@ -66,11 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MEMORY_MARGIN,
         help=f"share of GPU memory kept free (default {DEFAULT_MEMORY_MARGIN})",
     )
-    parser.add_argument(
+    images = parser.add_mutually_exclusive_group()
+    images.add_argument(
         "--images-per-sequence",
         type=int,
         default=None,
         help="images (tiles) per sequence (default: the cap data.max_images_per_sequence)",
+    )
+    images.add_argument(
+        "--images-distribution",
+        default=None,
+        metavar="FILE",
+        help="JSON histogram of images per sequence (mm1 balance --output): FLOPs and step "
+        "time at its mean, the vision stage per micro-batch; memory stays at the cap",
     )
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     return parser
@@ -120,8 +132,9 @@ def _layout_table(estimates: List[Estimate], top: int) -> List[str]:
     return lines
 
 
-def _print_report(cfg_name, params, estimate, config_error, ranking, args, image_size) -> None:
-    """``image_size``: how the workload's images are sized, in words."""
+def _print_report(cfg_name, params, estimate, config_error, ranking, args, images) -> None:
+    """``images``: how the workload's images are sized, the distribution, the advice."""
+    image_size, counts, advice, memory_workload = images
     gpu = estimate.gpu if estimate else gpu_type(args.gpu_type)
     out = print  # the command's report (the library logs)
     out(f"mm1 estimate: {cfg_name}")
@@ -134,11 +147,18 @@ def _print_report(cfg_name, params, estimate, config_error, ranking, args, image
     )
     if estimate is not None:
         w, f = estimate.workload, estimate.flops
+        per_sequence = f"{w.images_per_sequence:g}" if counts is None else f"{counts.mean:.2f}"
         out(
-            f"Workload: {w.seq_length} tokens, {w.images_per_sequence} images per sequence "
+            f"Workload: {w.seq_length} tokens, {per_sequence} images per sequence "
             f"{image_size}, one document per sequence; global batch "
             f"{estimate.global_batch_size}"
         )
+        if counts is not None:
+            out(
+                f"Images per sequence measured ({args.images_distribution}): "
+                f"{counts.describe()}; FLOPs and step time at the mean, memory at the cap "
+                f"{memory_workload.images_per_sequence:g}"
+            )
         out(
             f"Training FLOPs per sequence {f.total:.3e} (ViT {f.vision_encoder:.3e}, connector "
             f"{f.connector:.3e}, decoder layers {f.decoder_layers:.3e}, attention "
@@ -159,6 +179,10 @@ def _print_report(cfg_name, params, estimate, config_error, ranking, args, image
             f"usable ({gib(gpu.memory_bytes):.1f} GiB less {args.memory_margin:.0%}): {verdict}; "
             f"step {estimate.step.step:.2f} s, MFU {estimate.mfu:.1%}"
         )
+        if advice is not None:
+            out("")
+            for line in advice.describe():
+                out(line)
     if config_error:
         out(f"The config's own layout does not run on {args.gpus} GPUs: {config_error}")
     if ranking is not None:
@@ -194,13 +218,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.top < 1 or not 0 <= args.memory_margin < 1:
             raise ValueError("--top must be >= 1 and --memory-margin in [0, 1)")
         gpu = gpu_type(args.gpu_type)
-        workload = default_workload(cfg, args.images_per_sequence)
+        counts = None
+        memory_workload = workload = default_workload(cfg, args.images_per_sequence)
+        if args.images_distribution:
+            counts = load_image_counts(args.images_distribution)
+            workload = default_workload(cfg, counts.mean)
+            if counts.max > memory_workload.images_per_sequence:
+                logger.warning(
+                    "%s: sequences with %d images, over the cap %d the memory is sized for",
+                    args.images_distribution,
+                    counts.max,
+                    max_images_per_sequence(cfg),
+                )
         num_gpus = args.gpus or default_num_gpus(cfg)
-        knobs = dict(efficiency=args.efficiency, memory_margin=args.memory_margin)
+        knobs = dict(
+            efficiency=args.efficiency,
+            memory_margin=args.memory_margin,
+            memory_workload=memory_workload,
+        )
         config_error = config_layout_error(cfg, num_gpus)
-        estimate = None
+        estimate = advice = None
         if config_error is None:
             estimate = estimate_config(cfg, num_gpus=num_gpus, gpu=gpu, workload=workload, **knobs)
+            advice = recommend_vision_stage(
+                cfg, num_gpus=num_gpus, gpu=gpu, workload=workload, images=counts, **knobs
+            )
         ranking = None
         if args.gpus is not None:
             ranking = rank_layouts(cfg, num_gpus=num_gpus, gpu=gpu, workload=workload, **knobs)
@@ -223,7 +265,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 # counted at model.vision.max_patches patches.
                 "native_resolution": cfg.model.vision.native_resolution,
                 "vision_tokens_per_image": vision_tokens_per_image(cfg.model, workload),
+                "memory_images_per_sequence": memory_workload.images_per_sequence,
             },
+            "images_distribution": counts.to_dict() if counts else None,
+            "vision_stage": advice.to_dict() if advice else None,
             "parameters": params,
             "flops_per_sequence": flops,
             "flops_per_step": estimate.flops_per_step if estimate else None,
@@ -240,7 +285,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.gpus is None:
         args.gpus = num_gpus
-    images = describe_image_size(cfg.model, workload)
+    images = (describe_image_size(cfg.model, workload), counts, advice, memory_workload)
     _print_report(" + ".join(args.config), params, estimate, config_error, ranking, args, images)
     return 0
 

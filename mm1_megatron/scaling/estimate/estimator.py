@@ -48,7 +48,8 @@ ASSUMPTIONS = (
     "micro-batch (Megatron-Core's vocab-parallel cross-entropy keeps an fp32 softmax)",
     "memory is sized for the worst micro-batch: every sequence at the image cap "
     "(data.max_images_per_sequence, in tiles, at most seq_length / num_output_tokens), one "
-    "document per sequence",
+    "document per sequence; FLOPs and step time take the same images per sequence, or "
+    "--images-per-sequence, or the mean of --images-distribution",
     "transients at the peak: the MLP gradients of one layer, a bf16 copy of the logits, the "
     "gradient of the largest weight; a layout fits when the peak stage is within the GPU's "
     "memory less the margin",
@@ -62,8 +63,10 @@ ASSUMPTIONS = (
     "ordered TP, DP, PP (Megatron-Core), so a group spanning more than 8 consecutive ranks "
     "crosses nodes",
     "pipeline time is (m - 1) x slowest stage + sum of stages (fill, drain, imbalance); "
-    "DP reduce-scatter and all-gather overlap with one backward and one forward of a "
-    "micro-batch; the optimizer step streams 28 B per parameter of its shard through HBM",
+    "the vision-stage recommendation simulates the 1F1B schedule instead, each micro-batch's "
+    "vision stage at its own images; DP reduce-scatter and all-gather overlap with one "
+    "backward and one forward of a micro-batch; the optimizer step streams 28 B per "
+    "parameter of its shard through HBM",
 )
 
 
@@ -144,11 +147,14 @@ def estimate_config(
     num_gpus: int,
     gpu: GpuType,
     workload: Workload,
+    memory_workload: Optional[Workload] = None,
     efficiency: float = DEFAULT_EFFICIENCY,
     memory_margin: float = DEFAULT_MEMORY_MARGIN,
 ) -> Estimate:
-    """The estimate for ``cfg``'s own parallel settings on ``num_gpus`` GPUs."""
-    memory = estimate_memory(cfg, workload, num_gpus=num_gpus)
+    """The estimate for ``cfg``'s own parallel settings on ``num_gpus`` GPUs: FLOPs and
+    step time for ``workload``, memory for ``memory_workload`` (the worst micro-batch;
+    ``workload`` when not given)."""
+    memory = estimate_memory(cfg, memory_workload or workload, num_gpus=num_gpus)
     step = estimate_step_time(
         cfg, workload, memory, num_gpus=num_gpus, gpu=gpu, efficiency=efficiency
     )
@@ -216,6 +222,7 @@ def rank_layouts(
     num_gpus: int,
     gpu: GpuType,
     workload: Workload,
+    memory_workload: Optional[Workload] = None,
     efficiency: float = DEFAULT_EFFICIENCY,
     memory_margin: float = DEFAULT_MEMORY_MARGIN,
 ) -> Ranking:
@@ -231,6 +238,7 @@ def rank_layouts(
                 num_gpus=num_gpus,
                 gpu=gpu,
                 workload=workload,
+                memory_workload=memory_workload,
                 efficiency=efficiency,
                 memory_margin=memory_margin,
             )

@@ -1,7 +1,9 @@
 """What one training sequence asks of the model: its length, images and documents.
 
 Memory is sized for the worst micro-batch (every sequence at the image cap); FLOPs and
-step time use the same figures unless ``--images-per-sequence`` says otherwise. At native
+step time use the same figures unless ``--images-per-sequence`` says otherwise (memory then
+follows it) or ``--images-distribution`` gives a measured histogram (FLOPs and step time
+take its mean; memory stays at the cap: ``image_counts.py``). At native
 resolution every image is its whole patch budget (``model.vision.max_patches``), the
 most the size rule gives it (``training.flops.patches_per_image``).
 """
@@ -39,7 +41,7 @@ def max_images_per_sequence(cfg: MM1Config) -> int:
     return min(d.max_images_per_sequence, cfg.training.seq_length // per_image)
 
 
-def default_workload(cfg: MM1Config, images_per_sequence: Optional[int] = None) -> Workload:
+def default_workload(cfg: MM1Config, images_per_sequence: Optional[float] = None) -> Workload:
     seq = cfg.training.seq_length
     if images_per_sequence is None:
         images_per_sequence = max_images_per_sequence(cfg)
