@@ -18,6 +18,7 @@ import torch
 
 from mm1_megatron.config import load_config
 from mm1_megatron.data.build import build_run_data
+from mm1_megatron.data.pipeline import balance
 from mm1_megatron.data.pipeline.balance import (
     CostWeights,
     assign_global_batch,
@@ -51,14 +52,35 @@ def test_assignment_places_every_sequence_once(dp, micro, slots):
     np.testing.assert_array_equal(placed, again)  # deterministic
 
 
-def test_slot_groups_hold_sequences_of_neighbouring_cost():
-    """Slot k of every rank holds the k-th group of the cost-sorted batch (before the
-    slot order is applied): a slot's micro-batches are alike across ranks."""
+def test_slot_groups_hold_sequences_of_neighbouring_cost(monkeypatch):
+    """Before the local search, slot k of every rank holds the k-th group of the
+    cost-sorted batch: a slot's micro-batches are alike across ranks. The search moves a
+    few (rank balance first); slots stay far more alike than placed naturally."""
     costs = _mm1_like_costs(np.random.default_rng(0), 64)
+    monkeypatch.setattr(balance, "REFINE_ROUNDS", 0)
     placed = assign_global_batch(costs, dp_size=8, micro_batch_size=1, order="heaviest_first")
     ranked = np.sort(costs)[::-1].reshape(8, 8)
     for slot in range(8):
         np.testing.assert_array_equal(np.sort(costs[placed[:, slot, 0]])[::-1], ranked[slot])
+    monkeypatch.undo()
+    refined = costs[assign_global_batch(costs, dp_size=8, micro_batch_size=1)][..., 0]
+    natural = costs[natural_assignment(8, 8, 1)][..., 0]
+
+    def slot_spread(per_slot):  # [D, M] -> mean over slots of (max / mean over ranks) - 1
+        return np.mean([imbalance(per_slot[:, k] + 1.0) - 1 for k in range(per_slot.shape[1])])
+
+    assert slot_spread(refined) < 0.5 * slot_spread(natural)
+
+
+def test_micro_batches_of_several_sequences_are_even():
+    """b > 1: heavy sequences share micro-batches with light ones, so the micro-batch
+    totals end within one sequence's cost of each other."""
+    rng = np.random.default_rng(5)
+    costs = _mm1_like_costs(rng, 4 * 8 * 4)
+    totals = costs[assign_global_batch(costs, dp_size=4, micro_batch_size=4)].sum(axis=2)
+    natural = costs[natural_assignment(4, 8, 4)].sum(axis=2)
+    assert np.ptp(totals) <= costs.max()
+    assert np.ptp(totals) < 0.25 * np.ptp(natural)
 
 
 def _best_partition_max(costs: np.ndarray, dp: int) -> float:

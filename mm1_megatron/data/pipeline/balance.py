@@ -7,24 +7,25 @@ stays exactly the same (so the per-token loss and its gradient are the same sum)
 the placement changes, by ``assign_global_batch``, a deterministic function of the
 sequences' costs:
 
-1. Sort the ``D b M`` sequences by cost, heaviest first (ties: the earlier sequence).
-2. Cut the sorted list into ``M`` *slot groups* of ``D b`` consecutive sequences: group
-   ``k`` fills micro-batch slot ``k`` on every rank, so the ``D`` micro-batches that run
-   in the same slot are alike (what expert-parallel all-to-alls, which wait for every
-   rank at each micro-batch, want).
-3. Within each group, heaviest first, give each sequence to the least loaded rank that
-   has fewer than ``b`` from this group (in ``b`` rounds of ``D``): longest processing
-   time first (LPT) under the constraint that every rank runs ``M`` micro-batches of
-   ``b``. Then swap pairs inside a group between the most and the least loaded rank while
-   that lowers the larger of the two (``REFINE_ROUNDS`` at most).
+1. Form the ``D M`` micro-batches of ``b`` sequences with totals as even as longest
+   processing time first (LPT) makes them: ``b`` rounds, each giving the ``D M`` heaviest
+   remaining sequences to the micro-batches in order of their totals so far (heaviest to
+   lightest). With ``b = 1`` a micro-batch is a sequence; with ``b > 1`` heavy sequences
+   share a micro-batch with light ones, so the vision stage's micro-batches are alike.
+2. Sort the micro-batches by cost and cut them into ``M`` *slot groups* of ``D``; group
+   ``k`` goes to slot ``k`` of every rank, heaviest micro-batch to the least loaded rank
+   (LPT under the constraint that every rank runs ``M`` micro-batches). The micro-batches
+   that run in the same slot on different ranks are alike: what expert-parallel
+   all-to-alls, which wait for every rank at each micro-batch, want.
+3. Local search: swap a micro-batch of the most loaded rank with one of another rank
+   while that lowers the largest total (``REFINE_ROUNDS`` swaps at most). This may move a
+   micro-batch to another slot: rank balance comes first.
 4. Order the slots of every rank the same way (``slot_order``).
 
-Why not plain LPT or an exact partition: LPT over all sequences balances rank totals as
-well but leaves each rank a random mix of micro-batches, so the slots of different
-ranks differ; an exact balanced partition is NP-hard and the sorted-groups LPT lands
-within one small sequence of the mean at the shapes of a run (measured in
-``docs/scaling.md``). Each rank computes the costs of the sequences it would have had
-without balancing, the ranks exchange them (one all-gather of a few integers per
+Why not an exact partition: balanced partitioning is NP-hard, and this lands within a
+small share of the mean at the shapes of a run (``docs/scaling.md``; the tests compare it
+with a brute-force optimum). Each rank computes the costs of the sequences it would have
+had without balancing, the ranks exchange them (one all-gather of a few integers per
 sequence), and every rank runs the same assignment on the same numbers.
 
 A sequence's cost is what varies between sequences of the same length:
@@ -42,8 +43,10 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-ALGORITHM = "sorted-groups-lpt-v1"
+ALGORITHM = "even-micro-batches-lpt-v2"
 REFINE_ROUNDS = 64
+# The local search stops once the most loaded rank is within this share of the mean.
+REFINE_TOLERANCE = 0.002
 SLOT_ORDERS = ("spread", "heaviest_first", "alternate")
 GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0  # 1 / phi
 
@@ -160,55 +163,64 @@ def assign_global_batch(
     sequences at offsets ``result[r, k]`` (module docstring). ``costs``: one float per
     sequence of the global batch, in global order."""
     costs = np.asarray(costs, dtype=np.float64)
-    group_size = dp_size * micro_batch_size
-    if costs.ndim != 1 or len(costs) == 0 or len(costs) % group_size:
+    if costs.ndim != 1 or len(costs) == 0 or len(costs) % (dp_size * micro_batch_size):
         raise ValueError(
             f"a global batch of {len(costs)} sequences does not split into data-parallel "
             f"size {dp_size} x micro-batches of {micro_batch_size}"
         )
-    num_slots = len(costs) // group_size
-    by_cost = np.lexsort((np.arange(len(costs)), -costs))
-    groups = by_cost.reshape(num_slots, group_size)
-    placed = np.empty((dp_size, num_slots, micro_batch_size), dtype=np.int64)
+    micro = _even_micro_batches(costs, len(costs) // micro_batch_size, micro_batch_size)
+    micro_costs = costs[micro].sum(axis=1)
+    num_slots = len(micro) // dp_size
+    by_cost = np.lexsort((np.arange(len(micro)), -micro_costs))
+    placed = np.empty((dp_size, num_slots), dtype=np.int64)
     totals = np.zeros(dp_size)
-    for slot, members in enumerate(groups):
-        _fill_slot(members, costs, totals, placed[:, slot])
-    _refine(placed, costs, totals)
-    slot_costs = costs[placed].sum(axis=(0, 2))
-    return placed[:, slot_order(slot_costs, order)]
+    for slot, members in enumerate(by_cost.reshape(num_slots, dp_size)):
+        ranks = np.argsort(totals, kind="stable")  # LPT: the heaviest to the least loaded
+        placed[ranks, slot] = members
+        totals[ranks] += micro_costs[members]
+    _refine(placed, micro_costs, totals)
+    slot_costs = micro_costs[placed].sum(axis=0)
+    return micro[placed[:, slot_order(slot_costs, order)]]
 
 
-def _fill_slot(members: np.ndarray, costs: np.ndarray, totals: np.ndarray, out: np.ndarray):
-    """LPT of one slot group's sequences (heaviest first), in ``b`` rounds of ``D``: each
-    round gives its heaviest sequence to the least loaded rank, the next to the next least
-    loaded, and so on (stable: the lower rank on ties), so every rank gets one per round."""
-    dp_size, per_rank = out.shape
-    for round_index in range(per_rank):
-        taken = members[round_index * dp_size : (round_index + 1) * dp_size]
-        ranks = np.argsort(totals, kind="stable")
-        out[ranks, round_index] = taken
-        totals[ranks] += costs[taken]
+def _even_micro_batches(costs: np.ndarray, num_micro: int, size: int) -> np.ndarray:
+    """``[N, b]``: the sequences in ``N`` micro-batches of ``b`` with totals as even as
+    LPT makes them (``b`` rounds; each gives its ``N`` heaviest remaining sequences to the
+    micro-batches in order of their totals so far, the heaviest to the lightest)."""
+    by_cost = np.lexsort((np.arange(len(costs)), -costs))
+    micro = np.empty((num_micro, size), dtype=np.int64)
+    totals = np.zeros(num_micro)
+    for round_index in range(size):
+        taken = by_cost[round_index * num_micro : (round_index + 1) * num_micro]
+        order = np.argsort(totals, kind="stable")
+        micro[order, round_index] = taken
+        totals[order] += costs[taken]
+    return micro
 
 
 def _refine(placed: np.ndarray, costs: np.ndarray, totals: np.ndarray) -> None:
-    """Swap one pair inside a slot group between the most and the least loaded rank, the
-    swap that brings them closest together, while it lowers the larger total."""
+    """Local search on the rank totals: swap a micro-batch of the most loaded rank with
+    one of another rank, the swap that leaves the larger of the two totals smallest, while
+    that is below the most loaded total (``REFINE_ROUNDS`` swaps at most; done once the
+    most loaded is within ``REFINE_TOLERANCE`` of the mean)."""
+    enough = totals.mean() * (1 + REFINE_TOLERANCE)
     for _ in range(REFINE_ROUNDS):
-        high, low = int(np.argmax(totals)), int(np.argmin(totals))
-        gap = totals[high] - totals[low]
-        if gap <= 0:
+        high = int(np.argmax(totals))
+        if totals[high] <= enough:
             return
-        # delta[k, i, j]: cost moved from high to low by swapping high's i and low's j in slot k.
-        delta = costs[placed[high]][:, :, None] - costs[placed[low]][:, None, :]
-        useful = (delta > 0) & (delta < gap)
+        # delta[r, i, j]: cost moved off ``high`` by swapping its i-th with rank r's j-th.
+        delta = costs[placed[high]][None, :, None] - costs[placed][:, None, :]
+        worst = np.maximum(totals[high] - delta, totals[:, None, None] + delta)
+        worst[high] = np.inf
+        useful = (delta > 0) & (worst < totals[high])
         if not useful.any():
             return
-        score = np.where(useful, np.abs(gap - 2 * delta), np.inf)
-        k, i, j = np.unravel_index(int(np.argmin(score)), score.shape)
-        moved = delta[k, i, j]
-        placed[high, k, i], placed[low, k, j] = placed[low, k, j], placed[high, k, i]
+        score = np.where(useful, worst, np.inf)
+        rank, i, j = np.unravel_index(int(np.argmin(score)), delta.shape)
+        moved = delta[rank, i, j]
+        placed[high, i], placed[rank, j] = placed[rank, j], placed[high, i]
         totals[high] -= moved
-        totals[low] += moved
+        totals[rank] += moved
 
 
 def imbalance(per_rank: np.ndarray) -> float:

@@ -152,7 +152,8 @@ def run(cfg, args) -> Dict[str, object]:
             name: {
                 "rank_vision": summarize(f.rank_vision),
                 "rank_varying": summarize(f.rank_varying),
-                "slot_vision": summarize(f.slot_vision),
+                "slot_stage": summarize(f.slot_stage),
+                "rank_stage": summarize(f.rank_stage),
                 "step_seconds": summarize(f.step_seconds),
                 "per_step": {
                     "rank_vision": f.rank_vision,
@@ -188,7 +189,8 @@ def report_lines(result: Dict[str, object], per_step: bool) -> List[str]:
         f"{'balanced: median p90 max':>26}",
         _row("vision FLOPs per rank, per step", result, "rank_vision", ".3f"),
         _row("vision + attention per rank", result, "rank_varying", ".3f"),
-        _row("vision FLOPs per micro-batch slot", result, "slot_vision", ".3f"),
+        _row("vision stage per slot (over ranks)", result, "slot_stage", ".3f"),
+        _row("vision stage per micro-batch (rank)", result, "rank_stage", ".3f"),
         _row("estimated step time (s)", result, "step_seconds", ".2f"),
     ]
     natural = result["placements"]["natural"]["step_seconds"]["mean"]

@@ -9,9 +9,11 @@ data-parallel ranks: naturally (rank ``r`` takes every ``D``-th sequence) and ba
 - **per rank**: ``max / mean`` over ranks of the vision FLOPs (encoder and connector,
   training) of the rank's sequences, and of the varying work (vision plus decoder
   attention), which every rank waits for at the gradient reduction;
-- **per micro-batch**: for each micro-batch slot, ``max / mean`` over ranks of the slot's
-  vision FLOPs (the slots of different ranks meet at every expert-parallel all-to-all,
-  and a heavy one holds its pipeline);
+- **per micro-batch**: the seconds of each micro-batch on the vision stage (the encoder,
+  the connector and the stage's decoder layers; the whole model without pipelining),
+  ``max / mean`` over the ranks' micro-batches in the same slot (they meet at every
+  expert-parallel all-to-all) and over each rank's own micro-batches (a heavy one holds
+  the pipeline behind it);
 - **step time**: ``mm1 estimate``'s stage-time model per micro-batch (affine in its
   images and attention pairs), run through the 1F1B schedule
   (``estimate/pipeline_schedule.py``) on every rank; the step takes the slowest rank,
@@ -109,6 +111,15 @@ class StageModel:
         per_pair = (seconds(0.0, _PAIR_PROBE) - base) / _PAIR_PROBE / b
         return cls(base, per_image, per_pair, estimate.step.stages[0].pipeline_send / 2)
 
+    def vision_stage_seconds(self, images: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+        """Forward + backward seconds on stage 0 of micro-batches with these totals."""
+        per_pass = (
+            self.base[0]
+            + images[..., None] * self.per_image[0]
+            + (pairs[..., None] * self.per_pair[0])
+        )
+        return per_pass.sum(axis=-1)
+
     def pipeline_seconds(self, images: np.ndarray, pairs: np.ndarray) -> float:
         """1F1B seconds of one rank whose micro-batches hold ``images[k]`` images (tiles)
         and ``pairs[k]`` attention pairs, in that order."""
@@ -124,7 +135,8 @@ class StageModel:
 class PlacementFigures:
     rank_vision: List[float] = field(default_factory=list)  # per step
     rank_varying: List[float] = field(default_factory=list)  # per step
-    slot_vision: List[float] = field(default_factory=list)  # per step and slot
+    slot_stage: List[float] = field(default_factory=list)  # per step and slot, over ranks
+    rank_stage: List[float] = field(default_factory=list)  # per step and rank, over slots
     step_seconds: List[float] = field(default_factory=list)  # per step
 
 
@@ -154,9 +166,12 @@ def measure_step(
         out = figures[placement]
         out.rank_vision.append(imbalance(vision[placed].sum(axis=(1, 2))))
         out.rank_varying.append(imbalance(varying[placed].sum(axis=(1, 2))))
-        slots = vision[placed].sum(axis=2)  # [D, M]
-        out.slot_vision += [imbalance(slots[:, k]) for k in range(slots.shape[1])]
         if stage_model is not None:
+            stage = stage_model.vision_stage_seconds(
+                images[placed].sum(axis=2), pairs[placed].sum(axis=2)
+            )  # [D, M]
+            out.slot_stage += [imbalance(stage[:, k]) for k in range(stage.shape[1])]
+            out.rank_stage += [imbalance(stage[r]) for r in range(dp_size)]
             per_rank = [
                 stage_model.pipeline_seconds(
                     images[placed[r]].sum(axis=1), pairs[placed[r]].sum(axis=1)
