@@ -204,21 +204,23 @@ def _refine(placed: np.ndarray, costs: np.ndarray, totals: np.ndarray) -> None:
     that is below the most loaded total (``REFINE_ROUNDS`` swaps at most; done once the
     most loaded is within ``REFINE_TOLERANCE`` of the mean)."""
     enough = totals.mean() * (1 + REFINE_TOLERANCE)
+    held = costs[placed]  # [D, M], kept in step with ``placed``
     for _ in range(REFINE_ROUNDS):
         high = int(np.argmax(totals))
-        if totals[high] <= enough:
+        top = totals[high]
+        if top <= enough:
             return
         # delta[r, i, j]: cost moved off ``high`` by swapping its i-th with rank r's j-th.
-        delta = costs[placed[high]][None, :, None] - costs[placed][:, None, :]
-        worst = np.maximum(totals[high] - delta, totals[:, None, None] + delta)
-        worst[high] = np.inf
-        useful = (delta > 0) & (worst < totals[high])
-        if not useful.any():
+        delta = held[high][None, :, None] - held[:, None, :]
+        worst = np.maximum(top - delta, totals[:, None, None] + delta)
+        worst[delta <= 0] = np.inf  # also every pair of ``high`` with itself
+        best = int(np.argmin(worst))
+        if worst.flat[best] >= top:
             return
-        score = np.where(useful, worst, np.inf)
-        rank, i, j = np.unravel_index(int(np.argmin(score)), delta.shape)
+        rank, i, j = np.unravel_index(best, delta.shape)
         moved = delta[rank, i, j]
         placed[high, i], placed[rank, j] = placed[rank, j], placed[high, i]
+        held[high, i], held[rank, j] = held[rank, j], held[high, i]
         totals[high] -= moved
         totals[rank] += moved
 
