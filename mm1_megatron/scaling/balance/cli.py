@@ -196,8 +196,8 @@ def report_lines(result: Dict[str, object], per_step: bool) -> List[str]:
     natural = result["placements"]["natural"]["step_seconds"]["mean"]
     balanced = result["placements"]["balanced"]["step_seconds"]["mean"]
     lines.append(
-        f"mean estimated step: {natural:.3f} s -> {balanced:.3f} s "
-        f"({(natural - balanced) / natural:.1%} less with balancing)"
+        f"mean estimated step: {natural:.3f} s placed naturally, {balanced:.3f} s balanced "
+        f"({(balanced - natural) / natural:+.1%})"
     )
     if per_step:
         lines += ["", "step  vision/rank natural  balanced   step s natural  balanced"]

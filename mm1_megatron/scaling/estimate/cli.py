@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--images-distribution",
         default=None,
         metavar="FILE",
-        help="JSON histogram of images per sequence (mm1 balance --output): FLOPs and step "
-        "time at its mean, the vision stage per micro-batch; memory stays at the cap",
+        help="JSON histogram of images per sequence (mm1 balance --output), or `mm1` for "
+        "the synthetic world's at MM1's mixture: FLOPs and step time at its mean, the "
+        "vision stage per micro-batch; memory stays at the cap",
     )
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     return parser
