@@ -52,12 +52,24 @@ def test_tokenizer_round_trip():
     assert TOK.encode("<image>") == [TOK.image_token_id]
 
 
+def test_encode_words_equals_encoding_the_joined_text():
+    """The word-list fast path is ``encode`` of the words joined by spaces: every vocabulary
+    entry is a single piece."""
+    assert all(TOK.encode(word) == TOK.encode_words([word]) for word in TOK.vocabulary)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        words = [TOK.vocabulary[i] for i in rng.integers(0, TOK.vocab_size, 12)]
+        assert TOK.encode_words(words) == TOK.encode(" ".join(words))
+
+
 @pytest.mark.parametrize(
     "text, bad", [("a red elephant", "elephant"), ("Red", "Red"), ("is it !", "!")]
 )
 def test_tokenizer_unknown_word_raises(text, bad):
     with pytest.raises(ValueError, match=repr(bad)):
         TOK.encode(text)
+    with pytest.raises(ValueError, match=repr(bad)):
+        TOK.encode_words(text.split())
     with pytest.raises(ValueError):
         TOK.decode([TOK.vocab_size])
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
+
 from tests.launch import run
+
+pytestmark = pytest.mark.slow  # about 10 s: two runs of the tool, one builds a corpus
 
 SMALLEST = ["--config", "configs/debug.yaml", "--dp", "2", "--steps", "2"]
 TINY_CORPUS = ["--jpegs", "2", "--caption-pairs", "8", "--documents", "2", "--text-documents", "4"]

@@ -24,6 +24,7 @@ from mm1_megatron.data.pipeline.balance import (
     assign_global_batch,
     cost_of_sequence,
     imbalance,
+    integer_costs,
     natural_assignment,
     slot_order,
 )
@@ -38,7 +39,7 @@ def _mm1_like_costs(rng: np.random.Generator, n: int) -> np.ndarray:
     few), caption sequences full; plus a small attention-dependent part."""
     kind = rng.choice(3, size=n, p=[0.1, 0.45, 0.45])
     images = np.where(kind == 0, 0, np.where(kind == 1, rng.geometric(0.3, n).clip(1, 16), 16))
-    return images * 100.0 + rng.integers(0, 20, n)
+    return (images * 100 + rng.integers(0, 20, n)).astype(np.int64)
 
 
 # ---- the assignment ---------------------------------------------------------------------
@@ -151,7 +152,7 @@ def test_slot_orders():
 
 def test_bad_global_batch_is_refused():
     with pytest.raises(ValueError, match="does not split"):
-        assign_global_batch(np.ones(6), dp_size=4, micro_batch_size=1)
+        assign_global_batch(np.ones(6, dtype=np.int64), dp_size=4, micro_batch_size=1)
 
 
 def test_imbalance():
@@ -347,3 +348,37 @@ def test_a_builder_without_costs_cannot_balance(builder_and_tokenizer):
             seed=0,
             balancing=Balancing(1, CostWeights(1.0)),
         )
+
+
+def test_a_state_saved_inside_a_balanced_step_continues_only_with_the_same_placement(
+    builder_and_tokenizer,
+):
+    """The sequences consumed part-way through a balanced step are spread over the whole
+    global batch: another DP size or other settings could repeat and skip sequences, so
+    such a resume is refused (the trainer saves at step boundaries only)."""
+    builder, tokenizer = builder_and_tokenizer
+    first = _loaders(builder, tokenizer, 2, micro=2, num_micro=2)
+    _run(first, 1)  # one micro-batch into the first step
+    state = first[0].state_dict()
+    for other in (
+        _loaders(builder, tokenizer, 4, micro=2, num_micro=1)[0],
+        _loaders(builder, tokenizer, 2, micro=2, num_micro=2, balanced=False)[0],
+    ):
+        with pytest.raises(ValueError, match="into a balanced step"):
+            other.load_state_dict(state)
+    broken = dict(state, num_sequences_consumed=3)
+    with pytest.raises(ValueError, match="whole number of micro-batches"):
+        _loaders(builder, tokenizer, 2, micro=2, num_micro=2)[0].load_state_dict(broken)
+
+
+def test_costs_must_be_integers():
+    """Integer costs keep every sum exact, so every rank computes the same assignment."""
+    with pytest.raises(ValueError, match="must be integers"):
+        assign_global_batch(np.ones(4), dp_size=2, micro_batch_size=1)
+    weights = CostWeights(per_encoder_input=3.3e12, per_attention_pair=4.5e6)
+    rows = np.array([[16, 0, 0, 50_000], [0, 0, 0, 8_390_656]])
+    costs = integer_costs(weights, rows)
+    assert costs.dtype == np.int64 and costs.max() == balance.COST_SCALE
+    totals = weights.total(rows)
+    np.testing.assert_allclose(costs / costs.max(), totals / totals.max(), rtol=1e-8)
+    assert not integer_costs(weights, np.zeros((3, 4))).any()

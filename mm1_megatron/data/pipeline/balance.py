@@ -47,6 +47,8 @@ ALGORITHM = "even-micro-batches-lpt-v2"
 REFINE_ROUNDS = 64
 # The local search stops once the most loaded rank is within this share of the mean.
 REFINE_TOLERANCE = 0.002
+COST_SCALE = 2**30  # the largest sequence's integer cost (sums of 2^33 of them fit int64)
+_NEVER = np.iinfo(np.int64).max
 SLOT_ORDERS = ("spread", "heaviest_first", "alternate")
 GOLDEN = (np.sqrt(5.0) - 1.0) / 2.0  # 1 / phi
 
@@ -95,6 +97,18 @@ class CostWeights:
         return self.vision(costs) + costs[:, 3] * self.per_attention_pair
 
 
+def integer_costs(weights: CostWeights, rows: np.ndarray) -> np.ndarray:
+    """Each row's ``weights.total`` as int64, scaled so that the largest is ``COST_SCALE``
+    (any model's FLOPs keep ~9 significant digits). The floats come from element-wise
+    operations and a max only (exactly rounded, so the same on every CPU); every sum after
+    this is exact."""
+    total = weights.total(rows)
+    largest = float(total.max()) if total.size else 0.0
+    if largest <= 0:
+        return np.zeros(len(total), dtype=np.int64)
+    return np.rint(total * (COST_SCALE / largest)).astype(np.int64)
+
+
 def document_pairs(lengths: Sequence[int]) -> int:
     """Causal query-key pairs of documents of these lengths: ``sum L (L + 1) / 2``."""
     return int(sum(n * (n + 1) // 2 for n in lengths))
@@ -125,10 +139,11 @@ def cost_of_sequence(sequence) -> SequenceCost:
 
 def slot_order(slot_costs: np.ndarray, rule: str) -> np.ndarray:
     """The order in which every rank runs its micro-batch slots, from the slots' costs
-    (summed over ranks): ``spread`` (position ``i`` takes the slot ranked ``frac(i / phi)``
-    of the way down the cost order, Weyl's low-discrepancy sequence: every run of
-    consecutive micro-batches mixes heavy and light ones in the proportions of the whole
-    step), ``heaviest_first``, or ``alternate`` (heaviest, lightest, second heaviest, ...)."""
+    (summed over ranks): ``spread`` (the slots' cost ranks ``j`` run in the order of
+    ``frac(j / phi)``, Weyl's low-discrepancy sequence: consecutive positions take ranks a
+    Fibonacci number apart, so every run of consecutive micro-batches mixes heavy and
+    light ones in the proportions of the whole step), ``heaviest_first``, or ``alternate``
+    (heaviest, lightest, second heaviest, ...)."""
     by_cost = np.lexsort((np.arange(len(slot_costs)), -np.asarray(slot_costs, dtype=np.float64)))
     if rule == "heaviest_first":
         return by_cost
@@ -160,9 +175,13 @@ def assign_global_batch(
     order: str = "spread",
 ) -> np.ndarray:
     """``[D, M, b]`` offsets into the global batch: rank ``r``'s micro-batch ``k`` holds the
-    sequences at offsets ``result[r, k]`` (module docstring). ``costs``: one float per
-    sequence of the global batch, in global order."""
-    costs = np.asarray(costs, dtype=np.float64)
+    sequences at offsets ``result[r, k]`` (module docstring). ``costs``: one integer per
+    sequence of the global batch, in global order (``integer_costs``: integer arithmetic
+    gives every rank the same sums, and so the same assignment, on any CPU)."""
+    costs = np.asarray(costs)
+    if costs.dtype.kind not in "iu":
+        raise ValueError(f"costs must be integers (integer_costs), got {costs.dtype}")
+    costs = costs.astype(np.int64)
     if costs.ndim != 1 or len(costs) == 0 or len(costs) % (dp_size * micro_batch_size):
         raise ValueError(
             f"a global batch of {len(costs)} sequences does not split into data-parallel "
@@ -173,7 +192,7 @@ def assign_global_batch(
     num_slots = len(micro) // dp_size
     by_cost = np.lexsort((np.arange(len(micro)), -micro_costs))
     placed = np.empty((dp_size, num_slots), dtype=np.int64)
-    totals = np.zeros(dp_size)
+    totals = np.zeros(dp_size, dtype=np.int64)
     for slot, members in enumerate(by_cost.reshape(num_slots, dp_size)):
         ranks = np.argsort(totals, kind="stable")  # LPT: the heaviest to the least loaded
         placed[ranks, slot] = members
@@ -189,7 +208,7 @@ def _even_micro_batches(costs: np.ndarray, num_micro: int, size: int) -> np.ndar
     micro-batches in order of their totals so far, the heaviest to the lightest)."""
     by_cost = np.lexsort((np.arange(len(costs)), -costs))
     micro = np.empty((num_micro, size), dtype=np.int64)
-    totals = np.zeros(num_micro)
+    totals = np.zeros(num_micro, dtype=np.int64)
     for round_index in range(size):
         taken = by_cost[round_index * num_micro : (round_index + 1) * num_micro]
         order = np.argsort(totals, kind="stable")
@@ -213,7 +232,7 @@ def _refine(placed: np.ndarray, costs: np.ndarray, totals: np.ndarray) -> None:
         # delta[r, i, j]: cost moved off ``high`` by swapping its i-th with rank r's j-th.
         delta = held[high][None, :, None] - held[:, None, :]
         worst = np.maximum(top - delta, totals[:, None, None] + delta)
-        worst[delta <= 0] = np.inf  # also every pair of ``high`` with itself
+        worst[delta <= 0] = _NEVER  # also swaps inside ``high`` (they never lower it)
         best = int(np.argmin(worst))
         if worst.flat[best] >= top:
             return

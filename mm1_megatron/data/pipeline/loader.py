@@ -48,6 +48,7 @@ from mm1_megatron.data.pipeline.balance import (
     CostWeights,
     Exchange,
     assign_global_batch,
+    integer_costs,
 )
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS
 from mm1_megatron.data.pipeline.native_resolution import empty_grids
@@ -193,8 +194,7 @@ class MicroBatchLoader:
                 yield tuple(self.global_index(start + j) for j in range(b))
             return
         per_rank = self.balancing.num_microbatches * b
-        step, within = divmod(first, per_rank)
-        assert within % b == 0, "a saved position inside a micro-batch"
+        step, within = divmod(first, per_rank)  # load_state_dict: within % b == 0
         global_batch = per_rank * self.dp_size
         while True:
             placed = self.plan_step(self.base + step * global_batch)
@@ -218,7 +218,7 @@ class MicroBatchLoader:
         # Offset n D + r of the global batch is rank r's n-th row.
         costs = gathered.transpose(1, 0, 2).reshape(-1, NUM_COST_FIELDS)
         placed = assign_global_batch(
-            balancing.weights.total(costs),
+            integer_costs(balancing.weights, costs),
             dp_size=self.dp_size,
             micro_batch_size=b,
             order=balancing.order,
@@ -300,11 +300,19 @@ class MicroBatchLoader:
             )
         saved_dp = int(state["dp_size"])
         balance = None if self.balancing is None else self.balancing.state(self.micro_batch_size)
-        if saved_dp == self.dp_size and state.get("balance") == balance:
+        same = saved_dp == self.dp_size and state.get("balance") == balance
+        if same and balance is not None and consumed % self.micro_batch_size:
+            raise ValueError(
+                f"bad data loader state: {consumed} sequences consumed is not a whole number "
+                f"of micro-batches of {self.micro_batch_size}"
+            )
+        if not same:
+            _check_step_boundary(state, consumed)
+        if same:
             self.base, self.num_sequences_consumed = base, consumed
         elif saved_dp == self.dp_size:
             # Another placement of the same global batches: continue at the first global
-            # sequence not consumed (a step boundary when saved by the trainer).
+            # sequence not consumed.
             self.base, self.num_sequences_consumed = base + consumed * saved_dp, 0
             logger.info(
                 "data balancing changed since the checkpoint (%s -> %s): continuing at "
@@ -326,6 +334,23 @@ class MicroBatchLoader:
                 else "the split over ranks differs from an uninterrupted run",
             )
         self._iterator = None
+
+
+def _check_step_boundary(state: Dict[str, object], consumed: int) -> None:
+    """A balanced state saved part-way through a step has consumed sequences from all over
+    that step's global batch, not a prefix of the stream: only the same placement (the
+    same data-parallel size and balance settings) can continue it."""
+    saved = state.get("balance")
+    if not saved:
+        return
+    per_rank = int(saved["num_microbatches"]) * int(saved["micro_batch_size"])
+    if consumed % per_rank:
+        raise ValueError(
+            f"this data loader state was saved {consumed % per_rank} sequences into a "
+            f"balanced step (dp_size={state['dp_size']}, balance={saved}); it continues only "
+            f"with the same data-parallel size and data.balance settings. Resume from a "
+            f"checkpoint saved at a step boundary (the trainer saves only there) to change them"
+        )
 
 
 def stats_vector(loader) -> List[int]:

@@ -11,12 +11,13 @@ each image only the size the decoder would give it (``packing.ImageShape``):
 - native resolution: the image's size by SigLIP 2's rule (``NativeResolution.image_size``)
   from its header (``images.image_size_of``): the blob is read, not decoded.
 
-A sample this process already knows fails at decode (``verdicts.recall(..., "decode")``)
-fails here too, as in ``_ShardSource._decode``; so does an image whose blob cannot be read
-or whose header is refused (its decode would fail). Those failures are neither counted
-nor remembered: only decoding decides a decode verdict. A sample whose image header reads
-but whose pixels do not decode is the one case where the cost differs from the built
-sequence's (``sequence`` then replaces it).
+A cost must be the same in every process (the ranks plan with each other's costs, and a
+resumed process replans the step it stopped in), so nothing here depends on what the
+process decoded before: a sample whose images fail to decode counts as good, and so does
+one whose blob is unreadable at a fixed size (nothing is read there). At native
+resolution an image whose blob cannot be read or whose header is refused fails here, as
+it would when decoded (the same in every process). Only decoding replaces a sample whose
+pixels do not decode: the one case where the cost differs from the built sequence's.
 """
 
 from __future__ import annotations
@@ -40,10 +41,7 @@ def measure_images(
     """``_decode`` of ``(position, document)`` pairs with sizes for pixels: the documents
     whose images would decode (their ``pixels`` set to ``ImageShape``s), and the others."""
     good, failed = [], []
-    for position, document in documents:
-        if corpus.verdicts.recall(corpus.sample_id(position), "decode") is not None:
-            failed.append(document)
-            continue
+    for _, document in documents:
         try:
             shapes = image_shapes(corpus, decoder, document.sample)
         except BadSample:

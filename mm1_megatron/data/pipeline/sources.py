@@ -31,10 +31,12 @@ function of ``(seed, k)`` whichever worker builds them.
 Cost (``sequence_cost(k)``, for balanced placement, ``balance.py``): the
 ``balance.SequenceCost`` of sequence ``k``, no image decoded. One ``_select`` picks the
 documents for both (the same loads, fits, skips and replacements; cost mode counts into a
-throwaway ``DataStats``), then ``sequence`` decodes their images and ``sequence_cost``
-only sizes them (``source_costs.py``). The two agree unless an accepted sample fails
-while its images are decoded; a process that met that failure counts the sample as
-failed in its later costs too.
+throwaway ``DataStats`` and neither logs nor remembers a skip), then ``sequence``
+decodes their images and ``sequence_cost`` only sizes them (``source_costs.py``). A cost
+is a pure function of ``(seed, k)`` and the data, the same in every process whatever it
+built before (every rank must plan with the same numbers, and a resumed process as the
+one that saved); so it agrees with the built sequence unless an accepted sample's images
+fail to decode, which only decoding finds out.
 """
 
 from __future__ import annotations
@@ -398,7 +400,8 @@ class CaptionSource(_ShardSource):
                 try:
                     document = self._load_once(position)
                 except BadSample as error:
-                    self._skip(stats, error, position, "load")
+                    if decode:  # planning neither logs nor remembers a skip
+                        self._skip(stats, error, position, "load")
                     if num_replacements < MAX_REPLACEMENTS:
                         num_replacements += 1
                         queue.append(self.corpus.replacement(rng, index * window))
@@ -443,7 +446,8 @@ class InterleavedSource(_ShardSource):
             try:
                 document = self._load_once(position)
             except BadSample as error:
-                self._skip(stats, error, position, "load")
+                if decode:  # planning neither logs nor remembers a skip
+                    self._skip(stats, error, position, "load")
             else:
                 good, _ = self._images([(position, document)], stats, decode)
                 if good:

@@ -56,12 +56,11 @@ class TextSource:
     def sequence_cost(self, index: int) -> SequenceCost:
         """``balance.cost_of_sequence(self.sequence(index)[0])``: no images, the
         attention pairs of the chunk's documents."""
-        return documents_cost(
-            [(tokens, []) for tokens in self._documents(index, DataStats())], None
-        )
+        return documents_cost([(tokens, []) for tokens in self._documents(index, None)], None)
 
-    def _documents(self, index: int, stats: DataStats) -> List[List[int]]:
-        """The token ids of chunk ``index``'s documents, bad ones skipped (counted)."""
+    def _documents(self, index: int, stats: Optional[DataStats]) -> List[List[int]]:
+        """The token ids of chunk ``index``'s documents, bad ones skipped (counted and
+        logged once into ``stats``; None when planning, which does neither)."""
         documents = []
         for doc, tokens in self.corpus.chunk(index):
             if tokens.size and (tokens.min() < 0 or tokens.max() >= self.tokenizer.vocab_size):
@@ -70,8 +69,9 @@ class TextSource:
                     f"token id {int(tokens.max())} outside the "
                     f"vocabulary of {self.tokenizer.vocab_size}",
                 )
-                first = self.verdicts.remember(int(doc), error, "load")
-                stats.skip(error, shard="text corpus", key=f"document {doc}", log=first)
+                if stats is not None:
+                    first = self.verdicts.remember(int(doc), error, "load")
+                    stats.skip(error, shard="text corpus", key=f"document {doc}", log=first)
                 continue
             documents.append(tokens[~np.isin(tokens, self._dropped)].tolist())
         return documents

@@ -307,15 +307,22 @@ class SyntheticGenerator:
         self, source: str, words: Sequence[Optional[str]], images: Sequence[torch.Tensor]
     ) -> Sample:
         tok = self.tokenizer
+        encode_words = getattr(tok, "encode_words", None)  # the synthetic one's fast path
+
+        def encode(chunk: List[str]) -> List[int]:
+            if not chunk:
+                return []
+            return encode_words(chunk) if encode_words else tok.encode(" ".join(chunk))
+
         ids, chunk = [tok.bos_token_id], []
         for word in words:
             if word is ImageSlot:
-                ids += tok.encode(" ".join(chunk)) if chunk else []
+                ids += encode(chunk)
                 ids.append(tok.image_token_id)
                 chunk = []
             else:
                 chunk.append(word)
-        ids += tok.encode(" ".join(chunk)) if chunk else []
+        ids += encode(chunk)
         ids.append(tok.eos_token_id)
         return Sample(source=source, token_ids=ids, images=list(images))
 

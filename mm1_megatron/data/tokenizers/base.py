@@ -163,6 +163,18 @@ class SyntheticTokenizer:
             ids.append(self._ids[piece])
         return ids
 
+    def encode_words(self, words: Sequence[str]) -> List[int]:
+        """``encode(" ".join(words))`` for words of the vocabulary, one id each, without
+        the text round trip (every vocabulary entry is one piece: a test checks it); the
+        synthetic world's hot path."""
+        try:
+            return [self._ids[word] for word in words]
+        except KeyError as missing:
+            raise ValueError(
+                f"word {missing.args[0]!r} is not in the synthetic vocabulary "
+                f"({self.vocab_size} words)"
+            ) from None
+
     def decode(self, ids: Sequence[int]) -> str:
         """Words joined by single spaces (punctuation too), so ``encode`` inverts it."""
         words = []

@@ -34,6 +34,7 @@ from mm1_megatron.data.pipeline.balance import (
     CostWeights,
     assign_global_batch,
     imbalance,
+    integer_costs,
     natural_assignment,
 )
 from mm1_megatron.scaling.estimate.estimator import Estimate
@@ -68,7 +69,10 @@ def place(
     if placement == "natural":
         return natural_assignment(dp_size, num_micro, micro_batch_size)
     return assign_global_batch(
-        weights.total(costs), dp_size=dp_size, micro_batch_size=micro_batch_size, order=order
+        integer_costs(weights, costs),
+        dp_size=dp_size,
+        micro_batch_size=micro_batch_size,
+        order=order,
     )
 
 
