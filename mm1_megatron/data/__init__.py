@@ -9,9 +9,11 @@
 - ``synthetic/``: the embedded synthetic world (``world``) and its sequence builder
   (``sequences``), so training runs with no downloads.
 - ``pipeline/``: from samples to micro-batches. Packing (``packing``), the source mixture
-  (``mixture``), shard and text sources (``sources``), image decoding (``images``), and
-  the one loader (``loader.MicroBatchLoader``) that shards sequences over data-parallel
-  ranks, prefetches in workers and saves its position, for every source.
+  (``mixture``), shard sources (``sources``, their costs in ``source_costs``), the text
+  source and the mixture builder (``text_and_mixture``), image decoding (``images``),
+  balanced placement of each global batch (``balance``), and the one loader
+  (``loader.MicroBatchLoader``) that shards sequences over data-parallel ranks,
+  prefetches in workers and saves its position, for every source.
 - ``build.build_data`` assembles all of it from ``DataConfig``; see ``docs/data.md``.
 
 Data imports neither ``models`` nor ``training``; the micro-batch contract it shares with
