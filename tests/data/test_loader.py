@@ -174,3 +174,22 @@ def test_rng_is_per_sequence():
     later = _sequence(loader, 7)
     _batches(loader, 2)
     assert torch.equal(_sequence(loader, 7).tokens, later.tokens)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_dropped_loader_is_freed_at_once(num_workers):
+    """No reference cycle through the prefetching ``DataLoader`` (its sampler must not hold
+    the loader): dropping the last reference frees the loader, and stops its worker
+    processes, without waiting for the cyclic garbage collector."""
+    import gc
+    import weakref
+
+    loader = _loader(num_workers=num_workers)
+    next(loader)
+    alive = weakref.ref(loader)
+    gc.disable()
+    try:
+        del loader
+        assert alive() is None
+    finally:
+        gc.enable()

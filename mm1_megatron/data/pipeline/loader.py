@@ -37,7 +37,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -115,13 +115,65 @@ class _MicroBatches(torch.utils.data.Dataset):
 
 
 class _Plan(torch.utils.data.Sampler):
-    """This rank's micro-batches, as tuples of global indices, from ``first_sequence``."""
+    """This rank's micro-batches from a saved position on, as tuples of global indices.
 
-    def __init__(self, micro_batches: Callable[[], Iterator[Tuple[int, ...]]]):
-        self.micro_batches = micro_batches
+    A snapshot of the loader's position, holding no reference to the loader: the
+    prefetching ``DataLoader`` keeps its sampler, and a loader reachable from its own
+    iterator would live (with its worker processes) until the cyclic garbage collector ran.
+    """
+
+    def __init__(
+        self,
+        builder,
+        *,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        base: int,
+        first_sequence: int,
+        balancing: Optional[Balancing],
+    ):
+        self.builder, self.micro_batch_size = builder, micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.base, self.first_sequence, self.balancing = base, first_sequence, balancing
 
     def __iter__(self) -> Iterator[Tuple[int, ...]]:
-        return self.micro_batches()
+        b, first = self.micro_batch_size, self.first_sequence
+        if self.balancing is None:
+            for start in itertools.count(first, b):
+                yield tuple(self.base + (start + j) * self.dp_size + self.dp_rank for j in range(b))
+            return
+        per_rank = self.balancing.num_microbatches * b
+        step, within = divmod(first, per_rank)  # load_state_dict: within % b == 0
+        global_batch = per_rank * self.dp_size
+        while True:
+            placed = self.plan_step(self.base + step * global_batch)
+            yield from (tuple(int(g) for g in micro) for micro in placed[within // b :])
+            step, within = step + 1, 0
+
+    def plan_step(self, first_global: int) -> np.ndarray:
+        """``[M, b]`` global indices of this rank's micro-batches in the step whose global
+        batch starts at ``first_global`` (collective over the data-parallel group)."""
+        balancing, b = self.balancing, self.micro_batch_size
+        per_rank = balancing.num_microbatches * b
+        own = [
+            self.builder.sequence_cost(first_global + n * self.dp_size + self.dp_rank)
+            for n in range(per_rank)
+        ]
+        rows = np.array([cost.as_row() for cost in own], dtype=np.int64).reshape(
+            per_rank, NUM_COST_FIELDS
+        )
+        gathered = rows[None] if balancing.exchange is None else balancing.exchange(rows)
+        assert gathered.shape == (self.dp_size, per_rank, NUM_COST_FIELDS), gathered.shape
+        # Offset n D + r of the global batch is rank r's n-th row.
+        costs = gathered.transpose(1, 0, 2).reshape(-1, NUM_COST_FIELDS)
+        placed = assign_global_batch(
+            integer_costs(balancing.weights, costs),
+            dp_size=self.dp_size,
+            micro_batch_size=b,
+            order=balancing.order,
+        )
+        return first_global + placed[self.dp_rank]
 
 
 def _no_collate(batch):
@@ -186,53 +238,23 @@ class MicroBatchLoader:
         self.num_sequences_consumed += self.micro_batch_size
         return batch
 
-    def _micro_batches(self) -> Iterator[Tuple[int, ...]]:
-        """This rank's micro-batches from the saved position on, as global indices."""
-        b, first = self.micro_batch_size, self.num_sequences_consumed
-        if self.balancing is None:
-            for start in itertools.count(first, b):
-                yield tuple(self.global_index(start + j) for j in range(b))
-            return
-        per_rank = self.balancing.num_microbatches * b
-        step, within = divmod(first, per_rank)  # load_state_dict: within % b == 0
-        global_batch = per_rank * self.dp_size
-        while True:
-            placed = self.plan_step(self.base + step * global_batch)
-            yield from (tuple(int(g) for g in micro) for micro in placed[within // b :])
-            step, within = step + 1, 0
-
-    def plan_step(self, first_global: int) -> np.ndarray:
-        """``[M, b]`` global indices of this rank's micro-batches in the step whose global
-        batch starts at ``first_global`` (collective over the data-parallel group)."""
-        balancing, b = self.balancing, self.micro_batch_size
-        per_rank = balancing.num_microbatches * b
-        own = [
-            self.builder.sequence_cost(first_global + n * self.dp_size + self.dp_rank)
-            for n in range(per_rank)
-        ]
-        rows = np.array([cost.as_row() for cost in own], dtype=np.int64).reshape(
-            per_rank, NUM_COST_FIELDS
-        )
-        gathered = rows[None] if balancing.exchange is None else balancing.exchange(rows)
-        assert gathered.shape == (self.dp_size, per_rank, NUM_COST_FIELDS), gathered.shape
-        # Offset n D + r of the global batch is rank r's n-th row.
-        costs = gathered.transpose(1, 0, 2).reshape(-1, NUM_COST_FIELDS)
-        placed = assign_global_batch(
-            integer_costs(balancing.weights, costs),
-            dp_size=self.dp_size,
-            micro_batch_size=b,
-            order=balancing.order,
-        )
-        return first_global + placed[self.dp_rank]
-
     def _start(self) -> Iterator:
         dataset = _MicroBatches(self.builder)
+        plan = _Plan(
+            self.builder,
+            micro_batch_size=self.micro_batch_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            base=self.base,
+            first_sequence=self.num_sequences_consumed,
+            balancing=self.balancing,
+        )
         if self.num_workers == 0:
-            return (dataset[indices] for indices in self._micro_batches())
+            return (dataset[indices] for indices in plan)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=None,
-            sampler=_Plan(self._micro_batches),
+            sampler=plan,
             num_workers=self.num_workers,
             prefetch_factor=self.prefetch_factor,
             collate_fn=_no_collate,
