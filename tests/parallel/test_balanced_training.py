@@ -3,7 +3,7 @@
 Thirty steps at DP=2 (2 micro-batches of 2 sequences per rank) with ``data.balance`` on
 and off consume the same global batches: the images per step are equal and the losses
 agree within 1e-6 relative (the gradient is the same per-token sum, added in another
-order). With balancing on, a new process resuming the step-15 checkpoint at DP=2 gives
+order). With balancing on, a new trainer resuming the step-15 checkpoint at DP=2 gives
 bitwise the losses of the uninterrupted run, and a resume at DP=1 continues with the same
 global batches (images per step equal) and losses within 1e-6 relative: a different
 data-parallel size adds the same gradients in another order, so bitwise equality is not
@@ -45,7 +45,9 @@ def runs(tmp_path_factory):
         steps=STEPS,
     )
     resume = [f"checkpoint.load_dir={save / f'step_{SAVE_AT:08d}'}"]
-    _run_worker(2, {"balanced_resumed": MICRO + resume}, out, steps=STEPS, fresh_processes=True)
+    # New trainers in the same processes (tests/checkpoint/test_resume_and_reshard.py
+    # resumes in new processes).
+    _run_worker(2, {"balanced_resumed": MICRO + resume}, out, steps=STEPS)
     _run_worker(1, {"balanced_resumed_dp1": MICRO + resume}, out, steps=STEPS)
     return out
 
