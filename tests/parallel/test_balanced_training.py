@@ -22,7 +22,7 @@ from tests.parallel.test_layouts import _run_worker
 pytestmark = pytest.mark.slow
 
 STEPS, SAVE_AT = 30, 15
-MICRO = ["training.micro_batch_size=2"]
+MICRO = ["training.micro_batch_size=2", "training.seq_length=128"]
 REL_TOL = 1e-6
 
 
