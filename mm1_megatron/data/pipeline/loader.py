@@ -29,7 +29,9 @@ continues the global sequence stream where it stopped (``base`` moves past every
 consumed), so no sequence is repeated or skipped, though which rank gets which sequence
 differs from an uninterrupted run at the new size. With balancing every step's global batch
 is the same at any data-parallel size, so a resume at another size continues with exactly
-the global batches an uninterrupted run would have had (placed for the new size).
+the global batches an uninterrupted run would have had (placed for the new size). A
+balanced state saved inside a step continues only with the same placement (its consumed
+sequences are spread over the whole global batch); the trainer saves at step boundaries.
 """
 
 from __future__ import annotations
