@@ -191,12 +191,12 @@ def report_lines(result: Dict[str, object], per_step: bool) -> List[str]:
         _row("vision + attention per rank", result, "rank_varying", ".3f"),
         _row("vision stage per slot (over ranks)", result, "slot_stage", ".3f"),
         _row("vision stage per micro-batch (rank)", result, "rank_stage", ".3f"),
-        _row("estimated step time (s)", result, "step_seconds", ".2f"),
+        _row("estimated step time (s)", result, "step_seconds", ".4g"),
     ]
     natural = result["placements"]["natural"]["step_seconds"]["mean"]
     balanced = result["placements"]["balanced"]["step_seconds"]["mean"]
     lines.append(
-        f"mean estimated step: {natural:.3f} s placed naturally, {balanced:.3f} s balanced "
+        f"mean estimated step: {natural:.4g} s placed naturally, {balanced:.4g} s balanced "
         f"({(balanced - natural) / natural:+.1%})"
     )
     if per_step:
