@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from mm1_megatron.compat.moe import collect_moe_aux_losses, forget_moe_aux_losses
 from mm1_megatron.config import MM1Config
 from mm1_megatron.data import SOURCE_IDS
-from mm1_megatron.data.pipeline.balance import CostWeights, SequenceCost
+from mm1_megatron.data.pipeline.balance import CostWeights, SequenceCost, grid_patches
 from mm1_megatron.data.pipeline.reporting import data_metrics
 from mm1_megatron.data.pipeline.tiling import tile_size
 from mm1_megatron.models.param_count import moe_layer_flags
@@ -40,11 +40,7 @@ def vision_cost_rows(host_batches: Sequence[Dict[str, torch.Tensor]]) -> np.ndar
     and patch pairs from ``image_grids``, counted as ``balance.cost_of_packed`` does."""
     rows = []
     for batch in host_batches:
-        patches = patch_pairs = 0
-        grids = batch.get("image_grids")
-        if grids is not None and len(grids):
-            per_image = (grids[:, 0] * grids[:, 1]).long()
-            patches, patch_pairs = int(per_image.sum()), int((per_image * per_image).sum())
+        patches, patch_pairs = grid_patches(batch.get("image_grids"))
         rows.append(SequenceCost(int(batch["num_images"].sum()), patches, patch_pairs, 0).as_row())
     return np.asarray(rows, dtype=np.int64).reshape(len(rows), -1)
 

@@ -121,6 +121,11 @@ def _builder(root, mixture, *, seq_length=256, max_images=4, native=None, **opti
         num_workers=0,
         **options,
     )
+    return _built(data, seq_length=seq_length, seed=3, native=native)
+
+
+def _built(data, *, seq_length, seed, native):
+    """The builder ``build_data`` makes for ``data`` (one rank, micro-batches of one)."""
     loader, _ = build_data(
         data,
         seq_length=seq_length,
@@ -129,7 +134,7 @@ def _builder(root, mixture, *, seq_length=256, max_images=4, native=None, **opti
         image_size=SIZE,
         image_mean=MEAN,
         image_std=STD,
-        seed=3,
+        seed=seed,
         dp_rank=0,
         dp_size=1,
         native=native,
@@ -260,20 +265,7 @@ def _caption_source(manifest, native):
         caption_window=1,
         num_workers=0,
     )
-    loader, _ = build_data(
-        data,
-        seq_length=128,
-        micro_batch_size=1,
-        num_image_tokens=NUM_IMAGE_TOKENS,
-        image_size=SIZE,
-        image_mean=MEAN,
-        image_std=STD,
-        seed=0,
-        dp_rank=0,
-        dp_size=1,
-        native=native,
-    )
-    return loader.builder.sources["caption"]
+    return _built(data, seq_length=128, seed=0, native=native).sources["caption"]
 
 
 @pytest.mark.parametrize("native", [None, NATIVE], ids=["fixed", "native"])

@@ -38,7 +38,7 @@ model's FLOP counts).
 from __future__ import annotations
 
 from dataclasses import astuple, dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -123,11 +123,16 @@ def cost_of_packed(
     """The cost of a built sequence (what ``sequence_cost`` of a builder predicts)."""
     real = document_ids[:num_real_tokens]
     lengths = torch.unique_consecutive(real, return_counts=True)[1].tolist() if len(real) else []
-    patches = patch_pairs = 0
-    if image_grids is not None and len(image_grids):
-        per_image = (image_grids[:, 0] * image_grids[:, 1]).long()
-        patches, patch_pairs = int(per_image.sum()), int((per_image * per_image).sum())
+    patches, patch_pairs = grid_patches(image_grids)
     return SequenceCost(num_inputs, patches, patch_pairs, document_pairs(lengths))
+
+
+def grid_patches(image_grids: Optional[torch.Tensor]) -> Tuple[int, int]:
+    """``(patches, sum of patches^2)`` of ``[n, 2]`` patch grids (0, 0 for None)."""
+    if image_grids is None or not len(image_grids):
+        return 0, 0
+    per_image = (image_grids[:, 0] * image_grids[:, 1]).long()
+    return int(per_image.sum()), int((per_image * per_image).sum())
 
 
 def cost_of_sequence(sequence) -> SequenceCost:

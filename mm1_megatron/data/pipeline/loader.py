@@ -116,6 +116,12 @@ class _MicroBatches(torch.utils.data.Dataset):
         return batch
 
 
+def natural_index(base: int, local_index: int, dp_rank: int, dp_size: int) -> int:
+    """The global index of rank ``dp_rank``'s ``local_index``-th sequence counted from
+    ``base``, placed without balancing: ``base + n D + r``."""
+    return base + local_index * dp_size + dp_rank
+
+
 class _Plan(torch.utils.data.Sampler):
     """This rank's micro-batches from a saved position on, as tuples of global indices.
 
@@ -143,7 +149,10 @@ class _Plan(torch.utils.data.Sampler):
         b, first = self.micro_batch_size, self.first_sequence
         if self.balancing is None:
             for start in itertools.count(first, b):
-                yield tuple(self.base + (start + j) * self.dp_size + self.dp_rank for j in range(b))
+                yield tuple(
+                    natural_index(self.base, start + j, self.dp_rank, self.dp_size)
+                    for j in range(b)
+                )
             return
         per_rank = self.balancing.num_microbatches * b
         step, within = divmod(first, per_rank)  # load_state_dict: within % b == 0
@@ -159,7 +168,7 @@ class _Plan(torch.utils.data.Sampler):
         balancing, b = self.balancing, self.micro_batch_size
         per_rank = balancing.num_microbatches * b
         own = [
-            self.builder.sequence_cost(first_global + n * self.dp_size + self.dp_rank)
+            self.builder.sequence_cost(natural_index(first_global, n, self.dp_rank, self.dp_size))
             for n in range(per_rank)
         ]
         rows = np.array([cost.as_row() for cost in own], dtype=np.int64).reshape(
@@ -272,7 +281,7 @@ class MicroBatchLoader:
 
     def global_index(self, local_index: int) -> int:
         """Global index of this rank's ``local_index``-th sequence since ``base``."""
-        return self.base + local_index * self.dp_size + self.dp_rank
+        return natural_index(self.base, local_index, self.dp_rank, self.dp_size)
 
     # ---- bad-sample counts --------------------------------------------------------------
     def stats(self) -> Dict[str, int]:
