@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Collection, Dict, Optional
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
@@ -18,9 +18,12 @@ from mm1_megatron.checkpoint.key_layout import is_extra_state, reconcile_with_ch
 from mm1_megatron.checkpoint.layout import MODEL_OPTIM_DIR, TRAINER_STATE_FILE
 from mm1_megatron.checkpoint.manifest import CorruptCheckpointError, verify_manifest
 from mm1_megatron.compat.te_extra_state import check_extra_state
+from mm1_megatron.models.lora import is_adapter_key
 from mm1_megatron.parallel.collectives import all_gather_objects
 
 logger = logging.getLogger(__name__)
+
+ADAPTER_BASE_FILE = "adapter_base.json"  # in a LoRA run's checkpoints (``adapters.py``)
 
 
 def _rank() -> int:
@@ -80,8 +83,16 @@ def load_sharded(sharded_state_dict, path: Path, *, model_config=None, prefix: s
         raise load_error(exc, path, model_config, _SECTIONS.get(prefix, "")) from exc
 
 
-def load_module_state(module, state: Dict[str, Any], path: Path, *, prefix: str = "") -> None:
-    """``module.load_state_dict(state)``, strict except for Transformer Engine extra state:
+def load_module_state(
+    module,
+    state: Dict[str, Any],
+    path: Path,
+    *,
+    prefix: str = "",
+    only: Optional[Collection[str]] = None,
+) -> None:
+    """``module.load_state_dict(state)``, strict (about the keys under ``prefix``, or the
+    keys ``only`` names) except for Transformer Engine extra state:
     ``core_attention._extra_state`` is never in a checkpoint (megatron-core does not save
     it) and a local-layer checkpoint holds none (``key_layout``). Every extra state is
     checked before TE unpickles it (``check_extra_state``). Collective: a problem on any
@@ -91,7 +102,7 @@ def load_module_state(module, state: Dict[str, Any], path: Path, *, prefix: str 
             if is_extra_state(key):
                 check_extra_state(value, source=f"{path}: {key}")
         result = module.load_state_dict(state, strict=False)
-        problem = _state_problem(result, path, prefix)
+        problem = _state_problem(result, path, prefix, only)
     except ValueError as exc:  # CheckpointFileError included: nothing was unpickled
         problem = str(exc)
     problems = [p for p in all_gather_objects(problem) if p is not None]
@@ -99,9 +110,13 @@ def load_module_state(module, state: Dict[str, Any], path: Path, *, prefix: str 
         raise ValueError(problems[0])
 
 
-def _state_problem(result, path: Path, prefix: str) -> Optional[str]:
+def _state_problem(
+    result, path: Path, prefix: str, only: Optional[Collection[str]]
+) -> Optional[str]:
     missing = [
-        key for key in result.missing_keys if key.startswith(prefix) and not is_extra_state(key)
+        key
+        for key in result.missing_keys
+        if key.startswith(prefix) and not is_extra_state(key) and (only is None or key in only)
     ]
     unexpected = [key for key in result.unexpected_keys if not is_extra_state(key)]
     if missing:
@@ -141,20 +156,30 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_model_weights(model_chunk, path: Path, *, prefix: str = "", model_config=None) -> Path:
+def load_model_weights(
+    model_chunk, path: Path, *, prefix: str = "", model_config=None, base_only: bool = False
+) -> Path:
     """Load the model tensors under ``prefix`` (all by default) from a checkpoint written at
     any TP/PP/EP layout into this rank's part of ``model_chunk``; no optimizer state.
-    The checkpoint's files are checked against its manifest first (collective).
-    Returns the checkpoint folder read."""
+    ``base_only``: not the LoRA adapters (a LoRA run's base). The checkpoint's files are
+    checked against its manifest first (collective). Returns the checkpoint folder read."""
     path = resolve_checkpoint(path)
     verify_before_loading(path)
+    if base_only and (path / ADAPTER_BASE_FILE).is_file():
+        raise ValueError(
+            f"{path} is a LoRA checkpoint (adapters only), not a base model: merge it first "
+            "(mm1-convert export) or start from its base"
+        )
     model = unwrap(model_chunk)
     wanted = {
-        key: value for key, value in model.sharded_state_dict().items() if key.startswith(prefix)
+        key: value
+        for key, value in model.sharded_state_dict().items()
+        if key.startswith(prefix) and not (base_only and is_adapter_key(key))
     }
     loaded = load_sharded({"model": wanted}, path, model_config=model_config, prefix=prefix)
     loaded = loaded["model"]
-    load_module_state(model, loaded, path, prefix=prefix)
+    only = set(loaded) if base_only else None
+    load_module_state(model, loaded, path, prefix=prefix, only=only)
     logger.info(
         "loaded %d tensors of %s from %s", len(loaded), prefix.rstrip(".") or "the model", path
     )

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
-from mm1_megatron.checkpoint import layout
+from mm1_megatron.checkpoint import adapters, layout
 from mm1_megatron.checkpoint.diagnostics import model_differences
 from mm1_megatron.checkpoint.layout import MODEL_OPTIM_DIR, TRAINER_STATE_FILE
 from mm1_megatron.checkpoint.loading import (  # noqa: F401 (re-exported)
@@ -88,6 +88,7 @@ class CheckpointManager:
         self.cfg = cfg
         self.save_dir = Path(cfg.save_dir) if cfg.save_dir else None
         self.async_queue = AsyncCallsQueue() if cfg.async_save else None
+        self._base_record: Optional[Dict[str, Optional[str]]] = None
         if self.save_dir is not None and _rank() == 0:
             self.save_dir.mkdir(parents=True, exist_ok=True)
             layout.remove_stale_temporaries(self.save_dir)
@@ -97,6 +98,9 @@ class CheckpointManager:
     def _sharded_state_dict(self, state: TrainingState, *, is_loading: bool) -> Dict[str, Any]:
         (chunk,) = state.model_chunks
         model_state = unwrap(chunk).sharded_state_dict()
+        if state.config.model.lora.enabled:  # the frozen base is initial_weights
+            keys = adapters.trained_keys(unwrap(chunk))
+            model_state = adapters.trained_state(model_state, keys)
         metadata = {"distrib_optim_sharding_type": self.cfg.optimizer_sharding}
         return {
             "model": model_state,
@@ -146,6 +150,16 @@ class CheckpointManager:
         }
         (folder / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         save_config(state.config, folder / "config.yaml")
+        if state.config.model.lora.enabled:
+            adapters.write_base_record(folder, self._adapter_base_record(state.config))
+
+    def _adapter_base_record(self, config: MM1Config) -> Dict[str, Optional[str]]:
+        """The base of a LoRA run, fingerprinted once (it does not change during a run)."""
+        if self._base_record is None:
+            initial = config.checkpoint.initial_weights
+            assert initial is not None, "validate_config requires it with save_dir"
+            self._base_record = adapters.base_record(initial)
+        return self._base_record
 
     def _finalizer(self, step: int) -> Callable[[], None]:
         def finalize() -> None:
@@ -234,6 +248,7 @@ class CheckpointManager:
     def load(self, state: TrainingState, path: Path) -> Dict[str, Any]:
         """Restore model, optimizer, scheduler, RNG and returns the trainer state dict."""
         trainer_state = read_trainer_state(path)
+        lora = state.config.model.lora.enabled  # the base is loaded: check_same_base
         schedule = dict(
             policy=state.config.optimizer.schedule_on_resume, checkpoint=path, config=state.config
         )
@@ -247,7 +262,8 @@ class CheckpointManager:
             model_config=state.config.model,
         )
         (chunk,) = state.model_chunks
-        load_module_state(unwrap(chunk), loaded["model"], path)
+        only = adapters.trained_keys(unwrap(chunk)) if lora else None
+        load_module_state(unwrap(chunk), loaded["model"], path, only=only)
         saved_groups = align_saved_param_groups(loaded["optimizer"], state.optimizer.param_groups)
         state.optimizer.load_state_dict(loaded["optimizer"])
         optimizer_compat.after_load(state.optimizer)
@@ -274,8 +290,11 @@ class CheckpointManager:
         return trainer_state
 
     def load_pretrained_part(
-        self, model_chunk, prefix: str, path: Path, *, model_config=None
+        self, model_chunk, prefix: str, path: Path, *, model_config=None, base_only=False
     ) -> None:
         """Load only the parameters under ``prefix`` (e.g. ``vision_encoder.``) from another
-        checkpoint; the rest of the model keeps its fresh initialisation."""
-        load_model_weights(model_chunk, path, prefix=prefix, model_config=model_config)
+        checkpoint; the rest of the model keeps its fresh initialisation. ``base_only``:
+        not the LoRA adapters."""
+        load_model_weights(
+            model_chunk, path, prefix=prefix, model_config=model_config, base_only=base_only
+        )

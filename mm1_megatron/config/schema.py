@@ -174,6 +174,33 @@ class LanguageModelConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
+# The linear layers of a transformer layer that LoRA can adapt (vision encoder and decoder;
+# MoE experts' linear_fc1/linear_fc2 included). In the connector every torch Linear is.
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (docs/post_training.md). ``rank: 0`` is off."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on each adapter's input, as PEFT
+    # Where adapters go; every other weight is frozen, except ``fully_trained`` parts.
+    parts: List[ModelPart] = field(default_factory=lambda: ["language_model"])
+    target_modules: List[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # Parts trained in full next to the adapters (LLaVA's recipe trains its projector so).
+    fully_trained: List[ModelPart] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclass
 class ModelConfig:
     vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
@@ -193,6 +220,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     # Parts whose parameters are not trained: vision_encoder, connector, language_model.
     freeze: List[ModelPart] = field(default_factory=list)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 @dataclass

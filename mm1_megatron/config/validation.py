@@ -23,6 +23,7 @@ from mm1_megatron.config.model_checks import (
     check_vision,
     fp8_setting,
 )
+from mm1_megatron.config.post_training_checks import check_lora
 from mm1_megatron.config.schema import MODEL_PARTS, MM1Config
 from mm1_megatron.config.typecheck import key_choice_error
 
@@ -382,6 +383,7 @@ def validate_config(cfg: MM1Config) -> MM1Config:
         _check_tiling_and_conversations,
         check_native_resolution_uses,
         check_model_impl,
+        check_lora,
         _check_checkpoint,
         _check_eval,
     ):

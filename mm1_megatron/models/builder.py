@@ -22,10 +22,12 @@ def build_mm1_model(
     pre_process: bool = True,
     post_process: bool = True,
     init_seed: Optional[int] = None,
+    adapter_seed: int = 0,
 ) -> MM1Model:
     """Construct the model (parameters on CPU when ``runtime.use_cpu_initialization``).
 
-    With ``init_seed`` the weights are the same for every TP/PP layout (models/seeding.py).
+    With ``init_seed`` the weights are the same for every TP/PP layout (models/seeding.py);
+    LoRA adapters (``model.lora``) are drawn from ``adapter_seed`` at any layout.
     """
     return MM1Model(
         model,
@@ -35,4 +37,5 @@ def build_mm1_model(
         pre_process=pre_process,
         post_process=post_process,
         init_seed=init_seed,
+        adapter_seed=adapter_seed,
     )

@@ -25,6 +25,7 @@ from mm1_megatron.batch.contract import merge_image_embeddings
 from mm1_megatron.batch.image_patches import grid_sizes_of
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.models.connectors import Connector
+from mm1_megatron.models.lora import add_adapters
 from mm1_megatron.models.seeding import seeded
 from mm1_megatron.models.specs import language_block_spec
 from mm1_megatron.models.vision_encoder import VisionEncoder
@@ -41,6 +42,7 @@ class MM1Model(MegatronModule):
         pre_process: bool = True,
         post_process: bool = True,
         init_seed: Optional[int] = None,
+        adapter_seed: int = 0,
     ):
         super().__init__(config=language_config)
         self.image_token_id = image_token_id
@@ -67,6 +69,8 @@ class MM1Model(MegatronModule):
                 )
         with seeded(init_seed, "language_model"):
             self.language_model = self._build_language_model(model, language_config, init_seed)
+        if model.lora.enabled:  # adapters drawn by layer name: any init device or layout
+            add_adapters(self, model.lora, seed=adapter_seed)
         self._mark_experts_as_expert_parallel()
 
     def _mark_experts_as_expert_parallel(self) -> None:

@@ -23,6 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mm1_megatron.batch import model_inputs
 from mm1_megatron.checkpoint import CheckpointManager, TrainingState
+from mm1_megatron.checkpoint.adapters import check_same_base
 from mm1_megatron.config import MM1Config, save_config, validate_config, validate_environment
 from mm1_megatron.config.layout import num_microbatches
 from mm1_megatron.data.build import build_run_data
@@ -87,7 +88,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.checkpoint)
         resume_path = self.checkpoints.resolve_resume_path()
         self.model_chunks = [self._build_model(resuming=resume_path is not None)]
-        self._load_pretrained_parts(resuming=resume_path is not None)
+        self._load_pretrained_parts(resume_path)
         self.peak_flops = self._peak_flops_per_device()
         self.accounting = StepAccounting(
             cfg,
@@ -172,6 +173,7 @@ class Trainer:
             pre_process=parallel_state.is_pipeline_first_stage(),
             post_process=parallel_state.is_pipeline_last_stage(),
             init_seed=choices.init_seed,
+            adapter_seed=cfg.training.seed,
         )
         overlap_grad, self.overlap_param_gather = resolve_overlap(
             cfg.parallel, cuda=self.ctx.device.type == "cuda"
@@ -201,12 +203,15 @@ class Trainer:
             )
         return peak
 
-    def _load_pretrained_parts(self, *, resuming: bool) -> None:
+    def _load_pretrained_parts(self, resume_path: Optional[Path]) -> None:
         initial = self.cfg.checkpoint.initial_weights
-        if initial is not None and not resuming:
+        lora = self.cfg.model.lora.enabled
+        if lora and resume_path is not None:  # a LoRA checkpoint holds no base weights
+            check_same_base(resume_path, initial)
+        if initial is not None and (resume_path is None or lora):
             for chunk in self.model_chunks:
                 self.checkpoints.load_pretrained_part(
-                    chunk, "", Path(initial), model_config=self.cfg.model
+                    chunk, "", Path(initial), model_config=self.cfg.model, base_only=lora
                 )
         parts = {
             "vision_encoder.": self.cfg.checkpoint.pretrained_vision_encoder,
@@ -215,7 +220,11 @@ class Trainer:
         for prefix, path in parts.items():
             if path is not None:
                 self.checkpoints.load_pretrained_part(
-                    self.model_chunks[0], prefix, Path(path), model_config=self.cfg.model
+                    self.model_chunks[0],
+                    prefix,
+                    Path(path),
+                    model_config=self.cfg.model,
+                    base_only=lora,
                 )
 
     def _training_state(self) -> TrainingState:
