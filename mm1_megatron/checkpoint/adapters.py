@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Set
 
 from mm1_megatron.checkpoint.key_layout import is_extra_state
-from mm1_megatron.checkpoint.loading import ADAPTER_BASE_FILE, resolve_checkpoint
+from mm1_megatron.checkpoint.loading import (
+    ADAPTER_BASE_FILE,
+    load_model_weights,
+    load_module_state,
+    load_sharded,
+    resolve_checkpoint,
+    unwrap,
+    verify_before_loading,
+)
 from mm1_megatron.checkpoint.manifest import MANIFEST_FILE
 
 logger = logging.getLogger(__name__)
@@ -95,3 +103,31 @@ def check_same_base(checkpoint: Path, initial_weights: Optional[str]) -> None:
             f"found {current['fingerprint'][:12]}); set checkpoint.initial_weights to the "
             "recorded folder"
         )
+
+
+def load_trained_weights(model_chunk, checkpoint: Path, *, model_config=None) -> None:
+    """What a LoRA run trained (adapters, fully trained parts), from its checkpoint
+    written at any layout, into this rank's part of ``model_chunk`` (an adapted model)."""
+    model = unwrap(model_chunk)
+    keys = trained_keys(model)
+    wanted = {k: v for k, v in model.sharded_state_dict().items() if k in keys}
+    loaded = load_sharded({"model": wanted}, checkpoint, model_config=model_config)["model"]
+    load_module_state(model, loaded, checkpoint, only=keys)
+
+
+def load_adapted_model(
+    model_chunk, checkpoint: Path, *, base: Optional[str] = None, model_config=None
+) -> Path:
+    """A LoRA checkpoint's whole model: its base (``base``, else the recorded
+    ``initial_weights``; its fingerprint checked) then what the run trained. Returns the
+    base folder read. Collective."""
+    checkpoint = resolve_checkpoint(Path(checkpoint))
+    verify_before_loading(checkpoint)
+    recorded = read_base_record(checkpoint)
+    if recorded is None:
+        raise ValueError(f"{checkpoint} has no {ADAPTER_BASE_FILE}: not a LoRA checkpoint")
+    base = base or recorded["initial_weights"]
+    check_same_base(checkpoint, base)
+    folder = load_model_weights(model_chunk, Path(base), model_config=model_config, base_only=True)
+    load_trained_weights(model_chunk, checkpoint, model_config=model_config)
+    return folder

@@ -111,18 +111,20 @@ class _Adapter:
                 a = _SumGradOverGroup.apply(a, self.lora_grad_group)
             h = F.linear(x, a)
             if not self.lora_explicit_comm:
+                group = parallel_state.get_tensor_model_parallel_group()
                 h = (
-                    tensor_parallel.gather_from_sequence_parallel_region(h)
+                    tensor_parallel.gather_from_sequence_parallel_region(h, group=group)
                     if self.lora_sequence_parallel
-                    else tensor_parallel.copy_to_tensor_model_parallel_region(h)
+                    else tensor_parallel.copy_to_tensor_model_parallel_region(h, group=group)
                 )
             return F.linear(h, b) * self.lora_scale
         h = F.linear(x, a)
         if self.lora_kind == "row" and not self.lora_explicit_comm:
+            group = parallel_state.get_tensor_model_parallel_group()
             h = (
-                tensor_parallel.reduce_scatter_to_sequence_parallel_region(h)
+                tensor_parallel.reduce_scatter_to_sequence_parallel_region(h, group=group)
                 if self.lora_sequence_parallel
-                else tensor_parallel.reduce_from_tensor_model_parallel_region(h)
+                else tensor_parallel.reduce_from_tensor_model_parallel_region(h, group=group)
             )
         if self.lora_grad_group is not None:
             b = _SumGradOverGroup.apply(b, self.lora_grad_group)
