@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
@@ -135,7 +135,10 @@ class CheckpointTensors:
         *,
         image_token_id: int,
         dtype: torch.dtype = torch.float32,
+        select: Callable[[str], bool] = lambda name: True,
     ):
+        """``select``: which of the model's names the checkpoint holds (a LoRA run's
+        holds only what it trained)."""
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
         from mm1_megatron.checkpoint.layout import MODEL_OPTIM_DIR
@@ -151,7 +154,7 @@ class CheckpointTensors:
         self._entries = {
             name: entry
             for name, entry in skeleton.sharded_state_dict().items()
-            if name.startswith(prefixes) and not isinstance(entry, ShardedObject)
+            if name.startswith(prefixes) and not isinstance(entry, ShardedObject) and select(name)
         }
         self._pieces = {name: _stored_pieces(entry) for name, entry in self._entries.items()}
         install_safe_loading()  # .metadata through the allowlist, even outside init_distributed

@@ -110,6 +110,11 @@ def _add_export_parser(commands) -> None:
         default="5GB",
         help="largest safetensors shard (default 5GB)",
     )
+    p.add_argument(
+        "--base",
+        type=Path,
+        help="a LoRA checkpoint's base model, where it has moved (default: the recorded one)",
+    )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
@@ -160,6 +165,7 @@ def _run_export(args) -> None:
             tokenizer=args.tokenizer,
             overwrite=args.overwrite,
             max_shard_bytes=args.max_shard_size,
+            base=args.base,
         )
     )
 

@@ -30,6 +30,7 @@ import torch
 from mm1_megatron.config import load_config
 from mm1_megatron.config.schema import MODEL_PARTS
 from mm1_megatron.conversion import megatron_io
+from mm1_megatron.conversion.adapter_source import MergedAdapterTensors, adapter_base_folder
 from mm1_megatron.conversion.checkpoint_stream import CheckpointTensors
 from mm1_megatron.conversion.errors import ConversionError
 from mm1_megatron.conversion.export_layouts import (
@@ -77,6 +78,7 @@ class ExportRequest:
     tokenizer: Optional[Path] = None  # a HF tokenizer folder replacing the checkpoint's
     overwrite: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
+    base: Optional[Path] = None  # a LoRA checkpoint's base, where it has moved
 
 
 def _choose_format(requested: str, parts) -> str:
@@ -271,22 +273,30 @@ def _inputs(request: ExportRequest, step: Path, cfg) -> List[Optional[Path]]:
 
 
 def export_checkpoint(request: ExportRequest) -> Path:
-    """Write the Hugging Face folder; returns its path."""
+    """Write the Hugging Face folder; returns its path. A LoRA run's checkpoint exports
+    merged into its base (``adapter_source.py``)."""
     step = megatron_io.resolve_step_folder(request.checkpoint)
     cfg = load_config(step / "config.yaml")
-    inputs = _inputs(request, step, cfg)
+    lora = cfg.model.lora.enabled
+    # What the base holds (parts, import records, extras); a plain checkpoint is its own.
+    data_step = adapter_base_folder(step, request.base) if lora else step
+    inputs = _inputs(request, step, cfg) + ([data_step] if lora else [])
     check_output_folder(request.output, overwrite=request.overwrite, inputs=inputs)
     with megatron_io.single_process_world():
-        parts = megatron_io.parts_in_checkpoint(step)
+        parts = megatron_io.parts_in_checkpoint(data_step)
         fmt = _choose_format(request.format, parts)
         if fmt == "llava":
             check_llava_compatible(cfg)
-        dtype = _choose_dtype(request.dtype, megatron_io.read_conversion_info(step))
+        dtype = _choose_dtype(request.dtype, megatron_io.read_conversion_info(data_step))
         needed = FORMAT_PARTS[fmt]
-        tokenizer, special = _tokenizer_and_special_ids(request, cfg, step, needed)
-        source = CheckpointTensors(
-            step, cfg.model, needed, image_token_id=(special or {}).get("image") or 0
-        )
+        tokenizer, special = _tokenizer_and_special_ids(request, cfg, data_step, needed)
+        image_token_id = (special or {}).get("image") or 0
+        if lora:
+            source = MergedAdapterTensors(
+                step, data_step, cfg.model, needed, image_token_id=image_token_id
+            )
+        else:
+            source = CheckpointTensors(step, cfg.model, needed, image_token_id=image_token_id)
         logger.info("exporting %s of %s as %s (%s)", " + ".join(needed), step, fmt, dtype)
         with staged_output(
             request.output, overwrite=request.overwrite, command="export", inputs=inputs
@@ -294,7 +304,7 @@ def export_checkpoint(request: ExportRequest) -> Path:
             format_config(fmt, cfg, special, dtype).save_pretrained(str(staging))
             writer = ShardedSafetensorsWriter(staging, max_shard_bytes=request.max_shard_bytes)
             for name, tensor in format_tensors(
-                fmt, source, cfg, dtype=tensor_dtype(dtype), extras=_load_extras(step)
+                fmt, source, cfg, dtype=tensor_dtype(dtype), extras=_load_extras(data_step)
             ):
                 writer.add(name, tensor)
             writer.close()

@@ -22,11 +22,13 @@ import torch
 from megatron.core import parallel_state
 
 from mm1_megatron.checkpoint import layout, load_model_weights, resolve_checkpoint
+from mm1_megatron.checkpoint.adapters import load_adapted_model
 from mm1_megatron.config import MM1Config, load_config, validate_config
 from mm1_megatron.config.machine import resolve_machine_settings, transformer_engine_version
 from mm1_megatron.data.tokenizers.base import Tokenizer
 from mm1_megatron.data.tokenizers.text import build_tokenizer
 from mm1_megatron.models import RuntimeOptions, build_mm1_model
+from mm1_megatron.models.lora import merge_adapters
 from mm1_megatron.parallel import init_distributed, seed_everything
 from mm1_megatron.parallel.distributed import DistributedContext
 
@@ -195,12 +197,26 @@ def load_eval_model(
         post_process=parallel_state.is_pipeline_last_stage(),
     )
     model.to(ctx.device)
-    load_model_weights(model, folder)
+    _load_weights(model, folder, cfg, overrides)
     model.eval()
     step = layout.step_of(folder)
     step = -1 if step is None else step
     logger.info("evaluating %s (step %d) at %s", folder, step, describe_layout(cfg))
     return EvalModel(cfg, model, tokenizer, ctx, folder, step)
+
+
+def _load_weights(model, folder: Path, cfg: MM1Config, overrides: Sequence[str]) -> None:
+    """The checkpoint's weights; a LoRA run's (adapters only) on its recorded base, or on
+    ``checkpoint.initial_weights=...`` given as an override, then merged into it: the same
+    function (``models/lora.py``), without the adapters' extra products per token."""
+    if not cfg.model.lora.enabled:
+        load_model_weights(model, folder)
+        return
+    given = any(o.startswith("checkpoint.initial_weights=") for o in overrides)
+    base = cfg.checkpoint.initial_weights if given else None
+    base_folder = load_adapted_model(model, folder, base=base, model_config=cfg.model)
+    merged = merge_adapters(model)
+    logger.info("LoRA checkpoint on base %s: %d adapters merged", base_folder, merged)
 
 
 def describe_layout(cfg: MM1Config) -> str:
