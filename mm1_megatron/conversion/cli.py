@@ -115,6 +115,11 @@ def _add_export_parser(commands) -> None:
         type=Path,
         help="a LoRA checkpoint's base model, where it has moved (default: the recorded one)",
     )
+    p.add_argument(
+        "--adapter",
+        action="store_true",
+        help="a LoRA checkpoint's adapters as a PEFT adapter folder (default: merged model)",
+    )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
@@ -166,6 +171,7 @@ def _run_export(args) -> None:
             overwrite=args.overwrite,
             max_shard_bytes=args.max_shard_size,
             base=args.base,
+            adapter=args.adapter,
         )
     )
 

@@ -7,7 +7,8 @@ into shards and memory never holds the whole model.
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -196,30 +197,51 @@ def llava_projector_name(name: str) -> str:
     return f"multi_modal_projector.linear_{1 if layer == '0' else 2}.{param}"
 
 
+@dataclass(frozen=True)
+class FormatNames:
+    """Where an export format puts each part: the Hugging Face prefix of the vision tower
+    and of the language model, and the connector's names (None: not in the format)."""
+
+    vision_prefix: Optional[str] = None
+    language_prefix: Optional[str] = None
+    connector: Optional[Callable[[str], str]] = None
+
+
+def _mm1_connector_name(name: str) -> str:
+    return f"connector.{name}"
+
+
+FORMAT_NAMES = {
+    "language-model": FormatNames(language_prefix=""),
+    "vision-encoder": FormatNames(vision_prefix="vision_model."),
+    "mm1": FormatNames("vision_tower.", "language_model.", _mm1_connector_name),
+    # (llava_projector_name is defined further down)
+    "llava": FormatNames(
+        "vision_tower.vision_model.", "language_model.", lambda name: llava_projector_name(name)
+    ),
+}
+
+
+def format_names(fmt: str) -> FormatNames:
+    if fmt not in FORMAT_NAMES:
+        raise ConversionError(f"unknown export format {fmt!r}")
+    return FORMAT_NAMES[fmt]
+
+
 def format_tensors(
     fmt: str, source, cfg: MM1Config, *, dtype: torch.dtype, extras: Dict[str, torch.Tensor]
 ) -> Tensors:
-    model = cfg.model
-    if fmt == "language-model":
-        yield from language_model_tensors(source, model.llm, dtype=dtype)
-    elif fmt == "vision-encoder":
+    model, names = cfg.model, format_names(fmt)
+    if names.vision_prefix is not None:
         yield from vision_tensors(
-            source, model.vision, dtype=dtype, prefix="vision_model.", extras=extras
+            source, model.vision, dtype=dtype, prefix=names.vision_prefix, extras=extras
         )
-    elif fmt == "mm1":
-        yield from vision_tensors(
-            source, model.vision, dtype=dtype, prefix="vision_tower.", extras=extras
+    if names.connector is not None:
+        yield from connector_tensors(source, dtype=dtype, rename=names.connector)
+    if names.language_prefix is not None:
+        yield from language_model_tensors(
+            source, model.llm, dtype=dtype, prefix=names.language_prefix
         )
-        yield from connector_tensors(source, dtype=dtype, rename=lambda n: f"connector.{n}")
-        yield from language_model_tensors(source, model.llm, dtype=dtype, prefix="language_model.")
-    elif fmt == "llava":
-        yield from vision_tensors(
-            source, model.vision, dtype=dtype, prefix="vision_tower.vision_model.", extras=extras
-        )
-        yield from connector_tensors(source, dtype=dtype, rename=llava_projector_name)
-        yield from language_model_tensors(source, model.llm, dtype=dtype, prefix="language_model.")
-    else:
-        raise ConversionError(f"unknown export format {fmt!r}")
 
 
 def format_config(fmt: str, cfg: MM1Config, special: Optional[Dict[str, int]], dtype: str):

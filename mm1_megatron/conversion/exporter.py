@@ -44,6 +44,13 @@ from mm1_megatron.conversion.hf_files import (
     write_model_card,
 )
 from mm1_megatron.conversion.output_folder import check_output_folder, staged_output
+from mm1_megatron.conversion.peft_export import (
+    PEFT_PREFIX,
+    adapter_config,
+    check_peft_exportable,
+    peft_tensors,
+    write_peft_folder,
+)
 from mm1_megatron.conversion.safetensors_io import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardedSafetensorsWriter,
@@ -79,6 +86,7 @@ class ExportRequest:
     overwrite: bool = False
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
     base: Optional[Path] = None  # a LoRA checkpoint's base, where it has moved
+    adapter: bool = False  # a LoRA checkpoint's adapters as a PEFT folder, not merged
 
 
 def _choose_format(requested: str, parts) -> str:
@@ -278,6 +286,8 @@ def export_checkpoint(request: ExportRequest) -> Path:
     step = megatron_io.resolve_step_folder(request.checkpoint)
     cfg = load_config(step / "config.yaml")
     lora = cfg.model.lora.enabled
+    if request.adapter:
+        return export_adapter(request, step, cfg)
     # What the base holds (parts, import records, extras); a plain checkpoint is its own.
     data_step = adapter_base_folder(step, request.base) if lora else step
     inputs = _inputs(request, step, cfg) + ([data_step] if lora else [])
@@ -315,4 +325,37 @@ def export_checkpoint(request: ExportRequest) -> Path:
             )
             _write_side_files(staging, fmt, cfg, tokenizer, special, step, dtype)
     logger.info("exported %s to %s", fmt, request.output)
+    return Path(request.output)
+
+
+def export_adapter(request: ExportRequest, step: Path, cfg) -> Path:
+    """A LoRA checkpoint's adapters as a PEFT adapter folder (``peft_export.py``), for the
+    base exported with the same ``--format``."""
+    from mm1_megatron.models.lora import is_adapter_key
+
+    if not cfg.model.lora.enabled:
+        raise ConversionError(
+            f"{step} is not a LoRA checkpoint (model.lora.rank=0): --adapter exports adapters"
+        )
+    base_step = adapter_base_folder(step, request.base)
+    inputs = [request.checkpoint, step, base_step]
+    check_output_folder(request.output, overwrite=request.overwrite, inputs=inputs)
+    with megatron_io.single_process_world():
+        fmt = _choose_format(request.format, megatron_io.parts_in_checkpoint(base_step))
+        dtype = _choose_dtype(request.dtype, megatron_io.read_conversion_info(base_step))
+        source = CheckpointTensors(
+            step, cfg.model, FORMAT_PARTS[fmt], image_token_id=0, select=is_adapter_key
+        )
+        check_peft_exportable(cfg, source.names())
+        with staged_output(
+            request.output, overwrite=request.overwrite, command="export", inputs=inputs
+        ) as staging:
+            tensors = {
+                name: tensor.to(tensor_dtype(dtype))
+                for name, tensor in peft_tensors(source, cfg, fmt)
+            }
+            suffix = ".lora_A.weight"
+            modules = [n[len(PEFT_PREFIX) : -len(suffix)] for n in tensors if n.endswith(suffix)]
+            write_peft_folder(staging, tensors, adapter_config(cfg, modules, str(base_step)))
+    logger.info("exported the adapters of %s for a %s export of %s", step, fmt, base_step)
     return Path(request.output)
