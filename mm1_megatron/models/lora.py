@@ -346,8 +346,8 @@ def _targets(model: torch.nn.Module, cfg: LoRAConfig) -> Iterator[Tuple[str, tor
         if owner is None:  # not on this pipeline stage
             continue
         for name, module in owner.named_modules():
-            if part == "connector":
-                chosen = isinstance(module, torch.nn.Linear)
+            if part == "connector":  # the readout MLP every connector type ends with
+                chosen = isinstance(module, torch.nn.Linear) and ".readout." in f".{name}"
             else:
                 chosen = name.rsplit(".", 1)[-1] in cfg.target_modules
             if chosen and parallel_kind(module) is not None:
@@ -355,7 +355,7 @@ def _targets(model: torch.nn.Module, cfg: LoRAConfig) -> Iterator[Tuple[str, tor
 
 
 def add_adapters(model: torch.nn.Module, cfg: LoRAConfig, *, seed: int) -> int:
-    """Adapters on ``cfg.target_modules`` of ``cfg.parts`` (every Linear of the connector);
+    """Adapters on ``cfg.target_modules`` of ``cfg.parts`` (the connector's readout MLP);
     every other weight frozen except ``cfg.fully_trained`` parts. Returns how many layers
     were adapted on this rank."""
     renames = _global_prefixes(model)

@@ -197,3 +197,51 @@ def count_parameters(model: ModelConfig) -> ParameterCounts:
         llm_embedding=llm_embedding,
         llm_active=llm_active,
     )
+
+
+def _adapters(rank: int, shapes, targets) -> int:
+    """``rank * (in + out)`` over the ``{name: (in, out)}`` layers named in ``targets``."""
+    return sum(rank * (i + o) for name, (i, o) in shapes.items() if name in targets)
+
+
+def lora_parameters(model: ModelConfig) -> int:
+    """Parameters ``model.lora`` adds (models/lora.py): ``r * (in + out)`` per adapted
+    linear layer, experts included; 0 with LoRA off."""
+    lora = model.lora
+    if not lora.enabled:
+        return 0
+    r, targets, total = lora.rank, set(lora.target_modules), 0
+    if "vision_encoder" in lora.parts:
+        v = model.vision
+        h, f = v.hidden_size, v.ffn_hidden_size
+        shapes = {"linear_qkv": (h, 3 * h), "linear_proj": (h, h)}
+        shapes.update({"linear_fc1": (h, f), "linear_fc2": (f, h)})
+        total += v.num_layers * _adapters(r, shapes, targets)
+    if "connector" in lora.parts:
+        c, llm_h = model.connector, model.llm.hidden_size
+        width = {
+            "c_abstractor": c.hidden_size
+            if c.num_blocks_per_stage > 0
+            else model.vision.hidden_size,
+            "attn_pool": c.hidden_size,
+        }.get(c.type, model.vision.hidden_size)
+        total += r * (width + llm_h) + (c.num_readout_layers - 1) * r * 2 * llm_h
+    if "language_model" in lora.parts:
+        total += _decoder_adapters(model.llm, r, targets)
+    return total
+
+
+def _decoder_adapters(m: LanguageModelConfig, r: int, targets) -> int:
+    h, head_dim = m.hidden_size, m.attention_head_dim
+    groups = m.num_query_groups or m.num_attention_heads
+    attention = {
+        "linear_qkv": (h, (m.num_attention_heads + 2 * groups) * head_dim),
+        "linear_proj": (m.num_attention_heads * head_dim, h),
+    }
+    total = 0
+    for is_moe in moe_layer_flags(m):
+        total += _adapters(r, attention, targets)
+        f = (m.moe.expert_ffn_hidden_size or m.ffn_hidden_size) if is_moe else m.ffn_hidden_size
+        mlp = _adapters(r, {"linear_fc1": (h, 2 * f), "linear_fc2": (f, h)}, targets)
+        total += mlp * (m.moe.num_experts if is_moe else 1)
+    return total

@@ -30,7 +30,7 @@ from mm1_megatron.data.build import build_run_data
 from mm1_megatron.data.pipeline.loader import Balancing
 from mm1_megatron.data.pipeline.tiling import tile_size
 from mm1_megatron.models import build_mm1_model
-from mm1_megatron.models.param_count import count_parameters
+from mm1_megatron.models.param_count import count_parameters, lora_parameters
 from mm1_megatron.parallel import init_distributed, seed_everything
 from mm1_megatron.parallel.collectives import (
     all_gather_objects,
@@ -414,6 +414,17 @@ class Trainer:
             self.dp_size,
             self.step,
         )
+        if cfg.model.lora.enabled:
+            lora = cfg.model.lora
+            adapters = lora_parameters(cfg.model)
+            logger.info(
+                "LoRA rank %d on %s: %s adapter parameters (%.2f%% of the base), base frozen%s",
+                lora.rank,
+                ", ".join(lora.parts),
+                f"{adapters:,}",
+                100 * adapters / self.param_counts.total,
+                f"; trained in full: {', '.join(lora.fully_trained)}" if lora.fully_trained else "",
+            )
         preemption = PreemptionHandler()
         interval = cfg.checkpoint.save_interval
         try:
