@@ -1,4 +1,5 @@
-"""Config checks of post-training: LoRA adapters (``model.lora``). Run by
+"""Config checks of post-training: LoRA adapters (``model.lora``) and preference tuning
+(``training.objective=preference``, the ``preference`` section). Run by
 ``validate_config`` (``validation.py``)."""
 
 from __future__ import annotations
@@ -60,4 +61,38 @@ def check_lora(cfg: MM1Config, err: _Errors) -> None:
         c.save_dir is None or c.initial_weights is not None,
         f"{p}.rank > 0 with checkpoint.save_dir: LoRA checkpoints hold the adapters only, "
         "so set checkpoint.initial_weights to the base model's checkpoint",
+    )
+
+
+def check_preference(cfg: MM1Config, err: _Errors) -> None:
+    pref, mixture = cfg.preference, cfg.data.mixture
+    others = sorted(name for name, w in mixture.items() if w > 0 and name != "preference")
+    if cfg.training.objective != "preference":
+        err.check(
+            not mixture.get("preference", 0) > 0,
+            "data.mixture.preference > 0 needs training.objective=preference (DPO trains on "
+            "pairs of answers, not on next tokens)",
+        )
+        return
+    err.check(
+        mixture.get("preference", 0) > 0 and not others,
+        f"training.objective=preference trains on preference pairs only: set data.mixture to "
+        f"{{preference: 1.0}} (it has {', '.join(others) or 'no preference weight'}; an "
+        "included config's weights stay unless set to 0)",
+    )
+    err.check(pref.beta > 0, f"preference.beta={pref.beta} must be > 0")
+    err.check(
+        0 <= pref.label_smoothing < 0.5,
+        f"preference.label_smoothing={pref.label_smoothing} must be in [0, 0.5)",
+    )
+    err.check(
+        pref.loss == "sigmoid" or pref.label_smoothing == 0,
+        "preference.label_smoothing applies to preference.loss=sigmoid only; set it to 0",
+    )
+    err.check(
+        cfg.checkpoint.save_dir is None
+        or cfg.checkpoint.initial_weights is not None
+        or cfg.model.lora.enabled,
+        "training.objective=preference with checkpoint.save_dir: set checkpoint.initial_weights "
+        "(the reference model is the starting weights, which a resume must read again)",
     )

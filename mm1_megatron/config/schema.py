@@ -43,6 +43,8 @@ ConversationPacking = Literal["packed", "one_per_sequence"]
 OverlongConversation = Literal["truncate", "drop"]
 MicroBatchOrder = Literal["spread", "alternate", "heaviest_first"]
 OptimizerSharding = Literal["fully_reshardable", "dp_reshardable"]
+TrainingObjective = Literal["language_modeling", "preference"]
+PreferenceLoss = Literal["sigmoid", "ipo"]
 # The model's top-level parts (MM1Model's children): what model.freeze and
 # optimizer.lr_multipliers name, and the units a conversion imports and exports.
 ModelPart = Literal["vision_encoder", "connector", "language_model"]
@@ -62,6 +64,8 @@ LR_RULES = get_args(LRRule)
 RECOMPUTE_MODES = get_args(RecomputeMode)
 LAUNCHERS = get_args(Launcher)
 DATA_SOURCES = get_args(DataSource)
+# What data.mixture weighs (data/pipeline/mixture.py's SOURCE_IDS, in that order).
+DATA_MIXTURE_SOURCES = ("caption", "interleaved", "text", "conversation", "preference")
 TOKENIZER_KINDS = get_args(TokenizerKind)
 IMAGE_DECODERS = get_args(ImageDecoder)
 IMAGE_RESIZE_MODES = get_args(ImageResizeMode)
@@ -287,6 +291,9 @@ class TrainingConfig:
     # seeding.py); gpu: on the device, per tensor-parallel shard (fast, layout-dependent);
     # auto: gpu when the run resumes from a checkpoint (its weights replace them), else cpu.
     init_device: InitDevice = "auto"
+    # language_modeling: next-token loss (pre-training, SFT); preference: DPO on
+    # preference pairs (the `preference` section, data.mixture {preference: 1}).
+    objective: TrainingObjective = "language_modeling"
 
 
 @dataclass
@@ -475,6 +482,15 @@ class EvalConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """DPO (``training.objective=preference``); see docs/post_training.md."""
+
+    beta: float = 0.1  # the reward scale: r(y) = beta * log(pi(y|x) / pi_ref(y|x))
+    loss: PreferenceLoss = "sigmoid"  # sigmoid (DPO) or ipo
+    label_smoothing: float = 0.0  # sigmoid only: conservative DPO's assumed label noise
+
+
+@dataclass
 class MM1Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -484,3 +500,4 @@ class MM1Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)

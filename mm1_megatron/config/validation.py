@@ -23,8 +23,8 @@ from mm1_megatron.config.model_checks import (
     check_vision,
     fp8_setting,
 )
-from mm1_megatron.config.post_training_checks import check_lora
-from mm1_megatron.config.schema import MODEL_PARTS, MM1Config
+from mm1_megatron.config.post_training_checks import check_lora, check_preference
+from mm1_megatron.config.schema import DATA_MIXTURE_SOURCES, MODEL_PARTS, MM1Config
 from mm1_megatron.config.typecheck import key_choice_error
 
 
@@ -161,8 +161,8 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
     d = cfg.data
     for name, weight in d.mixture.items():
         err.check(
-            name in ("interleaved", "caption", "text", "conversation"),
-            f"data.mixture.{name}: unknown source; use interleaved, caption, text or conversation",
+            name in DATA_MIXTURE_SOURCES,
+            f"data.mixture.{name}: unknown source; use {', '.join(DATA_MIXTURE_SOURCES)}",
         )
         err.check(weight >= 0, f"data.mixture.{name}={weight} must be >= 0")
     err.check(sum(d.mixture.values()) > 0, "data.mixture needs at least one positive weight")
@@ -208,7 +208,7 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
                 f"unset it or set data.source=webdataset",
             )
     image_weight = sum(
-        d.mixture.get(name, 0) for name in ("interleaved", "caption", "conversation")
+        d.mixture.get(name, 0) for name in ("interleaved", "caption", "conversation", "preference")
     )
     if image_weight > 0:
         err.check(
@@ -384,6 +384,7 @@ def validate_config(cfg: MM1Config) -> MM1Config:
         check_native_resolution_uses,
         check_model_impl,
         check_lora,
+        check_preference,
         _check_checkpoint,
         _check_eval,
     ):

@@ -34,6 +34,7 @@ layout-independent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -91,6 +92,10 @@ class _Adapter:
 
     def forward(self, x, *args, **kwargs):
         output = super().forward(x, *args, **kwargs)
+        if not self.lora_active:  # the base model (DPO's reference pass)
+            if self.lora_layernorm_output:
+                return (output[0], output[1]) if len(output) == 3 else (output[0][0], output[1])
+            return output
         if not isinstance(output, tuple):  # torch.nn.Linear
             return output + self.lora_delta(x)
         if not self.lora_layernorm_output:
@@ -268,6 +273,7 @@ def add_adapter(module: torch.nn.Module, cfg: LoRAConfig, *, seed: int, name: st
     explicit = kind != "replicated" and _explicit_expert_comm(module)
     sequence_parallel = bool(getattr(module, "sequence_parallel", False)) and not explicit
     module.lora_kind = kind
+    module.lora_active = True
     module.lora_scale = cfg.scale
     module.lora_dropout = torch.nn.Dropout(cfg.dropout) if cfg.dropout else torch.nn.Identity()
     module.lora_explicit_comm = explicit
@@ -367,6 +373,19 @@ def add_adapters(model: torch.nn.Module, cfg: LoRAConfig, *, seed: int) -> int:
         for param_name, param in part.named_parameters():
             param.requires_grad_(trained or is_adapter_key(param_name))
     return len(targets)
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
+    """Within the block ``model`` computes its base model (the adapters are skipped)."""
+    adapted = [m for m in model.modules() if has_adapter(m)]
+    for module in adapted:
+        module.lora_active = False
+    try:
+        yield
+    finally:
+        for module in adapted:
+            module.lora_active = True
 
 
 def merge_adapters(model: torch.nn.Module) -> int:

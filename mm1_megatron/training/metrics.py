@@ -106,10 +106,13 @@ class StepAccounting:
         forget_moe_aux_losses()  # another model's entries, sized for its layers
 
     def losses(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-        """Token-weighted mean loss per source over micro-batches and DP ranks."""
+        """Token-weighted mean loss per source over micro-batches and DP ranks (each
+        report entry a ``[sum, count]`` pair; DPO's count pairs)."""
         if not parallel_state.is_pipeline_last_stage():
             return {}
-        names = ["loss"] + [f"loss/{name}" for name in SOURCE_IDS]
+        # The loss function's report names (the same on every rank): per-source losses,
+        # or DPO's figures (training/preference.py).
+        names = list(reports[0]) if reports else ["loss"] + [f"loss/{n}" for n in SOURCE_IDS]
         totals = torch.zeros(len(names), 2, device=self.device)
         for report in reports:
             totals += torch.stack([report[name] for name in names])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -51,6 +52,8 @@ from mm1_megatron.training.preemption import (
     StoppedWithoutCheckpoint,
     write_preemption_marker,
 )
+from mm1_megatron.training.preference import preference_loss_and_report
+from mm1_megatron.training.reference import ReferenceModel
 from mm1_megatron.training.runtime import (
     resolve_build_choices,
     resolve_machine_settings,
@@ -89,6 +92,17 @@ class Trainer:
         resume_path = self.checkpoints.resolve_resume_path()
         self.model_chunks = [self._build_model(resuming=resume_path is not None)]
         self._load_pretrained_parts(resume_path)
+        # DPO's reference: the starting weights (training/reference.py).
+        self.reference = None
+        if cfg.training.objective == "preference":
+            initial = cfg.checkpoint.initial_weights
+            self.reference = ReferenceModel(
+                self.model_chunks,
+                lora=cfg.model.lora.enabled,
+                build=lambda: self._stage_model(resuming=False),
+                bf16=self.bf16,
+                initial_weights=Path(initial) if initial else None,
+            )
         self.peak_flops = self._peak_flops_per_device()
         self.accounting = StepAccounting(
             cfg,
@@ -113,7 +127,10 @@ class Trainer:
             train_steps=cfg.training.train_steps,
         )
         self._wire_model_config()
-        self.loss_func = loss_and_report  # replaceable (tests inject non-finite losses)
+        # Replaceable (tests inject non-finite losses).
+        self.loss_func = loss_and_report
+        if cfg.training.objective == "preference":
+            self.loss_func = partial(preference_loss_and_report, settings=cfg.preference)
         self.step = 0
         self.consumed_sequences = 0
         self.loss_monitor = LossMonitor(
@@ -160,12 +177,13 @@ class Trainer:
         t = self.cfg.training
         return num_microbatches(t.global_batch_size, t.micro_batch_size, self.dp_size)
 
-    def _build_model(self, *, resuming: bool):
+    def _stage_model(self, *, resuming: bool):
+        """This pipeline stage's model, unwrapped."""
         cfg = self.cfg
         choices = resolve_build_choices(
             cfg, cuda=self.ctx.device.type == "cuda", bf16=self.bf16, resuming=resuming
         )
-        model = build_mm1_model(
+        return build_mm1_model(
             cfg.model,
             cfg.parallel,
             image_token_id=self.tokenizer.image_token_id,
@@ -175,6 +193,10 @@ class Trainer:
             init_seed=choices.init_seed,
             adapter_seed=cfg.training.seed,
         )
+
+    def _build_model(self, *, resuming: bool):
+        cfg = self.cfg
+        model = self._stage_model(resuming=resuming)
         overlap_grad, self.overlap_param_gather = resolve_overlap(
             cfg.parallel, cuda=self.ctx.device.type == "cuda"
         )
@@ -335,6 +357,13 @@ class Trainer:
             batch = next(self.data)
             data_wait_s += time.perf_counter() - waited_from
             host_batches.append(self._checked(batch))
+        if self.reference is not None:
+            self.reference.score(
+                host_batches,
+                device=self.ctx.device,
+                seq_length=self.cfg.training.seq_length,
+                micro_batch_size=self.cfg.training.micro_batch_size,
+            )
         # Each micro-batch reaches the device when the schedule takes it (not all of a
         # step's up front), and its images only on the stage that encodes them.
         with_images = parallel_state.is_pipeline_first_stage()

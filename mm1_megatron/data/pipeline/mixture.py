@@ -18,7 +18,13 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-SOURCE_IDS: Dict[str, int] = {"caption": 0, "interleaved": 1, "text": 2, "conversation": 3}
+SOURCE_IDS: Dict[str, int] = {
+    "caption": 0,
+    "interleaved": 1,
+    "text": 2,
+    "conversation": 3,
+    "preference": 4,  # pairs of answers, for DPO (preferences.py)
+}
 MIXTURE_BLOCK = 1000
 MIXTURE_STREAM = 7  # keeps these draws apart from the sources' own streams
 

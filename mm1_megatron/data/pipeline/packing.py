@@ -142,7 +142,7 @@ def pack_sequence(
         stats=stats,
     )
     images = [image for _, document_images, _ in documents for image in document_images]
-    pixels, grids = _normalised(images, image_size, image_mean, image_std, native)
+    pixels, grids = normalised_images(images, image_size, image_mean, image_std, native)
     return assemble(
         [tokens for tokens, _, _ in documents],
         source=source,
@@ -253,7 +253,7 @@ def _fill_with_whole_samples(
             image_token_id=image_token_id,
             num_image_tokens=limits.num_image_tokens,
         )
-        trainable = _expanded_trainable(sample, image_token_id, limits.num_image_tokens)
+        trainable = expanded_trainable(sample, image_token_id, limits.num_image_tokens)
         fits = (
             num_tokens + len(tokens) <= seq_length
             and num_images + len(sample.images) <= limits.max_images
@@ -305,7 +305,7 @@ def _check_skips(num_skips: int, sample: Sample, limits: _Limits) -> None:
         )
 
 
-def _expanded_trainable(
+def expanded_trainable(
     sample: Sample, image_token_id: int, num_image_tokens: int
 ) -> Optional[List[bool]]:
     if sample.trainable is None:
@@ -421,7 +421,7 @@ def assemble(
     )
 
 
-def _normalised(
+def normalised_images(
     images: Sequence[torch.Tensor],
     image_size: int,
     image_mean: Sequence[float],

@@ -16,7 +16,7 @@ Every conversation has its image; text-only data comes from the text source.
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -38,33 +38,38 @@ def _article(colour: str) -> str:
     return "an" if colour[0] in "aeiou" else "a"
 
 
-def _question(scene: Scene, kind: str, rng: np.random.Generator) -> Tuple[str, str]:
+def answer_phrase(colour: str, shape: str) -> str:
+    """``a red circle .`` / ``an orange square .``"""
+    return f"{_article(colour)} {colour} {shape} ."
+
+
+def question(
+    scene: Scene, kind: str, rng: np.random.Generator
+) -> Tuple[str, str, str, Optional[int]]:
+    """``(kind asked, question, answer, cell asked about)``: ``where`` becomes
+    ``is_there`` in a scene with no shape unique in colour and kind; the cell is the one
+    ``what_at`` names or ``where`` answers, else None."""
     if kind == "count":
-        return "how many shapes ?", " ".join(count_words(len(scene.shapes))) + " ."
+        return kind, "how many shapes ?", " ".join(count_words(len(scene.shapes))) + " .", None
     if kind == "describe":
-        return "describe the picture .", " ".join(caption_words(scene))
+        return kind, "describe the picture .", " ".join(caption_words(scene)), None
     if kind == "what_at":
         cell = int(rng.integers(len(CELL_NAMES)))
         found = [spec for spec in scene.shapes if spec.cell == cell]
-        answer = (
-            f"{_article(found[0].colour)} {found[0].colour} {found[0].shape} ."
-            if found
-            else "nothing ."
-        )
-        return f"what is at the {' '.join(CELL_NAMES[cell])} ?", answer
+        answer = answer_phrase(found[0].colour, found[0].shape) if found else "nothing ."
+        return kind, f"what is at the {' '.join(CELL_NAMES[cell])} ?", answer, cell
     kinds = [(spec.colour, spec.shape) for spec in scene.shapes]
     unique = [spec for spec in scene.shapes if kinds.count((spec.colour, spec.shape)) == 1]
     if kind == "where" and unique:  # (with no unique shape, asks is_there instead)
         spec = unique[int(rng.integers(len(unique)))]
-        return (
-            f"where is the {spec.colour} {spec.shape} ?",
-            f"at the {' '.join(CELL_NAMES[spec.cell])} .",
-        )
+        text = f"where is the {spec.colour} {spec.shape} ?"
+        return kind, text, f"at the {' '.join(CELL_NAMES[spec.cell])} .", spec.cell
     assert kind in ("is_there", "where"), kind
     colour = str(rng.choice(list(COLOUR_RGB)))
     shape = str(rng.choice(vocab.SHAPE_WORDS))
     present = any(spec.colour == colour and spec.shape == shape for spec in scene.shapes)
-    return f"is there {_article(colour)} {colour} {shape} ?", "yes ." if present else "no ."
+    text = f"is there {_article(colour)} {colour} {shape} ?"
+    return "is_there", text, "yes ." if present else "no .", None
 
 
 def synthetic_conversation(
@@ -78,8 +83,8 @@ def synthetic_conversation(
     turns: List[Turn] = []
     for index in range(num_questions):
         kind = QUESTION_KINDS[int(rng.integers(len(QUESTION_KINDS)))]
-        question, answer = _question(scene, kind, rng)
+        _, text, answer, _ = question(scene, kind, rng)
         if index == 0:
-            question = f"{IMAGE_MARKER} {question}"
-        turns += [Turn("user", question), Turn("assistant", answer)]
+            text = f"{IMAGE_MARKER} {text}"
+        turns += [Turn("user", text), Turn("assistant", answer)]
     return Conversation(tuple(turns), ("scene",)), scene

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,15 +31,24 @@ from mm1_megatron.data.pipeline.packing import (
     pack_documents,
     pack_sequence,
 )
+from mm1_megatron.data.pipeline.preferences import SOURCE as PREFERENCE
+from mm1_megatron.data.pipeline.preferences import (
+    Pair,
+    pack_preference_pairs,
+    preference_documents,
+)
 from mm1_megatron.data.pipeline.tiling import separator_token, tile_sample
 from mm1_megatron.data.shards.conversations import (
     ChatTemplate,
+    Conversation,
+    Turn,
     template_token,
     tokenize_conversation,
     truncate_conversation,
 )
 from mm1_megatron.data.shards.skips import DataStats
 from mm1_megatron.data.synthetic.conversations import synthetic_conversation
+from mm1_megatron.data.synthetic.preferences import synthetic_preference
 from mm1_megatron.data.synthetic.world import ASPECT_RATIOS, SyntheticGenerator
 from mm1_megatron.data.tokenizers.base import SyntheticTokenizer, Tokenizer
 
@@ -75,7 +84,7 @@ class SyntheticSequences:
         self.template = ChatTemplate(**dataclasses.asdict(self.conversations.chat_template))
         self.end_of_turn_id = (
             template_token(self.tokenizer, self.template.end_of_turn)
-            if self.probabilities["conversation"] > 0
+            if self.probabilities["conversation"] > 0 or self.probabilities[PREFERENCE] > 0
             else None
         )
         # With tiling, scenes are drawn at twice the tile size and tiled like any image;
@@ -118,6 +127,14 @@ class SyntheticSequences:
         rng = self._rng(global_index)
         source = self._draw_source(rng)
         stats = DataStats()
+        if source == PREFERENCE:
+            packed = pack_preference_pairs(
+                self._pairs(rng, self.generator),
+                tokenizer=self.tokenizer,
+                stats=stats,
+                **self.packing,
+            )
+            return packed, stats
         packed = pack_sequence(
             self._samples(source, rng, self.generator),
             tokenizer=self.tokenizer,
@@ -132,6 +149,17 @@ class SyntheticSequences:
         a pixel: the same random draws, the images only as sizes."""
         rng = self._rng(global_index)
         source = self._draw_source(rng)
+        native = self.packing["native"]
+        patch_size = None if native is None else native.patch_size
+        if source == PREFERENCE:
+            documents = preference_documents(
+                self._pairs(rng, self.shapes_only),
+                seq_length=self.packing["seq_length"],
+                num_image_tokens=self.packing["num_image_tokens"],
+                max_images=self.packing["max_images"],
+                image_token_id=self.tokenizer.image_token_id,
+            )
+            return documents_cost(documents, patch_size)
         _, documents = pack_documents(
             self._samples(source, rng, self.shapes_only),
             seq_length=self.packing["seq_length"],
@@ -140,8 +168,7 @@ class SyntheticSequences:
             image_token_id=self.tokenizer.image_token_id,
             **self._source_options(source),
         )
-        native = self.packing["native"]
-        return documents_cost(documents, None if native is None else native.patch_size)
+        return documents_cost(documents, patch_size)
 
     def _source_options(self, source: str) -> dict:
         conversation = source == "conversation"
@@ -157,8 +184,40 @@ class SyntheticSequences:
             samples = self._conversations(rng, generator)
         else:
             samples = generator.stream(source, rng)
+        return self._tiled(samples)
+
+    def _conversations(
+        self, rng: np.random.Generator, generator: SyntheticGenerator
+    ) -> Iterator[Sample]:
+        while True:
+            conversation, scene = synthetic_conversation(rng)
+            ids, targets = tokenize_conversation(conversation, self.template, self.tokenizer)
+            image = generator.draw(scene, rng)
+            yield Sample("conversation", ids, [image], trainable=targets)
+
+    def _pairs(self, rng: np.random.Generator, generator: SyntheticGenerator) -> Iterator[Pair]:
+        """Preference pairs: (chosen, rejected) conversations of one scene and question."""
+        while True:
+            pair = synthetic_preference(rng)
+            image = generator.draw(pair.scene, rng)
+            samples = []
+            for answer in (pair.chosen, pair.rejected):
+                if pair.prompt is None:  # a caption: every text token is the answer
+                    sample = generator.captioned(answer.split(), image, PREFERENCE)
+                    sample.trainable = [True] * len(sample.token_ids)
+                else:
+                    turns = (Turn("user", pair.prompt), Turn("assistant", answer))
+                    conversation = Conversation(turns, ("scene",))
+                    ids, targets = tokenize_conversation(
+                        conversation, self.template, self.tokenizer
+                    )
+                    sample = Sample(PREFERENCE, ids, [image], trainable=targets)
+                samples.append(sample)
+            yield tuple(self._tiled(samples))
+
+    def _tiled(self, samples: Iterable[Sample]) -> Iterator[Sample]:
         if self.tiling.mode == "none":
-            return samples
+            return iter(samples)
         return (
             tile_sample(
                 sample,
@@ -169,15 +228,6 @@ class SyntheticSequences:
             )
             for sample in samples
         )
-
-    def _conversations(
-        self, rng: np.random.Generator, generator: SyntheticGenerator
-    ) -> Iterator[Sample]:
-        while True:
-            conversation, scene = synthetic_conversation(rng)
-            ids, targets = tokenize_conversation(conversation, self.template, self.tokenizer)
-            image = generator.draw(scene, rng)
-            yield Sample("conversation", ids, [image], trainable=targets)
 
     def _fit_overlong(self, tokens: List[int], trainable: List[bool]):
         if self.conversations.overlong == "drop":

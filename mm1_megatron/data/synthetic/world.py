@@ -261,6 +261,10 @@ class SyntheticGenerator:
         image = self.draw(scene, rng)
         return self._sample("caption", [ImageSlot, *caption_words(scene)], [image])
 
+    def captioned(self, words: Sequence[str], image: Image, source: str) -> Sample:
+        """``<bos> <image> words <eos>`` as a sample of ``source``."""
+        return self._sample(source, [ImageSlot, *words], [image])
+
     def interleaved(self, rng: np.random.Generator) -> Sample:
         num_images = int(rng.integers(self.min_interleaved_images, self.max_interleaved_images + 1))
         scenes = [random_scene(rng, self.max_shapes) for _ in range(num_images)]
