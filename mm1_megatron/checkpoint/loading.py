@@ -168,7 +168,7 @@ def load_model_weights(
     if base_only and (path / ADAPTER_BASE_FILE).is_file():
         raise ValueError(
             f"{path} is a LoRA checkpoint (adapters only), not a base model: merge it first "
-            "(mm1-convert export) or start from its base"
+            "(mm1 convert export) or start from its base"
         )
     model = unwrap(model_chunk)
     wanted = {

@@ -81,6 +81,7 @@ def check_preference(cfg: MM1Config, err: _Errors) -> None:
         "included config's weights stay unless set to 0)",
     )
     err.check(pref.beta > 0, f"preference.beta={pref.beta} must be > 0")
+    err.check(pref.nll_weight >= 0, f"preference.nll_weight={pref.nll_weight} must be >= 0")
     err.check(
         0 <= pref.label_smoothing < 0.5,
         f"preference.label_smoothing={pref.label_smoothing} must be in [0, 0.5)",
@@ -95,4 +96,9 @@ def check_preference(cfg: MM1Config, err: _Errors) -> None:
         or cfg.model.lora.enabled,
         "training.objective=preference with checkpoint.save_dir: set checkpoint.initial_weights "
         "(the reference model is the starting weights, which a resume must read again)",
+    )
+    err.check(
+        cfg.eval.interval == 0 or cfg.eval.heldout_batches == 0,
+        "training.objective=preference: the held-out loss of evaluation during training is "
+        "a next-token loss; set eval.heldout_batches=0 (the few-shot tasks still run)",
     )

@@ -488,6 +488,8 @@ class PreferenceConfig:
     beta: float = 0.1  # the reward scale: r(y) = beta * log(pi(y|x) / pi_ref(y|x))
     loss: PreferenceLoss = "sigmoid"  # sigmoid (DPO) or ipo
     label_smoothing: float = 0.0  # sigmoid only: conservative DPO's assumed label noise
+    # Plus this times the chosen answer's mean token NLL (RPO); 0: DPO alone.
+    nll_weight: float = 0.0
 
 
 @dataclass

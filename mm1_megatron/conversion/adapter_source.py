@@ -1,4 +1,4 @@
-"""A LoRA run's checkpoint read as a whole model, for ``mm1-convert export``.
+"""A LoRA run's checkpoint read as a whole model, for ``mm1 convert export``.
 
 A LoRA checkpoint holds only what its run trained (``checkpoint/adapters.py``); its base is
 the checkpoint ``adapter_base.json`` records (or ``--base``), checked by fingerprint.

@@ -1,10 +1,10 @@
-"""A LoRA run's adapters as a PEFT adapter folder (``mm1-convert export --adapter``).
+"""A LoRA run's adapters as a PEFT adapter folder (``mm1 convert export --adapter``).
 
 ``adapter_model.safetensors`` names each factor by the module of the exported model it
 adapts (``base_model.model.<module>.lora_A.weight``), with ``adapter_config.json``
 (rank, alpha, dropout, the target modules by full name), so that
 
-    base = AutoModelForImageTextToText.from_pretrained(exported_base)  # mm1-convert export
+    base = AutoModelForImageTextToText.from_pretrained(exported_base)  # mm1 convert export
     model = PeftModel.from_pretrained(base, adapter_folder)
 
 computes what our adapted model computes, where our package is not installed. Our fused

@@ -13,6 +13,10 @@ With ``r(y) = beta * (log pi(y|x) - log pi_ref(y|x))`` and ``d = r(chosen) - r(r
 - ``ipo`` (Azar et al., 2023): ``(d / beta - 1 / (2 beta))^2``, which keeps the margin
   finite where the sigmoid loss drives it to infinity on pairs it already separates.
 
+``nll_weight`` adds that times the chosen answer's mean token NLL (RPO, Pang et al., 2024):
+DPO alone can widen the margin by lowering both answers' likelihood (measured here on the
+debug model: the chosen answers' log probability fell from -14.9 to -21.5 in 200 steps).
+
 The reference log probabilities come from a forward-only pass of the frozen reference
 (the starting weights) over the same micro-batches just before the step
 (``reference_logps``), attached to each micro-batch as ``reference_logps``.
@@ -46,15 +50,23 @@ def _answer_counts(batch: Batch) -> torch.Tensor:
     return torch.zeros_like(mask).scatter_add_(1, batch["document_ids"], mask)
 
 
+def _pairs_of(values: torch.Tensor, counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    chosen, rejected = values[:, 0::2], values[:, 1::2]
+    width = min(chosen.shape[1], rejected.shape[1])
+    real = (counts[:, 0::2][:, :width] > 0) & (counts[:, 1::2][:, :width] > 0)
+    return chosen[:, :width][real], rejected[:, :width][real]
+
+
 def pair_logps(logps: torch.Tensor, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(chosen, rejected)`` log probabilities ``[num_pairs]`` of the micro-batch's pairs
     (document pairs ``2k, 2k + 1`` whose answers both have tokens), row by row."""
+    return _pairs_of(logps, _answer_counts(batch))
+
+
+def chosen_lengths(batch: Batch) -> torch.Tensor:
+    """``[num_pairs]``: the chosen answers' token counts, in ``pair_logps`` order."""
     counts = _answer_counts(batch)
-    chosen, rejected = logps[:, 0::2], logps[:, 1::2]
-    chosen_counts, rejected_counts = counts[:, 0::2], counts[:, 1::2]
-    width = min(chosen.shape[1], rejected.shape[1])
-    real = (chosen_counts[:, :width] > 0) & (rejected_counts[:, :width] > 0)
-    return chosen[:, :width][real], rejected[:, :width][real]
+    return _pairs_of(counts, counts)[0]
 
 
 def preference_loss(
@@ -90,6 +102,8 @@ def preference_loss_and_report(
     policy = pair_logps(document_logps(per_token_loss, batch), batch)
     reference = pair_logps(batch["reference_logps"].float(), batch)
     losses, margins = preference_loss(policy, reference, settings)
+    if settings.nll_weight > 0:  # RPO: the chosen answer's mean token NLL as well
+        losses = losses - settings.nll_weight * policy[0] / chosen_lengths(batch)
     num_pairs = torch.tensor(float(losses.numel()), device=losses.device)
     loss_sum = losses.sum()
     beta = settings.beta

@@ -58,6 +58,7 @@ def _direct(per_token_loss, batch, settings: PreferenceConfig) -> torch.Tensor:
                 eps = settings.label_smoothing
                 total = total - (1 - eps) * torch.log(torch.sigmoid(h))
                 total = total - eps * torch.log(torch.sigmoid(-h))
+            total = total - settings.nll_weight * logp[chosen] / answer[chosen].sum()
     return total
 
 
@@ -68,8 +69,9 @@ def _direct(per_token_loss, batch, settings: PreferenceConfig) -> torch.Tensor:
         PreferenceConfig(beta=2.0),
         PreferenceConfig(beta=0.5, label_smoothing=0.2),
         PreferenceConfig(beta=0.3, loss="ipo"),
+        PreferenceConfig(beta=0.1, nll_weight=0.5),
     ],
-    ids=["sigmoid", "sigmoid_large_beta", "conservative", "ipo"],
+    ids=["sigmoid", "sigmoid_large_beta", "conservative", "ipo", "rpo"],
 )
 def test_loss_and_gradient_equal_the_papers_formula(settings):
     batch, per_token_loss = _batch(seed=0)
@@ -229,6 +231,10 @@ def test_synthetic_pairs_state_the_scene_and_one_wrong_fact():
             "applies to preference.loss=sigmoid only",
         ),
         (["preference.loss=kto"], "preference.loss"),
+        (
+            ["training.objective=preference", "data.mixture={preference: 1.0}", "eval.interval=5"],
+            "set eval.heldout_batches=0",
+        ),
     ],
 )
 def test_config_checks_name_the_field_and_the_fix(tiny_config, overrides, message):
