@@ -63,8 +63,16 @@ def _run(world_size: int, layouts: dict, out_dir: Path, steps: int) -> None:
         session_pools()(world_size).run(WORKER, str(spec), str(out_dir))
 
 
+# Half the debug sequence and batch (2 micro-batches of 2): the same code paths, half
+# the time.
+SMALLER = ["training.seq_length=128", "training.global_batch_size=4", "training.micro_batch_size=2"]
+
+
 def _saving(out_dir: Path, name: str, base: Path) -> list:
-    return [f"checkpoint.save_dir={out_dir / name / 'ckpt'}", f"checkpoint.initial_weights={base}"]
+    return SMALLER + [
+        f"checkpoint.save_dir={out_dir / name / 'ckpt'}",
+        f"checkpoint.initial_weights={base}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +80,9 @@ def results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lora_layouts")
     bases = {"dense": [], "moe": MOE}
     base_runs = {
-        f"base_{kind}": overrides + [f"checkpoint.save_dir={out / f'base_{kind}' / 'ckpt'}"]
+        f"base_{kind}": overrides
+        + SMALLER
+        + [f"checkpoint.save_dir={out / f'base_{kind}' / 'ckpt'}"]
         for kind, overrides in bases.items()
     }
     _run(1, base_runs, out, steps=1)
