@@ -1,4 +1,5 @@
-"""Checkpoints of LoRA runs (``model.lora``).
+"""Checkpoints of LoRA runs (``model.lora``), and the starting weights a LoRA or DPO run
+records.
 
 They hold what the run trains (the adapters, any ``model.lora.fully_trained`` part, and
 the optimizer state of those) and never the frozen base weights, which come from
@@ -29,6 +30,15 @@ from mm1_megatron.checkpoint.loading import (
 from mm1_megatron.checkpoint.manifest import MANIFEST_FILE
 
 logger = logging.getLogger(__name__)
+
+
+def records_its_base(config) -> bool:
+    """Whether a run's checkpoints record their starting weights (``adapter_base.json``):
+    LoRA (the checkpoints hold no base), and DPO from ``initial_weights`` (its reference)."""
+    preference = config.training.objective == "preference"
+    return config.model.lora.enabled or (
+        preference and config.checkpoint.initial_weights is not None
+    )
 
 
 def trained_keys(module) -> Set[str]:
@@ -74,18 +84,18 @@ def read_base_record(checkpoint: Path) -> Optional[Dict[str, Optional[str]]]:
 
 
 def check_same_base(checkpoint: Path, initial_weights: Optional[str]) -> None:
-    """Refuse to resume the LoRA checkpoint ``checkpoint`` on another base than it was
-    trained on (``ValueError`` naming both)."""
+    """Refuse to resume (or read) ``checkpoint`` on other starting weights than it was
+    trained from: a LoRA run's base, a DPO run's reference (``ValueError`` naming both)."""
     recorded = read_base_record(checkpoint)
     if recorded is None:
         raise ValueError(
-            f"{checkpoint} has no {ADAPTER_BASE_FILE}: it is not a checkpoint of a LoRA run "
-            "(model.lora.rank > 0); resume it with the config it was written with"
+            f"{checkpoint} has no {ADAPTER_BASE_FILE}: it was not written by a LoRA run or "
+            "a DPO run from checkpoint.initial_weights; resume it with its own config"
         )
     if initial_weights is None:
         raise ValueError(
-            f"{checkpoint} holds LoRA adapters only; set checkpoint.initial_weights to their "
-            f"base, {recorded['initial_weights']}"
+            f"{checkpoint} was trained from {recorded['initial_weights']}; set "
+            "checkpoint.initial_weights to it"
         )
     current = base_record(initial_weights)
     if recorded.get("fingerprint") is None or current["fingerprint"] is None:
@@ -98,7 +108,7 @@ def check_same_base(checkpoint: Path, initial_weights: Optional[str]) -> None:
     if current["fingerprint"] != recorded["fingerprint"]:
         raise ValueError(
             f"checkpoint.initial_weights={initial_weights} ({current['initial_weights']}) is "
-            f"not the base the LoRA checkpoint {checkpoint} was trained on "
+            f"not the base the checkpoint {checkpoint} was trained from "
             f"({recorded['initial_weights']}, fingerprint {recorded['fingerprint'][:12]}, "
             f"found {current['fingerprint'][:12]}); set checkpoint.initial_weights to the "
             "recorded folder"

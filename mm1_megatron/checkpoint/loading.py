@@ -178,7 +178,8 @@ def load_model_weights(
     }
     loaded = load_sharded({"model": wanted}, path, model_config=model_config, prefix=prefix)
     loaded = loaded["model"]
-    only = set(loaded) if base_only else None
+    # Strict about every base tensor under prefix; the adapters are not in a base.
+    only = {k for k in model.state_dict() if not is_adapter_key(k)} if base_only else None
     load_module_state(model, loaded, path, prefix=prefix, only=only)
     logger.info(
         "loaded %d tensors of %s from %s", len(loaded), prefix.rstrip(".") or "the model", path

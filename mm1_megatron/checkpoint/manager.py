@@ -150,7 +150,7 @@ class CheckpointManager:
         }
         (folder / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         save_config(state.config, folder / "config.yaml")
-        if state.config.model.lora.enabled:
+        if adapters.records_its_base(state.config):
             adapters.write_base_record(folder, self._adapter_base_record(state.config))
 
     def _adapter_base_record(self, config: MM1Config) -> Dict[str, Optional[str]]:

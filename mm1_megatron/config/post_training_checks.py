@@ -44,17 +44,34 @@ def check_lora(cfg: MM1Config, err: _Errors) -> None:
         f"model.freeze names {', '.join(frozen)}, which {p} trains; with LoRA every other "
         "weight is frozen already: leave model.freeze empty",
     )
+    err.check(
+        bool(lora.target_modules) or "connector" in lora.parts,
+        f"{p}.target_modules is empty: no layer would get an adapter; name some of "
+        f"{', '.join(LORA_TARGETS)}",
+    )
     moe = cfg.model.llm.moe
     expert_targets = {"linear_fc1", "linear_fc2"} & set(lora.target_modules)
+    grouped = moe.grouped_gemm is True or (
+        moe.grouped_gemm is None and cfg.model.transformer_impl == "transformer_engine"
+    )
+    err.check(
+        not (moe.num_experts > 0 and grouped and expert_targets and "language_model" in lora.parts),
+        f"{p} cannot adapt grouped-GEMM experts: set model.llm.moe.grouped_gemm=false, or "
+        f"leave linear_fc1/linear_fc2 out of {p}.target_modules",
+    )
+    par = cfg.parallel
+    expert_tp = par.expert_tensor_parallel_size or par.tensor_parallel_size
     err.check(
         not (
             moe.num_experts > 0
-            and moe.grouped_gemm
             and expert_targets
             and "language_model" in lora.parts
+            and expert_tp != par.tensor_parallel_size
         ),
-        f"{p} cannot adapt grouped-GEMM experts: set model.llm.moe.grouped_gemm=false, or "
-        f"leave linear_fc1/linear_fc2 out of {p}.target_modules",
+        f"{p} on MoE experts needs parallel.expert_tensor_parallel_size equal to "
+        f"parallel.tensor_parallel_size (got {expert_tp} and {par.tensor_parallel_size}): "
+        "other expert splits are not tested with adapters; leave linear_fc1/linear_fc2 out "
+        f"of {p}.target_modules or unset expert_tensor_parallel_size",
     )
     c = cfg.checkpoint
     err.check(
@@ -80,6 +97,17 @@ def check_preference(cfg: MM1Config, err: _Errors) -> None:
         f"{{preference: 1.0}} (it has {', '.join(others) or 'no preference weight'}; an "
         "included config's weights stay unless set to 0)",
     )
+    err.check(
+        cfg.data.source == "synthetic",
+        "training.objective=preference reads preference pairs from data.source=synthetic "
+        "only (preference shards from your own JSON are not there yet)",
+    )
+    err.check(
+        not (cfg.model.lora.enabled and cfg.model.lora.fully_trained),
+        "training.objective=preference with model.lora.fully_trained: the reference model is "
+        "the LoRA model with its adapters off, which would change as those parts train; "
+        "leave model.lora.fully_trained empty (or train without LoRA)",
+    )
     err.check(pref.beta > 0, f"preference.beta={pref.beta} must be > 0")
     err.check(pref.nll_weight >= 0, f"preference.nll_weight={pref.nll_weight} must be >= 0")
     err.check(
@@ -90,12 +118,14 @@ def check_preference(cfg: MM1Config, err: _Errors) -> None:
         pref.loss == "sigmoid" or pref.label_smoothing == 0,
         "preference.label_smoothing applies to preference.loss=sigmoid only; set it to 0",
     )
+    c = cfg.checkpoint
     err.check(
-        cfg.checkpoint.save_dir is None
-        or cfg.checkpoint.initial_weights is not None
+        (c.save_dir is None and c.load_dir is None)
+        or c.initial_weights is not None
         or cfg.model.lora.enabled,
-        "training.objective=preference with checkpoint.save_dir: set checkpoint.initial_weights "
-        "(the reference model is the starting weights, which a resume must read again)",
+        "training.objective=preference with checkpoint.save_dir or load_dir: set "
+        "checkpoint.initial_weights (the reference model is the starting weights, which a "
+        "resume must read again)",
     )
     err.check(
         cfg.eval.interval == 0 or cfg.eval.heldout_batches == 0,

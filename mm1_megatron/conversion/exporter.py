@@ -346,7 +346,7 @@ def export_adapter(request: ExportRequest, step: Path, cfg) -> Path:
         source = CheckpointTensors(
             step, cfg.model, FORMAT_PARTS[fmt], image_token_id=0, select=is_adapter_key
         )
-        check_peft_exportable(cfg, source.names())
+        check_peft_exportable(cfg, source.names(), fmt)
         with staged_output(
             request.output, overwrite=request.overwrite, command="export", inputs=inputs
         ) as staging:

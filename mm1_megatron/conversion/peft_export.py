@@ -46,7 +46,13 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
 
-def check_peft_exportable(cfg: MM1Config, adapter_names: List[str]) -> None:
+def check_peft_exportable(cfg: MM1Config, adapter_names: List[str], fmt: str) -> None:
+    if fmt == "llava":  # transformers renames Llava's modules when it loads the weights
+        raise ConversionError(
+            "--adapter writes module names as the exported weights name them, and "
+            "LlavaForConditionalGeneration's modules are named otherwise at run time, so "
+            "PEFT would not find them; export the merged model, or --format mm1"
+        )
     lora = cfg.model.lora
     if lora.fully_trained:
         raise ConversionError(

@@ -28,8 +28,8 @@ at expert-TP > 1) gets its gradient summed over the group in the backward pass.
 Initialisation is layout-independent: each ``A`` is drawn whole from a generator keyed by
 the seed and the layer's global name (layer and expert numbers across pipeline stages and
 expert ranks), then cut to this rank's share. Dropout masks are drawn from the default
-generator (the same on the ranks of a TP group); runs with dropout > 0 are not
-layout-independent.
+generator, which every rank seeds alike (so masks are alike across TP and DP ranks); runs
+with dropout > 0 are not layout-independent.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class _Adapter:
                 a = _SumGradOverGroup.apply(a, self.lora_grad_group)
             h = F.linear(x, a)
             if not self.lora_explicit_comm:
-                group = parallel_state.get_tensor_model_parallel_group()
+                group = self.lora_tp_group
                 h = (
                     tensor_parallel.gather_from_sequence_parallel_region(h, group=group)
                     if self.lora_sequence_parallel
@@ -125,7 +125,7 @@ class _Adapter:
             return F.linear(h, b) * self.lora_scale
         h = F.linear(x, a)
         if self.lora_kind == "row" and not self.lora_explicit_comm:
-            group = parallel_state.get_tensor_model_parallel_group()
+            group = self.lora_tp_group
             h = (
                 tensor_parallel.reduce_scatter_to_sequence_parallel_region(h, group=group)
                 if self.lora_sequence_parallel
@@ -198,16 +198,20 @@ def parallel_kind(module: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def _tp_rank_and_size(module) -> Tuple[int, int]:
+def _tp_group(module):
+    """The tensor-parallel group that splits ``module``: its own (an expert layer's is the
+    expert-TP group), else the one Megatron-Core would give it."""
+    group = getattr(module, "tp_group", None)
+    if group is not None:
+        return group
     if getattr(module, "is_expert", False):
-        return (
-            parallel_state.get_expert_tensor_parallel_rank(),
-            parallel_state.get_expert_tensor_parallel_world_size(),
-        )
-    return (
-        parallel_state.get_tensor_model_parallel_rank(),
-        parallel_state.get_tensor_model_parallel_world_size(),
-    )
+        return parallel_state.get_expert_tensor_parallel_group()
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _tp_rank_and_size(module) -> Tuple[int, int]:
+    group = _tp_group(module)
+    return torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
 
 
 def _explicit_expert_comm(module) -> bool:
@@ -226,11 +230,9 @@ def _grad_group(module, kind: str, explicit: bool, sequence_parallel: bool):
     if kind == "replicated":
         return None
     _, size = _tp_rank_and_size(module)
-    if size == 1:
+    if size == 1 or not (explicit or sequence_parallel):
         return None
-    if explicit:
-        return parallel_state.get_expert_tensor_parallel_group()
-    return parallel_state.get_tensor_model_parallel_group() if sequence_parallel else None
+    return _tp_group(module)
 
 
 def _drawn_a(rank: int, in_features: int, *, seed: int, name: str) -> torch.Tensor:
@@ -271,12 +273,16 @@ def add_adapter(module: torch.nn.Module, cfg: LoRAConfig, *, seed: int, name: st
             set_tensor_model_parallel_attributes(param, True, 0 if kind == "column" else 1, 1)
         module.register_parameter(factor, param)
     explicit = kind != "replicated" and _explicit_expert_comm(module)
-    sequence_parallel = bool(getattr(module, "sequence_parallel", False)) and not explicit
+    # Megatron-Core turns a layer's sequence parallelism off where its group is one rank.
+    sequence_parallel = (
+        bool(getattr(module, "sequence_parallel", False)) and not explicit and tp_size > 1
+    )
     module.lora_kind = kind
     module.lora_active = True
     module.lora_scale = cfg.scale
     module.lora_dropout = torch.nn.Dropout(cfg.dropout) if cfg.dropout else torch.nn.Identity()
     module.lora_explicit_comm = explicit
+    module.lora_tp_group = _tp_group(module) if kind != "replicated" else None
     module.lora_sequence_parallel = sequence_parallel
     module.lora_grad_group = _grad_group(module, kind, explicit, sequence_parallel)
     module.lora_gated = gated and kind == "column"

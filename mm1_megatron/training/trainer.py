@@ -24,7 +24,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mm1_megatron.batch import model_inputs
 from mm1_megatron.checkpoint import CheckpointManager, TrainingState
-from mm1_megatron.checkpoint.adapters import check_same_base
+from mm1_megatron.checkpoint.adapters import check_same_base, records_its_base
 from mm1_megatron.config import MM1Config, save_config, validate_config, validate_environment
 from mm1_megatron.config.layout import num_microbatches
 from mm1_megatron.data.build import build_run_data
@@ -99,7 +99,8 @@ class Trainer:
             self.reference = ReferenceModel(
                 self.model_chunks,
                 lora=cfg.model.lora.enabled,
-                build=lambda: self._stage_model(resuming=False),
+                # Drawn on the device when initial_weights replaces the draw anyway.
+                build=lambda: self._stage_model(resuming=initial is not None),
                 bf16=self.bf16,
                 initial_weights=Path(initial) if initial else None,
             )
@@ -228,8 +229,8 @@ class Trainer:
     def _load_pretrained_parts(self, resume_path: Optional[Path]) -> None:
         initial = self.cfg.checkpoint.initial_weights
         lora = self.cfg.model.lora.enabled
-        if lora and resume_path is not None:  # a LoRA checkpoint holds no base weights
-            check_same_base(resume_path, initial)
+        if resume_path is not None and records_its_base(self.cfg):
+            check_same_base(resume_path, initial)  # LoRA's base, or DPO's reference
         if initial is not None and (resume_path is None or lora):
             for chunk in self.model_chunks:
                 self.checkpoints.load_pretrained_part(

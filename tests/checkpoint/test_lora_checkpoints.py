@@ -108,7 +108,7 @@ def test_resume_on_another_base_is_refused(lora_run, reference, tmp_path):
         tmp_path, "other", other_base, f"checkpoint.load_dir={out / 'ckpt' / 'step_00000002'}"
     )
     assert result.returncode != 0
-    assert "is not the base the LoRA checkpoint" in result.log
+    assert "is not the base the checkpoint" in result.log
     assert "set checkpoint.initial_weights to the recorded folder" in result.log
 
 

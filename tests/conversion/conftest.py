@@ -19,6 +19,17 @@ LANGUAGE_SOURCES = ("llama", "qwen2", "mistral", "mixtral", "qwen3", "qwen3_moe"
 VISION_SOURCES = ("clip_vision", "clip", "siglip_vision")
 TOLERANCE = 1e-4
 
+# The start of a `python -c` script that must run without our package: importing any
+# mm1_megatron module raises (an export must load with transformers alone).
+WITHOUT_OUR_PACKAGE = """
+import sys, torch
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "mm1_megatron":
+            raise ImportError("mm1_megatron is blocked in this process")
+sys.meta_path.insert(0, Block())
+"""
+
 # name -> (source, part, parallel layout)
 LAYOUT_LOADS = {
     "llama_tp2": ("llama", "language_model", {"tensor_parallel_size": 2}),

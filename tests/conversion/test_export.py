@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from mm1_megatron.config.schema import MODEL_PARTS
-from tests.conversion.conftest import TOLERANCE, TRAINS, export_to
+from tests.conversion.conftest import TOLERANCE, TRAINS, WITHOUT_OUR_PACKAGE, export_to
 
 logger = logging.getLogger(__name__)
 ROUND_TRIPS = (
@@ -157,13 +157,9 @@ def test_export_writes_the_hugging_face_side_files(trained_exports):
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))
 
 
-LLAVA_CHECK = """
-import sys, torch
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "mm1_megatron":
-            raise ImportError("mm1_megatron is blocked in this process")
-sys.meta_path.insert(0, Block())
+LLAVA_CHECK = (
+    WITHOUT_OUR_PACKAGE
+    + """
 from safetensors.torch import load_file
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 from PIL import Image
@@ -178,6 +174,7 @@ print("image_tokens", int((batch["input_ids"] == model.config.image_token_id).su
 model.generate(**batch, max_new_tokens=3, do_sample=False)
 print("loaded_mm1_megatron", any(m.startswith("mm1_megatron") for m in sys.modules))
 """
+)
 
 
 def test_llava_export_loads_without_our_package(

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from tests.conversion.conftest import TOLERANCE, export_to
+from tests.conversion.conftest import TOLERANCE, WITHOUT_OUR_PACKAGE, export_to
 
 ALL_PARTS = "model.lora.parts=[vision_encoder,connector,language_model]"
 LORA = [
@@ -138,19 +138,15 @@ def test_another_base_is_refused(lora_checkpoint, conversion_dir, megatron_singl
     other = conversion_dir / "lora_other_base"
     step = _save_checkpoint(megatron_io.build_tp1_model(cfg.model, image_token_id=3), cfg, other)
     megatron_io.write_published_checkpoint(other, step.name)
-    with pytest.raises(ConversionError, match="is not the base the LoRA checkpoint"):
+    with pytest.raises(ConversionError, match="is not the base the checkpoint"):
         export_to(folder, conversion_dir / "lora_other", base=other)
 
 
 # Runs where mm1_megatron cannot be imported: the exported base's own model code
 # (trust_remote_code) and PEFT.
-PEFT_CHECK = """
-import sys, torch
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == "mm1_megatron":
-            raise ImportError("mm1_megatron is blocked in this process")
-sys.meta_path.insert(0, Block())
+PEFT_CHECK = (
+    WITHOUT_OUR_PACKAGE
+    + """
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
@@ -163,6 +159,7 @@ print("max_abs_diff", float((logits - reference["logits"]).abs().max()))
 print("adapted", sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")))
 print("loaded_mm1_megatron", any(m.startswith("mm1_megatron") for m in sys.modules))
 """
+)
 
 
 def test_peft_adapter_loads_on_the_exported_base_without_our_package(

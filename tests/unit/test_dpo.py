@@ -204,6 +204,9 @@ def test_synthetic_pairs_state_the_scene_and_one_wrong_fact():
     assert kinds >= {"caption", "describe", "how", "what", "where", "is"}
 
 
+DPO_OVERRIDES = ["training.objective=preference", "data.mixture={preference: 1.0}"]
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -235,6 +238,12 @@ def test_synthetic_pairs_state_the_scene_and_one_wrong_fact():
             ["training.objective=preference", "data.mixture={preference: 1.0}", "eval.interval=5"],
             "set eval.heldout_batches=0",
         ),
+        (
+            DPO_OVERRIDES + ["model.lora.rank=4", "model.lora.fully_trained=[connector]"],
+            "leave model.lora.fully_trained empty",
+        ),
+        (DPO_OVERRIDES + ["checkpoint.load_dir=/tmp/x"], "set checkpoint.initial_weights"),
+        (DPO_OVERRIDES + ["data.source=webdataset"], "data.source=synthetic only"),
     ],
 )
 def test_config_checks_name_the_field_and_the_fix(tiny_config, overrides, message):

@@ -236,6 +236,17 @@ def test_checkpoint_shards_the_split_factor_like_its_weight(lora_model):
         ),
         (["model.lora.fully_trained=[connector]"], "fully_trained has no effect"),
         (["model.lora.rank=4", "model.freeze=[language_model]"], "leave model.freeze empty"),
+        (["model.lora.rank=4", "model.lora.target_modules=[]"], "no layer would get an adapter"),
+        (
+            [
+                "model.lora.rank=4",
+                "model.llm.moe.num_experts=4",
+                "parallel.tensor_parallel_size=2",
+                "parallel.sequence_parallel=true",
+                "parallel.expert_tensor_parallel_size=1",
+            ],
+            "needs parallel.expert_tensor_parallel_size equal to",
+        ),
         (
             ["model.lora.rank=4", "checkpoint.save_dir=/tmp/x"],
             "set checkpoint.initial_weights to the base",

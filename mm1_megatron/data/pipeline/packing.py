@@ -141,6 +141,30 @@ def pack_sequence(
         fit_overlong=fit_overlong,
         stats=stats,
     )
+    return assemble_documents(
+        documents,
+        source=source,
+        seq_length=seq_length,
+        tokenizer=tokenizer,
+        image_size=image_size,
+        image_mean=image_mean,
+        image_std=image_std,
+        native=native,
+    )
+
+
+def assemble_documents(
+    documents: Sequence[Document],
+    *,
+    source: str,
+    seq_length: int,
+    tokenizer: Tokenizer,
+    image_size: int,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
+    native: Optional[NativeResolution] = None,
+) -> PackedSequence:
+    """One sequence of ``documents`` (``pack_documents``' choice), images normalised."""
     images = [image for _, document_images, _ in documents for image in document_images]
     pixels, grids = normalised_images(images, image_size, image_mean, image_std, native)
     return assemble(

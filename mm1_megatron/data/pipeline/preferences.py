@@ -22,9 +22,8 @@ from mm1_megatron.data.pipeline.packing import (
     Document,
     PackedSequence,
     Sample,
-    assemble,
+    assemble_documents,
     expanded_trainable,
-    normalised_images,
 )
 from mm1_megatron.data.shards.skips import DataStats
 from mm1_megatron.data.tokenizers.base import Tokenizer
@@ -99,14 +98,13 @@ def pack_preference_pairs(
         image_token_id=tokenizer.image_token_id,
         stats=stats,
     )
-    images = [image for _, document_images, _ in documents for image in document_images]
-    pixels, grids = normalised_images(images, image_size, image_mean, image_std, native)
-    return assemble(
-        [tokens for tokens, _, _ in documents],
+    return assemble_documents(
+        documents,
         source=SOURCE,
         seq_length=seq_length,
         tokenizer=tokenizer,
-        images=pixels,
-        image_grids=grids,
-        trainable=[flags for _, _, flags in documents],
+        image_size=image_size,
+        image_mean=image_mean,
+        image_std=image_std,
+        native=native,
     )
