@@ -28,7 +28,7 @@ DPO = [
 ]
 VARIANTS = {
     "full": ["optimizer.lr=0.0005"],
-    "lora": ["optimizer.lr=0.003", "model.lora.rank=8", "model.lora.fully_trained=[connector]"],
+    "lora": ["optimizer.lr=0.003", "model.lora.rank=8"],
 }
 
 
