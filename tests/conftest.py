@@ -128,7 +128,8 @@ def reference(megatron_single_process, tmp_path_factory):
     """An uninterrupted single-process debug run of ``REFERENCE_STEPS`` steps that saves
     every 2 steps (``run/metrics.jsonl``, ``ckpt/``). Saving does not change the losses,
     so runs that save differently (asynchronously, on SIGTERM) must reproduce them, and
-    every parallel layout reproduces them to 1e-5 (``tests/parallel/test_layouts.py``).
+    every parallel layout reproduces a single-process run to 1e-5
+    (``tests/parallel/test_layouts.py``, on 128-token sequences).
     It runs in this process: its losses equal a child's bit for bit (the debug run is
     seeded), and the tests that compare with it start their own commands."""
     out = tmp_path_factory.mktemp("reference")

@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from tests.launch import REPO, clean_env, launcher
 
@@ -45,6 +45,7 @@ class RankPool:
         self.world_size = world_size
         self.root = root
         self.process: Optional[subprocess.Popen] = None
+        self.retired: List[subprocess.Popen] = []  # pools whose ranks exit by themselves
         self.next_job = 0
         self.generation = 0  # how many times the pool was (re)started
 
@@ -92,7 +93,7 @@ class RankPool:
                 self._fail(f"{target} failed on rank {failed[0]['rank']}:\n{failed[0]['error']}")
             if len(reports) == self.world_size:
                 if any(r.get("retire") for r in reports):
-                    self.stop()  # the ranks exit after such a job; the next run restarts
+                    self._retire()
                 return
             if self.process.poll() is not None:
                 self._fail(f"the pool exited ({self.process.returncode}) during {target}")
@@ -105,7 +106,24 @@ class RankPool:
         log = (self.folder / "log.txt").read_text()[-6000:]
         raise RankPoolError(f"{message}\n--- pool log ({self.folder}) ---\n{log}")
 
+    def _retire(self) -> None:
+        """The ranks that asked to retire exit after their job, the others at the stop
+        file: their torchrun winds down while the next job starts a fresh pool (waiting for
+        it took 2-3 s per retirement on 2 cores). ``stop`` collects it."""
+        (self.folder / "stop").touch()
+        self.retired.append(self.process)
+        self.process = None
+
+    def _collect_retired(self) -> None:
+        for process in self.retired:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                _terminate(process)
+        self.retired.clear()
+
     def stop(self, force: bool = False) -> None:
+        self._collect_retired()
         if self.process is None or self.process.poll() is not None:
             return
         if not force:
@@ -115,20 +133,27 @@ class RankPool:
                 return
             except subprocess.TimeoutExpired:
                 pass
-        # torchrun starts every rank in a session of its own: SIGTERM lets the agent stop
-        # them; whatever is left (an agent past caring) is killed by pid.
-        import psutil
+        _terminate(self.process)
 
-        ranks = psutil.Process(self.process.pid).children(recursive=True)
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=30)
-        for rank in ranks:
-            if rank.is_running():
-                rank.kill()
+
+def _terminate(process: subprocess.Popen) -> None:
+    """torchrun starts every rank in a session of its own: SIGTERM lets the agent stop
+    them; whatever is left (an agent past caring) is killed by pid."""
+    import psutil
+
+    try:
+        ranks = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # exited meanwhile
+        ranks = []
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+    for rank in ranks:
+        if rank.is_running():
+            rank.kill()
 
 
 class RankPools:

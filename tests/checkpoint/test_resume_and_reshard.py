@@ -17,19 +17,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.parallel.test_layouts import MOE, OVERLAP, PP2, TP2, _run_worker
+from tests.parallel.test_layouts import MOE, OVERLAP, PP2, SHORT_SEQUENCES, TP2, _run_worker
 
 N = 2
 
+# Every run here packs 128-token sequences (test_layouts.py's SHORT_SEQUENCES): what a
+# checkpoint holds and how it loads do not depend on the length.
 RESUME_LAYOUTS = {
-    "tp2": TP2,
-    "pp2_vision_stage": PP2,
-    "moe_ep2": MOE + ["parallel.expert_parallel_size=2"],
+    "tp2": SHORT_SEQUENCES + TP2,
+    "pp2_vision_stage": SHORT_SEQUENCES + PP2,
+    "moe_ep2": SHORT_SEQUENCES + MOE + ["parallel.expert_parallel_size=2"],
     # The distributed optimizer with both overlaps on: resume stays bitwise exact (it
     # restores the weights from the optimizer's fp32 shards, so it cannot tell whether
     # the save gathered them first). Without the overlaps the load is the same code; the
     # saved weights equal a non-overlapped run's (test_overlap_param_gather_save.py).
-    "dp2_distopt_overlapped": ["training.micro_batch_size=2"] + OVERLAP,
+    "dp2_distopt_overlapped": SHORT_SEQUENCES + ["training.micro_batch_size=2"] + OVERLAP,
 }
 
 
@@ -62,7 +64,11 @@ def runs(tmp_path_factory):
                 f"checkpoint.load_dir={save[name] / f'step_{N:08d}'}",
                 "optimizer.schedule_on_resume=checkpoint",  # one step of the 2N-step run
             ]
-            for name, overrides in (("tp2", []), ("pp2_vision_stage", []), ("moe_ep2", MOE))
+            for name, overrides in (
+                ("tp2", SHORT_SEQUENCES),
+                ("pp2_vision_stage", SHORT_SEQUENCES),
+                ("moe_ep2", SHORT_SEQUENCES + MOE),
+            )
         },
         out,
         steps=N + 1,

@@ -32,6 +32,10 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("layout_worker.py")
 NUM_STEPS = 3
 RELATIVE_TOLERANCE = 1e-5
+# Every run of the matrix (references and layouts) packs 128-token sequences, half the
+# debug config's: still several documents and images per sequence, half the compute. How
+# a layout splits and reduces the sums does not depend on the length.
+SHORT_SEQUENCES = ["training.seq_length=128"]
 
 MOE = [
     "model.llm.moe.num_experts=4",
@@ -140,11 +144,12 @@ TEXT_ONLY_LAYOUTS = (
 
 
 def _with_text_variants(layouts: dict, text_only=None) -> dict:
+    """Each layout, with ``SHORT_SEQUENCES``, and its text-only variant where asked."""
     expanded = {}
     for name, overrides in layouts.items():
-        expanded[name] = overrides
+        expanded[name] = SHORT_SEQUENCES + overrides
         if text_only is None or name in text_only:
-            expanded[f"{name}_text_only"] = overrides + TEXT_ONLY
+            expanded[f"{name}_text_only"] = SHORT_SEQUENCES + overrides + TEXT_ONLY
     return expanded
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -175,12 +176,20 @@ def test_gpu_check_runs_its_cpu_capable_step(tmp_path):
     assert "startup" not in figures
 
 
-def test_te_steps_plumbing_runs_on_local_layers_without_a_gpu(tmp_path):
+def test_te_steps_plumbing_runs_on_local_layers_without_a_gpu(tmp_path, caplog):
     """The CPU stand-in of te_attention and te_export: a 4-step run saved at steps 2 and
     4, the logits helper (two model builds, and the export loaded with transformers) and
-    mm1-convert export, all on local layers."""
+    mm1-convert export, all on local layers. The check's ``main`` runs in this process:
+    its steps start their commands in children either way, and a child of its own would
+    only add the interpreter's and torch's start-up."""
     pytest.importorskip("transformers")
-    figures, log = _gpu_check(tmp_path, "--only", "te_attention,te_export")
+    caplog.set_level(logging.INFO)
+    output = tmp_path / "figures.json"
+    argv = ["--allow-cpu", "--output", str(output), "--only", "te_attention,te_export"]
+    code = _tool("gpu_check").main(argv)
+    log = caplog.text
+    assert code == 0, log[-3000:]
+    figures = json.loads(output.read_text())
     assert figures["te_attention"]["status"] == "ok", figures
     assert figures["te_attention"]["transformer_engine"] is False
     assert figures["te_attention"]["logits_relative_max"] == 0.0  # local against local
