@@ -53,6 +53,7 @@ from megatron.core.tensor_parallel.layers import (
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
 from mm1_megatron.config.schema import LoRAConfig
+from mm1_megatron.parallel.collectives import all_reduce_
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +76,7 @@ class _SumGradOverGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        torch.distributed.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return all_reduce_(grad.contiguous(), group=ctx.group), None
 
 
 class _Adapter:
