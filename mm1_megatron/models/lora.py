@@ -83,10 +83,12 @@ class _Adapter:
     """Mixed into an adapted layer's class by ``add_adapter``; never built on its own.
 
     Attributes set by ``add_adapter``: ``lora_kind`` ("column", "row", "replicated"),
-    ``lora_scale``, ``lora_dropout``, ``lora_explicit_comm``, ``lora_sequence_parallel``,
-    ``lora_grad_group`` (the group over which the whole factor's gradient is summed, or
-    None), ``lora_gated`` and ``lora_layernorm_output`` (a fused norm+linear of Transformer
-    Engine returns its normalised input, which the adapter reads).
+    ``lora_active`` (False: the base layer, ``adapters_disabled``), ``lora_scale``,
+    ``lora_dropout``, ``lora_explicit_comm``, ``lora_sequence_parallel``, ``lora_tp_group``
+    (the group that splits the layer), ``lora_grad_group`` (the group over which the whole
+    factor's gradient is summed, or None), ``lora_gated`` and ``lora_layernorm_output`` (a
+    fused norm+linear of Transformer Engine returns its normalised input, which the adapter
+    reads).
     """
 
     def forward(self, x, *args, **kwargs):
