@@ -58,7 +58,7 @@ class MergedAdapterTensors:
         *,
         image_token_id: int,
     ):
-        from mm1_megatron.models.lora import is_adapter_key
+        from mm1_megatron.models.lora import adapted_stems, is_adapter_key
 
         lora = model.lora
         self.scale = lora.scale
@@ -73,11 +73,7 @@ class MergedAdapterTensors:
             image_token_id=image_token_id,
             select=lambda name: is_adapter_key(name) or name.startswith(self._trained_prefixes),
         )
-        self._adapted = {
-            name[: -len("lora_a")] + "weight"
-            for name in self.trained.names()
-            if name.endswith("lora_a")
-        }
+        self._adapted = {stem + "weight" for stem in adapted_stems(self.trained.names())}
         logger.info(
             "merging %d LoRA adapters (alpha / rank = %g) into %s",
             len(self._adapted),

@@ -38,6 +38,7 @@ from mm1_megatron.conversion.mapping import (
     vision_units,
 )
 from mm1_megatron.conversion.target_configs import TARGET_STYLES, language_target
+from mm1_megatron.models.lora import adapted_stems
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _factor_pairs(module: str, a: torch.Tensor, b: torch.Tensor) -> Dict[str, to
 def peft_tensors(source, cfg: MM1Config, fmt: str) -> Iterator[Tuple[str, torch.Tensor]]:
     """``(PEFT name, tensor)`` for every adapter of ``source`` (a ``CheckpointTensors`` of
     the LoRA checkpoint's adapters), one unit at a time."""
-    adapted = {n[: -len("lora_a")] for n in source.names() if n.endswith("lora_a")}
+    adapted = set(adapted_stems(source.names()))
     for rules, shape, prefix in _units(cfg, fmt):
         rules = [r for r in rules if r.megatron[: -len("weight")] in adapted]
         if not rules:

@@ -66,6 +66,12 @@ def is_adapter_key(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in ADAPTER_NAMES
 
 
+def adapted_stems(names) -> List[str]:
+    """``<layer>.`` of every layer with an adapter among state-dict ``names``: its weight
+    is ``stem + "weight"``, its factors ``stem + LORA_A`` and ``stem + LORA_B``."""
+    return sorted(name[: -len(LORA_A)] for name in names if name.endswith("." + LORA_A))
+
+
 class _SumGradOverGroup(torch.autograd.Function):
     """Identity forward; the gradient summed over ``group`` backward."""
 

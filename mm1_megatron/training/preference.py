@@ -28,7 +28,7 @@ pair count, so accumulation and data parallelism give the mean over the step's p
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -57,16 +57,13 @@ def _pairs_of(values: torch.Tensor, counts: torch.Tensor) -> Tuple[torch.Tensor,
     return chosen[:, :width][real], rejected[:, :width][real]
 
 
-def pair_logps(logps: torch.Tensor, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+def pair_logps(
+    logps: torch.Tensor, batch: Batch, counts: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(chosen, rejected)`` log probabilities ``[num_pairs]`` of the micro-batch's pairs
-    (document pairs ``2k, 2k + 1`` whose answers both have tokens), row by row."""
-    return _pairs_of(logps, _answer_counts(batch))
-
-
-def chosen_lengths(batch: Batch) -> torch.Tensor:
-    """``[num_pairs]``: the chosen answers' token counts, in ``pair_logps`` order."""
-    counts = _answer_counts(batch)
-    return _pairs_of(counts, counts)[0]
+    (document pairs ``2k, 2k + 1`` whose answers both have tokens), row by row;
+    ``counts``: the batch's answer token counts per document, where already known."""
+    return _pairs_of(logps, _answer_counts(batch) if counts is None else counts)
 
 
 def preference_loss(
@@ -99,11 +96,13 @@ def preference_loss_and_report(
     batch: Batch, per_token_loss: torch.Tensor, *, settings: PreferenceConfig
 ):
     """``(loss summed over pairs, number of pairs, report)`` for one micro-batch."""
-    policy = pair_logps(document_logps(per_token_loss, batch), batch)
-    reference = pair_logps(batch["reference_logps"].float(), batch)
+    counts = _answer_counts(batch)  # per document, once for every pairing below
+    policy = pair_logps(document_logps(per_token_loss, batch), batch, counts)
+    reference = pair_logps(batch["reference_logps"].float(), batch, counts)
     losses, margins = preference_loss(policy, reference, settings)
     if settings.nll_weight > 0:  # RPO: the chosen answer's mean token NLL as well
-        losses = losses - settings.nll_weight * policy[0] / chosen_lengths(batch)
+        chosen_lengths = _pairs_of(counts, counts)[0]
+        losses = losses - settings.nll_weight * policy[0] / chosen_lengths
     num_pairs = torch.tensor(float(losses.numel()), device=losses.device)
     loss_sum = losses.sum()
     beta = settings.beta
