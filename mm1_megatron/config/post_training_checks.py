@@ -98,11 +98,6 @@ def check_preference(cfg: MM1Config, err: _Errors) -> None:
         "included config's weights stay unless set to 0)",
     )
     err.check(
-        cfg.data.source == "synthetic",
-        "training.objective=preference reads preference pairs from data.source=synthetic "
-        "only (preference shards from your own JSON are not there yet)",
-    )
-    err.check(
         not (cfg.model.lora.enabled and cfg.model.lora.fully_trained),
         "training.objective=preference with model.lora.fully_trained: the reference model is "
         "the LoRA model with its adapters off, which would change as those parts train; "

@@ -322,6 +322,7 @@ class ShardsConfig:
     interleaved: List[str] = field(default_factory=list)  # shard manifests
     text: List[str] = field(default_factory=list)  # indexed-dataset prefixes (<prefix>.bin/.idx)
     conversation: List[str] = field(default_factory=list)  # conversation shard manifests
+    preference: List[str] = field(default_factory=list)  # preference shard manifests (DPO)
 
 
 @dataclass

@@ -192,7 +192,7 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
             f"data.tokenizer.path (a .model file or a tokenizer "
             f"folder)",
         )
-    for name in ("caption", "interleaved", "text", "conversation"):
+    for name in ("caption", "interleaved", "text", "conversation", "preference"):
         listed, field_name = getattr(d.shards, name), f"data.shards.{name}"
         if d.source == "webdataset":
             err.check(

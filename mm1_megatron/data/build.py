@@ -26,7 +26,7 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 
 from mm1_megatron.config.schema import DataConfig, MM1Config
-from mm1_megatron.data.pipeline.conversation_source import ConversationSource
+from mm1_megatron.data.pipeline.conversation_source import ConversationSource, PreferenceSource
 from mm1_megatron.data.pipeline.images import build_image_decoder, check_image_options
 from mm1_megatron.data.pipeline.loader import Balancing, MicroBatchLoader
 from mm1_megatron.data.pipeline.mixture import SOURCE_IDS, MixtureSchedule
@@ -195,20 +195,23 @@ def _webdataset_builder(
         tiling=data_cfg.tiling,
     )
     conversations = data_cfg.conversations
+    conversation_options = dict(
+        window=data_cfg.caption_window,
+        template=ChatTemplate(**dataclasses.asdict(conversations.chat_template)),
+        overlong=conversations.overlong,
+        one_per_sequence=conversations.packing == "one_per_sequence",
+    )
     extra_options = {
         "caption": dict(window=data_cfg.caption_window),
         "interleaved": {},
-        "conversation": dict(
-            window=data_cfg.caption_window,
-            template=ChatTemplate(**dataclasses.asdict(conversations.chat_template)),
-            overlong=conversations.overlong,
-            one_per_sequence=conversations.packing == "one_per_sequence",
-        ),
+        "conversation": conversation_options,
+        "preference": conversation_options,  # a pair is never cut: overlong is not read
     }
     classes = {
         "caption": CaptionSource,
         "interleaved": InterleavedSource,
         "conversation": ConversationSource,
+        "preference": PreferenceSource,
     }
     sources: Dict[str, object] = {}
     for name, cls in classes.items():

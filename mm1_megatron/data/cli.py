@@ -5,6 +5,8 @@
         --output shards/llava
     mm1 data shards conversations llava_v1_5_mix665k.json --images llava_sft/ \\
         --output shards/sft              # multi-turn conversations, for SFT
+    mm1 data shards preferences rlaif_v.json --images rlaif_v/ \\
+        --output shards/dpo              # prompt + chosen / rejected answers, for DPO
     mm1 data shards interleaved docs-*.jsonl --images doc_images/ \\
         [--url-map downloaded.tsv] --output shards/docs
     mm1 data shards index shards/laion/*.tar --kind caption \\
@@ -72,7 +74,7 @@ def _build_options(parser: argparse.ArgumentParser) -> None:
 def _add_shards(commands) -> None:
     shards = commands.add_parser(
         "shards",
-        help="caption, interleaved or conversation tar shards and their manifest",
+        help="caption, interleaved, conversation or preference tar shards and their manifest",
         description=SHARDS_HELP,
     )
     sub = shards.add_subparsers(dest="layout", required=True, metavar="<layout>")
@@ -93,6 +95,12 @@ def _add_shards(commands) -> None:
     conv.add_argument("input", metavar="JSON", help="the LLaVA instruction JSON file")
     conv.add_argument("--images", default=".", help="folder the entries' image paths are in")
     _build_options(conv)
+    pref = sub.add_parser(
+        "preferences", help="preference JSON (LLaVA prompt + chosen / rejected) + images"
+    )
+    pref.add_argument("input", metavar="JSON", help="the preference JSON file")
+    pref.add_argument("--images", default=".", help="folder the entries' image paths are in")
+    _build_options(pref)
     inter = sub.add_parser("interleaved", help="interleaved documents as JSONL + images")
     inter.add_argument("input", nargs="+", metavar="JSONL", help="JSONL files")
     inter.add_argument("--images", default=".", help="folder for relative image paths")
@@ -188,6 +196,9 @@ def _shards(args: argparse.Namespace) -> int:
     elif args.layout == "conversations":
         items, kind = llava_conversation_items(args.input, args.images), "conversation"
         source = ("conversations", args.input, args.images)
+    elif args.layout == "preferences":
+        items, kind = llava_conversation_items(args.input, args.images), "preference"
+        source = ("preferences", args.input, args.images)
     else:
         from mm1_megatron.data.shards.ingest import load_url_map
 

@@ -14,8 +14,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from tests.data.corpus_fixtures import image_bytes
 from tests.in_process import train_in_process
 
 STEPS = 12
@@ -84,3 +86,43 @@ def test_resume_repeats_the_run_bit_for_bit(dpo_run, tmp_path):
     for m in resumed:
         assert m["loss"] == full[m["step"]]["loss"], m["step"]
         assert m["dpo/reward_margin"] == full[m["step"]]["dpo/reward_margin"], m["step"]
+
+
+def test_dpo_from_preference_shards(reference, tmp_path):
+    """``mm1 data shards preferences`` output as the DPO source: the first loss is log 2
+    and training runs (the synthetic source above checks learning)."""
+    from mm1_megatron.data import cli
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    entries = []
+    for i in range(8):
+        data, _ = image_bytes(rng, "PNG")
+        (tmp_path / "images" / f"{i}.png").write_bytes(data)
+        prompt = [{"from": "human", "value": "<image> is there a red circle ?"}]
+        answers = ("yes .", "no .") if i % 2 else ("no .", "yes .")
+        entries.append(
+            {
+                "image": f"{i}.png",
+                "conversations": prompt,
+                "chosen": answers[0],
+                "rejected": answers[1],
+            }
+        )
+    (tmp_path / "pairs.json").write_text(json.dumps(entries))
+    shards = tmp_path / "shards"
+    args = ["shards", "preferences", str(tmp_path / "pairs.json"), "--no-progress"]
+    assert cli.main([*args, "--images", str(tmp_path / "images"), "--output", str(shards)]) == 0
+    metrics = _dpo(
+        tmp_path,
+        "shards",
+        reference / "ckpt" / "step_00000006",
+        "full",
+        "training.train_steps=3",
+        "data.source=webdataset",
+        f"data.shards.preference=[{shards}]",
+        "data.num_workers=0",
+    )
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert all(math.isfinite(m["loss"]) and m["dpo/reward_accuracy"] >= 0 for m in metrics)

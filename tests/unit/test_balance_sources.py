@@ -2,7 +2,8 @@
 the sequence ``sequence`` builds, without decoding an image.
 
 Every kind (captions packed several to a sequence, interleaved documents cut by length and
-by image count, conversations shortened to fit, text chunks, the mixture), at a fixed
+by image count, conversations shortened to fit, preference pairs, text chunks, the
+mixture), at a fixed
 image size, with dynamic tiling and at native resolution, must give
 ``cost_of_sequence(sequence(i)[0])`` exactly; no image decoder is called; and a sample
 whose header reads but whose pixels do not decode is the documented exception.
@@ -70,6 +71,18 @@ def _conversations(root: Path, num: int) -> tuple:
     return path, images
 
 
+def _preferences(conversations: Path) -> Path:
+    """Preference JSON from those conversations: the prompt is all but the last answer,
+    which is chosen over a wrong count."""
+    entries = json.loads(conversations.read_text())
+    for entry in entries:
+        *prompt, answer = entry["conversations"]
+        entry.update(conversations=prompt, chosen=answer, rejected="there are nine shapes .")
+    path = conversations.with_name("preferences.json")
+    path.write_text(json.dumps(entries))
+    return path
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("balance_corpus")
@@ -98,6 +111,13 @@ def corpus(tmp_path_factory):
         samples_per_shard=5,
         **common,
     )
+    build_shards(
+        llava_conversation_items(_preferences(llava), llava_images),
+        root / "preference",
+        kind="preference",
+        samples_per_shard=5,
+        **common,
+    )
     text = make_text_jsonl(root / "text", 30)
     build_text_index(
         jsonl_texts([text]), root / "text" / "corpus", TOK, docs_per_part=8, progress=False
@@ -110,6 +130,7 @@ def _builder(root, mixture, *, seq_length=256, max_images=4, native=None, **opti
         caption=[str(root / "caption")],
         interleaved=[str(root / "interleaved")],
         conversation=[str(root / "conversation")],
+        preference=[str(root / "preference")],
         text=[str(root / "text" / "corpus")],
     )
     data = DataConfig(
@@ -185,6 +206,17 @@ def test_conversations_packed_and_shortened(corpus, packing):
     )
     _, stats = _check_costs(builder)
     assert stats["shortened_conversations"] > 0
+
+
+@pytest.mark.parametrize("images", ["fixed", "tiles", "native"])
+def test_preference_pairs_cost_two_documents_each(corpus, images):
+    tiling = TilingConfig(mode="dynamic", tile_size=SIZE, min_tiles=1, max_tiles=4)
+    options = {"tiles": dict(tiling=tiling, max_images=24), "native": dict(native=NATIVE)}
+    builder = _builder(corpus, {"preference": 1}, **options.get(images, {}))
+    costs, _ = _check_costs(builder)
+    packed = [builder.sequence(index)[0] for index in range(NUM_INDICES)]
+    assert all(int(p.document_ids[: p.num_real_tokens].max()) % 2 == 1 for p in packed)
+    assert max(cost.encoder_inputs for cost in costs) > 0
 
 
 def test_text_chunks(corpus):

@@ -243,7 +243,11 @@ DPO_OVERRIDES = ["training.objective=preference", "data.mixture={preference: 1.0
             "leave model.lora.fully_trained empty",
         ),
         (DPO_OVERRIDES + ["checkpoint.load_dir=/tmp/x"], "set checkpoint.initial_weights"),
-        (DPO_OVERRIDES + ["data.source=webdataset"], "data.source=synthetic only"),
+        (
+            DPO_OVERRIDES + ["data.source=webdataset"],
+            "data.mixture.preference=1.0 but data.shards.preference is empty",
+        ),
+        (DPO_OVERRIDES + ["data.shards.preference=[x]"], "set data.source=webdataset"),
     ],
 )
 def test_config_checks_name_the_field_and_the_fix(tiny_config, overrides, message):

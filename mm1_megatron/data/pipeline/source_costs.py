@@ -72,7 +72,11 @@ def image_shapes(
 def shard_documents_cost(documents: Sequence[ShardDocument], decoder: ImageDecoder) -> SequenceCost:
     """The ``SequenceCost`` of a sequence of these documents (images as sizes)."""
     native = decoder.native
-    return documents_cost(
-        [(document.tokens, document.pixels) for document in documents],
-        None if native is None else native.patch_size,
-    )
+    # Attention is per packed document: a preference pair is two (its images go with
+    # the first part: only their total counts).
+    parts = [
+        (tokens, document.pixels if number == 0 else [])
+        for document in documents
+        for number, (tokens, _) in enumerate(document.parts())
+    ]
+    return documents_cost(parts, None if native is None else native.patch_size)

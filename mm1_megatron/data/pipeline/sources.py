@@ -118,6 +118,19 @@ class ShardDocument:
     pixels: List[Image] = field(default_factory=list)  # decoded, or sizes (cost mode)
     trainable: Optional[List[bool]] = None  # expanded, like tokens (None: all text)
     shortened: bool = False  # an overlong conversation cut at a turn boundary
+    # A preference pair (chosen then rejected, images listed for each): where the
+    # rejected conversation's tokens start; it is packed as two documents.
+    split: Optional[int] = None
+
+    def parts(self) -> List[Tuple[List[int], Optional[List[bool]]]]:
+        """The documents this packs as: ``(tokens, trainable)`` each."""
+        if self.split is None:
+            return [(self.tokens, self.trainable)]
+        cut, flags = self.split, self.trainable
+        return [
+            (self.tokens[:cut], flags and flags[:cut]),
+            (self.tokens[cut:], flags and flags[cut:]),
+        ]
 
 
 class ShardCorpus:
@@ -360,14 +373,15 @@ class _ShardSource:
             images, grids = native.pack(pixels) if pixels else native.empty(self.decoder.dtype)
         else:
             images = stack_images(pixels) if pixels else self.decoder.empty()
+        parts = [part for doc in documents for part in doc.parts()]
         return assemble(
-            [doc.tokens for doc in documents],
+            [tokens for tokens, _ in parts],
             source=self.name,
             seq_length=self.seq_length,
             tokenizer=self.tokenizer,
             images=images,
             image_grids=grids,
-            trainable=[doc.trainable for doc in documents],
+            trainable=[trainable for _, trainable in parts],
         )
 
     def _expand(self, token_ids: List[int]) -> List[int]:

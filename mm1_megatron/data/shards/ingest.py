@@ -11,6 +11,8 @@ an item is a list of text strings and ``ImageFile``s:
   first ``gpt`` turn.
 - ``llava_conversation_items``: LLaVA instruction JSON (the same layout, ``image`` one
   path, a list of paths or absent): one conversation sample per entry, all its turns.
+  Preference JSON (the same, plus ``chosen`` / ``rejected`` answers) reads the same way:
+  the writer checks each record as its shard kind says (``writer.RECORD_PARSERS``).
 - ``interleaved_items``: JSONL documents, either ``{"segments": [{"text": ...},
   {"image": path-or-url}, ...]}`` or OBELICS-style parallel lists ``{"texts": [str|null],
   "images": [path-or-url|null]}``. URLs are looked up in a map of already downloaded

@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT = "mm1_megatron.shards"
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-SHARD_KINDS = ("caption", "interleaved", "conversation")
+SHARD_KINDS = ("caption", "interleaved", "conversation", "preference")
 MAX_OPEN_SHARDS = 32
 
 COMPRESSION_MAGIC = (

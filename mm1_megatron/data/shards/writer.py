@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from mm1_megatron.data.shards.conversations import parse_llava_record
+from mm1_megatron.data.shards.preference_records import parse_preference_record
 from mm1_megatron.data.shards.reader import (
     MANIFEST_NAME,
     SHARD_KINDS,
@@ -54,14 +55,16 @@ InputSegment = Union[str, ImageFile]
 
 @dataclass(frozen=True)
 class ConversationItem:
-    """A LLaVA-style conversation record and its image files (in marker order); in the
-    shard its ``image`` names the sample's image members."""
+    """A LLaVA-style conversation (or preference) record and its image files (in marker
+    order); in the shard its ``image`` names the sample's image members."""
 
     record: Dict[str, object]
     images: Tuple[ImageFile, ...]
 
 
 Item = Union[Sequence[InputSegment], ConversationItem]
+# How a shard kind of LLaVA-style records checks one before it is written.
+RECORD_PARSERS = {"conversation": parse_llava_record, "preference": parse_preference_record}
 
 
 class SkipItem(Exception):
@@ -160,10 +163,11 @@ def inputs_id(*parts: object) -> str:
     return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()[:16]
 
 
-def _members_of(item: Item, verify_images: bool) -> Dict[str, bytes]:
+def _members_of(item: Item, kind: str, verify_images: bool) -> Dict[str, bytes]:
     if isinstance(item, ConversationItem):
+        assert kind in RECORD_PARSERS, f"{kind} shards do not hold conversation records"
         try:
-            parse_llava_record({**item.record, "image": [f.name for f in item.images]})
+            RECORD_PARSERS[kind]({**item.record, "image": [f.name for f in item.images]})
         except BadSample as error:
             raise SkipItem(error.reason, error.detail) from error
         images = [_image_bytes(image, verify_images) for image in item.images]
@@ -225,7 +229,7 @@ def build_shards(
         if position < writer.resume_from:
             continue
         try:
-            members = _members_of(item, verify_images)
+            members = _members_of(item, kind, verify_images)
         except SkipItem as skip:
             counts[skip.reason] += 1
             logger.warning("item %d skipped: %s", position, skip)
