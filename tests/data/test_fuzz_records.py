@@ -22,6 +22,7 @@ from mm1_megatron.data.shards.conversations import (
     tokenize_conversation,
 )
 from mm1_megatron.data.shards.energon import DatasetSpec, EnergonRecords, ImagePart
+from mm1_megatron.data.shards.preference_records import parse_preference_record, tokenize_answer
 from mm1_megatron.data.shards.records import NATIVE_RECORDS, ImageRef, tokenize_segments
 from mm1_megatron.data.shards.skips import SKIP_REASONS, BadSample
 from mm1_megatron.data.tokenizers.base import SyntheticTokenizer
@@ -80,6 +81,12 @@ llava_record = st.fixed_dictionaries(
         "image": st.sampled_from(IMAGE_PARTS) | st.lists(st.sampled_from(IMAGE_PARTS)) | json_like,
         "id": json_like,
     },
+)
+preference_record = st.builds(
+    lambda record, chosen, rejected: {**record, "chosen": chosen, "rejected": rejected},
+    llava_record,
+    text_like | turn | json_like,
+    text_like | turn | json_like,
 )
 vqa_record = st.fixed_dictionaries(
     {},
@@ -223,6 +230,18 @@ def test_llava_structures_parse_or_skip(record):
     """Any JSON value where a record is expected (a record, or a sample loader's output)."""
     if isinstance(record, dict):
         check_conversation_record(record)
+
+
+@FUZZ
+@given(preference_record | json_like)
+def test_preference_records_parse_or_skip(record):
+    """As the shard writer checks a preference record and the source tokenizes it."""
+    if not isinstance(record, dict):
+        return
+    pair = parse_or_skip(lambda: parse_preference_record(record))
+    if not isinstance(pair, BadSample):
+        for conversation in pair:
+            parse_or_skip(lambda: tokenize_answer(conversation, ChatTemplate(), TOK))
 
 
 field_access = st.sampled_from(

@@ -43,9 +43,7 @@ def parse_preference_record(record: Mapping[str, Any]) -> PreferenceConversation
     prompt = record.get("conversations")
     if not isinstance(prompt, list) or not prompt:
         raise BadSample("bad_record", "no 'conversations' list (the prompt)")
-    last = prompt[-1]
-    speaker = last.get("from") if isinstance(last, Mapping) else None
-    if isinstance(speaker, str) and LLAVA_ROLES.get(speaker) not in (None, "user"):
+    if isinstance(prompt[-1], Mapping) and _role(prompt[-1]) not in (None, "user"):
         raise BadSample(
             "bad_record",
             "the prompt ('conversations') must end with a user turn; the answers are "
@@ -61,9 +59,15 @@ def parse_preference_record(record: Mapping[str, Any]) -> PreferenceConversation
     return pair[0], pair[1]
 
 
+def _role(turn: Mapping[str, Any]):
+    """Our role of a LLaVA turn, None when its speaker is unknown (or not text)."""
+    speaker = turn.get("from")
+    return LLAVA_ROLES.get(speaker) if isinstance(speaker, str) else None
+
+
 def _answer_text(record: Mapping[str, Any], key: str) -> str:
     answer = record.get(key)
-    if isinstance(answer, Mapping) and LLAVA_ROLES.get(answer.get("from")) == "assistant":
+    if isinstance(answer, Mapping) and _role(answer) == "assistant":
         answer = answer.get("value")
     if not isinstance(answer, str) or not answer.strip():
         raise BadSample(
