@@ -136,13 +136,7 @@ class PreferenceSource(ConversationSource):
         if loaded.plans is not None:
             loaded.plans, loaded.blobs = loaded.plans * 2, loaded.blobs * 2
         tokens = sides[0][0] + sides[1][0]
-        if len(tokens) > self.seq_length or loaded.num_tiles > self.max_images:
-            raise BadSample(
-                "too_long",
-                f"the pair's {len(tokens)} tokens and {loaded.num_tiles} images (tiles, each "
-                f"counted for both answers) exceed seq_length={self.seq_length} / "
-                f"max_images={self.max_images}",
-            )
+        self._check_fits(len(tokens), loaded.num_tiles, "a pair (its images counted twice): ")
         return ShardDocument(
             tokens=tokens,
             sample=loaded,

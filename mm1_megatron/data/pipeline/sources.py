@@ -384,6 +384,15 @@ class _ShardSource:
             trainable=[trainable for _, trainable in parts],
         )
 
+    def _check_fits(self, num_tokens: int, num_tiles: int, what: str = "") -> None:
+        """``BadSample("too_long")`` unless a document this size fits an empty sequence."""
+        if num_tokens > self.seq_length or num_tiles > self.max_images:
+            raise BadSample(
+                "too_long",
+                f"{what}{num_tokens} tokens and {num_tiles} images (tiles) exceed "
+                f"seq_length={self.seq_length} / max_images={self.max_images}",
+            )
+
     def _expand(self, token_ids: List[int]) -> List[int]:
         return expand_image_placeholders(
             token_ids,
@@ -441,13 +450,7 @@ class CaptionSource(_ShardSource):
     def _load(self, position: int) -> ShardDocument:
         sample = self.corpus.load(position, self.tokenizer)
         tokens = self._expand(self._tile(sample, sample.token_ids)[0])
-        if len(tokens) > self.seq_length or sample.num_tiles > self.max_images:
-            raise BadSample(
-                "too_long",
-                f"{len(tokens)} tokens and {sample.num_tiles} images (tiles) "
-                f"exceed seq_length={self.seq_length} / "
-                f"max_images={self.max_images}",
-            )
+        self._check_fits(len(tokens), sample.num_tiles)
         return ShardDocument(tokens=tokens, sample=sample)
 
 
