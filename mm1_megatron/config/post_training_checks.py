@@ -91,6 +91,7 @@ def check_preference(cfg: MM1Config, err: _Errors) -> None:
             "pairs of answers, not on next tokens)",
         )
         return
+    _check_a_pair_fits(cfg, err)
     err.check(
         mixture.get("preference", 0) > 0 and not others,
         f"training.objective=preference trains on preference pairs only: set data.mixture to "
@@ -126,4 +127,32 @@ def check_preference(cfg: MM1Config, err: _Errors) -> None:
         cfg.eval.interval == 0 or cfg.eval.heldout_batches == 0,
         "training.objective=preference: the held-out loss of evaluation during training is "
         "a next-token loss; set eval.heldout_batches=0 (the few-shot tasks still run)",
+    )
+
+
+def _tiles_per_image(cfg: MM1Config) -> int:
+    """Encoder inputs one image can become (its largest tile grid plus the overview)."""
+    tiling = cfg.data.tiling
+    if tiling.mode == "none":
+        return 1
+    grid = tiling.static_grid[0] * tiling.static_grid[1] if tiling.mode == "static" else 0
+    grid = grid or tiling.max_tiles
+    return grid + (tiling.overview != "none")
+
+
+def _check_a_pair_fits(cfg: MM1Config, err: _Errors) -> None:
+    """A pair counts its image for both answers: a sequence must hold two of them (an
+    image-free pair always fits what a caption needs)."""
+    tiles = _tiles_per_image(cfg)
+    err.check(
+        cfg.data.max_images_per_sequence >= 2 * tiles,
+        f"data.max_images_per_sequence={cfg.data.max_images_per_sequence} cannot hold one "
+        f"preference pair's images ({tiles} encoder inputs per image, counted for both "
+        f"answers): raise it to at least {2 * tiles}",
+    )
+    image_tokens = 2 * tiles * cfg.model.connector.num_output_tokens
+    err.check(
+        image_tokens + 32 <= cfg.training.seq_length,
+        f"training.seq_length={cfg.training.seq_length} cannot hold one preference pair "
+        f"({image_tokens} image tokens for its two answers plus their text); raise it",
     )

@@ -194,8 +194,8 @@ def _load_extras(step: Path) -> Dict[str, torch.Tensor]:
 
 
 def _trained_on_conversations(cfg) -> bool:
-    """A fine-tuning run: its exported tokenizer carries the chat template."""
-    return cfg.data.mixture.get("conversation", 0) > 0
+    """A fine-tuning run (SFT or DPO): its exported tokenizer carries the chat template."""
+    return any(cfg.data.mixture.get(name, 0) > 0 for name in ("conversation", "preference"))
 
 
 def _write_side_files(

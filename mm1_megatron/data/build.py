@@ -252,6 +252,8 @@ def _fingerprint(data_cfg: DataConfig, tokenizer: Tokenizer, packing: Dict) -> s
         if key not in ("num_workers", "prefetch_factor", "allow_dataset_code", "balance")
     }
     relevant["images"].pop("dali_threads")
+    if not relevant["shards"]["preference"]:  # absent: fingerprints of earlier runs stay valid
+        relevant["shards"].pop("preference")
     payload = json.dumps(
         {"data": relevant, "packing": packing, "tokenizer": tokenizer_fingerprint(tokenizer)},
         sort_keys=True,

@@ -241,7 +241,7 @@ def test_preference_records_parse_or_skip(record):
     pair = parse_or_skip(lambda: parse_preference_record(record))
     if not isinstance(pair, BadSample):
         for conversation in pair:
-            parse_or_skip(lambda: tokenize_answer(conversation, ChatTemplate(), TOK))
+            parse_or_skip(lambda c=conversation: tokenize_answer(c, ChatTemplate(), TOK))
 
 
 field_access = st.sampled_from(

@@ -49,6 +49,7 @@ GOOD = [
 BAD = {
     "ends_with_answer": _pair([*ONE_TURN, _turn("gpt", "yes .")], image="a.jpg"),
     "same_answers": _pair(ONE_TURN, "yes .", "yes .", image="a.jpg"),
+    "same_but_spaces": _pair(ONE_TURN, "yes .", " yes  . ", image="a.jpg"),
     "no_rejected": {"conversations": ONE_TURN, "chosen": "yes .", "image": "a.jpg"},
     "marker_in_answer": _pair(ONE_TURN, "<image> yes .", image="a.jpg"),
     "no_prompt": _pair([], image="a.jpg"),
@@ -194,3 +195,29 @@ def test_a_pair_that_cannot_fit_is_skipped_not_cut(shards):
     for row in range(batch["tokens"].shape[0]):
         documents = _documents(batch, row)
         assert len(documents) % 2 == 0 and all(len(d[2]) == 1 for d in documents)
+
+
+def test_a_preference_folder_read_as_another_kind_is_refused(shards, tmp_path):
+    """Without its manifest the folder is read through its energon sidecar, which names
+    the kind it was written as."""
+    import shutil
+
+    from mm1_megatron.data.shards.energon import load_source_manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(shards, copy)
+    (copy / "manifest.json").unlink()
+    assert sum(load_source_manifest(copy, "preference").shard_sizes) == len(GOOD)
+    with pytest.raises(ValueError, match="list it under data.shards.preference"):
+        load_source_manifest(copy, "conversation")
+
+
+def test_runs_without_preference_shards_keep_their_data_fingerprint():
+    """The debug run's data fingerprint as recorded before preference shards existed: an
+    empty ``data.shards.preference`` must not change it (a resume would warn that the
+    data changed)."""
+    from mm1_megatron.config import load_config, validate_config
+    from mm1_megatron.data.build import build_run_data
+
+    loader, _ = build_run_data(validate_config(load_config(REPO / "configs/debug.yaml", [])))
+    assert loader.fingerprint == "cd109bdea5ecc2e1"

@@ -248,6 +248,7 @@ DPO_OVERRIDES = ["training.objective=preference", "data.mixture={preference: 1.0
             "data.mixture.preference=1.0 but data.shards.preference is empty",
         ),
         (DPO_OVERRIDES + ["data.shards.preference=[x]"], "set data.source=webdataset"),
+        (DPO_OVERRIDES + ["data.max_images_per_sequence=1"], "cannot hold one preference pair"),
     ],
 )
 def test_config_checks_name_the_field_and_the_fix(tiny_config, overrides, message):

@@ -19,7 +19,7 @@ pair as one unit, the chosen conversation then the rejected one, each with the s
 images (so a pair counts its images twice against ``max_images_per_sequence``, as the
 encoder sees them twice), the loss on each last answer only; it packs as two documents,
 so document ``2k`` is pair ``k``'s chosen answer and ``2k + 1`` its rejected one, as the
-DPO loss reads them (``pipeline/preferences.py``). A pair is never cut: one too long for
+DPO loss reads them (``training/preference.py``). A pair is never cut: one too long for
 an empty sequence is skipped as ``too_long``.
 """
 

@@ -57,6 +57,7 @@ from mm1_megatron.data.shards.skips import BadSample
 logger = logging.getLogger(__name__)
 
 CRUDE = "CrudeWebdataset"
+KIND_SUBFLAVOR = "mm1_megatron_kind"  # names our kind in the .nv-meta mm1 data writes
 SAMPLE_TYPE_KINDS = {
     "CaptioningSample": "caption",
     "InterleavedSample": "interleaved",
@@ -195,6 +196,13 @@ def load_energon_manifest(
         raise ValueError(
             f"{folder} holds energon {spec.sample_type}s, read as {spec.kind!r} data; "
             f"it is configured as a {kind!r} source (data.shards.{kind})"
+        )
+    written_as = spec.subflavors.get(KIND_SUBFLAVOR) if spec.sample_type == CRUDE else None
+    if written_as is not None and written_as != kind:
+        raise ValueError(
+            f"{folder} holds {written_as!r} shards written by mm1 data (its .nv-meta says "
+            f"{KIND_SUBFLAVOR}: {written_as}); it is configured as a {kind!r} source "
+            f"(data.shards.{kind}): list it under data.shards.{written_as}"
         )
     paths = [str(folder / name) for name in names]
     return Manifest(

@@ -27,7 +27,7 @@ from typing import Dict, List, Tuple, Union
 
 import yaml
 
-from mm1_megatron.data.shards.energon import NV_META
+from mm1_megatron.data.shards.energon import KIND_SUBFLAVOR, NV_META
 from mm1_megatron.data.shards.reader import load_manifest, manifest_file, split_member_name
 from mm1_megatron.data.shards.records import IMAGE_EXTENSIONS
 
@@ -99,7 +99,7 @@ def _dataset_yaml(kind: str, caption_layout: bool) -> Dict[str, object]:
     return {
         "__module__": "megatron.energon",
         "__class__": "CrudeWebdataset",
-        "subflavors": {"mm1_megatron_kind": kind},
+        "subflavors": {KIND_SUBFLAVOR: kind},
     }
 
 

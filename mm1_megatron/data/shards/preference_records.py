@@ -1,7 +1,7 @@
 """Preference records: a prompt conversation and two answers to it, for DPO.
 
-The JSON is LLaVA's conversation record with two more keys (RLAIF-V and LLaVA-RLHF's
-layout)::
+The JSON is LLaVA's conversation record with two more keys (other layouts, e.g. RLAIF-V's
+parquet with ``question`` / ``chosen`` / ``rejected``, convert to it first)::
 
     {"image": "coco/0001.jpg",
      "conversations": [{"from": "human", "value": "<image>\\nWhat is on the table?"}],
@@ -50,7 +50,7 @@ def parse_preference_record(record: Mapping[str, Any]) -> PreferenceConversation
             "'chosen' and 'rejected'",
         )
     answers = [_answer_text(record, key) for key in ANSWER_KEYS]
-    if answers[0] == answers[1]:
+    if " ".join(answers[0].split()) == " ".join(answers[1].split()):
         raise BadSample("bad_record", "'chosen' and 'rejected' are the same answer")
     pair = []
     for answer in answers:

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 from mm1_megatron.config.schema import MM1Config, ModelConfig
 from mm1_megatron.training.flops import one_document_pairs, patches_per_image
 
-IMAGE_SOURCES = ("interleaved", "caption", "conversation")
+IMAGE_SOURCES = ("interleaved", "caption", "conversation", "preference")
 
 
 @dataclass(frozen=True)
