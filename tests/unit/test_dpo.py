@@ -255,3 +255,12 @@ def test_config_checks_name_the_field_and_the_fix(tiny_config, overrides, messag
     with pytest.raises(ValueError) as info:
         tiny_config(*overrides)
     assert message in str(info.value)
+
+
+def test_a_dpo_run_exports_with_the_chat_template(tiny_config):
+    """Its pairs are chat conversations: the exported tokenizer gets the template (and
+    the end-of-turn stop), as an SFT run's does; a pre-training run's does not."""
+    from mm1_megatron.conversion.exporter import _trained_on_conversations
+
+    assert _trained_on_conversations(tiny_config(*DPO_OVERRIDES))
+    assert not _trained_on_conversations(tiny_config())
