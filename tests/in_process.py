@@ -162,6 +162,46 @@ def call_in_process(function: Callable, *args) -> None:
         restore_single_process_world()
 
 
+@dataclass
+class ScriptResult:
+    returncode: int
+    stdout: str  # what the script printed, apart from its log
+    log: str  # everything logged at INFO and above, plus stderr
+
+
+def load_script(path: Path):
+    """A script of ``tools/`` as a module (its ``if __name__ == "__main__"`` block not
+    run), registered under its file name (dataclasses look their module up there)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(path: Path, argv: Sequence[str]) -> ScriptResult:
+    """``python <path> <argv>`` in this process, for a script whose ``main()`` reads
+    ``sys.argv`` (``run_main`` for the rest: logging, world, working directory); what it
+    prints to stdout is kept apart from its log, as a child's stdout would be."""
+    module = load_script(path)
+    stdout = io.StringIO()
+
+    def main(args: List[str]):
+        saved = sys.argv
+        sys.argv = [str(path), *args]
+        try:
+            with contextlib.redirect_stdout(stdout):
+                return module.main()
+        finally:
+            sys.argv = saved
+
+    main.__module__ = module.__name__  # where run_main replaces setup_logging
+    result = run_main(main, argv)
+    return ScriptResult(result.returncode, stdout.getvalue(), result.log)
+
+
 def train_in_process(*overrides: str, config: str = "configs/debug.yaml") -> CommandResult:
     """``mm1 train --config <config> <overrides>`` in this process."""
     from mm1_megatron import train

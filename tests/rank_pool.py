@@ -12,11 +12,16 @@ distributed world it needs (``init_distributed``, as the workers' ``run_*`` func
 and the worker shuts it down after the job, so no process group outlives its job. A failed
 job, a dead rank or a job past its timeout stops the pool (its ranks may be stuck in a
 collective); the next job starts a fresh one. So does a job after which a rank holds too
-many gloo threads (``rank_pool_worker.MAX_GLOO_THREADS``): megatron-core's model-parallel
-groups keep theirs after training, and each polls.
+many gloo threads (``rank_pool_worker.MAX_GLOO_THREADS``): each group's threads poll.
+After every job the worker frees the models it trained, whose groups would otherwise stay
+(``rank_pool_worker._release_trained_models``), so one pool serves the whole session.
 
-Not for runs whose point is a fresh process (a resume "in a new process", signals): those
-still launch their own command.
+``RankPool.command`` runs a command's ``main(argv)`` the same way (``mm1 train`` or
+``mm1 eval`` on N ranks, as ``torchrun --nproc-per-node N -m ...`` would run it) and hands
+back its exit code, stdout and stderr.
+
+Not for runs whose point is a fresh process (a resume "in a new process", signals,
+launchers, the README's command): those still launch their own command.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import shutil
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from tests.launch import REPO, clean_env, launcher
 
@@ -38,6 +44,15 @@ POLL_SECONDS = 0.02
 
 class RankPoolError(AssertionError):
     """A job failed on a rank, a rank died, or a job ran past its timeout."""
+
+
+@dataclass
+class PoolCommandResult:
+    """What ``RankPool.command`` hands back, as ``subprocess.run`` would for torchrun."""
+
+    returncode: int
+    stdout: str
+    stderr: str
 
 
 class RankPool:
@@ -82,6 +97,37 @@ class RankPool:
         except BaseException:
             self.stop(force=True)
             raise
+
+    def command(
+        self, target: str, argv: Sequence[str], *, timeout: float = 600
+    ) -> PoolCommandResult:
+        """``target(argv)``, a command's ``main`` (``"mm1_megatron.train:main"``), on every
+        rank (``rank_pool_worker.run_command``): what ``torchrun --nproc-per-node N -m
+        mm1_megatron.train ARGV`` runs, without its N + 1 new interpreters. The exit code
+        is the first rank's that is not 0 (1 where a rank raised); stdout and stderr are
+        the ranks' one after the other (torchrun interleaves their lines), a failed job's
+        error last."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"command_world{self.world_size}_", dir=self.root))
+        failure = ""
+        try:
+            self.run(
+                "tests.rank_pool_worker:run_command",
+                target,
+                str(folder),
+                json.dumps(list(argv)),
+                timeout=timeout,
+            )
+        except RankPoolError as exc:  # the pool stopped; the files say what the ranks did
+            failure = f"\n{exc}"
+        ranks = range(self.world_size)
+        codes = [_read(folder / f"rank{r}.code", "1") for r in ranks]
+        returncode = next((int(c) for c in codes if int(c) != 0), 0)
+        if failure and returncode == 0:
+            returncode = 1
+        stdout = "".join(_read(folder / f"rank{r}.out") for r in ranks)
+        stderr = "".join(_read(folder / f"rank{r}.err") for r in ranks) + failure
+        return PoolCommandResult(returncode, stdout, stderr)
 
     def _wait(self, job: int, target: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -136,6 +182,10 @@ class RankPool:
         _terminate(self.process)
 
 
+def _read(path: Path, missing: str = "") -> str:
+    return path.read_text() if path.exists() else missing
+
+
 def _terminate(process: subprocess.Popen) -> None:
     """torchrun starts every rank in a session of its own: SIGTERM lets the agent stop
     them; whatever is left (an agent past caring) is killed by pid."""
@@ -182,6 +232,15 @@ def session_pools() -> RankPools:
     if "pools" not in _SESSION:
         _SESSION["pools"] = RankPools(Path(tempfile.mkdtemp(prefix="mm1_rank_pools_")))
     return _SESSION["pools"]
+
+
+def train_on_pool(
+    *overrides: str, nproc: int, config: str = "configs/debug.yaml", timeout: float = 600
+) -> PoolCommandResult:
+    """``mm1 train --config <config> <overrides>`` on the session's pool of ``nproc``
+    ranks: ``tests.launch.run_train(..., nproc=nproc)`` without starting processes."""
+    argv = ["--config", config, *overrides]
+    return session_pools()(nproc).command("mm1_megatron.train:main", argv, timeout=timeout)
 
 
 def stop_session_pools() -> None:

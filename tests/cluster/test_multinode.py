@@ -105,7 +105,9 @@ def test_a_killed_worker_restarts_the_group_which_resumes_and_finishes(reference
         log=tmp_path / "agent.log",
     )  # fmt: skip
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not layout.complete_checkpoints(ckpt):
+    # ``latest``, not the first complete folder: the pointer is written after the folder
+    # is renamed into place, and a busy machine can run this check in between.
+    while time.monotonic() < deadline and layout.read_latest(ckpt) is None:
         assert agent.poll() is None, (tmp_path / "agent.log").read_text()[-4000:]
         time.sleep(0.05)
     first = _training_workers(agent)

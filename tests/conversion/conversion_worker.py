@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from mm1_megatron.utils.logging_setup import setup_logging  # noqa: E402
+from tests.parallel.layout_worker import release_trainer  # noqa: E402
 
 NUM_GENERATED = 20
 
@@ -207,7 +208,8 @@ def _run_train(spec: dict, out: Path) -> None:
             },
             str(out / f"{spec['name']}.safetensors"),
         )
-    del trainer
+    release_trainer(trainer)
+    del trainer, model
     parallel_state.destroy_model_parallel()
 
 

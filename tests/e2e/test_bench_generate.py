@@ -1,16 +1,19 @@
-"""``tools/bench_generate.py`` runs end to end (tiny model), so the benchmark cannot rot."""
+"""``tools/bench_generate.py`` runs end to end (tiny model), so the benchmark cannot rot.
+Its ``main`` runs in this process (``tests.in_process.run_script``): the same code from
+argument parsing to the printed JSON, without a child's interpreter and imports."""
 
 from __future__ import annotations
 
 import json
-import sys
 
-from tests.launch import run
+from tests.in_process import REPO, run_script
+
+BENCH = REPO / "tools" / "bench_generate.py"
 
 
 def test_bench_generate_prints_matching_tokens_and_timings_as_json():
-    result = run([sys.executable, "tools/bench_generate.py", "--tiny"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script(BENCH, ["--tiny"])
+    assert result.returncode == 0, result.log[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     for key in ("prompt_tokens", "new_tokens", "images", "repeats", "torch_threads"):
         assert summary[key] >= 1
@@ -30,8 +33,8 @@ def test_bench_generate_prints_matching_tokens_and_timings_as_json():
 
 
 def test_bench_against_transformers_generates_the_same_tokens_at_batch_1_and_8():
-    result = run([sys.executable, "tools/bench_generate.py", "--against", "transformers", "--tiny"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script(BENCH, ["--against", "transformers", "--tiny"])
+    assert result.returncode == 0, result.log[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["against"] == "transformers" and summary["all_tokens_identical"] is True
     assert set(summary["versions"]) == {"torch", "megatron_core", "transformers"}

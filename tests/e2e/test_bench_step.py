@@ -1,21 +1,21 @@
-"""``tools/bench_step.py --against transformers`` runs end to end (debug model, one step)."""
+"""``tools/bench_step.py --against transformers`` runs end to end (debug model, one step);
+its ``main`` in this process (``tests.in_process.run_script``), without a child's
+interpreter and imports."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from tests.launch import run
+from tests.in_process import REPO, run_script
 
 
 @pytest.mark.slow
 def test_bench_step_against_transformers_prints_both_loops_as_json():
-    result = run(
+    result = run_script(
+        REPO / "tools" / "bench_step.py",
         [
-            sys.executable,
-            "tools/bench_step.py",
             "--against",
             "transformers",
             "--steps",
@@ -25,9 +25,9 @@ def test_bench_step_against_transformers_prints_both_loops_as_json():
             "training.micro_batch_size=2",
             "training.global_batch_size=4",
             "training.seq_length=64",
-        ]
+        ],
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, result.log[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     for loop in ("ours", "plain"):
         figures = summary[loop]

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import TINY_OVERRIDES
 from tests.evaluation.official_fixtures import EXPECTED_EVAL_IDS, write_official_fixtures
 from tests.in_process import run_main, train_in_process
-from tests.launch import clean_env, launcher, run
+from tests.rank_pool import session_pools
 
 pytestmark = pytest.mark.slow  # the checkpoint comes from a training run
 
@@ -55,22 +55,14 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def _eval(checkpoint: Path, output: Path, *args: str, nproc: int = 1):
-    """``mm1 eval``: in this process for one rank, under torchrun for more."""
+    """``mm1 eval``: in this process for one rank, on the session's rank pool for more
+    (as ``torchrun -m mm1_megatron.evaluation.cli`` runs it)."""
+    argv = ["--checkpoint", str(checkpoint), "--output", str(output), *args]
     if nproc == 1:
         from mm1_megatron.evaluation.cli import main
 
-        return run_main(main, ["--checkpoint", str(checkpoint), "--output", str(output), *args])
-    command = [
-        *launcher(nproc),
-        "-m",
-        "mm1_megatron.evaluation.cli",
-        "--checkpoint",
-        str(checkpoint),
-        "--output",
-        str(output),
-        *args,
-    ]
-    return run(command, env=clean_env(), timeout=600)
+        return run_main(main, argv)
+    return session_pools()(nproc).command("mm1_megatron.evaluation.cli:main", argv)
 
 
 def test_official_and_synthetic_tasks_on_two_ranks(checkpoint, tmp_path):

@@ -20,7 +20,7 @@ from tests.golden.runs import GOLDEN_FILE, RUNS, run_config
 @pytest.mark.parametrize("name", sorted(set(RUNS) - {"single"}))
 def test_debug_run_matches_the_golden_values(name):
     golden = json.loads(GOLDEN_FILE.read_text())["runs"][name]
-    rows = run_config(name)
+    rows = run_config(name, on_pool=True)
     assert len(rows) == len(golden["loss"]) == 30
     for metric in ("loss", "grad_norm"):
         measured = [row[metric] for row in rows]

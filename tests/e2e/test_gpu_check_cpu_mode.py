@@ -4,35 +4,30 @@ the GPU check cannot rot between the rare runs on a GPU."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 import pytest
 
-from tests.launch import run
+from tests.in_process import load_script
+from tests.launch import REPO, run
 
 
-def test_gpu_check_cpu_mode_runs_the_throughput_step(tmp_path):
+def test_gpu_check_cpu_mode_runs_the_throughput_step(tmp_path, caplog):
     """The throughput step (two training launches through the same ``_train`` the other
     steps use). ``fp32_vs_cpu`` compares a GPU run with a CPU run: on a CPU-only machine
-    both are CPU runs, so running it here would prove nothing but two more launches."""
+    both are CPU runs, so running it here would prove nothing but two more launches. The
+    check's ``main`` runs in this process (its steps start their training runs in children
+    either way; a child of its own would only add the interpreter's start-up)."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("on a GPU machine run the real check (make gpu-check)")
+    caplog.set_level(logging.INFO)
     output = tmp_path / "figures.json"
-    result = run(
-        [
-            sys.executable,
-            "tools/gpu_check.py",
-            "--allow-cpu",
-            "--only",
-            "throughput",
-            "--output",
-            str(output),
-        ],
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    argv = ["--allow-cpu", "--only", "throughput", "--output", str(output)]
+    code = load_script(REPO / "tools" / "gpu_check.py").main(argv)
+    assert code == 0, caplog.text[-3000:]
     figures = json.loads(output.read_text())
     throughput = figures["throughput"]
     assert throughput["status"] == "ok"

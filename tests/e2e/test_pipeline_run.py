@@ -1,18 +1,19 @@
-"""A PP=2 run of the real command: per-step console lines come from the last stage, and a
-MoE model whose first stage has no MoE layer finishes (its router-loss all-reduce over
-the pipeline group used to be skipped there, hanging the other stage)."""
+"""A PP=2 run of the real command (``mm1 train``'s ``main`` on the session's pool of two
+ranks, as torchrun runs it): per-step console lines come from the last stage, and a MoE
+model whose first stage has no MoE layer finishes (its router-loss all-reduce over the
+pipeline group used to be skipped there, hanging the other stage)."""
 
 from __future__ import annotations
 
 import json
 
-from tests.launch import run_train
+from tests.rank_pool import train_on_pool
 
 
 def test_pp2_moe_run_with_a_stage_without_moe_layers(tmp_path):
     # 4 decoder layers, MoE on every 4th (layer 4 only): with PP=2 the first stage holds
     # layers 1-2 and records no router loss.
-    result = run_train(
+    result = train_on_pool(
         "parallel.pipeline_parallel_size=2",
         "model.llm.moe.num_experts=4",
         "model.llm.moe.layer_frequency=4",

@@ -1,6 +1,7 @@
 """End-to-end SFT: ``configs/debug_sft.yaml`` starts from a pre-training checkpoint saved
-at another layout, trains on conversations with tiles and assistant-only loss, and a
-resumed SFT run continues from its own checkpoint, not from the pre-training weights."""
+at another layout (``mm1 train`` at TP=2 on the session's pool of two ranks), trains on
+conversations with tiles and assistant-only loss, and a resumed SFT run continues from
+its own checkpoint, not from the pre-training weights."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import yaml
 
 from tests.conftest import TINY_OVERRIDES
 from tests.in_process import train_in_process
-from tests.launch import run_train
+from tests.rank_pool import train_on_pool
 
 SFT = (
     *TINY_OVERRIDES,
@@ -43,7 +44,7 @@ def test_sft_starts_from_pretrained_weights_and_trains_only_on_answers(tmp_path)
         f"checkpoint.save_dir={sft_ckpt}",
         f"logging.output_dir={sft_dir}",
     )
-    sft = run_train(
+    sft = train_on_pool(
         *common,
         "training.train_steps=3",
         "parallel.tensor_parallel_size=2",  # saved at TP=1

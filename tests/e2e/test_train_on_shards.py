@@ -22,7 +22,7 @@ from tests.data.corpus_fixtures import (
     write_bad_caption_corpus,
 )
 from tests.in_process import CommandResult, run_main, train_in_process
-from tests.launch import run_train
+from tests.rank_pool import train_on_pool
 
 REPO = Path(__file__).resolve().parents[2]
 NUM_STEPS = 3
@@ -123,7 +123,8 @@ def _data_overrides(out: Path):
 
 
 def _train(output_dir: Path, *overrides, nproc: int = 1):
-    """``mm1 train``: in this process for one rank, under torchrun for more."""
+    """``mm1 train``: in this process for one rank, on the session's rank pool for more
+    (as torchrun runs it)."""
     common = (
         f"logging.output_dir={output_dir}",
         f"training.train_steps={NUM_STEPS}",
@@ -131,7 +132,7 @@ def _train(output_dir: Path, *overrides, nproc: int = 1):
     )
     if nproc == 1:
         return train_in_process(*common, *overrides)
-    return run_train(*common, *overrides, nproc=nproc)
+    return train_on_pool(*common, *overrides, nproc=nproc)
 
 
 def _metrics(output_dir: Path):

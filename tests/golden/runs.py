@@ -1,6 +1,8 @@
 """The runs whose per-step loss and gradient norm are pinned in ``debug_30_steps.json``:
 ``configs/debug.yaml`` for 30 steps on CPU in fp32, single process, and a MoE variant
-at EP=2 (launched as users launch them: ``mm1-train`` and torchrun)."""
+at EP=2 (launched as users launch them: ``mm1-train`` and torchrun; the test runs the
+EP=2 one as ``mm1 train``'s ``main`` on the session's torchrun-started rank pool, which
+gives the same numbers without starting three interpreters)."""
 
 from __future__ import annotations
 
@@ -24,10 +26,15 @@ RUNS: Dict[str, tuple] = {
 }
 
 
-def run_config(name: str) -> List[dict]:
+def run_config(name: str, *, on_pool: bool = False) -> List[dict]:
+    """The run's metrics rows; ``on_pool``: a multi-process run on the test session's rank
+    pool (``tests/rank_pool.py``) instead of a new torchrun."""
     processes, overrides = RUNS[name]
+    train = run_train
+    if on_pool and processes > 1:
+        from tests.rank_pool import train_on_pool as train
     with tempfile.TemporaryDirectory(prefix=f"golden_{name}_") as output:
-        result = run_train(
+        result = train(
             f"training.train_steps={NUM_STEPS}",
             "training.precision=fp32",
             "logging.tensorboard=false",

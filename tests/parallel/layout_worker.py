@@ -33,6 +33,18 @@ def _forget_model_parallel_groups() -> None:
         parallel_state.destroy_model_parallel()
 
 
+def release_trainer(trainer) -> None:
+    """Frees a finished trainer's model, optimizer and process groups now: megatron-core's
+    DDP wrapper sits in a reference cycle through C++ that Python's collector cannot see
+    (``tests/rank_pool_worker.py``, ``_release_trained_models``), so each trainer would
+    otherwise keep its groups, and their polling gloo threads, for the rest of the job."""
+    from tests.rank_pool_worker import clear_rotary_caches
+
+    for chunk in trainer.model_chunks:
+        chunk.__dict__.clear()
+    clear_rotary_caches()
+
+
 def run_layouts(spec_path: str, out_dir: str) -> None:
     """Every layout of the spec, one after another; the world group stays up (a rank pool
     runs this; ``main`` adds the shutdown for ``python layout_worker.py``)."""
@@ -67,6 +79,7 @@ def run_layouts(spec_path: str, out_dir: str) -> None:
                 for h in history
             ]
             (out / f"{name}.json").write_text(json.dumps(record))
+        release_trainer(trainer)
         del trainer
         _forget_model_parallel_groups()
 

@@ -1,4 +1,5 @@
-"""`mpiexec -n 2` (Open MPI from PyPI, mpi4py rendezvous) gives the torchrun losses."""
+"""`mpiexec -n 2` (Open MPI from PyPI, mpi4py rendezvous) gives the torchrun losses (the
+torchrun run: ``mm1 train``'s ``main`` on the session's torchrun-started rank pool)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import clean_env, launcher, run
+from tests.launch import clean_env
+from tests.rank_pool import train_on_pool
 
 REPO = Path(__file__).resolve().parents[2]
-ARGS = [
-    "-m",
-    "mm1_megatron.train",
-    "--config",
-    "configs/debug.yaml",
+OVERRIDES = [
     "training.train_steps=3",
     "parallel.tensor_parallel_size=2",
     "logging.tensorboard=false",
 ]
+ARGS = ["-m", "mm1_megatron.train", "--config", "configs/debug.yaml", *OVERRIDES]
 
 
 def _clean_env() -> dict:
@@ -42,9 +41,7 @@ def _losses(output_dir: Path) -> list:
 
 
 def test_mpiexec_matches_torchrun(tmp_path):
-    torchrun = run(
-        [*launcher(2), *ARGS, f"logging.output_dir={tmp_path / 'torchrun'}"], env=_clean_env()
-    )
+    torchrun = train_on_pool(*OVERRIDES, f"logging.output_dir={tmp_path / 'torchrun'}", nproc=2)
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     mpi = subprocess.run(
         [
