@@ -119,3 +119,47 @@ def all_gather_tensor(tensor: torch.Tensor, group=None) -> torch.Tensor:
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     return torch.stack(gathered).cpu()
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Forward: every rank's ``local`` placed at its positions along ``dim`` of the whole
+    sequence. Backward: each rank used the whole sequence, so a local piece's gradient is
+    the sum over ranks of the gradient at its positions (an all-reduce, then this rank's
+    positions: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, local, dim, positions, group):
+        check_on_group_device(local, group)
+        rank = dist.get_rank(group) if _initialized() else 0
+        if local.shape[dim] != positions[rank].numel():
+            raise ValueError(
+                f"rank {rank} holds {local.shape[dim]} positions along dim {dim}, "
+                f"its layout says {positions[rank].numel()}"
+            )
+        pieces = [local.contiguous()]
+        if _initialized():
+            pieces = [torch.empty_like(pieces[0]) for _ in positions]
+            dist.all_gather(pieces, local.contiguous(), group=group)
+        shape = list(local.shape)
+        shape[dim] = sum(p.numel() for p in positions)
+        whole = local.new_empty(shape)
+        for piece, where in zip(pieces, positions):
+            whole.index_copy_(dim, where.to(local.device), piece)
+        ctx.dim, ctx.group = dim, group
+        ctx.own = positions[rank].to(local.device)
+        return whole
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = all_reduce_(grad.contiguous(), group=ctx.group)
+        return grad.index_select(ctx.dim, ctx.own), None, None, None
+
+
+def gather_sequence(
+    local: torch.Tensor, *, dim: int, positions: Sequence[torch.Tensor], group=None
+) -> torch.Tensor:
+    """The whole sequence from each rank's share (autograd-aware). ``positions[r]``: where
+    rank ``r``'s pieces along ``dim`` go (every rank's positions together cover
+    ``0 .. total - 1`` once; every rank holds as many). Without a process group:
+    ``local`` placed at ``positions[0]``."""
+    return _GatherSequence.apply(local, dim, list(positions), group)

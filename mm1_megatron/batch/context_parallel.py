@@ -1,0 +1,70 @@
+"""Context parallelism's layout: which tokens of a packed row each context-parallel rank holds.
+
+Every document of a row is padded to a multiple of ``2 x CP`` tokens and cut into
+``2 x CP`` equal chunks; CP rank ``r`` holds chunks ``r`` and ``2 x CP - 1 - r`` of every
+document, in row order. Causal attention's work grows along a document (token ``p`` of a
+document attends ``p + 1`` keys), so an early chunk paired with its mirror image gives
+every rank exactly the same work (``rank_work`` is the closed form the tests check), and
+cutting each document rather than the whole row keeps that true for a row of documents of
+any lengths, where cutting the row would give one rank the long tail of a long document.
+It is also the layout of Transformer Engine's THD context parallelism
+(``cu_seqlens_padded``: each sequence a multiple of ``2 x CP``), so both attention paths
+read the same shards.
+
+A padded token belongs to its document's tail: causal attention never lets a real token
+see it (it comes after every real token of its document), and its label is ignored.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+
+def check_cp_size(cp_size: int) -> None:
+    if cp_size < 1:
+        raise ValueError(f"context_parallel_size={cp_size} must be >= 1")
+
+
+def padded_document_lengths(lengths: Sequence[int], cp_size: int) -> List[int]:
+    """Each document length rounded up to a multiple of ``2 x cp_size`` (one rank: as is)."""
+    check_cp_size(cp_size)
+    if any(length < 1 for length in lengths):
+        raise ValueError(f"document lengths must be >= 1, got {list(lengths)}")
+    if cp_size == 1:
+        return list(lengths)
+    step = 2 * cp_size
+    return [-(-length // step) * step for length in lengths]
+
+
+def rank_positions(padded_lengths: Sequence[int], cp_size: int, cp_rank: int) -> torch.Tensor:
+    """The positions in the padded row that ``cp_rank`` holds, in the order it holds them:
+    per document, chunk ``cp_rank`` then chunk ``2 x cp_size - 1 - cp_rank`` (int64)."""
+    check_cp_size(cp_size)
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank={cp_rank} is not in [0, {cp_size})")
+    if cp_size == 1:
+        return torch.arange(sum(padded_lengths))
+    pieces, start = [], 0
+    for length in padded_lengths:
+        assert length % (2 * cp_size) == 0, (length, cp_size)
+        chunk = length // (2 * cp_size)
+        for index in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            first = start + index * chunk
+            pieces.append(torch.arange(first, first + chunk))
+        start += length
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def all_rank_positions(padded_lengths: Sequence[int], cp_size: int) -> List[torch.Tensor]:
+    return [rank_positions(padded_lengths, cp_size, r) for r in range(cp_size)]
+
+
+def rank_work(padded_lengths: Sequence[int], cp_size: int, cp_rank: int) -> int:
+    """Query-key pairs of causal attention within documents for ``cp_rank``'s tokens."""
+    positions = rank_positions(padded_lengths, cp_size, cp_rank)
+    starts = torch.repeat_interleave(
+        torch.tensor([0, *padded_lengths[:-1]]).cumsum(0), torch.tensor(list(padded_lengths))
+    )
+    return int((positions - starts[positions] + 1).sum())

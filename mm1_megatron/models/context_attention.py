@@ -1,0 +1,92 @@
+"""Causal attention within documents for one context-parallel rank's queries (local path).
+
+Under context parallelism a rank holds two chunks of every document of a row
+(``mm1_megatron.batch.context_parallel``). Its queries need the keys and values of the
+whole document up to themselves, most of which other ranks hold; the local path gathers
+every rank's keys and values (``parallel.collectives.gather_sequence``, as Llama 3 trained
+with context parallelism) and attends here: each contiguous run of local queries (a chunk)
+against its document's keys from the document's start to the run's end, with the causal
+mask shifted by the run's offset. Gathering rather than passing keys around a ring: one
+collective per layer, and on gloo (CPU) a ring's many point-to-point steps cost more than
+their overlap with compute saves; the gathered keys of one layer are ``CP`` times a
+rank's own, which is what a ring avoids, and the reason Transformer Engine's ring is the
+path on GPUs.
+"""
+
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+Span = Tuple[int, int]
+
+
+def contiguous_runs(positions: torch.Tensor) -> List[Span]:
+    """``[start, end)`` of each run of consecutive positions, in order (local indices)."""
+    if positions.numel() == 0:
+        return []
+    breaks = (positions[1:] != positions[:-1] + 1).nonzero().flatten().add(1).tolist()
+    bounds = [0, *breaks, positions.numel()]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def document_runs(positions: torch.Tensor, segments: Sequence[Span]) -> List[Tuple[Span, int]]:
+    """Each run of consecutive positions cut at document ends: ``((first, end), start)``,
+    local indices ``[first, end)`` and the global start of their document. (At CP rank 0
+    a document's last chunk and the next one's first are consecutive.)"""
+    pieces = []
+    for first, end in contiguous_runs(positions):
+        while first < end:
+            position = int(positions[first])
+            document = next((s for s in segments if s[0] <= position < s[1]), None)
+            if document is None:
+                raise ValueError(f"position {position} is in no document of {list(segments)}")
+            stop = min(end, first + document[1] - position)
+            pieces.append(((first, stop), document[0]))
+            first = stop
+    return pieces
+
+
+def context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    query_positions: torch.Tensor,
+    segments: Sequence[Sequence[Span]],
+    softmax_scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """``[b, heads, sl, d]``: the local queries ``q`` (``[b, heads, sl, d]``, row ``i`` at
+    positions ``query_positions[i]`` of the padded row) against the gathered row ``k``,
+    ``v`` (``[b, kv_heads, s, d]``), each query seeing the keys of its own document up to
+    its own position. ``segments``: per row, the ``[start, end)`` of each document."""
+    if q.shape[2] != query_positions.shape[-1]:
+        raise ValueError(
+            f"{q.shape[2]} local queries but {query_positions.shape[-1]} positions for them"
+        )
+    grouped = q.shape[1] != k.shape[1]
+    rows = []
+    for row in range(q.shape[0]):
+        positions = query_positions[row]
+        pieces = []
+        for (first, end), document_start in document_runs(positions, segments[row]):
+            last_pos = int(positions[end - 1])
+            keys = last_pos + 1 - document_start
+            mask = torch.ones(end - first, keys, dtype=torch.bool, device=q.device)
+            mask = mask.tril(diagonal=keys - (end - first))
+            pieces.append(
+                F.scaled_dot_product_attention(
+                    q[row : row + 1, :, first:end],
+                    k[row : row + 1, :, document_start : last_pos + 1],
+                    v[row : row + 1, :, document_start : last_pos + 1],
+                    attn_mask=mask,
+                    dropout_p=dropout,
+                    scale=softmax_scale,
+                    enable_gqa=grouped,
+                )
+            )
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0)
