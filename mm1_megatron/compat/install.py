@@ -30,8 +30,10 @@ def install_patches(*, cuda_available: bool) -> List[Patch]:
     on a GPU host keeps the process on the CPU (the CUDA stand-ins are installed)."""
     check_supported_mcore()
     from mm1_megatron.compat.checkpointing import install_safe_loading
+    from mm1_megatron.compat.writer_manager import install_orphan_free_writer_queue
 
     install_safe_loading()  # every process that may read a checkpoint, on CPU and GPU
+    install_orphan_free_writer_queue()  # every process that may save one
     if not cuda_available:
         enable_cpu_execution(force=True)
     _define_missing_te_gemm()
