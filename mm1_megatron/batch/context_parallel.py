@@ -4,9 +4,10 @@ Every document of a row is padded to a multiple of ``2 x CP`` tokens and cut int
 ``2 x CP`` equal chunks; CP rank ``r`` holds chunks ``r`` and ``2 x CP - 1 - r`` of every
 document, in row order. Causal attention's work grows along a document (token ``p`` of a
 document attends ``p + 1`` keys), so an early chunk paired with its mirror image gives
-every rank exactly the same work (``rank_work`` is the closed form the tests check), and
-cutting each document rather than the whole row keeps that true for a row of documents of
-any lengths, where cutting the row would give one rank the long tail of a long document.
+every rank exactly the same work (``tests/unit/test_context_parallel.py`` checks the
+closed form), and cutting each document rather than the whole row keeps that true for a
+row of documents of any lengths, where cutting the row would give one rank the long tail
+of a long document.
 It is also the layout of Transformer Engine's THD context parallelism
 (``cu_seqlens_padded``: each sequence a multiple of ``2 x CP``), so both attention paths
 read the same shards.
@@ -59,12 +60,3 @@ def rank_positions(padded_lengths: Sequence[int], cp_size: int, cp_rank: int) ->
 
 def all_rank_positions(padded_lengths: Sequence[int], cp_size: int) -> List[torch.Tensor]:
     return [rank_positions(padded_lengths, cp_size, r) for r in range(cp_size)]
-
-
-def rank_work(padded_lengths: Sequence[int], cp_size: int, cp_rank: int) -> int:
-    """Query-key pairs of causal attention within documents for ``cp_rank``'s tokens."""
-    positions = rank_positions(padded_lengths, cp_size, cp_rank)
-    starts = torch.repeat_interleave(
-        torch.tensor([0, *padded_lengths[:-1]]).cumsum(0), torch.tensor(list(padded_lengths))
-    )
-    return int((positions - starts[positions] + 1).sum())

@@ -14,6 +14,7 @@ import torch
 from mm1_megatron.batch.context_parallel import all_rank_positions, padded_document_lengths
 from mm1_megatron.models.context_attention import context_parallel_attention
 from mm1_megatron.parallel.collectives import gather_sequence
+from tests.unit.test_context_parallel import _document_causal_reference, _segments
 
 pytestmark = pytest.mark.slow  # a pool of two ranks
 
@@ -31,11 +32,6 @@ def _inputs():
         return torch.randn(1, heads, total, DIM, dtype=torch.float64, generator=generator)
 
     return draw(HEADS), draw(KV_HEADS), draw(KV_HEADS), draw(HEADS)
-
-
-def _segments():
-    starts = torch.tensor([0, *LENGTHS]).cumsum(0).tolist()
-    return [list(zip(starts[:-1], starts[1:]))]
 
 
 def attend_on_this_rank(folder: str) -> None:
@@ -56,7 +52,7 @@ def attend_on_this_rank(folder: str) -> None:
         whole_k,
         whole_v,
         query_positions=mine[None],
-        segments=_segments(),
+        segments=[_segments(LENGTHS)],
         softmax_scale=SCALE,
     )
     (out * weights[:, :, mine]).sum().backward()
@@ -70,12 +66,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     session_pools()(CP).run(f"{__name__}:attend_on_this_rank", str(tmp_path))
 
     q, k, v, weights = (t.requires_grad_() for t in _inputs())
-    ids = torch.repeat_interleave(torch.arange(len(LENGTHS)), torch.tensor(LENGTHS))
-    where = torch.arange(ids.numel())
-    mask = (ids[:, None] == ids[None, :]) & (where[None, :] <= where[:, None])
-    reference = torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, scale=SCALE, enable_gqa=True
-    )
+    reference = _document_causal_reference(q, k, v, LENGTHS, SCALE)
     (reference * weights).sum().backward()
     for rank, mine in enumerate(all_rank_positions(LENGTHS, CP)):
         result = torch.load(tmp_path / f"rank{rank}.pt")

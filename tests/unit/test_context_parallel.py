@@ -5,6 +5,8 @@ path's attention of a rank's queries against the gathered row
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import pytest
 import torch
 
@@ -12,7 +14,6 @@ from mm1_megatron.batch.context_parallel import (
     all_rank_positions,
     padded_document_lengths,
     rank_positions,
-    rank_work,
 )
 from mm1_megatron.models.context_attention import (
     context_parallel_attention,
@@ -41,6 +42,15 @@ def test_rank_holds_chunk_r_and_its_mirror_of_every_document():
         rank_positions([8], 2, 2)
 
 
+def _rank_work(padded_lengths: Sequence[int], cp_size: int, cp_rank: int) -> int:
+    """Query-key pairs of causal attention within documents for ``cp_rank``'s tokens."""
+    positions = rank_positions(padded_lengths, cp_size, cp_rank)
+    starts = torch.repeat_interleave(
+        torch.tensor([0, *padded_lengths[:-1]]).cumsum(0), torch.tensor(list(padded_lengths))
+    )
+    return int((positions - starts[positions] + 1).sum())
+
+
 @pytest.mark.parametrize("cp_size", [2, 3, 4])
 def test_ranks_cover_the_row_once_and_do_equal_causal_work(cp_size):
     lengths = padded_document_lengths([37, 5, 120, 16, 1], cp_size)
@@ -53,7 +63,7 @@ def test_ranks_cover_the_row_once_and_do_equal_causal_work(cp_size):
     for length in lengths:
         m = length // (2 * cp_size)
         expected += m * m * (2 * cp_size - 1) + m * (m + 1)
-    assert [rank_work(lengths, cp_size, r) for r in range(cp_size)] == [expected] * cp_size
+    assert [_rank_work(lengths, cp_size, r) for r in range(cp_size)] == [expected] * cp_size
 
 
 def test_contiguous_runs():
