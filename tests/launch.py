@@ -69,3 +69,16 @@ def run_train(
 ) -> subprocess.CompletedProcess:
     """``mm1-train --config <config> <overrides>`` on ``nproc`` processes."""
     return run(train_command(*overrides, config=config, nproc=nproc), env=env, timeout=timeout)
+
+
+def kill_left_over(processes: Sequence, grace_s: float = 0.0) -> None:
+    """SIGKILL each of ``processes`` (psutil handles) still running after ``grace_s``;
+    one that exits meanwhile (between the check and the kill) is not an error."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=grace_s) if grace_s else ([], processes)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from tests.launch import REPO, clean_env, launcher
+from tests.launch import REPO, clean_env, kill_left_over, launcher
 
 WORKER = Path(__file__).with_name("rank_pool_worker.py")
 POLL_SECONDS = 0.02
@@ -201,9 +201,7 @@ def _terminate(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=30)
-    for rank in ranks:
-        if rank.is_running():
-            rank.kill()
+    kill_left_over(ranks)
 
 
 class RankPools:

@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from tests.launch import REPO
+from tests.launch import REPO, kill_left_over
 
 pytestmark = pytest.mark.slow  # starts processes
 
@@ -51,6 +51,4 @@ def test_the_writer_manager_dies_with_its_killed_process():
         assert not alive, f"left behind: {[p.cmdline() for p in alive]}"
     finally:
         child.kill()
-        for process in managers:  # orphans: children of init now, not of this process
-            if process.is_running():
-                process.kill()
+        kill_left_over(managers)  # orphans: children of init now, not of this process
