@@ -1,13 +1,22 @@
 """Context parallelism's layout: which tokens of a packed row each context-parallel rank holds.
 
-Every document of a row is padded to a multiple of ``2 x CP`` tokens and cut into
-``2 x CP`` equal chunks; CP rank ``r`` holds chunks ``r`` and ``2 x CP - 1 - r`` of every
-document, in row order. Causal attention's work grows along a document (token ``p`` of a
-document attends ``p + 1`` keys), so an early chunk paired with its mirror image gives
-every rank exactly the same work (``tests/unit/test_context_parallel.py`` checks the
-closed form), and cutting each document rather than the whole row keeps that true for a
-row of documents of any lengths, where cutting the row would give one rank the long tail
-of a long document.
+What training uses (``ContextShard``): the row cut into ``2 x CP`` equal chunks, CP rank
+``r`` holding chunks ``r`` and ``2 x CP - 1 - r``: Megatron-Core's own split (its RoPE
+slicing, ``get_pos_emb_on_this_cp_rank``, assumes it), exactly balanced for a row that is
+one document, and needing nothing of the data but ``seq_length % (2 x CP) == 0``. Every
+source packs rows full to ``seq_length`` (text chunks cut documents at the row's end), so
+the per-document split below, better balanced for rows of many documents, would need the
+packers to pad every document; docs/parallelism.md measures the difference.
+
+The per-document split (``padded_document_lengths``, ``rank_positions``), kept for
+Transformer Engine's THD path: every document of a row is padded to a multiple of
+``2 x CP`` tokens and cut into ``2 x CP`` equal chunks; CP rank ``r`` holds chunks ``r``
+and ``2 x CP - 1 - r`` of every document, in row order. Causal attention's work grows
+along a document (token ``p`` of a document attends ``p + 1`` keys), so an early chunk
+paired with its mirror image gives every rank exactly the same work
+(``tests/unit/test_context_parallel.py`` checks the closed form), and cutting each
+document rather than the whole row keeps that true for a row of documents of any
+lengths, where cutting the row can give one rank the long tail of a long document.
 It is also the layout of Transformer Engine's THD context parallelism
 (``cu_seqlens_padded``: each sequence a multiple of ``2 x CP``), so both attention paths
 read the same shards.
@@ -18,6 +27,7 @@ see it (it comes after every real token of its document), and its label is ignor
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import List, Sequence
 
 import torch
@@ -60,3 +70,39 @@ def rank_positions(padded_lengths: Sequence[int], cp_size: int, cp_rank: int) ->
 
 def all_rank_positions(padded_lengths: Sequence[int], cp_size: int) -> List[torch.Tensor]:
     return [rank_positions(padded_lengths, cp_size, r) for r in range(cp_size)]
+
+
+@dataclass(frozen=True)
+class ContextShard:
+    """This rank's share of every row of a micro-batch: ``positions`` (host, int64) of the
+    whole row, in the order the rank holds them; ``all_positions`` every rank's."""
+
+    size: int
+    rank: int
+    seq_length: int
+    all_positions: List[torch.Tensor] = field(repr=False, compare=False)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.all_positions[self.rank]
+
+    @property
+    def local_length(self) -> int:
+        return self.seq_length // self.size
+
+    def take(self, tensor: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's positions of ``tensor`` along ``dim`` (the sequence dimension)."""
+        return tensor.index_select(dim, self.positions.to(tensor.device))
+
+
+def row_shard(seq_length: int, cp_size: int, cp_rank: int) -> ContextShard:
+    """The whole-row split of a ``seq_length`` row (module docstring)."""
+    if seq_length % (2 * cp_size):
+        raise ValueError(
+            f"a {seq_length}-token row does not split into 2 x {cp_size} equal chunks; "
+            f"training.seq_length must be a multiple of {2 * cp_size}"
+        )
+    positions = all_rank_positions([seq_length], cp_size)
+    if not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank={cp_rank} is not in [0, {cp_size})")
+    return ContextShard(cp_size, cp_rank, seq_length, positions)

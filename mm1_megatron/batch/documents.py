@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
+
+from mm1_megatron.batch.context_parallel import ContextShard
 
 Segments = List[List[Tuple[int, int]]]  # per batch row: (start, end) of each document
 
@@ -37,6 +39,9 @@ class DocumentLayout:
     cu_seqlens: torch.Tensor  # int32 [num_documents + 1], on the ids' device
     max_seqlen: int  # the longest document
     seq_len: int
+    # Under context parallelism, the share of each row this rank's decoder holds: the ids
+    # (and these spans) cover the whole row, the decoder's activations only its share.
+    context: Optional[ContextShard] = None
 
 
 def compute_segments(host_ids: torch.Tensor) -> Segments:
@@ -79,11 +84,11 @@ def _check_ids(document_ids: torch.Tensor) -> None:
         )
 
 
-def _layout(host_ids: torch.Tensor, device) -> DocumentLayout:
+def _layout(host_ids: torch.Tensor, device, context: Optional[ContextShard] = None):
     segments = compute_segments(host_ids)
     seq_len = host_ids.shape[1]
     cu_seqlens, longest = build_cu_seqlens(segments, seq_len, device)
-    return DocumentLayout(segments, cu_seqlens, longest, seq_len)
+    return DocumentLayout(segments, cu_seqlens, longest, seq_len, context)
 
 
 class _LayoutCache:
@@ -127,8 +132,11 @@ class _LayoutCache:
 _CACHE = _LayoutCache(MAX_LAYOUTS)
 
 
-def register_host_document_ids(device_ids: torch.Tensor, host_ids: torch.Tensor):
-    """The layout of ``host_ids``, cached for their device copy ``device_ids``.
+def register_host_document_ids(
+    device_ids: torch.Tensor, host_ids: torch.Tensor, context: Optional[ContextShard] = None
+):
+    """The layout of ``host_ids``, cached for their device copy ``device_ids``, with this
+    rank's ``context`` share of each row under context parallelism.
 
     Ids that are not ``[b, s]`` integers are left alone (the attention refuses them)."""
     if device_ids.shape != host_ids.shape or host_ids.device.type != "cpu":
@@ -136,8 +144,12 @@ def register_host_document_ids(device_ids: torch.Tensor, host_ids: torch.Tensor)
     if host_ids.dim() != 2 or host_ids.dtype not in (torch.int32, torch.int64):
         return None
     if device_ids.is_inference():  # no version counter to key on
+        if context is not None:
+            raise AssertionError("context-parallel inputs must not be inference tensors")
         return None
-    layout = _layout(host_ids, device_ids.device)
+    if context is not None and context.seq_length != host_ids.shape[1]:
+        raise AssertionError(f"a share of {context.seq_length}-token rows for {host_ids.shape}")
+    layout = _layout(host_ids, device_ids.device, context)
     _CACHE.put(device_ids, layout)
     return layout
 

@@ -8,16 +8,40 @@ here once.
 
 from __future__ import annotations
 
-from typing import Dict
+from functools import lru_cache
+from typing import Dict, Optional
 
 import torch
 
+from mm1_megatron.batch.context_parallel import ContextShard, row_shard
 from mm1_megatron.batch.documents import register_host_document_ids
 
 Batch = Dict[str, torch.Tensor]
 
 IMAGE_KEYS = ("images", "image_grids")  # what only the stage that encodes images needs
 HOST_KEYS = ("image_grids",)  # read by the host (the ViT's packing): never moved
+# Per-token tensors that each context-parallel rank keeps only its share of. ``tokens`` and
+# ``document_ids`` stay whole: the first stage embeds the whole row (images merged in by
+# position) before keeping its share, and attention needs every document's span.
+SHARDED_KEYS = ("labels", "loss_mask", "position_ids")
+
+
+@lru_cache(maxsize=8)
+def _row_shard(seq_length: int, size: int, rank: int) -> ContextShard:
+    return row_shard(seq_length, size, rank)
+
+
+def context_shard(seq_length: int) -> Optional[ContextShard]:
+    """This rank's share of ``seq_length``-token rows under context parallelism (None
+    without it, or before Megatron-Core's groups exist)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    size = parallel_state.get_context_parallel_world_size()
+    if size == 1:
+        return None
+    return _row_shard(seq_length, size, parallel_state.get_context_parallel_rank())
 
 
 def model_inputs(batch: Batch, device: torch.device, *, images: bool = True) -> Batch:
@@ -31,14 +55,22 @@ def model_inputs(batch: Batch, device: torch.device, *, images: bool = True) -> 
 
     The documents' layout is computed here from the host ``document_ids`` and registered
     for their device copy, so no layer reads the ids back from the device.
+
+    Under context parallelism the labels, loss mask and positions are this rank's share
+    of each row (``context_shard``), which the layout records for the model.
     """
-    inputs = {
-        key: value if key in HOST_KEYS else value.to(device, non_blocking=True)
-        for key, value in batch.items()
-        if images or key not in IMAGE_KEYS
-    }
+    shard = context_shard(batch["tokens"].shape[1]) if "tokens" in batch else None
+    if shard is not None and batch["document_ids"].device.type != "cpu":
+        raise ValueError("context parallelism takes micro-batches on the host")
+    inputs = {}
+    for key, value in batch.items():
+        if key in IMAGE_KEYS and not images:
+            continue
+        if shard is not None and key in SHARDED_KEYS:
+            value = shard.take(value)
+        inputs[key] = value if key in HOST_KEYS else value.to(device, non_blocking=True)
     if "document_ids" in inputs and batch["document_ids"].device.type == "cpu":
-        register_host_document_ids(inputs["document_ids"], batch["document_ids"])
+        register_host_document_ids(inputs["document_ids"], batch["document_ids"], shard)
     return inputs
 
 

@@ -6,9 +6,10 @@ Megatron-Core assumes CUDA in three ways, and this module answers each one:
    ``synchronize``). On a machine without CUDA these raise or silently do nothing. We
    replace them with CPU equivalents: the "CUDA" RNG *is* the CPU generator, streams and
    events are no-ops, and ``current_device()`` returns the CPU device.
-2. It creates tensors on ``device='cuda'`` / ``torch.cuda.current_device()`` and calls
-   ``Tensor.cuda()``. A ``TorchFunctionMode`` rewrites every CUDA device argument to
-   ``cpu`` and turns ``.cuda()`` into a no-op. The mode also makes ``Tensor.type()``
+2. It creates tensors on ``device='cuda'`` / ``torch.cuda.current_device()`` (some in
+   pinned host memory first) and calls ``Tensor.cuda()``. A ``TorchFunctionMode``
+   rewrites every CUDA device argument to ``cpu``, ``pin_memory=True`` to ``False``, and
+   turns ``.cuda()`` into a no-op. The mode also makes ``Tensor.type()``
    report ``torch.cuda.*Tensor``, because the optimizers check parameter types by
    string.
 3. gloo's limits on the collectives Megatron-Core issues (``compat/gloo.py``).
@@ -86,6 +87,9 @@ class _CudaToCpuMode(TorchFunctionMode):
         if "device" in kwargs:
             kwargs = dict(kwargs)
             kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):  # no pinned memory without an accelerator
+            kwargs = dict(kwargs)
+            kwargs["pin_memory"] = False
         return func(*args, **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""How a world of processes splits into TP x PP x DP (EP within DP x TP).
+"""How a world of processes splits into TP x CP x PP x DP (EP within DP x CP x TP).
 
 Pure arithmetic on the config, without torch, so that ``init_distributed`` (at start-up)
 and ``mm1 launch`` (before a job is submitted) refuse the same layouts with the same
@@ -13,21 +13,22 @@ from mm1_megatron.config.schema import ParallelConfig
 def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
     """Return the data-parallel size, or explain why ``world_size`` does not factor."""
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-    model_parallel = tp * pp
+    cp = parallel.context_parallel_size
+    model_parallel = tp * cp * pp
     if world_size % model_parallel:
         raise ValueError(
             f"world size {world_size} is not divisible by tensor_parallel_size x "
-            f"pipeline_parallel_size = {tp} x {pp} = {model_parallel}; launch a multiple of "
-            f"{model_parallel} processes"
+            f"context_parallel_size x pipeline_parallel_size = {tp} x {cp} x {pp} = "
+            f"{model_parallel}; launch a multiple of {model_parallel} processes"
         )
     data_parallel = world_size // model_parallel
     ep = parallel.expert_parallel_size
     etp = parallel.expert_tensor_parallel_size or tp
-    if (data_parallel * tp) % (ep * etp):
+    if (data_parallel * cp * tp) % (ep * etp):
         raise ValueError(
             f"expert_parallel_size x expert_tensor_parallel_size = {ep} x {etp} must divide "
-            f"data_parallel x tensor_parallel = {data_parallel} x {tp} "
-            f"(world {world_size} = TP {tp} x PP {pp} x DP {data_parallel})"
+            f"data_parallel x context_parallel x tensor_parallel = {data_parallel} x {cp} x "
+            f"{tp} (world {world_size} = TP {tp} x CP {cp} x PP {pp} x DP {data_parallel})"
         )
     return data_parallel
 

@@ -233,6 +233,9 @@ class ParallelConfig:
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
     expert_tensor_parallel_size: Optional[int] = None
+    # Context parallelism: each rank of a CP group holds 1/CP of every sequence's tokens
+    # (chunks r and 2CP-1-r of 2CP equal chunks) for the decoder; see docs/parallelism.md.
+    context_parallel_size: int = 1
     # Decoder layers on the first pipeline stage, which also runs the image encoder and
     # connector (None: an even split). The other stages share the rest evenly.
     num_decoder_layers_on_vision_stage: Optional[int] = None

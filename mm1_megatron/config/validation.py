@@ -13,6 +13,7 @@ from collections import Counter
 from typing import Iterator, Optional, Tuple
 
 from mm1_megatron.config.check_errors import Errors as _Errors
+from mm1_megatron.config.context_parallel_checks import check_context_parallel
 from mm1_megatron.config.loader import choice_error
 from mm1_megatron.config.model_checks import (
     FP8_TOKEN_MULTIPLE,
@@ -378,6 +379,7 @@ def validate_config(cfg: MM1Config) -> MM1Config:
         check_connector,
         check_llm,
         _check_parallel,
+        check_context_parallel,
         _check_optimizer_and_training,
         _check_data,
         _check_tiling_and_conversations,

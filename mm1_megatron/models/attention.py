@@ -32,18 +32,20 @@ between positions, so restarting positions per document or not gives the same at
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from mm1_megatron.batch.contract import document_causal_mask
 from mm1_megatron.batch.documents import Segments, document_layout
 from mm1_megatron.batch.documents import build_cu_seqlens as cu_seqlens
+from mm1_megatron.models.context_attention import attend_context_parallel
 
 __all__ = [
     "DenseMaskAttention",
@@ -138,6 +140,17 @@ class DocumentAttention(DotProductAttention):
 
     causal_within_documents = True
 
+    def __init__(self, config, *args, **kwargs):
+        if config.context_parallel_size == 1:
+            super().__init__(config, *args, **kwargs)
+            return
+        # Megatron-Core's DotProductAttention refuses context parallelism (only its TE
+        # attention has it); ``forward`` here has its own, so the parent is built without.
+        without_cp = copy.copy(config)
+        without_cp.context_parallel_size = 1
+        super().__init__(without_cp, *args, **kwargs)
+        self.config = config
+
     def forward(
         self,
         query,
@@ -159,6 +172,19 @@ class DocumentAttention(DotProductAttention):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         if attention_mask is not None and sq == key.shape[0]:  # packed training / prefill
             layout = document_layout(attention_mask)
+            if layout.context is not None:
+                if not self.causal_within_documents:
+                    raise AssertionError("context parallelism splits causal decoders only")
+                with self._dropout_rng(dropout):
+                    return attend_context_parallel(
+                        query,
+                        key,
+                        value,
+                        layout,
+                        group=parallel_state.get_context_parallel_group(),
+                        softmax_scale=self.softmax_scale,
+                        dropout=dropout,
+                    )
             if layout.seq_len != sq or len(layout.segments) != b:
                 raise ValueError(
                     f"document ids of shape {list(attention_mask.shape)} do not match the "

@@ -20,6 +20,9 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from mm1_megatron.batch.documents import DocumentLayout
+from mm1_megatron.parallel.collectives import gather_sequence
+
 Span = Tuple[int, int]
 
 
@@ -90,3 +93,40 @@ def context_parallel_attention(
             )
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0)
+
+
+def attend_context_parallel(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    layout: DocumentLayout,
+    *,
+    group,
+    softmax_scale: float,
+    dropout: float,
+) -> torch.Tensor:
+    """Megatron's layout, ``[s_local, b, heads, d]`` in and ``[s_local, b, heads * d]``
+    out: this rank's queries (its share ``layout.context`` of every row) against every
+    rank's keys and values, gathered over the context-parallel ``group``."""
+    shard = layout.context
+    if query.shape[0] != shard.local_length:
+        raise ValueError(
+            f"{query.shape[0]} local positions, but a {shard.size}-way share of "
+            f"{shard.seq_length}-token rows is {shard.local_length}"
+        )
+    device = query.device
+    positions = [p.to(device) for p in shard.all_positions]
+    key, value = (gather_sequence(t, dim=0, positions=positions, group=group) for t in (key, value))
+    # [s, b, heads, d] -> [b, heads, s, d]
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+    rows = positions[shard.rank].expand(q.shape[0], -1)
+    context = context_parallel_attention(
+        q,
+        k,
+        v,
+        query_positions=rows,
+        segments=layout.segments,
+        softmax_scale=softmax_scale,
+        dropout=dropout,
+    )
+    return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)

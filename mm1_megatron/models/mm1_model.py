@@ -22,6 +22,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mm1_megatron.batch.contract import merge_image_embeddings
+from mm1_megatron.batch.documents import document_layout
 from mm1_megatron.batch.image_patches import grid_sizes_of
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.models.connectors import Connector
@@ -139,9 +140,18 @@ class MM1Model(MegatronModule):
         return self.connector(self.vision_encoder.encode_packed(images, grids), grids)
 
     def embed(
-        self, tokens: torch.Tensor, images: Optional[torch.Tensor], image_grids=None
+        self,
+        tokens: torch.Tensor,
+        images: Optional[torch.Tensor],
+        image_grids=None,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Token embeddings with image tokens merged in, ``[s, b, h]`` (split if SP)."""
+        """Token embeddings with image tokens merged in, ``[s, b, h]`` (split if SP).
+
+        Under context parallelism (``document_ids`` registered with this rank's share by
+        ``model_inputs``), the whole row is embedded and every image encoded, then only
+        this rank's positions are kept: docs/parallelism.md weighs this against encoding
+        only the images whose tokens are local."""
         embeddings = self.language_model.embedding(input_ids=tokens, position_ids=None)
         if images is not None and images.shape[0] > 0:
             image_tokens = self.encode_images(images, image_grids)
@@ -154,9 +164,25 @@ class MM1Model(MegatronModule):
             raise ValueError("tokens contain image placeholders but no images were given")
         elif self.training and torch.is_grad_enabled():
             embeddings = embeddings + self._zero_through_image_parts()
+        shard = self._context_shard(document_ids, tokens.shape[1])
+        if shard is not None:
+            embeddings = shard.take(embeddings, dim=0)
         if self.config.sequence_parallel:
             embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
+
+    def _context_shard(self, document_ids: Optional[torch.Tensor], seq_length: int):
+        if self.config.context_parallel_size == 1:
+            return None
+        shard = None if document_ids is None else document_layout(document_ids).context
+        if shard is None:
+            raise ValueError(
+                f"context_parallel_size={self.config.context_parallel_size} needs the "
+                "micro-batch from mm1_megatron.batch.model_inputs (each rank's share of "
+                "every row); generation does not run context-parallel"
+            )
+        assert shard.seq_length == seq_length, (shard, seq_length)
+        return shard
 
     def _zero_through_image_parts(self) -> torch.Tensor:
         """0, computed from every trainable encoder and connector parameter.
@@ -198,7 +224,9 @@ class MM1Model(MegatronModule):
         ``image_grids`` (native resolution, on the host): each image's patch grid, with
         ``images`` its packed patches.
         """
-        decoder_input = self.embed(tokens, images, image_grids) if self.pre_process else None
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed(tokens, images, image_grids, document_ids)
         return self.language_model(
             tokens,
             position_ids,

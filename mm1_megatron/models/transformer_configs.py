@@ -114,6 +114,8 @@ def language_transformer_config(
         add_qkv_bias=llm.qkv_bias,
         pipeline_model_parallel_size=parallel.pipeline_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
+        # The decoder's sequences are split over the CP group; the ViT's images are not.
+        context_parallel_size=parallel.context_parallel_size,
         # Fused SwiGLU (bias-free) and the fused vocab-parallel cross-entropy. The latter
         # returns its logit gradients in bf16 whatever the dtype (megatron-core 0.16-0.19),
         # which would round an fp32 run's gradients (0.16% measured): bf16 runs only.

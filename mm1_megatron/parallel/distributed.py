@@ -2,7 +2,7 @@
 
 The launcher only decides how rank, world size and the rendezvous address are found;
 after that every run is the same: ``torch.distributed`` (NCCL on GPU, gloo on CPU) and
-Megatron-Core's ``parallel_state`` with TP x PP x (EP inside) DP.
+Megatron-Core's ``parallel_state`` with TP x CP x PP x DP (EP inside DP x CP x TP).
 """
 
 from __future__ import annotations
@@ -180,6 +180,7 @@ def init_distributed(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_parallel_size,
+            context_parallel_size=parallel.context_parallel_size,
             expert_model_parallel_size=parallel.expert_parallel_size,
             expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
             # The same limit for Megatron-Core's TP/PP/DP/EP groups as for the world group.

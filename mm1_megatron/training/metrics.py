@@ -106,7 +106,7 @@ class StepAccounting:
         forget_moe_aux_losses()  # another model's entries, sized for its layers
 
     def losses(self, reports: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-        """Token-weighted mean loss per source over micro-batches and DP ranks (each
+        """Token-weighted mean loss per source over micro-batches and DP (x CP) ranks (each
         report entry a ``[sum, count]`` pair; DPO's count pairs)."""
         if not parallel_state.is_pipeline_last_stage():
             return {}
@@ -116,7 +116,9 @@ class StepAccounting:
         totals = torch.zeros(len(names), 2, device=self.device)
         for report in reports:
             totals += torch.stack([report[name] for name in names])
-        all_reduce_(totals, group=parallel_state.get_data_parallel_group())
+        # Context-parallel ranks each hold a share of every sequence's tokens and losses.
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+        all_reduce_(totals, group=group)
         return {
             name: (float(totals[i, 0] / totals[i, 1]) if totals[i, 1] > 0 else float("nan"))
             for i, name in enumerate(names)

@@ -434,7 +434,7 @@ class Trainer:
         history: List[Dict[str, float]] = []
         logger.info(
             "parameters: %s total (vision %s, connector %s, LLM %s); peak LR %.3g; "
-            "%d micro-batches per step; DP=%d; starting at step %d",
+            "%d micro-batches per step; DP=%d; CP=%d; starting at step %d",
             f"{self.param_counts.total:,}",
             f"{self.param_counts.vision_encoder:,}",
             f"{self.param_counts.connector:,}",
@@ -442,6 +442,7 @@ class Trainer:
             self.peak_lr,
             self.num_microbatches,
             self.dp_size,
+            cfg.parallel.context_parallel_size,
             self.step,
         )
         if cfg.model.lora.enabled:

@@ -54,6 +54,7 @@ TP2 = ["parallel.tensor_parallel_size=2"]
 SP = ["parallel.sequence_parallel=true"]
 PP2 = ["parallel.pipeline_parallel_size=2"]
 OVERLAP = ["parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true"]
+CP2 = ["parallel.context_parallel_size=2"]
 
 # The single-process references attend through the explicit [b, 1, s, s] mask; every
 # layout through per-document attention: each comparison also checks the attention path.
@@ -101,6 +102,13 @@ LAYOUTS = {
     "native_tp2_sp": (2, "native", NATIVE + TP2 + SP),
     "native_pp2_vision_stage": (2, "native", NATIVE + PP2),
     "native_dp2": (2, "native", NATIVE + ["training.micro_batch_size=2"]),
+    # Context parallelism: each rank's share of every packed row (whole-row chunks r and
+    # 3 - r of 4), images encoded where the row is embedded, the vision stage of a pipeline
+    # passing on only its share, experts routing each rank's tokens.
+    "cp2": (2, "dense", CP2 + ["training.micro_batch_size=2"]),
+    "cp2_tp2_sp": (4, "dense", CP2 + TP2 + SP),
+    "cp2_pp2_vision_stage": (4, "dense", CP2 + PP2),
+    "cp2_ep2": (2, "moe", MOE + CP2 + ["parallel.expert_parallel_size=2"]),
 }
 
 

@@ -123,6 +123,11 @@ def _trainable(params: RankParameters, frozen) -> Dict[str, float]:
 
 def data_parallel_sizes(cfg: MM1Config, num_gpus: int) -> Dict[str, int]:
     par = cfg.parallel
+    if par.context_parallel_size > 1:
+        raise ValueError(
+            f"parallel.context_parallel_size={par.context_parallel_size}: the estimator does "
+            "not model context parallelism yet; estimate at context_parallel_size=1"
+        )
     tp, pp, ep = par.tensor_parallel_size, par.pipeline_parallel_size, par.expert_parallel_size
     etp = par.expert_tensor_parallel_size or tp
     dp = num_gpus // (tp * pp)
