@@ -106,3 +106,39 @@ def row_shard(seq_length: int, cp_size: int, cp_rank: int) -> ContextShard:
     if not 0 <= cp_rank < cp_size:
         raise ValueError(f"cp_rank={cp_rank} is not in [0, {cp_size})")
     return ContextShard(cp_size, cp_rank, seq_length, positions)
+
+
+@dataclass(frozen=True)
+class LocalImageTokens:
+    """Where a rank's share of a micro-batch needs image tokens (``local_image_tokens``)."""
+
+    images: torch.Tensor  # [k] the images (order of appearance) with a token in the share
+    slots: torch.Tensor  # [m, 2] (row, local position) of each image token in the share
+    rows: torch.Tensor  # [m] its row in the needed images' tokens, flattened [k * T, h]
+
+
+def local_image_tokens(
+    tokens: torch.Tensor, positions: torch.Tensor, *, image_token_id: int, tokens_per_image: int
+) -> LocalImageTokens:
+    """Which images a context-parallel rank must encode for its ``positions`` of each row
+    of ``tokens`` (``[b, s]``), and where their tokens go. Images are numbered in order of
+    appearance (rows in turn), each filling ``tokens_per_image`` consecutive placeholders;
+    an image cut by a chunk boundary is needed by both ranks (each backpropagates through
+    its own tokens of it; data parallelism's gradient sum over DP x CP adds them)."""
+    is_image = tokens == image_token_id
+    num_slots = int(is_image.sum())
+    if num_slots % tokens_per_image:
+        raise ValueError(
+            f"batch has {num_slots} image-token positions, not a multiple of the "
+            f"{tokens_per_image} tokens each image gives"
+        )
+    slot_of = is_image.flatten().cumsum(0).view_as(is_image) - 1  # row-major slot index
+    positions = positions.to(tokens.device)
+    local = is_image.index_select(1, positions)
+    slot = slot_of.index_select(1, positions)[local]
+    needed, which = torch.unique(slot // tokens_per_image, return_inverse=True)
+    return LocalImageTokens(
+        images=needed,
+        slots=local.nonzero(),
+        rows=which * tokens_per_image + slot % tokens_per_image,
+    )

@@ -66,3 +66,19 @@ def image_ids(grid_sizes: Sequence[Tuple[int, int]]) -> torch.Tensor:
     ViT's attention takes them where the decoder's takes document ids."""
     counts = torch.tensor([h * w for h, w in grid_sizes])
     return torch.repeat_interleave(torch.arange(len(counts)), counts).unsqueeze(0)
+
+
+def select_images(images: torch.Tensor, image_grids, which: torch.Tensor):
+    """The images numbered ``which`` (ascending): ``[k, c, H, W]`` from ``[n, c, H, W]``
+    (``image_grids`` None), or at native resolution their packed patch rows and host
+    grids from ``[total_patches, c*p*p]`` and ``image_grids``. ``(images, grids)``."""
+    if image_grids is None:
+        return images.index_select(0, which.to(images.device)), None
+    sizes = grid_sizes_of(image_grids)
+    starts = [0]
+    for rows, cols in sizes:
+        starts.append(starts[-1] + rows * cols)
+    chosen = which.tolist()  # one host read: the grids live on the host
+    rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in chosen])
+    grids = torch.tensor([sizes[i] for i in chosen], dtype=torch.long)
+    return images.index_select(0, rows.to(images.device)), grids

@@ -21,9 +21,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mm1_megatron.batch.context_parallel import local_image_tokens
 from mm1_megatron.batch.contract import merge_image_embeddings
 from mm1_megatron.batch.documents import document_layout
-from mm1_megatron.batch.image_patches import grid_sizes_of
+from mm1_megatron.batch.image_patches import grid_sizes_of, select_images
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.models.connectors import Connector
 from mm1_megatron.models.lora import add_adapters
@@ -47,6 +48,7 @@ class MM1Model(MegatronModule):
     ):
         super().__init__(config=language_config)
         self.image_token_id = image_token_id
+        self.tokens_per_image = model.connector.num_output_tokens
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's schedules
         self.pre_process = pre_process
         self.post_process = post_process
@@ -149,9 +151,18 @@ class MM1Model(MegatronModule):
         """Token embeddings with image tokens merged in, ``[s, b, h]`` (split if SP).
 
         Under context parallelism (``document_ids`` registered with this rank's share by
-        ``model_inputs``), the whole row is embedded and every image encoded, then only
-        this rank's positions are kept: docs/parallelism.md weighs this against encoding
-        only the images whose tokens are local."""
+        ``model_inputs``) only this rank's positions are embedded, and only the images
+        with a token among them encoded (docs/parallelism.md measures the choice)."""
+        shard = self._context_shard(document_ids, tokens.shape[1])
+        if shard is not None:
+            embeddings = self._embed_share(tokens, images, image_grids, shard.positions)
+        else:
+            embeddings = self._embed_rows(tokens, images, image_grids)
+        if self.config.sequence_parallel:
+            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
+        return embeddings
+
+    def _embed_rows(self, tokens, images, image_grids) -> torch.Tensor:
         embeddings = self.language_model.embedding(input_ids=tokens, position_ids=None)
         if images is not None and images.shape[0] > 0:
             image_tokens = self.encode_images(images, image_grids)
@@ -164,12 +175,38 @@ class MM1Model(MegatronModule):
             raise ValueError("tokens contain image placeholders but no images were given")
         elif self.training and torch.is_grad_enabled():
             embeddings = embeddings + self._zero_through_image_parts()
-        shard = self._context_shard(document_ids, tokens.shape[1])
-        if shard is not None:
-            embeddings = shard.take(embeddings, dim=0)
-        if self.config.sequence_parallel:
-            embeddings = tensor_parallel.scatter_to_sequence_parallel_region(embeddings)
         return embeddings
+
+    def _embed_share(self, tokens, images, image_grids, positions) -> torch.Tensor:
+        """``[s / CP, b, h]``: this context-parallel rank's positions of each row, image
+        tokens from encoding only the images that have one there."""
+        share = tokens.index_select(1, positions.to(tokens.device))
+        embeddings = self.language_model.embedding(input_ids=share, position_ids=None)
+        needed = local_image_tokens(
+            tokens,
+            positions,
+            image_token_id=self.image_token_id,
+            tokens_per_image=self.tokens_per_image,
+        )
+        num_images = 0 if images is None else images.shape[0]
+        if image_grids is not None:
+            num_images = len(image_grids)
+        if needed.slots.shape[0] == 0:
+            if self.training and torch.is_grad_enabled():
+                embeddings = embeddings + self._zero_through_image_parts()
+            return embeddings
+        if int(needed.images.max()) >= num_images:
+            raise ValueError(
+                f"tokens hold placeholders of {int(needed.images.max()) + 1}+ images but "
+                f"{num_images} were given; each image needs exactly num_output_tokens "
+                "placeholders"
+            )
+        picked, grids = select_images(images, image_grids, needed.images)
+        image_tokens = self.encode_images(picked, grids)
+        flat = image_tokens.reshape(-1, image_tokens.shape[-1])
+        merged = embeddings.clone()
+        merged[needed.slots[:, 1], needed.slots[:, 0]] = flat[needed.rows].to(merged.dtype)
+        return merged
 
     def _context_shard(self, document_ids: Optional[torch.Tensor], seq_length: int):
         if self.config.context_parallel_size == 1:

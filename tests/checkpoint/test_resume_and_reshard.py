@@ -4,8 +4,8 @@ Exactness: a run of 2N steps that saves at step N, and a *new process* that resu
 that checkpoint and runs steps N+1..2N, give bitwise identical losses and gradient norms
 (fp32 on CPU: same weights, optimizer state, schedule and data position, same ops).
 
-Resharding: checkpoints saved at TP=2, at PP=2 (the vision stage) and at MoE EP=2 load
-into a single process; the next step's loss matches the original layout's next step
+Resharding: checkpoints saved at TP=2, at PP=2 (the vision stage), at MoE EP=2 and at
+CP=2 load into a single process; the next step's loss matches the original layout's next step
 within 1e-5 relative (the layouts differ only in summation order, as in test_layouts.py).
 (A TP=2 checkpoint also loads at PP=2 in mm1-eval's parity test with transformers.)
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.parallel.test_layouts import MOE, OVERLAP, PP2, SHORT_SEQUENCES, TP2, _run_worker
+from tests.parallel.test_layouts import CP2, MOE, OVERLAP, PP2, SHORT_SEQUENCES, TP2, _run_worker
 
 N = 2
 
@@ -32,6 +32,8 @@ RESUME_LAYOUTS = {
     # the save gathered them first). Without the overlaps the load is the same code; the
     # saved weights equal a non-overlapped run's (test_overlap_param_gather_save.py).
     "dp2_distopt_overlapped": SHORT_SEQUENCES + ["training.micro_batch_size=2"] + OVERLAP,
+    # Context parallelism: the distributed optimizer shards its state over DP x CP.
+    "cp2": SHORT_SEQUENCES + CP2,
 }
 
 
@@ -54,8 +56,8 @@ def runs(tmp_path_factory):
         for name, overrides in RESUME_LAYOUTS.items()
     }
     _run_worker(2, resumed, out, steps=2 * N, fresh_processes=True)  # new processes
-    # Resharding the step-N checkpoints of the full runs: TP=2, PP=2 (vision stage) and
-    # MoE EP=2, each into a single process.
+    # Resharding the step-N checkpoints of the full runs: TP=2, PP=2 (vision stage), MoE
+    # EP=2 and CP=2, each into a single process.
     _run_worker(
         1,
         {
@@ -68,6 +70,7 @@ def runs(tmp_path_factory):
                 ("tp2", SHORT_SEQUENCES),
                 ("pp2_vision_stage", SHORT_SEQUENCES),
                 ("moe_ep2", SHORT_SEQUENCES + MOE),
+                ("cp2", SHORT_SEQUENCES),
             )
         },
         out,
@@ -87,7 +90,7 @@ def test_resume_is_bitwise_exact(runs, layout):
         assert got["grad_norm"] == expected["grad_norm"], f"step {step}"
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2_vision_stage", "moe_ep2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2_vision_stage", "moe_ep2", "cp2"])
 def test_checkpoint_reshards_to_a_single_process(runs, layout):
     source, target = f"{layout}_full", f"{layout}_to_single"
     original = _load(runs, source)

@@ -103,12 +103,15 @@ LAYOUTS = {
     "native_pp2_vision_stage": (2, "native", NATIVE + PP2),
     "native_dp2": (2, "native", NATIVE + ["training.micro_batch_size=2"]),
     # Context parallelism: each rank's share of every packed row (whole-row chunks r and
-    # 3 - r of 4), images encoded where the row is embedded, the vision stage of a pipeline
+    # 3 - r of 4) and only the images with a token in it, the vision stage of a pipeline
     # passing on only its share, experts routing each rank's tokens.
     "cp2": (2, "dense", CP2 + ["training.micro_batch_size=2"]),
     "cp2_tp2_sp": (4, "dense", CP2 + TP2 + SP),
     "cp2_pp2_vision_stage": (4, "dense", CP2 + PP2),
     "cp2_ep2": (2, "moe", MOE + CP2 + ["parallel.expert_parallel_size=2"]),
+    # Each rank encodes only the images with a token in its share: packed patches picked
+    # by their host grids.
+    "native_cp2": (2, "native", NATIVE + CP2),
 }
 
 
