@@ -16,9 +16,12 @@ def check_world_size(parallel: ParallelConfig, world_size: int) -> int:
     cp = parallel.context_parallel_size
     model_parallel = tp * cp * pp
     if world_size % model_parallel:
+        names, sizes = "tensor_parallel_size x pipeline_parallel_size", f"{tp} x {pp}"
+        if cp > 1:
+            names = "tensor_parallel_size x context_parallel_size x pipeline_parallel_size"
+            sizes = f"{tp} x {cp} x {pp}"
         raise ValueError(
-            f"world size {world_size} is not divisible by tensor_parallel_size x "
-            f"context_parallel_size x pipeline_parallel_size = {tp} x {cp} x {pp} = "
+            f"world size {world_size} is not divisible by {names} = {sizes} = "
             f"{model_parallel}; launch a multiple of {model_parallel} processes"
         )
     data_parallel = world_size // model_parallel

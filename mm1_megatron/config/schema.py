@@ -65,7 +65,7 @@ RECOMPUTE_MODES = get_args(RecomputeMode)
 LAUNCHERS = get_args(Launcher)
 DATA_SOURCES = get_args(DataSource)
 # What data.mixture weighs (data/pipeline/mixture.py's SOURCE_IDS, in that order).
-DATA_MIXTURE_SOURCES = ("caption", "interleaved", "text", "conversation", "preference")
+DATA_MIXTURE_SOURCES = ("caption", "interleaved", "text", "conversation", "preference", "video")
 TOKENIZER_KINDS = get_args(TokenizerKind)
 IMAGE_DECODERS = get_args(ImageDecoder)
 IMAGE_RESIZE_MODES = get_args(ImageResizeMode)
@@ -384,6 +384,13 @@ class BalanceConfig:
 
 
 @dataclass
+class VideoConfig:
+    """Videos (docs/video.md): each frame is an image, after a frame-time marker."""
+
+    num_frames: int = 4  # frames per video (the synthetic clips have exactly this many)
+
+
+@dataclass
 class DataConfig:
     source: DataSource = "synthetic"
     # Share of sequences drawn from each source (normalised): MM1's 45/45/10.
@@ -404,6 +411,7 @@ class DataConfig:
     tiling: TilingConfig = field(default_factory=TilingConfig)
     conversations: ConversationConfig = field(default_factory=ConversationConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     # Run Python a dataset ships (a Megatron-Energon dataset.yaml's sample_loader or
     # part_filter, from its own .nv-meta folder). Off: such a dataset is refused.
     allow_dataset_code: bool = False

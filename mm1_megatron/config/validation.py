@@ -158,6 +158,29 @@ def _check_optimizer_and_training(cfg: MM1Config, err: _Errors) -> None:
         )
 
 
+def _check_video(cfg: MM1Config, err: _Errors) -> None:
+    d = cfg.data
+    err.check(
+        2 <= d.video.num_frames <= 21,
+        f"data.video.num_frames={d.video.num_frames} must be in [2, 21] (frames per video)",
+    )
+    if d.mixture.get("video", 0) <= 0:
+        return
+    err.check(
+        d.source == "synthetic",
+        "data.mixture.video > 0 reads the synthetic world's clips; video shards are not "
+        "supported yet: set data.source=synthetic or the video weight to 0",
+    )
+    per_clip = d.video.num_frames * (cfg.model.connector.num_output_tokens + 3) + 8
+    err.check(
+        d.video.num_frames <= d.max_images_per_sequence and per_clip <= cfg.training.seq_length,
+        f"a {d.video.num_frames}-frame video ({per_clip} tokens with its markers and text) "
+        f"must fit one sequence: data.max_images_per_sequence="
+        f"{d.max_images_per_sequence} >= {d.video.num_frames} and training.seq_length="
+        f"{cfg.training.seq_length} >= {per_clip}",
+    )
+
+
 def _check_data(cfg: MM1Config, err: _Errors) -> None:
     d = cfg.data
     for name, weight in d.mixture.items():
@@ -208,8 +231,10 @@ def _check_data(cfg: MM1Config, err: _Errors) -> None:
                 f"{field_name} is only read with data.source=webdataset; "
                 f"unset it or set data.source=webdataset",
             )
+    _check_video(cfg, err)
     image_weight = sum(
-        d.mixture.get(name, 0) for name in ("interleaved", "caption", "conversation", "preference")
+        d.mixture.get(name, 0)
+        for name in ("interleaved", "caption", "conversation", "preference", "video")
     )
     if image_weight > 0:
         err.check(

@@ -86,6 +86,7 @@ def build_data(
             max_images=data_cfg.max_images_per_sequence,
             tiling=data_cfg.tiling,
             conversations=data_cfg.conversations,
+            video_frames=data_cfg.video.num_frames,
             **packing,
         )
     elif data_cfg.source == "webdataset":
@@ -254,6 +255,8 @@ def _fingerprint(data_cfg: DataConfig, tokenizer: Tokenizer, packing: Dict) -> s
     relevant["images"].pop("dali_threads")
     if not relevant["shards"]["preference"]:  # absent: fingerprints of earlier runs stay valid
         relevant["shards"].pop("preference")
+    if not data_cfg.mixture.get("video", 0) > 0:  # the same for runs without videos
+        relevant.pop("video")
     payload = json.dumps(
         {"data": relevant, "packing": packing, "tokenizer": tokenizer_fingerprint(tokenizer)},
         sort_keys=True,

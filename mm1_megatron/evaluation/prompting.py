@@ -25,6 +25,7 @@ from mm1_megatron.data.pipeline.images import build_image_decoder
 from mm1_megatron.data.pipeline.native_resolution import native_resolution_of
 from mm1_megatron.data.pipeline.packing import normalise_images
 from mm1_megatron.data.synthetic.sequences import native_image_sizes
+from mm1_megatron.data.synthetic.video import Clip, time_words
 from mm1_megatron.data.synthetic.world import Scene, draw_scene
 from mm1_megatron.data.tokenizers.base import Tokenizer
 from mm1_megatron.evaluation.protocol import Template, text_only_demos, text_segments
@@ -56,24 +57,51 @@ class PromptBuilder:
             native=self.native,
         )
 
-    def image(self, example: EvalExample) -> torch.Tensor:
-        """The normalised ``[c, S, S]`` image, or at native resolution ``[c, h, w]`` at the
-        size rule's size (``pack`` makes patches of it)."""
+    def images(self, example: EvalExample) -> List[torch.Tensor]:
+        """The example's normalised images (a video's frames): ``[c, S, S]`` each, or at
+        native resolution ``[c, h, w]`` at the size rule's size (``pack`` makes patches)."""
+        if isinstance(example.image, Clip):
+            size = self._scene_size(example.image)
+            return [self._drawn(frame, size) for frame in example.image.frames]
         if isinstance(example.image, Scene):
-            return self._drawn(example.image)
+            return [self._drawn(example.image, self._scene_size(example.image))]
         path = Path(example.image)
         (decoded,) = self.decoder.decode([path.read_bytes()])
         if not isinstance(decoded, torch.Tensor):
             raise ValueError(f"image {path} (id {example.example_id}) cannot be decoded: {decoded}")
-        return decoded.float()
+        return [decoded.float()]
 
-    def _drawn(self, scene: Scene) -> torch.Tensor:
+    def image(self, example: EvalExample) -> torch.Tensor:
+        """The example's one image (what retrieval embeds); a video has several."""
+        if isinstance(example.image, Clip):
+            raise ValueError(
+                f"example {example.example_id} is a video: retrieval-chosen demonstrations "
+                "embed one image per example; evaluate video tasks with random demonstrations"
+            )
+        return self.images(example)[0]
+
+    def visual_ids(self, example: EvalExample) -> List[int]:
+        """What stands for the example's image in the prompt: one placeholder, or for a
+        video each frame's time marker and placeholder, as in training."""
+        if not isinstance(example.image, Clip):
+            return [self.tokenizer.image_token_id]
+        ids: List[int] = []
+        for seconds in range(len(example.image.frames)):
+            ids += self.tokenizer.encode(" ".join(time_words(seconds)))
+            ids.append(self.tokenizer.image_token_id)
+        return ids
+
+    def _scene_size(self, drawn) -> Optional[Tuple[int, int]]:
         if self.scene_sizes is None:
+            return None
+        # repr, not hash(): Python salts string hashes per process, and ranks must agree.
+        return self.scene_sizes[zlib.crc32(repr(drawn).encode()) % len(self.scene_sizes)]
+
+    def _drawn(self, scene: Scene, size: Optional[Tuple[int, int]]) -> torch.Tensor:
+        if size is None:
             drawn = draw_scene(scene, self.image_size)
             return normalise_images([drawn], self.image_size, self.mean, self.std)[0]
-        # repr, not hash(): Python salts string hashes per process, and ranks must agree.
-        choice = zlib.crc32(repr(scene).encode()) % len(self.scene_sizes)
-        drawn = draw_scene(scene, self.scene_sizes[choice])
+        drawn = draw_scene(scene, size)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         return (drawn.float() - mean) / std  # as normalise_native_images does in training
@@ -96,10 +124,11 @@ class PromptBuilder:
         pieces = text_segments(template, demos, query, family)
         if text_demos:
             pieces[0] = text_only_demos(template, text_demos, family) + pieces[0]
+        examples = [*demos, query]
         ids: List[int] = [self.tokenizer.bos_token_id]
         for index, piece in enumerate(pieces):
             if index > 0:
-                ids.append(self.tokenizer.image_token_id)
+                ids += self.visual_ids(examples[index - 1])
             if piece.strip():
                 ids += self.tokenizer.encode(piece)
         ids = expand_image_placeholders(
@@ -107,5 +136,5 @@ class PromptBuilder:
             image_token_id=self.tokenizer.image_token_id,
             num_image_tokens=self.num_image_tokens,
         )
-        images, grids = self.pack([self.image(example) for example in [*demos, query]])
+        images, grids = self.pack([image for e in examples for image in self.images(e)])
         return Prompt(token_ids=ids, images=images, image_grids=grids)

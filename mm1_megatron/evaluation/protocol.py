@@ -53,6 +53,8 @@ TEMPLATES: Dict[str, Template] = {
     ),
     "synthetic_caption": Template("<image> {answer}", "<image>"),
     "synthetic_vqa": Template("<image> {question} {answer}", "<image> {question}"),
+    # A clip's <image> stands for its frames, each after its frame-time marker.
+    "synthetic_video_qa": Template("<image> {question} {answer}", "<image> {question}"),
 }
 
 # (max new tokens, beams) per template key; OpenFlamingo decodes captions to 20 tokens and
@@ -63,6 +65,7 @@ GENERATION: Dict[str, Dict[str, int]] = {
     "vqa": {"max_new_tokens": 5, "num_beams": 3},
     "synthetic_caption": {"max_new_tokens": 40, "num_beams": 1},
     "synthetic_vqa": {"max_new_tokens": 1, "num_beams": 1},
+    "synthetic_video_qa": {"max_new_tokens": 1, "num_beams": 1},
 }
 
 # Text that ends an answer (the stop token itself is not part of it), besides the end of

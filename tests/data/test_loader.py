@@ -154,7 +154,7 @@ def test_resume_at_another_dp_size_continues_the_global_stream():
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"mixture": {"video": 1.0}},
+        {"mixture": {"audio": 1.0}},
         {"mixture": {"text": -1.0, "caption": 1.0}},
         {"mixture": {"text": 0.0}},
         {"source": "webdataset"},

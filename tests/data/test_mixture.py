@@ -10,15 +10,36 @@ from mm1_megatron.data.pipeline.mixture import MixtureSchedule, block_counts
     [
         (
             {"interleaved": 0.45, "caption": 0.45, "text": 0.10},
-            {"caption": 450, "interleaved": 450, "text": 100, "conversation": 0, "preference": 0},
+            {
+                "caption": 450,
+                "interleaved": 450,
+                "text": 100,
+                "conversation": 0,
+                "preference": 0,
+                "video": 0,
+            },
         ),
         (
             {"caption": 1, "text": 2},
-            {"caption": 333, "interleaved": 0, "text": 667, "conversation": 0, "preference": 0},
+            {
+                "caption": 333,
+                "interleaved": 0,
+                "text": 667,
+                "conversation": 0,
+                "preference": 0,
+                "video": 0,
+            },
         ),
         (
             {"caption": 1, "interleaved": 1, "text": 1},
-            {"caption": 334, "interleaved": 333, "text": 333, "conversation": 0, "preference": 0},
+            {
+                "caption": 334,
+                "interleaved": 333,
+                "text": 333,
+                "conversation": 0,
+                "preference": 0,
+                "video": 0,
+            },
         ),
     ],
 )

@@ -24,6 +24,7 @@ SOURCE_IDS: Dict[str, int] = {
     "text": 2,
     "conversation": 3,
     "preference": 4,  # pairs of answers, for DPO (preferences.py)
+    "video": 5,  # clips: frame-time markers and frames, then text (synthetic/video.py)
 }
 MIXTURE_BLOCK = 1000
 MIXTURE_STREAM = 7  # keeps these draws apart from the sources' own streams

@@ -49,6 +49,8 @@ from mm1_megatron.data.shards.conversations import (
 from mm1_megatron.data.shards.skips import DataStats
 from mm1_megatron.data.synthetic.conversations import synthetic_conversation
 from mm1_megatron.data.synthetic.preferences import synthetic_preference
+from mm1_megatron.data.synthetic.video import SOURCE as VIDEO
+from mm1_megatron.data.synthetic.video import video_samples
 from mm1_megatron.data.synthetic.world import ASPECT_RATIOS, SyntheticGenerator
 from mm1_megatron.data.tokenizers.base import SyntheticTokenizer, Tokenizer
 
@@ -73,6 +75,7 @@ class SyntheticSequences:
         tiling: Optional[TilingConfig] = None,
         conversations: Optional[ConversationConfig] = None,
         native: Optional[NativeResolution] = None,
+        video_frames: int = 4,
     ):
         if seed < 0:
             raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's SeedSequence)")
@@ -111,6 +114,7 @@ class SyntheticSequences:
             native=native,
         )
         self.seed = seed
+        self.video_frames = video_frames
         logger.info(
             "synthetic data: mixture %s, seed %d",
             {k: round(v, 4) for k, v in self.probabilities.items()},
@@ -182,6 +186,8 @@ class SyntheticSequences:
     ) -> Iterator[Sample]:
         if source == "conversation":
             samples = self._conversations(rng, generator)
+        elif source == VIDEO:
+            samples = video_samples(generator, rng, self.video_frames)
         else:
             samples = generator.stream(source, rng)
         return self._tiled(samples)

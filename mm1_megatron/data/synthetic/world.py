@@ -256,14 +256,23 @@ class SyntheticGenerator:
             size = self.image_sizes[int(rng.integers(len(self.image_sizes)))]
         return draw_scene(scene, size) if self.render else ImageShape(*size)
 
+    def draw_frames(self, scenes: Sequence[Scene], rng: np.random.Generator) -> List[Image]:
+        """A video's frames: every scene at one size (one draw of ``image_sizes``)."""
+        size = (self.image_size, self.image_size)
+        if self.image_sizes is not None:
+            size = self.image_sizes[int(rng.integers(len(self.image_sizes)))]
+        if not self.render:
+            return [ImageShape(*size) for _ in scenes]
+        return [draw_scene(scene, size) for scene in scenes]
+
     def caption(self, rng: np.random.Generator) -> Sample:
         scene = random_scene(rng, self.max_shapes)
         image = self.draw(scene, rng)
-        return self._sample("caption", [ImageSlot, *caption_words(scene)], [image])
+        return self.build_sample("caption", [ImageSlot, *caption_words(scene)], [image])
 
     def captioned(self, words: Sequence[str], image: Image, source: str) -> Sample:
         """``<bos> <image> words <eos>`` as a sample of ``source``."""
-        return self._sample(source, [ImageSlot, *words], [image])
+        return self.build_sample(source, [ImageSlot, *words], [image])
 
     def interleaved(self, rng: np.random.Generator) -> Sample:
         num_images = int(rng.integers(self.min_interleaved_images, self.max_interleaved_images + 1))
@@ -299,15 +308,15 @@ class SyntheticGenerator:
                 words += [ImageSlot, *caption_words(scene)]
         total = sum(len(scene.shapes) for scene in scenes)
         words += ["in", "total", *count_words(total), "."]
-        return self._sample("interleaved", words, [self.draw(scene, rng) for scene in scenes])
+        return self.build_sample("interleaved", words, [self.draw(scene, rng) for scene in scenes])
 
     def text(self, rng: np.random.Generator) -> Sample:
         words: List[str] = []
         for _ in range(int(rng.integers(1, 5))):
             words += text_sentence(rng)
-        return self._sample("text", words, [])
+        return self.build_sample("text", words, [])
 
-    def _sample(
+    def build_sample(
         self, source: str, words: Sequence[Optional[str]], images: Sequence[torch.Tensor]
     ) -> Sample:
         tok = self.tokenizer

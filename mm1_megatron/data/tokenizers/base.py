@@ -92,6 +92,10 @@ CHAT_WORDS = (
     "no",
 )
 
+# The synthetic videos' frame-time markers and events (``data/synthetic/video.py``).
+# After the chat words, so no earlier id moves.
+VIDEO_WORDS = ("time", "zero", "moves", "turns", "appears", "up", "down")
+
 WORD_GROUPS: Tuple[Tuple[str, ...], ...] = (
     SHAPE_COLOUR_WORDS,
     BACKGROUND_WORDS,
@@ -103,6 +107,7 @@ WORD_GROUPS: Tuple[Tuple[str, ...], ...] = (
     FUNCTION_WORDS,
     PUNCTUATION,
     CHAT_WORDS,
+    VIDEO_WORDS,
 )
 
 # A special token, a run of word characters, or one punctuation character.
@@ -145,6 +150,9 @@ class SyntheticTokenizer:
         self.vocabulary: Tuple[str, ...] = build_vocabulary()
         self._ids: Dict[str, int] = {word: i for i, word in enumerate(self.vocabulary)}
         self.vocab_size = len(self.vocabulary)
+        # The size before VIDEO_WORDS were appended (no earlier id moved): what data
+        # fingerprints record, so corpora and runs from before video still resume.
+        self.fingerprint_vocab_size = self.vocab_size - len(VIDEO_WORDS)
         self.pad_token_id = self._ids["<pad>"]
         self.bos_token_id = self._ids["<bos>"]
         self.eos_token_id = self._ids["<eos>"]

@@ -159,7 +159,8 @@ def tokenizer_fingerprint(tokenizer: Tokenizer) -> Dict[str, object]:
     """What must agree between a tokenized corpus and the tokenizer that reads it."""
     fingerprint: Dict[str, object] = {
         "kind": getattr(tokenizer, "kind", type(tokenizer).__name__),
-        "vocab_size": tokenizer.vocab_size,
+        # A vocabulary that only grew at its end reads what its earlier self wrote.
+        "vocab_size": getattr(tokenizer, "fingerprint_vocab_size", tokenizer.vocab_size),
         "special_ids": [
             tokenizer.pad_token_id,
             tokenizer.bos_token_id,

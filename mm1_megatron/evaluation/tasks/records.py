@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple, Union
 
+from mm1_megatron.data.synthetic.video import Clip
 from mm1_megatron.data.synthetic.world import Scene
 
 Family = Literal["caption", "vqa"]
@@ -14,17 +15,19 @@ Metric = Literal["cider", "vqa_accuracy"]
 
 @dataclass(frozen=True)
 class EvalExample:
-    """One image with its references (and, for VQA, its question).
+    """One image (or video) with its references (and, for VQA, its question).
 
     ``example_id`` is the image id for caption tasks and the question id (as a string) for
     VQA tasks (VizWiz: the image file name, its only id). ``image`` is an image file,
-    decoded like training shards, or a synthetic ``Scene``, drawn like training images.
+    decoded like training shards, a synthetic ``Scene``, drawn like training images, or a
+    synthetic video ``Clip``, whose frames are drawn alike and prompted after their
+    frame-time markers as in training.
     ``references`` are the reference captions, or the raw annotator answers for VQA
     (10 for VQAv2-style datasets; fewer where annotators gave fewer).
     """
 
     example_id: str
-    image: Union[Path, Scene]
+    image: Union[Path, Scene, Clip]
     references: Tuple[str, ...]
     question: Optional[str] = None
 

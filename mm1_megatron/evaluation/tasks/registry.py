@@ -45,6 +45,7 @@ TASKS: Dict[str, TaskSpec] = {
     "okvqa": TaskSpec("vqa", "vqa_accuracy", vqa.read_okvqa),
     "synthetic_caption": TaskSpec("caption", "cider", synthetic=synthetic.synthetic_caption),
     "synthetic_vqa": TaskSpec("vqa", "vqa_accuracy", synthetic=synthetic.synthetic_vqa),
+    "synthetic_video_qa": TaskSpec("vqa", "vqa_accuracy", synthetic=synthetic.synthetic_video_qa),
 }
 TASK_NAMES: Tuple[str, ...] = tuple(TASKS)
 

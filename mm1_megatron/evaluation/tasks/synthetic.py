@@ -1,4 +1,5 @@
-"""Two tasks drawn from the embedded synthetic world (``data/synthetic/world.py``).
+"""Three tasks drawn from the embedded synthetic world (``data/synthetic/world.py``,
+``data/synthetic/video.py``).
 
 ``synthetic_caption``: caption a scene; the reference is its training caption
 (``there are two shapes on a gray background : a red circle at the top left and ...``).
@@ -13,7 +14,12 @@ the caption's next word. Four kinds, in turn by example index:
 - ``colour``: ``... background : a`` (or ``an``) -> the first shape's colour;
 - ``shape``: ``... background : a red`` -> the first shape's kind.
 
-Scenes come from ``numpy.random.default_rng([seed, SYNTHETIC_TAG, task, stream])``:
+``synthetic_video_qa``: clips of ``VIDEO_FRAMES`` frames (``data/synthetic/video.py``),
+each asking its event sentence's answer word as a cloze, in the training text's words:
+``the red circle moves`` -> ``right``, ``the red circle turns`` -> ``blue``, ``a red
+circle appears at time`` -> ``two``. Each answer needs several frames.
+
+Scenes and clips come from ``numpy.random.default_rng([seed, SYNTHETIC_TAG, task, stream])``:
 evaluation and demonstrations use different streams (and a demo scene equal to an
 evaluation scene is dropped), and none is a training stream (``default_rng([seed, g])``).
 """
@@ -24,11 +30,13 @@ from typing import List, Tuple
 
 import numpy as np
 
+from mm1_megatron.data.synthetic.video import Clip, random_clip, video_cloze
 from mm1_megatron.data.synthetic.world import Scene, caption_words, random_scene
 from mm1_megatron.evaluation.tasks.records import EvalExample
 
 SYNTHETIC_TAG = 0x45564131  # "EVA1": keeps these streams apart from every training stream
-CAPTION_TASK, VQA_TASK = 1, 2
+CAPTION_TASK, VQA_TASK, VIDEO_QA_TASK = 1, 2, 3
+VIDEO_FRAMES = 4  # data.video.num_frames's default: what configs/debug_video.yaml trains on
 EVAL_STREAM, DEMO_STREAM = 0, 1
 DEFAULT_NUM_EVAL = 200
 DEFAULT_NUM_DEMOS = 512
@@ -97,4 +105,32 @@ def synthetic_vqa(
     return (
         [example("", i, scene) for i, scene in enumerate(eval_scenes)],
         [example("demo-", i, scene) for i, scene in enumerate(demo_scenes)],
+    )
+
+
+def _clips(seed: int, stream: int, count: int) -> List[Clip]:
+    rng = np.random.default_rng([seed, SYNTHETIC_TAG, VIDEO_QA_TASK, stream])
+    return [random_clip(rng, VIDEO_FRAMES) for _ in range(count)]
+
+
+def synthetic_video_qa(
+    seed: int = 0, num_eval: int = DEFAULT_NUM_EVAL, num_demos: int = DEFAULT_NUM_DEMOS
+) -> Tuple[Examples, Examples]:
+    """``(eval, demos)``: one cloze per clip (see the module docstring); a demo clip equal
+    to an evaluation clip is dropped."""
+    if seed < 0:
+        raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's SeedSequence)")
+    if num_eval < 1 or num_demos < 0:
+        raise ValueError(f"need num_eval >= 1 and num_demos >= 0, got {num_eval}, {num_demos}")
+    eval_clips = _clips(seed, EVAL_STREAM, num_eval)
+    taken = set(eval_clips)
+    demo_clips = [c for c in _clips(seed, DEMO_STREAM, num_demos) if c not in taken]
+
+    def example(prefix: str, index: int, clip: Clip) -> EvalExample:
+        question, answer = video_cloze(clip)
+        return EvalExample(f"{prefix}{index:05d}", clip, (answer,) * VQA_NUM_ANSWERS, question)
+
+    return (
+        [example("", i, clip) for i, clip in enumerate(eval_clips)],
+        [example("demo-", i, clip) for i, clip in enumerate(demo_clips)],
     )
