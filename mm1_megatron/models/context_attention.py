@@ -5,12 +5,17 @@ Under context parallelism a rank holds two chunks of every document of a row
 whole document up to themselves, most of which other ranks hold; the local path gathers
 every rank's keys and values (``parallel.collectives.gather_sequence``, as Llama 3 trained
 with context parallelism) and attends here: each contiguous run of local queries (a chunk)
-against its document's keys from the document's start to the run's end, with the causal
-mask shifted by the run's offset. Gathering rather than passing keys around a ring: one
-collective per layer, and on gloo (CPU) a ring's many point-to-point steps cost more than
-their overlap with compute saves; the gathered keys of one layer are ``CP`` times a
-rank's own, which is what a ring avoids, and the reason Transformer Engine's ring is the
-path on GPUs.
+against its document's keys from the document's start to the run's end, a causal mask
+aligned to the bottom right. No ``[queries, keys]`` mask is built (SDPA would keep it for
+backward, O(s^2) per layer): zero placeholder queries for the keys before the run make it
+one square causal SDPA (the flash kernel, on CPU too), whose placeholder rows are
+dropped. The price is attention work for those rows, up to about twice the run's own for
+a late chunk: this path is the exact reference and the CPU path.
+
+Gathering rather than passing keys around a ring: one collective per layer, and on gloo
+(CPU) a ring's many point-to-point steps cost more than their overlap with compute saves.
+The gathered keys of one layer are ``CP`` times a rank's own, which is what a ring
+avoids, and the reason Transformer Engine's ring is the path on GPUs.
 """
 
 from __future__ import annotations
@@ -78,19 +83,21 @@ def context_parallel_attention(
         for (first, end), document_start in document_runs(positions, segments[row]):
             last_pos = int(positions[end - 1])
             keys = last_pos + 1 - document_start
-            mask = torch.ones(end - first, keys, dtype=torch.bool, device=q.device)
-            mask = mask.tril(diagonal=keys - (end - first))
-            pieces.append(
-                F.scaled_dot_product_attention(
-                    q[row : row + 1, :, first:end],
-                    k[row : row + 1, :, document_start : last_pos + 1],
-                    v[row : row + 1, :, document_start : last_pos + 1],
-                    attn_mask=mask,
-                    dropout_p=dropout,
-                    scale=softmax_scale,
-                    enable_gqa=grouped,
-                )
+            queries = q[row : row + 1, :, first:end]
+            earlier = keys - (end - first)  # keys before the run, seen by all its queries
+            if earlier:  # placeholder queries for them: a square causal attention
+                filler = queries.new_zeros(*queries.shape[:2], earlier, queries.shape[3])
+                queries = torch.cat([filler, queries], dim=2)
+            context = F.scaled_dot_product_attention(
+                queries,
+                k[row : row + 1, :, document_start : last_pos + 1],
+                v[row : row + 1, :, document_start : last_pos + 1],
+                dropout_p=dropout,
+                is_causal=True,
+                scale=softmax_scale,
+                enable_gqa=grouped,
             )
+            pieces.append(context[:, :, earlier:])
         rows.append(torch.cat(pieces, dim=2))
     return torch.cat(rows, dim=0)
 

@@ -54,10 +54,11 @@ def test_30b_on_64_gpus_prints_memory_and_a_ranked_table(table_30b):
     stage_rows = re.findall(r"^\s+([0-3])\s+(12|15|14)\s+([1-4])\s", out, re.MULTILINE)
     assert [row[1] for row in stage_rows] == ["12", "15", "15", "14"]
     assert [row[2] for row in stage_rows] == ["4", "3", "2", "1"]  # 1F1B in-flight
-    rows = re.findall(r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+\d+\s+(on|off)\s", out, re.MULTILINE)
+    rank_tp_cp_pp_dp = r"^\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+\d+\s+(on|off)\s"
+    rows = re.findall(rank_tp_cp_pp_dp, out, re.MULTILINE)
     assert [int(r[0]) for r in rows] == [1, 2, 3, 4, 5]
-    for _, tp, pp, dp, sp in rows:
-        assert int(tp) * int(pp) * int(dp) == 64
+    for _, tp, cp, pp, dp, sp in rows:
+        assert int(tp) * int(cp) * int(pp) * int(dp) == 64
         assert int(tp) in (1, 2, 4)  # 52 heads
         assert (sp == "on") == (int(tp) > 1)
     times = [float(t) for t in re.findall(r"^\s+\d+ .* (\d+\.\d+)\s+\S+%\s+\S+%", out, re.M)]

@@ -52,17 +52,17 @@ def test_pipeline_splits_are_the_splits_validation_accepts(num_layers, pp):
 def _brute_force_shapes(cfg, num_gpus: int) -> set:
     shapes = set()
     max_ep = num_gpus if cfg.model.llm.moe.num_experts else 1
-    for tp, pp in itertools.product(range(1, num_gpus + 1), repeat=2):
-        if num_gpus % (tp * pp):
+    for tp, pp, cp in itertools.product(range(1, num_gpus + 1), repeat=3):
+        if num_gpus % (tp * pp * cp) or cp not in (1, 2, 4, 8):
             continue
-        dp = num_gpus // (tp * pp)
+        dp = num_gpus // (tp * pp * cp)
         for ep in range(1, max_ep + 1):
             splits = list(pipeline_splits(cfg.model.llm.num_layers, pp))
             if any(
-                layout_error(cfg, Layout(tp, pp, dp, ep, "none", *s), num_gpus) is None
+                layout_error(cfg, Layout(tp, pp, dp, ep, "none", *s, cp=cp), num_gpus) is None
                 for s in splits[:1]
             ):
-                shapes.add((tp, pp, dp, ep))
+                shapes.add((tp, pp, dp, ep, cp))
     return shapes
 
 

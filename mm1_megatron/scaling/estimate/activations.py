@@ -65,7 +65,9 @@ class Kernels:
         )
 
 
-def kernels_for(model: ModelConfig, *, device: str, bf16: bool, fused: bool) -> Kernels:
+def kernels_for(
+    model: ModelConfig, *, device: str, bf16: bool, fused: bool, context_parallel: int = 1
+) -> Kernels:
     """The kernels an MM1 run uses on ``device`` (``gpu`` or ``cpu``).
 
     The CPU path (composite RMSNorm, unfused SwiGLU and QuickGELU) is what
@@ -74,11 +76,13 @@ def kernels_for(model: ModelConfig, *, device: str, bf16: bool, fused: bool) -> 
     and are checked on a GPU by ``tools/check_estimate_memory.py``.
 
     ``transformer_impl=auto`` is what it resolves to at start: transformer_engine on a GPU
-    (assumed installed there, as in the NGC images), local on CPU.
+    (assumed installed there, as in the NGC images), local on CPU. Context parallelism
+    runs only on the local path (the config check refuses Transformer Engine with it), so
+    ``auto`` is estimated as local when ``context_parallel > 1``.
     """
     gpu = device == "gpu"
     impl = model.transformer_impl
-    te = impl == "transformer_engine" or (impl == "auto" and gpu)
+    te = impl == "transformer_engine" or (impl == "auto" and gpu and context_parallel == 1)
     return Kernels(
         bytes_per_value=2 if bf16 else 4,
         rmsnorm_copies=1 if gpu else 2,

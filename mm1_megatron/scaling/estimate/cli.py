@@ -5,6 +5,8 @@ ranked by estimated step time for a GPU count.
     mm1 estimate --config configs/mm1_7b.yaml --gpus 16 --gpu-type h200 --top 5 --json
     mm1 estimate --config configs/mm1_3b.yaml --gpus 8 parallel.recompute=full
     mm1 estimate --config configs/mm1_30b.yaml --gpus 64 --images-distribution balance.json
+    mm1 estimate --config configs/mm1_30b.yaml --gpus 64 --max-seq-length \
+        parallel.context_parallel_size=2
 
 Without ``--gpus`` the config's own layout is estimated on the fewest GPUs it runs on.
 Every figure is a model with stated assumptions (printed at the end; docs/scaling.md).
@@ -33,6 +35,8 @@ from mm1_megatron.scaling.estimate.estimator import (
 )
 from mm1_megatron.scaling.estimate.hardware import GPU_TYPES, gpu_type
 from mm1_megatron.scaling.estimate.image_counts import load_image_counts
+from mm1_megatron.scaling.estimate.layouts import apply_layout
+from mm1_megatron.scaling.estimate.seq_length_fit import LengthFit, describe_fits, max_seq_length
 from mm1_megatron.scaling.estimate.vision_stage import recommend_vision_stage
 from mm1_megatron.scaling.estimate.workload import (
     default_workload,
@@ -85,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
         "the synthetic world's at MM1's mixture: FLOPs and step time at its mean, the "
         "vision stage per micro-batch; memory stays at the cap",
     )
+    parser.add_argument(
+        "--max-seq-length",
+        action="store_true",
+        help="also find the longest training.seq_length that fits, for the config's layout "
+        "and each listed layout (images per sequence follow the length)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     return parser
 
@@ -118,14 +128,14 @@ def _memory_table(estimate: Estimate) -> List[str]:
 
 def _layout_table(estimates: List[Estimate], top: int) -> List[str]:
     lines = [
-        f"{'rank':>4} {'TP':>3} {'PP':>3} {'DP':>4} {'EP':>3} {'SP':>3} {'recompute':>9} "
+        f"{'rank':>4} {'TP':>3} {'CP':>3} {'PP':>3} {'DP':>4} {'EP':>3} {'SP':>3} {'recompute':>9} "
         f"{'split':>7} {'peak GiB':>8} {'step s':>7} {'bubble':>6} {'MFU':>5} {'tok/s/GPU':>9}"
     ]
     for rank, e in enumerate(estimates[:top], 1):
         lay = e.layout
         split = f"{lay.vision_stage_layers}/{lay.last_stage_layers}" if lay.pp > 1 else "-"
         lines.append(
-            f"{rank:>4} {lay.tp:>3} {lay.pp:>3} {lay.dp:>4} {lay.ep:>3} "
+            f"{rank:>4} {lay.tp:>3} {lay.cp:>3} {lay.pp:>3} {lay.dp:>4} {lay.ep:>3} "
             f"{'on' if lay.sp else 'off':>3} {lay.recompute:>9} {split:>7} "
             f"{gib(e.memory.peak):8.1f} {e.step.step:7.2f} {e.step.bubble_fraction:6.1%} "
             f"{e.mfu:5.1%} {e.tokens_per_second_per_gpu:9.0f}"
@@ -133,7 +143,7 @@ def _layout_table(estimates: List[Estimate], top: int) -> List[str]:
     return lines
 
 
-def _print_report(cfg_name, params, estimate, config_error, ranking, args, images) -> None:
+def _print_report(cfg_name, params, estimate, config_error, ranking, args, images, fits=()) -> None:
     """``images``: how the workload's images are sized, the distribution, the advice."""
     image_size, counts, advice, memory_workload = images
     gpu = estimate.gpu if estimate else gpu_type(args.gpu_type)
@@ -199,10 +209,36 @@ def _print_report(cfg_name, params, estimate, config_error, ranking, args, image
             out("No layout fits; the smallest peaks (more GPUs, or a bigger GPU, needed):")
             for line in _layout_table(ranking.over_memory, args.top):
                 out(line)
+    if fits:
+        out("")
+        for line in describe_fits(fits, gpu, args.memory_margin):
+            out(line)
     out("")
     out("Assumptions:")
     for item in ASSUMPTIONS:
         out(f"- {item}")
+
+
+def _length_fits(cfg, args, num_gpus, gpu, estimate, ranking) -> List[LengthFit]:
+    """``--max-seq-length``: the longest sequence for the config's layout (when it runs on
+    the GPUs) and for each listed layout."""
+    if not args.max_seq_length:
+        return []
+    layouts = [estimate.layout] if estimate is not None else []
+    if ranking is not None:
+        listed = ranking.fitting or ranking.over_memory
+        layouts += [e.layout for e in listed[: args.top] if e.layout not in layouts]
+    return [
+        max_seq_length(
+            cfg if i == 0 and estimate is not None else apply_layout(cfg, layout),
+            layout,
+            num_gpus=num_gpus,
+            gpu=gpu,
+            memory_margin=args.memory_margin,
+            images_per_sequence=args.images_per_sequence,
+        )
+        for i, layout in enumerate(layouts)
+    ]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -247,6 +283,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         ranking = None
         if args.gpus is not None:
             ranking = rank_layouts(cfg, num_gpus=num_gpus, gpu=gpu, workload=workload, **knobs)
+        fits = _length_fits(cfg, args, num_gpus, gpu, estimate, ranking)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
@@ -279,6 +316,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if ranking
             else [],
             "num_valid_layouts": ranking.num_layouts if ranking else None,
+            "max_seq_length": [fit.to_dict() for fit in fits],
             "assumptions": list(ASSUMPTIONS),
         }
         json.dump(report, sys.stdout, indent=2)
@@ -287,7 +325,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.gpus is None:
         args.gpus = num_gpus
     images = (describe_image_size(cfg.model, workload), counts, advice, memory_workload)
-    _print_report(" + ".join(args.config), params, estimate, config_error, ranking, args, images)
+    name = " + ".join(args.config)
+    _print_report(name, params, estimate, config_error, ranking, args, images, fits)
     return 0
 
 

@@ -60,8 +60,19 @@ ASSUMPTIONS = (
     "[s, b, h] per layer forward and two backward (a third pass with full recompute), not "
     "overlapped; MoE all-to-alls move top_k copies of each token four times per layer",
     "NVLink inside a node of 8 GPUs, one InfiniBand NIC per GPU between nodes; ranks are "
-    "ordered TP, DP, PP (Megatron-Core), so a group spanning more than 8 consecutive ranks "
-    "crosses nodes",
+    "ordered TP, CP, DP, PP (Megatron-Core), so a group spanning more than 8 consecutive "
+    "ranks crosses nodes",
+    "context parallelism (CP > 1) is estimated on the local attention path, the only one it "
+    "runs on (model.transformer_impl=auto is estimated as local, which such a run must set, "
+    "without FP8; the ViT keeps its attention probabilities there): each rank runs "
+    "seq_length / CP tokens of every sequence and 1/CP of its causal pairs; every decoder "
+    "layer keeps the gathered whole-sequence K and V and, per run of local queries padded "
+    "with placeholder queries, its padded queries, output and log-sum-exp (the busiest "
+    "rank's, one document per sequence), not with selective or full "
+    "recomputation; the busiest rank encodes min(N, N / CP + 2) of a sequence's N images; "
+    "per layer the K/V all-gather (again when recomputed) and the all-reduce of their "
+    "gradients run over the TP x CP ranks, not overlapped; the distributed optimizer shards "
+    "over DP x CP, micro-batches are counted over DP",
     "pipeline time is (m - 1) x slowest stage + sum of stages (fill, drain, imbalance); "
     "the vision-stage recommendation simulates the 1F1B schedule instead, each micro-batch's "
     "vision stage at its own images; DP reduce-scatter and all-gather overlap with one "
@@ -130,14 +141,16 @@ class Estimate:
 
 def layout_of(cfg: MM1Config, num_gpus: int) -> Layout:
     par = cfg.parallel
+    tp, cp, pp = par.tensor_parallel_size, par.context_parallel_size, par.pipeline_parallel_size
     return Layout(
-        tp=par.tensor_parallel_size,
-        pp=par.pipeline_parallel_size,
-        dp=num_gpus // (par.tensor_parallel_size * par.pipeline_parallel_size),
+        tp=tp,
+        pp=pp,
+        dp=num_gpus // (tp * cp * pp),
         ep=par.expert_parallel_size,
         recompute=par.recompute,
         vision_stage_layers=par.num_decoder_layers_on_vision_stage,
         last_stage_layers=par.num_decoder_layers_on_last_stage,
+        cp=cp,
     )
 
 
@@ -172,8 +185,11 @@ def estimate_config(
 
 
 def config_layout_error(cfg: MM1Config, num_gpus: int) -> Optional[str]:
-    if num_gpus % (cfg.parallel.tensor_parallel_size * cfg.parallel.pipeline_parallel_size):
-        return f"{num_gpus} GPUs do not divide into TP x PP of the config"
+    par = cfg.parallel
+    if num_gpus % (
+        par.tensor_parallel_size * par.context_parallel_size * par.pipeline_parallel_size
+    ):
+        return f"{num_gpus} GPUs do not divide into TP x CP x PP of the config"
     return layout_error(cfg, layout_of(cfg, num_gpus), num_gpus)
 
 
@@ -260,10 +276,11 @@ def gib(num_bytes: float) -> float:
 
 
 def default_num_gpus(cfg: MM1Config) -> int:
-    """The smallest GPU count the config's layout runs on (DP just large enough for EP)."""
+    """The smallest GPU count the config's layout runs on (DP just large enough for EP:
+    EP x expert TP must divide DP x CP x TP)."""
     par = cfg.parallel
-    tp, ep = par.tensor_parallel_size, par.expert_parallel_size
+    tp, ep, cp = par.tensor_parallel_size, par.expert_parallel_size, par.context_parallel_size
     etp = par.expert_tensor_parallel_size or tp
     need = ep * etp
-    dp = need // math.gcd(need, tp)
-    return tp * par.pipeline_parallel_size * dp
+    dp = need // math.gcd(need, tp * cp)
+    return tp * cp * par.pipeline_parallel_size * dp

@@ -1,11 +1,16 @@
 """Parallel layouts for a GPU count: which are valid, as the config validation and the
 launcher define validity.
 
-A layout is TP x PP x DP (= the GPU count), EP inside DP x TP, sequence parallelism with
+A layout is TP x CP x PP x DP (= the GPU count), EP inside DP x CP x TP, context
+parallelism CP in {1, 2, 4, 8} (the config check refuses it with
+``model.transformer_impl=transformer_engine``; with ``auto`` the estimate takes the local
+attention path for CP > 1, the only one CP runs on: ``activations.kernels_for``),
+sequence parallelism with
 TP > 1 (never worse: the same bytes move, and activations outside attention and MLP are
 split), a recomputation policy, and for PP > 1 the decoder layers of the vision stage and
 of the last stage. A candidate is valid when ``validate_config`` accepts it (heads and
-query groups divisible by TP, experts by EP, MoE with TP needs SP, the pipeline split),
+query groups divisible by TP, experts by EP, MoE with TP needs SP, the pipeline split,
+``training.seq_length`` a multiple of what CP and SP need),
 ``check_world_size`` accepts the GPU count (EP x expert-TP inside DP x TP), and the global
 batch splits into whole micro-batches over DP.
 """
@@ -20,6 +25,8 @@ from mm1_megatron.config.layout import check_world_size
 from mm1_megatron.config.schema import RECOMPUTE_MODES, MM1Config
 from mm1_megatron.config.validation import validate_config
 
+CONTEXT_PARALLEL_SIZES = (1, 2, 4, 8)
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -30,14 +37,15 @@ class Layout:
     recompute: str = "none"
     vision_stage_layers: Optional[int] = None  # decoder layers on stage 0 (PP > 1)
     last_stage_layers: Optional[int] = None
+    cp: int = 1  # context parallelism (DP is what is left of TP x CP x PP)
 
     @property
     def sp(self) -> bool:
         return self.tp > 1
 
     @property
-    def shape(self) -> Tuple[int, int, int, int]:
-        return (self.tp, self.pp, self.dp, self.ep)
+    def shape(self) -> Tuple[int, int, int, int, int]:
+        return (self.tp, self.pp, self.dp, self.ep, self.cp)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "sp": self.sp}
@@ -47,7 +55,8 @@ class Layout:
         if self.pp > 1:
             split = f" split {self.vision_stage_layers}/../{self.last_stage_layers}"
         ep = f" EP{self.ep}" if self.ep > 1 else ""
-        return f"TP{self.tp} PP{self.pp} DP{self.dp}{ep} {self.recompute}{split}"
+        cp = f" CP{self.cp}" if self.cp > 1 else ""
+        return f"TP{self.tp}{cp} PP{self.pp} DP{self.dp}{ep} {self.recompute}{split}"
 
 
 def apply_layout(cfg: MM1Config, layout: Layout) -> MM1Config:
@@ -55,6 +64,7 @@ def apply_layout(cfg: MM1Config, layout: Layout) -> MM1Config:
     out = copy.deepcopy(cfg)
     par = out.parallel
     par.tensor_parallel_size = layout.tp
+    par.context_parallel_size = layout.cp
     par.pipeline_parallel_size = layout.pp
     par.expert_parallel_size = layout.ep
     par.sequence_parallel = layout.sp
@@ -68,8 +78,9 @@ def apply_layout(cfg: MM1Config, layout: Layout) -> MM1Config:
 
 def layout_error(cfg: MM1Config, layout: Layout, num_gpus: int) -> Optional[str]:
     """Why ``layout`` cannot run ``cfg`` on ``num_gpus`` GPUs, or None when it can."""
-    if layout.tp * layout.pp * layout.dp != num_gpus:
-        return f"TP x PP x DP = {layout.tp * layout.pp * layout.dp} is not {num_gpus}"
+    world = layout.tp * layout.cp * layout.pp * layout.dp
+    if world != num_gpus:
+        return f"TP x CP x PP x DP = {world} is not {num_gpus}"
     candidate = apply_layout(cfg, layout)
     try:
         validate_config(candidate)
@@ -102,28 +113,30 @@ def pipeline_splits(num_layers: int, pp: int) -> Iterator[Tuple[Optional[int], O
                 yield first, last
 
 
-def layout_shapes(cfg: MM1Config, num_gpus: int) -> Iterator[Tuple[int, int, int, int]]:
-    """(TP, PP, DP, EP) combinations to try: divisors of the GPU count, EP dividing the
-    expert count (1 for a dense model)."""
+def layout_shapes(cfg: MM1Config, num_gpus: int) -> Iterator[Tuple[int, int, int, int, int]]:
+    """(TP, CP, PP, DP, EP) combinations to try: divisors of the GPU count, CP one of
+    ``CONTEXT_PARALLEL_SIZES``, EP dividing the expert count (1 for a dense model)."""
     num_experts = cfg.model.llm.moe.num_experts
     for tp in divisors(num_gpus):
-        for pp in divisors(num_gpus // tp):
-            dp = num_gpus // (tp * pp)
-            for ep in divisors(num_experts) if num_experts else [1]:
-                yield tp, pp, dp, ep
+        for cp in (c for c in CONTEXT_PARALLEL_SIZES if (num_gpus // tp) % c == 0):
+            for pp in divisors(num_gpus // (tp * cp)):
+                dp = num_gpus // (tp * cp * pp)
+                for ep in divisors(num_experts) if num_experts else [1]:
+                    yield tp, cp, pp, dp, ep
 
 
 def valid_layouts(
     cfg: MM1Config, num_gpus: int, recompute_modes=RECOMPUTE_MODES
 ) -> Iterator[List[Layout]]:
-    """For each valid (TP, PP, DP, EP) and recomputation policy: its layouts, one per
+    """For each valid (TP, CP, PP, DP, EP) and recomputation policy: its layouts, one per
     pipeline split (one layout for PP = 1). The shape is checked once; every split
     ``pipeline_splits`` yields passes the validation's pipeline rule by construction
     (``tests/scaling/test_layouts.py`` checks both against a brute-force search)."""
     num_layers = cfg.model.llm.num_layers
-    for tp, pp, dp, ep in layout_shapes(cfg, num_gpus):
+    for tp, cp, pp, dp, ep in layout_shapes(cfg, num_gpus):
         splits = list(pipeline_splits(num_layers, pp))
-        if not splits or layout_error(cfg, Layout(tp, pp, dp, ep, "none", *splits[0]), num_gpus):
+        first = Layout(tp, pp, dp, ep, "none", *splits[0], cp=cp) if splits else None
+        if first is None or layout_error(cfg, first, num_gpus):
             continue
         for recompute in recompute_modes:
-            yield [Layout(tp, pp, dp, ep, recompute, first, last) for first, last in splits]
+            yield [Layout(tp, pp, dp, ep, recompute, a, b, cp=cp) for a, b in splits]

@@ -4,18 +4,20 @@ peak (the first backward steps of the last micro-batch).
 
 Bytes per parameter follow Megatron-Core's mixed precision: bf16 weights (2 B), fp32
 gradient buffers (4 B, ``grad_reduce_in_fp32``), and fp32 master weights plus Adam's two
-moments (12 B), divided over the data-parallel group with the distributed optimizer
-(expert parameters over the expert-data-parallel group). An fp32 run (CPU) keeps 4 B
+moments (12 B), divided over the data-parallel group with the distributed optimizer (DP x
+CP: Megatron-Core's group with context parallelism; expert parameters over the
+expert-data-parallel group). An fp32 run (CPU) keeps 4 B
 weights, 4 B gradients and 8 B of Adam state (no master copy).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from mm1_megatron.config.schema import MM1Config
 from mm1_megatron.scaling.estimate.activations import Kernels, kernels_for
+from mm1_megatron.scaling.estimate.context_parallel import CountedShare, rank_workload
 from mm1_megatron.scaling.estimate.model_activations import micro_batch_terms, peak_moments
 from mm1_megatron.scaling.estimate.stages import RankParameters, pipeline_stages, rank_parameters
 from mm1_megatron.scaling.estimate.workload import Workload, pixel_values_per_image
@@ -122,36 +124,53 @@ def _trainable(params: RankParameters, frozen) -> Dict[str, float]:
 
 
 def data_parallel_sizes(cfg: MM1Config, num_gpus: int) -> Dict[str, int]:
+    """Group sizes over ``num_gpus = TP x CP x PP x DP`` ranks: ``batches`` (DP: the
+    micro-batches per step are counted over it; the CP ranks of a group read the same
+    ones), ``dense`` (DP x CP: Megatron-Core's data-parallel group with context
+    parallelism, over which DDP reduces gradients and the distributed optimizer shards
+    its state) and ``experts`` (the expert-data-parallel group, ``world / (ETP x EP x
+    PP)`` in ``parallel_state``: DP x CP x TP / (EP x ETP))."""
     par = cfg.parallel
-    if par.context_parallel_size > 1:
-        raise ValueError(
-            f"parallel.context_parallel_size={par.context_parallel_size}: the estimator does "
-            "not model context parallelism yet; estimate at context_parallel_size=1"
-        )
     tp, pp, ep = par.tensor_parallel_size, par.pipeline_parallel_size, par.expert_parallel_size
+    cp = par.context_parallel_size
     etp = par.expert_tensor_parallel_size or tp
-    dp = num_gpus // (tp * pp)
-    return {"dense": dp, "experts": max(1, dp * tp // (ep * etp))}
+    dp = num_gpus // (tp * cp * pp)
+    return {"batches": dp, "dense": dp * cp, "experts": max(1, dp * cp * tp // (ep * etp))}
 
 
 def estimate_memory(
-    cfg: MM1Config, workload: Workload, *, num_gpus: int, device: str = "gpu"
+    cfg: MM1Config,
+    workload: Workload,
+    *,
+    num_gpus: int,
+    device: str = "gpu",
+    counted: Optional[CountedShare] = None,
 ) -> MemoryEstimate:
-    """Per-stage memory of one rank for ``cfg`` on ``num_gpus`` GPUs (or CPU processes)."""
+    """Per-stage memory of one rank for ``cfg`` on ``num_gpus`` GPUs (or CPU processes).
+    With context parallelism the activations are one rank's share of ``workload``
+    (``context_parallel.rank_workload``: the busiest rank's, or what a measured rank
+    ``counted``) while the host holds whole micro-batches."""
     precision = RunPrecision.of(cfg, device)
-    kernels = kernels_for(cfg.model, device=device, bf16=precision.bf16, fused=precision.fused)
+    kernels = kernels_for(
+        cfg.model,
+        device=device,
+        bf16=precision.bf16,
+        fused=precision.fused,
+        context_parallel=cfg.parallel.context_parallel_size,
+    )
     dp = data_parallel_sizes(cfg, num_gpus)
     micro = cfg.training.micro_batch_size
-    num_microbatches = max(1, cfg.training.global_batch_size // (micro * dp["dense"]))
+    num_microbatches = max(1, cfg.training.global_batch_size // (micro * dp["batches"]))
     shards = dp if cfg.parallel.use_distributed_optimizer else {"dense": 1, "experts": 1}
+    share = rank_workload(cfg, workload, counted)
     stages = []
     for stage in pipeline_stages(cfg, num_microbatches):
         params = rank_parameters(cfg.model, cfg.parallel, stage)
         trainable = _trainable(params, set(cfg.model.freeze))
-        terms = micro_batch_terms(cfg, workload, kernels, stage)
+        terms = micro_batch_terms(cfg, share, kernels, stage, counted)
         activations = {name: sum(t.values()) * stage.in_flight for name, t in terms.items()}
         moments = peak_moments(
-            cfg, workload, kernels, stage, precision.weight_bytes, params.largest_tensor
+            cfg, share, kernels, stage, precision.weight_bytes, params.largest_tensor
         )
         moment = max(moments, key=lambda name: sum(moments[name].values()))
         transients = dict(moments[moment])
@@ -160,7 +179,9 @@ def estimate_memory(
                 workload.images_per_sequence * micro * pixel_values_per_image(cfg.model, workload)
             ) * workload.pixel_bytes
             tokens = workload.seq_length * micro * HOST_BATCH_BYTES_PER_TOKEN
-            counted = stage.in_flight if stage.has_vision else 0  # the ViT's input pixels
+            # The ViT's input is the host batch's pixels, except under CP (its own selection).
+            own_input = stage.has_vision and cfg.parallel.context_parallel_size == 1
+            counted = stage.in_flight if own_input else 0
             transients["host_batches"] = (num_microbatches - counted) * pixels + (
                 num_microbatches * tokens
             )

@@ -4,7 +4,7 @@ the logits. Terms are bytes (see ``activations.py`` for a layer's inventory)."""
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 from mm1_megatron.config.schema import MM1Config
 from mm1_megatron.models.param_count import moe_layer_flags
@@ -17,6 +17,7 @@ from mm1_megatron.scaling.estimate.activations import (
     transformer_layer_terms,
     vision_layer_shape,
 )
+from mm1_megatron.scaling.estimate.context_parallel import CountedShare, gathered_attention_terms
 from mm1_megatron.scaling.estimate.stages import Stage
 from mm1_megatron.scaling.estimate.workload import (
     Workload,
@@ -102,7 +103,16 @@ def connector_terms(cfg: MM1Config, w: Workload, k: Kernels, num_images: int) ->
     return {"attention": attention + probabilities, "readout": readout}
 
 
-def decoder_terms(cfg: MM1Config, w: Workload, k: Kernels, stage: Stage, micro: int) -> Terms:
+def decoder_terms(
+    cfg: MM1Config,
+    w: Workload,
+    k: Kernels,
+    stage: Stage,
+    micro: int,
+    counted: Optional[CountedShare] = None,
+) -> Terms:
+    """The stage's decoder layers on ``w`` (one context-parallel rank's share of each
+    sequence), as the gather-then-attend attention keeps them under CP."""
     par = cfg.parallel
     tp, sp = par.tensor_parallel_size, par.sequence_parallel
     shape = decoder_layer_shape(cfg.model, seq_length=w.seq_length, micro_batch=micro)
@@ -110,21 +120,20 @@ def decoder_terms(cfg: MM1Config, w: Workload, k: Kernels, stage: Stage, micro: 
     total: Terms = {}
     for index in stage.decoder_layers:
         moe = flags[index] and par.recompute != "full"
-        _add(
-            total,
-            transformer_layer_terms(
-                shape,
-                k,
-                tp=tp,
-                sp=sp,
-                recompute=par.recompute,
-                scores_kept=k.decoder_scores_kept,
-                output_copies=k.decoder_output_copies,
-                rmsnorm=True,
-                activation_copies=k.swiglu_extra_copies,
-                mlp=not moe,
-            ),
+        layer = transformer_layer_terms(
+            shape,
+            k,
+            tp=tp,
+            sp=sp,
+            recompute=par.recompute,
+            scores_kept=k.decoder_scores_kept,
+            output_copies=k.decoder_output_copies,
+            rmsnorm=True,
+            activation_copies=k.swiglu_extra_copies,
+            mlp=not moe,
         )
+        e = k.bytes_per_value
+        _add(total, gathered_attention_terms(cfg, layer, e, w.seq_length, micro, counted))
         if moe:
             etp = par.expert_tensor_parallel_size or tp
             _add(total, moe_terms(cfg.model, k, tokens=shape.tokens, tp=tp, sp=sp, etp=etp))
@@ -147,8 +156,15 @@ def logits_terms(cfg: MM1Config, w: Workload, k: Kernels, micro: int) -> Terms:
     }
 
 
-def micro_batch_terms(cfg: MM1Config, w: Workload, k: Kernels, stage: Stage) -> Dict[str, Terms]:
-    """Activations of one micro-batch on ``stage``, grouped by component."""
+def micro_batch_terms(
+    cfg: MM1Config,
+    w: Workload,
+    k: Kernels,
+    stage: Stage,
+    counted: Optional[CountedShare] = None,
+) -> Dict[str, Terms]:
+    """Activations of one micro-batch on ``stage``, grouped by component; ``w`` is what
+    one context-parallel rank runs (``context_parallel.rank_workload``)."""
     micro = cfg.training.micro_batch_size
     groups: Dict[str, Terms] = {}
     if stage.has_vision:
@@ -157,7 +173,7 @@ def micro_batch_terms(cfg: MM1Config, w: Workload, k: Kernels, stage: Stage) -> 
             groups["vision_encoder"] = vision_terms(cfg, w, k, num_images)
             groups["connector"] = connector_terms(cfg, w, k, num_images)
         groups["embedding"] = {"token_ids": INT64 * w.seq_length * micro}
-    groups["decoder"] = decoder_terms(cfg, w, k, stage, micro)
+    groups["decoder"] = decoder_terms(cfg, w, k, stage, micro, counted)
     if stage.has_output:
         groups["logits"] = logits_terms(cfg, w, k, micro)
     return groups
@@ -210,6 +226,7 @@ def peak_moments(
             rmsnorm=True,
             activation_copies=k.swiglu_extra_copies,
         )
+        layer = gathered_attention_terms(cfg, layer, e, w.seq_length, micro, recomputing=True)
         mlp["recomputed_layer"] = sum(layer.values())
     moments["last_layer_mlp"] = mlp
     return moments

@@ -6,13 +6,15 @@ recomputed layers with full recomputation, +1x core attention with selective), d
 TP except the connector, at ``efficiency x peak``; TP collectives (two all-reduces'
 worth per transformer layer forward and two backward, of the ``[s, b, h]`` activations;
 AG + RS with SP move the same bytes); MoE all-to-alls (dispatch and combine, forward and
-backward); and the pipeline sends. The pipeline takes ``(m - 1) x slowest + sum of all
-stages``: a stage that is slower than the others (the vision stage with many images, or the
-last with the output layer) stretches every micro-batch, and filling and draining the
-pipeline costs one pass through every stage. Data-parallel gradient reduce-scatter and
-parameter all-gather overlap with the last backward and the first forward when the run
-overlaps them (``parallel.overlap_*``, on by default on GPUs), and the optimizer step
-streams its state through HBM.
+backward); the pipeline sends; and with context parallelism (each rank computing its
+``1/CP`` share of every sequence) each decoder layer's K/V all-gather and the all-reduce
+of their gradients over the CP group (``context_parallel.py``). The pipeline takes
+``(m - 1) x slowest + sum of all stages``: a stage that is slower than the others (the
+vision stage with many images, or the last with the output layer) stretches every
+micro-batch, and filling and draining the pipeline costs one pass through every stage.
+Data-parallel gradient reduce-scatter and parameter all-gather overlap with the last
+backward and the first forward when the run overlaps them (``parallel.overlap_*``, on by
+default on GPUs), and the optimizer step streams its state through HBM.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Dict, List
 from mm1_megatron.config.schema import MM1Config
 from mm1_megatron.models.param_count import moe_layer_flags
 from mm1_megatron.scaling.estimate.compute import StageFlops, stage_forward_flops
+from mm1_megatron.scaling.estimate.context_parallel import context_parallel_seconds, rank_workload
 from mm1_megatron.scaling.estimate.hardware import GpuType, link_bandwidth
 from mm1_megatron.scaling.estimate.memory import MemoryEstimate, data_parallel_sizes
 from mm1_megatron.scaling.estimate.stages import Stage, pipeline_stages
@@ -44,6 +47,7 @@ class StageTime:
     tensor_parallel: float
     expert_parallel: float
     pipeline_send: float
+    context_parallel: float = 0.0  # K/V all-gathers and gradient all-reduces
 
     @property
     def total(self) -> float:
@@ -53,6 +57,7 @@ class StageTime:
             + self.tensor_parallel
             + self.expert_parallel
             + self.pipeline_send
+            + self.context_parallel
         )
 
 
@@ -102,6 +107,7 @@ def _compute_seconds(f: StageFlops, cfg: MM1Config, gpu: GpuType, efficiency: fl
 
 
 def _stage_comm(cfg: MM1Config, w: Workload, stage, gpu: GpuType, dp: int):
+    """TP, EP and pipeline seconds of one micro-batch; ``w`` is one CP rank's share."""
     par, model = cfg.parallel, cfg.model
     tp, micro = par.tensor_parallel_size, cfg.training.micro_batch_size
     passes = 3 if par.recompute == "full" else 2  # forward, backward (+ recomputed forward)
@@ -128,7 +134,8 @@ def _stage_comm(cfg: MM1Config, w: Workload, stage, gpu: GpuType, dp: int):
     if par.pipeline_parallel_size > 1:
         shard = tp if par.sequence_parallel else 1
         send_bytes = decoder_bytes / shard
-        send = 2 * send_bytes / link_bandwidth(gpu, 2 * tp * dp)  # activations + gradients
+        span = 2 * tp * par.context_parallel_size * dp  # ranks are ordered TP, CP, DP, PP
+        send = 2 * send_bytes / link_bandwidth(gpu, span)  # activations + gradients
     return tp_seconds, ep_seconds, send
 
 
@@ -136,11 +143,19 @@ def stage_time(
     cfg: MM1Config, w: Workload, stage: Stage, *, gpu: GpuType, efficiency: float, dp: int
 ) -> StageTime:
     """Seconds one micro-batch spends on ``stage`` (compute and the communication in its
-    critical path)."""
-    f = stage_forward_flops(cfg.model, w, stage, cfg.training.micro_batch_size)
+    critical path) on one rank: under context parallelism its share of ``w``
+    (``context_parallel.rank_workload``) and the K/V collectives over the CP group;
+    ``dp`` is the data-parallel size without CP."""
+    share = rank_workload(cfg, w)
+    f = stage_forward_flops(cfg.model, share, stage, cfg.training.micro_batch_size)
     forward, backward = _compute_seconds(f, cfg, gpu, efficiency)
-    tp_s, ep_s, send = _stage_comm(cfg, w, stage, gpu, dp)
-    return StageTime(forward, backward, tp_s, ep_s, send)
+    tp_s, ep_s, send = _stage_comm(cfg, share, stage, gpu, dp)
+    par = cfg.parallel
+    cp_bandwidth = link_bandwidth(gpu, par.tensor_parallel_size * par.context_parallel_size)
+    cp_s = context_parallel_seconds(
+        cfg, share.seq_length, len(stage.decoder_layers), ACTIVATION_BYTES, cp_bandwidth
+    )
+    return StageTime(forward, backward, tp_s, ep_s, send, cp_s)
 
 
 def pipeline_seconds(stage_totals: List[float], num_microbatches: int) -> float:
@@ -167,12 +182,12 @@ def estimate_step_time(
         raise ValueError(f"--efficiency={efficiency} must be in (0, 1]")
     par = cfg.parallel
     sizes = data_parallel_sizes(cfg, num_gpus)
-    m = num_microbatches(cfg, sizes["dense"])
+    m = num_microbatches(cfg, sizes["batches"])
     times, exposed = [], []
     overlap_grad = par.overlap_grad_reduce is not False
     overlap_param = par.overlap_param_gather is not False and par.use_distributed_optimizer
     for stage, mem in zip(pipeline_stages(cfg, m), memory.stages):
-        t = stage_time(cfg, w, stage, gpu=gpu, efficiency=efficiency, dp=sizes["dense"])
+        t = stage_time(cfg, w, stage, gpu=gpu, efficiency=efficiency, dp=sizes["batches"])
         times.append(t)
         dp_seconds = _data_parallel_seconds(cfg, mem, gpu, sizes)
         hidden = (t.backward if overlap_grad else 0.0) + (t.forward if overlap_param else 0.0)
@@ -187,7 +202,7 @@ def estimate_step_time(
 
 def _data_parallel_seconds(cfg: MM1Config, mem, gpu: GpuType, sizes: Dict[str, int]) -> float:
     """Gradient reduce-scatter (fp32) + bf16 parameter all-gather with the distributed
-    optimizer, an fp32 all-reduce without; dense parameters over DP, experts over the
+    optimizer, an fp32 all-reduce without; dense parameters over DP x CP, experts over the
     expert-data-parallel group."""
     tp = cfg.parallel.tensor_parallel_size
     seconds = 0.0
