@@ -75,7 +75,9 @@ def _check(cfg, args) -> int:
             f"training.global_batch_size={t.global_batch_size} is not a multiple of "
             f"micro_batch_size {t.micro_batch_size} x --dp {args.dp}"
         )
-    num_gpus = par.tensor_parallel_size * par.pipeline_parallel_size * args.dp
+    num_gpus = (
+        par.tensor_parallel_size * par.context_parallel_size * par.pipeline_parallel_size * args.dp
+    )
     error = config_layout_error(cfg, num_gpus)
     if error:
         raise ValueError(f"DP={args.dp} on {num_gpus} GPUs: {error}")
