@@ -21,8 +21,8 @@ Batch = Dict[str, torch.Tensor]
 IMAGE_KEYS = ("images", "image_grids")  # what only the stage that encodes images needs
 HOST_KEYS = ("image_grids",)  # read by the host (the ViT's packing): never moved
 # Per-token tensors that each context-parallel rank keeps only its share of. ``tokens`` and
-# ``document_ids`` stay whole: the first stage embeds the whole row (images merged in by
-# position) before keeping its share, and attention needs every document's span.
+# ``document_ids`` stay whole: the first stage reads the whole row to number the images
+# whose tokens fall in its share, and attention needs every document's span.
 SHARDED_KEYS = ("labels", "loss_mask", "position_ids")
 
 
