@@ -46,14 +46,15 @@ VQA_NUM_ANSWERS = 10
 Examples = List[EvalExample]
 
 
-def _scenes(seed: int, task: int, stream: int, count: int) -> List[Scene]:
+def _scenes(seed: int, task: int, stream: int, count: int) -> List:
+    """``count`` scenes of ``task``'s ``stream`` (clips for the video task)."""
     rng = np.random.default_rng([seed, SYNTHETIC_TAG, task, stream])
+    if task == VIDEO_QA_TASK:
+        return [random_clip(rng, VIDEO_FRAMES) for _ in range(count)]
     return [random_scene(rng) for _ in range(count)]
 
 
-def _eval_and_demo_scenes(
-    seed: int, task: int, num_eval: int, num_demos: int
-) -> Tuple[List[Scene], List[Scene]]:
+def _eval_and_demo_scenes(seed: int, task: int, num_eval: int, num_demos: int) -> Tuple[List, List]:
     if seed < 0:
         raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's SeedSequence)")
     if num_eval < 1 or num_demos < 0:
@@ -108,23 +109,12 @@ def synthetic_vqa(
     )
 
 
-def _clips(seed: int, stream: int, count: int) -> List[Clip]:
-    rng = np.random.default_rng([seed, SYNTHETIC_TAG, VIDEO_QA_TASK, stream])
-    return [random_clip(rng, VIDEO_FRAMES) for _ in range(count)]
-
-
 def synthetic_video_qa(
     seed: int = 0, num_eval: int = DEFAULT_NUM_EVAL, num_demos: int = DEFAULT_NUM_DEMOS
 ) -> Tuple[Examples, Examples]:
     """``(eval, demos)``: one cloze per clip (see the module docstring); a demo clip equal
     to an evaluation clip is dropped."""
-    if seed < 0:
-        raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's SeedSequence)")
-    if num_eval < 1 or num_demos < 0:
-        raise ValueError(f"need num_eval >= 1 and num_demos >= 0, got {num_eval}, {num_demos}")
-    eval_clips = _clips(seed, EVAL_STREAM, num_eval)
-    taken = set(eval_clips)
-    demo_clips = [c for c in _clips(seed, DEMO_STREAM, num_demos) if c not in taken]
+    eval_clips, demo_clips = _eval_and_demo_scenes(seed, VIDEO_QA_TASK, num_eval, num_demos)
 
     def example(prefix: str, index: int, clip: Clip) -> EvalExample:
         question, answer = video_cloze(clip)
