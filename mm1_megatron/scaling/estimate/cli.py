@@ -7,6 +7,8 @@ ranked by estimated step time for a GPU count.
     mm1 estimate --config configs/mm1_30b.yaml --gpus 64 --images-distribution balance.json
     mm1 estimate --config configs/mm1_30b.yaml --gpus 64 --max-seq-length \
         parallel.context_parallel_size=2
+    mm1 estimate --config configs/mm1_30b.yaml --gpus 64 --max-frames \
+        parallel.context_parallel_size=4
 
 Without ``--gpus`` the config's own layout is estimated on the fewest GPUs it runs on.
 Every figure is a model with stated assumptions (printed at the end; docs/scaling.md).
@@ -32,6 +34,12 @@ from mm1_megatron.scaling.estimate.estimator import (
     gib,
     parameter_summary,
     rank_layouts,
+)
+from mm1_megatron.scaling.estimate.frames_fit import (
+    DEFAULT_TEXT_TOKENS,
+    FramesFit,
+    describe_frame_fits,
+    max_frames,
 )
 from mm1_megatron.scaling.estimate.hardware import GPU_TYPES, gpu_type
 from mm1_megatron.scaling.estimate.image_counts import load_image_counts
@@ -95,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also find the longest training.seq_length that fits, for the config's layout "
         "and each listed layout (images per sequence follow the length)",
     )
+    parser.add_argument(
+        "--max-frames",
+        action="store_true",
+        help="also find the most video frames per sequence that fit, for the same layouts "
+        "(each frame an image after its time marker; docs/video.md)",
+    )
+    parser.add_argument(
+        "--video-text-tokens",
+        type=int,
+        default=DEFAULT_TEXT_TOKENS,
+        help=f"--max-frames: the video's text tokens (default {DEFAULT_TEXT_TOKENS})",
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     return parser
 
@@ -143,7 +163,9 @@ def _layout_table(estimates: List[Estimate], top: int) -> List[str]:
     return lines
 
 
-def _print_report(cfg_name, params, estimate, config_error, ranking, args, images, fits=()) -> None:
+def _print_report(
+    cfg_name, params, estimate, config_error, ranking, args, images, fits=(), frame_fits=()
+) -> None:
     """``images``: how the workload's images are sized, the distribution, the advice."""
     image_size, counts, advice, memory_workload = images
     gpu = estimate.gpu if estimate else gpu_type(args.gpu_type)
@@ -213,31 +235,62 @@ def _print_report(cfg_name, params, estimate, config_error, ranking, args, image
         out("")
         for line in describe_fits(fits, gpu, args.memory_margin):
             out(line)
+    if frame_fits:
+        out("")
+        for line in describe_frame_fits(
+            frame_fits, gpu, args.memory_margin, args.video_text_tokens
+        ):
+            out(line)
     out("")
     out("Assumptions:")
     for item in ASSUMPTIONS:
         out(f"- {item}")
 
 
-def _length_fits(cfg, args, num_gpus, gpu, estimate, ranking) -> List[LengthFit]:
-    """``--max-seq-length``: the longest sequence for the config's layout (when it runs on
-    the GPUs) and for each listed layout."""
-    if not args.max_seq_length:
-        return []
+def _fit_layouts(cfg, args, estimate, ranking) -> list:
+    """``(config, layout)`` for the config's layout (when it runs on the GPUs) and each
+    listed layout: what ``--max-seq-length`` and ``--max-frames`` answer for."""
     layouts = [estimate.layout] if estimate is not None else []
     if ranking is not None:
         listed = ranking.fitting or ranking.over_memory
         layouts += [e.layout for e in listed[: args.top] if e.layout not in layouts]
     return [
+        (cfg if i == 0 and estimate is not None else apply_layout(cfg, layout), layout)
+        for i, layout in enumerate(layouts)
+    ]
+
+
+def _length_fits(cfg, args, num_gpus, gpu, estimate, ranking) -> List[LengthFit]:
+    """``--max-seq-length``: the longest sequence at each of ``_fit_layouts``."""
+    if not args.max_seq_length:
+        return []
+    return [
         max_seq_length(
-            cfg if i == 0 and estimate is not None else apply_layout(cfg, layout),
+            config,
             layout,
             num_gpus=num_gpus,
             gpu=gpu,
             memory_margin=args.memory_margin,
             images_per_sequence=args.images_per_sequence,
         )
-        for i, layout in enumerate(layouts)
+        for config, layout in _fit_layouts(cfg, args, estimate, ranking)
+    ]
+
+
+def _frame_fits(cfg, args, num_gpus, gpu, estimate, ranking) -> List[FramesFit]:
+    """``--max-frames``: the most video frames per sequence at each of ``_fit_layouts``."""
+    if not args.max_frames:
+        return []
+    return [
+        max_frames(
+            config,
+            layout,
+            num_gpus=num_gpus,
+            gpu=gpu,
+            memory_margin=args.memory_margin,
+            text_tokens=args.video_text_tokens,
+        )
+        for config, layout in _fit_layouts(cfg, args, estimate, ranking)
     ]
 
 
@@ -284,6 +337,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.gpus is not None:
             ranking = rank_layouts(cfg, num_gpus=num_gpus, gpu=gpu, workload=workload, **knobs)
         fits = _length_fits(cfg, args, num_gpus, gpu, estimate, ranking)
+        frame_fits = _frame_fits(cfg, args, num_gpus, gpu, estimate, ranking)
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
@@ -317,6 +371,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             else [],
             "num_valid_layouts": ranking.num_layouts if ranking else None,
             "max_seq_length": [fit.to_dict() for fit in fits],
+            "max_frames": [fit.to_dict() for fit in frame_fits],
             "assumptions": list(ASSUMPTIONS),
         }
         json.dump(report, sys.stdout, indent=2)
@@ -326,7 +381,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.gpus = num_gpus
     images = (describe_image_size(cfg.model, workload), counts, advice, memory_workload)
     name = " + ".join(args.config)
-    _print_report(name, params, estimate, config_error, ranking, args, images, fits)
+    _print_report(name, params, estimate, config_error, ranking, args, images, fits, frame_fits)
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Callable, List, Optional, Tuple
 
 from mm1_megatron.config.context_parallel_checks import context_parallel_token_multiple
 from mm1_megatron.config.model_checks import FP8_TOKEN_MULTIPLE, fp8_setting
@@ -27,7 +27,7 @@ from mm1_megatron.scaling.estimate.layouts import Layout
 from mm1_megatron.scaling.estimate.memory import estimate_memory
 from mm1_megatron.scaling.estimate.workload import default_workload
 
-LONGEST_TRIED = 1 << 24  # tokens: a search that still fits here stops and says so
+LONGEST_TRIED = 1 << 24  # tokens or frames: a search that still fits here stops, saying so
 
 
 @dataclass(frozen=True)
@@ -113,21 +113,33 @@ def max_seq_length(
         peaks[steps] = measure(steps)
         return peaks[steps][0] <= usable
 
-    if not fits(1):
+    low, high = largest_fitting(fits, step, "tokens", "--max-seq-length", layout)
+    if low == 0:
         return LengthFit(layout, None, step, peaks[1][1], 0.0, peaks[1][0], usable)
+    (peak, images), (next_peak, _) = peaks[low], peaks[high]
+    return LengthFit(layout, low * step, step, images, peak, next_peak, usable)
+
+
+def largest_fitting(
+    fits: Callable[[int], bool], step: int, unit: str, flag: str, layout: Layout
+) -> Tuple[int, int]:
+    """``(low, high)``: ``fits(low)`` and not ``fits(high)``, ``high == low + 1``, for a
+    ``fits`` true up to some count of steps and false beyond; ``(0, 1)`` when not even
+    one step fits. A doubling search brackets the answer, bisection finds it."""
+    if not fits(1):
+        return 0, 1
     low, high = 1, 2
     while fits(high):
         low, high = high, 2 * high
         if high * step > LONGEST_TRIED:
             raise ValueError(
-                f"--max-seq-length: {low * step} tokens still fit at {layout.describe()}; "
-                f"the search stops at {LONGEST_TRIED} (check --memory-margin and the config)"
+                f"{flag}: {low * step} {unit} still fit at {layout.describe()}; the search "
+                f"stops at {LONGEST_TRIED} (check --memory-margin and the config)"
             )
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
-    (peak, images), (next_peak, _) = peaks[low], peaks[high]
-    return LengthFit(layout, low * step, step, images, peak, next_peak, usable)
+    return low, high
 
 
 def describe_fits(fits: List[LengthFit], gpu: GpuType, margin: float) -> List[str]:
