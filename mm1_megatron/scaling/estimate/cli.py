@@ -260,35 +260,19 @@ def _fit_layouts(cfg, args, estimate, ranking) -> list:
     ]
 
 
-def _length_fits(cfg, args, num_gpus, gpu, estimate, ranking) -> List[LengthFit]:
-    """``--max-seq-length``: the longest sequence at each of ``_fit_layouts``."""
-    if not args.max_seq_length:
+def _fits_at_layouts(search, wanted: bool, cfg, args, num_gpus, gpu, estimate, ranking, **extra):
+    """``search`` (``max_seq_length`` or ``max_frames``) at each of ``_fit_layouts``, when
+    its flag (``wanted``) is given."""
+    if not wanted:
         return []
     return [
-        max_seq_length(
+        search(
             config,
             layout,
             num_gpus=num_gpus,
             gpu=gpu,
             memory_margin=args.memory_margin,
-            images_per_sequence=args.images_per_sequence,
-        )
-        for config, layout in _fit_layouts(cfg, args, estimate, ranking)
-    ]
-
-
-def _frame_fits(cfg, args, num_gpus, gpu, estimate, ranking) -> List[FramesFit]:
-    """``--max-frames``: the most video frames per sequence at each of ``_fit_layouts``."""
-    if not args.max_frames:
-        return []
-    return [
-        max_frames(
-            config,
-            layout,
-            num_gpus=num_gpus,
-            gpu=gpu,
-            memory_margin=args.memory_margin,
-            text_tokens=args.video_text_tokens,
+            **extra,
         )
         for config, layout in _fit_layouts(cfg, args, estimate, ranking)
     ]
@@ -336,8 +320,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         ranking = None
         if args.gpus is not None:
             ranking = rank_layouts(cfg, num_gpus=num_gpus, gpu=gpu, workload=workload, **knobs)
-        fits = _length_fits(cfg, args, num_gpus, gpu, estimate, ranking)
-        frame_fits = _frame_fits(cfg, args, num_gpus, gpu, estimate, ranking)
+        where = (cfg, args, num_gpus, gpu, estimate, ranking)
+        fits: List[LengthFit] = _fits_at_layouts(
+            max_seq_length,
+            args.max_seq_length,
+            *where,
+            images_per_sequence=args.images_per_sequence,
+        )
+        frame_fits: List[FramesFit] = _fits_at_layouts(
+            max_frames, args.max_frames, *where, text_tokens=args.video_text_tokens
+        )
     except ValueError as exc:
         logger.error("%s", exc)
         return 2
