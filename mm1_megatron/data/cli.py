@@ -7,6 +7,8 @@
         --output shards/sft              # multi-turn conversations, for SFT
     mm1 data shards preferences rlaif_v.json --images rlaif_v/ \\
         --output shards/dpo              # prompt + chosen / rejected answers, for DPO
+    mm1 data shards videos llava_video_qa.json --videos videos/ --num-frames 8 \\
+        --output shards/video            # video QA: conversations over sampled frames
     mm1 data shards interleaved docs-*.jsonl --images doc_images/ \\
         [--url-map downloaded.tsv] --output shards/docs
     mm1 data shards index shards/laion/*.tar --kind caption \\
@@ -95,6 +97,20 @@ def _add_shards(commands) -> None:
     conv.add_argument("input", metavar="JSON", help="the LLaVA instruction JSON file")
     conv.add_argument("--images", default=".", help="folder the entries' image paths are in")
     _build_options(conv)
+    video = sub.add_parser(
+        "videos",
+        help="LLaVA-Video JSON + video folder: conversations over sampled frames (needs av)",
+    )
+    video.add_argument("input", metavar="JSON", help="the LLaVA-Video JSON file")
+    video.add_argument("--videos", default=".", help="folder the records' video paths are in")
+    video.add_argument("--num-frames", type=int, default=8, help="frames per video (default 8)")
+    video.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="take frames at this rate, thinned to --num-frames (default: equal spans)",
+    )
+    _build_options(video)
     pref = sub.add_parser(
         "preferences", help="preference JSON (LLaVA prompt + chosen / rejected) + images"
     )
@@ -196,6 +212,14 @@ def _shards(args: argparse.Namespace) -> int:
     elif args.layout == "conversations":
         items, kind = llava_conversation_items(args.input, args.images), "conversation"
         source = ("conversations", args.input, args.images)
+    elif args.layout == "videos":
+        from mm1_megatron.data.shards.video_records import video_conversation_items
+
+        items = video_conversation_items(
+            args.input, args.videos, num_frames=args.num_frames, fps=args.fps
+        )
+        kind = "conversation"
+        source = ("videos", args.input, args.videos, args.num_frames, args.fps)
     elif args.layout == "preferences":
         items, kind = llava_conversation_items(args.input, args.images), "preference"
         source = ("preferences", args.input, args.images)

@@ -1,4 +1,4 @@
-"""Video files through PyAV (``data/pipeline/video_frames.py``): which instants are
+"""Video files through PyAV (``data/shards/video_frames.py``): which instants are
 sampled (closed forms), and decoding a clip written here frame by frame (each frame a
 distinct flat colour, so the frame a sample returns is known exactly)."""
 
@@ -9,7 +9,7 @@ import io
 import numpy as np
 import pytest
 
-from mm1_megatron.data.pipeline.video_frames import decode_frames, sample_times
+from mm1_megatron.data.shards.video_frames import decode_frames, sample_times
 
 av = pytest.importorskip("av")  # a dev dependency: installed by `make setup`
 

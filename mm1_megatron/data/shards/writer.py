@@ -22,7 +22,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from mm1_megatron.data.shards.conversations import parse_llava_record
 from mm1_megatron.data.shards.preference_records import parse_preference_record
@@ -50,6 +50,15 @@ class ImageFile:
     name: str = ""  # what the input called it, for messages
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image made at build time (a decoded video frame): its bytes, as they are."""
+
+    data: bytes
+    name: str  # for messages
+    extension: str
+
+
 InputSegment = Union[str, ImageFile]
 
 
@@ -59,10 +68,19 @@ class ConversationItem:
     order); in the shard its ``image`` names the sample's image members."""
 
     record: Dict[str, object]
-    images: Tuple[ImageFile, ...]
+    images: Tuple[Union[ImageFile, EncodedImage], ...]
 
 
-Item = Union[Sequence[InputSegment], ConversationItem]
+@dataclass(frozen=True)
+class LazyItem:
+    """An item made only when it is written (a video decoded then), so a resumed build
+    passes the items its finished shards cover without making them. ``make`` raises
+    ``BadSample`` for an input to skip."""
+
+    make: Callable[[], Item]
+
+
+Item = Union[Sequence[InputSegment], ConversationItem, LazyItem]
 # How a shard kind of LLaVA-style records checks one before it is written.
 RECORD_PARSERS = {"conversation": parse_llava_record, "preference": parse_preference_record}
 
@@ -164,6 +182,11 @@ def inputs_id(*parts: object) -> str:
 
 
 def _members_of(item: Item, kind: str, verify_images: bool) -> Dict[str, bytes]:
+    if isinstance(item, LazyItem):
+        try:
+            item = item.make()
+        except BadSample as error:
+            raise SkipItem(error.reason, error.detail) from error
     if isinstance(item, ConversationItem):
         assert kind in RECORD_PARSERS, f"{kind} shards do not hold conversation records"
         try:
@@ -179,7 +202,9 @@ def _members_of(item: Item, kind: str, verify_images: bool) -> Dict[str, bytes]:
     return record_members(resolved)
 
 
-def _image_bytes(image: ImageFile, verify_images: bool) -> Tuple[bytes, str]:
+def _image_bytes(image: Union[ImageFile, EncodedImage], verify_images: bool) -> Tuple[bytes, str]:
+    if isinstance(image, EncodedImage):
+        return image.data, image.extension
     if image.path is None or not image.path.is_file():
         raise SkipItem("missing_image", f"image {image.name or image.path} not found")
     data = image.path.read_bytes()
