@@ -190,3 +190,39 @@ def test_the_loader_reads_video_shards_as_conversations(built, tmp_path):
         assert tok.image_token_id not in labelled
         assert "lighter" in tok.decode(labelled)  # the answers are what is learned
     assert batch["images"].shape[0] == int(batch["num_images"].sum())
+
+
+def test_a_resumed_build_decodes_no_video_its_finished_shards_cover(tmp_path, monkeypatch):
+    from mm1_megatron.data.shards import video_records
+    from mm1_megatron.data.shards.writer import build_shards
+
+    path, videos = _corpus(tmp_path)
+    decoded = []
+    real = video_records.decode_frames
+
+    def counting(source, **kwargs):
+        decoded.append(Path(source).name)
+        return real(source, **kwargs)
+
+    monkeypatch.setattr(video_records, "decode_frames", counting)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupted(items):  # stops when the third record is asked for
+        for position, item in enumerate(items):
+            if position == 2:
+                raise Interrupted
+            yield item
+
+    partial_items = video_records.video_conversation_items(path, videos, num_frames=2)
+    options = dict(kind="conversation", samples_per_shard=2, input_id="t", progress=False)
+    with pytest.raises(Interrupted):
+        build_shards(interrupted(partial_items), tmp_path / "out", **options)
+    assert decoded == ["a.mp4", "short.mp4"]  # the first shard, finished
+    decoded.clear()
+    items = video_records.video_conversation_items(path, videos, num_frames=2)
+    counts = build_shards(items, tmp_path / "out", **options)
+    assert counts["written"] == 1  # the marker-less record; the rest are skips
+    # Records 2..7: the videos that exist and are not empty are decoded, none before.
+    assert decoded == ["a.mp4", "bad.mp4", "a.mp4"]
