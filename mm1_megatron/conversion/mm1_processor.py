@@ -26,6 +26,7 @@ from pathlib import Path
 
 from mm1_megatron.config import MM1Config
 from mm1_megatron.data.shards.conversations import IMAGE_MARKER
+from mm1_megatron.data.shards.video_records import VIDEO_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +36,21 @@ def _tiled(cfg: MM1Config) -> bool:
 
 
 def processor_config(cfg: MM1Config) -> dict:
-    """``processor_config.json`` of ``MM1Processor``."""
+    """``processor_config.json`` of ``MM1Processor``. Video frames' time markers are
+    written as training wrote them: digits (``mm1 data shards videos``), or for the
+    synthetic tokenizer its words for whole seconds (the synthetic clips)."""
+    from mm1_megatron.data.synthetic.video import SECOND_WORDS
     from mm1_megatron.hf_model import PROCESSOR_AUTO_MAP
 
+    synthetic = cfg.data.tokenizer.kind == "synthetic"
     return {
         "processor_class": "MM1Processor",
         "auto_map": {"AutoProcessor": PROCESSOR_AUTO_MAP["AutoProcessor"]},
         "num_image_tokens": cfg.model.connector.num_output_tokens,
         "image_token": IMAGE_MARKER,
         "tile_separator": cfg.data.tiling.separator if _tiled(cfg) else None,
+        "video_token": VIDEO_MARKER,
+        "frame_time_words": list(SECOND_WORDS) if synthetic else None,
     }
 
 

@@ -19,6 +19,16 @@ tiled together, since a sample with ``max_images_to_split`` images or more is no
 The output is a ``BatchFeature``, as ``transformers``' ``image-text-to-text`` pipeline and
 ``processor.apply_chat_template(messages, tokenize=True, return_dict=True)`` need.
 
+Videos are their frames, as training saw them (docs/video.md): each ``<video>`` marker of
+the text takes the next of ``videos`` (its frames: a list of images, or one ``[T, 3, H,
+W]`` tensor) and becomes a time marker and an image marker per frame, ``time 1.5 :
+<image> time 2.5 : <image> ...``, at ``video_timestamps`` (seconds per frame; default
+one frame per second from 0). A model trained on the synthetic world writes whole
+seconds as its words (``frame_time_words``: ``time two :``)::
+
+    batch = processor(text="<video> what happens ?", videos=[frames],
+                      video_timestamps=[[0.5, 1.5, 2.5, 3.5]], return_tensors="pt")
+
 This file travels with every exported MM1 model and is loaded with ``trust_remote_code``:
 it imports only the standard library, torch and transformers.
 """
@@ -80,30 +90,45 @@ class MM1Processor(ProcessorMixin):
         image_token: str = "<image>",
         tile_separator=None,
         chat_template=None,
+        video_token: str = "<video>",
+        frame_time_words=None,
     ):
         if num_image_tokens < 1:
             raise ValueError(f"num_image_tokens={num_image_tokens} must be >= 1")
         self.num_image_tokens = int(num_image_tokens)
         self.image_token = image_token
         self.tile_separator = tile_separator or ""  # between the tiles of one image
+        self.video_token = video_token
+        self.frame_time_words = list(frame_time_words) if frame_time_words else None
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
     def __call__(
-        self, images=None, text=None, videos=None, audio=None, return_tensors=None, **kwargs
+        self,
+        images=None,
+        text=None,
+        videos=None,
+        audio=None,
+        return_tensors=None,
+        video_timestamps=None,
+        **kwargs,
     ) -> BatchFeature:
-        """``input_ids`` / ``attention_mask`` of ``text`` with its image markers expanded,
-        plus, when there are images, the image processor's outputs (``pixel_values``
-        ``[num_tiles, 3, T, T]``; native resolution: ``pixel_values`` ``[n, max_patches,
-        c*p*p]``, ``pixel_attention_mask``, ``spatial_shapes``) and ``num_tiles`` per image.
-        Other keywords (``padding``, ...) go to the tokenizer."""
+        """``input_ids`` / ``attention_mask`` of ``text`` with its image (and video)
+        markers expanded, plus, when there are images or frames, the image processor's
+        outputs (``pixel_values`` ``[num_tiles, 3, T, T]``; native resolution:
+        ``pixel_values`` ``[n, max_patches, c*p*p]``, ``pixel_attention_mask``,
+        ``spatial_shapes``) and ``num_tiles`` per image. Other keywords (``padding``,
+        ...) go to the tokenizer."""
         if text is None:
             raise ValueError("MM1Processor needs text with one image marker per image")
-        if videos is not None or audio is not None:
-            raise ValueError("MM1 models read images and text only, not videos or audio")
+        if audio is not None:
+            raise ValueError("MM1 models read images, videos and text, not audio")
         prompts = [text] if isinstance(text, str) else list(text)
         markers = [prompt.count(self.image_token) for prompt in prompts]
         groups = _per_prompt(images, markers)
+        if videos is not None or any(self.video_token in prompt for prompt in prompts):
+            prompts, groups = self._place_videos(prompts, groups, videos, video_timestamps)
+            markers = [prompt.count(self.image_token) for prompt in prompts]
         kwargs.setdefault("add_special_tokens", False)  # the chat template writes bos
         images_out = {}
         if sum(markers) > 0:
@@ -115,6 +140,54 @@ class MM1Processor(ProcessorMixin):
             **kwargs,
         )
         return BatchFeature(data={**encoding, **images_out}, tensor_type=return_tensors)
+
+    def frame_marker(self, seconds: float) -> str:
+        """What stands before a frame ``seconds`` into its video, as training wrote it."""
+        if self.frame_time_words is None:
+            return f"time {round(float(seconds), 1):g} :"
+        whole = int(round(float(seconds)))
+        if whole != float(seconds) or not 0 <= whole < len(self.frame_time_words):
+            raise ValueError(
+                f"video_timestamps: this model's frame markers are whole seconds 0 to "
+                f"{len(self.frame_time_words) - 1} (its training words), not {seconds}"
+            )
+        return f"time {self.frame_time_words[whole]} :"
+
+    def _place_videos(self, prompts, groups, videos, timestamps):
+        """Each ``<video>`` marker as its frames' markers; the frames join the prompt's
+        images where the marker stood."""
+        videos = [] if videos is None else list(videos)
+        wanted = sum(prompt.count(self.video_token) for prompt in prompts)
+        if len(videos) != wanted:
+            raise ValueError(
+                f"the text has {wanted} {self.video_token} markers but {len(videos)} videos "
+                "were given; each video needs one marker, in order"
+            )
+        times = [None] * len(videos) if timestamps is None else list(timestamps)
+        if len(times) != len(videos):
+            raise ValueError(f"video_timestamps has {len(times)} lists for {len(videos)} videos")
+        clips = iter(zip(videos, times))
+        out_prompts, out_groups = [], []
+        for prompt, group in zip(prompts, groups):
+            images, text, merged = iter(group), [], []
+            for index, piece in enumerate(prompt.split(self.video_token)):
+                if index > 0:
+                    frames, seconds = next(clips)
+                    frames = list(frames)
+                    seconds = range(len(frames)) if seconds is None else list(seconds)
+                    if len(seconds) != len(frames) or not frames:
+                        raise ValueError(
+                            f"a video has {len(frames)} frames and {len(seconds)} timestamps"
+                        )
+                    text.append(
+                        " ".join(f"{self.frame_marker(t)} {self.image_token}" for t in seconds)
+                    )
+                    merged += frames
+                text.append(piece)
+                merged += [next(images) for _ in range(piece.count(self.image_token))]
+            out_prompts.append("".join(text))
+            out_groups.append(merged)
+        return out_prompts, out_groups
 
     def _tiles(self, groups: List[list]) -> dict:
         """The image processor's outputs and ``num_tiles``, for one image list per prompt."""

@@ -53,10 +53,13 @@ class Clip:
     answer: str
 
 
+# Whole seconds as the synthetic vocabulary writes them: "zero", "one", ... "twenty".
+SECOND_WORDS = ("zero", *vocab.NUMBER_WORDS)
+
+
 def time_words(seconds: int) -> List[str]:
     """``time zero :`` / ``time three :``: the marker before a frame's image."""
-    number = "zero" if seconds == 0 else vocab.NUMBER_WORDS[seconds - 1]
-    return ["time", number, ":"]
+    return ["time", SECOND_WORDS[seconds], ":"]
 
 
 def _pick(rng: np.random.Generator, options):
