@@ -157,29 +157,18 @@ def test_the_command_writes_the_shards(tmp_path, monkeypatch):
 
 
 def test_the_loader_reads_video_shards_as_conversations(built, tmp_path):
-    from mm1_megatron.config import load_config, validate_config
-    from mm1_megatron.data.build import build_run_data
-    from mm1_megatron.data.tokenizers.text import train_sentencepiece
+    from mm1_megatron.config import load_config
+    from mm1_megatron.data.tokenizers.text import build_tokenizer, train_sentencepiece
+    from tests.data.test_conversation_shards import _batch
 
     shards, _ = built
     # The markers' digits are not synthetic words: a small trained tokenizer reads them.
     texts = [f"time {t} : what changes ? {ANSWER} it gets lighter ." for t in range(10)]
     model = train_sentencepiece(texts * 20, tmp_path / "tok", vocab_size=64)
-    cfg = validate_config(
-        load_config(
-            REPO / "configs/debug.yaml",
-            [
-                "data.source=webdataset",
-                "data.mixture={conversation: 1.0}",
-                f"data.shards.conversation=[{shards}]",
-                "data.tokenizer.kind=sentencepiece",
-                f"data.tokenizer.path={model}",
-                "training.micro_batch_size=2",
-            ],
-        )
-    )
-    loader, tok = build_run_data(cfg)
-    batch = next(iter(loader))
+    tokenizer = ["data.tokenizer.kind=sentencepiece", f"data.tokenizer.path={model}"]
+    batch, _ = _batch(shards, *tokenizer, "training.micro_batch_size=2")
+    cfg = load_config(REPO / "configs/debug.yaml")
+    tok = build_tokenizer("sentencepiece", str(model))
     per_image = cfg.model.connector.num_output_tokens
     for row in range(2):
         tokens = batch["tokens"][row].tolist()
