@@ -35,11 +35,16 @@ from mm1_megatron.data.synthetic.video import DIRECTIONS
 from mm1_megatron.data.tokenizers import base as vocab
 from mm1_megatron.evaluation.model import load_eval_model
 
-CHANCE = {
-    "move": 1 / len(DIRECTIONS),
-    "turn": 1 / (len(vocab.SHAPE_COLOUR_WORDS) - 1),
-    "appear": None,  # 1 / (num_frames - 1): set from the config
-}
+
+def chance(kind: str, num_frames: int) -> float:
+    """A uniform guess among the kind's answers: directions, the other colours, or the
+    seconds 1 .. num_frames - 1 at which a shape can appear."""
+    answers = {
+        "move": len(DIRECTIONS),
+        "turn": len(vocab.SHAPE_COLOUR_WORDS) - 1,
+        "appear": num_frames - 1,
+    }
+    return 1 / answers[kind]
 
 
 def answer_positions(tokens: List[int], words: Dict[str, int]) -> List[Tuple[str, int]]:
@@ -75,7 +80,6 @@ def first_frames_only(batch, image_token_id: int, tokens_per_image: int) -> torc
 def probe(checkpoint: Path, batches: int, seed: int) -> dict:
     em = load_eval_model(checkpoint)
     cfg, model, tok = em.cfg, em.model, em.tokenizer
-    CHANCE["appear"] = 1 / (cfg.data.video.num_frames - 1)
     loader, _ = build_run_data(cfg, seed=seed)
     words = {w: tok.encode(w)[0] for w in ("moves", "turns", "at", "appears")}
     stats = defaultdict(lambda: {"n": 0, "correct": [0, 0], "loss": [0.0, 0.0]})
@@ -103,7 +107,7 @@ def probe(checkpoint: Path, batches: int, seed: int) -> dict:
         n = s["n"]
         out[kind] = {
             "answers": n,
-            "chance": CHANCE[kind],
+            "chance": chance(kind, cfg.data.video.num_frames),
             "accuracy_frames": s["correct"][0] / n,
             "accuracy_first_frame_only": s["correct"][1] / n,
             "loss_frames": s["loss"][0] / n,

@@ -9,7 +9,8 @@ again at the first item that no finished shard covers (a partial shard is rewrit
 
 Items whose image file is missing or empty are skipped and counted; with
 ``verify_images`` every image is also decoded once with Pillow and corrupt ones skip
-their item. Image bytes are copied as they are (no re-encoding).
+their item. Image bytes are copied as they are (no re-encoding); a video's frames are
+encoded once, when its ``LazyItem`` is written (``video_records.py``).
 """
 
 from __future__ import annotations
