@@ -1,8 +1,9 @@
 """``te.pytorch.DotProductAttention`` on CPU with ``torch`` SDPA, after TE v2.14
 ``attention/dot_product_attention/dot_product_attention.py``.
 
-Constructor: the v2.14 keywords (dot_product_attention.py:323-346); context parallelism
-beyond one rank, sliding windows, softmax variants and max-logit output are refused.
+Constructor: the v2.14 keywords (dot_product_attention.py:323-346); sliding windows,
+softmax variants and max-logit output are refused, and context parallelism other than
+``cp_comm_type="p2p"`` over THD batches (``context_parallel.py``).
 Forward: the v2.14 keywords (:806-830) and layouts
 
 - ``sbhd`` ``[s, b, h, d]`` -> ``[s, b, h*d]``; ``bshd`` ``[b, s, h, d]`` -> ``[b, s, h*d]``;
@@ -25,6 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from transformer_engine.pytorch.attention.context_parallel import thd_context_parallel
 from transformer_engine.pytorch.module.base import TransformerEngineBaseModule, check_unsupported
 
 MASK_TYPES = ("no_mask", "causal", "causal_bottom_right", "padding", "padding_causal")
@@ -80,7 +82,7 @@ class DotProductAttention(TransformerEngineBaseModule):
         check_unsupported(
             "DotProductAttention",
             window_size=window_size not in (None, (-1, -1), (-1, 0)) and window_size,
-            cp_group=cp_group is not None and cp_global_ranks not in (None, [0]) and cp_group,
+            cp_comm_type=_several_ranks(cp_global_ranks) and cp_comm_type != "p2p" and cp_comm_type,
             softmax_type=softmax_type != "vanilla" and softmax_type,
             return_max_logit=return_max_logit,
         )
@@ -113,8 +115,11 @@ class DotProductAttention(TransformerEngineBaseModule):
         self.attention_dropout = attention_dropout
 
     def set_context_parallel_group(self, cp_group, cp_global_ranks, cp_stream, cp_comm_type="p2p"):
-        """:536: only "no context parallelism" (``None`` or a one-rank group) is computed."""
-        check_unsupported("set_context_parallel_group", cp_group=cp_global_ranks not in (None, [0]))
+        """:536: context parallelism is computed for ``cp_comm_type="p2p"`` (THD only)."""
+        check_unsupported(
+            "set_context_parallel_group",
+            cp_comm_type=_several_ranks(cp_global_ranks) and cp_comm_type != "p2p" and cp_comm_type,
+        )
         self.cp_group, self.cp_global_ranks, self.cp_comm_type = (
             cp_group,
             cp_global_ranks,
@@ -173,6 +178,29 @@ class DotProductAttention(TransformerEngineBaseModule):
         out = torch.cat(pieces) if pieces else q.new_empty(0, *q.shape[1:])
         return out.reshape(out.shape[0], -1)
 
+    def _thd_context_parallel(self, q, k, v, mask_type, cu_q, cu_kv, cu_q_pad, cu_kv_pad):
+        """This rank's share of a THD batch under context parallelism (context_parallel.py),
+        with the THD asserts of the plain path."""
+        assert all(x.dim() == 3 for x in (q, k, v)), (
+            "Queries, keys and values must be 3D tensors when qkv_format = thd!"
+        )
+        assert "padding" in mask_type, (
+            "Attention mask type must be padding or padding_causal for qkv_format=thd!"
+        )
+        assert cu_q.dtype == torch.int32 and cu_kv.dtype == torch.int32
+        return thd_context_parallel(
+            q,
+            k,
+            v,
+            causal=mask_type == "padding_causal",
+            cu_q=cu_q,
+            cu_kv=cu_kv,
+            cu_q_padded=cu_q if cu_q_pad is None else cu_q_pad,
+            cu_kv_padded=cu_kv if cu_kv_pad is None else cu_kv_pad,
+            group=self.cp_group,
+            sdpa=lambda qi, ki, vi, allowed: self._sdpa(qi, ki, vi, "no_mask", ~allowed),
+        )
+
     def forward(
         self,
         query_layer,
@@ -208,13 +236,23 @@ class DotProductAttention(TransformerEngineBaseModule):
             inference_params=inference_params is not None,
             pad_between_seqs=pad_between_seqs,
             fp8_output=fp8_output,
-            cu_seqlens_padded=not _same(cu_seqlens_q_padded, cu_seqlens_q)
-            or not _same(cu_seqlens_kv_padded, cu_seqlens_kv),
         )  # fmt: skip
         qkv_format = self.qkv_format if qkv_format is None else qkv_format
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         if mask_type not in MASK_TYPES:
             raise NotImplementedError(f"attn_mask_type={mask_type!r} in the stand-in")
+        if _several_ranks(self.cp_global_ranks):
+            check_unsupported("DotProductAttention.forward (context parallel)",
+                              qkv_format=qkv_format != "thd" and qkv_format)  # fmt: skip
+            return self._thd_context_parallel(
+                query_layer, key_layer, value_layer, mask_type,
+                cu_seqlens_q, cu_seqlens_kv, cu_seqlens_q_padded, cu_seqlens_kv_padded,
+            )  # fmt: skip
+        check_unsupported(
+            "DotProductAttention.forward",
+            cu_seqlens_padded=not _same(cu_seqlens_q_padded, cu_seqlens_q)
+            or not _same(cu_seqlens_kv_padded, cu_seqlens_kv),
+        )
         if qkv_format == "thd":
             return self._thd(
                 query_layer, key_layer, value_layer, mask_type, cu_seqlens_q, cu_seqlens_kv
@@ -230,6 +268,10 @@ class DotProductAttention(TransformerEngineBaseModule):
         out = self._sdpa(q, k, v, mask_type, padding)  # [b, h, sq, d_v]
         out = out.permute(2, 0, 1, 3) if qkv_format == "sbhd" else out.transpose(1, 2)
         return out.reshape(*out.shape[:2], -1)
+
+
+def _several_ranks(ranks) -> bool:
+    return ranks is not None and len(ranks) > 1
 
 
 def _same(padded, plain) -> bool:
