@@ -8,9 +8,11 @@ from mm1_megatron.batch.contract import (
     merge_image_embeddings,
     position_ids_from_documents,
 )
+from mm1_megatron.batch.document_split import DocumentSplit
 from mm1_megatron.batch.model_inputs import model_inputs, run_model
 
 __all__ = [
+    "DocumentSplit",
     "document_causal_mask",
     "expand_image_placeholders",
     "labels_and_loss_mask",

@@ -1,25 +1,24 @@
 """Context parallelism's layout: which tokens of a packed row each context-parallel rank holds.
 
-What training uses (``ContextShard``): the row cut into ``2 x CP`` equal chunks, CP rank
-``r`` holding chunks ``r`` and ``2 x CP - 1 - r``: Megatron-Core's own split (its RoPE
-slicing, ``get_pos_emb_on_this_cp_rank``, assumes it), exactly balanced for a row that is
-one document, and needing nothing of the data but ``seq_length % (2 x CP) == 0``. Every
-source packs rows full to ``seq_length`` (text chunks cut documents at the row's end), so
-the per-document split below, better balanced for rows of many documents, would need the
-packers to pad every document; docs/parallelism.md measures the difference.
+Two splits, one per attention path:
 
-The per-document split (``padded_document_lengths``, ``rank_positions``), kept for
-Transformer Engine's THD path: every document of a row is padded to a multiple of
-``2 x CP`` tokens and cut into ``2 x CP`` equal chunks; CP rank ``r`` holds chunks ``r``
-and ``2 x CP - 1 - r`` of every document, in row order. Causal attention's work grows
-along a document (token ``p`` of a document attends ``p + 1`` keys), so an early chunk
-paired with its mirror image gives every rank exactly the same work
-(``tests/unit/test_context_parallel.py`` checks the closed form), and cutting each
-document rather than the whole row keeps that true for a row of documents of any
-lengths, where cutting the row can give one rank the long tail of a long document.
-It is also the layout of Transformer Engine's THD context parallelism
-(``cu_seqlens_padded``: each sequence a multiple of ``2 x CP``), so both attention paths
-read the same shards.
+- The whole-row split (``row_shard``; the local path): the row cut into ``2 x CP`` equal
+  chunks, CP rank ``r`` holding chunks ``r`` and ``2 x CP - 1 - r``: Megatron-Core's own
+  split (its RoPE slicing, ``get_pos_emb_on_this_cp_rank``, assumes it), exactly balanced
+  for a row that is one document, and needing nothing of the data but
+  ``seq_length % (2 x CP) == 0``. Activations keep fixed shapes, so pipeline parallelism
+  composes with it.
+- The per-document split (``padded_document_lengths``, ``rank_positions``; Transformer
+  Engine's THD path, laid out by ``document_split``): every document padded to a multiple
+  of ``2 x CP`` tokens and cut into ``2 x CP`` equal chunks; CP rank ``r`` holds chunks
+  ``r`` and ``2 x CP - 1 - r`` of every document, in row order. Causal attention's work
+  grows along a document (token ``p`` attends ``p + 1`` keys), so an early chunk paired
+  with its mirror image gives every rank exactly the same work
+  (``tests/unit/test_context_parallel.py`` checks the closed form), and cutting each
+  document rather than the row keeps that true for rows of documents of any lengths,
+  where cutting the row can give one rank the long tail of a long document. It is the
+  layout of TE's THD context parallelism (``cu_seqlens_padded``); its price is the
+  padding (up to ``2 x CP - 1`` tokens per document) and a row length that varies.
 
 A padded token belongs to its document's tail: causal attention never lets a real token
 see it (it comes after every real token of its document), and its label is ignored.
@@ -28,7 +27,7 @@ see it (it comes after every real token of its document), and its label is ignor
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -73,14 +72,26 @@ def all_rank_positions(padded_lengths: Sequence[int], cp_size: int) -> List[torc
 
 
 @dataclass(frozen=True)
+class PaddedDocuments:
+    """The documents of a per-document split (``document_split``), in row order: their
+    real lengths and their lengths padded to a multiple of ``2 x CP``."""
+
+    real: Tuple[int, ...]
+    padded: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class ContextShard:
     """This rank's share of every row of a micro-batch: ``positions`` (host, int64) of the
-    whole row, in the order the rank holds them; ``all_positions`` every rank's."""
+    whole row, in the order the rank holds them; ``all_positions`` every rank's.
+    ``documents``: set for the per-document split (one padded THD row), None for the
+    whole-row split."""
 
     size: int
     rank: int
     seq_length: int
     all_positions: List[torch.Tensor] = field(repr=False, compare=False)
+    documents: Optional[PaddedDocuments] = field(default=None, repr=False, compare=False)
 
     @property
     def positions(self) -> torch.Tensor:

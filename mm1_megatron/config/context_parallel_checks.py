@@ -18,6 +18,15 @@ def context_parallel_token_multiple(cfg: MM1Config) -> int:
     return math.lcm(2 * cp, cp * split)
 
 
+def thd_context_parallel(cfg: MM1Config) -> bool:
+    """Does this run split its sequences per document for Transformer Engine's THD
+    context parallelism (``batch.document_split``)? The local path splits whole rows."""
+    return (
+        cfg.parallel.context_parallel_size > 1
+        and cfg.model.transformer_impl == "transformer_engine"
+    )
+
+
 def check_context_parallel(cfg: MM1Config, err: _Errors) -> None:
     cp, p = cfg.parallel.context_parallel_size, "parallel.context_parallel_size"
     err.check(cp >= 1, f"{p}={cp} must be >= 1 (1: no context parallelism)")
@@ -32,11 +41,12 @@ def check_context_parallel(cfg: MM1Config, err: _Errors) -> None:
         f"parallelism); use seq_length={max(multiple, seq_length // multiple * multiple)}",
     )
     err.check(
-        cfg.model.transformer_impl != "transformer_engine",
-        f"{p}={cp} runs on model.transformer_impl=local (our gather-then-attend context-"
-        f"parallel attention); Transformer Engine's THD context parallelism is not wired "
-        f"yet (or model.transformer_impl=auto chose it on this GPU machine): set "
-        f"model.transformer_impl=local, or {p}=1",
+        not thd_context_parallel(cfg) or cfg.parallel.pipeline_parallel_size == 1,
+        f"{p}={cp} with model.transformer_impl=transformer_engine lays each micro-batch out "
+        f"as one THD row whose length varies (every document padded to a multiple of "
+        f"2 x CP), which pipeline stages cannot exchange: set "
+        f"parallel.pipeline_parallel_size=1, or model.transformer_impl=local (whole-row "
+        f"split, fixed shapes)",
     )
     err.check(
         cfg.model.attention == "per_document",

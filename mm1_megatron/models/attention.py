@@ -304,6 +304,10 @@ def te_document_attention_class():
         Megatron-Core turns the layer's ``causal`` mask type into ``padding_causal`` for
         THD, which TE's varlen kernels need, and the ViT's ``no_mask`` into ``padding``:
         the same class is the native-resolution ViT's per-image bidirectional attention.
+
+        Under context parallelism ``MM1Model`` hands Megatron-Core its own packed
+        sequences (``context_attention.thd_packed_seq_params``): the queries arrive as
+        this rank's THD share and go to TE's context-parallel attention as they are.
         """
 
         def forward(
@@ -318,6 +322,17 @@ def te_document_attention_class():
             **kwargs,
         ):
             mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+            if packed_seq_params is not None:  # context parallelism: MM1Model's THD row
+                return super().forward(
+                    query,
+                    key,
+                    value,
+                    None,
+                    mask_type,
+                    attention_bias=attention_bias,
+                    packed_seq_params=packed_seq_params,
+                    **kwargs,
+                )
             if attention_mask is None:  # one document per row: TE's own sbhd path
                 return super().forward(
                     query, key, value, None, mask_type, attention_bias=attention_bias, **kwargs

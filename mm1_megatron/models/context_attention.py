@@ -16,6 +16,12 @@ Gathering rather than passing keys around a ring: one collective per layer, and 
 (CPU) a ring's many point-to-point steps cost more than their overlap with compute saves.
 The gathered keys of one layer are ``CP`` times a rank's own, which is what a ring
 avoids, and the reason Transformer Engine's ring is the path on GPUs.
+
+Transformer Engine's path (``thd_packed_seq_params``) takes the per-document split
+(``batch.document_split``) as Megatron-Core's packed sequences: the model hands
+``PackedSeqParams`` to ``GPTModel``, whose attention applies RoPE per document on this
+rank's chunks (``_apply_rotary_pos_emb_thd``) and whose TE attention runs TE's
+context-parallel ring over the THD row.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from mm1_megatron.batch.context_parallel import ContextShard
 from mm1_megatron.batch.documents import DocumentLayout
 from mm1_megatron.parallel.collectives import gather_sequence
 
@@ -138,3 +145,29 @@ def attend_context_parallel(
         dropout=dropout,
     )
     return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
+
+
+def thd_packed_seq_params(shard: ContextShard, device):
+    """Megatron-Core's ``PackedSeqParams`` for a per-document split: the documents' real
+    lengths (``cu_seqlens``) and padded ones (``cu_seqlens_padded``), over the whole THD
+    row, as TE's context parallelism takes them; the longest padded document sizes RoPE's
+    table."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    documents = shard.documents
+    assert documents is not None, "the whole-row split has no THD form"
+    host = torch.tensor([[0, *documents.real], [0, *documents.padded]], dtype=torch.int32)
+    host = host.cumsum(1, dtype=torch.int32)
+    if torch.device(device).type == "cuda":  # one copy the host need not wait for
+        host = host.pin_memory()
+    real, padded = host.to(device, non_blocking=True)
+    longest = max(documents.padded)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=real,
+        cu_seqlens_kv=real,
+        cu_seqlens_q_padded=padded,
+        cu_seqlens_kv_padded=padded,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )

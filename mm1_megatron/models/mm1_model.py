@@ -27,6 +27,7 @@ from mm1_megatron.batch.documents import document_layout
 from mm1_megatron.batch.image_patches import grid_sizes_of, select_images
 from mm1_megatron.config.schema import ModelConfig
 from mm1_megatron.models.connectors import Connector
+from mm1_megatron.models.context_attention import thd_packed_seq_params
 from mm1_megatron.models.lora import add_adapters
 from mm1_megatron.models.seeding import seeded
 from mm1_megatron.models.specs import language_block_spec
@@ -264,6 +265,11 @@ class MM1Model(MegatronModule):
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed(tokens, images, image_grids, document_ids)
+        packed = None
+        if inference_context is None and self.config.context_parallel_size > 1:
+            shard = self._context_shard(document_ids, tokens.shape[1])
+            if shard.documents is not None:  # Transformer Engine's THD context parallelism
+                packed = thd_packed_seq_params(shard, tokens.device)
         return self.language_model(
             tokens,
             position_ids,
@@ -271,6 +277,7 @@ class MM1Model(MegatronModule):
             decoder_input=decoder_input,
             labels=labels,
             inference_context=inference_context,
+            packed_seq_params=packed,
             # Generation takes whole-vocabulary logits (Megatron-Core requires it).
             runtime_gather_output=True if inference_context is not None else None,
         )

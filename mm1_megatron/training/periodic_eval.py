@@ -31,6 +31,7 @@ from mm1_megatron.data.tokenizers.base import Tokenizer
 from mm1_megatron.evaluation.evaluator import ShotEvaluator
 from mm1_megatron.evaluation.plan import EvalPlan
 from mm1_megatron.evaluation.prompting import PromptBuilder
+from mm1_megatron.training.step import document_split
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,10 @@ class PeriodicEvaluation:
         count = self.cfg.eval.heldout_batches
         loader = self._heldout_data()
         with_images = parallel_state.is_pipeline_first_stage()
+        split = document_split(self.cfg, self.tokenizer)
         batches = (
-            model_inputs(next(loader), self.device, images=with_images) for _ in range(count)
+            model_inputs(next(loader), self.device, images=with_images, documents=split)
+            for _ in range(count)
         )
         reports = get_forward_backward_func()(
             forward_step_func=self.forward_step,

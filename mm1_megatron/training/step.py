@@ -10,11 +10,15 @@ count, so gradient accumulation and data parallelism give the update of one larg
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Dict, Iterator, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
-from mm1_megatron.batch import run_model
+from mm1_megatron.batch import DocumentSplit, run_model
+from mm1_megatron.config.context_parallel_checks import (
+    context_parallel_token_multiple,
+    thd_context_parallel,
+)
 from mm1_megatron.data import SOURCE_IDS
 
 Batch = Dict[str, torch.Tensor]
@@ -31,6 +35,21 @@ def loss_and_report(batch: Batch, per_token_loss: torch.Tensor):
         rows = batch["source_ids"] == source_id
         report[f"loss/{name}"] = torch.stack([token_losses[rows].sum().detach(), mask[rows].sum()])
     return loss_sum, num_tokens.int(), report
+
+
+def document_split(cfg, tokenizer) -> Optional[DocumentSplit]:
+    """How ``model_inputs`` lays out this run's micro-batches for Transformer Engine's THD
+    context parallelism; None where rows are split whole (local path, or no CP)."""
+    if not thd_context_parallel(cfg):
+        return None
+    if tokenizer.pad_token_id == tokenizer.image_token_id:
+        raise ValueError(
+            f"the tokenizer's pad token is its image token ({tokenizer.pad_token_id}); "
+            "context parallelism pads documents with it, so they must differ"
+        )
+    return DocumentSplit(
+        pad_token_id=tokenizer.pad_token_id, token_multiple=context_parallel_token_multiple(cfg)
+    )
 
 
 def forward_step(data_iterator: Iterator[Batch], model, *, loss_func: LossFunc = loss_and_report):

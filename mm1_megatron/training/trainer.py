@@ -59,7 +59,7 @@ from mm1_megatron.training.runtime import (
     resolve_machine_settings,
     transformer_engine_version,
 )
-from mm1_megatron.training.step import forward_step, loss_and_report
+from mm1_megatron.training.step import document_split, forward_step, loss_and_report
 from mm1_megatron.utils.logging_setup import log_info_on_this_rank
 
 logger = logging.getLogger(__name__)
@@ -368,7 +368,11 @@ class Trainer:
         # Each micro-batch reaches the device when the schedule takes it (not all of a
         # step's up front), and its images only on the stage that encodes them.
         with_images = parallel_state.is_pipeline_first_stage()
-        batches = (model_inputs(b, self.ctx.device, images=with_images) for b in host_batches)
+        split = document_split(self.cfg, self.tokenizer)
+        batches = (
+            model_inputs(b, self.ctx.device, images=with_images, documents=split)
+            for b in host_batches
+        )
         reports = get_forward_backward_func()(
             forward_step_func=self._forward_step,
             data_iterator=batches,

@@ -7,7 +7,7 @@ The TE-tier counterparts of ``tests/parallel/test_layouts.py`` and
 column-parallel all-gather and row-parallel reduce-scatter themselves; on the stand-in
 those paths run only here.
 
-Three sets of processes (``tests/parallel/layout_worker.py``, several layouts per start):
+Four sets of processes (``tests/parallel/layout_worker.py``, several layouts per start):
 
 1. one process: the dense and MoE tiny models with TE layers at TP=1, ``2 * N`` steps,
    saving at step ``N`` (the references);
@@ -15,7 +15,11 @@ Three sets of processes (``tests/parallel/layout_worker.py``, several layouts pe
    ``GroupedLinear``'s column/row shapes), the dense model at TP=2 without it (the
    column-parallel input-gradient all-reduce; the vision encoder takes that path in every
    TP=2 run), and the dense TP=1 checkpoint resumed at TP=2 with sequence parallelism;
-3. one process: the TP=2 checkpoints resumed at TP=1.
+3. one process: the TP=2 checkpoints resumed at TP=1;
+4. context parallelism through TE's THD attention (``batch.document_split``: one padded
+   THD row per micro-batch, each rank its chunks of every document; Megatron-Core's
+   per-document RoPE on them): the dense model at CP=2 (two processes, with the TP=2 runs
+   of step 2) and at CP=2 x TP=2 with sequence parallelism (four processes).
 
 Every loss and gradient norm must match the TP=1 run of the same model within 1e-5
 relative, the tolerance of the local-spec layout tests: TP and SP change only how fp32
@@ -56,6 +60,7 @@ MOE = [
 ]
 TP2 = ["parallel.tensor_parallel_size=2"]
 TP2_SP = TP2 + ["parallel.sequence_parallel=true"]
+CP2 = ["parallel.context_parallel_size=2"]
 MODELS = {"dense": TINY, "moe": TINY + MOE}
 
 
@@ -84,7 +89,9 @@ def runs(tmp_path_factory) -> Path:
     }
     two_processes["dense_tp2"] = TINY + TP2
     two_processes["dense_tp1_to_tp2_sp"] = TINY + TP2_SP + _resume(out, "dense_tp1")
+    two_processes["dense_cp2"] = TINY + CP2
     _run_worker(2, two_processes, out, steps=2 * N)
+    _run_worker(4, {"dense_cp2_tp2_sp": TINY + CP2 + TP2_SP}, out, steps=2 * N)
     _run_worker(
         1,
         {
@@ -111,7 +118,14 @@ def _assert_same_steps(reference: list, got: list, first_step: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "model, layout", [("dense", "tp2"), ("dense", "tp2_sp"), ("moe", "tp2_sp")]
+    "model, layout",
+    [
+        ("dense", "tp2"),
+        ("dense", "tp2_sp"),
+        ("moe", "tp2_sp"),
+        ("dense", "cp2"),
+        ("dense", "cp2_tp2_sp"),
+    ],
 )
 def test_tensor_parallel_matches_tp1(runs, model, layout):
     reference, sharded = _load(runs, f"{model}_tp1"), _load(runs, f"{model}_{layout}")

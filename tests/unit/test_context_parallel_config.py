@@ -51,6 +51,8 @@ def test_context_parallel_debug_runs_validate():
             [CP2, "parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"],
         )
     )
+    # Transformer Engine's THD context parallelism (per-document split), without PP.
+    validate_config(load_config(DEBUG, [CP2, "model.transformer_impl=transformer_engine"]))
 
 
 @pytest.mark.parametrize(
@@ -72,7 +74,10 @@ def test_context_parallel_debug_runs_validate():
             ],
             "not a multiple of 8",
         ),
-        ([CP2, "model.transformer_impl=transformer_engine"], "model.transformer_impl=local"),
+        (
+            [CP2, "model.transformer_impl=transformer_engine", "parallel.pipeline_parallel_size=2"],
+            "set parallel.pipeline_parallel_size=1, or model.transformer_impl=local",
+        ),
         ([CP2, "model.attention=dense_mask_reference"], "model.attention=per_document"),
         ([CP2, "training.objective=preference"], "train it with parallel.context_parallel_size=1"),
         ([CP2, "eval.interval=10", "eval.tasks=[coco_captions]"], "eval.tasks=[]"),
