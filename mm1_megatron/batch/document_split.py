@@ -15,9 +15,9 @@ length, so ``split_documents`` lays a micro-batch out again, on the host:
 - each row's source id becomes its tokens' (the per-source losses select tokens).
 
 The padded length varies between micro-batches (by up to ``2 x CP - 1`` tokens per
-document), which is why Megatron-Core's pipeline schedules, whose stages exchange
-fixed-shape activations, do not take this layout (config refuses pipeline parallelism
-with it). The local attention path keeps the whole-row split (``context_parallel``).
+document), so under pipeline parallelism the stages send each activation's shape first
+(Megatron-Core's ``variable_seq_lengths``, ``models/transformer_configs.py``). The local
+attention path keeps the whole-row split (``context_parallel``) and fixed shapes.
 """
 
 from __future__ import annotations

@@ -41,12 +41,14 @@ def check_context_parallel(cfg: MM1Config, err: _Errors) -> None:
         f"parallelism); use seq_length={max(multiple, seq_length // multiple * multiple)}",
     )
     err.check(
-        not thd_context_parallel(cfg) or cfg.parallel.pipeline_parallel_size == 1,
-        f"{p}={cp} with model.transformer_impl=transformer_engine lays each micro-batch out "
-        f"as one THD row whose length varies (every document padded to a multiple of "
-        f"2 x CP), which pipeline stages cannot exchange: set "
-        f"parallel.pipeline_parallel_size=1, or model.transformer_impl=local (whole-row "
-        f"split, fixed shapes)",
+        not thd_context_parallel(cfg)
+        or cfg.parallel.pipeline_parallel_size == 1
+        or cfg.model.llm.moe.num_experts == 0
+        or cfg.model.llm.moe.token_dispatcher == "alltoall",
+        f"{p}={cp} with model.transformer_impl=transformer_engine and pipeline parallelism "
+        f"sends activations whose length varies, which Megatron-Core's "
+        f"{cfg.model.llm.moe.token_dispatcher} token dispatcher refuses: set "
+        f"model.llm.moe.token_dispatcher=alltoall",
     )
     err.check(
         cfg.model.attention == "per_document",

@@ -65,8 +65,29 @@ def _draw_layer_key() -> int:
     return int(torch.randint(2**62, (1,), device="cpu").item())
 
 
-def _reseed_for_expert(layer_key: int, global_index: int) -> None:
-    torch.default_generator.manual_seed(component_seed(layer_key, "expert", global_index))
+def _reseed_for_expert(layer_key: int, which) -> None:
+    torch.default_generator.manual_seed(component_seed(layer_key, "expert", which))
+
+
+def _ends_on_a_keyed_stream(experts_class: type) -> type:
+    """``experts_class`` leaving the generator in a state that depends on the layer only.
+
+    Each rank draws only its own experts, each from its own stream, so after them the
+    generator's state depends on which experts the rank holds; whatever is drawn next (the
+    output layer, after a last decoder layer of experts) would then differ between expert
+    layouts. The generator is the same on every rank on entry (``_draw_layer_key``), so
+    the layer key drawn from it again keys the state to leave."""
+
+    class EndsOnKeyedStream(experts_class):
+        def __init__(self, *args, **kwargs):
+            entry = torch.default_generator.get_state()
+            super().__init__(*args, **kwargs)
+            torch.default_generator.set_state(entry)
+            _reseed_for_expert(_draw_layer_key(), "after_experts")
+
+    EndsOnKeyedStream.__name__ = experts_class.__name__
+    EndsOnKeyedStream.__qualname__ = experts_class.__qualname__
+    return EndsOnKeyedStream
 
 
 def seeded_experts_class() -> type:
@@ -78,7 +99,7 @@ def seeded_experts_class() -> type:
         layer_key = _draw_layer_key()
         return lambda global_index: _reseed_for_expert(layer_key, global_index)
 
-    return sequential_mlp_with_expert_hook(make_hook)
+    return _ends_on_a_keyed_stream(sequential_mlp_with_expert_hook(make_hook))
 
 
 def draw_expert_weights(
@@ -135,4 +156,4 @@ def seeded_grouped_experts_class() -> type:
 
         return init_expert
 
-    return grouped_mlp_with_expert_init(make_init)
+    return _ends_on_a_keyed_stream(grouped_mlp_with_expert_init(make_init))

@@ -136,6 +136,12 @@ def language_transformer_config(
             num_layers_in_first_pipeline_stage=parallel.num_decoder_layers_on_vision_stage,
             num_layers_in_last_pipeline_stage=parallel.num_decoder_layers_on_last_stage,
         )
+        if parallel.context_parallel_size > 1 and model.transformer_impl == "transformer_engine":
+            # Transformer Engine's context parallelism pads every document (a THD row
+            # whose length varies, batch/document_split.py): stages send each
+            # activation's shape first. Megatron-Core refuses that with its default
+            # (allgather) token dispatcher even for a dense model; experts set their own.
+            kwargs.update(variable_seq_lengths=True, moe_token_dispatcher_type="alltoall")
     moe = llm.moe
     if moe.num_experts > 0:
         kwargs.update(

@@ -18,8 +18,11 @@ Four sets of processes (``tests/parallel/layout_worker.py``, several layouts per
 3. one process: the TP=2 checkpoints resumed at TP=1;
 4. context parallelism through TE's THD attention (``batch.document_split``: one padded
    THD row per micro-batch, each rank its chunks of every document; Megatron-Core's
-   per-document RoPE on them): the dense model at CP=2 (two processes, with the TP=2 runs
-   of step 2) and at CP=2 x TP=2 with sequence parallelism (four processes).
+   per-document RoPE on them): the dense and MoE models at CP=2 (two processes, with the
+   TP=2 runs of step 2; the experts route the padding too, dropless, so the real tokens'
+   outputs do not change), and with four processes at CP=2 x TP=2 with sequence parallelism and at
+   CP=2 x PP=2 (the vision stage; stages send each activation's shape first, as the THD
+   row's length varies).
 
 Every loss and gradient norm must match the TP=1 run of the same model within 1e-5
 relative, the tolerance of the local-spec layout tests: TP and SP change only how fp32
@@ -90,8 +93,13 @@ def runs(tmp_path_factory) -> Path:
     two_processes["dense_tp2"] = TINY + TP2
     two_processes["dense_tp1_to_tp2_sp"] = TINY + TP2_SP + _resume(out, "dense_tp1")
     two_processes["dense_cp2"] = TINY + CP2
+    two_processes["moe_cp2"] = TINY + MOE + CP2
     _run_worker(2, two_processes, out, steps=2 * N)
-    _run_worker(4, {"dense_cp2_tp2_sp": TINY + CP2 + TP2_SP}, out, steps=2 * N)
+    four_processes = {
+        "dense_cp2_tp2_sp": TINY + CP2 + TP2_SP,
+        "dense_cp2_pp2": TINY + CP2 + ["parallel.pipeline_parallel_size=2"],
+    }
+    _run_worker(4, four_processes, out, steps=2 * N)
     _run_worker(
         1,
         {
@@ -125,6 +133,8 @@ def _assert_same_steps(reference: list, got: list, first_step: int) -> None:
         ("moe", "tp2_sp"),
         ("dense", "cp2"),
         ("dense", "cp2_tp2_sp"),
+        ("dense", "cp2_pp2"),
+        ("moe", "cp2"),
     ],
 )
 def test_tensor_parallel_matches_tp1(runs, model, layout):

@@ -51,8 +51,10 @@ def test_context_parallel_debug_runs_validate():
             [CP2, "parallel.tensor_parallel_size=2", "parallel.sequence_parallel=true"],
         )
     )
-    # Transformer Engine's THD context parallelism (per-document split), without PP.
-    validate_config(load_config(DEBUG, [CP2, "model.transformer_impl=transformer_engine"]))
+    # Transformer Engine's THD context parallelism (per-document split), with PP too.
+    te = [CP2, "model.transformer_impl=transformer_engine"]
+    validate_config(load_config(DEBUG, te))
+    validate_config(load_config(DEBUG, [*te, "parallel.pipeline_parallel_size=2"]))
 
 
 @pytest.mark.parametrize(
@@ -75,8 +77,14 @@ def test_context_parallel_debug_runs_validate():
             "not a multiple of 8",
         ),
         (
-            [CP2, "model.transformer_impl=transformer_engine", "parallel.pipeline_parallel_size=2"],
-            "set parallel.pipeline_parallel_size=1, or model.transformer_impl=local",
+            [
+                CP2,
+                "model.transformer_impl=transformer_engine",
+                "parallel.pipeline_parallel_size=2",
+                "model.llm.moe.num_experts=4",
+                "model.llm.moe.token_dispatcher=allgather",
+            ],
+            "set model.llm.moe.token_dispatcher=alltoall",
         ),
         ([CP2, "model.attention=dense_mask_reference"], "model.attention=per_document"),
         ([CP2, "training.objective=preference"], "train it with parallel.context_parallel_size=1"),
