@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from mm1_megatron.config.check_errors import Errors as _Errors
+from mm1_megatron.config.model_checks import FP8_TOKEN_MULTIPLE
 from mm1_megatron.config.schema import MM1Config
 
 
@@ -16,6 +17,18 @@ def context_parallel_token_multiple(cfg: MM1Config) -> int:
     cp, tp = par.context_parallel_size, par.tensor_parallel_size
     split = tp if par.sequence_parallel else 1
     return math.lcm(2 * cp, cp * split)
+
+
+def thd_token_multiple(cfg: MM1Config) -> int:
+    """What the per-document split's padded row must be a multiple of: 2 x CP chunks per
+    document, each rank's share split over TP by sequence parallelism, and with FP8 each
+    rank's tokens (per TP rank with SP) a multiple of 16 for its GEMMs."""
+    multiple = context_parallel_token_multiple(cfg)
+    if cfg.model.fp8 is None:
+        return multiple
+    par = cfg.parallel
+    split = par.tensor_parallel_size if par.sequence_parallel else 1
+    return math.lcm(multiple, FP8_TOKEN_MULTIPLE * par.context_parallel_size * split)
 
 
 def thd_context_parallel(cfg: MM1Config) -> bool:

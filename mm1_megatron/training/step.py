@@ -15,10 +15,7 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 
 from mm1_megatron.batch import DocumentSplit, run_model
-from mm1_megatron.config.context_parallel_checks import (
-    context_parallel_token_multiple,
-    thd_context_parallel,
-)
+from mm1_megatron.config.context_parallel_checks import thd_context_parallel, thd_token_multiple
 from mm1_megatron.data import SOURCE_IDS
 
 Batch = Dict[str, torch.Tensor]
@@ -48,7 +45,7 @@ def document_split(cfg, tokenizer) -> Optional[DocumentSplit]:
             "context parallelism pads documents with it, so they must differ"
         )
     return DocumentSplit(
-        pad_token_id=tokenizer.pad_token_id, token_multiple=context_parallel_token_multiple(cfg)
+        pad_token_id=tokenizer.pad_token_id, token_multiple=thd_token_multiple(cfg)
     )
 
 

@@ -113,3 +113,30 @@ def test_model_inputs_hands_each_rank_its_share(monkeypatch):
     # Without a document split the same rank takes its whole-row share.
     plain = model_inputs(batch, torch.device("cpu"))
     assert plain["labels"].shape == (2, 6)
+
+
+@pytest.mark.parametrize(
+    "overrides, multiple",
+    [
+        ([], 4),  # 2 x CP
+        (["parallel.tensor_parallel_size=4", "parallel.sequence_parallel=true"], 8),  # CP x TP
+        # FP8: each rank's tokens (per TP rank with SP) a multiple of 16.
+        (["model.fp8=hybrid", "training.precision=bf16"], 32),
+        (
+            [
+                "model.fp8=hybrid",
+                "training.precision=bf16",
+                "parallel.tensor_parallel_size=2",
+                "parallel.sequence_parallel=true",
+            ],
+            64,
+        ),
+    ],
+)
+def test_the_run_s_token_multiple(overrides, multiple):
+    from mm1_megatron.config import load_config
+    from mm1_megatron.config.context_parallel_checks import thd_token_multiple
+    from tests.conftest import DEBUG_CONFIG
+
+    te = ["parallel.context_parallel_size=2", "model.transformer_impl=transformer_engine"]
+    assert thd_token_multiple(load_config(DEBUG_CONFIG, te + overrides)) == multiple
