@@ -431,6 +431,20 @@ MOVED_KEYS: Dict[str, str] = {
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler traces of chosen training steps (docs/profiling.md)."""
+
+    start_step: int = 0  # first traced step (steps count from 1); 0: no profiling
+    num_steps: int = 2  # traced steps from start_step on
+    ranks: List[int] = field(default_factory=lambda: [0])  # global ranks that trace
+    record_shapes: bool = True  # each operator's input shapes
+    with_stack: bool = False  # Python stacks per operator (larger traces, slower steps)
+    # The CUDA caching allocator's history over the traced steps, as a snapshot for
+    # https://pytorch.org/memory_viz (GPU only; CPU runs log that they skip it).
+    memory_snapshot: bool = False
+
+
+@dataclass
 class LoggingConfig:
     output_dir: str = "runs/default"
     log_interval: int = 10
@@ -438,6 +452,7 @@ class LoggingConfig:
     progress_bar: bool = True
     # Peak dense bf16 FLOP/s of one device, for MFU. None: H100 SXM on GPU, skip on CPU.
     peak_flops_per_device: Optional[float] = None
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 @dataclass

@@ -15,6 +15,7 @@ from typing import Iterator, Optional, Tuple
 from mm1_megatron.config.check_errors import Errors as _Errors
 from mm1_megatron.config.context_parallel_checks import check_context_parallel
 from mm1_megatron.config.loader import choice_error
+from mm1_megatron.config.logging_checks import check_logging
 from mm1_megatron.config.model_checks import (
     FP8_TOKEN_MULTIPLE,
     check_connector,
@@ -414,6 +415,7 @@ def validate_config(cfg: MM1Config) -> MM1Config:
         check_preference,
         _check_checkpoint,
         _check_eval,
+        check_logging,
     ):
         check(cfg, err)
     if err.messages:

@@ -59,10 +59,14 @@ def seeded_layer_class(seed: int, base=TransformerLayer):
     return SeededTransformerLayer
 
 
+def _draw_key() -> int:
+    return int(torch.randint(2**62, (1,), device="cpu").item())
+
+
 def _draw_layer_key() -> int:
     # The layer's generator is in the same state on every EP rank here (the layer was
     # reseeded and the router drawn identically), so one draw keys the layer.
-    return int(torch.randint(2**62, (1,), device="cpu").item())
+    return _draw_key()
 
 
 def _reseed_for_expert(layer_key: int, which) -> None:
@@ -83,7 +87,7 @@ def _ends_on_a_keyed_stream(experts_class: type) -> type:
             entry = torch.default_generator.get_state()
             super().__init__(*args, **kwargs)
             torch.default_generator.set_state(entry)
-            _reseed_for_expert(_draw_layer_key(), "after_experts")
+            _reseed_for_expert(_draw_key(), "after_experts")  # the layer key, drawn again
 
     EndsOnKeyedStream.__name__ = experts_class.__name__
     EndsOnKeyedStream.__qualname__ = experts_class.__qualname__

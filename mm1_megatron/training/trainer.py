@@ -53,6 +53,7 @@ from mm1_megatron.training.preemption import (
     write_preemption_marker,
 )
 from mm1_megatron.training.preference import preference_loss_and_report
+from mm1_megatron.training.profiling import StepProfiler
 from mm1_megatron.training.reference import ReferenceModel
 from mm1_megatron.training.runtime import (
     resolve_build_choices,
@@ -461,6 +462,7 @@ class Trainer:
                 f"; trained in full: {', '.join(lora.fully_trained)}" if lora.fully_trained else "",
             )
         preemption = PreemptionHandler()
+        profiler = StepProfiler(cfg.logging.profile, self.output_dir, self.ctx.rank)
         interval = cfg.checkpoint.save_interval
         try:
             with MetricsLogger(
@@ -474,7 +476,8 @@ class Trainer:
             ) as metrics_logger:
                 while self.step < cfg.training.train_steps:
                     self.accounting.start_step()
-                    metrics = self.train_step()
+                    with profiler.step(self.step + 1):
+                        metrics = self.train_step()
                     metrics.update(self.accounting.throughput(metrics))
                     if self.periodic_eval is not None and self.periodic_eval.due(self.step):
                         metrics.update(self.periodic_eval.run(self.step))
@@ -492,6 +495,7 @@ class Trainer:
             if self.cfg.checkpoint.save_dir and not (interval and self.step % interval == 0):
                 self.save_checkpoint(blocking=True)
         finally:
+            profiler.close()
             preemption.restore()
             self.checkpoints.close()
             self.data.close()  # stops prefetching workers
