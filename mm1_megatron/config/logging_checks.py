@@ -9,6 +9,7 @@ from mm1_megatron.config.schema import MM1Config
 def check_logging(cfg: MM1Config, err: _Errors) -> None:
     log = cfg.logging
     err.check(log.log_interval >= 1, f"logging.log_interval={log.log_interval} must be >= 1")
+    _check_stragglers(cfg, err)
     profile, p = log.profile, "logging.profile"
     err.check(
         profile.start_step >= 0,
@@ -26,3 +27,14 @@ def check_logging(cfg: MM1Config, err: _Errors) -> None:
         bool(profile.ranks) and min(profile.ranks, default=0) >= 0,
         f"{p}.ranks={profile.ranks} must name at least one global rank (>= 0), e.g. [0]",
     )
+
+
+def _check_stragglers(cfg: MM1Config, err: _Errors) -> None:
+    settings, p = cfg.logging.stragglers, "logging.stragglers"
+    err.check(settings.interval >= 0, f"{p}.interval={settings.interval} must be >= 0 (0: off)")
+    err.check(
+        settings.threshold > 1.0,
+        f"{p}.threshold={settings.threshold} must be > 1 (a rank is slow when its own work "
+        "exceeds threshold x the median), e.g. 1.2",
+    )
+    err.check(settings.max_reported >= 1, f"{p}.max_reported={settings.max_reported} must be >= 1")

@@ -445,6 +445,15 @@ class ProfileConfig:
 
 
 @dataclass
+class StragglerConfig:
+    """Slow-rank detection (docs/profiling.md, "Slow ranks")."""
+
+    interval: int = 0  # steps between reports (each one small all-gather); 0: off
+    threshold: float = 1.2  # report ranks whose own work exceeds this x the median
+    max_reported: int = 3  # slowest ranks named per report
+
+
+@dataclass
 class LoggingConfig:
     output_dir: str = "runs/default"
     log_interval: int = 10
@@ -453,6 +462,7 @@ class LoggingConfig:
     # Peak dense bf16 FLOP/s of one device, for MFU. None: H100 SXM on GPU, skip on CPU.
     peak_flops_per_device: Optional[float] = None
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    stragglers: StragglerConfig = field(default_factory=StragglerConfig)
 
 
 @dataclass

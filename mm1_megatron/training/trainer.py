@@ -61,6 +61,7 @@ from mm1_megatron.training.runtime import (
     transformer_engine_version,
 )
 from mm1_megatron.training.step import document_split, forward_step, loss_and_report
+from mm1_megatron.training.stragglers import SlowRankDetector
 from mm1_megatron.utils.logging_setup import log_info_on_this_rank
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Trainer:
         capability = torch.cuda.get_device_capability() if cuda else None
         cfg = self.cfg = self._resolve_machine_settings(cfg, cuda=cuda, capability=capability)
         validate_environment(cfg, cuda_available=cuda, cuda_capability=capability)
+        self.stragglers = SlowRankDetector(cfg.logging.stragglers, self.ctx.rank)
         self.bf16 = self.ctx.device.type == "cuda" and cfg.training.precision in ("auto", "bf16")
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.num_microbatches = self._num_microbatches()
@@ -299,7 +301,7 @@ class Trainer:
     def _wire_model_config(self) -> None:
         """What the Megatron-Core schedule reads from the model's config."""
         config = self.model_chunks[0].config
-        config.finalize_model_grads_func = finalize_model_grads
+        config.finalize_model_grads_func = self.stragglers.timed_gradient_sync(finalize_model_grads)
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = self.model_chunks[0].no_sync
 
@@ -359,6 +361,7 @@ class Trainer:
             batch = next(self.data)
             data_wait_s += time.perf_counter() - waited_from
             host_batches.append(self._checked(batch))
+        self.stragglers.add("data_wait", data_wait_s)
         if self.reference is not None:
             self.reference.score(
                 host_batches,
@@ -374,21 +377,23 @@ class Trainer:
             model_inputs(b, self.ctx.device, images=with_images, documents=split)
             for b in host_batches
         )
-        reports = get_forward_backward_func()(
-            forward_step_func=self._forward_step,
-            data_iterator=batches,
-            model=self.model_chunks,
-            num_microbatches=self.num_microbatches,
-            seq_length=self.cfg.training.seq_length,
-            micro_batch_size=self.cfg.training.micro_batch_size,
-            forward_only=False,
-        )
+        with self.stragglers.timed("compute"):
+            reports = get_forward_backward_func()(
+                forward_step_func=self._forward_step,
+                data_iterator=batches,
+                model=self.model_chunks,
+                num_microbatches=self.num_microbatches,
+                seq_length=self.cfg.training.seq_length,
+                micro_batch_size=self.cfg.training.micro_batch_size,
+                forward_only=False,
+            )
         metrics = self.accounting.losses(reports)
         self.step += 1
         self.consumed_sequences += self.cfg.training.global_batch_size
         grad_norm = float("nan")
         if self._loss_is_finite(metrics):
-            update_successful, grad_norm, _ = self.optimizer.step()
+            with self.stragglers.timed("optimizer"):
+                update_successful, grad_norm, _ = self.optimizer.step()
             if update_successful:
                 self.scheduler.step(increment=1)
         else:
@@ -479,6 +484,7 @@ class Trainer:
                     with profiler.step(self.step + 1):
                         metrics = self.train_step()
                     metrics.update(self.accounting.throughput(metrics))
+                    metrics.update(self.stragglers.end_step(self.step, report=self.is_logging_rank))
                     if self.periodic_eval is not None and self.periodic_eval.due(self.step):
                         metrics.update(self.periodic_eval.run(self.step))
                     if self.is_logging_rank and self.loss_monitor.is_spike(

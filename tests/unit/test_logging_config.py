@@ -31,6 +31,9 @@ def _problems(*overrides) -> str:
             ["logging.profile.start_step=2", "logging.profile.ranks=[]"],
             "must name at least one global rank",
         ),
+        (["logging.stragglers.interval=-1"], "logging.stragglers.interval=-1 must be >= 0"),
+        (["logging.stragglers.threshold=0.9"], "logging.stragglers.threshold=0.9 must be > 1"),
+        (["logging.stragglers.max_reported=0"], "max_reported=0 must be >= 1"),
     ],
 )
 def test_logging_refusals(overrides, expected):
