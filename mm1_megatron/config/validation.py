@@ -441,6 +441,12 @@ def validate_environment(
             "installed: `pip install -e .[te]` on a CUDA machine, or set "
             "model.transformer_impl=local"
         )
+    for tracker in ("wandb", "mlflow"):
+        if getattr(cfg.logging, tracker).enabled and importlib.util.find_spec(tracker) is None:
+            messages.append(
+                f"logging.{tracker}.enabled=true but {tracker} is not installed: "
+                f"`pip install -e .[{tracker}]`, or logging.{tracker}.enabled=false"
+            )
     if cfg.model.fp8 is not None and not cuda_available:
         messages.append(
             "model.fp8 needs an NVIDIA GPU with FP8 support (Hopper or newer); "

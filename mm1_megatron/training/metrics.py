@@ -242,8 +242,10 @@ class MetricsLogger:
         tensorboard: bool,
         progress_bar: bool,
         append: bool = False,
+        trackers: Sequence = (),
     ):
         self.enabled = enabled
+        self.trackers = list(trackers)  # training/trackers.py: W&B, MLflow
         self.total_steps = total_steps
         self.log_interval = max(1, log_interval)
         self.show_progress = progress_bar
@@ -271,10 +273,16 @@ class MetricsLogger:
         }
         self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
         self.jsonl.flush()
+        finite = {
+            name: value
+            for name, value in scalars.items()
+            if value is not None and not math.isnan(value)
+        }
         if self.writer is not None:
-            for name, value in scalars.items():
-                if value is not None and not math.isnan(value):
-                    self.writer.add_scalar(name, value, step)
+            for name, value in finite.items():
+                self.writer.add_scalar(name, value, step)
+        for tracker in self.trackers:
+            tracker.log(step, finite)
         if step % self.log_interval == 0 or step == self.total_steps:
             logger.info(self._console_line(step, scalars))
 
@@ -290,6 +298,8 @@ class MetricsLogger:
         return f"{head} | " + " | ".join(parts) + f" | eta {_format_seconds(eta)}"
 
     def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()
         if self.jsonl is not None:
             self.jsonl.close()
         if self.writer is not None:

@@ -62,6 +62,7 @@ from mm1_megatron.training.runtime import (
 )
 from mm1_megatron.training.step import document_split, forward_step, loss_and_report
 from mm1_megatron.training.stragglers import SlowRankDetector
+from mm1_megatron.training.trackers import open_trackers
 from mm1_megatron.utils.logging_setup import log_info_on_this_rank
 
 logger = logging.getLogger(__name__)
@@ -478,6 +479,9 @@ class Trainer:
                 tensorboard=cfg.logging.tensorboard,
                 progress_bar=cfg.logging.progress_bar,
                 append=self.step > 0,
+                trackers=open_trackers(cfg, self.output_dir, resumed=self.step > 0)
+                if self.is_logging_rank
+                else (),
             ) as metrics_logger:
                 while self.step < cfg.training.train_steps:
                     self.accounting.start_step()
