@@ -286,6 +286,12 @@ class MetricsLogger:
         if step % self.log_interval == 0 or step == self.total_steps:
             logger.info(self._console_line(step, scalars))
 
+    def log_evaluation(self, step: int, rows) -> None:
+        """A periodic evaluation's few-shot scores as a table, to the trackers."""
+        if self.enabled and rows:
+            for tracker in self.trackers:
+                tracker.log_evaluation(step, rows)
+
     def _console_line(self, step: int, scalars: Dict[str, float]) -> str:
         elapsed = time.monotonic() - self.start_time
         eta = elapsed / max(step, 1) * (self.total_steps - step)

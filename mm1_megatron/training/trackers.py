@@ -3,8 +3,10 @@
 On the logging rank, ``MetricsLogger`` hands every step's scalars (what TensorBoard and
 ``metrics.jsonl`` get, the periodic evaluation's scores among them) to each tracker
 enabled here. A new run records the resolved config (W&B: the run's config; MLflow: its
-flattened params and ``config.yaml`` as an artifact). The trackers' run ids are kept in
-``<logging.output_dir>/trackers.json``, so a resumed run continues the same tracker runs.
+flattened params and ``config.yaml`` as an artifact), and each periodic evaluation its
+few-shot scores as a table (W&B: ``eval/scores``; MLflow: ``eval/step_<n>.json``). The
+trackers' run ids are kept in ``<logging.output_dir>/trackers.json``, so a resumed run
+continues the same tracker runs.
 
 A tracker that fails (no network, bad credentials, a full disk) warns once and is turned
 off for the rest of the run: it never stops training. A tracker that is enabled but not
@@ -17,7 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import yaml
 
@@ -26,6 +28,16 @@ from mm1_megatron.config.loader import config_to_dict
 logger = logging.getLogger(__name__)
 
 RUN_IDS_FILE = "trackers.json"
+EVAL_TABLE = "eval/scores"  # the W&B table of each evaluation's few-shot scores
+
+
+class EvalRow(NamedTuple):
+    step: int
+    task: str
+    shots: int
+    score: float
+
+
 MLFLOW_BATCH = 100  # MLflow's limit on params (and a safe one on metrics) per log_batch
 MLFLOW_PARAM_CHARS = 500  # longer param values are cut (MLflow caps their length)
 
@@ -54,6 +66,9 @@ class GuardedTracker:
     def log(self, step: int, scalars: Dict[str, float]) -> None:
         self._call("log", step, scalars)
 
+    def log_evaluation(self, step: int, rows: List[EvalRow]) -> None:
+        self._call("log_evaluation", step, rows)
+
     def close(self) -> None:
         self._call("close")
         self.tracker = None
@@ -78,6 +93,12 @@ class WandbRun:
 
     def log(self, step: int, scalars: Dict[str, float]) -> None:
         self.run.log(scalars, step=step)
+
+    def log_evaluation(self, step: int, rows: List[EvalRow]) -> None:
+        import wandb
+
+        table = wandb.Table(columns=list(EvalRow._fields), data=[list(row) for row in rows])
+        self.run.log({EVAL_TABLE: table}, step=step)
 
     def close(self) -> None:
         self.run.finish()
@@ -128,8 +149,26 @@ class MlflowRun:
         for start in range(0, len(metrics), MLFLOW_BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[start : start + MLFLOW_BATCH])
 
+    def log_evaluation(self, step: int, rows: List[EvalRow]) -> None:
+        scores = [row._asdict() for row in rows]
+        self.client.log_dict(self.run_id, {"step": step, "scores": scores}, _eval_artifact(step))
+
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+def _eval_artifact(step: int) -> str:
+    return f"eval/step_{step:08d}.json"
+
+
+def evaluation_rows(step: int, metrics: Dict[str, float]) -> List[EvalRow]:
+    """The few-shot scores among a step's metrics (``eval/<task>/<k>shot``) as table rows."""
+    rows = []
+    for name, value in metrics.items():
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == "eval" and parts[2].endswith("shot"):
+            rows.append(EvalRow(step, parts[1], int(parts[2][: -len("shot")]), float(value)))
+    return rows
 
 
 def _mlflow_key(name: str) -> str:

@@ -62,7 +62,7 @@ from mm1_megatron.training.runtime import (
 )
 from mm1_megatron.training.step import document_split, forward_step, loss_and_report
 from mm1_megatron.training.stragglers import SlowRankDetector
-from mm1_megatron.training.trackers import open_trackers
+from mm1_megatron.training.trackers import evaluation_rows, open_trackers
 from mm1_megatron.utils.logging_setup import log_info_on_this_rank
 
 logger = logging.getLogger(__name__)
@@ -490,7 +490,9 @@ class Trainer:
                     metrics.update(self.accounting.throughput(metrics))
                     metrics.update(self.stragglers.end_step(self.step, report=self.is_logging_rank))
                     if self.periodic_eval is not None and self.periodic_eval.due(self.step):
-                        metrics.update(self.periodic_eval.run(self.step))
+                        scores = self.periodic_eval.run(self.step)
+                        metrics.update(scores)
+                        metrics_logger.log_evaluation(self.step, evaluation_rows(self.step, scores))
                     if self.is_logging_rank and self.loss_monitor.is_spike(
                         self.step, metrics["loss"]
                     ):

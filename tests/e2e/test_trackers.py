@@ -17,6 +17,8 @@ from tests.in_process import train_in_process
 LEVELDB_BLOCK = 32768  # the .wandb file is a LevelDB-style log of protobuf records
 RECORD_HEADER = 7  # crc32c (4), length (2), kind (1)
 FULL, LAST = 1, 4
+# Few-shot evaluation every 2 steps: its scores reach the trackers as a table too.
+EVAL = ["eval.interval=2", "eval.tasks=[synthetic_vqa]", "eval.shots=[0]", "eval.limit=2"]
 
 
 def wandb_log_records(path: Path):
@@ -61,15 +63,24 @@ def _train(out: Path, steps: int, *overrides: str):
     return result
 
 
-def _jsonl_losses(out: Path):
+def _jsonl(out: Path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows}
+    return {row["step"]: row for row in rows}
+
+
+def _jsonl_losses(out: Path):
+    return {step: row["loss"] for step, row in _jsonl(out).items()}
 
 
 def test_wandb_offline_records_the_run_and_a_resume_continues_it(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    wandb = ["logging.wandb.enabled=true", "logging.wandb.mode=offline", "logging.wandb.tags=[a]"]
+    wandb = [
+        "logging.wandb.enabled=true",
+        "logging.wandb.mode=offline",
+        "logging.wandb.tags=[a]",
+        *EVAL,
+    ]
     _train(tmp_path, 2, *wandb)
     _train(tmp_path, 4, *wandb)
     run_id = json.loads((tmp_path / "trackers.json").read_text())["wandb"]
@@ -81,8 +92,8 @@ def test_wandb_offline_records_the_run_and_a_resume_continues_it(tmp_path, monke
             kind = record.WhichOneof("record_type")
             if kind == "history":
                 items = {_key(item): json.loads(item.value_json) for item in record.history.item}
-                if "loss" in items:  # a step's scalars (W&B adds records of its own)
-                    history[items["_step"]] = items
+                if "_step" in items:  # a step's logged values (one or several records)
+                    history.setdefault(items["_step"], {}).update(items)
             elif kind == "run" and record.run.config.update:
                 update = record.run.config.update
                 configs.append({item.key: json.loads(item.value_json) for item in update})
@@ -92,6 +103,13 @@ def test_wandb_offline_records_the_run_and_a_resume_continues_it(tmp_path, monke
         _jsonl_losses(tmp_path)
     )
     assert "lr" in history[3] and "grad_norm" in history[3]
+    # The evaluation's table: a table file among the run's files, its row the logged score.
+    for step in (2, 4):
+        row = history[step]  # W&B keeps the table's fields as paths under its name
+        assert row["eval/scores/_type"] == "table-file" and row["eval/scores/nrows"] == 1
+        (path,) = (tmp_path / "wandb").glob(f"offline-run-*/files/{row['eval/scores/path']}")
+        (row,) = json.loads(path.read_text())["data"]
+        assert row == [step, "synthetic_vqa", 0, history[step]["eval/synthetic_vqa/0shot"]]
     # Each run's resolved config: the resume's runs on to step 4.
     assert [config["training"]["train_steps"] for config in configs] == [2, 4]
     assert configs[0]["model"]["llm"]["hidden_size"] == 32
@@ -106,6 +124,7 @@ def test_mlflow_file_store_records_the_run_and_a_resume_continues_it(tmp_path, m
         f"logging.mlflow.tracking_uri={uri}",
         "logging.mlflow.experiment=debug",
         "logging.mlflow.tags={team: vision}",
+        *EVAL,
     ]
     _train(tmp_path, 2, *settings)
     _train(tmp_path, 4, *settings)
@@ -122,6 +141,19 @@ def test_mlflow_file_store_records_the_run_and_a_resume_continues_it(tmp_path, m
     assert run.data.params["model.llm.hidden_size"] == "32"
     saved = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
     assert "train_steps: 2" in saved.read_text()
+    # Each evaluation's few-shot scores as a table, equal to the logged scalars.
+    logged = _jsonl(tmp_path)
+    for step in (2, 4):
+        table = client.download_artifacts(
+            run.info.run_id, f"eval/step_{step:08d}.json", str(tmp_path / f"table{step}")
+        )
+        (row,) = json.loads(Path(table).read_text())["scores"]
+        assert row == {
+            "step": step,
+            "task": "synthetic_vqa",
+            "shots": 0,
+            "score": logged[step]["eval/synthetic_vqa/0shot"],
+        }
 
 
 def test_a_tracker_that_cannot_start_warns_and_training_goes_on(tmp_path, monkeypatch):
