@@ -21,7 +21,7 @@ from mm1_megatron.data import SOURCE_IDS
 from mm1_megatron.data.pipeline.balance import CostWeights, SequenceCost, grid_patches
 from mm1_megatron.data.pipeline.reporting import data_metrics
 from mm1_megatron.data.pipeline.tiling import tile_size
-from mm1_megatron.models.param_count import moe_layer_flags
+from mm1_megatron.models.param_count import lora_parameters, moe_layer_flags
 from mm1_megatron.parallel.collectives import all_reduce_, all_reduce_values
 from mm1_megatron.training.flops import (
     balance_weights,
@@ -318,3 +318,31 @@ class MetricsLogger:
     def __exit__(self, *exc) -> Optional[bool]:
         self.close()
         return None
+
+
+def log_run_start(cfg, param_counts, *, peak_lr, num_microbatches, dp_size, step) -> None:
+    """The run's size and layout, and its LoRA adapters, logged as training starts."""
+    logger.info(
+        "parameters: %s total (vision %s, connector %s, LLM %s); peak LR %.3g; "
+        "%d micro-batches per step; DP=%d; CP=%d; starting at step %d",
+        f"{param_counts.total:,}",
+        f"{param_counts.vision_encoder:,}",
+        f"{param_counts.connector:,}",
+        f"{param_counts.language_model:,}",
+        peak_lr,
+        num_microbatches,
+        dp_size,
+        cfg.parallel.context_parallel_size,
+        step,
+    )
+    if cfg.model.lora.enabled:
+        lora = cfg.model.lora
+        adapters = lora_parameters(cfg.model)
+        logger.info(
+            "LoRA rank %d on %s: %s adapter parameters (%.2f%% of the base), base frozen%s",
+            lora.rank,
+            ", ".join(lora.parts),
+            f"{adapters:,}",
+            100 * adapters / param_counts.total,
+            f"; trained in full: {', '.join(lora.fully_trained)}" if lora.fully_trained else "",
+        )

@@ -31,7 +31,7 @@ from mm1_megatron.data.build import build_run_data
 from mm1_megatron.data.pipeline.loader import Balancing
 from mm1_megatron.data.pipeline.tiling import tile_size
 from mm1_megatron.models import build_mm1_model
-from mm1_megatron.models.param_count import count_parameters, lora_parameters
+from mm1_megatron.models.param_count import count_parameters
 from mm1_megatron.parallel import init_distributed, seed_everything
 from mm1_megatron.parallel.collectives import (
     all_gather_objects,
@@ -43,7 +43,7 @@ from mm1_megatron.parallel.wrapping import resolve_overlap, wrap_for_training
 from mm1_megatron.training.flops import balance_weights, dense_bf16_peak_flops
 from mm1_megatron.training.health import LossMonitor
 from mm1_megatron.training.lr import resolve_peak_lr
-from mm1_megatron.training.metrics import MetricsLogger, StepAccounting
+from mm1_megatron.training.metrics import MetricsLogger, StepAccounting, log_run_start
 from mm1_megatron.training.optimizer import build_optimizer, build_scheduler
 from mm1_megatron.training.periodic_eval import PeriodicEvaluation
 from mm1_megatron.training.preemption import (
@@ -443,30 +443,14 @@ class Trainer:
         """
         cfg = self.cfg
         history: List[Dict[str, float]] = []
-        logger.info(
-            "parameters: %s total (vision %s, connector %s, LLM %s); peak LR %.3g; "
-            "%d micro-batches per step; DP=%d; CP=%d; starting at step %d",
-            f"{self.param_counts.total:,}",
-            f"{self.param_counts.vision_encoder:,}",
-            f"{self.param_counts.connector:,}",
-            f"{self.param_counts.language_model:,}",
-            self.peak_lr,
-            self.num_microbatches,
-            self.dp_size,
-            cfg.parallel.context_parallel_size,
-            self.step,
+        log_run_start(
+            cfg,
+            self.param_counts,
+            peak_lr=self.peak_lr,
+            num_microbatches=self.num_microbatches,
+            dp_size=self.dp_size,
+            step=self.step,
         )
-        if cfg.model.lora.enabled:
-            lora = cfg.model.lora
-            adapters = lora_parameters(cfg.model)
-            logger.info(
-                "LoRA rank %d on %s: %s adapter parameters (%.2f%% of the base), base frozen%s",
-                lora.rank,
-                ", ".join(lora.parts),
-                f"{adapters:,}",
-                100 * adapters / self.param_counts.total,
-                f"; trained in full: {', '.join(lora.fully_trained)}" if lora.fully_trained else "",
-            )
         preemption = PreemptionHandler()
         profiler = StepProfiler(cfg.logging.profile, self.output_dir, self.ctx.rank)
         interval = cfg.checkpoint.save_interval
