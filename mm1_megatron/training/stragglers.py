@@ -11,6 +11,9 @@ each rank spends it. Each rank times its step's phases:
 - ``optimizer``: the optimizer step (its gradient-norm all-reduce and parameter
   all-gather wait too, so it is reported, not scored).
 
+On a GPU each phase boundary waits for the kernels launched so far (a device sync,
+only while ``interval > 0``), since host timers alone see launches, not kernels.
+
 A rank's *own work* is ``data_wait + compute``. Every ``interval`` steps the ranks'
 averages over the window are gathered on every rank (one small all-gather), and the
 logging rank reports the ranks whose own work exceeds ``threshold`` times the median, the
@@ -51,12 +54,20 @@ class SlowRankDetector:
     def add(self, phase: str, seconds: float) -> None:
         self._window[phase] += seconds
 
+    def _settle(self) -> None:
+        """On a GPU, wait for the kernels launched so far: host timers see launches, and
+        a phase's kernels must be done before its end is read (one sync per boundary)."""
+        if self.enabled and torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     @contextlib.contextmanager
     def timed(self, phase: str):
+        self._settle()
         start = time.perf_counter()
         try:
             yield
         finally:
+            self._settle()
             self.add(phase, time.perf_counter() - start)
 
     def timed_gradient_sync(self, finalize: Callable) -> Callable:
@@ -65,10 +76,12 @@ class SlowRankDetector:
             return finalize
 
         def finalize_timed(*args, **kwargs):
+            self._settle()
             start = time.perf_counter()
             try:
                 return finalize(*args, **kwargs)
             finally:
+                self._settle()
                 seconds = time.perf_counter() - start
                 self.add("gradient_sync", seconds)
                 self.add("compute", -seconds)  # it ran inside the schedule's timing

@@ -59,3 +59,18 @@ def test_gradient_sync_is_moved_out_of_compute():
     off = SlowRankDetector(StragglerConfig(), 0)
     assert off.timed_gradient_sync(finalize) is finalize
     assert off.end_step(5, report=True) == {}
+
+
+def test_on_a_gpu_each_phase_boundary_waits_for_the_kernels(monkeypatch):
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: syncs.append(1))
+    detector = SlowRankDetector(StragglerConfig(interval=1), 0)
+    timed = detector.timed_gradient_sync(lambda: None)
+    with detector.timed("compute"):
+        timed()
+    assert len(syncs) == 4  # before and after the schedule, and the gradient sync in it
+    off = SlowRankDetector(StragglerConfig(), 0)
+    with off.timed("compute"):
+        pass
+    assert len(syncs) == 4  # no sync when the detector is off
