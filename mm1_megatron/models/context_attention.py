@@ -31,7 +31,6 @@ from typing import List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from mm1_megatron.batch.context_parallel import ContextShard
 from mm1_megatron.batch.documents import DocumentLayout
 from mm1_megatron.parallel.collectives import gather_sequence
 
@@ -147,27 +146,27 @@ def attend_context_parallel(
     return context.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
 
 
-def thd_packed_seq_params(shard: ContextShard, device):
+def thd_packed_seq_params(layout: DocumentLayout, device):
     """Megatron-Core's ``PackedSeqParams`` for a per-document split: the documents' real
     lengths (``cu_seqlens``) and padded ones (``cu_seqlens_padded``), over the whole THD
     row, as TE's context parallelism takes them; the longest padded document sizes RoPE's
-    table."""
+    table. The padded ones are the layout's own spans (the ids cover each document's
+    padding), already on the device; only the real ones are copied."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    documents = shard.documents
+    documents = layout.context.documents
     assert documents is not None, "the whole-row split has no THD form"
-    host = torch.tensor([[0, *documents.real], [0, *documents.padded]], dtype=torch.int32)
-    host = host.cumsum(1, dtype=torch.int32)
+    assert layout.max_seqlen == max(documents.padded), (layout.max_seqlen, documents)
+    host = torch.tensor([0, *documents.real], dtype=torch.int32).cumsum(0, dtype=torch.int32)
     if torch.device(device).type == "cuda":  # one copy the host need not wait for
         host = host.pin_memory()
-    real, padded = host.to(device, non_blocking=True)
-    longest = max(documents.padded)
+    real, padded = host.to(device, non_blocking=True), layout.cu_seqlens
     return PackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=real,
         cu_seqlens_kv=real,
         cu_seqlens_q_padded=padded,
         cu_seqlens_kv_padded=padded,
-        max_seqlen_q=longest,
-        max_seqlen_kv=longest,
+        max_seqlen_q=layout.max_seqlen,
+        max_seqlen_kv=layout.max_seqlen,
     )

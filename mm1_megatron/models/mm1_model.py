@@ -267,9 +267,10 @@ class MM1Model(MegatronModule):
             decoder_input = self.embed(tokens, images, image_grids, document_ids)
         packed = None
         if inference_context is None and self.config.context_parallel_size > 1:
-            shard = self._context_shard(document_ids, tokens.shape[1])
-            if shard.documents is not None:  # Transformer Engine's THD context parallelism
-                packed = thd_packed_seq_params(shard, tokens.device)
+            self._context_shard(document_ids, tokens.shape[1])  # checks the share
+            layout = document_layout(document_ids)
+            if layout.context.documents is not None:  # TE's THD context parallelism
+                packed = thd_packed_seq_params(layout, tokens.device)
         return self.language_model(
             tokens,
             position_ids,

@@ -87,6 +87,8 @@ class Trainer:
         if self.ctx.is_main:
             save_config(cfg, self.output_dir / "config.yaml")
         self.data, self.tokenizer = self._build_data()  # the tokenizer sizes the model
+        # How each micro-batch is laid out for TE's THD context parallelism (None: as is).
+        self.documents = document_split(cfg, self.tokenizer)
         if cfg.model.llm.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(
                 f"model.llm.vocab_size={cfg.model.llm.vocab_size} is smaller than "
@@ -373,9 +375,8 @@ class Trainer:
         # Each micro-batch reaches the device when the schedule takes it (not all of a
         # step's up front), and its images only on the stage that encodes them.
         with_images = parallel_state.is_pipeline_first_stage()
-        split = document_split(self.cfg, self.tokenizer)
         batches = (
-            model_inputs(b, self.ctx.device, images=with_images, documents=split)
+            model_inputs(b, self.ctx.device, images=with_images, documents=self.documents)
             for b in host_batches
         )
         with self.stragglers.timed("compute"):
